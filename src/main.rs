@@ -1,0 +1,2 @@
+//! The `collab-engine` binary.
+fn main() {}
