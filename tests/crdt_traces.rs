@@ -1,5 +1,6 @@
 //! Replays the editing traces in `tests/data` through `Doc`: as local edits, as remote ops on a fresh replica, and
-//! through a snapshot round trip. Debug builds replay a prefix to keep `cargo test` quick; release builds the whole trace.
+//! through a snapshot round trip; then checks that the original and the rebuilt replica integrate later concurrent ops alike.
+//! The whole traces take a few seconds in a debug build.
 
 use std::io::Read;
 
@@ -29,24 +30,6 @@ fn load(name: &str) -> Trace {
     Trace { end_content: v["endContent"].as_str().expect("endContent").to_owned(), patches }
 }
 
-/// Number of patches to replay: all in release, a prefix in debug.
-fn limit(trace: &Trace) -> usize {
-    if cfg!(debug_assertions) {
-        trace.patches.len().min(400_000)
-    } else {
-        trace.patches.len()
-    }
-}
-
-/// The text after the first `n` patches, by a plain `Vec<char>` model.
-fn model_text(trace: &Trace, n: usize) -> String {
-    let mut chars: Vec<char> = Vec::new();
-    for (pos, del, ins) in &trace.patches[..n] {
-        chars.splice(*pos..*pos + *del, ins.chars());
-    }
-    chars.into_iter().collect()
-}
-
 fn replay_local(trace: &Trace, n: usize) -> (Doc, Vec<Op>) {
     let mut doc = Doc::new();
     let mut ops = Vec::new();
@@ -63,8 +46,8 @@ fn replay_local(trace: &Trace, n: usize) -> (Doc, Vec<Op>) {
 
 fn check_trace(name: &str) {
     let trace = load(name);
-    let n = limit(&trace);
-    let expected = if n == trace.patches.len() { trace.end_content.clone() } else { model_text(&trace, n) };
+    let n = trace.patches.len();
+    let expected = trace.end_content.clone();
 
     let (local, ops) = replay_local(&trace, n);
     assert_eq!(local.text(), expected, "{name}: local replay");

@@ -32,6 +32,21 @@ impl std::fmt::Debug for Doc {
     }
 }
 
+/// Sizes of a document's internal structures (see `Doc::stats`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DocStats {
+    /// Spans (runs of consecutive ids) in the content tree.
+    pub n_spans: usize,
+    /// Leaves of the content tree.
+    pub n_leaves: usize,
+    /// Internal nodes of the content tree.
+    pub n_nodes: usize,
+    /// Keys of the id index.
+    pub n_index_keys: usize,
+    /// Chars in the text arena, deleted text included.
+    pub n_arena_chars: usize,
+}
+
 /// An insert validated earlier in the same message, not yet applied.
 struct Pending<'a> {
     id: OpId,
@@ -140,7 +155,7 @@ impl Doc {
         for op in ops {
             match op {
                 Op::Insert { id, after, text } => {
-                    if self.find(*id).is_some() {
+                    if self.max_lamport.is_some_and(|m| id.lamport <= m) && self.find(*id).is_some() {
                         continue;
                     }
                     let at = after.map(|p| self.find(p).expect("validated: after is known"));
@@ -161,6 +176,10 @@ impl Doc {
     /// Compares an insert's ids with the known ones: all new, all the same (text and `after`), or a conflict.
     fn usage(&self, id: OpId, n: u64, text: &str, after: Option<OpId>, pending: &[Pending<'_>]) -> Usage {
         let end = id.lamport + n;
+        let above_all = self.max_lamport.is_none_or(|m| id.lamport > m);
+        if above_all && pending.is_empty() {
+            return Usage::New;
+        }
         if !self.known(id, pending) {
             let in_doc = self.replica_index_of(id.replica).is_some_and(|r| self.tree.any_known(r, id.lamport, end));
             let in_pending = pending
@@ -513,6 +532,17 @@ impl Doc {
     /// Largest replica in any known id (0 if none).
     pub fn max_replica(&self) -> u64 {
         self.max_replica
+    }
+
+    /// Sizes of the internal structures, for benchmarks and tuning.
+    pub fn stats(&self) -> DocStats {
+        DocStats {
+            n_spans: self.spans().count(),
+            n_leaves: self.tree.leaves.len(),
+            n_nodes: self.tree.nodes.len(),
+            n_index_keys: self.tree.index.len(),
+            n_arena_chars: self.arena.len(),
+        }
     }
 
     /// Approximate heap bytes held (tree, index, text arena, replica table).

@@ -16,6 +16,6 @@ mod id;
 mod text;
 mod tree;
 
-pub use doc::Doc;
+pub use doc::{Doc, DocStats};
 pub use error::{CrdtError, InvalidOpReason};
 pub use id::{Applied, Op, OpId, Run, RunContent, MAX_ID_COMPONENT};

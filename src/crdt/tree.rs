@@ -4,6 +4,7 @@
 //! The id index maps id ranges to the leaf that holds them, so id lookups and position lookups are O(log n).
 //! This module knows nothing of ops, validation or text; `doc.rs` drives it.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 
 /// Most spans in a leaf; an edit may push a leaf to `LEAF_CAP + 2` for a moment, then it splits.
@@ -187,11 +188,24 @@ pub(crate) struct Tree {
     /// Local-edit cursor: a leaf and the visible chars before it.
     /// Set by position lookups; cleared when the visible count of another leaf changes (its start may move).
     pub cursor: Option<(u32, u64)>,
+    /// Id-index cache: the last segment looked up, valid until the index changes (`assign` clears it).
+    seg: Cell<Option<Seg>>,
+    /// One past the highest lamport ever given to `assign`: no id at or above it is known.
+    lamport_end: u64,
+}
+
+/// A segment of the id index: ids `lo .. hi` of `replica` map to `leaf`, and no key lies strictly inside.
+#[derive(Clone, Copy, Debug)]
+struct Seg {
+    replica: u32,
+    lo: u64,
+    hi: u64,
+    leaf: u32,
 }
 
 impl Default for Tree {
     fn default() -> Self {
-        Tree { leaves: vec![Box::new(Leaf::empty())], nodes: Vec::new(), root: 0, height: 0, total: 0, index: BTreeMap::new(), cursor: None }
+        Tree { leaves: vec![Box::new(Leaf::empty())], nodes: Vec::new(), root: 0, height: 0, total: 0, index: BTreeMap::new(), cursor: None, seg: Cell::new(None), lamport_end: 0 }
     }
 }
 
@@ -300,13 +314,39 @@ impl Tree {
         pos
     }
 
-    /// Leaf the index maps `(replica, lamport)` to, if any.
+    /// The index segment holding `(replica, lamport)`, through the cache.
     #[inline]
-    pub(crate) fn cover(&self, replica: u32, lamport: u64) -> Option<u32> {
+    fn segment(&self, replica: u32, lamport: u64) -> Option<Seg> {
+        if let Some(seg) = self.seg.get() {
+            if seg.replica == replica && lamport >= seg.lo && lamport < seg.hi {
+                return Some(seg);
+            }
+        }
+        let (lo, leaf) = match self.index.range(..=(replica, lamport)).next_back() {
+            Some((&(r, lo), &leaf)) if r == replica => (lo, leaf),
+            _ => return None,
+        };
+        let hi = match self.index.range((replica, lamport + 1)..).next() {
+            Some((&(r, hi), _)) if r == replica => hi,
+            _ => u64::MAX,
+        };
+        let seg = Seg { replica, lo, hi, leaf };
+        self.seg.set(Some(seg));
+        Some(seg)
+    }
+
+    /// Leaf the index maps `(replica, lamport)` to, bypassing the cache.
+    fn cover_raw(&self, replica: u32, lamport: u64) -> Option<u32> {
         match self.index.range(..=(replica, lamport)).next_back() {
             Some((&(r, _), &leaf)) if r == replica => Some(leaf),
             _ => None,
         }
+    }
+
+    /// Leaf the index maps `(replica, lamport)` to, if any.
+    #[inline]
+    pub(crate) fn cover(&self, replica: u32, lamport: u64) -> Option<u32> {
+        self.segment(replica, lamport).map(|s| s.leaf)
     }
 
     /// Location of a known item.
@@ -331,15 +371,19 @@ impl Tree {
 
     /// Makes the index map ids `start .. end` of `replica` to `leaf`.
     fn assign(&mut self, replica: u32, start: u64, end: u64, leaf: u32) {
+        let lamport_end_before = self.lamport_end;
+        self.lamport_end = self.lamport_end.max(end);
         // Fast path: already mapped and no key inside the range.
-        if self.cover(replica, start) == Some(leaf) && self.index.range((replica, start + 1)..(replica, end)).next().is_none() {
+        if self.segment(replica, start).is_some_and(|s| s.leaf == leaf && end <= s.hi) {
             return;
         }
-        let end_cover = self.cover(replica, end);
+        self.seg.set(None);
+        // Ids from `end` on keep their leaf; none is known when `end` is past every assigned id.
+        let end_cover = if end >= lamport_end_before { None } else { self.cover_raw(replica, end) };
         while let Some(k) = self.index.range((replica, start)..(replica, end)).next().map(|(&k, _)| k) {
             self.index.remove(&k);
         }
-        let before = if start > 0 { self.cover(replica, start - 1) } else { None };
+        let before = if start > 0 { self.cover_raw(replica, start - 1) } else { None };
         if before != Some(leaf) {
             self.index.insert((replica, start), leaf);
         }
@@ -357,6 +401,7 @@ impl Tree {
                 }
             }
         }
+        self.seg.set(None);
     }
 
     /// Inserts `span` (new ids) right after item `after`, or at the document start; returns where its first item is.
