@@ -24,7 +24,10 @@ unsafe impl GlobalAlloc for Counting {
         System.dealloc(ptr, layout)
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE_BYTES.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        LIVE_BYTES.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
         System.realloc(ptr, layout, new_size)
     }
 }
@@ -41,7 +44,9 @@ fn load(name: &str) -> Trace {
     let path = format!("{}/tests/data/{name}.json.gz", env!("CARGO_MANIFEST_DIR"));
     let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let mut json = String::new();
-    flate2::read::GzDecoder::new(file).read_to_string(&mut json).expect("gunzip trace");
+    flate2::read::GzDecoder::new(file)
+        .read_to_string(&mut json)
+        .expect("gunzip trace");
     let v: serde_json::Value = serde_json::from_str(&json).expect("trace json");
     let mut patches = Vec::new();
     for txn in v["txns"].as_array().expect("txns") {
@@ -51,7 +56,10 @@ fn load(name: &str) -> Trace {
             patches.push((pos, del, p[2].as_str().expect("ins").to_owned()));
         }
     }
-    Trace { end_content: v["endContent"].as_str().expect("endContent").to_owned(), patches }
+    Trace {
+        end_content: v["endContent"].as_str().expect("endContent").to_owned(),
+        patches,
+    }
 }
 
 fn replay_local(trace: &Trace, mut ops: Option<&mut Vec<Op>>) -> Doc {
@@ -83,7 +91,10 @@ fn ms(d: Duration) -> String {
 }
 
 fn main() {
-    let runs: usize = std::env::var("CRDT_BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(11);
+    let runs: usize = std::env::var("CRDT_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(11);
     println!("| trace | patches | final chars | local replay | remote integrate | snapshot encode+decode | live heap | spans / leaves / index keys |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for name in ["automerge-paper", "seph-blog1"] {
@@ -105,7 +116,8 @@ fn main() {
             let start = Instant::now();
             let mut doc = Doc::new();
             for op in &ops {
-                doc.apply_remote(Some(1), std::slice::from_ref(op)).expect("remote op");
+                doc.apply_remote(Some(1), std::slice::from_ref(op))
+                    .expect("remote op");
             }
             remote.push(start.elapsed());
             assert_eq!(doc.len(), reference.len());

@@ -16,7 +16,9 @@ fn load(name: &str) -> Trace {
     let path = format!("{}/tests/data/{name}.json.gz", env!("CARGO_MANIFEST_DIR"));
     let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let mut json = String::new();
-    flate2::read::GzDecoder::new(file).read_to_string(&mut json).expect("gunzip trace");
+    flate2::read::GzDecoder::new(file)
+        .read_to_string(&mut json)
+        .expect("gunzip trace");
     let v: serde_json::Value = serde_json::from_str(&json).expect("trace json");
     let mut patches = Vec::new();
     for txn in v["txns"].as_array().expect("txns") {
@@ -27,7 +29,10 @@ fn load(name: &str) -> Trace {
             patches.push((pos, del, ins));
         }
     }
-    Trace { end_content: v["endContent"].as_str().expect("endContent").to_owned(), patches }
+    Trace {
+        end_content: v["endContent"].as_str().expect("endContent").to_owned(),
+        patches,
+    }
 }
 
 fn replay_local(trace: &Trace, n: usize) -> (Doc, Vec<Op>) {
@@ -60,11 +65,18 @@ fn check_trace(name: &str) {
         assert_eq!(applied, Ok(Applied::Changed), "{name}: remote op {i}");
     }
     assert_eq!(remote.text(), expected, "{name}: remote replay");
-    assert_eq!(remote.snapshot(), local.snapshot(), "{name}: remote snapshot");
+    assert_eq!(
+        remote.snapshot(),
+        local.snapshot(),
+        "{name}: remote snapshot"
+    );
     remote.dbg_check();
     // Every op again: all already integrated.
     for op in ops.iter().step_by(97) {
-        assert_eq!(remote.apply_remote(Some(1), std::slice::from_ref(op)), Ok(Applied::Unchanged));
+        assert_eq!(
+            remote.apply_remote(Some(1), std::slice::from_ref(op)),
+            Ok(Applied::Unchanged)
+        );
     }
 
     let snap = local.snapshot();
@@ -79,19 +91,29 @@ fn check_trace(name: &str) {
     let mut original = local;
     let mut fork = Doc::from_snapshot(&snap).expect("fork");
     let len = fork.len();
-    let mut fork_ops = vec![fork.insert_local(7, len / 3, "fork text"), fork.insert_local(7, 0, "start")];
+    let mut fork_ops = vec![
+        fork.insert_local(7, len / 3, "fork text"),
+        fork.insert_local(7, 0, "start"),
+    ];
     fork_ops.extend(fork.delete_local(len / 2, 25.min(len / 2)));
     let mut own_ops = vec![original.insert_local(1, len / 3, "own text")];
     own_ops.extend(original.delete_local(len / 2 + 10, 30.min(len / 2 - 10)));
     for op in &own_ops {
-        rebuilt.apply_remote(Some(1), std::slice::from_ref(op)).expect("own op on rebuilt");
+        rebuilt
+            .apply_remote(Some(1), std::slice::from_ref(op))
+            .expect("own op on rebuilt");
     }
     for doc in [&mut original, &mut rebuilt] {
         doc.apply_remote(Some(7), &fork_ops).expect("fork ops");
         doc.dbg_check();
     }
-    fork.apply_remote(Some(1), &own_ops).expect("own ops on fork");
-    assert_eq!(original.text(), rebuilt.text(), "{name}: original vs rebuilt after concurrent ops");
+    fork.apply_remote(Some(1), &own_ops)
+        .expect("own ops on fork");
+    assert_eq!(
+        original.text(),
+        rebuilt.text(),
+        "{name}: original vs rebuilt after concurrent ops"
+    );
     assert_eq!(original.snapshot(), rebuilt.snapshot());
     assert_eq!(original.text(), fork.text(), "{name}: fork converges");
 }

@@ -57,7 +57,9 @@ struct Pending<'a> {
 
 impl Pending<'_> {
     fn contains(&self, id: OpId) -> bool {
-        id.replica == self.id.replica && id.lamport >= self.id.lamport && id.lamport < self.id.lamport + self.n
+        id.replica == self.id.replica
+            && id.lamport >= self.id.lamport
+            && id.lamport < self.id.lamport + self.n
     }
 }
 
@@ -114,7 +116,12 @@ impl Doc {
                     }
                     match self.usage(id, n, text, *after, &pending) {
                         Usage::New => {
-                            pending.push(Pending { id, n, after: *after, text });
+                            pending.push(Pending {
+                                id,
+                                n,
+                                after: *after,
+                                text,
+                            });
                             changed = true;
                         }
                         Usage::Same => {}
@@ -155,7 +162,8 @@ impl Doc {
         for op in ops {
             match op {
                 Op::Insert { id, after, text } => {
-                    if self.max_lamport.is_some_and(|m| id.lamport <= m) && self.find(*id).is_some() {
+                    if self.max_lamport.is_some_and(|m| id.lamport <= m) && self.find(*id).is_some()
+                    {
                         continue;
                     }
                     let at = after.map(|p| self.find(p).expect("validated: after is known"));
@@ -174,24 +182,41 @@ impl Doc {
     }
 
     /// Compares an insert's ids with the known ones: all new, all the same (text and `after`), or a conflict.
-    fn usage(&self, id: OpId, n: u64, text: &str, after: Option<OpId>, pending: &[Pending<'_>]) -> Usage {
+    fn usage(
+        &self,
+        id: OpId,
+        n: u64,
+        text: &str,
+        after: Option<OpId>,
+        pending: &[Pending<'_>],
+    ) -> Usage {
         let end = id.lamport + n;
-        let above_all = self.max_lamport.is_none_or(|m| id.lamport > m);
+        let above_all = self.max_lamport.map_or(true, |m| id.lamport > m);
         if above_all && pending.is_empty() {
             return Usage::New;
         }
         if !self.known(id, pending) {
-            let in_doc = self.replica_index_of(id.replica).is_some_and(|r| self.tree.any_known(r, id.lamport, end));
-            let in_pending = pending
-                .iter()
-                .any(|p| p.id.replica == id.replica && p.id.lamport < end && id.lamport < p.id.lamport + p.n);
-            return if in_doc || in_pending { Usage::Conflict } else { Usage::New };
+            let in_doc = self
+                .replica_index_of(id.replica)
+                .is_some_and(|r| self.tree.any_known(r, id.lamport, end));
+            let in_pending = pending.iter().any(|p| {
+                p.id.replica == id.replica && p.id.lamport < end && id.lamport < p.id.lamport + p.n
+            });
+            return if in_doc || in_pending {
+                Usage::Conflict
+            } else {
+                Usage::New
+            };
         }
         let mut chars = text.chars();
         let mut lamport = id.lamport;
         while lamport < end {
             let at = OpId::new(lamport, id.replica);
-            let expected_origin = if lamport == id.lamport { after } else { Some(OpId::new(lamport - 1, id.replica)) };
+            let expected_origin = if lamport == id.lamport {
+                after
+            } else {
+                Some(OpId::new(lamport - 1, id.replica))
+            };
             if let Some(loc) = self.find(at) {
                 let s = self.tree.span(loc.leaf, loc.idx);
                 let k = s.end().min(end) - lamport;
@@ -213,11 +238,21 @@ impl Doc {
             } else if let Some(p) = pending.iter().rev().find(|p| p.contains(at)) {
                 let off = lamport - p.id.lamport;
                 let k = (p.id.lamport + p.n).min(end) - lamport;
-                let origin = if off == 0 { p.after } else { Some(OpId::new(lamport - 1, id.replica)) };
+                let origin = if off == 0 {
+                    p.after
+                } else {
+                    Some(OpId::new(lamport - 1, id.replica))
+                };
                 if origin != expected_origin {
                     return Usage::Conflict;
                 }
-                if !p.text.chars().skip(off as usize).take(k as usize).eq(chars.by_ref().take(k as usize)) {
+                if !p
+                    .text
+                    .chars()
+                    .skip(off as usize)
+                    .take(k as usize)
+                    .eq(chars.by_ref().take(k as usize))
+                {
                     return Usage::Conflict;
                 }
                 lamport += k;
@@ -250,7 +285,11 @@ impl Doc {
             let r = self.replicas[s.replica as usize];
             if OpId::new(s.lamport, r) < me {
                 let last = s.end() - 1;
-                let lamport = if r < me.replica { last.min(me.lamport) } else { last.min(me.lamport - 1) };
+                let lamport = if r < me.replica {
+                    last.min(me.lamport)
+                } else {
+                    last.min(me.lamport - 1)
+                };
                 return Some(OpId::new(lamport, r));
             }
         }
@@ -279,7 +318,11 @@ impl Doc {
             }
             // Lamports rise along a span, so if one item is greater, the rest of the span is too.
             if OpId::new(s.lamport + off as u64, self.replicas[s.replica as usize]) > id {
-                at = Some(Loc { leaf, idx, off: s.len() - 1 });
+                at = Some(Loc {
+                    leaf,
+                    idx,
+                    off: s.len() - 1,
+                });
                 (idx, off) = (idx + 1, 0);
             } else {
                 return at;
@@ -292,13 +335,19 @@ impl Doc {
         let r = self.intern_replica(id.replica);
         let arena = self.arena.push_str(text);
         let n = self.arena.len() - arena;
-        assert!(self.arena.len() <= u32::MAX as usize, "text arena over 4 GiB chars");
+        assert!(
+            self.arena.len() <= u32::MAX as usize,
+            "text arena over 4 GiB chars"
+        );
         let mut done = 0usize;
         while done < n {
             let k = (n - done).min(SPAN_MAX as usize) as u32;
             let span = Span::new(id.lamport + done as u64, r, k, (arena + done) as u32, false);
             let loc = self.tree.insert_after(at, span);
-            at = Some(Loc { off: loc.off + k - 1, ..loc });
+            at = Some(Loc {
+                off: loc.off + k - 1,
+                ..loc
+            });
             done += k as usize;
         }
         let last = id.lamport + n as u64 - 1;
@@ -311,7 +360,9 @@ impl Doc {
         let end = id.lamport + len;
         let mut lamport = id.lamport;
         while lamport < end {
-            let loc = self.find(OpId::new(lamport, id.replica)).expect("validated: delete target is known");
+            let loc = self
+                .find(OpId::new(lamport, id.replica))
+                .expect("validated: delete target is known");
             let s = self.tree.span(loc.leaf, loc.idx);
             let k = s.end().min(end) - lamport;
             self.tree.delete_in_span(loc, k as u32);
@@ -351,7 +402,10 @@ impl Doc {
     #[inline]
     pub(crate) fn id_of(&self, loc: Loc) -> OpId {
         let s = self.tree.span(loc.leaf, loc.idx);
-        OpId::new(s.lamport + loc.off as u64, self.replicas[s.replica as usize])
+        OpId::new(
+            s.lamport + loc.off as u64,
+            self.replicas[s.replica as usize],
+        )
     }
 
     /// Local edit: inserts `text` at code-point position `pos` and returns the op to send.
@@ -360,16 +414,31 @@ impl Doc {
     /// # Panics
     /// If `pos > len()`, `text` is empty, or `replica` or the new ids are past 2^53 - 1 (caller bugs).
     pub fn insert_local(&mut self, replica: u64, pos: usize, text: &str) -> Op {
-        assert!(pos <= self.len(), "insert position {pos} past the end ({})", self.len());
+        assert!(
+            pos <= self.len(),
+            "insert position {pos} past the end ({})",
+            self.len()
+        );
         assert!(!text.is_empty(), "empty insert");
         assert!(replica <= MAX_ID_COMPONENT, "replica past 2^53-1");
         let lamport = self.max_lamport.map_or(0, |m| m + 1);
-        let at = if pos == 0 { None } else { Some(self.tree.locate_visible(pos as u64 - 1)) };
+        let at = if pos == 0 {
+            None
+        } else {
+            Some(self.tree.locate_visible(pos as u64 - 1))
+        };
         let after = at.map(|loc| self.id_of(loc));
         let id = OpId::new(lamport, replica);
         self.insert_run(at, id, text);
-        assert!(self.max_lamport.unwrap_or(0) <= MAX_ID_COMPONENT, "lamport past 2^53-1");
-        Op::Insert { id, after, text: text.to_owned() }
+        assert!(
+            self.max_lamport.unwrap_or(0) <= MAX_ID_COMPONENT,
+            "lamport past 2^53-1"
+        );
+        Op::Insert {
+            id,
+            after,
+            text: text.to_owned(),
+        }
     }
 
     /// Local edit: deletes visible code points `pos .. pos+len`; returns one `Delete` per run of consecutive ids.
@@ -377,7 +446,10 @@ impl Doc {
     /// # Panics
     /// If `pos + len > len()`.
     pub fn delete_local(&mut self, pos: usize, len: usize) -> Vec<Op> {
-        assert!(pos.checked_add(len).is_some_and(|end| end <= self.len()), "delete range past the end");
+        assert!(
+            pos.checked_add(len).is_some_and(|end| end <= self.len()),
+            "delete range past the end"
+        );
         let mut ops: Vec<Op> = Vec::new();
         let mut rest = len as u64;
         while rest > 0 {
@@ -387,7 +459,11 @@ impl Doc {
             let id = self.id_of(loc);
             self.tree.delete_in_span(loc, k as u32);
             rest -= k;
-            if let Some(Op::Delete { id: last, len: last_len }) = ops.last_mut() {
+            if let Some(Op::Delete {
+                id: last,
+                len: last_len,
+            }) = ops.last_mut()
+            {
                 if last.replica == id.replica && last.lamport + *last_len == id.lamport {
                     *last_len += k;
                     continue;
@@ -425,8 +501,14 @@ impl Doc {
             let replica = self.replicas[s.replica as usize];
             let mergeable = last_end == Some((replica, s.lamport));
             match runs.last_mut() {
-                Some(Run { content: RunContent::Deleted(n), .. }) if mergeable && s.deleted() => *n += s.len() as u64,
-                Some(Run { content: RunContent::Text(t), .. }) if mergeable && !s.deleted() => {
+                Some(Run {
+                    content: RunContent::Deleted(n),
+                    ..
+                }) if mergeable && s.deleted() => *n += s.len() as u64,
+                Some(Run {
+                    content: RunContent::Text(t),
+                    ..
+                }) if mergeable && !s.deleted() => {
                     self.arena.write_to(t, s.arena as usize, s.len() as usize)
                 }
                 _ => {
@@ -434,10 +516,14 @@ impl Doc {
                         RunContent::Deleted(s.len() as u64)
                     } else {
                         let mut t = String::new();
-                        self.arena.write_to(&mut t, s.arena as usize, s.len() as usize);
+                        self.arena
+                            .write_to(&mut t, s.arena as usize, s.len() as usize);
                         RunContent::Text(t)
                     };
-                    runs.push(Run { id: OpId::new(s.lamport, replica), content });
+                    runs.push(Run {
+                        id: OpId::new(s.lamport, replica),
+                        content,
+                    });
                 }
             }
             last_end = Some((replica, s.end()));
@@ -459,15 +545,22 @@ impl Doc {
                 return Err(invalid(op_index, InvalidOpReason::IdOverflow));
             }
             let n = match &run.content {
-                RunContent::Text(t) if t.is_empty() => return Err(invalid(op_index, InvalidOpReason::EmptyText)),
+                RunContent::Text(t) if t.is_empty() => {
+                    return Err(invalid(op_index, InvalidOpReason::EmptyText))
+                }
                 RunContent::Text(t) => t.chars().count() as u64,
-                RunContent::Deleted(0) => return Err(invalid(op_index, InvalidOpReason::ZeroLength)),
+                RunContent::Deleted(0) => {
+                    return Err(invalid(op_index, InvalidOpReason::ZeroLength))
+                }
                 RunContent::Deleted(n) => *n,
             };
             if n - 1 > MAX_ID_COMPONENT - id.lamport {
                 return Err(invalid(op_index, InvalidOpReason::IdOverflow));
             }
-            if doc.replica_index_of(id.replica).is_some_and(|r| doc.tree.any_known(r, id.lamport, id.lamport + n)) {
+            if doc
+                .replica_index_of(id.replica)
+                .is_some_and(|r| doc.tree.any_known(r, id.lamport, id.lamport + n))
+            {
                 return Err(CrdtError::IdConflict { op_index });
             }
             if !origin_rule_holds(&mut stack, id, n) {
@@ -477,7 +570,10 @@ impl Doc {
             match &run.content {
                 RunContent::Text(t) => {
                     let arena = doc.arena.push_str(t);
-                    assert!(doc.arena.len() <= u32::MAX as usize, "text arena over 4 GiB chars");
+                    assert!(
+                        doc.arena.len() <= u32::MAX as usize,
+                        "text arena over 4 GiB chars"
+                    );
                     push_spans(&mut doc.tree, id.lamport, r, n, Some(arena as u32));
                 }
                 RunContent::Deleted(_) => push_spans(&mut doc.tree, id.lamport, r, n, None),
@@ -494,7 +590,8 @@ impl Doc {
         let mut out = String::with_capacity(self.len());
         for (_, _, s) in self.spans() {
             if !s.deleted() {
-                self.arena.write_to(&mut out, s.arena as usize, s.len() as usize);
+                self.arena
+                    .write_to(&mut out, s.arena as usize, s.len() as usize);
             }
         }
         out
@@ -547,7 +644,10 @@ impl Doc {
 
     /// Approximate heap bytes held (tree, index, text arena, replica table).
     pub fn heap_bytes(&self) -> usize {
-        self.tree.heap_bytes() + self.arena.heap_bytes() + self.replicas.capacity() * 8 + self.replica_idx.capacity() * 16
+        self.tree.heap_bytes()
+            + self.arena.heap_bytes()
+            + self.replicas.capacity() * 8
+            + self.replica_idx.capacity() * 16
     }
 }
 
@@ -573,7 +673,11 @@ pub(crate) fn origin_rule_holds(stack: &mut Vec<(OpId, u64)>, id: OpId, n: u64) 
         None => true,
         // The top run's first item is smaller than `id`; its largest item below `id` is the origin.
         Some(&(first, last)) => {
-            let origin = if first.replica < id.replica { last.min(id.lamport) } else { last.min(id.lamport - 1) };
+            let origin = if first.replica < id.replica {
+                last.min(id.lamport)
+            } else {
+                last.min(id.lamport - 1)
+            };
             origin < id.lamport
         }
     };

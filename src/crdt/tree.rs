@@ -38,14 +38,24 @@ pub(crate) struct Span {
 impl std::fmt::Debug for Span {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (lamport, replica) = (self.lamport, self.replica);
-        write!(f, "[{lamport},r{replica}]x{}{}", self.len(), if self.deleted() { "del" } else { "" })
+        write!(
+            f,
+            "[{lamport},r{replica}]x{}{}",
+            self.len(),
+            if self.deleted() { "del" } else { "" }
+        )
     }
 }
 
 impl Span {
     pub(crate) fn new(lamport: u64, replica: u32, len: u32, arena: u32, deleted: bool) -> Span {
-        debug_assert!(len >= 1 && len <= SPAN_MAX);
-        Span { lamport, replica, len_del: len | if deleted { DEL_BIT } else { 0 }, arena }
+        debug_assert!((1..=SPAN_MAX).contains(&len));
+        Span {
+            lamport,
+            replica,
+            len_del: len | if deleted { DEL_BIT } else { 0 },
+            arena,
+        }
     }
     #[inline]
     pub(crate) fn len(&self) -> u32 {
@@ -73,7 +83,7 @@ impl Span {
         self.replica == replica && lamport >= self.lamport && lamport < self.end()
     }
     fn set_len(&mut self, len: u32) {
-        debug_assert!(len >= 1 && len <= SPAN_MAX);
+        debug_assert!((1..=SPAN_MAX).contains(&len));
         self.len_del = (self.len_del & DEL_BIT) | len;
     }
     fn set_deleted(&mut self) {
@@ -113,7 +123,14 @@ pub(crate) struct Leaf {
 
 impl Leaf {
     fn empty() -> Leaf {
-        Leaf { spans: [Span::default(); LEAF_CAP + 2], n: 0, visible: 0, parent: NONE, prev: NONE, next: NONE }
+        Leaf {
+            spans: [Span::default(); LEAF_CAP + 2],
+            n: 0,
+            visible: 0,
+            parent: NONE,
+            prev: NONE,
+            next: NONE,
+        }
     }
     #[inline]
     pub(crate) fn spans(&self) -> &[Span] {
@@ -174,6 +191,8 @@ pub(crate) struct Loc {
 /// The content tree and the id index.
 #[derive(Clone)]
 pub(crate) struct Tree {
+    /// Boxed so that growing the vector moves and over-allocates pointers, not whole leaves.
+    #[allow(clippy::vec_box)]
     pub leaves: Vec<Box<Leaf>>,
     pub nodes: Vec<Node>,
     /// A leaf index when `height == 0`, else a node index.
@@ -205,7 +224,17 @@ struct Seg {
 
 impl Default for Tree {
     fn default() -> Self {
-        Tree { leaves: vec![Box::new(Leaf::empty())], nodes: Vec::new(), root: 0, height: 0, total: 0, index: BTreeMap::new(), cursor: None, seg: Cell::new(None), lamport_end: 0 }
+        Tree {
+            leaves: vec![Box::new(Leaf::empty())],
+            nodes: Vec::new(),
+            root: 0,
+            height: 0,
+            total: 0,
+            index: BTreeMap::new(),
+            cursor: None,
+            seg: Cell::new(None),
+            lamport_end: 0,
+        }
     }
 }
 
@@ -293,7 +322,11 @@ impl Tree {
         for (idx, s) in l.spans().iter().enumerate() {
             let v = s.visible_len() as u64;
             if rest < v {
-                return Loc { leaf, idx, off: rest as u32 };
+                return Loc {
+                    leaf,
+                    idx,
+                    off: rest as u32,
+                };
             }
             rest -= v;
         }
@@ -330,7 +363,12 @@ impl Tree {
             Some((&(r, hi), _)) if r == replica => hi,
             _ => u64::MAX,
         };
-        let seg = Seg { replica, lo, hi, leaf };
+        let seg = Seg {
+            replica,
+            lo,
+            hi,
+            leaf,
+        };
         self.seg.set(Some(seg));
         Some(seg)
     }
@@ -354,19 +392,31 @@ impl Tree {
     pub(crate) fn find(&self, replica: u32, lamport: u64) -> Option<Loc> {
         let leaf = self.cover(replica, lamport)?;
         let l = &self.leaves[leaf as usize];
-        let idx = l.spans().iter().position(|s| s.contains(replica, lamport))?;
-        Some(Loc { leaf, idx, off: (lamport - l.spans[idx].lamport) as u32 })
+        let idx = l
+            .spans()
+            .iter()
+            .position(|s| s.contains(replica, lamport))?;
+        Some(Loc {
+            leaf,
+            idx,
+            off: (lamport - l.spans[idx].lamport) as u32,
+        })
     }
 
     /// Whether any item of `replica` with lamport in `start .. end` is known.
     pub(crate) fn any_known(&self, replica: u32, start: u64, end: u64) -> bool {
         let overlaps = |leaf: u32| {
-            self.leaves[leaf as usize].spans().iter().any(|s| s.replica == replica && s.lamport < end && start < s.end())
+            self.leaves[leaf as usize]
+                .spans()
+                .iter()
+                .any(|s| s.replica == replica && s.lamport < end && start < s.end())
         };
         if self.cover(replica, start).is_some_and(overlaps) {
             return true;
         }
-        self.index.range((replica, start + 1)..(replica, end)).any(|(_, &leaf)| overlaps(leaf))
+        self.index
+            .range((replica, start + 1)..(replica, end))
+            .any(|(_, &leaf)| overlaps(leaf))
     }
 
     /// Makes the index map ids `start .. end` of `replica` to `leaf`.
@@ -374,16 +424,32 @@ impl Tree {
         let lamport_end_before = self.lamport_end;
         self.lamport_end = self.lamport_end.max(end);
         // Fast path: already mapped and no key inside the range.
-        if self.segment(replica, start).is_some_and(|s| s.leaf == leaf && end <= s.hi) {
+        if self
+            .segment(replica, start)
+            .is_some_and(|s| s.leaf == leaf && end <= s.hi)
+        {
             return;
         }
         self.seg.set(None);
         // Ids from `end` on keep their leaf; none is known when `end` is past every assigned id.
-        let end_cover = if end >= lamport_end_before { None } else { self.cover_raw(replica, end) };
-        while let Some(k) = self.index.range((replica, start)..(replica, end)).next().map(|(&k, _)| k) {
+        let end_cover = if end >= lamport_end_before {
+            None
+        } else {
+            self.cover_raw(replica, end)
+        };
+        while let Some(k) = self
+            .index
+            .range((replica, start)..(replica, end))
+            .next()
+            .map(|(&k, _)| k)
+        {
             self.index.remove(&k);
         }
-        let before = if start > 0 { self.cover_raw(replica, start - 1) } else { None };
+        let before = if start > 0 {
+            self.cover_raw(replica, start - 1)
+        } else {
+            None
+        };
         if before != Some(leaf) {
             self.index.insert((replica, start), leaf);
         }
@@ -426,7 +492,11 @@ impl Tree {
             prev.set_len(off + span.len());
             self.add_count(leaf, vis);
             self.assign(span.replica, span.lamport, span.end(), leaf);
-            let loc = Loc { leaf, idx: idx - 1, off };
+            let loc = Loc {
+                leaf,
+                idx: idx - 1,
+                off,
+            };
             return self.fix_overflow(loc);
         }
         l.insert(idx, span);
@@ -467,7 +537,11 @@ impl Tree {
             idx -= 1;
         }
         self.add_count(loc.leaf, -(len as i64));
-        self.fix_overflow(Loc { leaf: loc.leaf, idx, off: 0 });
+        self.fix_overflow(Loc {
+            leaf: loc.leaf,
+            idx,
+            off: 0,
+        });
         len
     }
 
@@ -482,7 +556,11 @@ impl Tree {
         let mid = if at_end { LEAF_CAP - 1 } else { n / 2 };
         let new_leaf = self.split_leaf(loc.leaf, mid);
         if loc.idx >= mid {
-            Loc { leaf: new_leaf, idx: loc.idx - mid, off: loc.off }
+            Loc {
+                leaf: new_leaf,
+                idx: loc.idx - mid,
+                off: loc.off,
+            }
         } else {
             loc
         }
@@ -528,11 +606,24 @@ impl Tree {
     }
 
     /// Puts `right` after `left` (both at `height`) in their parent with the given counts, splitting upward as needed.
-    fn insert_child(&mut self, left: u32, right: u32, left_count: u64, right_count: u64, height: u8) {
+    fn insert_child(
+        &mut self,
+        left: u32,
+        right: u32,
+        left_count: u64,
+        right_count: u64,
+        height: u8,
+    ) {
         let parent = self.parent_of(left, height);
         if parent == NONE {
             let root = self.nodes.len() as u32;
-            let mut node = Node { children: [NONE; NODE_CAP + 1], counts: [0; NODE_CAP + 1], n: 2, height: height + 1, parent: NONE };
+            let mut node = Node {
+                children: [NONE; NODE_CAP + 1],
+                counts: [0; NODE_CAP + 1],
+                n: 2,
+                height: height + 1,
+                parent: NONE,
+            };
             node.children[0] = left;
             node.children[1] = right;
             node.counts[0] = left_count;
@@ -554,7 +645,13 @@ impl Tree {
             let node = &mut self.nodes[parent as usize];
             let n = node.n as usize;
             let mid = n / 2;
-            let mut right_node = Node { children: [NONE; NODE_CAP + 1], counts: [0; NODE_CAP + 1], n: (n - mid) as u8, height: height + 1, parent: NONE };
+            let mut right_node = Node {
+                children: [NONE; NODE_CAP + 1],
+                counts: [0; NODE_CAP + 1],
+                n: (n - mid) as u8,
+                height: height + 1,
+                parent: NONE,
+            };
             right_node.children[..n - mid].copy_from_slice(&node.children[mid..n]);
             right_node.counts[..n - mid].copy_from_slice(&node.counts[mid..n]);
             node.n = mid as u8;
@@ -593,7 +690,14 @@ impl Tree {
             self.insert_after(None, span);
         } else {
             let s = self.leaves[last as usize].spans[n - 1];
-            self.insert_after(Some(Loc { leaf: last, idx: n - 1, off: s.len() - 1 }), span);
+            self.insert_after(
+                Some(Loc {
+                    leaf: last,
+                    idx: n - 1,
+                    off: s.len() - 1,
+                }),
+                span,
+            );
         }
     }
 
