@@ -116,12 +116,15 @@ impl Doc {
                     }
                     match self.usage(id, n, text, *after, &pending) {
                         Usage::New => {
-                            pending.push(Pending {
-                                id,
-                                n,
-                                after: *after,
-                                text,
-                            });
+                            // Only later ops of this message can see it; a one-op message needs no list.
+                            if op_index + 1 < ops.len() {
+                                pending.push(Pending {
+                                    id,
+                                    n,
+                                    after: *after,
+                                    text,
+                                });
+                            }
                             changed = true;
                         }
                         Usage::Same => {}
