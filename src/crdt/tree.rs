@@ -424,13 +424,29 @@ impl Tree {
         let lamport_end_before = self.lamport_end;
         self.lamport_end = self.lamport_end.max(end);
         // Fast path: already mapped and no key inside the range.
-        if self
-            .segment(replica, start)
-            .is_some_and(|s| s.leaf == leaf && end <= s.hi)
-        {
+        let seg = self.segment(replica, start);
+        if seg.is_some_and(|s| s.leaf == leaf && end <= s.hi) {
             return;
         }
         self.seg.set(None);
+        if let Some(s) = seg.filter(|s| end <= s.hi) {
+            // One segment holds the whole range, mapped to another leaf: re-point just the range.
+            let merges_left = s.lo == start
+                && self
+                    .index
+                    .range(..(replica, start))
+                    .next_back()
+                    .is_some_and(|(&(r, _), &l)| r == replica && l == leaf);
+            if merges_left {
+                self.index.remove(&(replica, start));
+            } else {
+                self.index.insert((replica, start), leaf);
+            }
+            if end < s.hi && end < lamport_end_before {
+                self.index.insert((replica, end), s.leaf);
+            }
+            return;
+        }
         // Ids from `end` on keep their leaf; none is known when `end` is past every assigned id.
         let end_cover = if end >= lamport_end_before {
             None
