@@ -711,8 +711,16 @@ fn run_replicas(n_replicas: usize, actions: &[Action]) {
     }
 }
 
+/// `PROPTEST_CASES` from the environment when set (for long runs), else `default`.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 20, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::with_cases(cases(20)))]
 
     /// Long histories: enough spans for leaf and node splits and index churn.
     #[test]
@@ -722,7 +730,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::with_cases(cases(200)))]
 
     #[test]
     fn replicas_converge(n_replicas in 2..=5usize, actions in prop::collection::vec(action(), 1..120)) {
@@ -757,4 +765,19 @@ proptest! {
         rebuilt.dbg_check();
         prop_assert_eq!(rebuilt.text(), doc.text());
     }
+}
+
+#[test]
+fn doc_is_send_sync_and_clone() {
+    fn assert_traits<T: Send + Sync + Clone + Default + std::fmt::Debug>() {}
+    assert_traits::<Doc>();
+    let mut doc = Doc::default();
+    doc.insert_local(1, 0, "abc");
+    let copy = doc.clone();
+    doc.delete_local(0, 1);
+    assert_eq!(
+        (doc.text(), copy.text()),
+        ("bc".to_owned(), "abc".to_owned())
+    );
+    assert!(format!("{doc:?}").contains("len"));
 }

@@ -4,7 +4,6 @@
 //! The id index maps id ranges to the leaf that holds them, so id lookups and position lookups are O(log n).
 //! This module knows nothing of ops, validation or text; `doc.rs` drives it.
 
-use std::cell::Cell;
 use std::collections::BTreeMap;
 
 /// Most spans in a leaf; an edit may push a leaf to `LEAF_CAP + 2` for a moment, then it splits.
@@ -207,8 +206,9 @@ pub(crate) struct Tree {
     /// Local-edit cursor: a leaf and the visible chars before it.
     /// Set by position lookups; cleared when the visible count of another leaf changes (its start may move).
     pub cursor: Option<(u32, u64)>,
-    /// Id-index cache: the last segment looked up, valid until the index changes (`assign` clears it).
-    seg: Cell<Option<Seg>>,
+    /// Id-index cache: the last segment looked up through `&mut self`, valid until the index changes (`assign` clears it).
+    /// Kept out of `&self` lookups so that `Doc` stays `Sync`.
+    seg: Option<Seg>,
     /// One past the highest lamport ever given to `assign`: no id at or above it is known.
     lamport_end: u64,
 }
@@ -232,7 +232,7 @@ impl Default for Tree {
             total: 0,
             index: BTreeMap::new(),
             cursor: None,
-            seg: Cell::new(None),
+            seg: None,
             lamport_end: 0,
         }
     }
@@ -350,7 +350,7 @@ impl Tree {
     /// The index segment holding `(replica, lamport)`, through the cache.
     #[inline]
     fn segment(&self, replica: u32, lamport: u64) -> Option<Seg> {
-        if let Some(seg) = self.seg.get() {
+        if let Some(seg) = self.seg {
             if seg.replica == replica && lamport >= seg.lo && lamport < seg.hi {
                 return Some(seg);
             }
@@ -369,7 +369,6 @@ impl Tree {
             hi,
             leaf,
         };
-        self.seg.set(Some(seg));
         Some(seg)
     }
 
@@ -391,6 +390,19 @@ impl Tree {
     #[inline]
     pub(crate) fn find(&self, replica: u32, lamport: u64) -> Option<Loc> {
         let leaf = self.cover(replica, lamport)?;
+        self.find_in(leaf, replica, lamport)
+    }
+
+    /// Like `find`, and remembers the index segment for the next lookup.
+    #[inline]
+    pub(crate) fn find_mut(&mut self, replica: u32, lamport: u64) -> Option<Loc> {
+        let seg = self.segment(replica, lamport)?;
+        self.seg = Some(seg);
+        self.find_in(seg.leaf, replica, lamport)
+    }
+
+    #[inline]
+    fn find_in(&self, leaf: u32, replica: u32, lamport: u64) -> Option<Loc> {
         let l = &self.leaves[leaf as usize];
         let idx = l
             .spans()
@@ -426,9 +438,10 @@ impl Tree {
         // Fast path: already mapped and no key inside the range.
         let seg = self.segment(replica, start);
         if seg.is_some_and(|s| s.leaf == leaf && end <= s.hi) {
+            self.seg = seg;
             return;
         }
-        self.seg.set(None);
+        self.seg = None;
         if let Some(s) = seg.filter(|s| end <= s.hi) {
             // One segment holds the whole range, mapped to another leaf: re-point just the range.
             let merges_left = s.lo == start
@@ -483,7 +496,7 @@ impl Tree {
                 }
             }
         }
-        self.seg.set(None);
+        self.seg = None;
     }
 
     /// Inserts `span` (new ids) right after item `after`, or at the document start; returns where its first item is.
