@@ -209,6 +209,8 @@ pub(crate) struct Tree {
     /// Id-index cache: the last segment looked up through `&mut self`, valid until the index changes (`assign` clears it).
     /// Kept out of `&self` lookups so that `Doc` stays `Sync`.
     seg: Option<Seg>,
+    /// Span hint for `find_mut`: the last span found or inserted into; checked exactly before use, so it never goes stale.
+    hint: Option<(u32, u32)>,
     /// One past the highest lamport ever given to `assign`: no id at or above it is known.
     lamport_end: u64,
 }
@@ -233,6 +235,7 @@ impl Default for Tree {
             index: BTreeMap::new(),
             cursor: None,
             seg: None,
+            hint: None,
             lamport_end: 0,
         }
     }
@@ -396,9 +399,19 @@ impl Tree {
     /// Like `find`, and remembers the index segment for the next lookup.
     #[inline]
     pub(crate) fn find_mut(&mut self, replica: u32, lamport: u64) -> Option<Loc> {
+        if let Some((leaf, idx)) = self.hint {
+            let l = &self.leaves[leaf as usize];
+            let idx = idx as usize;
+            if idx < l.n as usize && l.spans[idx].contains(replica, lamport) {
+                let off = (lamport - l.spans[idx].lamport) as u32;
+                return Some(Loc { leaf, idx, off });
+            }
+        }
         let seg = self.segment(replica, lamport)?;
         self.seg = Some(seg);
-        self.find_in(seg.leaf, replica, lamport)
+        let loc = self.find_in(seg.leaf, replica, lamport)?;
+        self.hint = Some((loc.leaf, loc.idx as u32));
+        Some(loc)
     }
 
     #[inline]
@@ -526,12 +539,16 @@ impl Tree {
                 idx: idx - 1,
                 off,
             };
-            return self.fix_overflow(loc);
+            let loc = self.fix_overflow(loc);
+            self.hint = Some((loc.leaf, loc.idx as u32));
+            return loc;
         }
         l.insert(idx, span);
         self.add_count(leaf, vis);
         self.assign(span.replica, span.lamport, span.end(), leaf);
-        self.fix_overflow(Loc { leaf, idx, off: 0 })
+        let loc = self.fix_overflow(Loc { leaf, idx, off: 0 });
+        self.hint = Some((loc.leaf, loc.idx as u32));
+        loc
     }
 
     /// Deletes `len` items starting at `loc` (all within its span); returns how many were visible.
