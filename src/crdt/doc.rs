@@ -468,7 +468,11 @@ impl Doc {
             pos.checked_add(len).is_some_and(|end| end <= self.len()),
             "delete range past the end"
         );
-        let mut ops: Vec<Op> = Vec::new();
+        if len == 0 {
+            return Vec::new();
+        }
+        // Usually one op: no room for more until needed.
+        let mut ops: Vec<Op> = Vec::with_capacity(1);
         let mut rest = len as u64;
         while rest > 0 {
             let loc = self.tree.locate_visible(pos as u64);
