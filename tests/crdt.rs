@@ -781,3 +781,54 @@ fn doc_is_send_sync_and_clone() {
     );
     assert!(format!("{doc:?}").contains("len"));
 }
+
+fn arbitrary_op() -> impl Strategy<Value = Op> {
+    let small_id = (0..40u64, 1..4u64).prop_map(|(l, r)| OpId::new(l, r));
+    prop_oneof![
+        (
+            small_id.clone(),
+            prop::option::weighted(0.8, small_id.clone()),
+            "[xyé]{0,4}"
+        )
+            .prop_map(|(id, after, text)| Op::Insert { id, after, text }),
+        (small_id, 0..6u64).prop_map(|(id, len)| Op::Delete { id, len }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases(300)))]
+
+    /// Hostile op messages: never a panic; an error leaves the doc as it was; an accepted message is then a no-op.
+    #[test]
+    fn arbitrary_messages_are_atomic_and_idempotent(
+        messages in prop::collection::vec((prop::option::of(1..4u64), prop::collection::vec(arbitrary_op(), 1..4)), 1..60)
+    ) {
+        let mut doc = Doc::new();
+        for (sender, ops) in &messages {
+            let before = doc.snapshot();
+            match doc.apply_remote(*sender, ops) {
+                Ok(_) => {
+                    prop_assert_eq!(doc.apply_remote(*sender, ops), Ok(Applied::Unchanged));
+                    doc.dbg_check();
+                }
+                Err(_) => prop_assert_eq!(doc.snapshot(), before),
+            }
+        }
+        let rebuilt = Doc::from_snapshot(&doc.snapshot()).expect("rebuild");
+        prop_assert_eq!(rebuilt.text(), doc.text());
+    }
+}
+
+#[test]
+fn a_message_may_repeat_its_own_insert() {
+    let mut doc = Doc::new();
+    let msg = [
+        ins(0, 1, None, "ab"),
+        ins(0, 1, None, "ab"),
+        ins(1, 1, Some((0, 1)), "b"),
+    ];
+    assert_eq!(doc.apply_remote(Some(1), &msg), Ok(Applied::Changed));
+    assert_eq!(doc.text(), "ab");
+    assert_eq!(doc.apply_remote(Some(1), &msg), Ok(Applied::Unchanged));
+    doc.dbg_check();
+}
