@@ -584,3 +584,510 @@ pub fn parse_snapshot_runs(json: &str) -> Result<Vec<Run>, ProtocolError> {
     }
     Ok(runs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parses `input` and checks the outcome: `Ok` when `expected` is `None`, else the error code.
+    fn check(input: &str, expected: Option<ErrorCode>) {
+        let result = parse_client_message(input);
+        assert_eq!(
+            result.as_ref().err().map(|e| e.code),
+            expected,
+            "input: {input}, got {result:?}"
+        );
+    }
+
+    const OK: Option<ErrorCode> = None;
+    const BAD: Option<ErrorCode> = Some(ErrorCode::BadMessage);
+    const BIG: Option<ErrorCode> = Some(ErrorCode::TooLarge);
+
+    #[test]
+    fn envelope_cases() {
+        check("", BAD);
+        check("nul", BAD);
+        check("null", BAD);
+        check("[]", BAD);
+        check(r#"["op",1,[]]"#, BAD);
+        check("\"hello\"", BAD);
+        check("42", BAD);
+        check("{}", BAD);
+        check(r#"{"type":null}"#, BAD);
+        check(r#"{"type":5}"#, BAD);
+        check(r#"{"type":"nope"}"#, BAD);
+        check(r#"{"type":"HELLO"}"#, BAD);
+        check(r#"{"type":"hello"} x"#, BAD);
+        check(r#"{"type":"hello""#, BAD);
+        check(r#"{"type":"hello","type":"hello"}"#, BAD);
+        check(r#" {"type":"hello"} "#, OK);
+        check(r#"{"type":"h\u0065llo"}"#, OK);
+    }
+
+    #[test]
+    fn hello_cases() {
+        check(r#"{"type":"hello"}"#, OK);
+        check(r#"{"type":"hello","doc":"d"}"#, OK);
+        check(r#"{"type":"hello","doc":""}"#, BAD);
+        check(r#"{"type":"hello","doc":5}"#, BAD);
+        check(r#"{"type":"hello","doc":["d"]}"#, BAD);
+        check(
+            &format!(r#"{{"type":"hello","doc":"{}"}}"#, "x".repeat(512)),
+            OK,
+        );
+        check(
+            &format!(r#"{{"type":"hello","doc":"{}"}}"#, "x".repeat(513)),
+            BAD,
+        );
+        check(
+            &format!(r#"{{"type":"hello","doc":"{}"}}"#, "é".repeat(257)),
+            BAD,
+        );
+        check(r#"{"type":"hello","doc":"d","replica":1}"#, OK);
+        check(
+            r#"{"type":"hello","doc":"d","replica":9007199254740991}"#,
+            OK,
+        );
+        check(
+            r#"{"type":"hello","doc":"d","replica":9007199254740992}"#,
+            BAD,
+        );
+        check(r#"{"type":"hello","doc":"d","replica":0}"#, BAD);
+        check(r#"{"type":"hello","doc":"d","replica":-1}"#, BAD);
+        check(r#"{"type":"hello","doc":"d","replica":1.5}"#, BAD);
+        check(r#"{"type":"hello","doc":"d","replica":1.0}"#, BAD);
+        check(r#"{"type":"hello","doc":"d","replica":1e3}"#, BAD);
+        check(r#"{"type":"hello","doc":"d","replica":"1"}"#, BAD);
+        check(r#"{"type":"hello","doc":"d","since":0}"#, OK);
+        check(r#"{"type":"hello","doc":"d","since":-1}"#, BAD);
+        check(r#"{"type":"hello","doc":"d","since":"3"}"#, BAD);
+        check(
+            r#"{"type":"hello","doc":"d","since":99999999999999999999999}"#,
+            BAD,
+        );
+        check(r#"{"type":"hello","doc":"d","epoch":"e"}"#, OK);
+        check(r#"{"type":"hello","doc":"d","epoch":7}"#, BAD);
+        check(r#"{"type":"hello","doc":"d","token":"t"}"#, OK);
+        check(
+            r#"{"type":"hello","doc":"d","ops":"ignored","client_seq":-4,"x":{"y":[1]}}"#,
+            OK,
+        );
+        let parsed = parse_client_message(
+            r#"{"type":"hello","doc":"d/é","replica":3,"since":4,"epoch":"e","token":"t","z":1}"#,
+        );
+        assert_eq!(
+            parsed,
+            Ok(ClientMessage::Hello(Hello {
+                doc: Some("d/é".into()),
+                replica: Some(3),
+                since: Some(4),
+                epoch: Some("e".into()),
+                token: Some("t".into()),
+            }))
+        );
+    }
+
+    fn op_with(ops: &str) -> String {
+        format!(r#"{{"type":"op","client_seq":7,"ops":[{ops}]}}"#)
+    }
+
+    #[test]
+    fn op_cases() {
+        check(
+            &op_with(r#"{"kind":"ins","id":[1,2],"after":null,"text":"a"}"#),
+            OK,
+        );
+        check(
+            &op_with(r#"{"kind":"ins","id":[0,0],"after":[0,0],"text":"a"}"#),
+            OK,
+        );
+        check(
+            &op_with(
+                r#"{"kind":"ins","id":[9007199254740991,9007199254740991],"after":null,"text":"a"}"#,
+            ),
+            OK,
+        );
+        check(
+            &op_with(r#"{"kind":"ins","id":[9007199254740992,1],"after":null,"text":"a"}"#),
+            BAD,
+        );
+        check(
+            &op_with(r#"{"kind":"ins","id":[1,9007199254740992],"after":null,"text":"a"}"#),
+            BAD,
+        );
+        check(
+            &op_with(r#"{"kind":"ins","id":[1,2],"after":[1,9007199254740992],"text":"a"}"#),
+            BAD,
+        );
+        check(
+            &op_with(r#"{"kind":"ins","id":[-1,2],"after":null,"text":"a"}"#),
+            BAD,
+        );
+        check(
+            &op_with(r#"{"kind":"ins","id":[1.5,2],"after":null,"text":"a"}"#),
+            BAD,
+        );
+        check(
+            &op_with(r#"{"kind":"ins","id":[1.0,2],"after":null,"text":"a"}"#),
+            BAD,
+        );
+        check(
+            &op_with(r#"{"kind":"ins","id":["1",2],"after":null,"text":"a"}"#),
+            BAD,
+        );
+        check(
+            &op_with(r#"{"kind":"ins","id":[1],"after":null,"text":"a"}"#),
+            BAD,
+        );
+        check(
+            &op_with(r#"{"kind":"ins","id":[1,2,3],"after":null,"text":"a"}"#),
+            BAD,
+        );
+        check(
+            &op_with(r#"{"kind":"ins","id":{"0":1,"1":2},"after":null,"text":"a"}"#),
+            BAD,
+        );
+        check(
+            &op_with(r#"{"kind":"ins","id":null,"after":null,"text":"a"}"#),
+            BAD,
+        );
+        check(&op_with(r#"{"kind":"ins","after":null,"text":"a"}"#), BAD);
+        check(&op_with(r#"{"kind":"ins","id":[1,2],"text":"a"}"#), BAD);
+        check(
+            &op_with(r#"{"kind":"ins","id":[1,2],"after":5,"text":"a"}"#),
+            BAD,
+        );
+        check(&op_with(r#"{"kind":"ins","id":[1,2],"after":null}"#), BAD);
+        check(
+            &op_with(r#"{"kind":"ins","id":[1,2],"after":null,"text":5}"#),
+            BAD,
+        );
+        check(
+            &op_with(r#"{"kind":"ins","id":[1,2],"after":null,"text":null}"#),
+            BAD,
+        );
+        // Empty text parses; the CRDT refuses it with invalid_op.
+        check(
+            &op_with(r#"{"kind":"ins","id":[1,2],"after":null,"text":""}"#),
+            OK,
+        );
+        // Lone surrogates are bad_message; a proper pair is fine.
+        check(
+            &op_with(r#"{"kind":"ins","id":[1,2],"after":null,"text":"\ud800"}"#),
+            BAD,
+        );
+        check(
+            &op_with(r#"{"kind":"ins","id":[1,2],"after":null,"text":"a\udc00b"}"#),
+            BAD,
+        );
+        check(
+            &op_with(r#"{"kind":"ins","id":[1,2],"after":null,"text":"\ud800\u0041"}"#),
+            BAD,
+        );
+        check(
+            &op_with(r#"{"kind":"ins","id":[1,2],"after":null,"text":"\ud83d\ude00"}"#),
+            OK,
+        );
+        check(&op_with(r#"{"kind":"del","id":[1,2],"len":1}"#), OK);
+        // len 0 parses; the CRDT refuses it with invalid_op.
+        check(&op_with(r#"{"kind":"del","id":[1,2],"len":0}"#), OK);
+        check(&op_with(r#"{"kind":"del","id":[1,2],"len":-1}"#), BAD);
+        check(&op_with(r#"{"kind":"del","id":[1,2],"len":1.5}"#), BAD);
+        check(&op_with(r#"{"kind":"del","id":[1,2]}"#), BAD);
+        check(&op_with(r#"{"kind":"del","id":[1,2],"len":"1"}"#), BAD);
+        // Fields of the other kind are unknown fields: ignored.
+        check(
+            &op_with(r#"{"kind":"del","id":[1,2],"len":1,"text":5,"after":"x"}"#),
+            OK,
+        );
+        check(
+            &op_with(r#"{"kind":"ins","id":[1,2],"after":null,"text":"a","len":"x","extra":[1]}"#),
+            OK,
+        );
+        check(&op_with(r#"{"kind":"move","id":[1,2],"len":1}"#), BAD);
+        check(&op_with(r#"{"id":[1,2],"len":1}"#), BAD);
+        check(&op_with(r#"{"kind":5,"id":[1,2],"len":1}"#), BAD);
+        check(&op_with(r#"5"#), BAD);
+        check(&op_with(r#"[]"#), BAD);
+        check(&op_with(r#"null"#), BAD);
+        check(&op_with(""), BAD);
+        check(r#"{"type":"op","client_seq":7}"#, BAD);
+        check(r#"{"type":"op","client_seq":7,"ops":null}"#, BAD);
+        check(r#"{"type":"op","client_seq":7,"ops":{}}"#, BAD);
+        check(
+            r#"{"type":"op","ops":[{"kind":"del","id":[1,2],"len":1}]}"#,
+            BAD,
+        );
+        check(
+            r#"{"type":"op","client_seq":-1,"ops":[{"kind":"del","id":[1,2],"len":1}]}"#,
+            BAD,
+        );
+        check(
+            r#"{"type":"op","client_seq":1.5,"ops":[{"kind":"del","id":[1,2],"len":1}]}"#,
+            BAD,
+        );
+        check(
+            r#"{"type":"op","client_seq":"1","ops":[{"kind":"del","id":[1,2],"len":1}]}"#,
+            BAD,
+        );
+        check(
+            r#"{"type":"op","client_seq":18446744073709551615,"ops":[{"kind":"del","id":[1,2],"len":1}]}"#,
+            OK,
+        );
+        check(
+            r#"{"type":"op","client_seq":0,"ops":[{"kind":"del","id":[1,2],"len":1}],"doc":5,"state":1}"#,
+            OK,
+        );
+    }
+
+    #[test]
+    fn op_count_limit() {
+        let del = r#"{"kind":"del","id":[1,2],"len":1}"#;
+        let at_limit = vec![del; OPS_PER_MESSAGE_MAX].join(",");
+        check(&op_with(&at_limit), OK);
+        let over = vec![del; OPS_PER_MESSAGE_MAX + 1].join(",");
+        check(&op_with(&over), BIG);
+        // Over the count wins even when later elements are not ops.
+        let junk = format!("{at_limit},5");
+        check(&op_with(&junk), BIG);
+    }
+
+    #[test]
+    fn op_errors_carry_client_seq() {
+        let err = parse_client_message(r#"{"type":"op","client_seq":9,"ops":[]}"#).unwrap_err();
+        assert_eq!((err.code, err.client_seq), (ErrorCode::BadMessage, Some(9)));
+        let err = parse_client_message(r#"{"type":"op","client_seq":9,"ops":[{"kind":"x"}]}"#)
+            .unwrap_err();
+        assert_eq!(err.client_seq, Some(9));
+        let err = parse_client_message(r#"{"type":"op","client_seq":"9","ops":[]}"#).unwrap_err();
+        assert_eq!(err.client_seq, None);
+        let parsed = parse_client_message(&op_with(
+            r#"{"kind":"ins","id":[4,2],"after":[3,1],"text":"h\u00e9\n"},{"kind":"del","id":[1,1],"len":2}"#,
+        ));
+        assert_eq!(
+            parsed,
+            Ok(ClientMessage::Op(OpMessage {
+                client_seq: 7,
+                ops: vec![
+                    Op::Insert {
+                        id: OpId {
+                            lamport: 4,
+                            replica: 2
+                        },
+                        after: Some(OpId {
+                            lamport: 3,
+                            replica: 1
+                        }),
+                        text: "hé\n".into()
+                    },
+                    Op::Delete {
+                        id: OpId {
+                            lamport: 1,
+                            replica: 1
+                        },
+                        len: 2
+                    },
+                ],
+            }))
+        );
+    }
+
+    #[test]
+    fn presence_cases() {
+        check(r#"{"type":"presence","state":null}"#, OK);
+        check(r#"{"type":"presence","state":{"cursor":3}}"#, OK);
+        check(r#"{"type":"presence"}"#, BAD);
+        check(r#"{"type":"presence","state":{"a":}}"#, BAD);
+        let parsed = parse_client_message(
+            "{\"type\":\"presence\",\"state\": { \"name\" : \"a b\\\" c\" , \"n\" : [1, 2] }}",
+        );
+        assert_eq!(
+            parsed,
+            Ok(ClientMessage::Presence(PresenceUpdate {
+                state_json: r#"{"name":"a b\" c","n":[1,2]}"#.into()
+            }))
+        );
+        let parsed = parse_client_message(r#"{"type":"presence","state":null}"#);
+        assert_eq!(
+            parsed,
+            Ok(ClientMessage::Presence(PresenceUpdate {
+                state_json: "null".into()
+            }))
+        );
+        // The limit counts the compact re-encoding, not the bytes sent.
+        let fits = format!(
+            r#"{{"type":"presence","state":"{}"}}"#,
+            "x".repeat(PRESENCE_BYTES_MAX - 2)
+        );
+        check(&fits, OK);
+        let over = format!(
+            r#"{{"type":"presence","state":"{}"}}"#,
+            "x".repeat(PRESENCE_BYTES_MAX - 1)
+        );
+        check(&over, BIG);
+        let padded = format!(r#"{{"type":"presence","state":[{}1]}}"#, " ".repeat(10_000));
+        check(&padded, OK);
+    }
+
+    #[test]
+    fn server_messages_round_trip() {
+        use crate::protocol::codec::*;
+        let ops = vec![Op::Insert {
+            id: OpId {
+                lamport: 1,
+                replica: 2,
+            },
+            after: None,
+            text: "x\"".into(),
+        }];
+        let echo = encode_op_echo(3, 2, 5, &ops);
+        let expected = OpEcho {
+            server_seq: 3,
+            replica: 2,
+            client_seq: 5,
+            ops: ops.clone(),
+        };
+        assert_eq!(
+            parse_server_message(&echo),
+            Ok(ServerMessage::OpEcho(expected.clone()))
+        );
+        assert_eq!(
+            parse_server_message(&encode_ack(5, 3)),
+            Ok(ServerMessage::Ack {
+                client_seq: 5,
+                server_seq: 3
+            })
+        );
+        assert_eq!(
+            parse_server_message(&encode_presence(4, r#"{"a":1}"#)),
+            Ok(ServerMessage::Presence {
+                replica: 4,
+                state_json: r#"{"a":1}"#.into()
+            })
+        );
+        let err = ProtocolError::new(ErrorCode::IdConflict, "m").with_client_seq(Some(2));
+        assert_eq!(
+            parse_server_message(&encode_error(&err)),
+            Ok(ServerMessage::Error {
+                code: "id_conflict".into(),
+                message: "m".into(),
+                client_seq: Some(2)
+            })
+        );
+        let ack = format!(
+            r#"{{"type":"hello_ack","doc":"d","replica":2,"head":3,"epoch":"e","strategy":"replay","ops":[{echo}],"presence":[{{"replica":1,"state":{{"c":1}}}}]}}"#
+        );
+        assert_eq!(
+            parse_server_message(&ack),
+            Ok(ServerMessage::HelloAck(HelloAck {
+                doc: "d".into(),
+                replica: 2,
+                head: 3,
+                epoch: "e".into(),
+                strategy: HelloAckStrategy::Replay(vec![expected]),
+                presence: vec![PresenceEntry {
+                    replica: 1,
+                    state_json: r#"{"c":1}"#.into()
+                }],
+            }))
+        );
+        let runs = vec![
+            Run {
+                id: OpId {
+                    lamport: 1,
+                    replica: 1,
+                },
+                content: RunContent::Text("ab".into()),
+            },
+            Run {
+                id: OpId {
+                    lamport: 3,
+                    replica: 1,
+                },
+                content: RunContent::Deleted(2),
+            },
+        ];
+        assert_eq!(parse_snapshot_runs(&encode_snapshot_runs(&runs)), Ok(runs));
+        assert!(parse_snapshot_runs(r#"{"runs":[{"id":[1,1],"text":""}]}"#).is_err());
+        assert!(parse_snapshot_runs(r#"{"runs":[{"id":[1,1],"deleted":0}]}"#).is_err());
+    }
+
+    mod soup {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn json_value() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<u64>().prop_map(serde_json::Value::from),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(serde_json::Value::from),
+                prop_oneof![
+                    Just("op".to_string()),
+                    Just("hello".to_string()),
+                    Just("presence".to_string()),
+                    Just("ins".to_string()),
+                    Just("del".to_string()),
+                    ".{0,8}"
+                ]
+                .prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(4, 48, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                    prop::collection::vec(
+                        (
+                            prop_oneof![
+                                Just("type".to_string()),
+                                Just("ops".to_string()),
+                                Just("kind".to_string()),
+                                Just("id".to_string()),
+                                Just("after".to_string()),
+                                Just("text".to_string()),
+                                Just("len".to_string()),
+                                Just("client_seq".to_string()),
+                                Just("doc".to_string()),
+                                Just("replica".to_string()),
+                                Just("state".to_string()),
+                                ".{0,4}"
+                            ],
+                            inner
+                        ),
+                        0..6
+                    )
+                    .prop_map(|fields| serde_json::Value::Object(fields.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn never_panics_on_strings(text in ".{0,200}") {
+                let _ = parse_client_message(&text);
+                let _ = parse_server_message(&text);
+            }
+
+            #[test]
+            fn never_panics_on_bytes(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+                let text = String::from_utf8_lossy(&bytes);
+                let _ = parse_client_message(&text);
+                let _ = parse_server_message(&text);
+            }
+
+            #[test]
+            fn never_panics_on_json(value in json_value()) {
+                let text = value.to_string();
+                let _ = parse_client_message(&text);
+                let _ = parse_server_message(&text);
+                // A parsed op message re-encodes canonically and parses back to the same value.
+                if let Ok(ClientMessage::Op(msg)) = parse_client_message(&text) {
+                    let again = crate::protocol::codec::encode_op(msg.client_seq, &msg.ops);
+                    prop_assert_eq!(parse_client_message(&again), Ok(ClientMessage::Op(msg)));
+                }
+            }
+        }
+    }
+}
