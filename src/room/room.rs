@@ -6,7 +6,7 @@ use std::hash::{BuildHasher, Hasher};
 
 use tungstenite::Utf8Bytes;
 
-use crate::crdt::{Applied, CrdtError, Doc, Op, OpId, Run, RunContent, MAX_ID_COMPONENT};
+use crate::crdt::{Applied, Doc, Op, Run, RunContent, MAX_ID_COMPONENT};
 use crate::ids::ConnToken;
 use crate::protocol::codec::write_json_str;
 use crate::protocol::codec::{
@@ -96,46 +96,6 @@ struct Client {
     presence: Option<String>,
 }
 
-/// Insert runs of the snapshot the room was opened from, to recognise resends of inserts it
-/// covers (the snapshot does not keep each run's original `after`). Sorted by (replica, lamport).
-#[derive(Debug, Default)]
-struct LoadedRuns {
-    runs: Vec<Run>,
-}
-
-impl LoadedRuns {
-    fn new(runs: &[Run]) -> LoadedRuns {
-        let mut runs = runs.to_vec();
-        runs.sort_by_key(|run| (run.id.replica, run.id.lamport));
-        LoadedRuns { runs }
-    }
-
-    /// Whether every character of the insert `id`/`text` came from the snapshot, with the same
-    /// text where the snapshot still shows it.
-    fn covers(&self, id: OpId, text: &str) -> bool {
-        for (lamport, ch) in (id.lamport..).zip(text.chars()) {
-            let idx = self
-                .runs
-                .partition_point(|run| (run.id.replica, run.id.lamport) <= (id.replica, lamport));
-            let Some(run) = idx.checked_sub(1).map(|i| &self.runs[i]) else {
-                return false;
-            };
-            if run.id.replica != id.replica {
-                return false;
-            }
-            let offset = lamport - run.id.lamport;
-            let same = match &run.content {
-                RunContent::Text(run_text) => run_text.chars().nth(offset as usize) == Some(ch),
-                RunContent::Deleted(n) => offset < *n,
-            };
-            if !same {
-                return false;
-            }
-        }
-        true
-    }
-}
-
 /// One document in memory: CRDT, clients, `server_seq`, replay window, snapshot cadence.
 ///
 /// Every method takes input and queues output in [`Effects`]; nothing here blocks or fails.
@@ -163,8 +123,6 @@ pub struct Room {
     bytes_since_snapshot: u64,
     /// The snapshot object `{"runs":[...]}` at `.0 == head`, shared by joiners until head moves.
     snapshot_cache: Option<(u64, Utf8Bytes)>,
-    /// Present when the room was opened from a snapshot.
-    loaded_runs: Option<LoadedRuns>,
     effects: Effects,
 }
 
@@ -223,7 +181,6 @@ impl Room {
             ops_since_snapshot: 0,
             bytes_since_snapshot: 0,
             snapshot_cache: None,
-            loaded_runs: None,
             effects: Effects::default(),
         };
         let Some(stored) = stored else {
@@ -243,7 +200,6 @@ impl Room {
             room.head = snapshot.head;
             room.replicas_reserved = snapshot.replicas_reserved;
             room.snapshot_cache = Some((snapshot.head, snapshot.runs_json));
-            room.loaded_runs = Some(LoadedRuns::new(&runs));
         }
         for record in stored.tail {
             match record {
@@ -464,13 +420,9 @@ impl Room {
             );
             return;
         }
-        let applied = match self.crdt.apply_remote(Some(replica), &msg.ops) {
-            Err(CrdtError::IdConflict { .. }) if self.loaded_runs.is_some() => {
-                self.apply_past_snapshot(replica, &msg.ops)
-            }
-            other => other,
-        };
-        match applied {
+        // A resend of inserts the room only knows from a snapshot is still `Unchanged`: the CRDT
+        // derives each run's `after` from document order (tested in the restart test below).
+        match self.crdt.apply_remote(Some(replica), &msg.ops) {
             Ok(Applied::Changed) => {
                 let echo = encode_op_echo(self.head + 1, replica, msg.client_seq, &msg.ops);
                 self.n_chars += n_new;
@@ -492,31 +444,6 @@ impl Room {
             }
             Err(err) => refuse(self, crdt_error(&err)),
         }
-    }
-
-    /// Retries a message refused with `id_conflict` in a room opened from a snapshot: inserts the
-    /// snapshot already covers (same ids, same visible text) are resends whose `after` the snapshot
-    /// forgot, so they are dropped and the rest applied. Any other insert keeps the conflict.
-    fn apply_past_snapshot(&mut self, replica: u64, ops: &[Op]) -> Result<Applied, CrdtError> {
-        let conflict = Err(CrdtError::IdConflict { op_index: 0 });
-        let Some(loaded) = &self.loaded_runs else {
-            return conflict;
-        };
-        let mut rest: Vec<Op> = Vec::with_capacity(ops.len());
-        let mut n_dropped = 0;
-        for op in ops {
-            match op {
-                Op::Insert { id, text, .. } if loaded.covers(*id, text) => n_dropped += 1,
-                _ => rest.push(op.clone()),
-            }
-        }
-        if n_dropped == 0 {
-            return conflict;
-        }
-        if rest.is_empty() {
-            return Ok(Applied::Unchanged);
-        }
-        self.crdt.apply_remote(Some(replica), &rest)
     }
 
     /// Emits a snapshot when the cadence says one is due.
