@@ -392,3 +392,197 @@ impl Client {
             .map(|(code, reason)| (*code, reason.as_str()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The blocking client against a minimal single-threaded server in the test (one room,
+    //! non-blocking sockets polled in a loop). The real server's socket tests live in `tests/it`.
+
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::thread;
+
+    use super::*;
+    use crate::ids::ConnToken;
+    use crate::protocol::{parse_client_message, ClientMessage};
+    use crate::room::{Room, RoomConfig};
+    use tungstenite::protocol::frame::coding::CloseCode;
+    use tungstenite::protocol::CloseFrame;
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// Serves one document on `127.0.0.1:0` until dropped.
+    struct TinyServer {
+        url: String,
+        stop: Arc<AtomicBool>,
+        thread: Option<thread::JoinHandle<()>>,
+    }
+
+    impl Drop for TinyServer {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    fn serve() -> TinyServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let url = format!("ws://{}/ws", listener.local_addr().expect("addr"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
+        let thread = thread::spawn(move || {
+            let config = RoomConfig {
+                snapshot_every_ops: 1_000,
+                snapshot_every_bytes: 1 << 30,
+                replay_window_ops: 100,
+                doc_chars_max: 1_000_000,
+                token: None,
+            };
+            let mut room = Room::open("d".into(), None, config).expect("room");
+            let mut sockets: Vec<(ConnToken, WebSocket<TcpStream>)> = Vec::new();
+            let mut next = 0;
+            // Watchdog: the server never outlives a minute even if the test forgets it.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop_flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                if let Ok((stream, _)) = listener.accept() {
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.set_read_timeout(Some(TIMEOUT));
+                    if let Ok(socket) = tungstenite::accept(stream) {
+                        let _ = socket.get_ref().set_nonblocking(true);
+                        next += 1;
+                        sockets.push((ConnToken(next), socket));
+                    }
+                }
+                let mut gone = Vec::new();
+                for (conn, socket) in &mut sockets {
+                    match socket.read() {
+                        Ok(Message::Text(text)) => match parse_client_message(&text) {
+                            Ok(ClientMessage::Hello(hello)) => room.join(*conn, &hello),
+                            Ok(ClientMessage::Op(msg)) => room.handle_op(*conn, msg),
+                            Ok(ClientMessage::Presence(update)) => {
+                                room.handle_presence(*conn, update)
+                            }
+                            Err(err) => room.refuse(*conn, &err),
+                        },
+                        Ok(_) => {}
+                        Err(tungstenite::Error::Io(err))
+                            if err.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => gone.push(*conn),
+                    }
+                }
+                let effects = room.take_effects();
+                for (conn, frame) in effects.frames {
+                    if let Some((_, socket)) = sockets.iter_mut().find(|(c, _)| *c == conn) {
+                        let _ = socket.send(Message::Text(frame));
+                    }
+                }
+                for (conn, code, reason) in effects.closes {
+                    if let Some((_, socket)) = sockets.iter_mut().find(|(c, _)| *c == conn) {
+                        let frame = CloseFrame {
+                            code: CloseCode::from(code),
+                            reason: reason.into(),
+                        };
+                        let _ = socket.close(Some(frame));
+                        let _ = socket.flush();
+                    }
+                    gone.push(conn);
+                }
+                for conn in gone {
+                    room.leave(conn);
+                    sockets.retain(|(c, _)| *c != conn);
+                }
+                for (_, socket) in &mut sockets {
+                    let _ = socket.flush();
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+        });
+        TinyServer {
+            url,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn options() -> ClientOptions {
+        ClientOptions {
+            timeout: TIMEOUT,
+            ..ClientOptions::default()
+        }
+    }
+
+    #[test]
+    fn edits_reach_everyone_and_survive_reconnects() {
+        let server = serve();
+        let mut a = Client::connect(&server.url, "d", options()).expect("connect a");
+        let mut b = Client::connect(&server.url, "d", options()).expect("connect b");
+        assert_eq!((a.replica(), b.replica()), (1, 2));
+        a.insert(0, "hello").expect("insert");
+        a.wait_until_acked(TIMEOUT).expect("acked");
+        b.wait_for_head(1, TIMEOUT).expect("b sees it");
+        assert_eq!(b.text(), "hello");
+        // Waits queue the events they read; poll returns them first.
+        assert_eq!(
+            a.take_events(),
+            vec![Event::Acked {
+                client_seq: 1,
+                server_seq: 1
+            }]
+        );
+        b.set_presence(r#"{"cursor":5}"#).expect("presence");
+        let events = a.poll(TIMEOUT).expect("poll");
+        assert_eq!(
+            events,
+            vec![Event::Presence {
+                replica: 2,
+                state_json: r#"{"cursor":5}"#.into()
+            }]
+        );
+        // a edits while disconnected, then reconnects with since and resends.
+        a.drop_connection();
+        assert!(
+            a.insert(5, "!").is_err(),
+            "no connection: the edit stays pending"
+        );
+        b.delete(0, 1).expect("delete");
+        b.wait_until_acked(TIMEOUT).expect("acked");
+        a.reconnect().expect("reconnect");
+        a.wait_until_acked(TIMEOUT).expect("resend acked");
+        b.wait_for_head(3, TIMEOUT).expect("b sees the resend");
+        assert_eq!(a.text(), "ello!");
+        assert_eq!(b.text(), "ello!");
+        assert_eq!(
+            a.state().presence().get(&2).map(String::as_str),
+            Some(r#"{"cursor":5}"#)
+        );
+        // Taking over a's replica closes a with 1008 "replaced".
+        let mut again = Client::connect(
+            &server.url,
+            "d",
+            ClientOptions {
+                replica: Some(1),
+                ..options()
+            },
+        )
+        .expect("takeover");
+        assert_eq!(again.text(), "ello!");
+        let closed = loop {
+            match a.poll(TIMEOUT) {
+                Err(ClientError::Closed { code, reason }) => break (code, reason),
+                Ok(events) if events.is_empty() => panic!("no close within the timeout"),
+                Ok(_) => continue,
+                Err(err) => panic!("unexpected {err}"),
+            }
+        };
+        assert_eq!(closed, (Some(1008), "replaced".to_string()));
+        again.insert(0, "h").expect("insert");
+        again.wait_until_acked(TIMEOUT).expect("acked");
+        assert_eq!(again.text(), "hello!");
+        b.close();
+        again.close();
+    }
+}
