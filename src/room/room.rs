@@ -1087,6 +1087,66 @@ mod tests {
         }
     }
 
+    /// The full session of docs/protocol.md, frame by frame.
+    #[test]
+    fn documented_session() {
+        let mut h = Harness::new(config());
+        let (alice, bob, alice2) = (1, 2, 3);
+        h.check_send(
+            alice,
+            r#"{"type":"hello","doc":"doc"}"#,
+            &[(alice, EMPTY_ACK_1)],
+        );
+        let echo1 = r#"{"type":"op_echo","server_seq":1,"replica":1,"client_seq":1,"ops":[{"kind":"ins","id":[0,1],"after":null,"text":"Hi"}]}"#;
+        h.check_send(
+            alice,
+            r#"{"type":"op","client_seq":1,"ops":[{"kind":"ins","id":[0,1],"after":null,"text":"Hi"}]}"#,
+            &[(alice, echo1)],
+        );
+        h.check_send(
+            bob,
+            r#"{"type":"hello","doc":"doc"}"#,
+            &[(bob, r#"{"type":"hello_ack","doc":"doc","replica":2,"head":1,"epoch":"E","strategy":"snapshot","snapshot":{"runs":[{"id":[0,1],"text":"Hi"}]},"presence":[]}"#)],
+        );
+        h.check_send(
+            alice,
+            r#"{"type":"presence","state":{"cursor":2}}"#,
+            &[(
+                bob,
+                r#"{"type":"presence","replica":1,"state":{"cursor":2}}"#,
+            )],
+        );
+        let echo2 = r#"{"type":"op_echo","server_seq":2,"replica":2,"client_seq":1,"ops":[{"kind":"ins","id":[2,2],"after":[1,1],"text":"!"}]}"#;
+        h.check_send(
+            bob,
+            r#"{"type":"op","client_seq":1,"ops":[{"kind":"ins","id":[2,2],"after":[1,1],"text":"!"}]}"#,
+            &[(alice, echo2), (bob, echo2)],
+        );
+        h.room.leave(ConnToken(alice));
+        h.check(&[(bob, r#"{"type":"presence","replica":1,"state":null}"#)]);
+        let echo3 = r#"{"type":"op_echo","server_seq":3,"replica":2,"client_seq":2,"ops":[{"kind":"del","id":[0,1],"len":1}]}"#;
+        h.check_send(
+            bob,
+            r#"{"type":"op","client_seq":2,"ops":[{"kind":"del","id":[0,1],"len":1}]}"#,
+            &[(bob, echo3)],
+        );
+        let epoch = h.room.epoch().to_owned();
+        h.check_send(
+            alice2,
+            &format!(r#"{{"type":"hello","doc":"doc","replica":1,"since":2,"epoch":"{epoch}"}}"#),
+            &[(alice2, &format!(r#"{{"type":"hello_ack","doc":"doc","replica":1,"head":3,"epoch":"E","strategy":"replay","ops":[{echo3}],"presence":[]}}"#))],
+        );
+        let echo4 = r#"{"type":"op_echo","server_seq":4,"replica":1,"client_seq":2,"ops":[{"kind":"ins","id":[3,1],"after":[2,2],"text":" there"}]}"#;
+        let resend = r#"{"type":"op","client_seq":2,"ops":[{"kind":"ins","id":[3,1],"after":[2,2],"text":" there"}]}"#;
+        h.check_send(alice2, resend, &[(alice2, echo4), (bob, echo4)]);
+        assert_eq!(h.room.text(), "i! there");
+        h.check_send(
+            alice2,
+            resend,
+            &[(alice2, r#"{"type":"ack","client_seq":2,"server_seq":4}"#)],
+        );
+    }
+
     #[test]
     fn corrupt_storage_is_refused() {
         let stored = |tail: Vec<LogRecord>| StoredDoc {
