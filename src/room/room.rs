@@ -116,8 +116,8 @@ pub struct Room {
     replicas_reserved: u64,
     /// Lowest replica id the next assignment may hand out.
     replica_next: u64,
-    /// Characters in the document, tombstones included (an upper bound: a partly repeated
-    /// message counts its inserts again).
+    /// Characters in the document, tombstones included: exact after open and after each
+    /// snapshot, an upper bound in between (a partly repeated message counts its inserts again).
     n_chars: usize,
     ops_since_snapshot: u64,
     bytes_since_snapshot: u64,
@@ -453,7 +453,11 @@ impl Room {
         {
             return;
         }
-        let runs_json = self.snapshot_json();
+        let runs = self.crdt.snapshot();
+        // The exact size, so the upper bound kept between snapshots never drifts far.
+        self.n_chars = runs.iter().map(run_len).sum();
+        let runs_json = Utf8Bytes::from(encode_snapshot_runs(&runs));
+        self.snapshot_cache = Some((self.head, runs_json.clone()));
         self.effects.snapshot = Some(StoredSnapshot {
             epoch: self.epoch.clone(),
             head: self.head,
