@@ -334,14 +334,16 @@ impl Replica {
     }
 
     fn handle_echo(&mut self, echo: OpEcho) -> Result<Event, ReplicaError> {
-        self.head = self.head.max(echo.server_seq);
         if Some(echo.replica) == self.replica && self.acknowledge(echo.client_seq) {
+            self.head = self.head.max(echo.server_seq);
             return Ok(Event::Acked {
                 client_seq: echo.client_seq,
                 server_seq: echo.server_seq,
             });
         }
+        // A remote echo that does not integrate leaves head alone: `since` stays before it.
         self.apply_echo(&echo)?;
+        self.head = self.head.max(echo.server_seq);
         Ok(Event::Remote {
             server_seq: echo.server_seq,
             replica: echo.replica,
@@ -613,6 +615,77 @@ mod tests {
         fn texts(&self) -> Vec<String> {
             self.replicas.iter().map(Replica::text).collect()
         }
+    }
+
+    /// Hand-written server frames, no room involved.
+    #[test]
+    fn handles_raw_server_frames() {
+        let mut r = Replica::new("d", None, None);
+        assert_eq!(r.hello(), r#"{"type":"hello","doc":"d"}"#);
+        let ack = r#"{"type":"hello_ack","doc":"d","replica":4,"head":7,"epoch":"ep","strategy":"snapshot","snapshot":{"runs":[{"id":[0,1],"text":"ab"},{"id":[2,1],"deleted":1},{"id":[3,2],"text":"c"}]},"presence":[{"replica":1,"state":{"c":2}}]}"#;
+        let event = r.handle_frame(ack).expect("hello_ack");
+        assert_eq!(
+            event,
+            Event::Joined {
+                replica: 4,
+                head: 7,
+                snapshot: true,
+                history_lost: false,
+                resend: vec![]
+            }
+        );
+        assert_eq!(
+            (r.text().as_str(), r.head(), r.epoch(), r.replica()),
+            ("abc", 7, Some("ep"), Some(4))
+        );
+        assert_eq!(r.presence().get(&1).map(String::as_str), Some(r#"{"c":2}"#));
+        let echo = r#"{"type":"op_echo","server_seq":8,"replica":1,"client_seq":3,"ops":[{"kind":"ins","id":[4,1],"after":[3,2],"text":"!"}]}"#;
+        assert_eq!(
+            r.handle_frame(echo),
+            Ok(Event::Remote {
+                server_seq: 8,
+                replica: 1
+            })
+        );
+        assert_eq!(r.text(), "abc!");
+        let msg = r.insert(0, ">").expect("joined");
+        assert_eq!(
+            msg,
+            r#"{"type":"op","client_seq":1,"ops":[{"kind":"ins","id":[5,4],"after":null,"text":">"}]}"#
+        );
+        let own = r#"{"type":"op_echo","server_seq":9,"replica":4,"client_seq":1,"ops":[{"kind":"ins","id":[5,4],"after":null,"text":">"}]}"#;
+        assert_eq!(
+            r.handle_frame(own),
+            Ok(Event::Acked {
+                client_seq: 1,
+                server_seq: 9
+            })
+        );
+        assert_eq!(
+            (r.text().as_str(), r.head(), r.n_pending()),
+            (">abc!", 9, 0)
+        );
+        assert_eq!(
+            r.handle_frame(r#"{"type":"presence","replica":1,"state":null}"#),
+            Ok(Event::Presence {
+                replica: 1,
+                state_json: "null".into()
+            })
+        );
+        assert!(r.presence().is_empty());
+        assert_eq!(
+            r.hello(),
+            r#"{"type":"hello","doc":"d","replica":4,"since":9,"epoch":"ep"}"#
+        );
+        // An echo that cannot integrate is reported, not applied.
+        let bad = r#"{"type":"op_echo","server_seq":10,"replica":1,"client_seq":4,"ops":[{"kind":"del","id":[99,9],"len":1}]}"#;
+        assert_eq!(
+            r.handle_frame(bad),
+            Err(ReplicaError::Diverged {
+                server_seq: 10,
+                code: "unknown_id"
+            })
+        );
     }
 
     #[test]

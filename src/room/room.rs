@@ -8,10 +8,10 @@ use tungstenite::Utf8Bytes;
 
 use crate::crdt::{Applied, Doc, Op, Run, RunContent, MAX_ID_COMPONENT};
 use crate::ids::ConnToken;
-use crate::protocol::codec::write_json_str;
 use crate::protocol::codec::{
     encode_ack, encode_error, encode_op_echo, encode_presence, encode_snapshot_runs,
 };
+use crate::protocol::codec::{encode_hello_ack, HelloAckBody};
 use crate::protocol::messages::{parse_op_echo, parse_snapshot_runs};
 use crate::protocol::{crdt_error, ErrorCode, Hello, OpMessage, PresenceUpdate, ProtocolError};
 use crate::storage::{LogRecord, StoredDoc, StoredSnapshot};
@@ -19,6 +19,9 @@ use crate::storage::{LogRecord, StoredDoc, StoredSnapshot};
 /// Replica ids reserved per `ReplicasReserved` record: one durable record serves this many
 /// assignments, and a restart skips at most this many ids.
 const REPLICAS_PER_RESERVATION: u64 = 16;
+
+/// A replay up to this size is always fine; above it the room sends the snapshot if smaller.
+const REPLAY_BYTES_ALWAYS_OK: usize = 64 * 1024;
 
 /// Explicit replicas at or above this do not move the assignment counter, so one client naming
 /// `2^53-1` cannot exhaust a document's replica space.
@@ -326,58 +329,49 @@ impl Room {
         }
     }
 
-    /// Whether a joiner with `since`/`epoch` gets a replay (the window holds every op after `since`).
-    fn can_replay(&self, hello: &Hello) -> bool {
-        let Some(since) = hello.since else {
-            return false;
-        };
+    /// The replay entries a joiner with `since`/`epoch` gets, or `None` for a snapshot: when it
+    /// sent no `since`, another epoch, a `since` past head or older than the replay window, or
+    /// when the replay would be bigger than both [`REPLAY_BYTES_ALWAYS_OK`] and the snapshot (a
+    /// client far behind on a small document then gets the smaller answer, which also keeps the
+    /// `hello_ack` under the shard's outbound limit).
+    fn replay_for(&mut self, hello: &Hello) -> Option<Vec<Utf8Bytes>> {
+        let since = hello.since?;
         if hello
             .epoch
             .as_deref()
             .is_some_and(|epoch| epoch != self.epoch)
             || since > self.head
         {
-            return false;
+            return None;
         }
-        (self.head - since) as usize <= self.window.len()
+        let n_missed = usize::try_from(self.head - since).ok()?;
+        if n_missed > self.window.len() {
+            return None;
+        }
+        let entries: Vec<Utf8Bytes> = self
+            .window
+            .range(self.window.len() - n_missed..)
+            .cloned()
+            .collect();
+        let replay_bytes: usize = entries.iter().map(|echo| echo.len() + 1).sum();
+        if replay_bytes > REPLAY_BYTES_ALWAYS_OK && replay_bytes > self.snapshot_json().len() {
+            return None;
+        }
+        Some(entries)
     }
 
     fn encode_hello_ack(&mut self, conn: ConnToken, replica: u64, hello: &Hello) -> Utf8Bytes {
-        let replay = self.can_replay(hello);
-        let body = if replay {
-            None
-        } else {
+        let replay = self.replay_for(hello);
+        let snapshot = if replay.is_none() {
             Some(self.snapshot_json())
+        } else {
+            None
         };
-        let mut out =
-            String::with_capacity(160 + self.doc_name.len() + body.as_ref().map_or(0, |b| b.len()));
-        out.push_str("{\"type\":\"hello_ack\",\"doc\":");
-        write_json_str(&mut out, &self.doc_name);
-        let _ = write!(
-            out,
-            ",\"replica\":{replica},\"head\":{},\"epoch\":",
-            self.head
-        );
-        write_json_str(&mut out, &self.epoch);
-        match body {
-            Some(snapshot) => {
-                out.push_str(",\"strategy\":\"snapshot\",\"snapshot\":");
-                out.push_str(&snapshot);
-            }
-            None => {
-                out.push_str(",\"strategy\":\"replay\",\"ops\":[");
-                let since = hello.since.unwrap_or(self.head);
-                let skip = self.window.len() - (self.head - since) as usize;
-                for (i, echo) in self.window.iter().skip(skip).enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    out.push_str(echo);
-                }
-                out.push(']');
-            }
-        }
-        out.push_str(",\"presence\":[");
+        let body = match (&snapshot, &replay) {
+            (Some(snapshot), _) => HelloAckBody::Snapshot(snapshot),
+            (None, Some(entries)) => HelloAckBody::Replay(entries),
+            (None, None) => HelloAckBody::Replay(&[]),
+        };
         let mut others: Vec<(u64, &str)> = self
             .clients
             .iter()
@@ -390,14 +384,14 @@ impl Room {
             })
             .collect();
         others.sort_unstable_by_key(|(replica, _)| *replica);
-        for (i, (other, state)) in others.into_iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            let _ = write!(out, "{{\"replica\":{other},\"state\":{state}}}");
-        }
-        out.push_str("]}");
-        Utf8Bytes::from(out)
+        encode_hello_ack(
+            &self.doc_name,
+            replica,
+            self.head,
+            &self.epoch,
+            body,
+            &others,
+        )
     }
 
     /// An op message from a joined connection: integrated, then echoed to every client (a change),
@@ -918,6 +912,50 @@ mod tests {
             );
             h.room.leave(ConnToken(2));
         }
+    }
+
+    #[test]
+    fn a_big_replay_of_a_small_document_becomes_a_snapshot() {
+        let mut config = config();
+        config.doc_chars_max = 1 << 20;
+        let mut h = Harness::new(config);
+        h.send(1, r#"{"type":"hello"}"#);
+        let text = "x".repeat(1_000);
+        for k in 0..40u64 {
+            let lamport = k * 1_000;
+            h.send(
+                1,
+                &format!(r#"{{"type":"op","client_seq":{k},"ops":[{{"kind":"ins","id":[{lamport},1],"after":null,"text":"{text}"}},{{"kind":"del","id":[{lamport},1],"len":1000}}]}}"#),
+            );
+        }
+        h.room.take_effects();
+        let strategy = |h: &mut Harness, since: u64| {
+            h.send(
+                2,
+                &format!(r#"{{"type":"hello","replica":2,"since":{since}}}"#),
+            );
+            let frame = h.room.take_effects().frames.pop().expect("hello_ack").1;
+            h.room.leave(ConnToken(2));
+            h.room.take_effects();
+            if frame.contains(r#""strategy":"replay""#) {
+                "replay"
+            } else {
+                "snapshot"
+            }
+        };
+        // 40 echoes of about 1 KB: 40 KB is always fine.
+        assert_eq!(strategy(&mut h, 0), "replay");
+        for k in 40..80u64 {
+            let lamport = k * 1_000;
+            h.send(
+                1,
+                &format!(r#"{{"type":"op","client_seq":{k},"ops":[{{"kind":"ins","id":[{lamport},1],"after":null,"text":"{text}"}},{{"kind":"del","id":[{lamport},1],"len":1000}}]}}"#),
+            );
+        }
+        h.room.take_effects();
+        // 80 KB of replay against a snapshot of 80 tombstone runs: the snapshot wins.
+        assert_eq!(strategy(&mut h, 0), "snapshot");
+        assert_eq!(strategy(&mut h, 70), "replay");
     }
 
     #[test]
