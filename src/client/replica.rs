@@ -72,6 +72,8 @@ pub enum Event {
         server_seq: u64,
         /// Its replica.
         replica: u64,
+        /// Its sender's `client_seq`.
+        client_seq: u64,
     },
     /// One of this replica's op messages is acknowledged (its echo or an `ack`).
     Acked {
@@ -347,6 +349,7 @@ impl Replica {
         Ok(Event::Remote {
             server_seq: echo.server_seq,
             replica: echo.replica,
+            client_seq: echo.client_seq,
         })
     }
 
@@ -644,7 +647,8 @@ mod tests {
             r.handle_frame(echo),
             Ok(Event::Remote {
                 server_seq: 8,
-                replica: 1
+                replica: 1,
+                client_seq: 3
             })
         );
         assert_eq!(r.text(), "abc!");
@@ -724,7 +728,8 @@ mod tests {
             0,
             Event::Remote {
                 server_seq: 2,
-                replica: 2
+                replica: 2,
+                client_seq: 1
             }
         )));
     }
