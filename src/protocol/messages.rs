@@ -463,6 +463,13 @@ fn parse_client_message_precise(text: &str) -> Result<ClientMessage, ProtocolErr
                     "presence state over 4096 bytes",
                 ));
             }
+            // Raw JSON is not checked for lone surrogates; relayed, one would break every client
+            // whose JSON parser refuses them. Only escaped text can hold one.
+            if state_json.contains("\\u")
+                && serde_json::from_str::<serde_json::Value>(&state_json).is_err()
+            {
+                return Err(ProtocolError::bad("lone surrogate in presence state"));
+            }
             Ok(ClientMessage::Presence(PresenceUpdate { state_json }))
         }
         _ => Err(ProtocolError::bad("unknown message type")),
@@ -1081,6 +1088,11 @@ mod tests {
         check(r#"{"type":"presence","state":{"cursor":3}}"#, OK);
         check(r#"{"type":"presence"}"#, BAD);
         check(r#"{"type":"presence","state":{"a":}}"#, BAD);
+        check(r#"{"type":"presence","state":{"name":"\ud800"}}"#, BAD);
+        check(
+            r#"{"type":"presence","state":{"name":"\ud83d\ude00 \u0041"}}"#,
+            OK,
+        );
         let parsed = parse_client_message(
             "{\"type\":\"presence\",\"state\": { \"name\" : \"a b\\\" c\" , \"n\" : [1, 2] }}",
         );
