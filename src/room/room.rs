@@ -266,7 +266,9 @@ impl Room {
                     self.leave(old);
                 }
                 if replica < EXPLICIT_REPLICA_BUMP_MAX {
+                    // Used now, so never to be assigned, after a restart too.
                     self.replica_next = self.replica_next.max(replica + 1);
+                    self.reserve_through(replica);
                 }
                 replica
             }
@@ -308,13 +310,18 @@ impl Room {
             return None;
         }
         self.replica_next = replica + 1;
+        self.reserve_through(replica);
+        Some(replica)
+    }
+
+    /// Makes sure `replica` is durably reserved, reserving a block from it when it is not.
+    fn reserve_through(&mut self, replica: u64) {
         if replica > self.replicas_reserved {
             self.replicas_reserved = (replica + REPLICAS_PER_RESERVATION - 1).min(MAX_ID_COMPONENT);
             self.effects.records.push(LogRecord::ReplicasReserved {
                 last: self.replicas_reserved,
             });
         }
-        Some(replica)
     }
 
     /// The snapshot object at the current head, encoded once per head.
@@ -635,17 +642,28 @@ mod tests {
             effects.records.is_empty(),
             "replica 2 is inside the reserved block"
         );
-        // An explicit replica moves the counter past it.
+        // An explicit replica moves the counter past it, durably.
         h.send(3, r#"{"type":"hello","replica":40}"#);
         let effects = h.room.take_effects();
-        assert!(effects.records.is_empty());
+        assert_eq!(
+            effects.records,
+            vec![LogRecord::ReplicasReserved { last: 55 }]
+        );
         h.send(4, r#"{"type":"hello"}"#);
         assert_eq!(h.room.replica_of(ConnToken(4)), Some(41));
-        assert_eq!(
-            h.room.take_effects().records,
-            vec![LogRecord::ReplicasReserved { last: 56 }]
+        assert!(h.room.take_effects().records.is_empty());
+        // An explicit replica inside the reserved range needs no record.
+        h.send(5, r#"{"type":"hello","replica":7}"#);
+        assert!(h.room.take_effects().records.is_empty());
+        h.send(6, r#"{"type":"hello","replica":56}"#);
+        h.room.take_effects();
+        h.send(7, r#"{"type":"hello"}"#);
+        assert_eq!(h.room.replica_of(ConnToken(7)), Some(57));
+        assert!(
+            h.room.take_effects().records.is_empty(),
+            "56 reserved through 71"
         );
-        assert_eq!(h.room.n_clients(), 4);
+        assert_eq!(h.room.n_clients(), 7);
         assert!(!h.room.epoch().is_empty());
     }
 
