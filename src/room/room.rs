@@ -1345,4 +1345,73 @@ mod tests {
         };
         assert!(Room::open("doc".into(), Some(doc), config()).is_err());
     }
+
+    mod soup {
+        use super::*;
+        use crate::protocol::{parse_server_message, ServerMessage};
+        use proptest::prelude::*;
+
+        /// Client frames with small ids, so they often hit existing items.
+        fn frame() -> impl Strategy<Value = String> {
+            let id = (0u64..6, 0u64..4);
+            let op = prop_oneof![
+                (id.clone(), prop::option::of(id.clone()), "[ab]{0,3}").prop_map(
+                    |((l, r), after, text)| {
+                        let after = after.map_or("null".to_string(), |(a, b)| format!("[{a},{b}]"));
+                        format!(
+                            r#"{{"kind":"ins","id":[{l},{r}],"after":{after},"text":"{text}"}}"#
+                        )
+                    }
+                ),
+                (id, 0u64..3).prop_map(|((l, r), n)| format!(
+                    r#"{{"kind":"del","id":[{l},{r}],"len":{n}}}"#
+                )),
+            ];
+            prop_oneof![
+                6 => (0u64..9, prop::collection::vec(op, 1..4))
+                    .prop_map(|(seq, ops)| format!(r#"{{"type":"op","client_seq":{seq},"ops":[{}]}}"#, ops.join(","))),
+                1 => prop::option::of(1u64..4).prop_map(|replica| match replica {
+                    Some(r) => format!(r#"{{"type":"hello","replica":{r}}}"#),
+                    None => r#"{"type":"hello"}"#.to_string(),
+                }),
+                1 => (0u8..3).prop_map(|n| format!(r#"{{"type":"presence","state":{n}}}"#)),
+                1 => Just(r#"{"type":"presence","state":null}"#.to_string()),
+                1 => Just("{".to_string()),
+            ]
+        }
+
+        proptest! {
+            /// Whatever clients send, the room never panics, its CRDT stays consistent, every
+            /// frame is a contract message, and head counts exactly the echoed messages.
+            #[test]
+            fn rooms_survive_any_client_frames(
+                steps in prop::collection::vec((0usize..4, frame(), any::<bool>()), 1..80)
+            ) {
+                let mut config = config();
+                config.snapshot_every_ops = 5;
+                config.replay_window_ops = 3;
+                let mut h = Harness::new(config);
+                let mut n_echoed = 0;
+                for (conn, text, leave) in steps {
+                    if leave {
+                        h.room.leave(ConnToken(conn));
+                    } else {
+                        h.send(conn, &text);
+                    }
+                    let effects = h.room.take_effects();
+                    for (_, frame) in &effects.frames {
+                        prop_assert!(parse_server_message(frame).is_ok(), "{}", frame);
+                    }
+                    n_echoed += effects.records.iter().filter(|r| matches!(r, LogRecord::Ops { .. })).count() as u64;
+                    for (_, frame) in &effects.frames {
+                        if let Ok(ServerMessage::HelloAck(ack)) = parse_server_message(frame) {
+                            prop_assert_eq!(ack.head, h.room.head());
+                        }
+                    }
+                }
+                prop_assert_eq!(h.room.head(), n_echoed);
+                h.room.crdt.dbg_check();
+            }
+        }
+    }
 }
