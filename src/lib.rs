@@ -7,8 +7,11 @@
 //! - [`metrics`]: per-shard counters and histograms, merged on scrape.
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod config;
 pub mod crdt;
 pub mod ids;
 pub mod metrics;
+pub mod protocol;
+pub mod room;
 pub mod storage;
