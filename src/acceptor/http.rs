@@ -52,7 +52,9 @@ pub fn parse_request(buf: &[u8], metrics: &MetricsRegistry) -> Parsed {
             return error_answer(buf.len(), 431, "request head too large");
         }
         Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(httparse::Error::TooManyHeaders) => return error_answer(buf.len(), 431, "too many headers"),
+        Err(httparse::Error::TooManyHeaders) => {
+            return error_answer(buf.len(), 431, "too many headers")
+        }
         Err(_) => return error_answer(buf.len(), 400, "malformed request"),
     };
     let route = route(&request, metrics);
@@ -60,7 +62,10 @@ pub fn parse_request(buf: &[u8], metrics: &MetricsRegistry) -> Parsed {
 }
 
 fn error_answer(head_bytes: usize, status: u16, text: &str) -> Parsed {
-    Parsed::Complete { head_bytes, route: Route::Answer(text_response(status, text)) }
+    Parsed::Complete {
+        head_bytes,
+        route: Route::Answer(text_response(status, text)),
+    }
 }
 
 fn route(request: &httparse::Request<'_, '_>, metrics: &MetricsRegistry) -> Route {
@@ -70,9 +75,17 @@ fn route(request: &httparse::Request<'_, '_>, metrics: &MetricsRegistry) -> Rout
     let path = target.split_once('?').map_or(target, |(path, _query)| path);
     let is_ws = path == "/ws" || path.starts_with("/ws/");
     if method != "GET" {
-        let known = is_ws || path == "/health" || path == "/metrics" || static_pages::lookup(path).is_some();
+        let known = is_ws
+            || path == "/health"
+            || path == "/metrics"
+            || static_pages::lookup(path).is_some();
         return Route::Answer(if known {
-            response(405, "text/plain; charset=utf-8", b"method not allowed\n", &["Allow: GET"])
+            response(
+                405,
+                "text/plain; charset=utf-8",
+                b"method not allowed\n",
+                &["Allow: GET"],
+            )
         } else {
             text_response(404, "not found")
         });
@@ -101,7 +114,12 @@ fn route(request: &httparse::Request<'_, '_>, metrics: &MetricsRegistry) -> Rout
         }
         "/metrics" => {
             let body = metrics.render_prometheus();
-            Route::Answer(response(200, "text/plain; version=0.0.4; charset=utf-8", body.as_bytes(), &[]))
+            Route::Answer(response(
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                body.as_bytes(),
+                &[],
+            ))
         }
         _ => match static_pages::lookup(path) {
             Some(page) => Route::Answer(response(200, page.content_type, page.body, &[])),
@@ -121,7 +139,10 @@ fn is_upgrade(request: &httparse::Request<'_, '_>) -> bool {
             .and_then(|h| std::str::from_utf8(h.value).ok())
     };
     let has_token = |value: Option<&str>, token: &str| {
-        value.is_some_and(|v| v.split(',').any(|part| part.trim().eq_ignore_ascii_case(token)))
+        value.is_some_and(|v| {
+            v.split(',')
+                .any(|part| part.trim().eq_ignore_ascii_case(token))
+        })
     };
     has_token(header("upgrade"), "websocket")
         && has_token(header("connection"), "upgrade")
@@ -144,8 +165,10 @@ pub fn decode_doc_name(raw: &str) -> Result<Option<String>, &'static str> {
     while i < bytes.len() {
         if bytes[i] == b'%' {
             let hex = |b: u8| (b as char).to_digit(16);
-            let (Some(hi), Some(lo)) = (bytes.get(i + 1).and_then(|&b| hex(b)), bytes.get(i + 2).and_then(|&b| hex(b)))
-            else {
+            let (Some(hi), Some(lo)) = (
+                bytes.get(i + 1).and_then(|&b| hex(b)),
+                bytes.get(i + 2).and_then(|&b| hex(b)),
+            ) else {
                 return Err("invalid percent-encoding in document name");
             };
             out.push((hi * 16 + lo) as u8);
@@ -158,7 +181,9 @@ pub fn decode_doc_name(raw: &str) -> Result<Option<String>, &'static str> {
             return Err("document name longer than 512 bytes");
         }
     }
-    String::from_utf8(out).map(Some).map_err(|_| "document name is not UTF-8")
+    String::from_utf8(out)
+        .map(Some)
+        .map_err(|_| "document name is not UTF-8")
 }
 
 /// A short `text/plain` response.
@@ -203,14 +228,28 @@ mod tests {
         let metrics = MetricsRegistry::new(3);
         match parse_request(request.as_bytes(), &metrics) {
             Parsed::Partial => panic!("partial: {request:?}"),
-            Parsed::Complete { route: Route::Answer(bytes), .. } => {
+            Parsed::Complete {
+                route: Route::Answer(bytes),
+                ..
+            } => {
                 let text = String::from_utf8_lossy(&bytes);
-                let status = expected_status.unwrap_or_else(|| panic!("expected an upgrade, got {text}"));
-                assert!(text.starts_with(&format!("HTTP/1.1 {status} ")), "{request:?} -> {text}");
+                let status =
+                    expected_status.unwrap_or_else(|| panic!("expected an upgrade, got {text}"));
+                assert!(
+                    text.starts_with(&format!("HTTP/1.1 {status} ")),
+                    "{request:?} -> {text}"
+                );
             }
-            Parsed::Complete { route: Route::Upgrade { doc }, .. } => {
+            Parsed::Complete {
+                route: Route::Upgrade { doc },
+                ..
+            } => {
                 assert_eq!(expected_status, None, "{request:?} upgraded");
-                assert_eq!(doc.as_deref(), expected_doc.expect("doc expectation"), "{request:?}");
+                assert_eq!(
+                    doc.as_deref(),
+                    expected_doc.expect("doc expectation"),
+                    "{request:?}"
+                );
             }
         }
     }
@@ -227,30 +266,72 @@ mod tests {
         check("GARBAGE\r\n\r\n", Some(400), None);
         check(&format!("GET /ws HTTP/1.1\r\n{UPGRADE}"), None, Some(None));
         check(&format!("GET /ws/ HTTP/1.1\r\n{UPGRADE}"), None, Some(None));
-        check(&format!("GET /ws/a%2Fb/c?x=1 HTTP/1.1\r\n{UPGRADE}"), None, Some(Some("a/b/c")));
-        check(&format!("GET /ws/%C3%BC HTTP/1.1\r\n{UPGRADE}"), None, Some(Some("ü")));
-        check(&format!("GET /ws/%ZZ HTTP/1.1\r\n{UPGRADE}"), Some(400), None);
-        check(&format!("GET /ws/%C3 HTTP/1.1\r\n{UPGRADE}"), Some(400), None);
-        check(&format!("GET /ws/{} HTTP/1.1\r\n{UPGRADE}", "a".repeat(513)), Some(400), None);
-        check(&format!("GET /ws/{} HTTP/1.1\r\n{UPGRADE}", "a".repeat(512)), None, Some(Some(&"a".repeat(512))));
+        check(
+            &format!("GET /ws/a%2Fb/c?x=1 HTTP/1.1\r\n{UPGRADE}"),
+            None,
+            Some(Some("a/b/c")),
+        );
+        check(
+            &format!("GET /ws/%C3%BC HTTP/1.1\r\n{UPGRADE}"),
+            None,
+            Some(Some("ü")),
+        );
+        check(
+            &format!("GET /ws/%ZZ HTTP/1.1\r\n{UPGRADE}"),
+            Some(400),
+            None,
+        );
+        check(
+            &format!("GET /ws/%C3 HTTP/1.1\r\n{UPGRADE}"),
+            Some(400),
+            None,
+        );
+        check(
+            &format!("GET /ws/{} HTTP/1.1\r\n{UPGRADE}", "a".repeat(513)),
+            Some(400),
+            None,
+        );
+        check(
+            &format!("GET /ws/{} HTTP/1.1\r\n{UPGRADE}", "a".repeat(512)),
+            None,
+            Some(Some(&"a".repeat(512))),
+        );
     }
 
     #[test]
     fn health_reports_shards() {
         let metrics = MetricsRegistry::new(3);
-        let Parsed::Complete { route: Route::Answer(bytes), .. } = parse_request(b"GET /health HTTP/1.1\r\n\r\n", &metrics)
+        let Parsed::Complete {
+            route: Route::Answer(bytes),
+            ..
+        } = parse_request(b"GET /health HTTP/1.1\r\n\r\n", &metrics)
         else {
             panic!("no answer")
         };
         let text = String::from_utf8_lossy(&bytes);
-        assert!(text.ends_with("{\"status\":\"ok\",\"shards\":3,\"connections\":0,\"documents\":0}"), "{text}");
+        assert!(
+            text.ends_with("{\"status\":\"ok\",\"shards\":3,\"connections\":0,\"documents\":0}"),
+            "{text}"
+        );
     }
 
     #[test]
     fn partial_and_oversized_heads() {
         let metrics = MetricsRegistry::new(1);
-        assert_eq!(parse_request(b"GET /health HTTP/1.1\r\nHost:", &metrics), Parsed::Partial);
-        let long = format!("GET /health HTTP/1.1\r\nX: {}", "a".repeat(REQUEST_HEAD_BYTES_MAX));
-        assert!(matches!(parse_request(long.as_bytes(), &metrics), Parsed::Complete { route: Route::Answer(_), .. }));
+        assert_eq!(
+            parse_request(b"GET /health HTTP/1.1\r\nHost:", &metrics),
+            Parsed::Partial
+        );
+        let long = format!(
+            "GET /health HTTP/1.1\r\nX: {}",
+            "a".repeat(REQUEST_HEAD_BYTES_MAX)
+        );
+        assert!(matches!(
+            parse_request(long.as_bytes(), &metrics),
+            Parsed::Complete {
+                route: Route::Answer(_),
+                ..
+            }
+        ));
     }
 }

@@ -79,9 +79,16 @@ enum Stage {
     /// Waiting for the complete request head (peeked, not consumed).
     Request(TcpStream),
     /// Writing a plain HTTP answer, then closing.
-    Answer { stream: TcpStream, bytes: Vec<u8>, written: usize },
+    Answer {
+        stream: TcpStream,
+        bytes: Vec<u8>,
+        written: usize,
+    },
     /// The WebSocket handshake, resumed on every readiness event.
-    Handshake { mid: Handshaking, doc: Option<String> },
+    Handshake {
+        mid: Handshaking,
+        doc: Option<String>,
+    },
     /// Upgraded on plain `/ws`; waiting for the first text frame.
     AwaitHello(WebSocket<TcpStream>),
     /// Refused after the upgrade: flushing an error and a close frame, then waiting for the
@@ -97,6 +104,9 @@ struct Pending {
 }
 
 /// What a pending connection does next.
+// Returned once per event and moved straight back into the slab: boxing would only add an
+// allocation per event.
+#[allow(clippy::large_enum_variant)]
 enum Next {
     Stay(Stage),
     Drop,
@@ -135,7 +145,8 @@ impl Acceptor {
         let poll = Poll::new()?;
         let mut listener = TcpListener::bind(addr)?;
         let local_addr = listener.local_addr()?;
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
         Ok(Acceptor {
             poll,
@@ -159,7 +170,10 @@ impl Acceptor {
 
     /// A handle that stops this acceptor from another thread.
     pub fn stopper(&self) -> AcceptorStop {
-        AcceptorStop { stop: self.stop.clone(), waker: self.waker.clone() }
+        AcceptorStop {
+            stop: self.stop.clone(),
+            waker: self.waker.clone(),
+        }
     }
 
     /// Runs until stopped; pending connections are dropped on the way out.
@@ -168,7 +182,8 @@ impl Acceptor {
     /// When the `Poll` itself fails.
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
-        let tick = (self.options.handshake_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
+        let tick = (self.options.handshake_timeout / 4)
+            .clamp(Duration::from_millis(10), Duration::from_millis(250));
         let mut next_scan = Instant::now() + tick;
         loop {
             let timeout = next_scan.saturating_duration_since(Instant::now());
@@ -178,7 +193,10 @@ impl Acceptor {
                 Err(e) => return Err(e),
             }
             if self.stop.load(Ordering::Acquire) {
-                debug!("acceptor stopping with {} pending connections", self.pending.len());
+                debug!(
+                    "acceptor stopping with {} pending connections",
+                    self.pending.len()
+                );
                 return Ok(());
             }
             for event in events.iter() {
@@ -212,14 +230,20 @@ impl Acceptor {
                     let _ = stream.set_nodelay(true);
                     let entry = self.pending.vacant_entry();
                     let token = Token(entry.key() + FIRST_CONN);
-                    if let Err(e) =
-                        self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
-                    {
+                    if let Err(e) = self.poll.registry().register(
+                        &mut stream,
+                        token,
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
                         warn!("acceptor: register {peer}: {e}");
                         continue;
                     }
                     let deadline = Instant::now() + self.options.handshake_timeout;
-                    entry.insert(Pending { stage: Some(Stage::Request(stream)), peer, deadline });
+                    entry.insert(Pending {
+                        stage: Some(Stage::Request(stream)),
+                        peer,
+                        deadline,
+                    });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -235,8 +259,12 @@ impl Acceptor {
     }
 
     fn expire(&mut self, now: Instant) {
-        let expired: Vec<usize> =
-            self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(key, _)| key).collect();
+        let expired: Vec<usize> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(key, _)| key)
+            .collect();
         for key in expired {
             let pending = self.pending.remove(key);
             debug!("acceptor: {} missed the handshake deadline", pending.peer);
@@ -274,7 +302,10 @@ impl Acceptor {
                         self.round_robin
                     }
                 };
-                if self.shards[shard_idx].send(ShardMsg::Conn(handoff)).is_err() {
+                if self.shards[shard_idx]
+                    .send(ShardMsg::Conn(handoff))
+                    .is_err()
+                {
                     warn!("acceptor: shard {shard_idx} is gone; dropping {peer}");
                 }
             }
@@ -283,35 +314,57 @@ impl Acceptor {
 }
 
 /// One step of a pending connection's state machine.
-fn advance(stage: Stage, peer: SocketAddr, metrics: &MetricsRegistry, options: &AcceptorOptions) -> Next {
+fn advance(
+    stage: Stage,
+    peer: SocketAddr,
+    metrics: &MetricsRegistry,
+    options: &AcceptorOptions,
+) -> Next {
     match stage {
         Stage::Request(stream) => read_request(stream, peer, metrics, options),
-        Stage::Answer { stream, bytes, written } => write_answer(stream, bytes, written),
+        Stage::Answer {
+            stream,
+            bytes,
+            written,
+        } => write_answer(stream, bytes, written),
         Stage::Handshake { mid, doc } => handshake_resume(mid, doc, peer, options),
         Stage::AwaitHello(ws) => await_hello(ws, peer),
         Stage::Refuse(ws) => refuse(ws),
     }
 }
 
-fn read_request(mut stream: TcpStream, peer: SocketAddr, metrics: &MetricsRegistry, options: &AcceptorOptions) -> Next {
+fn read_request(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    metrics: &MetricsRegistry,
+    options: &AcceptorOptions,
+) -> Next {
     let mut buf = [0u8; REQUEST_HEAD_BYTES_MAX];
     // Peek, so that an upgrade leaves the request in the socket for tungstenite's handshake.
     let n = match stream.peek(&mut buf) {
         Ok(0) => return Next::Drop,
         Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Stay(Stage::Request(stream)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            return Next::Stay(Stage::Request(stream))
+        }
         Err(_) => return Next::Drop,
     };
     match http::parse_request(&buf[..n], metrics) {
         Parsed::Partial => Next::Stay(Stage::Request(stream)),
-        Parsed::Complete { head_bytes, route: Route::Answer(bytes) } => {
+        Parsed::Complete {
+            head_bytes,
+            route: Route::Answer(bytes),
+        } => {
             // Consume the head so closing after the answer does not reset the connection.
             if stream.read(&mut buf[..head_bytes]).is_err() {
                 return Next::Drop;
             }
             write_answer(stream, bytes, 0)
         }
-        Parsed::Complete { route: Route::Upgrade { doc }, .. } => {
+        Parsed::Complete {
+            route: Route::Upgrade { doc },
+            ..
+        } => {
             debug!("acceptor: {peer} upgrades for {doc:?}");
             let mid = ServerHandshake::start(stream, NoCallback, Some(options.ws_config));
             // Run the first round at once: the request is already in the socket.
@@ -325,7 +378,13 @@ fn write_answer(mut stream: TcpStream, bytes: Vec<u8>, mut written: usize) -> Ne
         match stream.write(&bytes[written..]) {
             Ok(0) => return Next::Drop,
             Ok(n) => written += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Stay(Stage::Answer { stream, bytes, written }),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Next::Stay(Stage::Answer {
+                    stream,
+                    bytes,
+                    written,
+                })
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return Next::Drop,
         }
@@ -334,13 +393,26 @@ fn write_answer(mut stream: TcpStream, bytes: Vec<u8>, mut written: usize) -> Ne
     Next::Drop
 }
 
-fn handshake_resume(mid: Handshaking, doc: Option<String>, peer: SocketAddr, options: &AcceptorOptions) -> Next {
+fn handshake_resume(
+    mid: Handshaking,
+    doc: Option<String>,
+    peer: SocketAddr,
+    options: &AcceptorOptions,
+) -> Next {
     match mid.handshake() {
         Ok(ws) => match doc {
-            Some(doc) => Next::HandOff(Box::new(Handoff { ws, doc: Some(doc), hello: None, peer })),
-            None if options.plain_ws == PlainWs::RoundRobin => {
-                Next::HandOff(Box::new(Handoff { ws, doc: None, hello: None, peer }))
-            }
+            Some(doc) => Next::HandOff(Box::new(Handoff {
+                ws,
+                doc: Some(doc),
+                hello: None,
+                peer,
+            })),
+            None if options.plain_ws == PlainWs::RoundRobin => Next::HandOff(Box::new(Handoff {
+                ws,
+                doc: None,
+                hello: None,
+                peer,
+            })),
             None => await_hello(ws, peer),
         },
         Err(HandshakeError::Interrupted(mid)) => Next::Stay(Stage::Handshake { mid, doc }),
@@ -358,16 +430,27 @@ fn await_hello(mut ws: WebSocket<TcpStream>, peer: SocketAddr) -> Next {
                 return match protocol::parse_client_message(&text) {
                     Ok(ClientMessage::Hello(hello)) if hello.doc.is_some() => {
                         let doc = hello.doc.clone();
-                        Next::HandOff(Box::new(Handoff { ws, doc, hello: Some(hello), peer }))
+                        Next::HandOff(Box::new(Handoff {
+                            ws,
+                            doc,
+                            hello: Some(hello),
+                            peer,
+                        }))
                     }
-                    Ok(ClientMessage::Hello(_)) => {
-                        refuse_start(ws, ErrorCode::BadMessage, "hello on plain /ws must name a doc")
+                    Ok(ClientMessage::Hello(_)) => refuse_start(
+                        ws,
+                        ErrorCode::BadMessage,
+                        "hello on plain /ws must name a doc",
+                    ),
+                    Ok(_) => {
+                        refuse_start(ws, ErrorCode::BadMessage, "the first message must be hello")
                     }
-                    Ok(_) => refuse_start(ws, ErrorCode::BadMessage, "the first message must be hello"),
                     Err(err) => refuse_start(ws, ErrorCode::BadMessage, err.message),
                 };
             }
-            Ok(Message::Binary(_)) => return refuse_start(ws, ErrorCode::BadMessage, "binary frames are not allowed"),
+            Ok(Message::Binary(_)) => {
+                return refuse_start(ws, ErrorCode::BadMessage, "binary frames are not allowed")
+            }
             Ok(Message::Close(_)) => return refuse(ws),
             Ok(_) => {} // Ping (answered by tungstenite), pong.
             Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -390,16 +473,26 @@ fn close_on_error(mut ws: WebSocket<TcpStream>, e: &tungstenite::Error) -> Next 
         _ => return Next::Drop,
     };
     // The stream is unusable for reading after such an error: send the close frame, stop.
-    let _ = ws.close(Some(CloseFrame { code, reason: "".into() }));
+    let _ = ws.close(Some(CloseFrame {
+        code,
+        reason: "".into(),
+    }));
     let _ = ws.get_mut().shutdown(Shutdown::Write);
     Next::Drop
 }
 
 fn refuse_start(mut ws: WebSocket<TcpStream>, code: ErrorCode, message: &'static str) -> Next {
-    let err = ProtocolError { code, message, client_seq: None };
+    let err = ProtocolError {
+        code,
+        message,
+        client_seq: None,
+    };
     // WouldBlock still queues the frame in tungstenite's buffer; refuse() flushes it.
     let _ = ws.write(Message::Text(protocol::encode_error(&err)));
-    let _ = ws.close(Some(CloseFrame { code: CloseCode::Policy, reason: "bad hello".into() }));
+    let _ = ws.close(Some(CloseFrame {
+        code: CloseCode::Policy,
+        reason: "bad hello".into(),
+    }));
     refuse(ws)
 }
 
@@ -407,7 +500,9 @@ fn refuse(mut ws: WebSocket<TcpStream>) -> Next {
     // Push out the error and close frames (read() alone only flushes control replies).
     match ws.flush() {
         Ok(()) => {}
-        Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return Next::Stay(Stage::Refuse(ws)),
+        Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+            return Next::Stay(Stage::Refuse(ws))
+        }
         Err(_) => return Next::Drop,
     }
     loop {

@@ -18,7 +18,10 @@ const INDEX: &[u8] = b"<!doctype html><meta charset=utf-8><title>collab-engine</
 /// The page at `path`, if there is one.
 pub fn lookup(path: &str) -> Option<StaticPage> {
     match path {
-        "/" | "/index.html" => Some(StaticPage { content_type: "text/html; charset=utf-8", body: INDEX }),
+        "/" | "/index.html" => Some(StaticPage {
+            content_type: "text/html; charset=utf-8",
+            body: INDEX,
+        }),
         _ => None,
     }
 }

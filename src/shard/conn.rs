@@ -147,7 +147,9 @@ impl Net {
 
     /// Whether `conn` is open (not closing, not gone).
     pub fn is_open(&self, conn: ConnToken) -> bool {
-        self.conns.get(conn.0).is_some_and(|c| c.phase == Phase::Open)
+        self.conns
+            .get(conn.0)
+            .is_some_and(|c| c.phase == Phase::Open)
     }
 
     /// The peer address of `conn`, for logs.
@@ -162,10 +164,18 @@ impl Net {
 
     /// Takes a new WebSocket. Past the connection limit it is closed with 1013 at once and
     /// `None` is returned.
-    pub fn insert(&mut self, mut ws: WebSocket<TcpStream>, peer: SocketAddr, now: Instant) -> Option<ConnToken> {
+    pub fn insert(
+        &mut self,
+        mut ws: WebSocket<TcpStream>,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> Option<ConnToken> {
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        if let Err(e) = self.registry.register(ws.get_mut(), Token(key), Interest::READABLE) {
+        if let Err(e) = self
+            .registry
+            .register(ws.get_mut(), Token(key), Interest::READABLE)
+        {
             warn!("shard: register {peer}: {e}");
             return None;
         }
@@ -191,7 +201,10 @@ impl Net {
         self.push_read(key);
         let conn = ConnToken(key);
         if self.conns.len() > self.limits.conns_max {
-            warn!("shard: {} connections, refusing {peer}", self.limits.conns_max);
+            warn!(
+                "shard: {} connections, refusing {peer}",
+                self.limits.conns_max
+            );
             self.close_quietly(conn, 1013, "server full, try again later");
             return None;
         }
@@ -205,14 +218,20 @@ impl Net {
     }
 
     fn send_message(&mut self, conn: ConnToken, message: Message) {
-        let Some(c) = self.conns.get_mut(conn.0) else { return };
+        let Some(c) = self.conns.get_mut(conn.0) else {
+            return;
+        };
         if c.phase != Phase::Open {
             return;
         }
         let len = message.len();
         if c.out_bytes + len > self.limits.outbound_bytes_max {
             self.metrics.figures.counters.slow_consumer_drops += 1;
-            warn!("shard: {} fell {} bytes behind; closing 1013", c.peer, c.out_bytes + len);
+            warn!(
+                "shard: {} fell {} bytes behind; closing 1013",
+                c.peer,
+                c.out_bytes + len
+            );
             // Nothing queued will be sent; the client reconnects with `since`.
             c.out.clear();
             c.out_bytes = 0;
@@ -234,20 +253,34 @@ impl Net {
     /// Like [`Net::close`], for a connection the handler never heard of.
     fn close_quietly(&mut self, conn: ConnToken, code: u16, reason: &'static str) {
         if let Some(c) = self.conns.get_mut(conn.0) {
-            c.phase = Phase::Closing { deadline: Instant::now() + self.limits.close_linger, broken: false };
-            c.pending_close = Some(CloseFrame { code: CloseCode::from(code), reason: reason.into() });
+            c.phase = Phase::Closing {
+                deadline: Instant::now() + self.limits.close_linger,
+                broken: false,
+            };
+            c.pending_close = Some(CloseFrame {
+                code: CloseCode::from(code),
+                reason: reason.into(),
+            });
             self.push_flush(conn.0);
         }
     }
 
     fn start_close(&mut self, conn: ConnToken, code: u16, reason: &'static str, broken: bool) {
-        let Some(c) = self.conns.get_mut(conn.0) else { return };
+        let Some(c) = self.conns.get_mut(conn.0) else {
+            return;
+        };
         if c.phase != Phase::Open {
             return;
         }
         debug!("shard: closing {} with {code} ({reason})", c.peer);
-        c.phase = Phase::Closing { deadline: Instant::now() + self.limits.close_linger, broken };
-        c.pending_close = Some(CloseFrame { code: CloseCode::from(code), reason: reason.into() });
+        c.phase = Phase::Closing {
+            deadline: Instant::now() + self.limits.close_linger,
+            broken,
+        };
+        c.pending_close = Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        });
         self.gone.push(conn);
         self.push_flush(conn.0);
     }
@@ -327,12 +360,17 @@ impl Net {
     /// Reads until a message for the handler arrives or nothing more can be read now.
     pub fn read_one(&mut self, key: usize) -> ReadOutcome {
         loop {
-            let Some(c) = self.conns.get_mut(key) else { return ReadOutcome::Done };
+            let Some(c) = self.conns.get_mut(key) else {
+                return ReadOutcome::Done;
+            };
             if !c.wants_read {
                 return ReadOutcome::Done;
             }
-            if c.phase == Phase::Open && c.write_blocked {
-                // Backpressure: the client is not reading what we send; resume once drained.
+            if c.phase == Phase::Open
+                && (c.write_blocked || c.out_bytes > self.limits.outbound_bytes_max / 2)
+            {
+                // Backpressure: the client is not reading what we send, so stop taking more
+                // work from it; reads resume once its output drained (see `pump`).
                 return ReadOutcome::Done;
             }
             if let Phase::Closing { broken: true, .. } = c.phase {
@@ -360,7 +398,10 @@ impl Net {
                     // reports the end.
                     let conn = ConnToken(key);
                     if c.phase == Phase::Open {
-                        c.phase = Phase::Closing { deadline: Instant::now() + self.limits.close_linger, broken: false };
+                        c.phase = Phase::Closing {
+                            deadline: Instant::now() + self.limits.close_linger,
+                            broken: false,
+                        };
                         c.out.clear();
                         c.out_bytes = 0;
                         self.gone.push(conn);
@@ -398,7 +439,9 @@ impl Net {
 
     /// A broken connection after its close frame went out: discard input until EOF.
     fn drain_raw(&mut self, key: usize) -> ReadOutcome {
-        let Some(c) = self.conns.get_mut(key) else { return ReadOutcome::Done };
+        let Some(c) = self.conns.get_mut(key) else {
+            return ReadOutcome::Done;
+        };
         if !c.close_sent || c.write_blocked {
             // Keep the bytes until the close frame is out; reading now could only reset.
             c.wants_read = false;
@@ -434,7 +477,9 @@ impl Net {
 
     /// Moves queued frames into tungstenite and flushes, until done or `WouldBlock`.
     fn pump(&mut self, key: usize) {
-        let Some(c) = self.conns.get_mut(key) else { return };
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
         let was_blocked = c.write_blocked;
         let mut blocked = false;
         let mut dead = false;
@@ -445,7 +490,9 @@ impl Net {
             Err(_) => dead = true,
         }
         while !blocked && !dead {
-            let Some(message) = c.out.pop_front() else { break };
+            let Some(message) = c.out.pop_front() else {
+                break;
+            };
             c.out_bytes -= message.len();
             match c.ws.write(message) {
                 Ok(()) => {}
@@ -480,8 +527,15 @@ impl Net {
         }
         c.write_blocked = blocked;
         if blocked != was_blocked {
-            let interest = if blocked { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
-            if let Err(e) = self.registry.reregister(c.ws.get_mut(), Token(key), interest) {
+            let interest = if blocked {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            if let Err(e) = self
+                .registry
+                .reregister(c.ws.get_mut(), Token(key), interest)
+            {
                 warn!("shard: reregister {}: {e}", c.peer);
                 self.drop_conn(key);
                 return;
@@ -495,7 +549,7 @@ impl Net {
                     return;
                 }
             }
-            if was_blocked && c.wants_read {
+            if c.wants_read && !c.in_read_list {
                 // Output drained: resume the reads paused for backpressure.
                 self.push_read(key);
             }
@@ -527,6 +581,40 @@ impl Net {
         }
         for key in to_ping {
             self.send_message(ConnToken(key), Message::Ping(Default::default()));
+        }
+    }
+}
+
+impl Net {
+    /// Sets the kernel send buffer of `conn` (`SO_SNDBUF`); the echo example uses a small one
+    /// to force partial writes.
+    ///
+    /// # Errors
+    /// When the connection is gone or `setsockopt` fails.
+    pub fn set_send_buffer_bytes(&mut self, conn: ConnToken, bytes: usize) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let c = self
+            .conns
+            .get_mut(conn.0)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let fd = c.ws.get_ref().as_raw_fd();
+        let value = libc::c_int::try_from(bytes)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: `fd` is an open socket owned by this connection; the option value is a
+        // c_int that outlives the call, and its size is passed along.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
         }
     }
 }

@@ -73,8 +73,11 @@ pub fn run<H: Handler>(
     let mut next_tick = Instant::now() + TICK;
     let mut shutdown_deadline: Option<Instant> = None;
     loop {
-        let timeout =
-            if net.has_pending_reads() { Duration::ZERO } else { next_tick.saturating_duration_since(Instant::now()) };
+        let timeout = if net.has_pending_reads() {
+            Duration::ZERO
+        } else {
+            next_tick.saturating_duration_since(Instant::now())
+        };
         match poll.poll(&mut events, Some(timeout)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -96,7 +99,12 @@ pub fn run<H: Handler>(
                         if shutdown_deadline.is_some() {
                             continue; // Dropped: the server is going away.
                         }
-                        let Handoff { ws, doc, hello, peer } = *handoff;
+                        let Handoff {
+                            ws,
+                            doc,
+                            hello,
+                            peer,
+                        } = *handoff;
                         if let Some(conn) = net.insert(ws, peer, turn_start) {
                             debug!("shard: {peer} joins as {conn:?} for {doc:?}");
                             handler.on_open(&mut net, conn, OpenInfo { doc, hello });
