@@ -4,3 +4,4 @@ mod echo;
 mod hostile;
 mod http;
 mod util;
+mod ws;
