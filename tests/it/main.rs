@@ -3,5 +3,6 @@
 mod echo;
 mod hostile;
 mod http;
+mod storage_failure;
 mod util;
 mod ws;
