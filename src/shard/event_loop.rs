@@ -72,7 +72,9 @@ pub fn run<H: Handler>(
     let mut events = Events::with_capacity(1024);
     let mut next_tick = Instant::now() + TICK;
     let mut shutdown_deadline: Option<Instant> = None;
-    let mut slow_turn_warned_at = Instant::now() - Duration::from_secs(1);
+    let mut slow_turn_warned_at = Instant::now()
+        .checked_sub(Duration::from_secs(1))
+        .unwrap_or_else(Instant::now);
     let mut n_slow_turns = 0u64;
     loop {
         let timeout = if net.has_pending_reads() {
