@@ -76,6 +76,7 @@ pub fn run<H: Handler>(
         .checked_sub(Duration::from_secs(1))
         .unwrap_or_else(Instant::now);
     let mut n_slow_turns = 0u64;
+    let mut read_list = Vec::new();
     loop {
         let timeout = if net.has_pending_reads() {
             Duration::ZERO
@@ -130,9 +131,9 @@ pub fn run<H: Handler>(
                 }
             }
         }
-        let read_list = net.take_read_list();
+        net.take_read_list(&mut read_list);
         let budget = net.limits().reads_per_turn_max;
-        for key in read_list {
+        for key in read_list.drain(..) {
             let mut n_read = 0;
             loop {
                 if n_read == budget {
