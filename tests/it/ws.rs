@@ -151,10 +151,10 @@ fn ws_many_docs_over_several_shards() {
     let mut editors = Vec::new();
     for d in 0..DOCS {
         let doc = format!("many/doc {d}");
-        let path = if d % 2 == 0 {
-            format!("/ws/many%2Fdoc%20{d}")
-        } else {
-            "/ws".to_owned()
+        let path = match d % 3 {
+            0 => format!("/ws/many%2Fdoc%20{d}"),
+            1 => "/ws".to_owned(),
+            _ => "/ws/?ignored=query".to_owned(), // An empty name is plain /ws.
         };
         let first = Editor::join(addr, &path, &hello(&doc));
         let second = Editor::join(addr, "/ws", &hello(&doc));
