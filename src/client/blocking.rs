@@ -177,6 +177,15 @@ impl Client {
         self.join()
     }
 
+    /// [`Client::reconnect`] to another URL (a server restarted on another port).
+    ///
+    /// # Errors
+    /// As [`Client::connect`].
+    pub fn reconnect_to(&mut self, url: &str) -> Result<(), ClientError> {
+        url.clone_into(&mut self.url);
+        self.reconnect()
+    }
+
     /// Drops the connection without a close handshake (as a crash would).
     pub fn drop_connection(&mut self) {
         self.socket = None;
