@@ -551,3 +551,28 @@ fn ws_silent_connection_is_pinged_then_dropped() {
     assert!(saw_ping, "the server pinged before dropping");
     server.shutdown().expect("clean shutdown");
 }
+
+#[test]
+fn ws_snapshot_larger_than_the_message_limit_reaches_a_joiner() {
+    let _w = Watchdog::new("ws_snapshot_larger_than_the_message_limit", 60);
+    let mut config = test_config();
+    config.message_bytes_max = 64 * 1024;
+    config.outbound_bytes_max = 64 * 1024;
+    let server = server(config);
+    let addr = server.local_addr();
+    let mut writer = Editor::join(addr, "/ws/big", &hello("big"));
+    for i in 0..6 {
+        let chunk: String = std::iter::repeat(char::from(b'a' + i))
+            .take(30_000)
+            .collect();
+        let end = writer.doc.len();
+        writer.edit(end, 0, &chunk);
+        writer.settle();
+    }
+    // The limit bounds what clients send; the server's own frames (a 180 KB snapshot here)
+    // may be bigger, and one frame alone never counts as falling behind.
+    let joiner = Editor::join(addr, "/ws/big", &hello("big"));
+    assert_eq!(joiner.doc.text(), writer.doc.text());
+    assert_eq!(joiner.doc.len(), 180_000);
+    server.shutdown().expect("clean shutdown");
+}
