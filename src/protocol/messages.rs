@@ -258,6 +258,21 @@ fn json_int(raw: &RawValue) -> Option<u64> {
     serde_json::from_str::<u64>(raw.get()).ok()
 }
 
+/// A `del.len`: any JSON integer. One below 1 becomes 0 and one past `u64` becomes
+/// `u64::MAX`, so the CRDT refuses them as `invalid_op` (`len < 1`, ids running past
+/// `2^53-1`), as the contract says, instead of `bad_message`; a fraction or exponent is ill-typed.
+fn json_len(raw: &RawValue) -> Option<u64> {
+    let text = raw.get();
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if text.starts_with('-') {
+        return Some(0);
+    }
+    Some(digits.parse::<u64>().unwrap_or(u64::MAX))
+}
+
 fn json_id_component(raw: &RawValue) -> Option<u64> {
     json_int(raw).filter(|n| *n <= MAX_ID_COMPONENT)
 }
@@ -585,7 +600,7 @@ fn parse_op(raw: &RawValue) -> Result<Op, ProtocolError> {
         "del" => {
             let len = op
                 .len
-                .and_then(json_int)
+                .and_then(json_len)
                 .ok_or(ProtocolError::bad("del.len must be an integer"))?;
             Ok(Op::Delete { id, len })
         }
@@ -963,7 +978,8 @@ mod tests {
         check(&op_with(r#"{"kind":"del","id":[1,2],"len":1}"#), OK);
         // len 0 parses; the CRDT refuses it with invalid_op.
         check(&op_with(r#"{"kind":"del","id":[1,2],"len":0}"#), OK);
-        check(&op_with(r#"{"kind":"del","id":[1,2],"len":-1}"#), BAD);
+        // An integer `len < 1` parses; the CRDT refuses it as `invalid_op`.
+        check(&op_with(r#"{"kind":"del","id":[1,2],"len":-1}"#), OK);
         check(&op_with(r#"{"kind":"del","id":[1,2],"len":1.5}"#), BAD);
         check(&op_with(r#"{"kind":"del","id":[1,2]}"#), BAD);
         check(&op_with(r#"{"kind":"del","id":[1,2],"len":"1"}"#), BAD);
@@ -1028,6 +1044,30 @@ mod tests {
             r#"{"type":"op","client_seq":0,"ops":[{"kind":"del","id":[1,2],"len":1}],"doc":5,"state":1}"#,
             OK,
         );
+    }
+
+    #[test]
+    fn del_len_out_of_range_is_an_invalid_op_not_a_bad_message() {
+        let del = |len: &str| match parse_client_message(&op_with(&format!(
+            r#"{{"kind":"del","id":[1,2],"len":{len}}}"#
+        ))) {
+            Ok(ClientMessage::Op(msg)) => match msg.ops[..] {
+                [Op::Delete { len, .. }] => Ok(len),
+                _ => panic!("one delete"),
+            },
+            Ok(other) => panic!("{other:?}"),
+            Err(err) => Err(err.code),
+        };
+        assert_eq!(del("3"), Ok(3));
+        assert_eq!(del("0"), Ok(0));
+        assert_eq!(del("-1"), Ok(0));
+        assert_eq!(del("-18446744073709551617"), Ok(0));
+        assert_eq!(del("18446744073709551615"), Ok(u64::MAX));
+        assert_eq!(del("18446744073709551616"), Ok(u64::MAX));
+        assert_eq!(del(&"9".repeat(400)), Ok(u64::MAX));
+        for bad in ["1.5", "1e3", "-", "\"1\"", "null", "[1]", "-0.0"] {
+            assert_eq!(del(bad), Err(ErrorCode::BadMessage), "{bad}");
+        }
     }
 
     #[test]
