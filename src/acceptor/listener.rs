@@ -22,6 +22,7 @@ use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, WebSocket};
 
+use crate::config::REFUSALS_BEFORE_CLOSE;
 use crate::ids::shard_for_doc;
 use crate::metrics::MetricsRegistry;
 use crate::protocol::{self, ClientMessage, ErrorCode, ProtocolError};
@@ -89,8 +90,13 @@ enum Stage {
         mid: Handshaking,
         doc: Option<String>,
     },
-    /// Upgraded on plain `/ws`; waiting for the first text frame.
-    AwaitHello(WebSocket<TcpStream>),
+    /// Upgraded on plain `/ws`; waiting for a `hello` naming a document. Other messages are
+    /// refused as they would be in a shard (`not_joined`, `bad_message`, ...) and the wait goes
+    /// on, until [`REFUSALS_BEFORE_CLOSE`] refusals or the deadline.
+    AwaitHello {
+        ws: WebSocket<TcpStream>,
+        n_refused: u32,
+    },
     /// Refused after the upgrade: flushing an error and a close frame, then waiting for the
     /// client's close (or the deadline).
     Refuse(WebSocket<TcpStream>),
@@ -328,7 +334,7 @@ fn advance(
             written,
         } => write_answer(stream, bytes, written),
         Stage::Handshake { mid, doc } => handshake_resume(mid, doc, peer, options),
-        Stage::AwaitHello(ws) => await_hello(ws, peer),
+        Stage::AwaitHello { ws, n_refused } => await_hello(ws, n_refused, peer),
         Stage::Refuse(ws) => refuse(ws),
     }
 }
@@ -413,7 +419,7 @@ fn handshake_resume(
                 hello: None,
                 peer,
             })),
-            None => await_hello(ws, peer),
+            None => await_hello(ws, 0, peer),
         },
         Err(HandshakeError::Interrupted(mid)) => Next::Stay(Stage::Handshake { mid, doc }),
         Err(HandshakeError::Failure(e)) => {
@@ -423,42 +429,62 @@ fn handshake_resume(
     }
 }
 
-fn await_hello(mut ws: WebSocket<TcpStream>, peer: SocketAddr) -> Next {
+fn await_hello(mut ws: WebSocket<TcpStream>, mut n_refused: u32, peer: SocketAddr) -> Next {
+    // Push out earlier refusals (read() alone only flushes control replies); what does not
+    // fit now stays in tungstenite's buffer for the next writable event, or the shard.
+    if let Err(e) = ws.flush() {
+        if !matches!(&e, tungstenite::Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock) {
+            return Next::Drop;
+        }
+    }
     loop {
-        match ws.read() {
-            Ok(Message::Text(text)) => {
-                return match protocol::parse_client_message(&text) {
-                    Ok(ClientMessage::Hello(hello)) if hello.doc.is_some() => {
-                        let doc = hello.doc.clone();
-                        Next::HandOff(Box::new(Handoff {
-                            ws,
-                            doc,
-                            hello: Some(hello),
-                            peer,
-                        }))
-                    }
-                    Ok(ClientMessage::Hello(_)) => refuse_start(
+        let refusal = match ws.read() {
+            Ok(Message::Text(text)) => match protocol::parse_client_message(&text) {
+                Ok(ClientMessage::Hello(hello)) if hello.doc.is_some() => {
+                    let doc = hello.doc.clone();
+                    return Next::HandOff(Box::new(Handoff {
                         ws,
-                        ErrorCode::BadMessage,
-                        "hello on plain /ws must name a doc",
-                    ),
-                    Ok(_) => {
-                        refuse_start(ws, ErrorCode::BadMessage, "the first message must be hello")
-                    }
-                    Err(err) => refuse_start(ws, ErrorCode::BadMessage, err.message),
-                };
-            }
-            Ok(Message::Binary(_)) => {
-                return refuse_start(ws, ErrorCode::BadMessage, "binary frames are not allowed")
-            }
+                        doc,
+                        hello: Some(hello),
+                        peer,
+                    }));
+                }
+                Ok(ClientMessage::Hello(_)) => {
+                    ProtocolError::bad("hello on plain /ws must name a doc")
+                }
+                Ok(ClientMessage::Op(op)) => {
+                    ProtocolError::new(ErrorCode::NotJoined, "send hello first")
+                        .with_client_seq(Some(op.client_seq))
+                }
+                Ok(ClientMessage::Presence(_)) => {
+                    ProtocolError::new(ErrorCode::NotJoined, "send hello first")
+                }
+                Err(err) => err,
+            },
+            Ok(Message::Binary(_)) => ProtocolError::bad("binary frames are not allowed"),
             Ok(Message::Close(_)) => return refuse(ws),
-            Ok(_) => {} // Ping (answered by tungstenite), pong.
+            Ok(_) => continue, // Ping (answered by tungstenite), pong.
             Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Next::Stay(Stage::AwaitHello(ws));
+                return Next::Stay(Stage::AwaitHello { ws, n_refused });
             }
             Err(e) => {
                 debug!("acceptor: {peer} before hello: {e}");
                 return close_on_error(ws, &e);
+            }
+        };
+        // The contract's refusal: an error, and the connection stays usable (as in a shard).
+        n_refused += 1;
+        if n_refused >= REFUSALS_BEFORE_CLOSE {
+            return refuse_start(ws, &refusal, "too many refused messages");
+        }
+        match ws.write(Message::Text(protocol::encode_error(&refusal))) {
+            Ok(()) => {}
+            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return Next::Drop,
+        }
+        if let Err(e) = ws.flush() {
+            if !matches!(&e, tungstenite::Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock) {
+                return Next::Drop;
             }
         }
     }
@@ -481,17 +507,12 @@ fn close_on_error(mut ws: WebSocket<TcpStream>, e: &tungstenite::Error) -> Next 
     Next::Drop
 }
 
-fn refuse_start(mut ws: WebSocket<TcpStream>, code: ErrorCode, message: &'static str) -> Next {
-    let err = ProtocolError {
-        code,
-        message,
-        client_seq: None,
-    };
+fn refuse_start(mut ws: WebSocket<TcpStream>, err: &ProtocolError, reason: &'static str) -> Next {
     // WouldBlock still queues the frame in tungstenite's buffer; refuse() flushes it.
-    let _ = ws.write(Message::Text(protocol::encode_error(&err)));
+    let _ = ws.write(Message::Text(protocol::encode_error(err)));
     let _ = ws.close(Some(CloseFrame {
         code: CloseCode::Policy,
-        reason: "bad hello".into(),
+        reason: reason.into(),
     }));
     refuse(ws)
 }

@@ -63,30 +63,6 @@ fn hostile_hundred_refusals_close_1008() {
 }
 
 #[test]
-fn hostile_plain_ws_first_message_must_be_hello() {
-    let _w = Watchdog::new("hostile_plain_ws_first_message_must_be_hello", 30);
-    let server = server(test_config());
-    for first in [
-        "garbage",
-        r#"{"type":"op","client_seq":1,"ops":[{"kind":"del","id":[1,1],"len":1}]}"#,
-        r#"{"type":"hello"}"#,
-        r#"{"type":"hello","doc":""}"#,
-    ] {
-        let mut ws = connect(server.local_addr(), "/ws");
-        send(&mut ws, first);
-        let (code, seen) = recv_until_close(&mut ws);
-        assert_eq!(seen.len(), 1, "{first}: {seen:?}");
-        assert_eq!(seen[0]["code"], "bad_message", "{first}");
-        assert_eq!(code, Some(CloseCode::Policy), "{first}");
-    }
-    let mut ws = connect(server.local_addr(), "/ws");
-    ws.send(Message::binary(vec![0u8; 3])).expect("send");
-    let (code, seen) = recv_until_close(&mut ws);
-    assert_eq!((seen.len(), code), (1, Some(CloseCode::Policy)));
-    server.shutdown().expect("clean shutdown");
-}
-
-#[test]
 fn hostile_hello_doc_must_match_path() {
     let _w = Watchdog::new("hostile_hello_doc_must_match_path", 30);
     let server = server(test_config());

@@ -2,6 +2,7 @@
 
 mod binary;
 mod client;
+mod contract;
 mod echo;
 mod hostile;
 mod http;
