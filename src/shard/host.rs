@@ -98,7 +98,9 @@ impl RoomHost {
             return;
         };
         let room_idx = session.room_idx;
-        warn!(
+        // Debug, not warn: a hostile client must not be able to flood the log (the
+        // msgs_refused counter is what operators watch).
+        debug!(
             "shard: refused a message from {:?}: {} ({})",
             net.peer(conn),
             err.code,
