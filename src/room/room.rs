@@ -306,14 +306,21 @@ impl Room {
 
     /// Hands out a replica never handed out or used in this document, reserving a block durably
     /// when the reserved range is used up.
+    ///
+    /// Assignments stay below [`EXPLICIT_REPLICA_BUMP_MAX`]: every replica below it that was
+    /// ever used is durably reserved (an explicit one when it joined), and the ones above it
+    /// are never handed out, so one client naming `2^53-1` and editing cannot exhaust the
+    /// document's replica space (the CRDT's `max_replica` would then be `2^53-1`).
     fn assign_replica(&mut self) -> Option<u64> {
-        let mut replica = self
-            .replica_next
-            .max(self.crdt.max_replica().saturating_add(1));
+        let mut replica = self.replica_next;
+        let used_max = self.crdt.max_replica();
+        if used_max < EXPLICIT_REPLICA_BUMP_MAX {
+            replica = replica.max(used_max + 1);
+        }
         while self.by_replica.contains_key(&replica) {
             replica += 1;
         }
-        if replica > MAX_ID_COMPONENT {
+        if replica >= EXPLICIT_REPLICA_BUMP_MAX {
             return None;
         }
         self.replica_next = replica + 1;
@@ -708,6 +715,23 @@ mod tests {
         );
         assert_eq!(h.room.n_clients(), 7);
         assert!(!h.room.epoch().is_empty());
+    }
+
+    #[test]
+    fn an_edit_by_the_top_replica_does_not_exhaust_assignment() {
+        let mut h = Harness::new(config());
+        h.send(1, r#"{"type":"hello","replica":9007199254740991}"#);
+        h.send(
+            1,
+            r#"{"type":"op","client_seq":1,"ops":[{"kind":"ins","id":[0,9007199254740991],"after":null,"text":"a"}]}"#,
+        );
+        h.send(2, r#"{"type":"hello","replica":4503599627370496}"#);
+        h.room.take_effects();
+        assert_eq!(h.room.head(), 1);
+        h.send(3, r#"{"type":"hello"}"#);
+        let effects = h.room.take_effects();
+        assert!(effects.closes.is_empty(), "{effects:?}");
+        assert_eq!(h.room.replica_of(ConnToken(3)), Some(1));
     }
 
     #[test]

@@ -536,3 +536,38 @@ fn contract_message_limits_close_1009() {
     assert_eq!(recv_until_close(&mut ws).0, Some(CloseCode::Size));
     server.shutdown().expect("clean shutdown");
 }
+
+#[test]
+fn contract_assigned_replicas_survive_an_edit_by_the_top_replica() {
+    let _w = Watchdog::new("contract_assigned_replicas_top", 30);
+    let server = server(test_config());
+    let addr = server.local_addr();
+    let (mut top, _) = join(
+        addr,
+        "/ws/top-replica",
+        r#"{"type":"hello","replica":9007199254740991}"#,
+    );
+    send(
+        &mut top,
+        &op(
+            1,
+            r#"{"kind":"ins","id":[0,9007199254740991],"after":null,"text":"a"}"#,
+        ),
+    );
+    assert_eq!(recv_json(&mut top)["server_seq"], 1);
+    // A replica is still assigned, fresh, and it can edit.
+    let (mut fresh, ack) = join(addr, "/ws/top-replica", r#"{"type":"hello"}"#);
+    let replica = ack["replica"].as_u64().expect("replica");
+    assert!((1..9007199254740991).contains(&replica), "{ack}");
+    send(
+        &mut fresh,
+        &op(
+            1,
+            &format!(
+                r#"{{"kind":"ins","id":[1,{replica}],"after":[0,9007199254740991],"text":"b"}}"#
+            ),
+        ),
+    );
+    assert_eq!(recv_json(&mut fresh)["server_seq"], 2);
+    server.shutdown().expect("clean shutdown");
+}
