@@ -463,7 +463,21 @@ impl Room {
             let frame = encode_error(&err.with_client_seq(Some(msg.client_seq)));
             room.effects.frames.push((conn, frame));
         };
-        let n_new = inserted_chars(&msg.ops);
+        let mut n_new = inserted_chars(&msg.ops);
+        if self.n_chars.saturating_add(n_new) > self.config.doc_chars_max {
+            // Near the limit only: inserts the document already holds add nothing, so a
+            // resend is still answered with `ack` (or its echo) rather than `too_large`.
+            n_new = msg
+                .ops
+                .iter()
+                .map(|op| match op {
+                    Op::Insert { id, text, .. } if self.crdt.position_of(*id).is_none() => {
+                        text.chars().count()
+                    }
+                    _ => 0,
+                })
+                .sum();
+        }
         if self.n_chars.saturating_add(n_new) > self.config.doc_chars_max {
             refuse(
                 self,
@@ -715,6 +729,26 @@ mod tests {
         );
         assert_eq!(h.room.n_clients(), 7);
         assert!(!h.room.epoch().is_empty());
+    }
+
+    #[test]
+    fn a_resend_at_the_size_limit_is_acked_not_refused() {
+        let mut config = config();
+        config.doc_chars_max = 2;
+        let mut h = Harness::new(config);
+        h.send(1, r#"{"type":"hello"}"#);
+        h.send(1, INS_A);
+        h.room.take_effects();
+        h.check_send(
+            1,
+            INS_A,
+            &[(1, r#"{"type":"ack","client_seq":1,"server_seq":1}"#)],
+        );
+        h.check_send(
+            1,
+            r#"{"type":"op","client_seq":2,"ops":[{"kind":"ins","id":[2,1],"after":[1,1],"text":"c"}]}"#,
+            &[(1, r#"{"type":"error","code":"too_large","message":"document size limit reached","client_seq":2}"#)],
+        );
     }
 
     #[test]

@@ -571,3 +571,27 @@ fn contract_assigned_replicas_survive_an_edit_by_the_top_replica() {
     assert_eq!(recv_json(&mut fresh)["server_seq"], 2);
     server.shutdown().expect("clean shutdown");
 }
+
+#[test]
+fn contract_resend_at_the_document_size_limit_is_acked() {
+    let _w = Watchdog::new("contract_resend_at_the_size_limit", 30);
+    let mut config = test_config();
+    config.doc_chars_max = 3;
+    let server = server(config);
+    let addr = server.local_addr();
+    let (mut ws, _) = join(addr, "/ws/size-limit", r#"{"type":"hello","replica":1}"#);
+    let fill = op(1, r#"{"kind":"ins","id":[0,1],"after":null,"text":"abc"}"#);
+    send(&mut ws, &fill);
+    assert_eq!(recv_json(&mut ws)["server_seq"], 1);
+    send(&mut ws, &fill);
+    assert_eq!(
+        recv_json(&mut ws),
+        json!({"type":"ack","client_seq":1,"server_seq":1})
+    );
+    send(
+        &mut ws,
+        &op(2, r#"{"kind":"ins","id":[3,1],"after":[2,1],"text":"d"}"#),
+    );
+    expect_error(&mut ws, "too_large", Some(2), "over the size limit");
+    server.shutdown().expect("clean shutdown");
+}
