@@ -6,6 +6,7 @@ mod contract;
 mod echo;
 mod hostile;
 mod http;
+mod interop;
 mod storage_failure;
 mod util;
 mod ws;

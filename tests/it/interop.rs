@@ -1,0 +1,206 @@
+//! Interop with standard WebSocket clients: Python `websockets` and Node `ws` scripts
+//! (tests/interop/) edit one document concurrently on the real binary and must converge.
+//!
+//! The tools come from `tests/interop/setup.sh` (pip and npm); when one is missing the test says
+//! so on stderr and skips that client instead of failing, so `cargo test` still runs anywhere.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use collab_engine::protocol::{parse_server_message, HelloAckStrategy, ServerMessage};
+use tungstenite::Message;
+
+use crate::util::{connect, send, Watchdog};
+
+/// The document every client edits: a `/` and non-ASCII, so the Python client's percent-encoded
+/// path and the Node client's plain-`/ws` hello must name the same document.
+const DOC: &str = "interop/ü doc";
+/// Op messages each client sends.
+const OPS_PER_CLIENT: usize = 30;
+
+fn interop_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
+}
+
+/// Whether `command` runs and exits 0 (stdout and stderr discarded).
+fn runs(command: &mut Command) -> bool {
+    command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// The interop clients whose tools are installed: (name, command without its arguments).
+fn available_clients() -> Vec<(&'static str, Command)> {
+    let dir = interop_dir();
+    let mut clients = Vec::new();
+    if runs(Command::new("python3").args(["-c", "import websockets.sync.client"])) {
+        let mut command = Command::new("python3");
+        command.arg(dir.join("python_client.py"));
+        clients.push(("python", command));
+    } else {
+        eprintln!(
+            "SKIP interop python client: python3 with the `websockets` package is not \
+             available (run tests/interop/setup.sh)"
+        );
+    }
+    if runs(
+        Command::new("node")
+            .current_dir(&dir)
+            .args(["-e", "require('ws')"]),
+    ) {
+        let mut command = Command::new("node");
+        command.current_dir(&dir).arg(dir.join("node_client.js"));
+        clients.push(("node", command));
+    } else {
+        eprintln!(
+            "SKIP interop node client: node with the `ws` package in tests/interop/node_modules \
+             is not available (run tests/interop/setup.sh)"
+        );
+    }
+    clients
+}
+
+/// The real binary on an ephemeral port, and its address.
+fn spawn_server() -> (Child, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_collab-engine"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--storage",
+            "memory",
+            "--shards",
+            "2",
+            "--pin-cores",
+            "false",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the server");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("first line");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+        .parse()
+        .expect("an address");
+    (child, addr)
+}
+
+/// Kills `child` when dropped, so a failed assertion never leaves a process behind.
+struct Reaper(Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The text of `doc` as a fresh joiner's snapshot shows it.
+fn server_text(addr: SocketAddr) -> (String, u64) {
+    let mut ws = connect(addr, "/ws");
+    send(
+        &mut ws,
+        &collab_engine::protocol::encode_hello(Some(DOC), None, None, None, None),
+    );
+    loop {
+        if let Message::Text(text) = ws.read().expect("read") {
+            match parse_server_message(&text).expect("a contract message") {
+                ServerMessage::HelloAck(ack) => {
+                    let HelloAckStrategy::Snapshot(runs) = ack.strategy else {
+                        panic!("a hello without since gets a snapshot");
+                    };
+                    let doc = collab_engine::crdt::Doc::from_snapshot(&runs).expect("snapshot");
+                    return (doc.text(), ack.head);
+                }
+                other => panic!("expected hello_ack, got {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn interop_python_websockets_and_node_ws_converge() {
+    let _w = Watchdog::new("interop_python_websockets_and_node_ws_converge", 120);
+    let clients = available_clients();
+    if clients.is_empty() {
+        eprintln!("SKIP interop: neither interop client can run");
+        return;
+    }
+    let (server, addr) = spawn_server();
+    let _server = Reaper(server);
+    let total = (OPS_PER_CLIENT * clients.len()).to_string();
+    let n_ops = OPS_PER_CLIENT.to_string();
+    let children: Vec<(&str, Reaper)> = clients
+        .into_iter()
+        .map(|(name, mut command)| {
+            let child = command
+                .args([&addr.to_string(), DOC, &n_ops, &total, name])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawn the {name} client: {e}"));
+            (name, Reaper(child))
+        })
+        .collect();
+    let names: Vec<&str> = children.iter().map(|(name, _)| *name).collect();
+    let mut results = Vec::new();
+    for (name, mut child) in children {
+        let mut stdout = String::new();
+        let mut stderr = String::new();
+        child
+            .0
+            .stdout
+            .take()
+            .expect("stdout")
+            .read_to_string(&mut stdout)
+            .expect("read stdout");
+        child
+            .0
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut stderr)
+            .expect("read stderr");
+        let status = child.0.wait().expect("wait");
+        assert!(
+            status.success(),
+            "{name} client failed ({status}): {stderr}{stdout}"
+        );
+        let result: serde_json::Value = serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("{name} client printed {stdout:?}: {e}"));
+        results.push((name, result));
+    }
+    let (text, head) = server_text(addr);
+    eprintln!(
+        "interop: {names:?} converged on {} characters at head {head}",
+        text.chars().count()
+    );
+    assert_eq!(
+        head.to_string(),
+        total,
+        "every op message took one server_seq"
+    );
+    for (name, result) in &results {
+        assert_eq!(result["text"], text.as_str(), "{name} converged: {result}");
+        assert_eq!(result["head"].to_string(), total, "{name}: {result}");
+        let others: Vec<&str> = names.iter().copied().filter(|n| n != name).collect();
+        assert_eq!(
+            result["saw_presence"],
+            serde_json::json!(others),
+            "{name} saw the others' presence, not its own"
+        );
+    }
+    assert!(
+        !text.is_empty(),
+        "the clients inserted more than they deleted"
+    );
+}
