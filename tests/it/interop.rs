@@ -104,12 +104,17 @@ impl Drop for Reaper {
     }
 }
 
-/// The text of `doc` as a fresh joiner's snapshot shows it.
+/// The text of [`DOC`] and its head, as a fresh joiner's snapshot shows them.
 fn server_text(addr: SocketAddr) -> (String, u64) {
+    server_text_of(addr, DOC)
+}
+
+/// The text of `doc` and its head, as a fresh joiner's snapshot shows them.
+fn server_text_of(addr: SocketAddr, doc: &str) -> (String, u64) {
     let mut ws = connect(addr, "/ws");
     send(
         &mut ws,
-        &collab_engine::protocol::encode_hello(Some(DOC), None, None, None, None),
+        &collab_engine::protocol::encode_hello(Some(doc), None, None, None, None),
     );
     loop {
         if let Message::Text(text) = ws.read().expect("read") {
@@ -203,4 +208,93 @@ fn interop_python_websockets_and_node_ws_converge() {
         !text.is_empty(),
         "the clients inserted more than they deleted"
     );
+}
+
+#[test]
+fn interop_websocat_joins_edits_and_sees_presence() {
+    use std::io::Write;
+
+    let _w = Watchdog::new("interop_websocat_joins_edits_and_sees_presence", 60);
+    if !runs(Command::new("websocat").arg("--version")) {
+        eprintln!("SKIP interop websocat: `websocat` is not on PATH (run tests/interop/setup.sh)");
+        return;
+    }
+    let (server, addr) = spawn_server();
+    let _server = Reaper(server);
+    let mut watcher = connect(addr, "/ws/interop-websocat");
+    send(&mut watcher, r#"{"type":"hello","replica":1}"#);
+    assert_eq!(crate::util::recv_json(&mut watcher)["type"], "hello_ack");
+    // Text mode: every stdin line is one text message, every message one stdout line.
+    let mut child = Reaper(
+        Command::new("websocat")
+            .args([
+                "-t",
+                "-E",
+                &format!("ws://{addr}/ws/interop-websocat?via=websocat"),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn websocat"),
+    );
+    let mut stdin = child.0.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(child.0.stdout.take().expect("stdout")).lines();
+    let mut next_line = || -> serde_json::Value {
+        let line = lines.next().expect("a line").expect("read a line");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+    };
+    writeln!(stdin, r#"{{"type":"hello","replica":42}}"#).expect("hello");
+    let ack = next_line();
+    assert_eq!(
+        (&ack["type"], &ack["replica"]),
+        (&"hello_ack".into(), &42.into()),
+        "{ack}"
+    );
+    writeln!(
+        stdin,
+        r#"{{"type":"op","client_seq":1,"ops":[{{"kind":"ins","id":[0,42],"after":null,"text":"hi 😀"}}]}}"#
+    )
+    .expect("op");
+    writeln!(
+        stdin,
+        r#"{{"type":"presence","state":{{"via":"websocat"}}}}"#
+    )
+    .expect("presence");
+    let echo = next_line();
+    assert_eq!(
+        (&echo["type"], &echo["server_seq"]),
+        (&"op_echo".into(), &1.into()),
+        "{echo}"
+    );
+    assert_eq!(crate::util::recv_json(&mut watcher), echo);
+    assert_eq!(
+        crate::util::recv_json(&mut watcher),
+        serde_json::json!({"type":"presence","replica":42,"state":{"via":"websocat"}})
+    );
+    // The last character of "hi 😀" has id [3,42]: one code point, one id.
+    send(
+        &mut watcher,
+        r#"{"type":"op","client_seq":7,"ops":[{"kind":"ins","id":[4,1],"after":[3,42],"text":"!"}]}"#,
+    );
+    let echo = next_line();
+    assert_eq!(
+        (&echo["server_seq"], &echo["replica"]),
+        (&2.into(), &1.into()),
+        "{echo}"
+    );
+    drop(stdin);
+    // websocat leaves on EOF: the watcher sees its presence cleared.
+    loop {
+        let message = crate::util::recv_json(&mut watcher);
+        if message["type"] == "presence" {
+            assert_eq!(
+                message,
+                serde_json::json!({"type":"presence","replica":42,"state":null})
+            );
+            break;
+        }
+    }
+    let (text, head) = server_text_of(addr, "interop-websocat");
+    assert_eq!((text.as_str(), head), ("hi 😀!", 2));
 }
