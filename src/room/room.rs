@@ -27,6 +27,12 @@ const REPLAY_BYTES_ALWAYS_OK: usize = 64 * 1024;
 /// (see `Room::snapshot_for_join`); smaller ones are cheap enough to encode for every head.
 const STALE_SNAPSHOT_BYTES_MIN: usize = 256 * 1024;
 
+/// Bytes of echoes the replay window holds at most, whatever `replay_window_ops` says: a client
+/// sending big messages (up to 1 MiB each, one real change plus no-op deletes) must not make one
+/// room hold `replay_window_ops` MiB. A joiner further behind gets a snapshot, as it would
+/// anyway once a replay is bigger than the snapshot.
+const REPLAY_WINDOW_BYTES_MAX: usize = 16 * 1024 * 1024;
+
 /// Explicit replicas at or above this do not move the assignment counter, so one client naming
 /// `2^53-1` cannot exhaust a document's replica space.
 const EXPLICIT_REPLICA_BUMP_MAX: u64 = 1 << 52;
@@ -119,6 +125,8 @@ pub struct Room {
     by_replica: HashMap<u64, ConnToken>,
     /// Echoes of `server_seq` `head - len + 1 ..= head`, at most `replay_window_ops` of them.
     window: VecDeque<Utf8Bytes>,
+    /// Bytes of the echoes in `window`, at most [`REPLAY_WINDOW_BYTES_MAX`] (or one echo).
+    window_bytes: usize,
     /// Highest replica id durably reserved (or reserved by a record of this turn).
     replicas_reserved: u64,
     /// Lowest replica id the next assignment may hand out.
@@ -182,6 +190,7 @@ impl Room {
             clients: HashMap::new(),
             by_replica: HashMap::new(),
             window: VecDeque::new(),
+            window_bytes: 0,
             replicas_reserved: 0,
             replica_next: 1,
             n_chars: 0,
@@ -242,9 +251,14 @@ impl Room {
         self.head += 1;
         self.ops_since_snapshot += 1;
         self.bytes_since_snapshot += echo.len() as u64;
+        self.window_bytes += echo.len();
         self.window.push_back(echo);
-        while self.window.len() > self.config.replay_window_ops {
-            self.window.pop_front();
+        while self.window.len() > self.config.replay_window_ops
+            || (self.window_bytes > REPLAY_WINDOW_BYTES_MAX && self.window.len() > 1)
+        {
+            if let Some(old) = self.window.pop_front() {
+                self.window_bytes -= old.len();
+            }
         }
     }
 
@@ -729,6 +743,47 @@ mod tests {
         );
         assert_eq!(h.room.n_clients(), 7);
         assert!(!h.room.epoch().is_empty());
+    }
+
+    #[test]
+    fn the_replay_window_is_bounded_in_bytes() {
+        let mut config = config();
+        config.doc_chars_max = 1 << 30;
+        config.replay_window_ops = 1_000;
+        let mut h = Harness::new(config);
+        h.send(1, r#"{"type":"hello"}"#);
+        h.send(1, INS_A);
+        h.send(
+            1,
+            r#"{"type":"op","client_seq":2,"ops":[{"kind":"del","id":[0,1],"len":1}]}"#,
+        );
+        // 40 echoes of half a MiB each: more bytes than the window may hold.
+        let text = "x".repeat(512 * 1024);
+        for k in 0..40u64 {
+            let lamport = 2 + k * 512 * 1024;
+            h.send(
+                1,
+                &format!(r#"{{"type":"op","client_seq":{},"ops":[{{"kind":"ins","id":[{lamport},1],"after":null,"text":"{text}"}}]}}"#, k + 3),
+            );
+            h.room.take_effects();
+        }
+        assert_eq!(h.room.head(), 42);
+        assert!(
+            h.room.window_bytes <= REPLAY_WINDOW_BYTES_MAX,
+            "{}",
+            h.room.window_bytes
+        );
+        assert!(h.room.window.len() < 42);
+        let in_window: usize = h.room.window.iter().map(|echo| echo.len()).sum();
+        assert_eq!(in_window, h.room.window_bytes);
+        // A joiner from before the window gets a snapshot; one inside it a replay.
+        h.send(2, r#"{"type":"hello","since":1}"#);
+        let frame = h.room.take_effects().frames.pop().expect("hello_ack").1;
+        assert!(frame.contains(r#""strategy":"snapshot""#));
+        h.room.leave(ConnToken(2));
+        h.send(2, r#"{"type":"hello","since":41}"#);
+        let frame = h.room.take_effects().frames.pop().expect("hello_ack").1;
+        assert!(frame.contains(r#""strategy":"replay""#));
     }
 
     #[test]
