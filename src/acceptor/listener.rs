@@ -134,6 +134,11 @@ pub struct Acceptor {
     /// Set when `accept` failed for lack of resources: retried on the next timer tick, since
     /// the edge-triggered listener will not report the backlog again.
     accept_retry: bool,
+    /// Connections dropped at [`PENDING_CONNS_MAX`] since the last warning: a connection
+    /// flood gets one log line a second, not one per connection.
+    n_dropped_full: u64,
+    /// When that warning was last logged.
+    dropped_full_warned_at: Option<Instant>,
 }
 
 impl Acceptor {
@@ -166,6 +171,8 @@ impl Acceptor {
             waker,
             round_robin: 0,
             accept_retry: false,
+            n_dropped_full: 0,
+            dropped_full_warned_at: None,
         })
     }
 
@@ -229,7 +236,19 @@ impl Acceptor {
             match self.listener.accept() {
                 Ok((mut stream, peer)) => {
                     if self.pending.len() >= PENDING_CONNS_MAX {
-                        warn!("acceptor: {PENDING_CONNS_MAX} connections pending, dropping {peer}");
+                        self.n_dropped_full += 1;
+                        let now = Instant::now();
+                        let quiet = self.dropped_full_warned_at.is_some_and(|at| {
+                            now.saturating_duration_since(at) < Duration::from_secs(1)
+                        });
+                        if !quiet {
+                            warn!(
+                                "acceptor: {PENDING_CONNS_MAX} connections pending; dropped {} new ones, the last from {peer}",
+                                self.n_dropped_full
+                            );
+                            self.n_dropped_full = 0;
+                            self.dropped_full_warned_at = Some(now);
+                        }
                         continue;
                     }
                     // Small frames must not wait for Nagle; errors here only cost latency.
