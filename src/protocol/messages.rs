@@ -1071,6 +1071,24 @@ mod tests {
     }
 
     #[test]
+    fn deep_nesting_is_refused_without_exhausting_the_stack() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        for text in [
+            format!(r#"{{"type":"presence","state":{deep}}}"#),
+            format!(r#"{{"type":"op","client_seq":1,"x":{deep},"ops":[]}}"#),
+            format!(r#"{{"type":"op","client_seq":1,"ops":{deep}}}"#),
+            format!(r#"{{"type":"hello","doc":{deep}}}"#),
+            deep.clone(),
+        ] {
+            assert!(parse_client_message(&text).is_err());
+            assert!(parse_server_message(&text).is_err());
+        }
+        // Nesting within serde_json's limit is an ordinary state.
+        let fine = format!("{}1{}", "[".repeat(100), "]".repeat(100));
+        check(&format!(r#"{{"type":"presence","state":{fine}}}"#), OK);
+    }
+
+    #[test]
     fn op_count_limit() {
         let del = r#"{"kind":"del","id":[1,2],"len":1}"#;
         let at_limit = vec![del; OPS_PER_MESSAGE_MAX].join(",");
