@@ -478,12 +478,13 @@ fn parse_client_message_precise(text: &str) -> Result<ClientMessage, ProtocolErr
                     "presence state over 4096 bytes",
                 ));
             }
-            // Raw JSON is not checked for lone surrogates; relayed, one would break every client
-            // whose JSON parser refuses them. Only escaped text can hold one.
-            if state_json.contains("\\u")
-                && serde_json::from_str::<serde_json::Value>(&state_json).is_err()
-            {
-                return Err(ProtocolError::bad("lone surrogate in presence state"));
+            // Raw JSON is only checked for syntax. Relayed (and listed in every joiner's
+            // hello_ack), a lone surrogate or a number out of range (`1e400`) would break every
+            // client whose JSON parser refuses them, serde_json's included.
+            if !is_relayable_json(&state_json) {
+                return Err(ProtocolError::bad(
+                    "presence state has a lone surrogate or a number out of range",
+                ));
             }
             Ok(ClientMessage::Presence(PresenceUpdate { state_json }))
         }
@@ -606,6 +607,53 @@ fn parse_op(raw: &RawValue) -> Result<Op, ProtocolError> {
         }
         _ => Err(ProtocolError::bad("unknown op kind")),
     }
+}
+
+/// Whether `json` reads as a value with every string valid Unicode and every number in
+/// `f64` range: a full typed pass that allocates nothing (strings are borrowed where possible).
+fn is_relayable_json(json: &str) -> bool {
+    struct Check;
+    impl<'de> Deserialize<'de> for Check {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Check, D::Error> {
+            deserializer.deserialize_any(CheckVisitor)
+        }
+    }
+    struct CheckVisitor;
+    impl<'de> Visitor<'de> for CheckVisitor {
+        type Value = Check;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Check, E> {
+            Ok(Check)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Check, E> {
+            Ok(Check)
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Check, E> {
+            Ok(Check)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Check, E> {
+            Ok(Check)
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Check, E> {
+            Ok(Check)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Check, E> {
+            Ok(Check)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Check, A::Error> {
+            while seq.next_element::<Check>()?.is_some() {}
+            Ok(Check)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Check, A::Error> {
+            while map.next_key::<Check>()?.is_some() {
+                map.next_value::<Check>()?;
+            }
+            Ok(Check)
+        }
+    }
+    serde_json::from_str::<Check>(json).is_ok()
 }
 
 /// Re-encodes valid JSON compactly: whitespace outside strings removed, everything else kept.
@@ -1070,6 +1118,17 @@ mod tests {
         }
     }
 
+    /// cargo-fuzz (parse_client_message): a presence state with `36e641` parsed as raw JSON and
+    /// would have been relayed to clients whose parsers refuse it.
+    #[test]
+    fn fuzz_regression_presence_number_out_of_range() {
+        let text = r#"{"type":"presence","state":{"cursor":3,"na":"x","ct_seq":36e641,"L":[1]}}"#;
+        assert_eq!(
+            parse_client_message(text).map_err(|e| e.code),
+            Err(ErrorCode::BadMessage)
+        );
+    }
+
     #[test]
     fn deep_nesting_is_refused_without_exhausting_the_stack() {
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
@@ -1147,6 +1206,14 @@ mod tests {
         check(r#"{"type":"presence"}"#, BAD);
         check(r#"{"type":"presence","state":{"a":}}"#, BAD);
         check(r#"{"type":"presence","state":{"name":"\ud800"}}"#, BAD);
+        check(r#"{"type":"presence","state":{"\udc00":1}}"#, BAD);
+        // Found by fuzzing: numbers serde_json (and so many clients) cannot represent.
+        check(r#"{"type":"presence","state":{"n":36e641}}"#, BAD);
+        check(r#"{"type":"presence","state":[-1E400]}"#, BAD);
+        check(
+            r#"{"type":"presence","state":[1e-400,1e308,18446744073709551616,-0]}"#,
+            OK,
+        );
         check(
             r#"{"type":"presence","state":{"name":"\ud83d\ude00 \u0041"}}"#,
             OK,

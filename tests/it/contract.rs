@@ -426,6 +426,8 @@ fn contract_presence_rules() {
     expect_error(&mut a, "too_large", None, "presence over 4096");
     send(&mut a, r#"{"type":"presence","state":{"n":"\udc00"}}"#);
     expect_error(&mut a, "bad_message", None, "lone surrogate");
+    send(&mut a, r#"{"type":"presence","state":{"n":1e400}}"#);
+    expect_error(&mut a, "bad_message", None, "number out of range");
     send(&mut a, r#"{"type":"presence"}"#);
     expect_error(&mut a, "bad_message", None, "no state");
     // c clears its (never set) state: relayed as null, and c is never listed.
