@@ -1,0 +1,176 @@
+// The demo editor: one <textarea> bound to a collab-engine document, the connection and
+// saved state, the people present and their carets. Served by the server itself.
+import { CollabClient, TextareaBinding } from '/collab.js';
+
+const COLORS = ['#e6194b', '#3cb44b', '#4363d8', '#f58231', '#911eb4', '#0f9b9b', '#d6338a', '#808000', '#9a6324', '#000075'];
+const ADJECTIVES = ['amber', 'brisk', 'calm', 'dapper', 'eager', 'fuzzy', 'gentle', 'happy', 'jolly', 'keen', 'lucky', 'mellow', 'nimble', 'plucky', 'quiet', 'rapid', 'sunny', 'tidy', 'vivid', 'witty'];
+const ANIMALS = ['otter', 'heron', 'lynx', 'panda', 'koala', 'falcon', 'badger', 'gecko', 'walrus', 'marten', 'puffin', 'tapir', 'ibis', 'yak', 'wombat', 'newt', 'crane', 'bison', 'lemur', 'orca'];
+
+const pick = (a) => a[Math.floor(Math.random() * a.length)];
+const $ = (id) => document.getElementById(id);
+
+// The document comes from the URL; without one, offer a fresh random name.
+const params = new URLSearchParams(location.search);
+let docName = params.get('doc');
+if (!docName) {
+  docName = `${pick(ADJECTIVES)}-${pick(ANIMALS)}-${Math.floor(Math.random() * 1000)}`;
+  params.set('doc', docName);
+  history.replaceState(null, '', `${location.pathname}?${params}`);
+}
+document.title = `${docName} · collab-engine`;
+$('doc-name').value = docName;
+$('doc-form').addEventListener('submit', (ev) => {
+  ev.preventDefault();
+  const name = $('doc-name').value.trim();
+  if (name) location.search = `?doc=${encodeURIComponent(name)}`;
+});
+$('share-link').href = location.href;
+$('share-link').textContent = location.href;
+
+// Who we are: a name per tab (editable), a colour.
+const me = {
+  name: params.get('name') || sessionStorage.getItem('collab-name') || `${pick(ADJECTIVES)} ${pick(ANIMALS)}`,
+  color: sessionStorage.getItem('collab-color') || pick(COLORS),
+};
+sessionStorage.setItem('collab-name', me.name);
+sessionStorage.setItem('collab-color', me.color);
+$('me-name').value = me.name;
+$('me-swatch').style.setProperty('--c', me.color);
+
+const wsBase = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
+const client = new CollabClient({ url: wsBase, doc: docName });
+const ta = $('editor');
+const binding = new TextareaBinding(ta, client, { presence: me });
+
+$('me-name').addEventListener('input', () => {
+  me.name = $('me-name').value.trim().slice(0, 32) || 'anonymous';
+  sessionStorage.setItem('collab-name', me.name);
+  binding.setPresence({ ...me });
+});
+
+// --- status and saved state ----------------------------------------------------------
+const STATUS_TEXT = {
+  connecting: () => 'connecting…',
+  online: (n) => `online · saving ${n} edit${n === 1 ? '' : 's'}…`,
+  saved: () => 'online · all changes saved',
+  offline: (n) => (n ? `offline · ${n} edit${n === 1 ? '' : 's'} not saved yet, reconnecting…` : 'offline · reconnecting…'),
+};
+function renderStatus() {
+  const s = client.status;
+  $('status').dataset.status = s;
+  $('status-text').textContent = STATUS_TEXT[s](client.pending);
+}
+client.on('status', renderStatus);
+client.on('error', (e) => console.warn('collab error', e.code, e.message));
+renderStatus();
+
+// --- people and carets ----------------------------------------------------------------
+function peerList() {
+  const out = [];
+  for (const [replica, st] of client.peers) {
+    if (!st || typeof st !== 'object') continue;
+    const name = typeof st.name === 'string' && st.name ? st.name.slice(0, 32) : `replica ${replica}`;
+    const color = typeof st.color === 'string' && /^#[0-9a-fA-F]{3,8}$/.test(st.color) ? st.color : '#888';
+    out.push({ replica, name, color, anchor: st.anchor ?? null, head: st.head ?? null });
+  }
+  return out.sort((a, b) => a.replica - b.replica);
+}
+
+function renderPeople() {
+  const ul = $('people');
+  ul.replaceChildren();
+  const doc = client.doc;
+  const peers = peerList();
+  for (const p of peers) {
+    const li = document.createElement('li');
+    li.dataset.replica = String(p.replica);
+    const sw = document.createElement('span');
+    sw.className = 'swatch';
+    sw.style.setProperty('--c', p.color);
+    const nm = document.createElement('span');
+    nm.className = 'name';
+    nm.textContent = p.name;
+    const where = document.createElement('span');
+    where.className = 'where';
+    if (client.ready && Array.isArray(p.head)) where.textContent = `@${doc.positionOfAnchor(p.head)}`;
+    li.append(sw, nm, where);
+    ul.append(li);
+  }
+  $('alone').hidden = peers.length > 0;
+}
+
+/** Draws the other people's carets and selections in an overlay laid out like the textarea. */
+function renderCarets() {
+  const box = $('carets');
+  box.style.left = `${ta.offsetLeft + ta.clientLeft}px`;
+  box.style.top = `${ta.offsetTop + ta.clientTop}px`;
+  box.style.width = `${ta.clientWidth}px`;
+  box.style.height = `${ta.clientHeight}px`;
+  const doc = client.doc;
+  const text = ta.value;
+  const marks = [];
+  for (const p of client.ready ? peerList() : []) {
+    const valid = (a) => a === null || (Array.isArray(a) && a.length === 2 && Number.isSafeInteger(a[0]) && Number.isSafeInteger(a[1]));
+    if (!valid(p.head) || !valid(p.anchor)) continue;
+    const head = doc.cpToUtf16(doc.positionOfAnchor(p.head));
+    const anchor = doc.cpToUtf16(doc.positionOfAnchor(p.anchor));
+    if (anchor !== head) {
+      marks.push({ at: Math.min(anchor, head), kind: 'sel-start', p }, { at: Math.max(anchor, head), kind: 'sel-end', p });
+    }
+    marks.push({ at: head, kind: 'caret', p });
+  }
+  marks.sort((a, b) => a.at - b.at);
+  const frag = document.createDocumentFragment();
+  let at = 0;
+  const open = [];
+  const pushText = (s) => {
+    if (!s) return;
+    if (open.length) {
+      const span = document.createElement('span');
+      span.className = 'sel';
+      span.style.setProperty('--c', open[open.length - 1].color);
+      span.textContent = s;
+      frag.append(span);
+    } else frag.append(s);
+  };
+  for (const m of marks) {
+    pushText(text.slice(at, m.at));
+    at = m.at;
+    if (m.kind === 'sel-start') open.push(m.p);
+    else if (m.kind === 'sel-end') open.splice(open.indexOf(m.p), 1);
+    else {
+      const c = document.createElement('span');
+      c.className = 'rc';
+      c.dataset.name = m.p.name;
+      c.dataset.replica = String(m.p.replica);
+      c.style.setProperty('--c', m.p.color);
+      frag.append(c);
+    }
+  }
+  pushText(text.slice(at));
+  // A trailing newline needs a character after it to take up a line, as in the textarea.
+  frag.append('\u200b');
+  box.replaceChildren(frag);
+  box.scrollTop = ta.scrollTop;
+}
+
+let frame = 0;
+function scheduleRender() {
+  if (frame) return;
+  frame = requestAnimationFrame(() => {
+    frame = 0;
+    renderPeople();
+    renderCarets();
+    $('stats').textContent = `${client.doc.length} characters · replica ${client.replica ?? '…'}`;
+  });
+}
+client.on('presence', scheduleRender);
+client.on('change', scheduleRender);
+client.on('status', scheduleRender);
+ta.addEventListener('input', scheduleRender);
+ta.addEventListener('scroll', () => { $('carets').scrollTop = ta.scrollTop; });
+window.addEventListener('resize', scheduleRender);
+scheduleRender();
+
+// For the browser tests and for poking around in the console.
+window.collabDemo = { client, binding, docName, me };
