@@ -1,2 +1,14 @@
 //! collab-engine: a thread-per-core real-time collaboration server.
+//!
+//! Codemap (see `docs/ARCHITECTURE.md` for the whole picture):
+//! - [`config`]: every limit and its default, parsed from the command line.
+//! - [`ids`]: newtypes for shard, connection, replica and sequence ids; doc -> shard hashing.
+//! - [`storage`]: the op log and snapshots behind the `Storage` trait.
+//! - [`metrics`]: per-shard counters and histograms, merged on scrape.
 #![warn(missing_docs)]
+
+pub mod config;
+pub mod crdt;
+pub mod ids;
+pub mod metrics;
+pub mod storage;

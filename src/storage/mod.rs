@@ -1,0 +1,115 @@
+//! Durable state of documents: the op log and snapshots, behind the [`Storage`] trait.
+//!
+//! A shard owns one `Storage` value outright and calls it from its loop: rooms produce
+//! [`LogRecord`]s, the shard appends every record of a loop turn, calls [`Storage::sync`]
+//! once (group commit), and only then releases the echoes and acks that those records cover.
+//! Storage never sees a socket, and rooms never see a file.
+
+mod memory;
+
+pub use memory::MemoryStorage;
+
+use tungstenite::Utf8Bytes;
+
+/// One entry of a document's op log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogRecord {
+    /// An accepted op message: its `server_seq` and its `op_echo` JSON exactly as broadcast.
+    Ops {
+        /// The op message's position in the document's history.
+        server_seq: u64,
+        /// The complete `op_echo` object, `type` included.
+        echo: Utf8Bytes,
+    },
+    /// Replica ids up to and including `last` may have been handed out in this document;
+    /// after a restart the next assigned replica is above it.
+    ReplicasReserved {
+        /// Highest replica id reserved so far.
+        last: u64,
+    },
+}
+
+/// A document's state at `head`, from which its log tail is replayed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredSnapshot {
+    /// The document's epoch (contract: names this incarnation of its history).
+    pub epoch: String,
+    /// `server_seq` of the last op message the snapshot includes (0 for none).
+    pub head: u64,
+    /// Highest replica id reserved when the snapshot was taken.
+    pub replicas_reserved: u64,
+    /// The contract's snapshot object, `{"runs":[...]}`, as JSON text.
+    pub runs_json: Utf8Bytes,
+}
+
+/// What [`Storage::load`] finds for a document.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredDoc {
+    /// The document's epoch.
+    pub epoch: String,
+    /// The newest snapshot, if one was written.
+    pub snapshot: Option<StoredSnapshot>,
+    /// Every record after the snapshot (or since creation), in log order.
+    pub tail: Vec<LogRecord>,
+}
+
+/// Why storage refused; the shard turns each into an `unavailable` error for the clients
+/// concerned and never acknowledges what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// A read, write or fsync failed (ENOSPC, EIO, ...). Nothing since the last successful
+    /// sync is durable.
+    #[error("storage I/O failed: {context}: {source}")]
+    Io {
+        /// What was being done, naming the file.
+        context: String,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// Stored data failed its checksum or did not decode, somewhere other than a torn tail.
+    #[error("corrupt data in {file} at byte {offset}: {detail}")]
+    Corrupt {
+        /// The file, relative to the data directory.
+        file: String,
+        /// Byte offset of the bad record.
+        offset: u64,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+/// The op log and snapshots of the documents of one shard.
+///
+/// Implementations must not depend on the shard count: a restart with another `--shards`
+/// finds every document.
+pub trait Storage: Send {
+    /// Loads a document's snapshot and log tail, or `Ok(None)` when nothing is stored.
+    ///
+    /// # Errors
+    /// `Corrupt` when a checksum fails anywhere but a torn last record (which is cut off with
+    /// a warning); `Io` when reading fails.
+    fn load(&mut self, doc: &str) -> Result<Option<StoredDoc>, StorageError>;
+
+    /// Buffers `record` for `doc`, durable after the next successful [`Storage::sync`].
+    /// `epoch` is persisted with the document's first record.
+    ///
+    /// # Errors
+    /// `Io` when the write fails; the record is then not durable and must not be acknowledged.
+    fn append(&mut self, doc: &str, epoch: &str, record: &LogRecord) -> Result<(), StorageError>;
+
+    /// Makes every record appended so far durable (one fsync per touched file at most).
+    ///
+    /// # Errors
+    /// `Io` when a write or fsync fails: none of the records appended since the previous
+    /// successful sync may be acknowledged, and the storage rolls its files back to that point.
+    fn sync(&mut self) -> Result<(), StorageError>;
+
+    /// Atomically replaces the document's snapshot; the log it covers may then be reclaimed.
+    ///
+    /// # Errors
+    /// `Io`; the previous snapshot and log stay valid.
+    fn write_snapshot(&mut self, doc: &str, snapshot: &StoredSnapshot) -> Result<(), StorageError>;
+
+    /// The document left memory: release its file handles and caches.
+    fn release(&mut self, doc: &str);
+}
