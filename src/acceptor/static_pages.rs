@@ -19,10 +19,22 @@ const JS: &str = "text/javascript; charset=utf-8";
 /// served from here (or a user's own) can `import` it.
 const PAGES: &[(&str, &str, &[u8])] = &[
     ("/", HTML, include_bytes!("../../clients/demo/index.html")),
-    ("/index.html", HTML, include_bytes!("../../clients/demo/index.html")),
-    ("/app.css", CSS, include_bytes!("../../clients/demo/app.css")),
+    (
+        "/index.html",
+        HTML,
+        include_bytes!("../../clients/demo/index.html"),
+    ),
+    (
+        "/app.css",
+        CSS,
+        include_bytes!("../../clients/demo/app.css"),
+    ),
     ("/app.js", JS, include_bytes!("../../clients/demo/app.js")),
-    ("/collab.js", JS, include_bytes!("../../clients/js/collab.js")),
+    (
+        "/collab.js",
+        JS,
+        include_bytes!("../../clients/js/collab.js"),
+    ),
 ];
 
 /// The embedded page for a request path without its query ("/", "/app.js", "/collab.js", ...), or None.
@@ -55,7 +67,13 @@ mod tests {
         check("/", Some((super::HTML, "<textarea id=\"editor\"")));
         check("/index.html", Some((super::HTML, "/app.js")));
         check("/app.css", Some((super::CSS, "#editor")));
-        check("/app.js", Some((super::JS, "import { CollabClient, TextareaBinding } from '/collab.js'")));
+        check(
+            "/app.js",
+            Some((
+                super::JS,
+                "import { CollabClient, TextareaBinding } from '/collab.js'",
+            )),
+        );
         check("/collab.js", Some((super::JS, "export class CollabClient")));
         check("/missing", None);
         check("/app.js?v=1", None);
