@@ -4,6 +4,7 @@
 //! run time: every body is compiled in with `include_bytes!`, so the binary is the whole app.
 
 /// A file embedded in the binary, served by the acceptor over plain HTTP.
+#[derive(Clone, Copy, Debug)]
 pub struct StaticPage {
     /// The `Content-Type` header value.
     pub content_type: &'static str,
