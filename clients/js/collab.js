@@ -719,6 +719,9 @@ function batchOps(ops) {
 // The connection
 // ---------------------------------------------------------------------------------------
 
+/** Acknowledged messages kept for re-issuing after the server lost history. */
+const ACKED_KEPT_MAX = 2000;
+
 /** A tiny event emitter: `on(type, fn)` returns a function that unsubscribes. */
 class Emitter {
   constructor() { this._handlers = new Map(); }
@@ -787,6 +790,8 @@ export class CollabClient extends Emitter {
     this._outbox = [];
     /** Sent (or to be sent) messages awaiting their echo or ack, in client_seq order. */
     this._unacked = [];
+    /** Our latest acknowledged messages (bounded), re-issued if the server loses history. */
+    this._acked = [];
     this._nextSeq = 0;
     this._ws = null;
     this._joined = false;
@@ -961,9 +966,10 @@ export class CollabClient extends Emitter {
       try {
         this._onMessage(msg);
       } catch (e) {
-        // Our replica refused something the server accepted: start over from a snapshot.
         this.emit('error', { code: e.code || 'client', message: String(e && e.message || e) });
-        this._resync = true;
+        // A missed echo is repaired by a replay; anything else our replica refused that the
+        // server accepted, by starting over from a snapshot.
+        if (e.code !== 'gap') this._resync = true;
         this._dropSocket();
       }
     };
@@ -1039,12 +1045,19 @@ export class CollabClient extends Emitter {
 
   _ackSeq(seq) {
     const i = this._unacked.findIndex((m) => m.client_seq === seq);
-    if (i >= 0) this._unacked.splice(i, 1);
+    if (i < 0) return;
+    this._acked.push(this._unacked[i]);
+    if (this._acked.length > ACKED_KEPT_MAX) this._acked.splice(0, this._acked.length - ACKED_KEPT_MAX);
+    this._unacked.splice(i, 1);
   }
 
   _onEcho(e) {
     if (e.replica === this.doc.replica) this._ackSeq(e.client_seq);
     if (this.since !== null && e.server_seq <= this.since) return;
+    if (this.since !== null && e.server_seq > this.since + 1) {
+      // A gap: we missed echoes. Reconnect; the server replays from `since`.
+      throw new OpError('gap', `echo ${e.server_seq} after ${this.since}`);
+    }
     this._emitChanges(this.doc.applyOps(e.ops));
     this.since = e.server_seq;
   }
@@ -1069,11 +1082,12 @@ export class CollabClient extends Emitter {
 
   _onHelloAck(ack) {
     const firstJoin = !this._everJoined;
+    let reissue = false;
     if (this.doc.replica === null) this.doc.replica = ack.replica;
     else if (ack.replica !== this.doc.replica) {
       // The server gave us another replica: our unacked ops can no longer be resent as-is.
       this.doc.replica = ack.replica;
-      this._resync = true;
+      reissue = true;
     }
     const lostHistory = this.epoch !== null && (ack.epoch !== this.epoch || (this.since !== null && ack.head < this.since));
     this._flushNow();
@@ -1084,11 +1098,12 @@ export class CollabClient extends Emitter {
       const oldLen16 = this.doc.length16;
       const pending = this._unacked;
       this.doc.loadSnapshot((ack.snapshot && ack.snapshot.runs) || []);
-      if (lostHistory || this._resync) {
-        // The server lacks history we saw (or our replica changed): our unacknowledged
-        // edits are new edits now, with fresh ids.
+      if (lostHistory || reissue) {
+        // The server lacks history we saw (or our replica changed): our edits that the
+        // snapshot lacks, acknowledged or not, are new edits now, with fresh ids.
         this._unacked = [];
-        this._reissue(pending);
+        this._reissue(lostHistory ? this._acked.concat(pending) : pending);
+        this._acked = [];
       } else {
         // Re-apply pending edits; the server will integrate their resends idempotently.
         for (const m of pending) {
@@ -1123,6 +1138,7 @@ export class CollabClient extends Emitter {
     for (const m of messages) {
       for (const op of m.ops) {
         if (op.kind === 'ins') {
+          if (this.doc.has(op.id)) continue; // The server kept this one.
           let after = op.after;
           if (after && remap.has(key(after))) after = remap.get(key(after));
           if (after && !this.doc.has(after)) continue;

@@ -28,7 +28,9 @@ async function start(listen) {
 
 before(async () => {
   data = tempDir('collab-e2e-');
-  [browser, server] = await Promise.all([launchBrowser(), start()]);
+  // One after the other, so that `after` can close whatever did start.
+  browser = await launchBrowser();
+  server = await start();
 });
 
 after(async () => {
