@@ -112,6 +112,8 @@ function renderCarets() {
   for (const p of client.ready ? peerList() : []) {
     const valid = (a) => a === null || (Array.isArray(a) && a.length === 2 && Number.isSafeInteger(a[0]) && Number.isSafeInteger(a[1]));
     if (!valid(p.head) || !valid(p.anchor)) continue;
+    // Presence can overtake the edit it points into; draw the caret once that edit arrives.
+    if ((p.head && !doc.has(p.head)) || (p.anchor && !doc.has(p.anchor))) continue;
     const head = doc.cpToUtf16(doc.positionOfAnchor(p.head));
     const anchor = doc.cpToUtf16(doc.positionOfAnchor(p.anchor));
     if (anchor !== head) {
