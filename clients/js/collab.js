@@ -781,6 +781,8 @@ export class CollabClient extends Emitter {
     this.backoffMinMs = opts.backoffMinMs ?? 250;
     this.backoffMaxMs = opts.backoffMaxMs ?? 5000;
     this.doc = new RgaDoc(opts.replica ?? null);
+    /** Old id -> new id of the edits last re-issued after a loss of history (see resolveId). */
+    this._remap = null;
     /** Last server_seq applied, and the epoch it belongs to (null before the first join). */
     this.since = null;
     this.epoch = null;
@@ -1130,9 +1132,19 @@ export class CollabClient extends Emitter {
     this._setStatus('online');
   }
 
+  /**
+   * The id an item has now: the same id, unless the item was re-issued with a fresh id after
+   * the server lost history (then the new one). For anchors kept across a `reset` change.
+   */
+  resolveId(id) {
+    if (!id || !this._remap) return id;
+    return this._remap.get(`${id[0]},${id[1]}`) || id;
+  }
+
   /** Re-creates lost local edits on the current document with fresh ids. */
   _reissue(messages) {
     const remap = new Map();
+    this._remap = remap;
     const key = (id) => `${id[0]},${id[1]}`;
     const ops = [];
     for (const m of messages) {
@@ -1274,9 +1286,14 @@ export class TextareaBinding {
       // A snapshot replaced everything: find the selection again by its item ids.
       ta.value = this.client.text();
       const doc = this.client.doc;
+      const resolve = (anchor, old) => {
+        const id = this.client.resolveId(anchor);
+        if (id && !doc.has(id)) return Math.min(old, ta.value.length); // Lost: stay put.
+        return doc.cpToUtf16(doc.positionOfAnchor(id));
+      };
       if (this._anchors) {
-        s = doc.cpToUtf16(doc.positionOfAnchor(this._anchors.start));
-        e = doc.cpToUtf16(doc.positionOfAnchor(this._anchors.end));
+        s = resolve(this._anchors.start, s);
+        e = resolve(this._anchors.end, e);
       }
     } else {
       ta.setRangeText(c.text, c.index16, c.index16 + c.length16);
@@ -1292,6 +1309,8 @@ export class TextareaBinding {
     this._value = ta.value;
     ta.setSelectionRange(Math.min(s, e), Math.max(s, e), dir);
     ta.scrollTop = scroll;
+    // Our caret's ids may have changed (re-issued edits): publish them again.
+    if (c.reset) this._publishCaret();
   }
 
   _publishCaret() {

@@ -155,6 +155,7 @@ test('two pages, a late third page, a server restart, presence carets', { timeou
   // Crash the server; the pages notice, keep local edits, and reconnect by themselves once
   // it is back on the same port and data dir.
   const listen = `127.0.0.1:${server.port}`;
+  const epochBefore = await alice.evaluate(() => window.collabDemo.client.epoch);
   await server.stop('SIGKILL');
   for (const p of [alice, bob, carol]) {
     await p.waitForFunction(() => ['offline', 'connecting'].includes(window.collabDemo.client.status), null, { timeout: 15000 });
@@ -165,7 +166,15 @@ test('two pages, a late third page, a server restart, presence carets', { timeou
   assert.match(await carol.$eval('#status-text', (e) => e.textContent), /offline|connecting/);
   server = await start(listen);
   text = await converged([alice, bob, carol], 30000);
+  // The server kept the document (same epoch), Carol's offline edit is in exactly once, and
+  // her caret is still right after what she typed.
+  const epochAfter = await alice.evaluate(() => window.collabDemo.client.epoch);
+  assert.equal(epochAfter, epochBefore, 'the restarted server lost the document');
   assert.equal(text.split('(written offline)').length, 2, text);
+  assert.ok(await carol.evaluate(() => {
+    const ta = document.getElementById('editor');
+    return ta.value.slice(0, ta.selectionEnd).endsWith('(written offline)');
+  }), 'caret kept its place');
 
   // Further edits after the restart still converge.
   await bob.click('#editor');
