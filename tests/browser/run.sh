@@ -22,8 +22,10 @@ if [ ! -d node_modules/playwright-core ] || [ ! -d node_modules/ws ] || [ packag
 fi
 
 if [ "${COLLAB_E2E_SERVER:-}" != "fake" ]; then
-  echo "== cargo build --release (server binary for the browser tests)"
-  (cd "$REPO" && cargo build --release --bin collab-engine)
+  echo "== cargo build --release (server binary, Rust participant of the mixed test)"
+  EXTRA=()
+  [ -f "$REPO/examples/mixed_client.rs" ] && EXTRA=(--example mixed_client)
+  (cd "$REPO" && cargo build --release --bin collab-engine "${EXTRA[@]}")
 fi
 
 echo "== node --test (tests/browser/test)"
