@@ -751,8 +751,9 @@ export function docUrl(base, doc) {
  * A live replica of one document on a collab-engine server.
  *
  * Events (`client.on(type, fn)`):
- * - `change` `{index, length, text, index16, length16, remote: true, reset?}` for every remote
- *   edit (and `reset: true` when a snapshot replaced the whole text).
+ * - `change` `{index, length, text, index16, length16, remote, reset?}` for every edit: remote
+ *   ones (`remote: true`; `reset: true` when a snapshot replaced the whole text) and local
+ *   ones made through this API (`remote: false`).
  * - `presence` `{replica, state}`; `state` null when that replica left.
  * - `status` `{status, pending}`, status one of `connecting`, `online`, `saved`, `offline`.
  * - `error` `{code, message, client_seq?}`.
@@ -859,25 +860,29 @@ export class CollabClient extends Emitter {
 
   /** Inserts `text` at code point position `pos`. */
   insert(pos, text) {
-    this._needReady();
-    const op = this.doc.localInsert(pos, text);
-    if (op) this._queue([op]);
+    this.replace(pos, 0, text);
   }
 
   /** Deletes `len` code points at position `pos`. */
   delete(pos, len) {
-    this._needReady();
-    const ops = this.doc.localDelete(pos, len);
-    if (ops.length) this._queue(ops);
+    this.replace(pos, len, '');
   }
 
-  /** Replaces `len` code points at `pos` with `text`. */
+  /**
+   * Replaces `len` code points at `pos` with `text`. Emits one `change` with `remote: false`
+   * (so that views other than the one that made the edit can follow).
+   */
   replace(pos, len, text) {
     this._needReady();
-    const ops = this.doc.localDelete(pos, len);
-    const ins = this.doc.localInsert(pos, text);
+    const doc = this.doc;
+    const index16 = doc.cpToUtf16(pos);
+    const length16 = len ? doc.cpToUtf16(pos + len) - index16 : 0;
+    const ops = doc.localDelete(pos, len);
+    const ins = doc.localInsert(pos, text);
     if (ins) ops.push(ins);
-    if (ops.length) this._queue(ops);
+    if (!ops.length) return;
+    this._queue(ops);
+    this.emit('change', { index: pos, length: len, text, index16, length16, remote: false });
   }
 
   _needReady() {
@@ -1230,7 +1235,7 @@ export class TextareaBinding {
     this._onSelChange = () => { if (doc.activeElement === this.ta) this._publishCaret(); };
     doc.addEventListener('selectionchange', this._onSelChange);
     this._offs = [
-      client.on('change', (c) => this._remote(c)),
+      client.on('change', (c) => { if (!this._editing) this._change(c); }),
       client.on('status', () => {
         if (client.ready && this.ta.readOnly) { this.ta.readOnly = false; this._publishCaret(); }
       }),
@@ -1263,7 +1268,10 @@ export class TextareaBinding {
     const doc = client.doc;
     const start = doc.utf16ToCp(start16);
     const removed = doc.utf16ToCp(start16 + removed16) - start;
-    if (removed > 0 || inserted.length > 0) client.replace(start, removed, inserted);
+    if (removed > 0 || inserted.length > 0) {
+      this._editing = true;
+      try { client.replace(start, removed, inserted); } finally { this._editing = false; }
+    }
     this._value = next;
     this._publishCaret();
   }
@@ -1276,14 +1284,15 @@ export class TextareaBinding {
     return { start: doc.anchorAt(s), end: doc.anchorAt(e), backward };
   }
 
-  _remote(c) {
+  /** Applies a change made elsewhere (remote, or local through the client API). */
+  _change(c) {
     const ta = this.ta;
-    let s = ta.selectionStart;
-    let e = ta.selectionEnd;
-    const dir = ta.selectionDirection;
-    const scroll = ta.scrollTop;
     if (c.reset) {
       // A snapshot replaced everything: find the selection again by its item ids.
+      const dir = ta.selectionDirection;
+      const scroll = ta.scrollTop;
+      let s = ta.selectionStart;
+      let e = ta.selectionEnd;
       ta.value = this.client.text();
       const doc = this.client.doc;
       const resolve = (anchor, old) => {
@@ -1295,22 +1304,27 @@ export class TextareaBinding {
         s = resolve(this._anchors.start, s);
         e = resolve(this._anchors.end, e);
       }
-    } else {
-      ta.setRangeText(c.text, c.index16, c.index16 + c.length16);
-      // Same result as re-resolving the id anchors (the id of the character before each
-      // end): ends before the edit stay, ends after it shift, ends inside a removed
-      // range collapse to its start.
-      const end16 = c.index16 + c.length16;
-      const shift = c.text.length - c.length16;
-      const map = (p) => (p <= c.index16 ? p : p >= end16 ? p + shift : c.index16);
-      s = map(s);
-      e = map(e);
+      this._value = ta.value;
+      ta.setSelectionRange(Math.min(s, e), Math.max(s, e), dir);
+      ta.scrollTop = scroll;
+      // Our caret's ids may have changed (re-issued edits): publish them again.
+      this._publishCaret();
+      return;
     }
+    // Same result as re-resolving the id anchors (the id of the character before each end):
+    // ends before the edit stay, ends after it shift, ends inside a removed range collapse to
+    // its start. That is what setRangeText's "preserve" mode does; check rather than trust.
+    // Nothing here reads layout (scrollTop, sizes): in a long text one layout per frame, not
+    // per edit, is what keeps remote typing cheap.
+    const end16 = c.index16 + c.length16;
+    const shift = c.text.length - c.length16;
+    const map = (p) => (p <= c.index16 ? p : p >= end16 ? p + shift : c.index16);
+    const s = map(ta.selectionStart);
+    const e = map(ta.selectionEnd);
+    const dir = ta.selectionDirection;
+    ta.setRangeText(c.text, c.index16, end16, 'preserve');
     this._value = ta.value;
-    ta.setSelectionRange(Math.min(s, e), Math.max(s, e), dir);
-    ta.scrollTop = scroll;
-    // Our caret's ids may have changed (re-issued edits): publish them again.
-    if (c.reset) this._publishCaret();
+    if (ta.selectionStart !== s || ta.selectionEnd !== e) ta.setSelectionRange(s, e, dir);
   }
 
   _publishCaret() {

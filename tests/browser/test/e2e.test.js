@@ -128,11 +128,15 @@ test('two pages, a late third page, a server restart, presence carets', { timeou
     return ta.value.slice(0, ta.selectionEnd);
   });
   const caretAtAlice = await alice.evaluate(() => {
+    // The overlay holds one block per paragraph; find the text before Bob's caret.
     const box = document.getElementById('carets');
     let s = '';
-    for (const n of box.childNodes) {
-      if (n.nodeType === 1 && n.classList.contains('rc') && n.dataset.name === 'Bob') return s;
-      s += n.textContent;
+    for (const [i, para] of [...box.children].entries()) {
+      if (i > 0) s += '\n';
+      for (const n of para.childNodes) {
+        if (n.nodeType === 1 && n.classList.contains('rc') && n.dataset.name === 'Bob') return s;
+        s += n.textContent.replace(/\u200b/g, '');
+      }
     }
     return null;
   });
