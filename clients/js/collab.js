@@ -765,6 +765,7 @@ export class CollabClient extends Emitter {
    * @param {string} opts.doc  document name
    * @param {Function} [opts.WebSocket]  constructor; defaults to `globalThis.WebSocket`
    * @param {number} [opts.replica]  reuse a replica id (else the server assigns one)
+   * @param {string} [opts.token]  sent as `hello.token` when the server requires auth
    * @param {object} [opts.presence]  initial presence state
    * @param {number} [opts.flushDelayMs=16]  edits made within this time go in one message
    * @param {number} [opts.backoffMinMs=250]  first reconnect delay
@@ -776,6 +777,7 @@ export class CollabClient extends Emitter {
     if (!opts || typeof opts.doc !== 'string' || !opts.doc) throw new TypeError('CollabClient: doc is required');
     this.url = docUrl(opts.url, opts.doc);
     this.docName = opts.doc;
+    this.token = opts.token ?? null;
     this.WebSocket = opts.WebSocket || globalThis.WebSocket;
     if (!this.WebSocket) throw new TypeError('CollabClient: no WebSocket; pass opts.WebSocket');
     this.flushDelayMs = opts.flushDelayMs ?? 16;
@@ -810,6 +812,14 @@ export class CollabClient extends Emitter {
     this._presenceDirty = this._presenceState !== null;
     /** replica -> presence state of the other connected replicas. */
     this.peers = new Map();
+    // In a browser, retry at once when the network comes back instead of waiting out the backoff.
+    this._onNetworkOnline = () => {
+      if (!this._closed && this._ws === null && this._timer !== null) {
+        clearTimeout(this._timer);
+        this._timer = null;
+        this._open();
+      }
+    };
     if (opts.autoConnect !== false) this.connect();
   }
 
@@ -831,12 +841,14 @@ export class CollabClient extends Emitter {
   /** Opens the connection (again, after `close()`). */
   connect() {
     this._closed = false;
+    globalThis.addEventListener?.('online', this._onNetworkOnline);
     this._open();
   }
 
   /** Closes the connection and stops reconnecting. Pending edits stay queued. */
   close() {
     this._closed = true;
+    globalThis.removeEventListener?.('online', this._onNetworkOnline);
     clearTimeout(this._timer);
     this._flushNow();
     if (this._ws) {
@@ -959,6 +971,7 @@ export class CollabClient extends Emitter {
     ws.onopen = () => {
       const hello = { type: 'hello', doc: this.docName };
       if (this.doc.replica !== null) hello.replica = this.doc.replica;
+      if (this.token !== null) hello.token = this.token;
       if (this.since !== null && !this._resync) { hello.since = this.since; hello.epoch = this.epoch; }
       this._send(hello);
     };
