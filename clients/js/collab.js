@@ -112,6 +112,68 @@ class Chunk {
   }
 }
 
+/** Runs per index block before it splits. */
+const BLOCK_MAX = 256;
+
+/**
+ * One replica's runs sorted by lamport, in blocks of at most BLOCK_MAX: finding, adding and
+ * removing a run cost O(log runs + BLOCK_MAX), never a shift of every run of the replica.
+ */
+class RunIndex {
+  constructor() {
+    /** Non-empty sorted blocks (one empty block only when the index is empty). */
+    this.blocks = [[]];
+  }
+
+  /** Index of the block that holds (or would hold) `lamport`. */
+  _block(lamport) {
+    const bs = this.blocks;
+    let lo = 0;
+    let hi = bs.length - 1;
+    while (lo < hi) {
+      const mid = (lo + hi + 1) >> 1;
+      if (bs[mid][0].lamport <= lamport) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+  }
+
+  /** Index in `arr` of the last run whose lamport <= `lamport`, or -1. */
+  static _search(arr, lamport) {
+    let lo = 0;
+    let hi = arr.length - 1;
+    let ans = -1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1;
+      if (arr[mid].lamport <= lamport) { ans = mid; lo = mid + 1; } else hi = mid - 1;
+    }
+    return ans;
+  }
+
+  find(lamport) {
+    const b = this.blocks[this._block(lamport)];
+    const i = RunIndex._search(b, lamport);
+    if (i < 0) return null;
+    const r = b[i];
+    return lamport < r.lamport + r.len ? r : null;
+  }
+
+  add(run) {
+    const bi = this._block(run.lamport);
+    const b = this.blocks[bi];
+    b.splice(RunIndex._search(b, run.lamport) + 1, 0, run);
+    if (b.length > BLOCK_MAX) this.blocks.splice(bi + 1, 0, b.splice(BLOCK_MAX >> 1));
+  }
+
+  remove(run) {
+    const bi = this._block(run.lamport);
+    const b = this.blocks[bi];
+    const i = RunIndex._search(b, run.lamport);
+    if (b[i] !== run) throw new Error('rga: index out of sync');
+    b.splice(i, 1);
+    if (b.length === 0 && this.blocks.length > 1) this.blocks.splice(bi, 1);
+  }
+}
+
 /** Runs per chunk before it splits; a position lookup costs O(chunks + CHUNK_MAX). */
 const CHUNK_MAX = 64;
 
@@ -129,7 +191,7 @@ export class RgaDoc {
 
   _reset() {
     this.chunks = [new Chunk()];
-    /** replica -> its runs sorted by lamport; finds an id in O(log runs). */
+    /** replica -> RunIndex of its runs; finds an id in O(log runs). */
     this.byReplica = new Map();
     /** Greatest lamport seen; local inserts use greater ones. */
     this.maxLamport = -1;
@@ -159,45 +221,20 @@ export class RgaDoc {
 
   // --- index maintenance ---------------------------------------------------------------
 
-  _replicaRuns(replica) {
-    let a = this.byReplica.get(replica);
-    if (!a) { a = []; this.byReplica.set(replica, a); }
-    return a;
-  }
-
-  /** Index in `arr` of the last run whose lamport <= `lamport`, or -1. */
-  static _search(arr, lamport) {
-    let lo = 0;
-    let hi = arr.length - 1;
-    let ans = -1;
-    while (lo <= hi) {
-      const mid = (lo + hi) >> 1;
-      if (arr[mid].lamport <= lamport) { ans = mid; lo = mid + 1; } else hi = mid - 1;
-    }
-    return ans;
-  }
-
   /** The run containing id (lamport, replica), or null. */
   _find(lamport, replica) {
-    const arr = this.byReplica.get(replica);
-    if (!arr) return null;
-    const i = RgaDoc._search(arr, lamport);
-    if (i < 0) return null;
-    const r = arr[i];
-    return lamport < r.lamport + r.len ? r : null;
+    const idx = this.byReplica.get(replica);
+    return idx ? idx.find(lamport) : null;
   }
 
   _indexAdd(run) {
-    const arr = this._replicaRuns(run.replica);
-    const i = RgaDoc._search(arr, run.lamport);
-    arr.splice(i + 1, 0, run);
+    let idx = this.byReplica.get(run.replica);
+    if (!idx) { idx = new RunIndex(); this.byReplica.set(run.replica, idx); }
+    idx.add(run);
   }
 
   _indexRemove(run) {
-    const arr = this.byReplica.get(run.replica);
-    const i = RgaDoc._search(arr, run.lamport);
-    if (arr[i] !== run) throw new Error('rga: index out of sync');
-    arr.splice(i, 1);
+    this.byReplica.get(run.replica).remove(run);
   }
 
   /** Puts `run` at `pos` in `chunk` and keeps the caches; splits an overfull chunk. */
@@ -640,7 +677,8 @@ export class RgaDoc {
       if (vis !== c.vis || vis16 !== c.vis16) throw new Error('check: chunk caches');
     }
     let indexed = 0;
-    for (const arr of this.byReplica.values()) {
+    for (const idx of this.byReplica.values()) {
+      const arr = idx.blocks.flat();
       for (let i = 0; i < arr.length; i++) {
         indexed += arr[i].len;
         if (i > 0 && arr[i - 1].lamport + arr[i - 1].len > arr[i].lamport) throw new Error('check: index order');

@@ -21,7 +21,7 @@ if [ ! -d node_modules/playwright-core ] || [ ! -d node_modules/ws ] || [ packag
   npm ci --no-audit --no-fund --loglevel=error
 fi
 
-if [ "${COLLAB_E2E_SERVER:-}" != "fake" ]; then
+if [ "${COLLAB_E2E_SERVER:-}" != "fake" ] && [ -f "$REPO/src/acceptor/mod.rs" ]; then
   echo "== cargo build --release (server binary, Rust participant of the mixed test)"
   EXTRA=()
   [ -f "$REPO/examples/mixed_client.rs" ] && EXTRA=(--example mixed_client)
