@@ -145,6 +145,25 @@ test('two pages, a late third page, a server restart, presence carets', { skip, 
   });
   assert.equal(caretAtAlice, bobCaret);
 
+  // Remote edits do not move the local selection off its text, and edits made through the
+  // client API show up in the page that made them too.
+  await alice.evaluate(() => {
+    const ta = document.getElementById('editor');
+    const i = ta.value.indexOf('second');
+    ta.focus();
+    ta.setSelectionRange(i, i + 'second'.length);
+  });
+  await bob.evaluate(() => window.collabDemo.client.insert(0, 'PREFIX '));
+  assert.ok((await value(bob)).startsWith('PREFIX '));
+  await alice.waitForFunction(() => document.getElementById('editor').value.startsWith('PREFIX '));
+  assert.equal(await alice.evaluate(() => {
+    const ta = document.getElementById('editor');
+    return ta.value.slice(ta.selectionStart, ta.selectionEnd);
+  }), 'second');
+  await alice.keyboard.type('2nd', { delay: 10 });
+  text = await converged([alice, bob]);
+  assert.ok(text.startsWith('PREFIX ') && text.includes('2nd line') && !text.includes('second'), text);
+
   // A screenshot of the session: both windows side by side.
   const out = ensureOutDir();
   const shots = [await alice.screenshot(), await bob.screenshot()];
