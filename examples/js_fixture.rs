@@ -169,10 +169,10 @@ fn random_case(seed: u64, n_replicas: usize, n_steps: usize) -> Value {
         if rng.below(4) == 0 {
             // Catch up with a random part of the log.
             let upto = seen[r] + rng.below((log.len() - seen[r]) as u64 + 1) as usize;
-            for i in seen[r]..upto {
+            for (i, op) in log.iter().enumerate().take(upto).skip(seen[r]) {
                 if !orders[r].contains(&i) {
                     docs[r]
-                        .apply_remote(None, std::slice::from_ref(&log[i]))
+                        .apply_remote(None, std::slice::from_ref(op))
                         .expect("log ops apply");
                     orders[r].push(i);
                 }
@@ -196,9 +196,9 @@ fn random_case(seed: u64, n_replicas: usize, n_steps: usize) -> Value {
         }
     }
     for (r, doc) in docs.iter_mut().enumerate() {
-        for i in 0..log.len() {
+        for (i, op) in log.iter().enumerate() {
             if !orders[r].contains(&i) {
-                doc.apply_remote(None, std::slice::from_ref(&log[i]))
+                doc.apply_remote(None, std::slice::from_ref(op))
                     .expect("log ops apply");
                 orders[r].push(i);
             }

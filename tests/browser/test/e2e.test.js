@@ -11,6 +11,9 @@ import { startFakeServer } from '../lib/fake-server.js';
 // COLLAB_E2E_SERVER=fake runs the pages against the in-memory stand-in (for working on the
 // page without a server build); the default is the real binary.
 const FAKE = process.env.COLLAB_E2E_SERVER === 'fake';
+// Until the disk storage is in the tree the server keeps documents in memory, so a restart
+// loses them; then the test checks recovery (the clients' lost-history path) instead.
+const DURABLE = FAKE || existsSync(join(REPO, 'src', 'storage', 'disk.rs'));
 // Before the server lands in this tree there is nothing to test against: say so and skip.
 const skip = !FAKE && !existsSync(join(REPO, 'src', 'acceptor', 'mod.rs')) ? 'the server (src/acceptor/) is not in this tree' : false;
 
@@ -192,15 +195,22 @@ test('two pages, a late third page, a server restart, presence carets', { skip, 
   assert.match(await carol.$eval('#status-text', (e) => e.textContent), /offline|connecting/);
   server = await start(listen);
   text = await converged([alice, bob, carol], 30000);
-  // The server kept the document (same epoch), Carol's offline edit is in exactly once, and
-  // her caret is still right after what she typed.
   const epochAfter = await alice.evaluate(() => window.collabDemo.client.epoch);
-  assert.equal(epochAfter, epochBefore, 'the restarted server lost the document');
-  assert.equal(text.split('(written offline)').length, 2, text);
-  assert.ok(await carol.evaluate(() => {
-    const ta = document.getElementById('editor');
-    return ta.value.slice(0, ta.selectionEnd).endsWith('(written offline)');
-  }), 'caret kept its place');
+  if (DURABLE) {
+    // The server kept the document (same epoch), Carol's offline edit is in exactly once, and
+    // her caret is still right after what she typed.
+    assert.equal(epochAfter, epochBefore, 'the restarted server lost the document');
+    assert.equal(text.split('(written offline)').length, 2, text);
+    assert.ok(await carol.evaluate(() => {
+      const ta = document.getElementById('editor');
+      return ta.value.slice(0, ta.selectionEnd).endsWith('(written offline)');
+    }), 'caret kept its place');
+  } else {
+    // A new epoch: each page re-issued the edits it remembers; they agree on the result.
+    console.log('# note: this server keeps documents in memory (no src/storage/disk.rs yet): checked recovery from a lost document');
+    assert.notEqual(epochAfter, epochBefore);
+    assert.ok(text.split('(written offline)').length <= 2, text);
+  }
 
   // Further edits after the restart still converge.
   await bob.click('#editor');
