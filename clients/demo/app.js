@@ -27,13 +27,13 @@ $('doc-form').addEventListener('submit', (ev) => {
 $('share-link').href = location.href;
 $('share-link').textContent = location.href;
 
-// Who we are: a name per tab (editable), a colour.
+// Who we are: a name per tab (editable), and a colour that follows from our replica id once
+// the server gave us one (replicas are handed out in sequence, so people rarely share one).
 const me = {
   name: params.get('name') || sessionStorage.getItem('collab-name') || `${pick(ADJECTIVES)} ${pick(ANIMALS)}`,
-  color: sessionStorage.getItem('collab-color') || pick(COLORS),
+  color: '#888888',
 };
 sessionStorage.setItem('collab-name', me.name);
-sessionStorage.setItem('collab-color', me.color);
 $('me-name').value = me.name;
 $('me-swatch').style.setProperty('--c', me.color);
 
@@ -41,6 +41,15 @@ const wsBase = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.ho
 const client = new CollabClient({ url: wsBase, doc: docName });
 const ta = $('editor');
 const binding = new TextareaBinding(ta, client, { presence: me });
+
+client.on('status', () => {
+  if (client.replica === null) return;
+  const color = COLORS[(client.replica - 1) % COLORS.length];
+  if (color === me.color) return;
+  me.color = color;
+  $('me-swatch').style.setProperty('--c', me.color);
+  binding.setPresence({ ...me });
+});
 
 $('me-name').addEventListener('input', () => {
   me.name = $('me-name').value.trim().slice(0, 32) || 'anonymous';
