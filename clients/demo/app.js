@@ -12,6 +12,7 @@ const $ = (id) => document.getElementById(id);
 // The document comes from the URL; without one, offer a fresh random name.
 const params = new URLSearchParams(location.search);
 let docName = params.get('doc');
+if (docName && new TextEncoder().encode(docName).length > 512) docName = null; // Over the limit.
 if (!docName) {
   docName = `${pick(ADJECTIVES)}-${pick(ANIMALS)}-${Math.floor(Math.random() * 1000)}`;
   params.set('doc', docName);

@@ -813,6 +813,7 @@ export class CollabClient extends Emitter {
   constructor(opts) {
     super();
     if (!opts || typeof opts.doc !== 'string' || !opts.doc) throw new TypeError('CollabClient: doc is required');
+    if (new TextEncoder().encode(opts.doc).length > 512) throw new RangeError('CollabClient: doc names are at most 512 bytes of UTF-8');
     this.url = docUrl(opts.url, opts.doc);
     this.docName = opts.doc;
     this.token = opts.token ?? null;
