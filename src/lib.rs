@@ -5,10 +5,12 @@
 //! - [`ids`]: newtypes for shard, connection, replica and sequence ids; doc -> shard hashing.
 //! - [`storage`]: the op log and snapshots behind the `Storage` trait.
 //! - [`metrics`]: per-shard counters and histograms, merged on scrape.
+//! - [`loadgen`]: the `collab-load` load generator (real WebSocket clients, HDR latency reports).
 #![warn(missing_docs)]
 
 pub mod config;
 pub mod crdt;
 pub mod ids;
+pub mod loadgen;
 pub mod metrics;
 pub mod storage;
