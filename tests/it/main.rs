@@ -1,0 +1,5 @@
+//! Integration tests: real servers on 127.0.0.1:0, real WebSocket clients, a watchdog per test.
+
+mod echo;
+mod http;
+mod util;
