@@ -484,6 +484,7 @@ impl Worker {
         let incoming = match client.session.receive(text) {
             Ok(incoming) => incoming,
             Err(e) => {
+                log::debug!("client {idx}: {e}: {text}");
                 let kind = format!(
                     "client_{}",
                     e.to_string()
@@ -590,6 +591,7 @@ impl Worker {
     }
 
     fn fail(&mut self, idx: usize, err: ConnError) {
+        log::debug!("client {idx} failed: {err}");
         let client = &mut self.clients[idx];
         if client.state == ClientState::Connecting {
             self.n_connecting -= 1;
@@ -602,6 +604,7 @@ impl Worker {
     }
 
     fn lose(&mut self, idx: usize, err: ConnError) {
+        log::debug!("client {idx} lost: {err}");
         let client = &mut self.clients[idx];
         match client.state {
             ClientState::Connecting => self.fail(idx, err),
