@@ -141,7 +141,7 @@ impl LoadConfig {
         } else {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         };
-        n.min(self.rooms.max(1))
+        n.min(self.total_clients().max(1))
     }
 
     /// Total connections the run opens.

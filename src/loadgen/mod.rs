@@ -166,6 +166,13 @@ fn workload(config: &LoadConfig) -> BTreeMap<String, serde_json::Value> {
     w
 }
 
+/// Slots per writer in the send log: twice the edits the run can send, plus slack for Poisson bursts.
+fn slots_per_writer(config: &LoadConfig) -> usize {
+    let editing = config.warmup + config.duration + Duration::from_secs(1);
+    let expected = editing.as_secs_f64() / config.edit_interval.as_secs_f64();
+    (2.0 * expected) as usize + 64
+}
+
 fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
     loop {
         if done() {
@@ -192,7 +199,8 @@ pub fn run(config: LoadConfig) -> Result<RunOutput, LoadError> {
     };
     let n_threads = config.thread_count();
     let config = Arc::new(config);
-    let shared = Arc::new(Shared::new(n_threads));
+    let n_writers = config.rooms * config.writers();
+    let shared = Arc::new(Shared::new(config.rooms, n_writers, slots_per_writer(&config)));
     let server_start = procfs::sample(config.server_pid);
     let generator_start = procfs::sample(None);
 
@@ -202,15 +210,14 @@ pub fn run(config: LoadConfig) -> Result<RunOutput, LoadError> {
         let poll = mio::Poll::new().map_err(LoadError::Spawn)?;
         let waker = mio::Waker::new(poll.registry(), WAKER_TOKEN).map_err(LoadError::Spawn)?;
         wakers.push(waker);
-        let room_ids: Vec<usize> = (idx..config.rooms).step_by(n_threads).collect();
         let worker = Worker::new(
             idx,
+            n_threads,
             poll,
             config.clone(),
             target.clone(),
             shared.clone(),
             preload_text.clone(),
-            &room_ids,
         );
         let handle = std::thread::Builder::new()
             .name(format!("load-{idx}"))
@@ -255,22 +262,25 @@ pub fn run(config: LoadConfig) -> Result<RunOutput, LoadError> {
 
     set_phase(Phase::Drain);
     wait_until(Instant::now() + config.drain_timeout, || {
-        shared
-            .inflight
-            .iter()
-            .all(|n| n.load(Ordering::Acquire) == 0)
+        shared.outstanding.load(Ordering::Acquire) <= 0
     });
     set_phase(Phase::Finish);
 
     let mut histograms = LatencyHistograms::default();
     let mut counters = Counters::default();
-    let mut convergence = Convergence::default();
+    let mut parts = Vec::new();
     for handle in handles {
         let result = handle.join().map_err(|_| LoadError::WorkerPanicked)?;
         histograms.merge(&result.histograms);
         counters.merge(&result.counters);
-        convergence.merge(result.convergence);
+        parts.extend(result.rooms);
     }
+    counters.edits_undelivered = shared.send_log.undelivered();
+    let convergence = if config.no_check {
+        Convergence::default()
+    } else {
+        worker::convergence(&parts, config.rooms, shared.outstanding.load(Ordering::Acquire))
+    };
 
     let measured_seconds = config.duration.as_secs_f64();
     let conns_open = counters

@@ -176,6 +176,12 @@ impl Session {
         Session::default()
     }
 
+    /// A replica whose op messages number their `client_seq` from `first_client_seq` (the load
+    /// generator puts the writer's index in the high bits; the server echoes it verbatim).
+    pub fn with_first_client_seq(first_client_seq: u64) -> Session {
+        Session { next_client_seq: first_client_seq, ..Session::default() }
+    }
+
     /// The `hello` frame for `doc`.
     pub fn hello(doc: &str) -> String {
         serde_json::json!({"type": "hello", "doc": doc}).to_string()
@@ -276,6 +282,16 @@ impl Session {
     /// # Errors
     /// The frame is not a valid server message or does not integrate.
     pub fn receive(&mut self, text: &str) -> Result<Incoming, SessionError> {
+        // Fast path for the hot message: an op_echo decodes straight into its struct (unknown
+        // fields such as `type` are ignored) instead of through serde's buffered tagged enum.
+        if text.starts_with(r#"{"type":"op_echo""#) {
+            if self.replica.is_none() {
+                return Err(SessionError::NotJoined);
+            }
+            let echo: WireEcho = serde_json::from_str(text).map_err(|e| SessionError::Decode(e.to_string()))?;
+            let (replica, client_seq) = self.integrate(echo)?;
+            return Ok(Incoming::Echo { replica, client_seq });
+        }
         let message: WireServer =
             serde_json::from_str(text).map_err(|e| SessionError::Decode(e.to_string()))?;
         match message {

@@ -1,13 +1,15 @@
 //! One generator thread: a mio event loop that owns some rooms and every client of them, runs
 //! their connections, fires writers' edits on schedule and measures every delivery.
 //!
-//! All clients of a room live on the same thread, so the send time of an op and each receiver's
-//! integration time are read from the same clock without any sharing; the thread never blocks
-//! and never takes a lock (phase changes arrive through atomics plus a `Waker`).
+//! Clients are spread over threads by index, so one big room uses every thread. An op's send time
+//! goes into the shared [`SendLog`] slot named by its `client_seq` (writer index in the high bits)
+//! before the frame leaves; every receiver, on any thread, reads it with the same monotonic clock.
+//! The thread never blocks and never takes a lock (phase changes arrive through atomics plus a `Waker`).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::collections::{BinaryHeap, VecDeque};
+use std::hash::{Hash as _, Hasher as _};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +21,12 @@ use super::config::{LoadConfig, Target};
 use super::net::{self, ConnError, Progress, WsConn};
 use super::session::{Incoming, Session};
 use super::stats::{record, Convergence, Counters, LatencyHistograms};
+
+fn text_hash(text: &str) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
+}
 
 /// The token of each worker's waker.
 pub const WAKER_TOKEN: Token = Token(usize::MAX);
@@ -71,13 +79,69 @@ pub struct Shared {
     pub failed: AtomicU64,
     /// Rooms whose preload op was echoed.
     pub preloaded: AtomicU64,
-    /// Per worker: ops still awaiting some delivery.
-    pub inflight: Vec<AtomicU64>,
+    /// Deliveries (own echoes included) still expected for every op sent; drain waits for 0.
+    pub outstanding: AtomicI64,
+    /// Per room: clients joined and not lost.
+    pub room_joined: Vec<AtomicU32>,
+    /// Send times of every writer's ops.
+    pub send_log: SendLog,
+}
+
+/// Bits of `client_seq` that count a writer's ops; the writer's index sits above them.
+pub const SEQ_BITS: u32 = 24;
+/// `client_seq` base of clients that are not writers: a writer index no log has.
+pub const NOT_A_WRITER: u64 = (1 << 28) - 1;
+
+/// One op's bookkeeping, written by its writer before the frame leaves.
+#[derive(Debug, Default)]
+pub struct Slot {
+    /// Send time in microseconds after [`Shared::base`], plus one (0: nothing sent).
+    sent_us: AtomicU64,
+    /// Other clients that have not integrated it yet.
+    others_remaining: AtomicU32,
+    /// Sent inside the measured window.
+    measured: AtomicBool,
+}
+
+/// Per writer, a fixed array of slots indexed by the low bits of `client_seq`.
+#[derive(Debug, Default)]
+pub struct SendLog {
+    writers: Vec<Box<[Slot]>>,
+}
+
+impl SendLog {
+    /// Room for `slots_per_writer` ops of each of `n_writers` writers.
+    pub fn new(n_writers: usize, slots_per_writer: usize) -> SendLog {
+        SendLog { writers: (0..n_writers).map(|_| (0..slots_per_writer).map(|_| Slot::default()).collect()).collect() }
+    }
+
+    /// The slot of `client_seq`, if it names a tracked op.
+    pub fn slot(&self, client_seq: u64) -> Option<&Slot> {
+        let writer = usize::try_from(client_seq >> SEQ_BITS).ok()?;
+        let seq = usize::try_from(client_seq & ((1 << SEQ_BITS) - 1)).ok()?;
+        self.writers.get(writer)?.get(seq)
+    }
+
+    /// Ops sent in the measured window that some client never integrated.
+    pub fn undelivered(&self) -> u64 {
+        let mut n = 0;
+        for slots in &self.writers {
+            for slot in slots.iter() {
+                if slot.sent_us.load(Ordering::Acquire) != 0
+                    && slot.measured.load(Ordering::Acquire)
+                    && slot.others_remaining.load(Ordering::Acquire) > 0
+                {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
 }
 
 impl Shared {
-    /// State for `n_workers` workers.
-    pub fn new(n_workers: usize) -> Shared {
+    /// State for `n_rooms` rooms whose writers send at most `slots_per_writer` ops each.
+    pub fn new(n_rooms: usize, n_writers: usize, slots_per_writer: usize) -> Shared {
         Shared {
             phase: AtomicU8::new(Phase::Idle as u8),
             base: Instant::now(),
@@ -86,7 +150,9 @@ impl Shared {
             joined: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             preloaded: AtomicU64::new(0),
-            inflight: (0..n_workers).map(|_| AtomicU64::new(0)).collect(),
+            outstanding: AtomicI64::new(0),
+            room_joined: (0..n_rooms).map(|_| AtomicU32::new(0)).collect(),
+            send_log: SendLog::new(n_writers, slots_per_writer),
         }
     }
 
@@ -107,8 +173,12 @@ impl Shared {
         self.window_end_us.store(us(end), Ordering::Release);
     }
 
+    fn us_since_base(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.base).as_micros() as u64
+    }
+
     fn in_window(&self, now: Instant) -> bool {
-        let us = now.saturating_duration_since(self.base).as_micros() as u64;
+        let us = self.us_since_base(now);
         us >= self.window_start_us.load(Ordering::Acquire)
             && us < self.window_end_us.load(Ordering::Acquire)
     }
@@ -121,8 +191,61 @@ pub struct WorkerResult {
     pub histograms: LatencyHistograms,
     /// Its counters.
     pub counters: Counters,
-    /// Its rooms' convergence.
-    pub convergence: Convergence,
+    /// Per room it had live clients of: what they hold.
+    pub rooms: Vec<RoomPart>,
+}
+
+/// What one worker's live clients of a room hold at the end.
+#[derive(Debug, Clone)]
+pub struct RoomPart {
+    /// Global room index.
+    pub room: usize,
+    /// Live clients seen.
+    pub n_live: usize,
+    /// Head and text hash of the first live client.
+    pub head: u64,
+    /// Hash of the first live client's text.
+    pub text_hash: u64,
+    /// Whether every live client here had that same head and text.
+    pub uniform: bool,
+}
+
+/// Merges the workers' room parts into a verdict: a room converged when it has live clients that
+/// all hold the same head and text, and no op of the run is missing anywhere (`undelivered_total`).
+pub fn convergence(parts: &[RoomPart], n_rooms: usize, outstanding: i64) -> Convergence {
+    let mut verdict = Convergence { rooms_checked: n_rooms as u64, ..Convergence::default() };
+    let mut by_room: Vec<Vec<&RoomPart>> = vec![Vec::new(); n_rooms];
+    for part in parts {
+        if let Some(list) = by_room.get_mut(part.room) {
+            list.push(part);
+        }
+    }
+    for (room, list) in by_room.iter().enumerate() {
+        let problem = match list.first() {
+            None => Some("no live client".to_owned()),
+            Some(first) => {
+                if list.iter().any(|p| !p.uniform) {
+                    Some("clients on one thread differ".to_owned())
+                } else if list.iter().any(|p| p.head != first.head) {
+                    Some(format!("heads differ ({} vs others)", first.head))
+                } else if list.iter().any(|p| p.text_hash != first.text_hash) {
+                    Some("texts differ".to_owned())
+                } else {
+                    None
+                }
+            }
+        };
+        match problem {
+            None => verdict.rooms_converged += 1,
+            Some(p) if verdict.failures.len() < 10 => verdict.failures.push(format!("room {room}: {p}")),
+            Some(_) => {}
+        }
+    }
+    if outstanding != 0 && verdict.failures.len() < 10 {
+        verdict.failures.push(format!("{outstanding} deliveries never arrived"));
+        verdict.rooms_converged = 0;
+    }
+    verdict
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,45 +258,36 @@ enum ClientState {
 }
 
 struct Client {
+    /// Global room index.
     room: usize,
     /// Index over the whole run, to spread source addresses.
     global_idx: usize,
     writer: bool,
+    /// Whether it inserts the preload text when it joins.
+    preloader: bool,
     state: ClientState,
     conn: WsConn,
     session: Session,
     started: Instant,
 }
 
-/// Bookkeeping for an op until every client of its room integrated it.
-struct InFlight {
-    sent: Instant,
-    others_remaining: u32,
-    own_pending: bool,
-    measured: bool,
-}
-
-struct RoomState {
+/// What a worker keeps about a room it has clients of.
+struct RoomLocal {
     doc: String,
     url: String,
-    clients: Vec<usize>,
-    n_joined: u32,
-    /// Keyed by (replica, client_seq): filled when a writer sends, drained by echoes.
-    inflight: HashMap<(u64, u64), InFlight>,
-    /// The preload op of this room until its echo arrives.
+    /// The preload op (replica, client_seq) until its echo arrives.
     preload: Option<(u64, u64)>,
 }
 
 /// One generator thread.
 pub struct Worker {
-    idx: usize,
     poll: Poll,
     config: Arc<LoadConfig>,
     target: Target,
     shared: Arc<Shared>,
     preload_text: Option<Arc<str>>,
     clients: Vec<Client>,
-    rooms: Vec<RoomState>,
+    rooms: std::collections::HashMap<usize, RoomLocal>,
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
     to_connect: VecDeque<usize>,
     n_connecting: usize,
@@ -188,49 +302,45 @@ pub struct Worker {
 const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz ";
 
 impl Worker {
-    /// A worker for the rooms `room_ids` (global indices); `poll` is the one its waker was made from.
+    /// Worker `idx` of `n_workers`: it runs every client whose global index is `idx` modulo
+    /// `n_workers`; `poll` is the one its waker was made from.
     pub fn new(
         idx: usize,
+        n_workers: usize,
         poll: Poll,
         config: Arc<LoadConfig>,
         target: Target,
         shared: Arc<Shared>,
         preload_text: Option<Arc<str>>,
-        room_ids: &[usize],
     ) -> Worker {
         let mut clients = Vec::new();
-        let mut rooms = Vec::new();
+        let mut rooms = std::collections::HashMap::new();
         let writers = config.writers();
         let now = Instant::now();
-        for &room_id in room_ids {
-            let doc = config.doc_name(room_id);
-            let url = format!("{}/ws/{doc}", target.base_url);
-            let mut room = RoomState {
-                doc,
-                url,
-                clients: Vec::new(),
-                n_joined: 0,
-                inflight: HashMap::new(),
-                preload: None,
-            };
-            for i in 0..config.clients_per_room {
-                room.clients.push(clients.len());
-                clients.push(Client {
-                    room: rooms.len(),
-                    global_idx: room_id * config.clients_per_room + i,
-                    writer: i < writers,
-                    state: ClientState::Idle,
-                    conn: WsConn::Closed,
-                    session: Session::new(),
-                    started: now,
-                });
-            }
-            rooms.push(room);
+        for global_idx in (idx..config.total_clients()).step_by(n_workers) {
+            let room = global_idx / config.clients_per_room;
+            let i = global_idx % config.clients_per_room;
+            rooms.entry(room).or_insert_with(|| {
+                let doc = config.doc_name(room);
+                let url = format!("{}/ws/{doc}", target.base_url);
+                RoomLocal { doc, url, preload: None }
+            });
+            let writer = i < writers;
+            let writer_idx = if writer { (room * writers + i) as u64 } else { NOT_A_WRITER };
+            clients.push(Client {
+                room,
+                global_idx,
+                writer,
+                preloader: i == 0,
+                state: ClientState::Idle,
+                conn: WsConn::Closed,
+                session: Session::with_first_client_seq(writer_idx << SEQ_BITS),
+                started: now,
+            });
         }
         let arrivals = Arrivals::new(config.arrivals, config.edit_interval);
         let rng = Rng::new(config.seed ^ (idx as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         Worker {
-            idx,
             poll,
             config,
             target,
@@ -264,8 +374,6 @@ impl Worker {
             }
             self.start_connects(now);
             let next_timer = self.fire_timers(now);
-            let inflight: usize = self.rooms.iter().map(|r| r.inflight.len()).sum();
-            self.shared.inflight[self.idx].store(inflight as u64, Ordering::Release);
             let mut timeout = Duration::from_millis(50);
             if let Some(at) = next_timer {
                 timeout = timeout.min(at.saturating_duration_since(Instant::now()));
@@ -292,9 +400,9 @@ impl Worker {
         self.phase_seen = phase;
         match phase {
             Phase::Preload => {
-                for room in &self.rooms {
-                    if let Some(&first) = room.clients.first() {
-                        self.to_connect.push_back(first);
+                for (idx, client) in self.clients.iter().enumerate() {
+                    if client.preloader {
+                        self.to_connect.push_back(idx);
                     }
                 }
             }
@@ -341,7 +449,7 @@ impl Worker {
                         self.fail(idx, ConnError::Connect(e));
                         continue;
                     }
-                    let url = self.rooms[client.room].url.clone();
+                    let url = self.rooms.get(&client.room).map(|r| r.url.clone()).unwrap_or_default();
                     client.conn = WsConn::new(stream, url);
                     client.state = ClientState::Connecting;
                     self.n_connecting += 1;
@@ -401,25 +509,21 @@ impl Worker {
                 return;
             }
         };
-        let Some(replica) = client.session.replica() else {
-            return;
-        };
+        let measured = self.shared.in_window(now);
+        let others = self.shared.room_joined[client.room].load(Ordering::Acquire).saturating_sub(1);
+        // The slot is complete before the frame leaves, so no receiver can see the echo first.
+        if let Some(slot) = self.shared.send_log.slot(client_seq) {
+            slot.others_remaining.store(others, Ordering::Relaxed);
+            slot.measured.store(measured, Ordering::Relaxed);
+            slot.sent_us.store(self.shared.us_since_base(now) + 1, Ordering::Release);
+            self.shared.outstanding.fetch_add(i64::from(others) + 1, Ordering::AcqRel);
+        } else {
+            self.counters.error("untracked_edit");
+        }
         if let Err(e) = client.conn.send(frame) {
             self.lose(idx, e);
             return;
         }
-        let measured = self.shared.in_window(now);
-        let room = &mut self.rooms[client.room];
-        let others = room.n_joined.saturating_sub(1);
-        room.inflight.insert(
-            (replica, client_seq),
-            InFlight {
-                sent: now,
-                others_remaining: others,
-                own_pending: true,
-                measured,
-            },
-        );
         if measured {
             self.counters.edits_sent += 1;
             record(
@@ -436,7 +540,7 @@ impl Worker {
         match client.state {
             ClientState::Connecting => match client.conn.advance() {
                 Ok(Progress::Opened) => {
-                    let hello = Session::hello(&self.rooms[client.room].doc);
+                    let hello = Session::hello(self.rooms.get(&client.room).map_or("", |r| r.doc.as_str()));
                     if let Err(e) = client.conn.send(hello) {
                         self.fail(idx, e);
                         return;
@@ -505,21 +609,18 @@ impl Worker {
                     return;
                 }
                 client.state = ClientState::Joined;
-                record(
-                    &mut self.histograms.join_us,
-                    now.saturating_duration_since(client.started),
-                );
+                record(&mut self.histograms.join_us, now.saturating_duration_since(client.started));
                 self.n_connecting -= 1;
                 self.counters.conns_joined += 1;
                 self.shared.joined.fetch_add(1, Ordering::AcqRel);
-                let room = &mut self.rooms[room_idx];
-                room.n_joined += 1;
-                let is_first = room.clients.first() == Some(&idx);
-                if self.phase_seen == Phase::Preload && is_first {
+                self.shared.room_joined[room_idx].fetch_add(1, Ordering::AcqRel);
+                if self.phase_seen == Phase::Preload && client.preloader {
                     if let Some(text) = self.preload_text.clone() {
                         match client.session.insert(0, &text) {
                             Ok((client_seq, frame)) => {
-                                room.preload = own_replica.map(|r| (r, client_seq));
+                                if let Some(room) = self.rooms.get_mut(&room_idx) {
+                                    room.preload = own_replica.map(|r| (r, client_seq));
+                                }
                                 if let Err(e) = client.conn.send(frame) {
                                     self.lose(idx, e);
                                 }
@@ -529,64 +630,62 @@ impl Worker {
                     }
                 }
             }
-            Incoming::Echo {
-                replica,
-                client_seq,
-            } => {
+            Incoming::Echo { replica, client_seq } => {
                 if in_window {
                     self.counters.echoes_received += 1;
                 }
-                let room = &mut self.rooms[room_idx];
                 let own = own_replica == Some(replica);
-                let key = (replica, client_seq);
-                if let Some(flight) = room.inflight.get_mut(&key) {
-                    let elapsed = now.saturating_duration_since(flight.sent);
-                    if own {
-                        flight.own_pending = false;
-                        if flight.measured {
-                            record(&mut self.histograms.echo_us, elapsed);
-                        }
-                    } else {
-                        flight.others_remaining = flight.others_remaining.saturating_sub(1);
-                        if flight.measured {
-                            record(&mut self.histograms.delivery_us, elapsed);
-                            if flight.others_remaining == 0 {
-                                record(&mut self.histograms.delivery_all_us, elapsed);
-                            }
-                        }
-                    }
-                    if flight.others_remaining == 0 && !flight.own_pending {
-                        room.inflight.remove(&key);
-                    }
-                } else if own && room.preload == Some(key) {
-                    room.preload = None;
-                    self.shared.preloaded.fetch_add(1, Ordering::AcqRel);
-                }
-            }
-            Incoming::Ack { client_seq } => {
-                if let Some(replica) = own_replica {
-                    if self.rooms[room_idx]
-                        .inflight
-                        .remove(&(replica, client_seq))
-                        .is_some_and(|f| f.measured)
-                    {
-                        self.counters.edits_unchanged += 1;
+                if let Some(room) = self.rooms.get_mut(&room_idx) {
+                    if own && room.preload == Some((replica, client_seq)) {
+                        room.preload = None;
+                        self.shared.preloaded.fetch_add(1, Ordering::AcqRel);
+                        return;
                     }
                 }
+                let Some(slot) = self.shared.send_log.slot(client_seq) else { return };
+                let sent_us = slot.sent_us.load(Ordering::Acquire);
+                if sent_us == 0 {
+                    return;
+                }
+                let elapsed = Duration::from_micros(self.shared.us_since_base(now).saturating_sub(sent_us - 1));
+                let measured = slot.measured.load(Ordering::Relaxed);
+                if own {
+                    if measured {
+                        record(&mut self.histograms.echo_us, elapsed);
+                    }
+                } else {
+                    let before = slot.others_remaining.fetch_sub(1, Ordering::AcqRel);
+                    if measured {
+                        record(&mut self.histograms.delivery_us, elapsed);
+                        if before == 1 {
+                            record(&mut self.histograms.delivery_all_us, elapsed);
+                        }
+                    }
+                }
+                self.shared.outstanding.fetch_sub(1, Ordering::AcqRel);
             }
+            Incoming::Ack { client_seq } => self.settle_unechoed(client_seq, false),
             Incoming::Refused { code, client_seq } => {
                 self.counters.error(format!("server_{code}"));
-                if let (Some(replica), Some(client_seq)) = (own_replica, client_seq) {
-                    if self.rooms[room_idx]
-                        .inflight
-                        .remove(&(replica, client_seq))
-                        .is_some_and(|f| f.measured)
-                    {
-                        self.counters.edits_refused += 1;
-                    }
+                if let Some(client_seq) = client_seq {
+                    self.settle_unechoed(client_seq, true);
                 }
             }
             Incoming::Other => {}
+        }
+    }
+
+    /// An op of ours that will get no echo (answered by `ack` or refused): nobody waits for it.
+    fn settle_unechoed(&mut self, client_seq: u64, refused: bool) {
+        let Some(slot) = self.shared.send_log.slot(client_seq) else { return };
+        let others = slot.others_remaining.swap(0, Ordering::AcqRel);
+        self.shared.outstanding.fetch_sub(i64::from(others) + 1, Ordering::AcqRel);
+        if slot.measured.load(Ordering::Relaxed) {
+            if refused {
+                self.counters.edits_refused += 1;
+            } else {
+                self.counters.edits_unchanged += 1;
+            }
         }
     }
 
@@ -611,7 +710,7 @@ impl Worker {
             ClientState::Joined => {
                 client.state = ClientState::Lost;
                 client.conn.close();
-                self.rooms[client.room].n_joined -= 1;
+                self.shared.room_joined[client.room].fetch_sub(1, Ordering::AcqRel);
                 self.counters.conns_lost += 1;
                 self.counters.error(err.kind());
             }
@@ -631,46 +730,23 @@ impl Worker {
                 );
             }
         }
-        let mut convergence = Convergence::default();
-        for room in &self.rooms {
-            convergence.rooms_checked += 1;
-            let undelivered = room.inflight.values().filter(|f| f.measured).count() as u64;
-            self.counters.edits_undelivered += undelivered;
-            if self.config.no_check {
-                continue;
+        let mut parts: Vec<RoomPart> = Vec::new();
+        if !self.config.no_check {
+            let mut by_room: std::collections::BTreeMap<usize, RoomPart> = std::collections::BTreeMap::new();
+            for client in self.clients.iter().filter(|c| c.state == ClientState::Joined) {
+                let head = client.session.head();
+                let hash = text_hash(&client.session.text());
+                let part = by_room.entry(client.room).or_insert(RoomPart {
+                    room: client.room,
+                    n_live: 0,
+                    head,
+                    text_hash: hash,
+                    uniform: true,
+                });
+                part.n_live += 1;
+                part.uniform &= part.head == head && part.text_hash == hash;
             }
-            let live: Vec<&Client> = room
-                .clients
-                .iter()
-                .map(|&i| &self.clients[i])
-                .filter(|c| c.state == ClientState::Joined)
-                .collect();
-            let Some(first) = live.first() else {
-                convergence
-                    .failures
-                    .push(format!("{}: no live client", room.doc));
-                continue;
-            };
-            let head = first.session.head();
-            let text = first.session.text();
-            let mut problem = None;
-            if !room.inflight.is_empty() {
-                problem = Some(format!(
-                    "{} ops not integrated everywhere",
-                    room.inflight.len()
-                ));
-            } else if let Some(c) = live.iter().find(|c| c.session.head() != head) {
-                problem = Some(format!("heads differ: {head} vs {}", c.session.head()));
-            } else if live.iter().any(|c| c.session.text() != text) {
-                problem = Some("texts differ".to_owned());
-            }
-            match problem {
-                None => convergence.rooms_converged += 1,
-                Some(p) if convergence.failures.len() < 10 => {
-                    convergence.failures.push(format!("{}: {p}", room.doc))
-                }
-                Some(_) => {}
-            }
+            parts.extend(by_room.into_values());
         }
         for client in &mut self.clients {
             client.conn.close();
@@ -678,7 +754,7 @@ impl Worker {
         WorkerResult {
             histograms: self.histograms,
             counters: self.counters,
-            convergence,
+            rooms: parts,
         }
     }
 }
