@@ -6,7 +6,7 @@ use std::hash::{BuildHasher, Hasher};
 
 use tungstenite::Utf8Bytes;
 
-use crate::crdt::{Applied, CrdtError, Doc, Op, OpId, Run, RunContent, MAX_ID_COMPONENT};
+use crate::crdt::{Applied, Doc, Op, Run, RunContent, MAX_ID_COMPONENT};
 use crate::ids::ConnToken;
 use crate::protocol::codec::write_json_str;
 use crate::protocol::codec::{
@@ -96,46 +96,6 @@ struct Client {
     presence: Option<String>,
 }
 
-/// Insert runs of the snapshot the room was opened from, to recognise resends of inserts it
-/// covers (the snapshot does not keep each run's original `after`). Sorted by (replica, lamport).
-#[derive(Debug, Default)]
-struct LoadedRuns {
-    runs: Vec<Run>,
-}
-
-impl LoadedRuns {
-    fn new(runs: &[Run]) -> LoadedRuns {
-        let mut runs = runs.to_vec();
-        runs.sort_by_key(|run| (run.id.replica, run.id.lamport));
-        LoadedRuns { runs }
-    }
-
-    /// Whether every character of the insert `id`/`text` came from the snapshot, with the same
-    /// text where the snapshot still shows it.
-    fn covers(&self, id: OpId, text: &str) -> bool {
-        for (lamport, ch) in (id.lamport..).zip(text.chars()) {
-            let idx = self
-                .runs
-                .partition_point(|run| (run.id.replica, run.id.lamport) <= (id.replica, lamport));
-            let Some(run) = idx.checked_sub(1).map(|i| &self.runs[i]) else {
-                return false;
-            };
-            if run.id.replica != id.replica {
-                return false;
-            }
-            let offset = lamport - run.id.lamport;
-            let same = match &run.content {
-                RunContent::Text(run_text) => run_text.chars().nth(offset as usize) == Some(ch),
-                RunContent::Deleted(n) => offset < *n,
-            };
-            if !same {
-                return false;
-            }
-        }
-        true
-    }
-}
-
 /// One document in memory: CRDT, clients, `server_seq`, replay window, snapshot cadence.
 ///
 /// Every method takes input and queues output in [`Effects`]; nothing here blocks or fails.
@@ -163,8 +123,6 @@ pub struct Room {
     bytes_since_snapshot: u64,
     /// The snapshot object `{"runs":[...]}` at `.0 == head`, shared by joiners until head moves.
     snapshot_cache: Option<(u64, Utf8Bytes)>,
-    /// Present when the room was opened from a snapshot.
-    loaded_runs: Option<LoadedRuns>,
     effects: Effects,
 }
 
@@ -223,7 +181,6 @@ impl Room {
             ops_since_snapshot: 0,
             bytes_since_snapshot: 0,
             snapshot_cache: None,
-            loaded_runs: None,
             effects: Effects::default(),
         };
         let Some(stored) = stored else {
@@ -243,7 +200,6 @@ impl Room {
             room.head = snapshot.head;
             room.replicas_reserved = snapshot.replicas_reserved;
             room.snapshot_cache = Some((snapshot.head, snapshot.runs_json));
-            room.loaded_runs = Some(LoadedRuns::new(&runs));
         }
         for record in stored.tail {
             match record {
@@ -464,13 +420,9 @@ impl Room {
             );
             return;
         }
-        let applied = match self.crdt.apply_remote(Some(replica), &msg.ops) {
-            Err(CrdtError::IdConflict { .. }) if self.loaded_runs.is_some() => {
-                self.apply_past_snapshot(replica, &msg.ops)
-            }
-            other => other,
-        };
-        match applied {
+        // A resend of inserts the room only knows from a snapshot is still `Unchanged`: the CRDT
+        // derives each run's `after` from document order (tested in the restart test below).
+        match self.crdt.apply_remote(Some(replica), &msg.ops) {
             Ok(Applied::Changed) => {
                 let echo = encode_op_echo(self.head + 1, replica, msg.client_seq, &msg.ops);
                 self.n_chars += n_new;
@@ -492,31 +444,6 @@ impl Room {
             }
             Err(err) => refuse(self, crdt_error(&err)),
         }
-    }
-
-    /// Retries a message refused with `id_conflict` in a room opened from a snapshot: inserts the
-    /// snapshot already covers (same ids, same visible text) are resends whose `after` the snapshot
-    /// forgot, so they are dropped and the rest applied. Any other insert keeps the conflict.
-    fn apply_past_snapshot(&mut self, replica: u64, ops: &[Op]) -> Result<Applied, CrdtError> {
-        let conflict = Err(CrdtError::IdConflict { op_index: 0 });
-        let Some(loaded) = &self.loaded_runs else {
-            return conflict;
-        };
-        let mut rest: Vec<Op> = Vec::with_capacity(ops.len());
-        let mut n_dropped = 0;
-        for op in ops {
-            match op {
-                Op::Insert { id, text, .. } if loaded.covers(*id, text) => n_dropped += 1,
-                _ => rest.push(op.clone()),
-            }
-        }
-        if n_dropped == 0 {
-            return conflict;
-        }
-        if rest.is_empty() {
-            return Ok(Applied::Unchanged);
-        }
-        self.crdt.apply_remote(Some(replica), &rest)
     }
 
     /// Emits a snapshot when the cadence says one is due.
@@ -1158,6 +1085,66 @@ mod tests {
                 .contains("id_conflict"));
             assert_eq!(h.room.text(), text);
         }
+    }
+
+    /// The full session of docs/protocol.md, frame by frame.
+    #[test]
+    fn documented_session() {
+        let mut h = Harness::new(config());
+        let (alice, bob, alice2) = (1, 2, 3);
+        h.check_send(
+            alice,
+            r#"{"type":"hello","doc":"doc"}"#,
+            &[(alice, EMPTY_ACK_1)],
+        );
+        let echo1 = r#"{"type":"op_echo","server_seq":1,"replica":1,"client_seq":1,"ops":[{"kind":"ins","id":[0,1],"after":null,"text":"Hi"}]}"#;
+        h.check_send(
+            alice,
+            r#"{"type":"op","client_seq":1,"ops":[{"kind":"ins","id":[0,1],"after":null,"text":"Hi"}]}"#,
+            &[(alice, echo1)],
+        );
+        h.check_send(
+            bob,
+            r#"{"type":"hello","doc":"doc"}"#,
+            &[(bob, r#"{"type":"hello_ack","doc":"doc","replica":2,"head":1,"epoch":"E","strategy":"snapshot","snapshot":{"runs":[{"id":[0,1],"text":"Hi"}]},"presence":[]}"#)],
+        );
+        h.check_send(
+            alice,
+            r#"{"type":"presence","state":{"cursor":2}}"#,
+            &[(
+                bob,
+                r#"{"type":"presence","replica":1,"state":{"cursor":2}}"#,
+            )],
+        );
+        let echo2 = r#"{"type":"op_echo","server_seq":2,"replica":2,"client_seq":1,"ops":[{"kind":"ins","id":[2,2],"after":[1,1],"text":"!"}]}"#;
+        h.check_send(
+            bob,
+            r#"{"type":"op","client_seq":1,"ops":[{"kind":"ins","id":[2,2],"after":[1,1],"text":"!"}]}"#,
+            &[(alice, echo2), (bob, echo2)],
+        );
+        h.room.leave(ConnToken(alice));
+        h.check(&[(bob, r#"{"type":"presence","replica":1,"state":null}"#)]);
+        let echo3 = r#"{"type":"op_echo","server_seq":3,"replica":2,"client_seq":2,"ops":[{"kind":"del","id":[0,1],"len":1}]}"#;
+        h.check_send(
+            bob,
+            r#"{"type":"op","client_seq":2,"ops":[{"kind":"del","id":[0,1],"len":1}]}"#,
+            &[(bob, echo3)],
+        );
+        let epoch = h.room.epoch().to_owned();
+        h.check_send(
+            alice2,
+            &format!(r#"{{"type":"hello","doc":"doc","replica":1,"since":2,"epoch":"{epoch}"}}"#),
+            &[(alice2, &format!(r#"{{"type":"hello_ack","doc":"doc","replica":1,"head":3,"epoch":"E","strategy":"replay","ops":[{echo3}],"presence":[]}}"#))],
+        );
+        let echo4 = r#"{"type":"op_echo","server_seq":4,"replica":1,"client_seq":2,"ops":[{"kind":"ins","id":[3,1],"after":[2,2],"text":" there"}]}"#;
+        let resend = r#"{"type":"op","client_seq":2,"ops":[{"kind":"ins","id":[3,1],"after":[2,2],"text":" there"}]}"#;
+        h.check_send(alice2, resend, &[(alice2, echo4), (bob, echo4)]);
+        assert_eq!(h.room.text(), "i! there");
+        h.check_send(
+            alice2,
+            resend,
+            &[(alice2, r#"{"type":"ack","client_seq":2,"server_seq":4}"#)],
+        );
     }
 
     #[test]
