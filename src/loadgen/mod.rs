@@ -200,7 +200,11 @@ pub fn run(config: LoadConfig) -> Result<RunOutput, LoadError> {
     let n_threads = config.thread_count();
     let config = Arc::new(config);
     let n_writers = config.rooms * config.writers();
-    let shared = Arc::new(Shared::new(config.rooms, n_writers, slots_per_writer(&config)));
+    let shared = Arc::new(Shared::new(
+        config.rooms,
+        n_writers,
+        slots_per_writer(&config),
+    ));
     let server_start = procfs::sample(config.server_pid);
     let generator_start = procfs::sample(None);
 
@@ -279,7 +283,11 @@ pub fn run(config: LoadConfig) -> Result<RunOutput, LoadError> {
     let convergence = if config.no_check {
         Convergence::default()
     } else {
-        worker::convergence(&parts, config.rooms, shared.outstanding.load(Ordering::Acquire))
+        worker::convergence(
+            &parts,
+            config.rooms,
+            shared.outstanding.load(Ordering::Acquire),
+        )
     };
 
     let measured_seconds = config.duration.as_secs_f64();

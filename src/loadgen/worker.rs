@@ -87,11 +87,6 @@ pub struct Shared {
     pub send_log: SendLog,
 }
 
-/// Bits of `client_seq` that count a writer's ops; the writer's index sits above them.
-pub const SEQ_BITS: u32 = 24;
-/// `client_seq` base of clients that are not writers: a writer index no log has.
-pub const NOT_A_WRITER: u64 = (1 << 28) - 1;
-
 /// One op's bookkeeping, written by its writer before the frame leaves.
 #[derive(Debug, Default)]
 pub struct Slot {
@@ -103,7 +98,8 @@ pub struct Slot {
     measured: AtomicBool,
 }
 
-/// Per writer, a fixed array of slots indexed by the low bits of `client_seq`.
+/// Per writer (`room * writers_per_room + replica - 1`: client `i` of a room asks for replica
+/// `i + 1`, and writers come first), a fixed array of slots indexed by `client_seq`.
 #[derive(Debug, Default)]
 pub struct SendLog {
     writers: Vec<Box<[Slot]>>,
@@ -112,14 +108,29 @@ pub struct SendLog {
 impl SendLog {
     /// Room for `slots_per_writer` ops of each of `n_writers` writers.
     pub fn new(n_writers: usize, slots_per_writer: usize) -> SendLog {
-        SendLog { writers: (0..n_writers).map(|_| (0..slots_per_writer).map(|_| Slot::default()).collect()).collect() }
+        SendLog {
+            writers: (0..n_writers)
+                .map(|_| (0..slots_per_writer).map(|_| Slot::default()).collect())
+                .collect(),
+        }
     }
 
-    /// The slot of `client_seq`, if it names a tracked op.
-    pub fn slot(&self, client_seq: u64) -> Option<&Slot> {
-        let writer = usize::try_from(client_seq >> SEQ_BITS).ok()?;
-        let seq = usize::try_from(client_seq & ((1 << SEQ_BITS) - 1)).ok()?;
-        self.writers.get(writer)?.get(seq)
+    /// The slot of op `client_seq` of replica `replica` in room `room`, if it is tracked.
+    pub fn slot(
+        &self,
+        room: usize,
+        writers_per_room: usize,
+        replica: u64,
+        client_seq: u64,
+    ) -> Option<&Slot> {
+        let writer_in_room = usize::try_from(replica.checked_sub(1)?).ok()?;
+        if writer_in_room >= writers_per_room {
+            return None;
+        }
+        let seq = usize::try_from(client_seq).ok()?;
+        self.writers
+            .get(room * writers_per_room + writer_in_room)?
+            .get(seq)
     }
 
     /// Ops sent in the measured window that some client never integrated.
@@ -213,7 +224,10 @@ pub struct RoomPart {
 /// Merges the workers' room parts into a verdict: a room converged when it has live clients that
 /// all hold the same head and text, and no op of the run is missing anywhere (`undelivered_total`).
 pub fn convergence(parts: &[RoomPart], n_rooms: usize, outstanding: i64) -> Convergence {
-    let mut verdict = Convergence { rooms_checked: n_rooms as u64, ..Convergence::default() };
+    let mut verdict = Convergence {
+        rooms_checked: n_rooms as u64,
+        ..Convergence::default()
+    };
     let mut by_room: Vec<Vec<&RoomPart>> = vec![Vec::new(); n_rooms];
     for part in parts {
         if let Some(list) = by_room.get_mut(part.room) {
@@ -237,12 +251,16 @@ pub fn convergence(parts: &[RoomPart], n_rooms: usize, outstanding: i64) -> Conv
         };
         match problem {
             None => verdict.rooms_converged += 1,
-            Some(p) if verdict.failures.len() < 10 => verdict.failures.push(format!("room {room}: {p}")),
+            Some(p) if verdict.failures.len() < 10 => {
+                verdict.failures.push(format!("room {room}: {p}"))
+            }
             Some(_) => {}
         }
     }
     if outstanding != 0 && verdict.failures.len() < 10 {
-        verdict.failures.push(format!("{outstanding} deliveries never arrived"));
+        verdict
+            .failures
+            .push(format!("{outstanding} deliveries never arrived"));
         verdict.rooms_converged = 0;
     }
     verdict
@@ -265,6 +283,8 @@ struct Client {
     writer: bool,
     /// Whether it inserts the preload text when it joins.
     preloader: bool,
+    /// The replica id it asks for: its index in the room plus one.
+    replica_id: u64,
     state: ClientState,
     conn: WsConn,
     session: Session,
@@ -273,7 +293,6 @@ struct Client {
 
 /// What a worker keeps about a room it has clients of.
 struct RoomLocal {
-    doc: String,
     url: String,
     /// The preload op (replica, client_seq) until its echo arrives.
     preload: Option<(u64, u64)>,
@@ -287,6 +306,8 @@ pub struct Worker {
     shared: Arc<Shared>,
     preload_text: Option<Arc<str>>,
     clients: Vec<Client>,
+    /// Writers per room (the send log's stride).
+    writers: usize,
     rooms: std::collections::HashMap<usize, RoomLocal>,
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
     to_connect: VecDeque<usize>,
@@ -323,24 +344,25 @@ impl Worker {
             rooms.entry(room).or_insert_with(|| {
                 let doc = config.doc_name(room);
                 let url = format!("{}/ws/{doc}", target.base_url);
-                RoomLocal { doc, url, preload: None }
+                RoomLocal { url, preload: None }
             });
             let writer = i < writers;
-            let writer_idx = if writer { (room * writers + i) as u64 } else { NOT_A_WRITER };
             clients.push(Client {
                 room,
                 global_idx,
                 writer,
                 preloader: i == 0,
+                replica_id: i as u64 + 1,
                 state: ClientState::Idle,
                 conn: WsConn::Closed,
-                session: Session::with_first_client_seq(writer_idx << SEQ_BITS),
+                session: Session::new(&config.doc_name(room), i as u64 + 1),
                 started: now,
             });
         }
         let arrivals = Arrivals::new(config.arrivals, config.edit_interval);
         let rng = Rng::new(config.seed ^ (idx as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         Worker {
+            writers,
             poll,
             config,
             target,
@@ -449,7 +471,11 @@ impl Worker {
                         self.fail(idx, ConnError::Connect(e));
                         continue;
                     }
-                    let url = self.rooms.get(&client.room).map(|r| r.url.clone()).unwrap_or_default();
+                    let url = self
+                        .rooms
+                        .get(&client.room)
+                        .map(|r| r.url.clone())
+                        .unwrap_or_default();
                     client.conn = WsConn::new(stream, url);
                     client.state = ClientState::Connecting;
                     self.n_connecting += 1;
@@ -510,13 +536,22 @@ impl Worker {
             }
         };
         let measured = self.shared.in_window(now);
-        let others = self.shared.room_joined[client.room].load(Ordering::Acquire).saturating_sub(1);
+        let others = self.shared.room_joined[client.room]
+            .load(Ordering::Acquire)
+            .saturating_sub(1);
         // The slot is complete before the frame leaves, so no receiver can see the echo first.
-        if let Some(slot) = self.shared.send_log.slot(client_seq) {
+        let slot =
+            self.shared
+                .send_log
+                .slot(client.room, self.writers, client.replica_id, client_seq);
+        if let Some(slot) = slot {
             slot.others_remaining.store(others, Ordering::Relaxed);
             slot.measured.store(measured, Ordering::Relaxed);
-            slot.sent_us.store(self.shared.us_since_base(now) + 1, Ordering::Release);
-            self.shared.outstanding.fetch_add(i64::from(others) + 1, Ordering::AcqRel);
+            slot.sent_us
+                .store(self.shared.us_since_base(now) + 1, Ordering::Release);
+            self.shared
+                .outstanding
+                .fetch_add(i64::from(others) + 1, Ordering::AcqRel);
         } else {
             self.counters.error("untracked_edit");
         }
@@ -540,7 +575,7 @@ impl Worker {
         match client.state {
             ClientState::Connecting => match client.conn.advance() {
                 Ok(Progress::Opened) => {
-                    let hello = Session::hello(self.rooms.get(&client.room).map_or("", |r| r.doc.as_str()));
+                    let hello = client.session.hello();
                     if let Err(e) = client.conn.send(hello) {
                         self.fail(idx, e);
                         return;
@@ -609,7 +644,10 @@ impl Worker {
                     return;
                 }
                 client.state = ClientState::Joined;
-                record(&mut self.histograms.join_us, now.saturating_duration_since(client.started));
+                record(
+                    &mut self.histograms.join_us,
+                    now.saturating_duration_since(client.started),
+                );
                 self.n_connecting -= 1;
                 self.counters.conns_joined += 1;
                 self.shared.joined.fetch_add(1, Ordering::AcqRel);
@@ -630,7 +668,10 @@ impl Worker {
                     }
                 }
             }
-            Incoming::Echo { replica, client_seq } => {
+            Incoming::Echo {
+                replica,
+                client_seq,
+            } => {
                 if in_window {
                     self.counters.echoes_received += 1;
                 }
@@ -642,12 +683,18 @@ impl Worker {
                         return;
                     }
                 }
-                let Some(slot) = self.shared.send_log.slot(client_seq) else { return };
+                let slot = self
+                    .shared
+                    .send_log
+                    .slot(room_idx, self.writers, replica, client_seq);
+                let Some(slot) = slot else { return };
                 let sent_us = slot.sent_us.load(Ordering::Acquire);
                 if sent_us == 0 {
                     return;
                 }
-                let elapsed = Duration::from_micros(self.shared.us_since_base(now).saturating_sub(sent_us - 1));
+                let elapsed = Duration::from_micros(
+                    self.shared.us_since_base(now).saturating_sub(sent_us - 1),
+                );
                 let measured = slot.measured.load(Ordering::Relaxed);
                 if own {
                     if measured {
@@ -664,11 +711,11 @@ impl Worker {
                 }
                 self.shared.outstanding.fetch_sub(1, Ordering::AcqRel);
             }
-            Incoming::Ack { client_seq } => self.settle_unechoed(client_seq, false),
+            Incoming::Ack { client_seq } => self.settle_unechoed(idx, client_seq, false),
             Incoming::Refused { code, client_seq } => {
                 self.counters.error(format!("server_{code}"));
                 if let Some(client_seq) = client_seq {
-                    self.settle_unechoed(client_seq, true);
+                    self.settle_unechoed(idx, client_seq, true);
                 }
             }
             Incoming::Other => {}
@@ -676,10 +723,19 @@ impl Worker {
     }
 
     /// An op of ours that will get no echo (answered by `ack` or refused): nobody waits for it.
-    fn settle_unechoed(&mut self, client_seq: u64, refused: bool) {
-        let Some(slot) = self.shared.send_log.slot(client_seq) else { return };
+    fn settle_unechoed(&mut self, idx: usize, client_seq: u64, refused: bool) {
+        let (room, replica) = (self.clients[idx].room, self.clients[idx].replica_id);
+        let Some(slot) = self
+            .shared
+            .send_log
+            .slot(room, self.writers, replica, client_seq)
+        else {
+            return;
+        };
         let others = slot.others_remaining.swap(0, Ordering::AcqRel);
-        self.shared.outstanding.fetch_sub(i64::from(others) + 1, Ordering::AcqRel);
+        self.shared
+            .outstanding
+            .fetch_sub(i64::from(others) + 1, Ordering::AcqRel);
         if slot.measured.load(Ordering::Relaxed) {
             if refused {
                 self.counters.edits_refused += 1;
@@ -732,8 +788,13 @@ impl Worker {
         }
         let mut parts: Vec<RoomPart> = Vec::new();
         if !self.config.no_check {
-            let mut by_room: std::collections::BTreeMap<usize, RoomPart> = std::collections::BTreeMap::new();
-            for client in self.clients.iter().filter(|c| c.state == ClientState::Joined) {
+            let mut by_room: std::collections::BTreeMap<usize, RoomPart> =
+                std::collections::BTreeMap::new();
+            for client in self
+                .clients
+                .iter()
+                .filter(|c| c.state == ClientState::Joined)
+            {
                 let head = client.session.head();
                 let hash = text_hash(&client.session.text());
                 let part = by_room.entry(client.room).or_insert(RoomPart {
