@@ -21,6 +21,8 @@ pub enum ArrivalKind {
 /// Command-line configuration of `collab-load`.
 #[derive(Clone, Debug, Parser)]
 #[command(
+    // A later flag overrides an earlier one, so scripts can append to common defaults.
+    args_override_self = true,
     name = "collab-load",
     version,
     about = "Drives many real WebSocket clients against collab-engine and reports end-to-end latency percentiles"
@@ -92,8 +94,9 @@ pub struct LoadConfig {
     #[arg(long, default_value = "load")]
     pub doc_prefix: String,
 
-    /// Connections per thread allowed between TCP connect and hello_ack at once.
-    #[arg(long, default_value_t = 512)]
+    /// Connections per thread allowed between TCP connect and hello_ack at once (keeps the
+    /// server's accept queue from overflowing, which would cost a 1 s SYN retransmit).
+    #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
 
     /// Give up waiting for every client to join after this long.

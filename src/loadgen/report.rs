@@ -112,6 +112,46 @@ impl Summary {
             && self.counters.conns_failed == 0
     }
 
+    /// The header of the table [`Summary::markdown_row`] fills.
+    pub fn markdown_header() -> &'static str {
+        "| scenario | conns joined/failed/lost | edits/s offered | msgs/s delivered | delivery p50 / p99 / p99.9 / max (ms) | echo p99 (ms) | join all (ms) | server CPU (cores) | server RSS/conn | converged |\n\
+         |---|---|---:|---:|---|---:|---:|---:|---:|---|"
+    }
+
+    /// One row of the scenario table in docs/benchmarks.md.
+    pub fn markdown_row(&self) -> String {
+        let c = &self.counters;
+        let d = self.latency_ms.get("delivery").cloned().unwrap_or_default();
+        let e = self.latency_ms.get("echo").cloned().unwrap_or_default();
+        let (cpu, rss) = match &self.server {
+            Some(s) => (format!("{:.2}", s.cores_busy), format!("{:.0} B", s.rss_bytes_per_conn)),
+            None => ("-".to_owned(), "-".to_owned()),
+        };
+        let latency = if d.count == 0 {
+            "-".to_owned()
+        } else {
+            format!("{:.2} / {:.2} / {:.2} / {:.2}", d.p50, d.p99, d.p999, d.max)
+        };
+        let echo = if e.count == 0 { "-".to_owned() } else { format!("{:.2}", e.p99) };
+        format!(
+            "| {} | {}/{}/{} | {:.0} | {:.0} | {} | {} | {:.0} | {} | {} | {}/{}{} |",
+            self.label,
+            c.conns_joined,
+            c.conns_failed,
+            c.conns_lost,
+            self.offered_edits_per_s,
+            self.delivered_messages_per_s,
+            latency,
+            echo,
+            self.join_all_ms,
+            cpu,
+            rss,
+            self.convergence.rooms_converged,
+            self.convergence.rooms_checked,
+            if c.edits_undelivered > 0 { format!(", {} undelivered", c.edits_undelivered) } else { String::new() }
+        )
+    }
+
     /// A human-readable report.
     pub fn to_text(&self) -> String {
         let mut out = String::new();
@@ -187,6 +227,7 @@ impl Summary {
         std::fs::create_dir_all(dir)?;
         let json = serde_json::to_string_pretty(self).map_err(io::Error::other)?;
         std::fs::write(dir.join("summary.json"), json + "\n")?;
+        std::fs::write(dir.join("row.md"), self.markdown_row() + "\n")?;
         for (name, h) in histograms.named() {
             if !h.is_empty() {
                 std::fs::write(dir.join(format!("{name}.hgrm")), hgrm(h))?;
