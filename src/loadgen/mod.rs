@@ -258,6 +258,7 @@ pub fn run(config: LoadConfig) -> Result<RunOutput, LoadError> {
     shared.set_window(window_start, window_end);
     set_phase(Phase::Edit);
     std::thread::sleep(window_start.saturating_duration_since(Instant::now()));
+    let host_load_1m = procfs::load_average_1m();
     let server_window_start = procfs::sample(config.server_pid);
     let generator_window_start = procfs::sample(None);
     std::thread::sleep(window_end.saturating_duration_since(Instant::now()));
@@ -328,6 +329,7 @@ pub fn run(config: LoadConfig) -> Result<RunOutput, LoadError> {
         convergence,
         server,
         generator,
+        host_load_1m,
     };
     summary.set_latencies(&histograms);
     Ok(RunOutput {

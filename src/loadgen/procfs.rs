@@ -35,6 +35,16 @@ pub fn sample(pid: Option<u32>) -> Option<ProcSample> {
     )
 }
 
+/// The host's 1-minute load average, from `/proc/loadavg`.
+pub fn load_average_1m() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Parses the text of `/proc/<pid>/stat` and `/proc/<pid>/status`.
 fn parse(stat: &str, status: &str, ticks_per_second: f64) -> Option<ProcSample> {
     // The command name (field 2) may hold spaces and parentheses: fields restart after the last ')'.

@@ -93,6 +93,9 @@ pub struct Summary {
     pub server: Option<ProcessFigures>,
     /// The generator itself.
     pub generator: ProcessFigures,
+    /// The host's 1-minute load average when the measured window started (other work on a
+    /// shared machine shows here).
+    pub host_load_1m: Option<f64>,
 }
 
 impl Summary {
@@ -114,8 +117,8 @@ impl Summary {
 
     /// The header of the table [`Summary::markdown_row`] fills.
     pub fn markdown_header() -> &'static str {
-        "| scenario | conns joined/failed/lost | edits/s offered | msgs/s delivered | delivery p50 / p99 / p99.9 / max (ms) | echo p99 (ms) | join all (ms) | server CPU (cores) | server RSS/conn | converged |\n\
-         |---|---|---:|---:|---|---:|---:|---:|---:|---|"
+        "| scenario | conns joined/failed/lost | edits/s offered | msgs/s delivered | delivery p50 / p99 / p99.9 / max (ms) | echo p99 (ms) | join all (ms) | server CPU (cores) | server RSS/conn | host load | converged |\n\
+         |---|---|---:|---:|---|---:|---:|---:|---:|---:|---|"
     }
 
     /// One row of the scenario table in docs/benchmarks.md.
@@ -124,7 +127,10 @@ impl Summary {
         let d = self.latency_ms.get("delivery").cloned().unwrap_or_default();
         let e = self.latency_ms.get("echo").cloned().unwrap_or_default();
         let (cpu, rss) = match &self.server {
-            Some(s) => (format!("{:.2}", s.cores_busy), format!("{:.0} B", s.rss_bytes_per_conn)),
+            Some(s) => (
+                format!("{:.2}", s.cores_busy),
+                format!("{:.0} B", s.rss_bytes_per_conn),
+            ),
             None => ("-".to_owned(), "-".to_owned()),
         };
         let latency = if d.count == 0 {
@@ -132,9 +138,13 @@ impl Summary {
         } else {
             format!("{:.2} / {:.2} / {:.2} / {:.2}", d.p50, d.p99, d.p999, d.max)
         };
-        let echo = if e.count == 0 { "-".to_owned() } else { format!("{:.2}", e.p99) };
+        let echo = if e.count == 0 {
+            "-".to_owned()
+        } else {
+            format!("{:.2}", e.p99)
+        };
         format!(
-            "| {} | {}/{}/{} | {:.0} | {:.0} | {} | {} | {:.0} | {} | {} | {}/{}{} |",
+            "| {} | {}/{}/{} | {:.0} | {:.0} | {} | {} | {:.0} | {} | {} | {} | {}/{}{} |",
             self.label,
             c.conns_joined,
             c.conns_failed,
@@ -146,9 +156,15 @@ impl Summary {
             self.join_all_ms,
             cpu,
             rss,
+            self.host_load_1m
+                .map_or("-".to_owned(), |l| format!("{l:.1}")),
             self.convergence.rooms_converged,
             self.convergence.rooms_checked,
-            if c.edits_undelivered > 0 { format!(", {} undelivered", c.edits_undelivered) } else { String::new() }
+            if c.edits_undelivered > 0 {
+                format!(", {} undelivered", c.edits_undelivered)
+            } else {
+                String::new()
+            }
         )
     }
 
@@ -189,11 +205,15 @@ impl Summary {
         if !c.errors.is_empty() {
             let _ = writeln!(out, "errors: {:?}", c.errors);
         }
+        if let Some(load) = self.host_load_1m {
+            let _ = writeln!(out, "host load average (1 min) at window start: {load:.2}");
+        }
         let _ = writeln!(
             out,
-            "convergence: {}/{} rooms converged{}",
+            "convergence: {}/{} rooms converged (longest document {} chars){}",
             self.convergence.rooms_converged,
             self.convergence.rooms_checked,
+            self.convergence.doc_chars_max,
             if self.convergence.failures.is_empty() {
                 String::new()
             } else {
@@ -463,6 +483,35 @@ mod tests {
             .rfind(|l| !l.starts_with('#') && !l.is_empty())
             .expect("rows");
         assert!(last_row.contains("1.000000000000       1000"), "{last_row}");
+    }
+
+    #[test]
+    fn table_row_matches_header() {
+        let summary = Summary {
+            label: "s".into(),
+            workload: BTreeMap::new(),
+            conns_target: 2,
+            counters: Counters::default(),
+            join_all_ms: 1.0,
+            measured_seconds: 1.0,
+            offered_edits_per_s: 0.0,
+            delivered_messages_per_s: 0.0,
+            latency_ms: BTreeMap::new(),
+            convergence: Convergence::default(),
+            server: None,
+            generator: ProcessFigures::default(),
+            host_load_1m: Some(0.5),
+        };
+        let columns = |line: &str| line.matches('|').count();
+        let header = Summary::markdown_header();
+        let row = summary.markdown_row();
+        assert!(
+            header.lines().all(|line| columns(line) == columns(&row)),
+            "{header}\n{row}"
+        );
+        assert!(summary
+            .to_text()
+            .contains("host load average (1 min) at window start: 0.50"));
     }
 
     #[test]

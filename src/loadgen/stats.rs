@@ -138,6 +138,8 @@ pub struct Convergence {
     pub rooms_converged: u64,
     /// A few failures, described.
     pub failures: Vec<String>,
+    /// Longest final document (visible characters) of any room.
+    pub doc_chars_max: u64,
 }
 
 impl Convergence {
@@ -145,6 +147,7 @@ impl Convergence {
     pub fn merge(&mut self, other: Convergence) {
         self.rooms_checked += other.rooms_checked;
         self.rooms_converged += other.rooms_converged;
+        self.doc_chars_max = self.doc_chars_max.max(other.doc_chars_max);
         for failure in other.failures {
             if self.failures.len() < 10 {
                 self.failures.push(failure);

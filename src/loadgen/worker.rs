@@ -219,6 +219,8 @@ pub struct RoomPart {
     pub text_hash: u64,
     /// Whether every live client here had that same head and text.
     pub uniform: bool,
+    /// Visible characters of the first live client's text.
+    pub chars: u64,
 }
 
 /// Merges the workers' room parts into a verdict: a room converged when it has live clients that
@@ -230,6 +232,7 @@ pub fn convergence(parts: &[RoomPart], n_rooms: usize, outstanding: i64) -> Conv
     };
     let mut by_room: Vec<Vec<&RoomPart>> = vec![Vec::new(); n_rooms];
     for part in parts {
+        verdict.doc_chars_max = verdict.doc_chars_max.max(part.chars);
         if let Some(list) = by_room.get_mut(part.room) {
             list.push(part);
         }
@@ -803,6 +806,7 @@ impl Worker {
                     head,
                     text_hash: hash,
                     uniform: true,
+                    chars: client.session.len() as u64,
                 });
                 part.n_live += 1;
                 part.uniform &= part.head == head && part.text_hash == hash;
