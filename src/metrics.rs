@@ -4,7 +4,8 @@
 //! Every [`PUBLISH_INTERVAL`] it copies its figures into a slot of the shared
 //! [`MetricsRegistry`]; that one short lock per interval is the only cross-thread traffic,
 //! and it is off the per-message path. The acceptor renders the registry for `/metrics`
-//! (Prometheus text format) and `/health`.
+//! (Prometheus text format) and `/health`; each histogram is exported per shard and merged
+//! (`shard="all"`), because quantiles of different shards cannot be added afterwards.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -247,18 +248,26 @@ impl MetricsRegistry {
         ];
         for (name, help, get) in histograms {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
-            for (shard_idx, figures) in shards.iter().enumerate() {
-                let h = get(&figures.histograms);
+            // Quantiles do not add up across shards, so the merged histogram gets its own series.
+            let mut all = get(&ShardHistograms::default()).clone();
+            for figures in &shards {
+                let _ = all.add(get(&figures.histograms));
+            }
+            let labelled = shards
+                .iter()
+                .enumerate()
+                .map(|(idx, f)| (idx.to_string(), get(&f.histograms)));
+            for (shard, h) in labelled.chain(std::iter::once(("all".to_owned(), &all))) {
                 for q in [0.5, 0.9, 0.99, 0.999, 1.0] {
                     let seconds = h.value_at_quantile(q) as f64 / 1e6;
                     let _ = writeln!(
                         out,
-                        "{name}{{shard=\"{shard_idx}\",quantile=\"{q}\"}} {seconds}"
+                        "{name}{{shard=\"{shard}\",quantile=\"{q}\"}} {seconds}"
                     );
                 }
                 let sum_seconds = h.mean() * h.len() as f64 / 1e6;
-                let _ = writeln!(out, "{name}_sum{{shard=\"{shard_idx}\"}} {sum_seconds}");
-                let _ = writeln!(out, "{name}_count{{shard=\"{shard_idx}\"}} {}", h.len());
+                let _ = writeln!(out, "{name}_sum{{shard=\"{shard}\"}} {sum_seconds}");
+                let _ = writeln!(out, "{name}_count{{shard=\"{shard}\"}} {}", h.len());
             }
         }
         out
@@ -328,6 +337,12 @@ mod tests {
         );
         assert!(
             text.contains("collab_fsync_seconds_count{shard=\"0\"} 0"),
+            "{text}"
+        );
+        let merged = "collab_fsync_seconds{shard=\"all\",quantile=\"0.5\"} 0.0015";
+        assert!(text.contains(merged), "{text}");
+        assert!(
+            text.contains("collab_fsync_seconds_count{shard=\"all\"} 1"),
             "{text}"
         );
     }
