@@ -212,7 +212,8 @@ impl Net {
     }
 
     /// Queues a text frame for `conn`, to be written at the end of the turn. A connection
-    /// whose queue would pass [`NetLimits::outbound_bytes_max`] is closed with 1013 instead.
+    /// left with more than [`NetLimits::outbound_bytes_max`] queued after the turn's flush is
+    /// closed with 1013.
     pub fn send(&mut self, conn: ConnToken, frame: Utf8Bytes) {
         self.send_message(conn, Message::Text(frame));
     }
@@ -225,23 +226,31 @@ impl Net {
             return;
         }
         let len = message.len();
-        if c.out_bytes + len > self.limits.outbound_bytes_max {
-            self.metrics.figures.counters.slow_consumer_drops += 1;
-            warn!(
-                "shard: {} fell {} bytes behind; closing 1013",
-                c.peer,
-                c.out_bytes + len
-            );
-            // Nothing queued will be sent; the client reconnects with `since`.
-            c.out.clear();
-            c.out_bytes = 0;
-            self.close(conn, 1013, "too far behind, reconnect with since");
-            return;
-        }
         c.out_bytes += len;
         c.out.push_back(message);
         self.metrics.figures.counters.bytes_out += len as u64;
         self.push_flush(conn.0);
+    }
+
+    /// After a flush: a connection that still has more than [`NetLimits::outbound_bytes_max`]
+    /// queued is too slow; it is closed with 1013 and its queue dropped (it reconnects with
+    /// `since`). Checked after writing, so one turn's burst to a reader that keeps up is fine.
+    fn check_backlog(&mut self, key: usize) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        if c.phase != Phase::Open || c.out_bytes <= self.limits.outbound_bytes_max {
+            return;
+        }
+        self.metrics.figures.counters.slow_consumer_drops += 1;
+        warn!(
+            "shard: {} fell {} bytes behind; closing 1013",
+            c.peer, c.out_bytes
+        );
+        c.out.clear();
+        c.out_bytes = 0;
+        self.close(ConnToken(key), 1013, "too far behind, reconnect with since");
+        self.pump(key);
     }
 
     /// Closes `conn` with `code` after its queued frames; the handler is told through
@@ -471,6 +480,7 @@ impl Net {
             if let Some(c) = self.conns.get_mut(key) {
                 c.in_flush_list = false;
                 self.pump(key);
+                self.check_backlog(key);
             }
         }
     }

@@ -114,3 +114,160 @@ pub fn http_get(addr: SocketAddr, request: &str) -> String {
     stream.read_to_end(&mut response).expect("read");
     String::from_utf8_lossy(&response).into_owned()
 }
+
+use collab_engine::crdt::{Doc, Op};
+use collab_engine::protocol::{self as proto, HelloAckStrategy, ServerMessage};
+
+/// A test client with its own replica of the document: sends valid edits, applies echoes,
+/// and checks the contract's ordering guarantees on everything it receives.
+pub struct Editor {
+    pub ws: Ws,
+    pub doc: Doc,
+    pub replica: u64,
+    pub head: u64,
+    pub epoch: String,
+    pub next_client_seq: u64,
+    /// client_seq -> the op message text, until its echo or ack arrives.
+    pub unacked: std::collections::BTreeMap<u64, String>,
+    /// Every server_seq received, in order.
+    pub seqs: Vec<u64>,
+    /// Presence messages received: (replica, state JSON).
+    pub presence: Vec<(u64, String)>,
+}
+
+impl Editor {
+    /// Connects to `path` and joins with `hello` (JSON text); panics unless `hello_ack` comes.
+    pub fn join(addr: SocketAddr, path: &str, hello: &str) -> Editor {
+        let mut ws = connect(addr, path);
+        send(&mut ws, hello);
+        let mut editor = Editor {
+            ws,
+            doc: Doc::new(),
+            replica: 0,
+            head: 0,
+            epoch: String::new(),
+            next_client_seq: 1,
+            unacked: Default::default(),
+            seqs: Vec::new(),
+            presence: Vec::new(),
+        };
+        match editor.recv() {
+            ServerMessage::HelloAck(_) => {}
+            other => panic!("expected hello_ack, got {other:?}"),
+        }
+        editor
+    }
+
+    /// Reads and applies one server message, checking order; returns it.
+    pub fn recv(&mut self) -> ServerMessage {
+        let text = loop {
+            match self.ws.read().expect("read") {
+                Message::Text(text) => break text,
+                Message::Close(frame) => panic!("closed: {frame:?}"),
+                _ => {}
+            }
+        };
+        let message = proto::parse_server_message(&text)
+            .unwrap_or_else(|e| panic!("bad server frame {text}: {e}"));
+        match &message {
+            ServerMessage::HelloAck(ack) => {
+                self.replica = ack.replica;
+                self.epoch = ack.epoch.clone();
+                match &ack.strategy {
+                    HelloAckStrategy::Snapshot(runs) => {
+                        self.doc = Doc::from_snapshot(runs).expect("snapshot decodes");
+                        self.head = ack.head;
+                    }
+                    HelloAckStrategy::Replay(echoes) => {
+                        for echo in echoes {
+                            self.apply_echo(
+                                echo.server_seq,
+                                echo.client_seq,
+                                echo.replica,
+                                &echo.ops,
+                            );
+                        }
+                        assert_eq!(self.head, ack.head, "replay ends at head");
+                    }
+                }
+                for entry in &ack.presence {
+                    self.presence
+                        .push((entry.replica, entry.state_json.clone()));
+                }
+            }
+            ServerMessage::OpEcho(echo) => {
+                self.apply_echo(echo.server_seq, echo.client_seq, echo.replica, &echo.ops)
+            }
+            ServerMessage::Ack {
+                client_seq,
+                server_seq,
+            } => {
+                assert!(*server_seq <= self.head.max(*server_seq));
+                self.unacked.remove(client_seq);
+            }
+            ServerMessage::Presence {
+                replica,
+                state_json,
+            } => self.presence.push((*replica, state_json.clone())),
+            ServerMessage::Error { .. } => {}
+        }
+        message
+    }
+
+    fn apply_echo(&mut self, server_seq: u64, client_seq: u64, replica: u64, ops: &[Op]) {
+        assert_eq!(
+            server_seq,
+            self.head + 1,
+            "server_seq is gap-free and ordered"
+        );
+        self.head = server_seq;
+        self.seqs.push(server_seq);
+        self.doc
+            .apply_remote(None, ops)
+            .expect("an echo always applies");
+        if replica == self.replica {
+            self.unacked.remove(&client_seq);
+        }
+    }
+
+    /// Sends an op message of `ops` (already applied locally); returns its client_seq.
+    pub fn send_ops(&mut self, ops: &[Op]) -> u64 {
+        let client_seq = self.next_client_seq;
+        self.next_client_seq += 1;
+        let text = proto::encode_op(client_seq, ops);
+        send(&mut self.ws, &text);
+        self.unacked.insert(client_seq, text);
+        client_seq
+    }
+
+    /// Applies one trace-like patch locally (clamped to the current length) and sends it.
+    pub fn edit(&mut self, pos: usize, del: usize, ins: &str) {
+        let len = self.doc.len();
+        let pos = pos.min(len);
+        let del = del.min(len - pos);
+        let mut ops = Vec::new();
+        if del > 0 {
+            ops.extend(self.doc.delete_local(pos, del));
+        }
+        if !ins.is_empty() {
+            ops.push(self.doc.insert_local(self.replica, pos, ins));
+        }
+        if !ops.is_empty() {
+            self.send_ops(&ops);
+        }
+    }
+
+    /// Reads until every sent op message got its echo or ack.
+    pub fn settle(&mut self) {
+        while !self.unacked.is_empty() {
+            self.recv();
+        }
+    }
+
+    /// Reads until `head` reaches `target`.
+    pub fn catch_up(&mut self, target: u64) {
+        while self.head < target {
+            self.recv();
+        }
+    }
+}
