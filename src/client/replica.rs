@@ -72,6 +72,8 @@ pub enum Event {
         server_seq: u64,
         /// Its replica.
         replica: u64,
+        /// Its sender's `client_seq`.
+        client_seq: u64,
     },
     /// One of this replica's op messages is acknowledged (its echo or an `ack`).
     Acked {
@@ -334,17 +336,20 @@ impl Replica {
     }
 
     fn handle_echo(&mut self, echo: OpEcho) -> Result<Event, ReplicaError> {
-        self.head = self.head.max(echo.server_seq);
         if Some(echo.replica) == self.replica && self.acknowledge(echo.client_seq) {
+            self.head = self.head.max(echo.server_seq);
             return Ok(Event::Acked {
                 client_seq: echo.client_seq,
                 server_seq: echo.server_seq,
             });
         }
+        // A remote echo that does not integrate leaves head alone: `since` stays before it.
         self.apply_echo(&echo)?;
+        self.head = self.head.max(echo.server_seq);
         Ok(Event::Remote {
             server_seq: echo.server_seq,
             replica: echo.replica,
+            client_seq: echo.client_seq,
         })
     }
 
@@ -615,6 +620,78 @@ mod tests {
         }
     }
 
+    /// Hand-written server frames, no room involved.
+    #[test]
+    fn handles_raw_server_frames() {
+        let mut r = Replica::new("d", None, None);
+        assert_eq!(r.hello(), r#"{"type":"hello","doc":"d"}"#);
+        let ack = r#"{"type":"hello_ack","doc":"d","replica":4,"head":7,"epoch":"ep","strategy":"snapshot","snapshot":{"runs":[{"id":[0,1],"text":"ab"},{"id":[2,1],"deleted":1},{"id":[3,2],"text":"c"}]},"presence":[{"replica":1,"state":{"c":2}}]}"#;
+        let event = r.handle_frame(ack).expect("hello_ack");
+        assert_eq!(
+            event,
+            Event::Joined {
+                replica: 4,
+                head: 7,
+                snapshot: true,
+                history_lost: false,
+                resend: vec![]
+            }
+        );
+        assert_eq!(
+            (r.text().as_str(), r.head(), r.epoch(), r.replica()),
+            ("abc", 7, Some("ep"), Some(4))
+        );
+        assert_eq!(r.presence().get(&1).map(String::as_str), Some(r#"{"c":2}"#));
+        let echo = r#"{"type":"op_echo","server_seq":8,"replica":1,"client_seq":3,"ops":[{"kind":"ins","id":[4,1],"after":[3,2],"text":"!"}]}"#;
+        assert_eq!(
+            r.handle_frame(echo),
+            Ok(Event::Remote {
+                server_seq: 8,
+                replica: 1,
+                client_seq: 3
+            })
+        );
+        assert_eq!(r.text(), "abc!");
+        let msg = r.insert(0, ">").expect("joined");
+        assert_eq!(
+            msg,
+            r#"{"type":"op","client_seq":1,"ops":[{"kind":"ins","id":[5,4],"after":null,"text":">"}]}"#
+        );
+        let own = r#"{"type":"op_echo","server_seq":9,"replica":4,"client_seq":1,"ops":[{"kind":"ins","id":[5,4],"after":null,"text":">"}]}"#;
+        assert_eq!(
+            r.handle_frame(own),
+            Ok(Event::Acked {
+                client_seq: 1,
+                server_seq: 9
+            })
+        );
+        assert_eq!(
+            (r.text().as_str(), r.head(), r.n_pending()),
+            (">abc!", 9, 0)
+        );
+        assert_eq!(
+            r.handle_frame(r#"{"type":"presence","replica":1,"state":null}"#),
+            Ok(Event::Presence {
+                replica: 1,
+                state_json: "null".into()
+            })
+        );
+        assert!(r.presence().is_empty());
+        assert_eq!(
+            r.hello(),
+            r#"{"type":"hello","doc":"d","replica":4,"since":9,"epoch":"ep"}"#
+        );
+        // An echo that cannot integrate is reported, not applied.
+        let bad = r#"{"type":"op_echo","server_seq":10,"replica":1,"client_seq":4,"ops":[{"kind":"del","id":[99,9],"len":1}]}"#;
+        assert_eq!(
+            r.handle_frame(bad),
+            Err(ReplicaError::Diverged {
+                server_seq: 10,
+                code: "unknown_id"
+            })
+        );
+    }
+
     #[test]
     fn concurrent_edits_converge_and_ack() {
         let mut net = Net::new(3);
@@ -651,7 +728,8 @@ mod tests {
             0,
             Event::Remote {
                 server_seq: 2,
-                replica: 2
+                replica: 2,
+                client_seq: 1
             }
         )));
     }
@@ -873,5 +951,272 @@ mod tests {
             hello.contains(r#""replica":1,"since":0,"epoch":""#),
             "{hello}"
         );
+    }
+}
+
+/// Seeded simulation: replicas and a room over `MemoryStorage`, with frames in flight, dropped
+/// connections, takeovers and server restarts; everyone must converge with every edit applied
+/// exactly once. A failure prints the proptest seed and the minimal action list.
+#[cfg(test)]
+mod sim {
+    use std::collections::VecDeque;
+
+    use proptest::prelude::*;
+    use tungstenite::Utf8Bytes;
+
+    use super::*;
+    use crate::ids::ConnToken;
+    use crate::protocol::{parse_client_message, ClientMessage};
+    use crate::room::{Room, RoomConfig};
+    use crate::storage::{MemoryStorage, Storage};
+
+    #[derive(Clone, Debug)]
+    enum Action {
+        Insert {
+            client: usize,
+            pos_seed: usize,
+        },
+        Delete {
+            client: usize,
+            pos_seed: usize,
+            len: usize,
+        },
+        Deliver {
+            n: usize,
+        },
+        Drop {
+            client: usize,
+        },
+        Reconnect {
+            client: usize,
+        },
+        Takeover {
+            client: usize,
+        },
+        Restart,
+    }
+
+    fn action(n_clients: usize, deletes: bool) -> impl Strategy<Value = Action> {
+        let client = 0..n_clients;
+        prop_oneof![
+            6 => (client.clone(), any::<usize>()).prop_map(|(client, pos_seed)| Action::Insert { client, pos_seed }),
+            (if deletes { 3 } else { 0 }) => (client.clone(), any::<usize>(), 1usize..4)
+                .prop_map(|(client, pos_seed, len)| Action::Delete { client, pos_seed, len }),
+            5 => (1usize..8).prop_map(|n| Action::Deliver { n }),
+            1 => client.clone().prop_map(|client| Action::Drop { client }),
+            2 => client.clone().prop_map(|client| Action::Reconnect { client }),
+            1 => client.prop_map(|client| Action::Takeover { client }),
+            1 => Just(Action::Restart),
+        ]
+    }
+
+    struct Sim {
+        storage: MemoryStorage,
+        config: RoomConfig,
+        room: Room,
+        replicas: Vec<Replica>,
+        conns: Vec<Option<ConnToken>>,
+        next_conn: usize,
+        /// Frames released by the room (durable) and not yet delivered.
+        in_flight: VecDeque<(ConnToken, Utf8Bytes)>,
+        n_inserted: u32,
+    }
+
+    impl Sim {
+        fn new(n_clients: usize) -> Sim {
+            let config = RoomConfig {
+                snapshot_every_ops: 3,
+                snapshot_every_bytes: 1 << 30,
+                replay_window_ops: 4,
+                doc_chars_max: 1 << 20,
+                token: None,
+            };
+            let mut sim = Sim {
+                storage: MemoryStorage::new(),
+                room: Room::open("d".into(), None, config.clone()).expect("room"),
+                config,
+                replicas: (0..n_clients)
+                    .map(|_| Replica::new("d", None, None))
+                    .collect(),
+                conns: vec![None; n_clients],
+                next_conn: 0,
+                in_flight: VecDeque::new(),
+                n_inserted: 0,
+            };
+            for i in 0..n_clients {
+                sim.connect(i);
+            }
+            sim
+        }
+
+        fn send(&mut self, i: usize, text: &str) {
+            let Some(conn) = self.conns[i] else { return };
+            match parse_client_message(text).expect("the client sends valid messages") {
+                ClientMessage::Hello(hello) => self.room.join(conn, &hello),
+                ClientMessage::Op(msg) => self.room.handle_op(conn, msg),
+                ClientMessage::Presence(update) => self.room.handle_presence(conn, update),
+            }
+            self.turn();
+        }
+
+        /// The shard's end of turn: persist, release frames, close.
+        fn turn(&mut self) {
+            let effects = self.room.take_effects();
+            for record in &effects.records {
+                self.storage
+                    .append("d", self.room.epoch(), record)
+                    .expect("append");
+            }
+            self.storage.sync().expect("sync");
+            if let Some(snapshot) = &effects.snapshot {
+                self.storage
+                    .write_snapshot("d", snapshot)
+                    .expect("snapshot");
+            }
+            self.in_flight.extend(effects.frames);
+            for (conn, _, _) in effects.closes {
+                self.room.leave(conn);
+                for slot in &mut self.conns {
+                    if *slot == Some(conn) {
+                        *slot = None;
+                    }
+                }
+            }
+        }
+
+        fn deliver(&mut self, n: usize) {
+            for _ in 0..n {
+                let Some((conn, frame)) = self.in_flight.pop_front() else {
+                    return;
+                };
+                let Some(i) = self.conns.iter().position(|c| *c == Some(conn)) else {
+                    continue;
+                };
+                let event = self.replicas[i]
+                    .handle_frame(&frame)
+                    .expect("frames integrate");
+                if let Event::Joined { resend, .. } = event {
+                    for text in resend {
+                        self.send(i, &text);
+                    }
+                }
+            }
+        }
+
+        fn connect(&mut self, i: usize) {
+            self.next_conn += 1;
+            self.conns[i] = Some(ConnToken(self.next_conn));
+            let hello = self.replicas[i].hello();
+            self.send(i, &hello);
+        }
+
+        fn drop_conn(&mut self, i: usize) {
+            if let Some(conn) = self.conns[i].take() {
+                self.room.leave(conn);
+                self.turn();
+            }
+        }
+
+        fn apply(&mut self, action: &Action) {
+            match *action {
+                Action::Insert { client, pos_seed } => {
+                    let r = &mut self.replicas[client];
+                    let pos = pos_seed % (r.len() + 1);
+                    let ch = char::from_u32(0x4e00 + self.n_inserted).expect("CJK range");
+                    if let Ok(msg) = r.insert(pos, &ch.to_string()) {
+                        self.n_inserted += 1;
+                        self.send(client, &msg);
+                    }
+                }
+                Action::Delete {
+                    client,
+                    pos_seed,
+                    len,
+                } => {
+                    let r = &mut self.replicas[client];
+                    if r.len() >= len {
+                        let pos = pos_seed % (r.len() - len + 1);
+                        if let Ok(Some(msg)) = r.delete(pos, len) {
+                            self.send(client, &msg);
+                        }
+                    }
+                }
+                Action::Deliver { n } => self.deliver(n),
+                Action::Drop { client } => self.drop_conn(client),
+                Action::Reconnect { client } => {
+                    if self.conns[client].is_none() {
+                        self.connect(client);
+                    }
+                }
+                Action::Takeover { client } => {
+                    if self.replicas[client].replica().is_some() {
+                        // A new connection of the same replica while the old one is still open.
+                        self.connect(client);
+                    }
+                }
+                Action::Restart => {
+                    self.turn();
+                    self.in_flight.clear();
+                    let stored = self.storage.load("d").expect("load");
+                    self.room =
+                        Room::open("d".into(), stored, self.config.clone()).expect("reopen");
+                    self.conns.iter_mut().for_each(|c| *c = None);
+                }
+            }
+        }
+
+        /// Everyone reconnects and all frames are delivered.
+        fn settle(&mut self) {
+            for _ in 0..10 {
+                for i in 0..self.replicas.len() {
+                    if self.conns[i].is_none() {
+                        self.connect(i);
+                    }
+                }
+                while !self.in_flight.is_empty() {
+                    self.deliver(usize::MAX);
+                }
+                if self.conns.iter().all(Option::is_some) {
+                    return;
+                }
+            }
+        }
+
+        fn check(&self, exactly_once: bool) -> Result<(), TestCaseError> {
+            let text = self.room.text();
+            for (i, r) in self.replicas.iter().enumerate() {
+                prop_assert_eq!(r.text(), text.clone(), "replica {} diverged", i);
+                prop_assert_eq!(r.n_pending(), 0, "replica {} has unacknowledged ops", i);
+                prop_assert_eq!(r.head(), self.room.head());
+            }
+            if exactly_once {
+                prop_assert_eq!(text.chars().count(), self.n_inserted as usize, "{}", text);
+            }
+            Ok(())
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        #[test]
+        fn inserts_apply_exactly_once(actions in prop::collection::vec(action(3, false), 1..60)) {
+            let mut sim = Sim::new(3);
+            for action in &actions {
+                sim.apply(action);
+            }
+            sim.settle();
+            sim.check(true)?;
+        }
+
+        #[test]
+        fn edits_converge(actions in prop::collection::vec(action(3, true), 1..60)) {
+            let mut sim = Sim::new(3);
+            for action in &actions {
+                sim.apply(action);
+            }
+            sim.settle();
+            sim.check(false)?;
+        }
     }
 }

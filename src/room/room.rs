@@ -8,10 +8,10 @@ use tungstenite::Utf8Bytes;
 
 use crate::crdt::{Applied, Doc, Op, Run, RunContent, MAX_ID_COMPONENT};
 use crate::ids::ConnToken;
-use crate::protocol::codec::write_json_str;
 use crate::protocol::codec::{
     encode_ack, encode_error, encode_op_echo, encode_presence, encode_snapshot_runs,
 };
+use crate::protocol::codec::{encode_hello_ack, HelloAckBody};
 use crate::protocol::messages::{parse_op_echo, parse_snapshot_runs};
 use crate::protocol::{crdt_error, ErrorCode, Hello, OpMessage, PresenceUpdate, ProtocolError};
 use crate::storage::{LogRecord, StoredDoc, StoredSnapshot};
@@ -19,6 +19,9 @@ use crate::storage::{LogRecord, StoredDoc, StoredSnapshot};
 /// Replica ids reserved per `ReplicasReserved` record: one durable record serves this many
 /// assignments, and a restart skips at most this many ids.
 const REPLICAS_PER_RESERVATION: u64 = 16;
+
+/// A replay up to this size is always fine; above it the room sends the snapshot if smaller.
+const REPLAY_BYTES_ALWAYS_OK: usize = 64 * 1024;
 
 /// Explicit replicas at or above this do not move the assignment counter, so one client naming
 /// `2^53-1` cannot exhaust a document's replica space.
@@ -116,8 +119,8 @@ pub struct Room {
     replicas_reserved: u64,
     /// Lowest replica id the next assignment may hand out.
     replica_next: u64,
-    /// Characters in the document, tombstones included (an upper bound: a partly repeated
-    /// message counts its inserts again).
+    /// Characters in the document, tombstones included: exact after open and after each
+    /// snapshot, an upper bound in between (a partly repeated message counts its inserts again).
     n_chars: usize,
     ops_since_snapshot: u64,
     bytes_since_snapshot: u64,
@@ -263,7 +266,9 @@ impl Room {
                     self.leave(old);
                 }
                 if replica < EXPLICIT_REPLICA_BUMP_MAX {
+                    // Used now, so never to be assigned, after a restart too.
                     self.replica_next = self.replica_next.max(replica + 1);
+                    self.reserve_through(replica);
                 }
                 replica
             }
@@ -305,13 +310,18 @@ impl Room {
             return None;
         }
         self.replica_next = replica + 1;
+        self.reserve_through(replica);
+        Some(replica)
+    }
+
+    /// Makes sure `replica` is durably reserved, reserving a block from it when it is not.
+    fn reserve_through(&mut self, replica: u64) {
         if replica > self.replicas_reserved {
             self.replicas_reserved = (replica + REPLICAS_PER_RESERVATION - 1).min(MAX_ID_COMPONENT);
             self.effects.records.push(LogRecord::ReplicasReserved {
                 last: self.replicas_reserved,
             });
         }
-        Some(replica)
     }
 
     /// The snapshot object at the current head, encoded once per head.
@@ -326,58 +336,49 @@ impl Room {
         }
     }
 
-    /// Whether a joiner with `since`/`epoch` gets a replay (the window holds every op after `since`).
-    fn can_replay(&self, hello: &Hello) -> bool {
-        let Some(since) = hello.since else {
-            return false;
-        };
+    /// The replay entries a joiner with `since`/`epoch` gets, or `None` for a snapshot: when it
+    /// sent no `since`, another epoch, a `since` past head or older than the replay window, or
+    /// when the replay would be bigger than both [`REPLAY_BYTES_ALWAYS_OK`] and the snapshot (a
+    /// client far behind on a small document then gets the smaller answer, which also keeps the
+    /// `hello_ack` under the shard's outbound limit).
+    fn replay_for(&mut self, hello: &Hello) -> Option<Vec<Utf8Bytes>> {
+        let since = hello.since?;
         if hello
             .epoch
             .as_deref()
             .is_some_and(|epoch| epoch != self.epoch)
             || since > self.head
         {
-            return false;
+            return None;
         }
-        (self.head - since) as usize <= self.window.len()
+        let n_missed = usize::try_from(self.head - since).ok()?;
+        if n_missed > self.window.len() {
+            return None;
+        }
+        let entries: Vec<Utf8Bytes> = self
+            .window
+            .range(self.window.len() - n_missed..)
+            .cloned()
+            .collect();
+        let replay_bytes: usize = entries.iter().map(|echo| echo.len() + 1).sum();
+        if replay_bytes > REPLAY_BYTES_ALWAYS_OK && replay_bytes > self.snapshot_json().len() {
+            return None;
+        }
+        Some(entries)
     }
 
     fn encode_hello_ack(&mut self, conn: ConnToken, replica: u64, hello: &Hello) -> Utf8Bytes {
-        let replay = self.can_replay(hello);
-        let body = if replay {
-            None
-        } else {
+        let replay = self.replay_for(hello);
+        let snapshot = if replay.is_none() {
             Some(self.snapshot_json())
+        } else {
+            None
         };
-        let mut out =
-            String::with_capacity(160 + self.doc_name.len() + body.as_ref().map_or(0, |b| b.len()));
-        out.push_str("{\"type\":\"hello_ack\",\"doc\":");
-        write_json_str(&mut out, &self.doc_name);
-        let _ = write!(
-            out,
-            ",\"replica\":{replica},\"head\":{},\"epoch\":",
-            self.head
-        );
-        write_json_str(&mut out, &self.epoch);
-        match body {
-            Some(snapshot) => {
-                out.push_str(",\"strategy\":\"snapshot\",\"snapshot\":");
-                out.push_str(&snapshot);
-            }
-            None => {
-                out.push_str(",\"strategy\":\"replay\",\"ops\":[");
-                let since = hello.since.unwrap_or(self.head);
-                let skip = self.window.len() - (self.head - since) as usize;
-                for (i, echo) in self.window.iter().skip(skip).enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    out.push_str(echo);
-                }
-                out.push(']');
-            }
-        }
-        out.push_str(",\"presence\":[");
+        let body = match (&snapshot, &replay) {
+            (Some(snapshot), _) => HelloAckBody::Snapshot(snapshot),
+            (None, Some(entries)) => HelloAckBody::Replay(entries),
+            (None, None) => HelloAckBody::Replay(&[]),
+        };
         let mut others: Vec<(u64, &str)> = self
             .clients
             .iter()
@@ -390,14 +391,14 @@ impl Room {
             })
             .collect();
         others.sort_unstable_by_key(|(replica, _)| *replica);
-        for (i, (other, state)) in others.into_iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            let _ = write!(out, "{{\"replica\":{other},\"state\":{state}}}");
-        }
-        out.push_str("]}");
-        Utf8Bytes::from(out)
+        encode_hello_ack(
+            &self.doc_name,
+            replica,
+            self.head,
+            &self.epoch,
+            body,
+            &others,
+        )
     }
 
     /// An op message from a joined connection: integrated, then echoed to every client (a change),
@@ -453,7 +454,11 @@ impl Room {
         {
             return;
         }
-        let runs_json = self.snapshot_json();
+        let runs = self.crdt.snapshot();
+        // The exact size, so the upper bound kept between snapshots never drifts far.
+        self.n_chars = runs.iter().map(run_len).sum();
+        let runs_json = Utf8Bytes::from(encode_snapshot_runs(&runs));
+        self.snapshot_cache = Some((self.head, runs_json.clone()));
         self.effects.snapshot = Some(StoredSnapshot {
             epoch: self.epoch.clone(),
             head: self.head,
@@ -637,17 +642,28 @@ mod tests {
             effects.records.is_empty(),
             "replica 2 is inside the reserved block"
         );
-        // An explicit replica moves the counter past it.
+        // An explicit replica moves the counter past it, durably.
         h.send(3, r#"{"type":"hello","replica":40}"#);
         let effects = h.room.take_effects();
-        assert!(effects.records.is_empty());
+        assert_eq!(
+            effects.records,
+            vec![LogRecord::ReplicasReserved { last: 55 }]
+        );
         h.send(4, r#"{"type":"hello"}"#);
         assert_eq!(h.room.replica_of(ConnToken(4)), Some(41));
-        assert_eq!(
-            h.room.take_effects().records,
-            vec![LogRecord::ReplicasReserved { last: 56 }]
+        assert!(h.room.take_effects().records.is_empty());
+        // An explicit replica inside the reserved range needs no record.
+        h.send(5, r#"{"type":"hello","replica":7}"#);
+        assert!(h.room.take_effects().records.is_empty());
+        h.send(6, r#"{"type":"hello","replica":56}"#);
+        h.room.take_effects();
+        h.send(7, r#"{"type":"hello"}"#);
+        assert_eq!(h.room.replica_of(ConnToken(7)), Some(57));
+        assert!(
+            h.room.take_effects().records.is_empty(),
+            "56 reserved through 71"
         );
-        assert_eq!(h.room.n_clients(), 4);
+        assert_eq!(h.room.n_clients(), 7);
         assert!(!h.room.epoch().is_empty());
     }
 
@@ -914,6 +930,50 @@ mod tests {
             );
             h.room.leave(ConnToken(2));
         }
+    }
+
+    #[test]
+    fn a_big_replay_of_a_small_document_becomes_a_snapshot() {
+        let mut config = config();
+        config.doc_chars_max = 1 << 20;
+        let mut h = Harness::new(config);
+        h.send(1, r#"{"type":"hello"}"#);
+        let text = "x".repeat(1_000);
+        for k in 0..40u64 {
+            let lamport = k * 1_000;
+            h.send(
+                1,
+                &format!(r#"{{"type":"op","client_seq":{k},"ops":[{{"kind":"ins","id":[{lamport},1],"after":null,"text":"{text}"}},{{"kind":"del","id":[{lamport},1],"len":1000}}]}}"#),
+            );
+        }
+        h.room.take_effects();
+        let strategy = |h: &mut Harness, since: u64| {
+            h.send(
+                2,
+                &format!(r#"{{"type":"hello","replica":2,"since":{since}}}"#),
+            );
+            let frame = h.room.take_effects().frames.pop().expect("hello_ack").1;
+            h.room.leave(ConnToken(2));
+            h.room.take_effects();
+            if frame.contains(r#""strategy":"replay""#) {
+                "replay"
+            } else {
+                "snapshot"
+            }
+        };
+        // 40 echoes of about 1 KB: 40 KB is always fine.
+        assert_eq!(strategy(&mut h, 0), "replay");
+        for k in 40..80u64 {
+            let lamport = k * 1_000;
+            h.send(
+                1,
+                &format!(r#"{{"type":"op","client_seq":{k},"ops":[{{"kind":"ins","id":[{lamport},1],"after":null,"text":"{text}"}},{{"kind":"del","id":[{lamport},1],"len":1000}}]}}"#),
+            );
+        }
+        h.room.take_effects();
+        // 80 KB of replay against a snapshot of 80 tombstone runs: the snapshot wins.
+        assert_eq!(strategy(&mut h, 0), "snapshot");
+        assert_eq!(strategy(&mut h, 70), "replay");
     }
 
     #[test]
