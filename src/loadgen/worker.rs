@@ -410,12 +410,11 @@ impl Worker {
                 }
                 continue;
             }
-            let now = Instant::now();
             for event in events.iter() {
                 if event.token() == WAKER_TOKEN {
                     continue;
                 }
-                self.on_event(event.token().0, event.is_writable(), now);
+                self.on_event(event.token().0, event.is_writable());
             }
         }
         self.finish()
@@ -571,7 +570,7 @@ impl Worker {
         }
     }
 
-    fn on_event(&mut self, idx: usize, writable: bool, now: Instant) {
+    fn on_event(&mut self, idx: usize, writable: bool) {
         let Some(client) = self.clients.get_mut(idx) else {
             return;
         };
@@ -606,7 +605,7 @@ impl Worker {
         let mut inbox = std::mem::take(&mut self.inbox);
         let read = self.clients[idx].conn.read_texts(|text| inbox.push(text));
         for text in inbox.drain(..) {
-            self.on_text(idx, text.as_str(), now);
+            self.on_text(idx, text.as_str());
         }
         self.inbox = inbox;
         if let Err(e) = read {
@@ -614,11 +613,7 @@ impl Worker {
         }
     }
 
-    fn on_text(&mut self, idx: usize, text: &str, now: Instant) {
-        let in_window = self.shared.in_window(now);
-        if in_window {
-            self.counters.bytes_received += text.len() as u64;
-        }
+    fn on_text(&mut self, idx: usize, text: &str) {
         let client = &mut self.clients[idx];
         if matches!(client.state, ClientState::Failed | ClientState::Lost) {
             return;
@@ -639,6 +634,13 @@ impl Worker {
                 return;
             }
         };
+        // Read the clock after integrating: the sample ends when this client holds the op, and
+        // a long batch of events must not make later samples look faster than they were.
+        let now = Instant::now();
+        let in_window = self.shared.in_window(now);
+        if in_window {
+            self.counters.bytes_received += text.len() as u64;
+        }
         let own_replica = client.session.replica();
         let room_idx = client.room;
         match incoming {
