@@ -247,11 +247,13 @@ pub fn run(config: LoadConfig) -> Result<RunOutput, LoadError> {
                 >= rooms
         });
     }
+    let server_join_start = procfs::sample(config.server_pid);
     let join_start = Instant::now();
     set_phase(Phase::Join);
     let total = config.total_clients() as u64;
     wait_until(join_start + config.join_timeout, || settled(total));
     let join_all = join_start.elapsed();
+    let server_join_end = procfs::sample(config.server_pid);
 
     let window_start = Instant::now() + config.warmup;
     let window_end = window_start + config.duration;
@@ -321,6 +323,10 @@ pub fn run(config: LoadConfig) -> Result<RunOutput, LoadError> {
         workload: workload(&config),
         conns_target: total,
         join_all_ms: join_all.as_secs_f64() * 1e3,
+        join_server_cpu_seconds: match (server_join_start, server_join_end) {
+            (Some(a), Some(b)) => Some(b.cpu_seconds - a.cpu_seconds),
+            _ => None,
+        },
         measured_seconds,
         offered_edits_per_s: counters.edits_sent as f64 / measured_seconds,
         delivered_messages_per_s: counters.echoes_received as f64 / measured_seconds,

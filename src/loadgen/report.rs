@@ -79,6 +79,8 @@ pub struct Summary {
     pub counters: Counters,
     /// From the start of the join phase until every client joined (or failed), ms.
     pub join_all_ms: f64,
+    /// Server CPU seconds spent during the join phase (with `--server-pid`).
+    pub join_server_cpu_seconds: Option<f64>,
     /// Length of the measured window, seconds.
     pub measured_seconds: f64,
     /// Edits sent per second during the window.
@@ -175,8 +177,14 @@ impl Summary {
         let _ = writeln!(out, "== collab-load: {}", self.label);
         let _ = writeln!(
             out,
-            "connections: {} joined, {} failed, {} lost (of {}); all joined in {:.1} ms",
-            c.conns_joined, c.conns_failed, c.conns_lost, self.conns_target, self.join_all_ms
+            "connections: {} joined, {} failed, {} lost (of {}); all joined in {:.1} ms{}",
+            c.conns_joined,
+            c.conns_failed,
+            c.conns_lost,
+            self.conns_target,
+            self.join_all_ms,
+            self.join_server_cpu_seconds
+                .map_or(String::new(), |s| format!(" ({s:.2} server CPU s)"))
         );
         let _ = writeln!(
             out,
@@ -493,6 +501,7 @@ mod tests {
             conns_target: 2,
             counters: Counters::default(),
             join_all_ms: 1.0,
+            join_server_cpu_seconds: None,
             measured_seconds: 1.0,
             offered_edits_per_s: 0.0,
             delivered_messages_per_s: 0.0,
