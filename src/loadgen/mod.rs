@@ -309,6 +309,8 @@ pub fn run(config: LoadConfig) -> Result<RunOutput, LoadError> {
             rss_bytes_start: start.rss_bytes,
             rss_bytes_end: window_end.rss_bytes,
             rss_bytes_per_conn: (window_end.rss_bytes as f64 - start.rss_bytes as f64) / conns_open,
+            run_queue_wait_seconds: window_end.run_queue_wait_seconds
+                - window_start.run_queue_wait_seconds,
         })
     };
     let server = figures(server_start, server_window_start, server_window_end);

@@ -12,6 +12,10 @@ pub struct ProcSample {
     pub cpu_seconds: f64,
     /// Resident set size in bytes.
     pub rss_bytes: u64,
+    /// Time its threads spent runnable but waiting for a CPU, summed over threads, in seconds
+    /// (`/proc/<pid>/task/*/schedstat`; 0 when the kernel has no schedstats). On a machine
+    /// shared with other work this is where latency goes that no profile of the process shows.
+    pub run_queue_wait_seconds: f64,
 }
 
 /// Reads `/proc/<pid>` (`None` for the calling process: `/proc/self`).
@@ -24,7 +28,7 @@ pub fn sample(pid: Option<u32>) -> Option<ProcSample> {
     let status = std::fs::read_to_string(Path::new(&dir).join("status")).ok()?;
     // SAFETY: sysconf has no preconditions.
     let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    parse(
+    let mut sample = parse(
         &stat,
         &status,
         if ticks_per_second > 0 {
@@ -32,7 +36,27 @@ pub fn sample(pid: Option<u32>) -> Option<ProcSample> {
         } else {
             100.0
         },
-    )
+    )?;
+    sample.run_queue_wait_seconds = run_queue_wait_seconds(Path::new(&dir));
+    Some(sample)
+}
+
+/// Sums the run-queue wait (second field of `schedstat`, nanoseconds) over every thread.
+fn run_queue_wait_seconds(dir: &Path) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(dir.join("task")) else {
+        return 0.0;
+    };
+    let mut wait_ns: u64 = 0;
+    for task in tasks.flatten() {
+        if let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) {
+            wait_ns += text
+                .split_whitespace()
+                .nth(1)
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    wait_ns as f64 / 1e9
 }
 
 /// The host's 1-minute load average, from `/proc/loadavg`.
@@ -61,6 +85,7 @@ fn parse(stat: &str, status: &str, ticks_per_second: f64) -> Option<ProcSample> 
     Some(ProcSample {
         cpu_seconds: (utime + stime) as f64 / ticks_per_second,
         rss_bytes: rss_kib * 1024,
+        run_queue_wait_seconds: 0.0,
     })
 }
 

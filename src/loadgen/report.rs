@@ -64,6 +64,8 @@ pub struct ProcessFigures {
     pub rss_bytes_end: u64,
     /// `(rss_bytes_end - rss_bytes_start) / connections open`, bytes.
     pub rss_bytes_per_conn: f64,
+    /// Seconds its threads waited on a run queue during the window (CPU contention).
+    pub run_queue_wait_seconds: f64,
 }
 
 /// What `collab-load` reports (written as `summary.json`).
@@ -119,7 +121,7 @@ impl Summary {
 
     /// The header of the table [`Summary::markdown_row`] fills.
     pub fn markdown_header() -> &'static str {
-        "| scenario | conns joined/failed/lost | edits/s offered | msgs/s delivered | delivery p50 / p99 / p99.9 / max (ms) | echo p99 (ms) | join all (ms) | server CPU (cores) | server RSS/conn | host load | converged |\n\
+        "| scenario | conns joined/failed/lost | edits/s offered | msgs/s delivered | delivery p50 / p99 / p99.9 / max (ms) | echo p99 (ms) | join all (ms) | server CPU cores / run-queue wait | server RSS/conn | host load | converged |\n\
          |---|---|---:|---:|---|---:|---:|---:|---:|---:|---|"
     }
 
@@ -130,7 +132,7 @@ impl Summary {
         let e = self.latency_ms.get("echo").cloned().unwrap_or_default();
         let (cpu, rss) = match &self.server {
             Some(s) => (
-                format!("{:.2}", s.cores_busy),
+                format!("{:.2} / {:.1} s", s.cores_busy, s.run_queue_wait_seconds),
                 format!("{:.0} B", s.rss_bytes_per_conn),
             ),
             None => ("-".to_owned(), "-".to_owned()),
@@ -235,9 +237,10 @@ impl Summary {
             if let Some(f) = figures {
                 let _ = writeln!(
                     out,
-                    "{who}: {:.2} CPU s ({:.2} cores), RSS {:.1} MiB -> {:.1} MiB, {:.0} bytes/conn",
+                    "{who}: {:.2} CPU s ({:.2} cores), {:.2} s waiting for a CPU, RSS {:.1} MiB -> {:.1} MiB, {:.0} bytes/conn",
                     f.cpu_seconds,
                     f.cores_busy,
+                    f.run_queue_wait_seconds,
                     f.rss_bytes_start as f64 / 1048576.0,
                     f.rss_bytes_end as f64 / 1048576.0,
                     f.rss_bytes_per_conn
