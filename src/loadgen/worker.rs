@@ -431,8 +431,10 @@ impl Worker {
                 }
             }
             Phase::Join => {
+                // A preloader still queued may be queued twice: `start_connects` skips any
+                // client that is no longer idle, so that is harmless (and O(n), unlike a search).
                 for (idx, client) in self.clients.iter().enumerate() {
-                    if client.state == ClientState::Idle && !self.to_connect.contains(&idx) {
+                    if client.state == ClientState::Idle {
                         self.to_connect.push_back(idx);
                     }
                 }
