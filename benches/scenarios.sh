@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Runs the load scenarios of docs/benchmarks.md ("## Load scenarios"), each against a fresh
 # release server on 127.0.0.1 that this script starts with the scenario's flags, then rewrites the
-# generated table of that section. One command: benches/scenarios.sh  (a few minutes).
+# generated table of that section. One command: benches/scenarios.sh  (a few minutes);
+# one scenario: benches/scenarios.sh s3-fanout  (names below; several may be given).
 #
 # Environment: PORT (default 18080), DURATION (measured seconds, default 10s), WARMUP (2s),
 # OUT (reports, default target/scenarios), ONLY (space-separated scenario names to run),
-# NO_DOCS=1 (do not touch docs/benchmarks.md), PERF=1 (record the server with perf into OUT).
+# NO_DOCS=1 (do not touch docs/benchmarks.md; the default when only some scenarios run),
+# PERF=1 (record the server with perf into OUT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+if [ $# -gt 0 ]; then ONLY="$*"; fi
+if [ -n "${ONLY:-}" ]; then NO_DOCS=${NO_DOCS:-1}; fi
 PORT=${PORT:-18080}
 DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-2s}
