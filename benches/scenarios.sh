@@ -7,7 +7,9 @@
 # Environment: PORT (default 18080), DURATION (measured seconds, default 10s), WARMUP (2s),
 # OUT (reports, default target/scenarios), ONLY (space-separated scenario names to run),
 # NO_DOCS=1 (do not touch docs/benchmarks.md; the default when only some scenarios run),
-# PERF=1 (record the server with perf into OUT).
+# PERF=1 (record the server with perf into OUT), NICE=-10 (run server and generator at that
+# niceness, root only: on a host busy with other work this shows what the code does when it gets
+# the CPU; say so when you publish such numbers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,8 +19,9 @@ PORT=${PORT:-18080}
 DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-2s}
 OUT=${OUT:-target/scenarios}
-SERVER=target/release/collab-engine
-LOAD=target/release/collab-load
+NICE=${NICE:-0}
+SERVER="nice -n $NICE target/release/collab-engine"
+LOAD="nice -n $NICE target/release/collab-load"
 PRELOAD=tests/data/automerge-paper.json.gz
 [ -f "$PRELOAD" ] || PRELOAD=../shared/traces/automerge-paper.json.gz
 
@@ -36,10 +39,12 @@ start_server() { # name, server flags...
   local name=$1; shift
   DATA_DIR=$(mktemp -d "${TMPDIR:-/tmp}/collab-scenario.XXXXXX")
   if [ "${PERF:-0}" = 1 ] && command -v perf >/dev/null; then
+    # shellcheck disable=SC2086
     perf record -F 499 -g -o "$OUT/$name/perf.data" -- \
-      "$SERVER" --listen "127.0.0.1:$PORT" --data-dir "$DATA_DIR" "$@" >"$OUT/$name/server.log" 2>&1 &
+      $SERVER --listen "127.0.0.1:$PORT" --data-dir "$DATA_DIR" "$@" >"$OUT/$name/server.log" 2>&1 &
   else
-    "$SERVER" --listen "127.0.0.1:$PORT" --data-dir "$DATA_DIR" "$@" >"$OUT/$name/server.log" 2>&1 &
+    # shellcheck disable=SC2086
+    $SERVER --listen "127.0.0.1:$PORT" --data-dir "$DATA_DIR" "$@" >"$OUT/$name/server.log" 2>&1 &
   fi
   SERVER_PID=$!
   for _ in $(seq 100); do
@@ -72,11 +77,13 @@ scenario() {
   # shellcheck disable=SC2086
   start_server "$name" $server_flags
   local pid=$SERVER_PID
-  [ "${PERF:-0}" = 1 ] && pid=$(pgrep -P "$SERVER_PID" collab-engine || echo "$SERVER_PID")
+  # Under perf (or nice, which execs) the server may be a child of the started process.
+  pid=$(pgrep -P "$SERVER_PID" collab-engine || echo "$SERVER_PID")
   echo "== $name: server $server_flags; load $*"
   local overflows_before
   overflows_before=$(listen_overflows)
-  "$LOAD" --url "ws://127.0.0.1:$PORT" --label "$name" --server-pid "$pid" --out "$OUT/$name" \
+  # shellcheck disable=SC2086
+  $LOAD --url "ws://127.0.0.1:$PORT" --label "$name" --server-pid "$pid" --out "$OUT/$name" \
     --warmup "$WARMUP" --duration "$DURATION" "$@" | tee "$OUT/$name/report.txt" || true
   echo "kernel ListenOverflows during the run: $(( $(listen_overflows) - overflows_before ))" | tee -a "$OUT/$name/report.txt"
   stop_server
