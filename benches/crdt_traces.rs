@@ -101,6 +101,24 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(11);
+    // For profiling: `CRDT_BENCH_ONLY=local` (or `remote`) loops that part of automerge-paper and prints nothing.
+    if let Ok(only) = std::env::var("CRDT_BENCH_ONLY") {
+        let trace = load("automerge-paper");
+        let mut ops = Vec::new();
+        replay_local(&trace, Some(&mut ops));
+        for _ in 0..runs {
+            if only == "local" {
+                replay_local(&trace, None);
+            } else {
+                let mut doc = Doc::new();
+                for op in &ops {
+                    doc.apply_remote(Some(1), std::slice::from_ref(op))
+                        .expect("remote op");
+                }
+            }
+        }
+        return;
+    }
     println!("| trace | patches | final chars | local replay | remote integrate | snapshot encode+decode | live heap | spans / leaves / index keys |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for name in ["automerge-paper", "seph-blog1"] {

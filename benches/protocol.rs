@@ -110,4 +110,46 @@ fn main() {
     }
     report("Replica::handle_frame (remote echo, typing)", n, started);
     assert_eq!(replica.len(), n as usize);
+
+    // Joining a document of 100,000 characters typed at scattered positions (100,000 runs,
+    // about 3 MB of snapshot JSON): a full encode, then joins that reuse it.
+    let mut room = Room::open("big".into(), None, config()).expect("room");
+    room.join(ConnToken(0), &Hello::default());
+    let mut writer = Replica::new("big", None, None);
+    let ack = room.take_effects().frames.pop().expect("ack").1;
+    writer.handle_frame(&ack).expect("hello_ack");
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    for _ in 0..100_000 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let pos = (seed % (writer.len() as u64 + 1)) as usize;
+        let msg = writer.insert(pos, "y").expect("in range");
+        if let Ok(ClientMessage::Op(op)) = parse_client_message(&msg) {
+            room.handle_op(ConnToken(0), op);
+        }
+        let _ = room.take_effects();
+    }
+    let started = Instant::now();
+    room.join(ConnToken(100_000), &Hello::default());
+    black_box(room.take_effects());
+    report("join, 100k-char doc, full snapshot encode", 1, started);
+    let n_joins: u64 = 50;
+    let started = Instant::now();
+    for conn in 1..=n_joins {
+        // Each join follows a new op: the snapshot is at most a few ops behind and reused.
+        let msg = writer.insert(0, "z").expect("in range");
+        if let Ok(ClientMessage::Op(op)) = parse_client_message(&msg) {
+            room.handle_op(ConnToken(0), op);
+        }
+        room.join(ConnToken(conn as usize), &Hello::default());
+        black_box(room.take_effects());
+    }
+    report("join after each op, 100k-char doc", n_joins, started);
+    let started = Instant::now();
+    for conn in 1_000..1_000 + n_joins {
+        room.join(ConnToken(conn as usize), &Hello::default());
+        black_box(room.take_effects());
+    }
+    report("join, 100k-char doc, snapshot at head", n_joins, started);
 }

@@ -28,6 +28,11 @@ pub const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
 /// coalesce into few writes; the turn's flush sends the rest.
 pub const WS_WRITE_BUFFER_BYTES: usize = 4 * 1024;
 
+// Both buffers stay far below the smallest message limit the contract allows, so a
+// connection's resting memory does not grow with `--message-bytes-max`.
+const _: () = assert!(WS_READ_BUFFER_BYTES < crate::config::MESSAGE_BYTES_FLOOR);
+const _: () = assert!(WS_WRITE_BUFFER_BYTES < crate::config::MESSAGE_BYTES_FLOOR);
+
 /// A running server.
 pub struct ServerHandle {
     local_addr: SocketAddr,

@@ -711,8 +711,16 @@ fn run_replicas(n_replicas: usize, actions: &[Action]) {
     }
 }
 
+/// `PROPTEST_CASES` from the environment when set (for long runs), else `default`.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 20, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::with_cases(cases(20)))]
 
     /// Long histories: enough spans for leaf and node splits and index churn.
     #[test]
@@ -722,7 +730,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::with_cases(cases(200)))]
 
     #[test]
     fn replicas_converge(n_replicas in 2..=5usize, actions in prop::collection::vec(action(), 1..120)) {
@@ -757,4 +765,70 @@ proptest! {
         rebuilt.dbg_check();
         prop_assert_eq!(rebuilt.text(), doc.text());
     }
+}
+
+#[test]
+fn doc_is_send_sync_and_clone() {
+    fn assert_traits<T: Send + Sync + Clone + Default + std::fmt::Debug>() {}
+    assert_traits::<Doc>();
+    let mut doc = Doc::default();
+    doc.insert_local(1, 0, "abc");
+    let copy = doc.clone();
+    doc.delete_local(0, 1);
+    assert_eq!(
+        (doc.text(), copy.text()),
+        ("bc".to_owned(), "abc".to_owned())
+    );
+    assert!(format!("{doc:?}").contains("len"));
+}
+
+fn arbitrary_op() -> impl Strategy<Value = Op> {
+    let small_id = (0..40u64, 1..4u64).prop_map(|(l, r)| OpId::new(l, r));
+    prop_oneof![
+        (
+            small_id.clone(),
+            prop::option::weighted(0.8, small_id.clone()),
+            "[xyé]{0,4}"
+        )
+            .prop_map(|(id, after, text)| Op::Insert { id, after, text }),
+        (small_id, 0..6u64).prop_map(|(id, len)| Op::Delete { id, len }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases(300)))]
+
+    /// Hostile op messages: never a panic; an error leaves the doc as it was; an accepted message is then a no-op.
+    #[test]
+    fn arbitrary_messages_are_atomic_and_idempotent(
+        messages in prop::collection::vec((prop::option::of(1..4u64), prop::collection::vec(arbitrary_op(), 1..4)), 1..60)
+    ) {
+        let mut doc = Doc::new();
+        for (sender, ops) in &messages {
+            let before = doc.snapshot();
+            match doc.apply_remote(*sender, ops) {
+                Ok(_) => {
+                    prop_assert_eq!(doc.apply_remote(*sender, ops), Ok(Applied::Unchanged));
+                    doc.dbg_check();
+                }
+                Err(_) => prop_assert_eq!(doc.snapshot(), before),
+            }
+        }
+        let rebuilt = Doc::from_snapshot(&doc.snapshot()).expect("rebuild");
+        prop_assert_eq!(rebuilt.text(), doc.text());
+    }
+}
+
+#[test]
+fn a_message_may_repeat_its_own_insert() {
+    let mut doc = Doc::new();
+    let msg = [
+        ins(0, 1, None, "ab"),
+        ins(0, 1, None, "ab"),
+        ins(1, 1, Some((0, 1)), "b"),
+    ];
+    assert_eq!(doc.apply_remote(Some(1), &msg), Ok(Applied::Changed));
+    assert_eq!(doc.text(), "ab");
+    assert_eq!(doc.apply_remote(Some(1), &msg), Ok(Applied::Unchanged));
+    doc.dbg_check();
 }

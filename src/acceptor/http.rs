@@ -13,6 +13,9 @@ pub const REQUEST_HEAD_BYTES_MAX: usize = 8 * 1024;
 /// Most headers in one request; more get 431.
 pub const REQUEST_HEADERS_MAX: usize = 32;
 
+// A request line naming the longest document, fully percent-encoded, must fit.
+const _: () = assert!(REQUEST_HEAD_BYTES_MAX > 3 * DOC_NAME_BYTES_MAX + 1024);
+
 /// What a request asks for, decided from its head alone.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route {
@@ -295,6 +298,27 @@ mod tests {
             &format!("GET /ws/{} HTTP/1.1\r\n{UPGRADE}", "a".repeat(512)),
             None,
             Some(Some(&"a".repeat(512))),
+        );
+    }
+
+    #[test]
+    fn longest_doc_name_fully_encoded_fits() {
+        let name = "%61".repeat(DOC_NAME_BYTES_MAX);
+        check(
+            &format!("GET /ws/{name} HTTP/1.1\r\n{UPGRADE}"),
+            None,
+            Some(Some(&"a".repeat(DOC_NAME_BYTES_MAX))),
+        );
+        let name = "%61".repeat(DOC_NAME_BYTES_MAX + 1);
+        check(
+            &format!("GET /ws/{name} HTTP/1.1\r\n{UPGRADE}"),
+            Some(400),
+            None,
+        );
+        check(
+            &format!("GET /ws/a+b%20c HTTP/1.1\r\n{UPGRADE}"),
+            None,
+            Some(Some("a+b c")),
         );
     }
 

@@ -110,7 +110,9 @@ impl Doc {
                         if p.lamport >= id.lamport {
                             return Err(invalid(op_index, InvalidOpReason::LamportNotAboveParent));
                         }
-                        if !self.known(p, &pending) {
+                        if self.find_mut(p).is_none()
+                            && !pending.iter().rev().any(|q| q.contains(p))
+                        {
                             return Err(CrdtError::UnknownId { op_index, id: p });
                         }
                     }
@@ -146,7 +148,7 @@ impl Doc {
                     let mut lamport = id.lamport;
                     while lamport < end {
                         let at = OpId::new(lamport, id.replica);
-                        if let Some(loc) = self.find(at) {
+                        if let Some(loc) = self.find_mut(at) {
                             let s = self.tree.span(loc.leaf, loc.idx);
                             changed |= !s.deleted();
                             lamport = s.end().min(end);
@@ -169,7 +171,7 @@ impl Doc {
                     {
                         continue;
                     }
-                    let at = after.map(|p| self.find(p).expect("validated: after is known"));
+                    let at = after.map(|p| self.find_mut(p).expect("validated: after is known"));
                     let at = self.skip_greater(at, *id);
                     self.insert_run(at, *id, text);
                 }
@@ -364,7 +366,7 @@ impl Doc {
         let mut lamport = id.lamport;
         while lamport < end {
             let loc = self
-                .find(OpId::new(lamport, id.replica))
+                .find_mut(OpId::new(lamport, id.replica))
                 .expect("validated: delete target is known");
             let s = self.tree.span(loc.leaf, loc.idx);
             let k = s.end().min(end) - lamport;
@@ -393,13 +395,26 @@ impl Doc {
     }
 
     #[inline]
-    pub(crate) fn find(&self, id: OpId) -> Option<Loc> {
-        let r = if self.replicas.len() == 1 && self.replicas[0] == id.replica {
-            0
+    fn replica_index_fast(&self, replica: u64) -> Option<u32> {
+        if self.replicas.len() == 1 && self.replicas[0] == replica {
+            Some(0)
         } else {
-            self.replica_index_of(id.replica)?
-        };
+            self.replica_index_of(replica)
+        }
+    }
+
+    /// Location of a known item.
+    #[inline]
+    pub(crate) fn find(&self, id: OpId) -> Option<Loc> {
+        let r = self.replica_index_fast(id.replica)?;
         self.tree.find(r, id.lamport)
+    }
+
+    /// Like `find`, and remembers the index segment, which the next lookup or insert nearby reuses.
+    #[inline]
+    fn find_mut(&mut self, id: OpId) -> Option<Loc> {
+        let r = self.replica_index_fast(id.replica)?;
+        self.tree.find_mut(r, id.lamport)
     }
 
     #[inline]
@@ -453,7 +468,11 @@ impl Doc {
             pos.checked_add(len).is_some_and(|end| end <= self.len()),
             "delete range past the end"
         );
-        let mut ops: Vec<Op> = Vec::new();
+        if len == 0 {
+            return Vec::new();
+        }
+        // Usually one op: no room for more until needed.
+        let mut ops: Vec<Op> = Vec::with_capacity(1);
         let mut rest = len as u64;
         while rest > 0 {
             let loc = self.tree.locate_visible(pos as u64);

@@ -4,7 +4,6 @@
 //! The id index maps id ranges to the leaf that holds them, so id lookups and position lookups are O(log n).
 //! This module knows nothing of ops, validation or text; `doc.rs` drives it.
 
-use std::cell::Cell;
 use std::collections::BTreeMap;
 
 /// Most spans in a leaf; an edit may push a leaf to `LEAF_CAP + 2` for a moment, then it splits.
@@ -207,8 +206,11 @@ pub(crate) struct Tree {
     /// Local-edit cursor: a leaf and the visible chars before it.
     /// Set by position lookups; cleared when the visible count of another leaf changes (its start may move).
     pub cursor: Option<(u32, u64)>,
-    /// Id-index cache: the last segment looked up, valid until the index changes (`assign` clears it).
-    seg: Cell<Option<Seg>>,
+    /// Id-index cache: the last segment looked up through `&mut self`, valid until the index changes (`assign` clears it).
+    /// Kept out of `&self` lookups so that `Doc` stays `Sync`.
+    seg: Option<Seg>,
+    /// Span hint for `find_mut`: the last span found or inserted into; checked exactly before use, so it never goes stale.
+    hint: Option<(u32, u32)>,
     /// One past the highest lamport ever given to `assign`: no id at or above it is known.
     lamport_end: u64,
 }
@@ -232,7 +234,8 @@ impl Default for Tree {
             total: 0,
             index: BTreeMap::new(),
             cursor: None,
-            seg: Cell::new(None),
+            seg: None,
+            hint: None,
             lamport_end: 0,
         }
     }
@@ -350,7 +353,7 @@ impl Tree {
     /// The index segment holding `(replica, lamport)`, through the cache.
     #[inline]
     fn segment(&self, replica: u32, lamport: u64) -> Option<Seg> {
-        if let Some(seg) = self.seg.get() {
+        if let Some(seg) = self.seg {
             if seg.replica == replica && lamport >= seg.lo && lamport < seg.hi {
                 return Some(seg);
             }
@@ -369,7 +372,6 @@ impl Tree {
             hi,
             leaf,
         };
-        self.seg.set(Some(seg));
         Some(seg)
     }
 
@@ -391,6 +393,29 @@ impl Tree {
     #[inline]
     pub(crate) fn find(&self, replica: u32, lamport: u64) -> Option<Loc> {
         let leaf = self.cover(replica, lamport)?;
+        self.find_in(leaf, replica, lamport)
+    }
+
+    /// Like `find`, and remembers the index segment for the next lookup.
+    #[inline]
+    pub(crate) fn find_mut(&mut self, replica: u32, lamport: u64) -> Option<Loc> {
+        if let Some((leaf, idx)) = self.hint {
+            let l = &self.leaves[leaf as usize];
+            let idx = idx as usize;
+            if idx < l.n as usize && l.spans[idx].contains(replica, lamport) {
+                let off = (lamport - l.spans[idx].lamport) as u32;
+                return Some(Loc { leaf, idx, off });
+            }
+        }
+        let seg = self.segment(replica, lamport)?;
+        self.seg = Some(seg);
+        let loc = self.find_in(seg.leaf, replica, lamport)?;
+        self.hint = Some((loc.leaf, loc.idx as u32));
+        Some(loc)
+    }
+
+    #[inline]
+    fn find_in(&self, leaf: u32, replica: u32, lamport: u64) -> Option<Loc> {
         let l = &self.leaves[leaf as usize];
         let idx = l
             .spans()
@@ -424,13 +449,30 @@ impl Tree {
         let lamport_end_before = self.lamport_end;
         self.lamport_end = self.lamport_end.max(end);
         // Fast path: already mapped and no key inside the range.
-        if self
-            .segment(replica, start)
-            .is_some_and(|s| s.leaf == leaf && end <= s.hi)
-        {
+        let seg = self.segment(replica, start);
+        if seg.is_some_and(|s| s.leaf == leaf && end <= s.hi) {
+            self.seg = seg;
             return;
         }
-        self.seg.set(None);
+        self.seg = None;
+        if let Some(s) = seg.filter(|s| end <= s.hi) {
+            // One segment holds the whole range, mapped to another leaf: re-point just the range.
+            let merges_left = s.lo == start
+                && self
+                    .index
+                    .range(..(replica, start))
+                    .next_back()
+                    .is_some_and(|(&(r, _), &l)| r == replica && l == leaf);
+            if merges_left {
+                self.index.remove(&(replica, start));
+            } else {
+                self.index.insert((replica, start), leaf);
+            }
+            if end < s.hi && end < lamport_end_before {
+                self.index.insert((replica, end), s.leaf);
+            }
+            return;
+        }
         // Ids from `end` on keep their leaf; none is known when `end` is past every assigned id.
         let end_cover = if end >= lamport_end_before {
             None
@@ -467,7 +509,7 @@ impl Tree {
                 }
             }
         }
-        self.seg.set(None);
+        self.seg = None;
     }
 
     /// Inserts `span` (new ids) right after item `after`, or at the document start; returns where its first item is.
@@ -497,12 +539,16 @@ impl Tree {
                 idx: idx - 1,
                 off,
             };
-            return self.fix_overflow(loc);
+            let loc = self.fix_overflow(loc);
+            self.hint = Some((loc.leaf, loc.idx as u32));
+            return loc;
         }
         l.insert(idx, span);
         self.add_count(leaf, vis);
         self.assign(span.replica, span.lamport, span.end(), leaf);
-        self.fix_overflow(Loc { leaf, idx, off: 0 })
+        let loc = self.fix_overflow(Loc { leaf, idx, off: 0 });
+        self.hint = Some((loc.leaf, loc.idx as u32));
+        loc
     }
 
     /// Deletes `len` items starting at `loc` (all within its span); returns how many were visible.

@@ -23,6 +23,10 @@ const REPLICAS_PER_RESERVATION: u64 = 16;
 /// A replay up to this size is always fine; above it the room sends the snapshot if smaller.
 const REPLAY_BYTES_ALWAYS_OK: usize = 64 * 1024;
 
+/// Snapshots at least this big may be reused a little behind head for joiners
+/// (see `Room::snapshot_for_join`); smaller ones are cheap enough to encode for every head.
+const STALE_SNAPSHOT_BYTES_MIN: usize = 256 * 1024;
+
 /// Explicit replicas at or above this do not move the assignment counter, so one client naming
 /// `2^53-1` cannot exhaust a document's replica space.
 const EXPLICIT_REPLICA_BUMP_MAX: u64 = 1 << 52;
@@ -285,7 +289,7 @@ impl Room {
                 }
             },
         };
-        let frame = self.encode_hello_ack(conn, replica, hello);
+        let (frame, catch_up) = self.encode_hello_ack(conn, replica, hello);
         self.clients.insert(
             conn,
             Client {
@@ -295,6 +299,9 @@ impl Room {
         );
         self.by_replica.insert(replica, conn);
         self.effects.frames.push((conn, frame));
+        self.effects
+            .frames
+            .extend(catch_up.into_iter().map(|echo| (conn, echo)));
     }
 
     /// Hands out a replica never handed out or used in this document, reserving a block durably
@@ -367,12 +374,47 @@ impl Room {
         Some(entries)
     }
 
-    fn encode_hello_ack(&mut self, conn: ConnToken, replica: u64, hello: &Hello) -> Utf8Bytes {
+    /// A snapshot for a joiner: `(its head, the snapshot object, the echoes after it)`.
+    ///
+    /// Normally the snapshot at the current head (encoded once per head). For a big document
+    /// whose cached snapshot is only a little behind, that snapshot is reused and the echoes
+    /// since follow the `hello_ack` as ordinary `op_echo` frames, exactly as if the client had
+    /// joined then: joiners of a busy, big document do not each pay a full encode.
+    fn snapshot_for_join(&mut self) -> (u64, Utf8Bytes, Vec<Utf8Bytes>) {
+        if let Some((cached_head, json)) = &self.snapshot_cache {
+            let n_behind = usize::try_from(self.head - cached_head).unwrap_or(usize::MAX);
+            if n_behind > 0
+                && json.len() >= STALE_SNAPSHOT_BYTES_MIN
+                && n_behind <= self.window.len()
+            {
+                let catch_up: Vec<Utf8Bytes> = self
+                    .window
+                    .range(self.window.len() - n_behind..)
+                    .cloned()
+                    .collect();
+                let catch_up_bytes: usize = catch_up.iter().map(|echo| echo.len()).sum();
+                if catch_up_bytes <= json.len() / 4 {
+                    return (*cached_head, json.clone(), catch_up);
+                }
+            }
+        }
+        (self.head, self.snapshot_json(), Vec::new())
+    }
+
+    /// The `hello_ack` for `conn`, plus any echoes that must follow it.
+    fn encode_hello_ack(
+        &mut self,
+        conn: ConnToken,
+        replica: u64,
+        hello: &Hello,
+    ) -> (Utf8Bytes, Vec<Utf8Bytes>) {
         let replay = self.replay_for(hello);
-        let snapshot = if replay.is_none() {
-            Some(self.snapshot_json())
-        } else {
-            None
+        let (ack_head, snapshot, catch_up) = match replay {
+            Some(_) => (self.head, None, Vec::new()),
+            None => {
+                let (head, json, catch_up) = self.snapshot_for_join();
+                (head, Some(json), catch_up)
+            }
         };
         let body = match (&snapshot, &replay) {
             (Some(snapshot), _) => HelloAckBody::Snapshot(snapshot),
@@ -391,14 +433,15 @@ impl Room {
             })
             .collect();
         others.sort_unstable_by_key(|(replica, _)| *replica);
-        encode_hello_ack(
+        let ack = encode_hello_ack(
             &self.doc_name,
             replica,
-            self.head,
+            ack_head,
             &self.epoch,
             body,
             &others,
-        )
+        );
+        (ack, catch_up)
     }
 
     /// An op message from a joined connection: integrated, then echoed to every client (a change),
@@ -977,6 +1020,52 @@ mod tests {
     }
 
     #[test]
+    fn joiners_of_a_big_busy_document_reuse_a_recent_snapshot() {
+        let mut config = config();
+        config.doc_chars_max = 1 << 24;
+        config.snapshot_every_ops = u64::MAX;
+        config.replay_window_ops = 10_000;
+        let mut h = Harness::new(config);
+        h.send(1, r#"{"type":"hello"}"#);
+        let big = "x".repeat(300_000);
+        h.send(1, &format!(r#"{{"type":"op","client_seq":0,"ops":[{{"kind":"ins","id":[0,1],"after":null,"text":"{big}"}}]}}"#));
+        h.send(2, r#"{"type":"hello"}"#);
+        h.room.take_effects();
+        let typing = |h: &mut Harness, from: u64, to: u64| {
+            for lamport in from..to {
+                h.send(
+                    1,
+                    &format!(r#"{{"type":"op","client_seq":{lamport},"ops":[{{"kind":"ins","id":[{lamport},1],"after":[{},1],"text":"y"}}]}}"#, lamport - 1),
+                );
+            }
+            h.room.take_effects();
+        };
+        typing(&mut h, 300_000, 300_003);
+        // The snapshot at head 1 is reused: hello_ack at head 1, then echoes 2..=4.
+        h.send(3, r#"{"type":"hello"}"#);
+        let frames: Vec<Utf8Bytes> = h
+            .room
+            .take_effects()
+            .frames
+            .into_iter()
+            .map(|(_, f)| f)
+            .collect();
+        assert_eq!(frames.len(), 4);
+        assert!(frames[0].contains(r#""head":1,"#));
+        let mut replica = crate::client::Replica::new("doc", None, None);
+        for frame in &frames {
+            replica.handle_frame(frame).expect("frame integrates");
+        }
+        assert_eq!((replica.head(), replica.text()), (4, h.room.text()));
+        // Far behind (echo bytes over a quarter of the snapshot): a fresh snapshot.
+        typing(&mut h, 300_003, 301_000);
+        h.send(4, r#"{"type":"hello"}"#);
+        let frames = h.room.take_effects().frames;
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].1.contains(r#""head":1001,"#));
+    }
+
+    #[test]
     fn token_is_required_when_configured() {
         let mut config = config();
         config.token = Some("s3cret".into());
@@ -1255,5 +1344,74 @@ mod tests {
             tail: vec![],
         };
         assert!(Room::open("doc".into(), Some(doc), config()).is_err());
+    }
+
+    mod soup {
+        use super::*;
+        use crate::protocol::{parse_server_message, ServerMessage};
+        use proptest::prelude::*;
+
+        /// Client frames with small ids, so they often hit existing items.
+        fn frame() -> impl Strategy<Value = String> {
+            let id = (0u64..6, 0u64..4);
+            let op = prop_oneof![
+                (id.clone(), prop::option::of(id.clone()), "[ab]{0,3}").prop_map(
+                    |((l, r), after, text)| {
+                        let after = after.map_or("null".to_string(), |(a, b)| format!("[{a},{b}]"));
+                        format!(
+                            r#"{{"kind":"ins","id":[{l},{r}],"after":{after},"text":"{text}"}}"#
+                        )
+                    }
+                ),
+                (id, 0u64..3).prop_map(|((l, r), n)| format!(
+                    r#"{{"kind":"del","id":[{l},{r}],"len":{n}}}"#
+                )),
+            ];
+            prop_oneof![
+                6 => (0u64..9, prop::collection::vec(op, 1..4))
+                    .prop_map(|(seq, ops)| format!(r#"{{"type":"op","client_seq":{seq},"ops":[{}]}}"#, ops.join(","))),
+                1 => prop::option::of(1u64..4).prop_map(|replica| match replica {
+                    Some(r) => format!(r#"{{"type":"hello","replica":{r}}}"#),
+                    None => r#"{"type":"hello"}"#.to_string(),
+                }),
+                1 => (0u8..3).prop_map(|n| format!(r#"{{"type":"presence","state":{n}}}"#)),
+                1 => Just(r#"{"type":"presence","state":null}"#.to_string()),
+                1 => Just("{".to_string()),
+            ]
+        }
+
+        proptest! {
+            /// Whatever clients send, the room never panics, its CRDT stays consistent, every
+            /// frame is a contract message, and head counts exactly the echoed messages.
+            #[test]
+            fn rooms_survive_any_client_frames(
+                steps in prop::collection::vec((0usize..4, frame(), any::<bool>()), 1..80)
+            ) {
+                let mut config = config();
+                config.snapshot_every_ops = 5;
+                config.replay_window_ops = 3;
+                let mut h = Harness::new(config);
+                let mut n_echoed = 0;
+                for (conn, text, leave) in steps {
+                    if leave {
+                        h.room.leave(ConnToken(conn));
+                    } else {
+                        h.send(conn, &text);
+                    }
+                    let effects = h.room.take_effects();
+                    for (_, frame) in &effects.frames {
+                        prop_assert!(parse_server_message(frame).is_ok(), "{}", frame);
+                    }
+                    n_echoed += effects.records.iter().filter(|r| matches!(r, LogRecord::Ops { .. })).count() as u64;
+                    for (_, frame) in &effects.frames {
+                        if let Ok(ServerMessage::HelloAck(ack)) = parse_server_message(frame) {
+                            prop_assert_eq!(ack.head, h.room.head());
+                        }
+                    }
+                }
+                prop_assert_eq!(h.room.head(), n_echoed);
+                h.room.crdt.dbg_check();
+            }
+        }
     }
 }

@@ -151,10 +151,10 @@ fn ws_many_docs_over_several_shards() {
     let mut editors = Vec::new();
     for d in 0..DOCS {
         let doc = format!("many/doc {d}");
-        let path = if d % 2 == 0 {
-            format!("/ws/many%2Fdoc%20{d}")
-        } else {
-            "/ws".to_owned()
+        let path = match d % 3 {
+            0 => format!("/ws/many%2Fdoc%20{d}"),
+            1 => "/ws".to_owned(),
+            _ => "/ws/?ignored=query".to_owned(), // An empty name is plain /ws.
         };
         let first = Editor::join(addr, &path, &hello(&doc));
         let second = Editor::join(addr, "/ws", &hello(&doc));
@@ -549,5 +549,30 @@ fn ws_silent_connection_is_pinged_then_dropped() {
         }
     }
     assert!(saw_ping, "the server pinged before dropping");
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn ws_snapshot_larger_than_the_message_limit_reaches_a_joiner() {
+    let _w = Watchdog::new("ws_snapshot_larger_than_the_message_limit", 60);
+    let mut config = test_config();
+    config.message_bytes_max = 64 * 1024;
+    config.outbound_bytes_max = 64 * 1024;
+    let server = server(config);
+    let addr = server.local_addr();
+    let mut writer = Editor::join(addr, "/ws/big", &hello("big"));
+    for i in 0..6 {
+        let chunk: String = std::iter::repeat(char::from(b'a' + i))
+            .take(30_000)
+            .collect();
+        let end = writer.doc.len();
+        writer.edit(end, 0, &chunk);
+        writer.settle();
+    }
+    // The limit bounds what clients send; the server's own frames (a 180 KB snapshot here)
+    // may be bigger, and one frame alone never counts as falling behind.
+    let joiner = Editor::join(addr, "/ws/big", &hello("big"));
+    assert_eq!(joiner.doc.text(), writer.doc.text());
+    assert_eq!(joiner.doc.len(), 180_000);
     server.shutdown().expect("clean shutdown");
 }
