@@ -1055,6 +1055,11 @@ export class CollabClient extends Emitter {
     ws.onopen = ws.onmessage = ws.onerror = null;
     ws.onclose = null;
     this._ws = null;
+    // Offline we do not know who is there; the next hello_ack says.
+    if (this.peers.size) {
+      this.peers.clear();
+      this.emit('presence', { replica: null, state: null, reset: true });
+    }
   }
 
   _dropSocket() {
