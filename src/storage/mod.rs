@@ -5,8 +5,12 @@
 //! once (group commit), and only then releases the echoes and acks that those records cover.
 //! Storage never sees a socket, and rooms never see a file.
 
+mod disk;
+mod format;
+pub mod fs;
 mod memory;
 
+pub use disk::DiskStorage;
 pub use memory::MemoryStorage;
 
 use tungstenite::Utf8Bytes;
