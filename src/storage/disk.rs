@@ -491,6 +491,8 @@ impl<F: Fs> DiskStorage<F> {
                     .map_err(|e| io_error(format!("syncing {}", segment_rel(rel_dir, no)), e))?;
             }
         }
+        self.dirs_to_sync.sort_unstable();
+        self.dirs_to_sync.dedup();
         for dir in &self.dirs_to_sync {
             self.fs
                 .sync_dir(dir)
@@ -544,6 +546,7 @@ impl<F: Fs> Storage for DiskStorage<F> {
                 // The whole turn fails: nothing pending may reach the disk later behind a
                 // room that the shard reloads from disk.
                 self.abort_pending();
+                self.forget(doc);
                 Err(e)
             }
         }
@@ -682,13 +685,13 @@ impl<F: Fs> DiskStorage<F> {
                     .create_dir_all(&dir)
                     .map_err(|e| io_error(format!("creating {}", log.rel_dir), e))?;
                 log.dir_exists = true;
-                self.dirs_to_sync
-                    .extend(dir.ancestors().skip(1).take(2).map(Path::to_path_buf));
             }
             log.seg_no += 1;
             log.current = Some(log.seg_no);
             log.durable_len = 0;
-            self.dirs_to_sync.push(dir);
+            // The new segment's entry, and (cheaply, as this is rare) the entries of the
+            // document's directory in case an earlier failed sync left them in doubt.
+            self.dirs_to_sync.extend(dir.ancestors().take(3).map(Path::to_path_buf));
         }
         if log.file.is_none() {
             let Some(no) = log.current else { return Ok(()) };
