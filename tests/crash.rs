@@ -476,3 +476,176 @@ fn idle_document_unloads_and_reloads_intact() {
     );
     server.kill();
 }
+
+/// Sends one `ins` op at the start of the document and returns the next frame that answers it.
+fn send_op(ws: &mut Ws, replica: u64, client_seq: u64) -> serde_json::Value {
+    let text = marker(replica, client_seq);
+    let op = serde_json::json!({"type": "op", "client_seq": client_seq,
+        "ops": [{"kind": "ins", "id": [client_seq * 16, replica], "after": null, "text": text}]});
+    ws.send(Message::text(op.to_string())).expect("send");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(Instant::now() < deadline, "no answer to op {client_seq}");
+        if let Ok(Some(v)) = read_json(ws) {
+            if v["type"] == "op_echo" || v["type"] == "error" {
+                return v;
+            }
+        }
+    }
+}
+
+#[test]
+fn disk_errors_are_never_acknowledged() {
+    use collab_engine::acceptor::PlainWs;
+    use collab_engine::config::{Config, FsyncMode};
+    use collab_engine::room::RoomConfig;
+    use collab_engine::shard::RoomHost;
+    use collab_engine::storage::fs::FaultyFs;
+    use collab_engine::storage::DiskStorage;
+
+    let _watchdog = Watchdog::new("disk error test", 60);
+    let dir = temp_dir("disk-errors");
+    let faults = FaultyFs::new();
+    let mut config = Config::for_tests("127.0.0.1:0".parse().expect("address"));
+    config.shards = 1;
+    let storage = DiskStorage::with_fs(&dir, FsyncMode::Always, faults.clone()).expect("storage");
+    let host = RoomHost::new(
+        Box::new(storage),
+        RoomConfig::from_config(&config),
+        config.idle_unload,
+    );
+    let server =
+        collab_engine::server::start_with(&config, PlainWs::AwaitHello, vec![host]).expect("start");
+    let addr = server.local_addr();
+
+    let mut b = connect(addr, "b").expect("connect");
+    let rb = hello(&mut b, "b", Duration::from_secs(10)).expect("hello_ack")["replica"]
+        .as_u64()
+        .expect("replica");
+    assert_eq!(send_op(&mut b, rb, 0)["server_seq"].as_u64(), Some(1));
+    let mut expected = Vec::new();
+    for (k, fault) in [(1u64, "write"), (2, "fsync")] {
+        let doc = format!("a-{fault}");
+        let mut a = connect(addr, &doc).expect("connect");
+        let ra = hello(&mut a, &doc, Duration::from_secs(10)).expect("hello_ack")["replica"]
+            .as_u64()
+            .expect("replica");
+        assert_eq!(send_op(&mut a, ra, 0)["server_seq"].as_u64(), Some(1));
+        if fault == "write" {
+            faults.fail_writes(1);
+        } else {
+            faults.fail_syncs(1);
+        }
+        // The op is refused with `unavailable` and no echo.
+        let answer = send_op(&mut a, ra, 1);
+        assert_eq!(answer["type"].as_str(), Some("error"), "{fault}: {answer}");
+        assert_eq!(
+            answer["code"].as_str(),
+            Some("unavailable"),
+            "{fault}: {answer}"
+        );
+        assert_eq!(answer["client_seq"].as_u64(), Some(1));
+        // Another document keeps working.
+        assert_eq!(
+            send_op(&mut b, rb, k)["server_seq"].as_u64(),
+            Some(k + 1),
+            "{fault}"
+        );
+        // Reconnecting finds the document as the disk has it: the refused op is absent, and
+        // sending it again (under the newly assigned replica) takes the next server_seq.
+        let mut a = connect(addr, &doc).expect("connect");
+        let ack = hello(&mut a, &doc, Duration::from_secs(10)).expect("hello_ack");
+        assert_eq!(ack["head"].as_u64(), Some(1), "{fault}");
+        assert_eq!(snapshot_text(&ack), marker(ra, 0));
+        let ra_new = ack["replica"].as_u64().expect("replica");
+        assert_ne!(ra_new, ra);
+        let echo = send_op(&mut a, ra_new, 1);
+        assert_eq!(echo["server_seq"].as_u64(), Some(2), "{fault}: {echo}");
+        expected.push((doc, format!("{}{}", marker(ra_new, 1), marker(ra, 0))));
+    }
+    server.shutdown().expect("shutdown");
+
+    // After a restart the disk holds exactly what was acknowledged.
+    let server = Server::start(&dir, 2, &[]);
+    for (doc, text) in expected {
+        let mut ws = connect(server.addr, &doc).expect("connect");
+        let ack = hello(&mut ws, &doc, Duration::from_secs(10)).expect("hello_ack");
+        assert_eq!(
+            (ack["head"].as_u64(), snapshot_text(&ack)),
+            (Some(2), text),
+            "{doc}"
+        );
+    }
+    let mut ws = connect(server.addr, "b").expect("connect");
+    let ack = hello(&mut ws, "b", Duration::from_secs(10)).expect("hello_ack");
+    assert_eq!(ack["head"].as_u64(), Some(3));
+    server.kill();
+}
+
+#[test]
+fn corrupt_document_is_refused_and_others_keep_working() {
+    let _watchdog = Watchdog::new("corruption test", 60);
+    let dir = temp_dir("corrupt");
+    let server = Server::start(&dir, 2, &[]);
+    for doc in ["damaged", "healthy"] {
+        let mut ws = connect(server.addr, doc).expect("connect");
+        let replica = hello(&mut ws, doc, Duration::from_secs(10)).expect("hello_ack")["replica"]
+            .as_u64()
+            .expect("replica");
+        for k in 0..10 {
+            assert_eq!(send_op(&mut ws, replica, k)["type"], "op_echo");
+        }
+    }
+    server.kill();
+    // Flip one byte in the middle of the damaged document's log.
+    let mut segments = Vec::new();
+    let mut stack = vec![dir.clone()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("log-"))
+            {
+                segments.push(path);
+            }
+        }
+    }
+    let segment = segments
+        .into_iter()
+        .find(|p| std::fs::read(p).is_ok_and(|b| b.windows(7).any(|w| w == b"damaged")))
+        .expect("segment of the damaged doc");
+    let mut bytes = std::fs::read(&segment).expect("read");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x20;
+    std::fs::write(&segment, &bytes).expect("write");
+
+    let server = Server::start(&dir, 3, &[]);
+    for _ in 0..2 {
+        let mut ws = connect(server.addr, "damaged").expect("connect");
+        ws.send(Message::text(r#"{"type":"hello","doc":"damaged"}"#))
+            .expect("send");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let answer = loop {
+            assert!(Instant::now() < deadline, "no answer to hello");
+            match read_json(&mut ws) {
+                Ok(Some(v)) => break v,
+                Ok(None) => {}
+                Err(()) => panic!("closed without an answer"),
+            }
+        };
+        assert_eq!(answer["type"], "error", "{answer}");
+        assert_eq!(answer["code"], "unavailable");
+        let message = answer["message"].as_str().unwrap_or_default();
+        assert!(
+            !message.contains("log-") && !message.contains("docs/"),
+            "internal names leaked: {message}"
+        );
+        let mut ws = connect(server.addr, "healthy").expect("connect");
+        let ack = hello(&mut ws, "healthy", Duration::from_secs(10)).expect("hello_ack");
+        assert_eq!(ack["head"].as_u64(), Some(10));
+    }
+    server.kill();
+}
