@@ -501,3 +501,34 @@ fn release_then_load_and_fsync_never() {
         vec![1, 2, 3, 4]
     );
 }
+
+#[test]
+fn many_docs_per_sync_commit_or_roll_back_together() {
+    let dir = temp_dir("many-docs");
+    let faults = FaultyFs::new();
+    let mut storage = DiskStorage::with_fs(&dir, FsyncMode::Always, faults.clone()).expect("open");
+    let docs: Vec<String> = (0..40).map(|i| format!("doc-{i}")).collect();
+    // Enough touched files per sync to take the parallel fsync path.
+    for doc in &docs {
+        storage.append(doc, "E", &ops(1)).expect("append");
+    }
+    storage.sync().expect("sync");
+    for doc in &docs {
+        storage.append(doc, "E", &ops(2)).expect("append");
+    }
+    faults.fail_syncs(1);
+    assert!(storage.sync().is_err());
+    for doc in &docs {
+        storage.append(doc, "E", &ops(2)).expect("append");
+        storage.append(doc, "E", &ops(3)).expect("append");
+    }
+    storage.sync().expect("sync");
+    let mut fresh = open(&dir);
+    for doc in &docs {
+        assert_eq!(
+            seqs(&fresh.load(doc).expect("load").expect("stored")),
+            vec![1, 2, 3],
+            "{doc}"
+        );
+    }
+}

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 /// File operations used by the disk storage. Paths are absolute or relative to the process.
-pub trait Fs: Send + 'static {
+pub trait Fs: Send + Sync + 'static {
     /// An open log segment.
     type File: Send;
 
