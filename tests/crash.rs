@@ -649,3 +649,28 @@ fn corrupt_document_is_refused_and_others_keep_working() {
     }
     server.kill();
 }
+
+#[test]
+fn a_second_server_cannot_use_the_same_data_dir() {
+    let _watchdog = Watchdog::new("data dir lock test", 60);
+    let dir = temp_dir("lock");
+    let server = Server::start(&dir, 2, &[]);
+    let second = Command::new(env!("CARGO_BIN_EXE_collab-engine"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--pin-cores",
+            "false",
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run a second server");
+    assert!(
+        !second.success(),
+        "a second server started on a data dir in use"
+    );
+    server.kill();
+}

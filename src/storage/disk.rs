@@ -106,6 +106,9 @@ pub struct DiskStorage<F: Fs = OsFs> {
     dirs_to_sync: Vec<PathBuf>,
     /// Segment handles currently open.
     n_files_open: usize,
+    /// `<data_dir>/LOCK`, held with a POSIX record lock so a second server process cannot
+    /// use the same directory (the shards of one process share it).
+    _lock: std::fs::File,
 }
 
 impl DiskStorage<OsFs> {
@@ -132,6 +135,7 @@ impl<F: Fs> DiskStorage<F> {
         let docs_dir = data_dir.join("docs");
         fs.create_dir_all(&docs_dir)
             .map_err(|e| io_error(format!("creating {}", docs_dir.display()), e))?;
+        let lock = lock_data_dir(data_dir)?;
         Ok(DiskStorage {
             fs,
             root: data_dir.to_path_buf(),
@@ -140,6 +144,7 @@ impl<F: Fs> DiskStorage<F> {
             touched: Vec::new(),
             dirs_to_sync: Vec::new(),
             n_files_open: 0,
+            _lock: lock,
         })
     }
 
@@ -728,6 +733,40 @@ impl<F: Fs> DiskStorage<F> {
         }
         Ok(())
     }
+}
+
+/// Takes the process-wide write lock on `<data_dir>/LOCK`.
+///
+/// POSIX record locks (`fcntl`) belong to the process, so every shard of one server can take
+/// it while another process gets an error. (They are dropped when the process closes any
+/// descriptor of the file, i.e. when a shard's storage is dropped at shutdown.)
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, StorageError> {
+    use std::os::fd::AsRawFd;
+    let path = data_dir.join("LOCK");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| io_error(format!("opening {}", path.display()), e))?;
+    // SAFETY: `flock` is plain old data; zeroed is a valid value before the fields are set.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: a valid descriptor and a valid pointer to an initialized `flock` for the call.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &lock) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io_error(
+            format!(
+                "locking {} (is another collab-engine using this data directory?)",
+                path.display()
+            ),
+            e,
+        ));
+    }
+    Ok(file)
 }
 
 /// One file for [`sync_files`] to fsync, with what names it in an error.
