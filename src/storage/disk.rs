@@ -490,6 +490,24 @@ impl<F: Fs> DiskStorage<F> {
         if self.fsync == FsyncMode::Never {
             return Ok(());
         }
+        if self.touched.len() < PARALLEL_SYNC_FILES_MIN {
+            // The common case: a few files, synced here without walking every loaded doc.
+            for name in &self.touched {
+                let Some(log) = self.docs.get_mut(name) else {
+                    continue;
+                };
+                let seg_no = log.current.unwrap_or(0);
+                if let Some(file) = log.file.as_mut() {
+                    SyncJob {
+                        file,
+                        rel_dir: &log.rel_dir,
+                        seg_no,
+                    }
+                    .sync(&self.fs)?;
+                }
+            }
+            return self.sync_dirs();
+        }
         let mut files: Vec<SyncJob<'_, F::File>> = self
             .docs
             .values_mut()
@@ -504,6 +522,11 @@ impl<F: Fs> DiskStorage<F> {
             })
             .collect();
         sync_files(&self.fs, &mut files)?;
+        self.sync_dirs()
+    }
+
+    /// Fsyncs every directory that gained an entry since the last sync.
+    fn sync_dirs(&mut self) -> Result<(), StorageError> {
         self.dirs_to_sync.sort_unstable();
         self.dirs_to_sync.dedup();
         for dir in &self.dirs_to_sync {
