@@ -40,7 +40,11 @@ pub enum StorageKind {
 
 /// Command-line configuration of the server.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "collab-engine", version, about = "Real-time collaboration server (RGA CRDT over WebSocket)")]
+#[command(
+    name = "collab-engine",
+    version,
+    about = "Real-time collaboration server (RGA CRDT over WebSocket)"
+)]
 pub struct Config {
     /// Address to listen on; port 0 picks a free port (the bound address is printed).
     #[arg(long, default_value = "127.0.0.1:8000")]
@@ -145,7 +149,9 @@ impl Config {
 fn parse_message_bytes(text: &str) -> Result<usize, String> {
     let bytes: usize = text.parse().map_err(|e| format!("{e}"))?;
     if bytes < MESSAGE_BYTES_FLOOR {
-        return Err(format!("must be at least {MESSAGE_BYTES_FLOOR} (the contract's floor)"));
+        return Err(format!(
+            "must be at least {MESSAGE_BYTES_FLOOR} (the contract's floor)"
+        ));
     }
     Ok(bytes)
 }
@@ -156,7 +162,9 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         Some(i) => text.split_at(i),
         None => (text, "s"),
     };
-    let n: u64 = number.parse().map_err(|_| format!("not a duration: {text:?}"))?;
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("not a duration: {text:?}"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),

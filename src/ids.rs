@@ -41,6 +41,9 @@ mod tests {
             }
         }
         // Golden value: changing the hash would move documents between shards.
-        assert_eq!(shard_for_doc("hello", 1_000_003).0, (0xa430_d846_80aa_bd0b_u64 % 1_000_003) as usize);
+        assert_eq!(
+            shard_for_doc("hello", 1_000_003).0,
+            (0xa430_d846_80aa_bd0b_u64 % 1_000_003) as usize
+        );
     }
 }

@@ -59,8 +59,14 @@ pub struct ShardHistograms {
 
 impl Default for ShardHistograms {
     fn default() -> Self {
-        let new = || Histogram::new_with_bounds(1, HISTOGRAM_US_MAX, 3).expect("valid histogram bounds");
-        ShardHistograms { turn_us: new(), integrate_us: new(), fsync_us: new(), fanout_us: new() }
+        let new =
+            || Histogram::new_with_bounds(1, HISTOGRAM_US_MAX, 3).expect("valid histogram bounds");
+        ShardHistograms {
+            turn_us: new(),
+            integrate_us: new(),
+            fsync_us: new(),
+            fanout_us: new(),
+        }
     }
 }
 
@@ -82,7 +88,11 @@ pub struct MetricsRegistry {
 impl MetricsRegistry {
     /// A registry with one empty slot per shard.
     pub fn new(n_shards: usize) -> MetricsRegistry {
-        MetricsRegistry { slots: (0..n_shards).map(|_| Mutex::new(ShardFigures::default())).collect() }
+        MetricsRegistry {
+            slots: (0..n_shards)
+                .map(|_| Mutex::new(ShardFigures::default()))
+                .collect(),
+        }
     }
 
     /// The recorder for shard `shard_idx`, to be moved into that shard's thread.
@@ -128,28 +138,98 @@ impl MetricsRegistry {
         let shards: Vec<ShardFigures> = self.slots.iter().map(|slot| slot.lock().clone()).collect();
         let mut out = String::with_capacity(4096);
         let counters: [(&str, &str, &str, fn(&ShardCounters) -> u64); 10] = [
-            ("collab_connections", "gauge", "Open WebSocket connections.", |c| c.conns),
-            ("collab_documents_loaded", "gauge", "Documents loaded in memory.", |c| c.docs_loaded),
-            ("collab_ops_accepted_total", "counter", "Op messages given a server_seq.", |c| c.ops_accepted),
-            ("collab_ops_unchanged_total", "counter", "Op messages answered with ack.", |c| c.ops_unchanged),
-            ("collab_messages_refused_total", "counter", "Client messages refused with an error.", |c| c.msgs_refused),
-            ("collab_bytes_in_total", "counter", "WebSocket payload bytes received.", |c| c.bytes_in),
-            ("collab_bytes_out_total", "counter", "WebSocket payload bytes queued.", |c| c.bytes_out),
-            ("collab_slow_consumer_drops_total", "counter", "Connections closed for an overflowing outbound queue.", |c| c.slow_consumer_drops),
-            ("collab_connections_accepted_total", "counter", "Connections handed to shards.", |c| c.conns_accepted),
-            ("collab_storage_errors_total", "counter", "Failed storage appends or syncs.", |c| c.storage_errors),
+            (
+                "collab_connections",
+                "gauge",
+                "Open WebSocket connections.",
+                |c| c.conns,
+            ),
+            (
+                "collab_documents_loaded",
+                "gauge",
+                "Documents loaded in memory.",
+                |c| c.docs_loaded,
+            ),
+            (
+                "collab_ops_accepted_total",
+                "counter",
+                "Op messages given a server_seq.",
+                |c| c.ops_accepted,
+            ),
+            (
+                "collab_ops_unchanged_total",
+                "counter",
+                "Op messages answered with ack.",
+                |c| c.ops_unchanged,
+            ),
+            (
+                "collab_messages_refused_total",
+                "counter",
+                "Client messages refused with an error.",
+                |c| c.msgs_refused,
+            ),
+            (
+                "collab_bytes_in_total",
+                "counter",
+                "WebSocket payload bytes received.",
+                |c| c.bytes_in,
+            ),
+            (
+                "collab_bytes_out_total",
+                "counter",
+                "WebSocket payload bytes queued.",
+                |c| c.bytes_out,
+            ),
+            (
+                "collab_slow_consumer_drops_total",
+                "counter",
+                "Connections closed for an overflowing outbound queue.",
+                |c| c.slow_consumer_drops,
+            ),
+            (
+                "collab_connections_accepted_total",
+                "counter",
+                "Connections handed to shards.",
+                |c| c.conns_accepted,
+            ),
+            (
+                "collab_storage_errors_total",
+                "counter",
+                "Failed storage appends or syncs.",
+                |c| c.storage_errors,
+            ),
         ];
         for (name, kind, help, get) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for (shard_idx, figures) in shards.iter().enumerate() {
-                let _ = writeln!(out, "{name}{{shard=\"{shard_idx}\"}} {}", get(&figures.counters));
+                let _ = writeln!(
+                    out,
+                    "{name}{{shard=\"{shard_idx}\"}} {}",
+                    get(&figures.counters)
+                );
             }
         }
         let histograms: [(&str, &str, fn(&ShardHistograms) -> &Histogram<u64>); 4] = [
-            ("collab_loop_turn_seconds", "Shard event-loop turn time.", |h| &h.turn_us),
-            ("collab_op_integrate_seconds", "Validating and integrating one op message.", |h| &h.integrate_us),
-            ("collab_fsync_seconds", "One group-commit storage sync.", |h| &h.fsync_us),
-            ("collab_fanout_seconds", "Queuing one echo for every client of a document.", |h| &h.fanout_us),
+            (
+                "collab_loop_turn_seconds",
+                "Shard event-loop turn time.",
+                |h| &h.turn_us,
+            ),
+            (
+                "collab_op_integrate_seconds",
+                "Validating and integrating one op message.",
+                |h| &h.integrate_us,
+            ),
+            (
+                "collab_fsync_seconds",
+                "One group-commit storage sync.",
+                |h| &h.fsync_us,
+            ),
+            (
+                "collab_fanout_seconds",
+                "Queuing one echo for every client of a document.",
+                |h| &h.fanout_us,
+            ),
         ];
         for (name, help, get) in histograms {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
@@ -157,7 +237,10 @@ impl MetricsRegistry {
                 let h = get(&figures.histograms);
                 for q in [0.5, 0.9, 0.99, 0.999, 1.0] {
                     let seconds = h.value_at_quantile(q) as f64 / 1e6;
-                    let _ = writeln!(out, "{name}{{shard=\"{shard_idx}\",quantile=\"{q}\"}} {seconds}");
+                    let _ = writeln!(
+                        out,
+                        "{name}{{shard=\"{shard_idx}\",quantile=\"{q}\"}} {seconds}"
+                    );
                 }
                 let sum_seconds = h.mean() * h.len() as f64 / 1e6;
                 let _ = writeln!(out, "{name}_sum{{shard=\"{shard_idx}\"}} {sum_seconds}");
@@ -208,14 +291,30 @@ mod tests {
         let mut shard = registry.shard(1);
         shard.figures.counters.ops_accepted = 7;
         shard.figures.counters.conns = 3;
-        ShardMetrics::record(&mut shard.figures.histograms.fsync_us, Duration::from_micros(1500));
-        assert_eq!(registry.totals().ops_accepted, 0, "nothing is visible before publishing");
+        ShardMetrics::record(
+            &mut shard.figures.histograms.fsync_us,
+            Duration::from_micros(1500),
+        );
+        assert_eq!(
+            registry.totals().ops_accepted,
+            0,
+            "nothing is visible before publishing"
+        );
         shard.maybe_publish(Instant::now(), true);
         assert_eq!(registry.totals().ops_accepted, 7);
         let text = registry.render_prometheus();
-        assert!(text.contains("collab_ops_accepted_total{shard=\"1\"} 7"), "{text}");
+        assert!(
+            text.contains("collab_ops_accepted_total{shard=\"1\"} 7"),
+            "{text}"
+        );
         assert!(text.contains("collab_connections{shard=\"1\"} 3"), "{text}");
-        assert!(text.contains("collab_fsync_seconds_count{shard=\"1\"} 1"), "{text}");
-        assert!(text.contains("collab_fsync_seconds_count{shard=\"0\"} 0"), "{text}");
+        assert!(
+            text.contains("collab_fsync_seconds_count{shard=\"1\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("collab_fsync_seconds_count{shard=\"0\"} 0"),
+            "{text}"
+        );
     }
 }

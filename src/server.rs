@@ -28,6 +28,11 @@ pub const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
 /// coalesce into few writes; the turn's flush sends the rest.
 pub const WS_WRITE_BUFFER_BYTES: usize = 4 * 1024;
 
+// Both buffers stay far below the smallest message limit the contract allows, so a
+// connection's resting memory does not grow with `--message-bytes-max`.
+const _: () = assert!(WS_READ_BUFFER_BYTES < crate::config::MESSAGE_BYTES_FLOOR);
+const _: () = assert!(WS_WRITE_BUFFER_BYTES < crate::config::MESSAGE_BYTES_FLOOR);
+
 /// A running server.
 pub struct ServerHandle {
     local_addr: SocketAddr,
@@ -133,17 +138,30 @@ pub fn open_storage(config: &Config, shard_idx: usize) -> anyhow::Result<Box<dyn
 /// When binding, storage or thread creation fails.
 pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     let n_shards = config.shard_count();
-    let mut hosts = Vec::with_capacity(n_shards);
+    let mut storages = Vec::with_capacity(n_shards);
     for shard_idx in 0..n_shards {
-        let storage = open_storage(&config, shard_idx)
-            .with_context(|| format!("opening storage of shard {shard_idx}"))?;
-        hosts.push(RoomHost::new(
-            storage,
-            RoomConfig::from_config(&config),
-            config.idle_unload,
-        ));
+        storages.push(
+            open_storage(&config, shard_idx)
+                .with_context(|| format!("opening storage of shard {shard_idx}"))?,
+        );
     }
-    start_with(&config, PlainWs::AwaitHello, hosts)
+    start_with_storages(&config, storages)
+}
+
+/// Starts the collaboration server with one given storage per shard (tests use this to inject
+/// failing storage); the shard count is `storages.len()`.
+///
+/// # Errors
+/// When binding or thread creation fails.
+pub fn start_with_storages(
+    config: &Config,
+    storages: Vec<Box<dyn Storage>>,
+) -> anyhow::Result<ServerHandle> {
+    let hosts = storages
+        .into_iter()
+        .map(|storage| RoomHost::new(storage, RoomConfig::from_config(config), config.idle_unload))
+        .collect();
+    start_with(config, PlainWs::AwaitHello, hosts)
 }
 
 /// Starts a server whose shards run the given handlers (one per shard): what [`start`] does

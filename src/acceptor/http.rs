@@ -13,6 +13,9 @@ pub const REQUEST_HEAD_BYTES_MAX: usize = 8 * 1024;
 /// Most headers in one request; more get 431.
 pub const REQUEST_HEADERS_MAX: usize = 32;
 
+// A request line naming the longest document, fully percent-encoded, must fit.
+const _: () = assert!(REQUEST_HEAD_BYTES_MAX > 3 * DOC_NAME_BYTES_MAX + 1024);
+
 /// What a request asks for, decided from its head alone.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route {

@@ -136,6 +136,62 @@ pub fn encode_presence(replica: u64, state_json: &str) -> Utf8Bytes {
     Utf8Bytes::from(out)
 }
 
+/// What a `hello_ack` brings the client up to date with.
+#[derive(Clone, Copy, Debug)]
+pub enum HelloAckBody<'a> {
+    /// The snapshot object `{"runs":[...]}` as JSON text.
+    Snapshot(&'a str),
+    /// Complete `op_echo` objects, in `server_seq` order.
+    Replay(&'a [Utf8Bytes]),
+}
+
+/// `{"type":"hello_ack",...}` with the strategy of `body` and the others' presence
+/// (`(replica, compact state JSON)`, non-null states only).
+pub fn encode_hello_ack(
+    doc: &str,
+    replica: u64,
+    head: u64,
+    epoch: &str,
+    body: HelloAckBody<'_>,
+    presence: &[(u64, &str)],
+) -> Utf8Bytes {
+    let body_len = match body {
+        HelloAckBody::Snapshot(json) => json.len(),
+        HelloAckBody::Replay(entries) => entries.iter().map(|echo| echo.len() + 1).sum(),
+    };
+    let presence_len: usize = presence.iter().map(|(_, state)| 32 + state.len()).sum();
+    let mut out = String::with_capacity(128 + doc.len() + epoch.len() + body_len + presence_len);
+    out.push_str("{\"type\":\"hello_ack\",\"doc\":");
+    write_json_str(&mut out, doc);
+    let _ = write!(out, ",\"replica\":{replica},\"head\":{head},\"epoch\":");
+    write_json_str(&mut out, epoch);
+    match body {
+        HelloAckBody::Snapshot(json) => {
+            out.push_str(",\"strategy\":\"snapshot\",\"snapshot\":");
+            out.push_str(json);
+        }
+        HelloAckBody::Replay(entries) => {
+            out.push_str(",\"strategy\":\"replay\",\"ops\":[");
+            for (i, echo) in entries.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(echo);
+            }
+            out.push(']');
+        }
+    }
+    out.push_str(",\"presence\":[");
+    for (i, (other, state)) in presence.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{{\"replica\":{other},\"state\":{state}}}");
+    }
+    out.push_str("]}");
+    Utf8Bytes::from(out)
+}
+
 /// The contract's snapshot object `{"runs":[...]}` for `runs` (empty runs are skipped).
 pub fn encode_snapshot_runs(runs: &[Run]) -> String {
     let capacity: usize = runs

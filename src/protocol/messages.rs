@@ -8,7 +8,7 @@
 
 use std::borrow::Cow;
 
-use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -277,8 +277,150 @@ fn json_id(raw: &RawValue) -> Option<OpId> {
     Some(OpId { lamport, replica })
 }
 
-fn message_type(envelope: &Envelope<'_>) -> Option<String> {
-    envelope.kind.and_then(json_string)
+/// A JSON string borrowed from the frame when it has no escapes (the common case for `type`).
+fn json_str(raw: &RawValue) -> Option<Cow<'_, str>> {
+    serde_json::from_str::<Cow<'_, str>>(raw.get()).ok()
+}
+
+fn message_type<'a>(envelope: &Envelope<'a>) -> Option<Cow<'a, str>> {
+    envelope.kind.and_then(json_str)
+}
+
+/// One op of the fast path, typed in a single pass. Only a JSON object is accepted (serde would
+/// also read a struct from an array); escaped keys or `kind`, duplicates and any type mismatch
+/// fail, which sends the message to the precise parser.
+#[derive(Default)]
+struct FastOp<'a> {
+    kind: Option<&'a str>,
+    id: Option<[u64; 2]>,
+    after: Option<Option<[u64; 2]>>,
+    text: Option<Option<String>>,
+    len: Option<Option<u64>>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for FastOp<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<FastOp<'a>, D::Error> {
+        struct FastOpVisitor;
+        impl<'de> Visitor<'de> for FastOpVisitor {
+            type Value = FastOp<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an op object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut op = FastOp::default();
+                let mut seen = 0u8;
+                while let Some(key) = map.next_key::<&'de str>()? {
+                    let bit = match key {
+                        "kind" => 1,
+                        "id" => 2,
+                        "after" => 4,
+                        "text" => 8,
+                        "len" => 16,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    if seen & bit != 0 {
+                        return Err(de::Error::custom("duplicate field"));
+                    }
+                    seen |= bit;
+                    match bit {
+                        1 => op.kind = Some(map.next_value()?),
+                        2 => op.id = Some(map.next_value()?),
+                        4 => op.after = Some(map.next_value()?),
+                        8 => op.text = Some(map.next_value()?),
+                        _ => op.len = Some(map.next_value()?),
+                    }
+                }
+                Ok(op)
+            }
+        }
+        // FastOp<'de> coerces to FastOp<'a>: the borrow only gets shorter.
+        let op: FastOp<'de> = deserializer.deserialize_map(FastOpVisitor)?;
+        Ok(op)
+    }
+}
+
+fn fast_id([lamport, replica]: [u64; 2]) -> Option<OpId> {
+    (lamport <= MAX_ID_COMPONENT && replica <= MAX_ID_COMPONENT)
+        .then_some(OpId { lamport, replica })
+}
+
+impl FastOp<'_> {
+    /// The op, when this is exactly the canonical shape the precise parser accepts.
+    fn into_op(self) -> Option<Op> {
+        let id = fast_id(self.id?)?;
+        match self.kind? {
+            "ins" => {
+                let after = match self.after? {
+                    None => None,
+                    Some(after) => Some(fast_id(after)?),
+                };
+                Some(Op::Insert {
+                    id,
+                    after,
+                    text: self.text??,
+                })
+            }
+            "del" => Some(Op::Delete {
+                id,
+                len: self.len??,
+            }),
+            _ => None,
+        }
+    }
+}
+
+fn fast_ops(ops: Vec<FastOp<'_>>) -> Option<Vec<Op>> {
+    if ops.is_empty() || ops.len() > OPS_PER_MESSAGE_MAX {
+        return None;
+    }
+    ops.into_iter().map(FastOp::into_op).collect()
+}
+
+/// The fast path of `op` messages: `None` whenever the precise parser must decide.
+fn fast_op_message(text: &str) -> Option<OpMessage> {
+    #[derive(Deserialize)]
+    struct FastOpMessage<'a> {
+        #[serde(rename = "type")]
+        kind: &'a str,
+        client_seq: u64,
+        #[serde(borrow)]
+        ops: Vec<FastOp<'a>>,
+    }
+    let msg: FastOpMessage<'_> = serde_json::from_str(text).ok()?;
+    if msg.kind != "op" {
+        return None;
+    }
+    Some(OpMessage {
+        client_seq: msg.client_seq,
+        ops: fast_ops(msg.ops)?,
+    })
+}
+
+/// The fast path of `op_echo` frames: `None` whenever the precise parser must decide.
+fn fast_op_echo(text: &str) -> Option<OpEcho> {
+    #[derive(Deserialize)]
+    struct FastOpEcho<'a> {
+        #[serde(rename = "type")]
+        kind: &'a str,
+        server_seq: u64,
+        replica: u64,
+        client_seq: u64,
+        #[serde(borrow)]
+        ops: Vec<FastOp<'a>>,
+    }
+    let msg: FastOpEcho<'_> = serde_json::from_str(text).ok()?;
+    if msg.kind != "op_echo" {
+        return None;
+    }
+    Some(OpEcho {
+        server_seq: msg.server_seq,
+        replica: msg.replica,
+        client_seq: msg.client_seq,
+        ops: fast_ops(msg.ops)?,
+    })
 }
 
 /// Parses one text frame from a client, deciding every refusal code as the contract says.
@@ -292,9 +434,22 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
     if !is_object(text) {
         return Err(BAD_JSON);
     }
+    // Most frames are well-formed op messages: one typed pass. Everything else, errors included,
+    // takes the precise path below (a proptest checks both agree wherever the fast one answers).
+    if let Some(msg) = fast_op_message(text) {
+        return Ok(ClientMessage::Op(msg));
+    }
+    parse_client_message_precise(text)
+}
+
+/// The two-step parser that decides every case (see the module docs).
+fn parse_client_message_precise(text: &str) -> Result<ClientMessage, ProtocolError> {
+    if !is_object(text) {
+        return Err(BAD_JSON);
+    }
     let envelope: Envelope<'_> = serde_json::from_str(text).map_err(|_| BAD_JSON)?;
     let kind = message_type(&envelope).ok_or(ProtocolError::bad("missing or non-string type"))?;
-    match kind.as_str() {
+    match kind.as_ref() {
         "op" => parse_op_message(&envelope).map(ClientMessage::Op),
         "hello" => parse_hello(&envelope).map(ClientMessage::Hello),
         "presence" => {
@@ -307,6 +462,13 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
                     ErrorCode::TooLarge,
                     "presence state over 4096 bytes",
                 ));
+            }
+            // Raw JSON is not checked for lone surrogates; relayed, one would break every client
+            // whose JSON parser refuses them. Only escaped text can hold one.
+            if state_json.contains("\\u")
+                && serde_json::from_str::<serde_json::Value>(&state_json).is_err()
+            {
+                return Err(ProtocolError::bad("lone surrogate in presence state"));
             }
             Ok(ClientMessage::Presence(PresenceUpdate { state_json }))
         }
@@ -400,12 +562,12 @@ fn parse_op(raw: &RawValue) -> Result<Op, ProtocolError> {
         serde_json::from_str(raw.get()).map_err(|_| ProtocolError::bad("op is not an object"))?;
     let kind = op
         .kind
-        .and_then(json_string)
+        .and_then(json_str)
         .ok_or(ProtocolError::bad("op.kind missing or not a string"))?;
     let id = op.id.and_then(json_id).ok_or(ProtocolError::bad(
         "op.id must be [lamport, replica] in 0..=2^53-1",
     ))?;
-    match kind.as_str() {
+    match kind.as_ref() {
         "ins" => {
             let after_raw = op.after.ok_or(ProtocolError::bad("ins without after"))?;
             let after = if raw_is_null(after_raw) {
@@ -470,9 +632,19 @@ pub fn parse_server_message(text: &str) -> Result<ServerMessage, ProtocolError> 
     if !is_object(text) {
         return Err(BAD_SERVER);
     }
+    if let Some(echo) = fast_op_echo(text) {
+        return Ok(ServerMessage::OpEcho(echo));
+    }
+    parse_server_message_precise(text)
+}
+
+fn parse_server_message_precise(text: &str) -> Result<ServerMessage, ProtocolError> {
+    if !is_object(text) {
+        return Err(BAD_SERVER);
+    }
     let envelope: Envelope<'_> = serde_json::from_str(text).map_err(|_| BAD_SERVER)?;
     let kind = need(message_type(&envelope))?;
-    match kind.as_str() {
+    match kind.as_ref() {
         "op_echo" => parse_op_echo_fields(&envelope).map(ServerMessage::OpEcho),
         "ack" => Ok(ServerMessage::Ack {
             client_seq: need(envelope.client_seq.and_then(json_int))?,
@@ -515,7 +687,7 @@ pub fn parse_op_echo(text: &str) -> Result<OpEcho, ProtocolError> {
 }
 
 fn parse_hello_ack(envelope: &Envelope<'_>) -> Result<HelloAck, ProtocolError> {
-    let strategy = match need(envelope.strategy.and_then(json_string))?.as_str() {
+    let strategy = match need(envelope.strategy.and_then(json_str))?.as_ref() {
         "snapshot" => {
             HelloAckStrategy::Snapshot(parse_snapshot_runs(need(envelope.snapshot)?.get())?)
         }
@@ -805,6 +977,24 @@ mod tests {
             OK,
         );
         check(&op_with(r#"{"kind":"move","id":[1,2],"len":1}"#), BAD);
+        // Shapes the fast path must leave to the precise parser.
+        check(&op_with(r#"["ins",[1,2],null,"a"]"#), BAD);
+        check(
+            &op_with(r#"{"kind":"ins","kind":"ins","id":[1,2],"after":null,"text":"a"}"#),
+            BAD,
+        );
+        check(
+            &op_with(r#"{"\u006bind":"ins","id":[1,2],"after":null,"text":"a"}"#),
+            OK,
+        );
+        check(
+            &op_with(r#"{"kind":"\u0069ns","id":[1,2],"after":null,"text":"a"}"#),
+            OK,
+        );
+        check(
+            r#"{"type":"op","client_seq":1,"client_seq":1,"ops":[{"kind":"del","id":[1,2],"len":1}]}"#,
+            BAD,
+        );
         check(&op_with(r#"{"id":[1,2],"len":1}"#), BAD);
         check(&op_with(r#"{"kind":5,"id":[1,2],"len":1}"#), BAD);
         check(&op_with(r#"5"#), BAD);
@@ -898,6 +1088,11 @@ mod tests {
         check(r#"{"type":"presence","state":{"cursor":3}}"#, OK);
         check(r#"{"type":"presence"}"#, BAD);
         check(r#"{"type":"presence","state":{"a":}}"#, BAD);
+        check(r#"{"type":"presence","state":{"name":"\ud800"}}"#, BAD);
+        check(
+            r#"{"type":"presence","state":{"name":"\ud83d\ude00 \u0041"}}"#,
+            OK,
+        );
         let parsed = parse_client_message(
             "{\"type\":\"presence\",\"state\": { \"name\" : \"a b\\\" c\" , \"n\" : [1, 2] }}",
         );
@@ -1063,6 +1258,91 @@ mod tests {
             })
         }
 
+        fn pool_value() -> impl Strategy<Value = serde_json::Value> {
+            use serde_json::json;
+            prop::sample::select(vec![
+                json!(null),
+                json!(true),
+                json!(0),
+                json!(1),
+                json!(7),
+                json!(-1),
+                json!(1.5),
+                json!(9007199254740991u64),
+                json!(9007199254740992u64),
+                json!(u64::MAX),
+                json!("ins"),
+                json!("del"),
+                json!("op"),
+                json!("op_echo"),
+                json!("a"),
+                json!(""),
+                json!([1, 2]),
+                json!([0, 0]),
+                json!([9007199254740992u64, 1]),
+                json!([1]),
+                json!([1, 2, 3]),
+                json!({}),
+                json!([]),
+            ])
+        }
+
+        fn op_item() -> impl Strategy<Value = serde_json::Value> {
+            use serde_json::json;
+            let canonical = prop_oneof![
+                (0u64..4, 1u64..3, prop::option::of((0u64..4, 1u64..3)), "[a-z]{0,3}").prop_map(
+                    |(l, r, after, text)| {
+                        json!({"kind":"ins","id":[l,r],"after":after.map(|(a, b)| json!([a, b])),"text":text})
+                    }
+                ),
+                (0u64..4, 1u64..3, 0u64..3).prop_map(|(l, r, n)| json!({"kind":"del","id":[l,r],"len":n})),
+            ];
+            let key = prop::sample::select(vec!["kind", "id", "after", "text", "len", "x"]);
+            let mangled = (
+                canonical.clone(),
+                prop::collection::vec((key, pool_value()), 0..3),
+            )
+                .prop_map(|(mut op, edits)| {
+                    for (k, v) in edits {
+                        op[k] = v;
+                    }
+                    op
+                });
+            prop_oneof![
+                4 => canonical,
+                4 => mangled,
+                1 => pool_value(),
+                1 => Just(json!(["ins", [1, 2], null, "a"])),
+            ]
+        }
+
+        fn op_like_message() -> impl Strategy<Value = String> {
+            use serde_json::json;
+            let kind = prop::sample::select(vec!["op", "op_echo", "hello", "ack"]);
+            let key = prop::sample::select(vec![
+                "type",
+                "client_seq",
+                "server_seq",
+                "replica",
+                "ops",
+                "doc",
+                "x",
+            ]);
+            (
+                kind,
+                prop::collection::vec(op_item(), 0..4),
+                prop::collection::vec((key, pool_value()), 0..2),
+            )
+                .prop_map(|(kind, ops, edits)| {
+                    let mut msg =
+                        json!({"type":kind,"client_seq":3,"server_seq":4,"replica":2,"ops":ops});
+                    for (k, v) in edits {
+                        msg[k] = v;
+                    }
+                    msg.to_string()
+                })
+        }
+
         proptest! {
             #[test]
             fn never_panics_on_strings(text in ".{0,200}") {
@@ -1075,6 +1355,19 @@ mod tests {
                 let text = String::from_utf8_lossy(&bytes);
                 let _ = parse_client_message(&text);
                 let _ = parse_server_message(&text);
+            }
+
+            #[test]
+            fn fast_path_agrees_with_the_precise_parser(text in op_like_message()) {
+                prop_assert_eq!(parse_client_message(&text), parse_client_message_precise(&text));
+                prop_assert_eq!(parse_server_message(&text), parse_server_message_precise(&text));
+            }
+
+            #[test]
+            fn fast_path_agrees_on_json(value in json_value()) {
+                let text = value.to_string();
+                prop_assert_eq!(parse_client_message(&text), parse_client_message_precise(&text));
+                prop_assert_eq!(parse_server_message(&text), parse_server_message_precise(&text));
             }
 
             #[test]

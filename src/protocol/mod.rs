@@ -9,9 +9,9 @@ pub mod codec;
 pub mod messages;
 
 pub use codec::{
-    encode_ack, encode_error, encode_hello, encode_op, encode_op_echo, encode_presence,
-    encode_presence_update, encode_snapshot_runs, write_json_str, write_op, write_ops,
-    OPS_PER_MESSAGE_MAX, PRESENCE_BYTES_MAX,
+    encode_ack, encode_error, encode_hello, encode_hello_ack, encode_op, encode_op_echo,
+    encode_presence, encode_presence_update, encode_snapshot_runs, write_json_str, write_op,
+    write_ops, HelloAckBody, OPS_PER_MESSAGE_MAX, PRESENCE_BYTES_MAX,
 };
 pub use messages::{
     parse_client_message, parse_op_echo, parse_server_message, parse_snapshot_runs, ClientMessage,

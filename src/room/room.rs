@@ -6,12 +6,12 @@ use std::hash::{BuildHasher, Hasher};
 
 use tungstenite::Utf8Bytes;
 
-use crate::crdt::{Applied, CrdtError, Doc, Op, OpId, Run, RunContent, MAX_ID_COMPONENT};
+use crate::crdt::{Applied, Doc, Op, Run, RunContent, MAX_ID_COMPONENT};
 use crate::ids::ConnToken;
-use crate::protocol::codec::write_json_str;
 use crate::protocol::codec::{
     encode_ack, encode_error, encode_op_echo, encode_presence, encode_snapshot_runs,
 };
+use crate::protocol::codec::{encode_hello_ack, HelloAckBody};
 use crate::protocol::messages::{parse_op_echo, parse_snapshot_runs};
 use crate::protocol::{crdt_error, ErrorCode, Hello, OpMessage, PresenceUpdate, ProtocolError};
 use crate::storage::{LogRecord, StoredDoc, StoredSnapshot};
@@ -19,6 +19,13 @@ use crate::storage::{LogRecord, StoredDoc, StoredSnapshot};
 /// Replica ids reserved per `ReplicasReserved` record: one durable record serves this many
 /// assignments, and a restart skips at most this many ids.
 const REPLICAS_PER_RESERVATION: u64 = 16;
+
+/// A replay up to this size is always fine; above it the room sends the snapshot if smaller.
+const REPLAY_BYTES_ALWAYS_OK: usize = 64 * 1024;
+
+/// Snapshots at least this big may be reused a little behind head for joiners
+/// (see `Room::snapshot_for_join`); smaller ones are cheap enough to encode for every head.
+const STALE_SNAPSHOT_BYTES_MIN: usize = 256 * 1024;
 
 /// Explicit replicas at or above this do not move the assignment counter, so one client naming
 /// `2^53-1` cannot exhaust a document's replica space.
@@ -96,46 +103,6 @@ struct Client {
     presence: Option<String>,
 }
 
-/// Insert runs of the snapshot the room was opened from, to recognise resends of inserts it
-/// covers (the snapshot does not keep each run's original `after`). Sorted by (replica, lamport).
-#[derive(Debug, Default)]
-struct LoadedRuns {
-    runs: Vec<Run>,
-}
-
-impl LoadedRuns {
-    fn new(runs: &[Run]) -> LoadedRuns {
-        let mut runs = runs.to_vec();
-        runs.sort_by_key(|run| (run.id.replica, run.id.lamport));
-        LoadedRuns { runs }
-    }
-
-    /// Whether every character of the insert `id`/`text` came from the snapshot, with the same
-    /// text where the snapshot still shows it.
-    fn covers(&self, id: OpId, text: &str) -> bool {
-        for (lamport, ch) in (id.lamport..).zip(text.chars()) {
-            let idx = self
-                .runs
-                .partition_point(|run| (run.id.replica, run.id.lamport) <= (id.replica, lamport));
-            let Some(run) = idx.checked_sub(1).map(|i| &self.runs[i]) else {
-                return false;
-            };
-            if run.id.replica != id.replica {
-                return false;
-            }
-            let offset = lamport - run.id.lamport;
-            let same = match &run.content {
-                RunContent::Text(run_text) => run_text.chars().nth(offset as usize) == Some(ch),
-                RunContent::Deleted(n) => offset < *n,
-            };
-            if !same {
-                return false;
-            }
-        }
-        true
-    }
-}
-
 /// One document in memory: CRDT, clients, `server_seq`, replay window, snapshot cadence.
 ///
 /// Every method takes input and queues output in [`Effects`]; nothing here blocks or fails.
@@ -156,15 +123,13 @@ pub struct Room {
     replicas_reserved: u64,
     /// Lowest replica id the next assignment may hand out.
     replica_next: u64,
-    /// Characters in the document, tombstones included (an upper bound: a partly repeated
-    /// message counts its inserts again).
+    /// Characters in the document, tombstones included: exact after open and after each
+    /// snapshot, an upper bound in between (a partly repeated message counts its inserts again).
     n_chars: usize,
     ops_since_snapshot: u64,
     bytes_since_snapshot: u64,
     /// The snapshot object `{"runs":[...]}` at `.0 == head`, shared by joiners until head moves.
     snapshot_cache: Option<(u64, Utf8Bytes)>,
-    /// Present when the room was opened from a snapshot.
-    loaded_runs: Option<LoadedRuns>,
     effects: Effects,
 }
 
@@ -223,7 +188,6 @@ impl Room {
             ops_since_snapshot: 0,
             bytes_since_snapshot: 0,
             snapshot_cache: None,
-            loaded_runs: None,
             effects: Effects::default(),
         };
         let Some(stored) = stored else {
@@ -243,7 +207,6 @@ impl Room {
             room.head = snapshot.head;
             room.replicas_reserved = snapshot.replicas_reserved;
             room.snapshot_cache = Some((snapshot.head, snapshot.runs_json));
-            room.loaded_runs = Some(LoadedRuns::new(&runs));
         }
         for record in stored.tail {
             match record {
@@ -307,7 +270,9 @@ impl Room {
                     self.leave(old);
                 }
                 if replica < EXPLICIT_REPLICA_BUMP_MAX {
+                    // Used now, so never to be assigned, after a restart too.
                     self.replica_next = self.replica_next.max(replica + 1);
+                    self.reserve_through(replica);
                 }
                 replica
             }
@@ -324,7 +289,7 @@ impl Room {
                 }
             },
         };
-        let frame = self.encode_hello_ack(conn, replica, hello);
+        let (frame, catch_up) = self.encode_hello_ack(conn, replica, hello);
         self.clients.insert(
             conn,
             Client {
@@ -334,6 +299,9 @@ impl Room {
         );
         self.by_replica.insert(replica, conn);
         self.effects.frames.push((conn, frame));
+        self.effects
+            .frames
+            .extend(catch_up.into_iter().map(|echo| (conn, echo)));
     }
 
     /// Hands out a replica never handed out or used in this document, reserving a block durably
@@ -349,13 +317,18 @@ impl Room {
             return None;
         }
         self.replica_next = replica + 1;
+        self.reserve_through(replica);
+        Some(replica)
+    }
+
+    /// Makes sure `replica` is durably reserved, reserving a block from it when it is not.
+    fn reserve_through(&mut self, replica: u64) {
         if replica > self.replicas_reserved {
             self.replicas_reserved = (replica + REPLICAS_PER_RESERVATION - 1).min(MAX_ID_COMPONENT);
             self.effects.records.push(LogRecord::ReplicasReserved {
                 last: self.replicas_reserved,
             });
         }
-        Some(replica)
     }
 
     /// The snapshot object at the current head, encoded once per head.
@@ -370,58 +343,84 @@ impl Room {
         }
     }
 
-    /// Whether a joiner with `since`/`epoch` gets a replay (the window holds every op after `since`).
-    fn can_replay(&self, hello: &Hello) -> bool {
-        let Some(since) = hello.since else {
-            return false;
-        };
+    /// The replay entries a joiner with `since`/`epoch` gets, or `None` for a snapshot: when it
+    /// sent no `since`, another epoch, a `since` past head or older than the replay window, or
+    /// when the replay would be bigger than both [`REPLAY_BYTES_ALWAYS_OK`] and the snapshot (a
+    /// client far behind on a small document then gets the smaller answer, which also keeps the
+    /// `hello_ack` under the shard's outbound limit).
+    fn replay_for(&mut self, hello: &Hello) -> Option<Vec<Utf8Bytes>> {
+        let since = hello.since?;
         if hello
             .epoch
             .as_deref()
             .is_some_and(|epoch| epoch != self.epoch)
             || since > self.head
         {
-            return false;
+            return None;
         }
-        (self.head - since) as usize <= self.window.len()
+        let n_missed = usize::try_from(self.head - since).ok()?;
+        if n_missed > self.window.len() {
+            return None;
+        }
+        let entries: Vec<Utf8Bytes> = self
+            .window
+            .range(self.window.len() - n_missed..)
+            .cloned()
+            .collect();
+        let replay_bytes: usize = entries.iter().map(|echo| echo.len() + 1).sum();
+        if replay_bytes > REPLAY_BYTES_ALWAYS_OK && replay_bytes > self.snapshot_json().len() {
+            return None;
+        }
+        Some(entries)
     }
 
-    fn encode_hello_ack(&mut self, conn: ConnToken, replica: u64, hello: &Hello) -> Utf8Bytes {
-        let replay = self.can_replay(hello);
-        let body = if replay {
-            None
-        } else {
-            Some(self.snapshot_json())
-        };
-        let mut out =
-            String::with_capacity(160 + self.doc_name.len() + body.as_ref().map_or(0, |b| b.len()));
-        out.push_str("{\"type\":\"hello_ack\",\"doc\":");
-        write_json_str(&mut out, &self.doc_name);
-        let _ = write!(
-            out,
-            ",\"replica\":{replica},\"head\":{},\"epoch\":",
-            self.head
-        );
-        write_json_str(&mut out, &self.epoch);
-        match body {
-            Some(snapshot) => {
-                out.push_str(",\"strategy\":\"snapshot\",\"snapshot\":");
-                out.push_str(&snapshot);
-            }
-            None => {
-                out.push_str(",\"strategy\":\"replay\",\"ops\":[");
-                let since = hello.since.unwrap_or(self.head);
-                let skip = self.window.len() - (self.head - since) as usize;
-                for (i, echo) in self.window.iter().skip(skip).enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    out.push_str(echo);
+    /// A snapshot for a joiner: `(its head, the snapshot object, the echoes after it)`.
+    ///
+    /// Normally the snapshot at the current head (encoded once per head). For a big document
+    /// whose cached snapshot is only a little behind, that snapshot is reused and the echoes
+    /// since follow the `hello_ack` as ordinary `op_echo` frames, exactly as if the client had
+    /// joined then: joiners of a busy, big document do not each pay a full encode.
+    fn snapshot_for_join(&mut self) -> (u64, Utf8Bytes, Vec<Utf8Bytes>) {
+        if let Some((cached_head, json)) = &self.snapshot_cache {
+            let n_behind = usize::try_from(self.head - cached_head).unwrap_or(usize::MAX);
+            if n_behind > 0
+                && json.len() >= STALE_SNAPSHOT_BYTES_MIN
+                && n_behind <= self.window.len()
+            {
+                let catch_up: Vec<Utf8Bytes> = self
+                    .window
+                    .range(self.window.len() - n_behind..)
+                    .cloned()
+                    .collect();
+                let catch_up_bytes: usize = catch_up.iter().map(|echo| echo.len()).sum();
+                if catch_up_bytes <= json.len() / 4 {
+                    return (*cached_head, json.clone(), catch_up);
                 }
-                out.push(']');
             }
         }
-        out.push_str(",\"presence\":[");
+        (self.head, self.snapshot_json(), Vec::new())
+    }
+
+    /// The `hello_ack` for `conn`, plus any echoes that must follow it.
+    fn encode_hello_ack(
+        &mut self,
+        conn: ConnToken,
+        replica: u64,
+        hello: &Hello,
+    ) -> (Utf8Bytes, Vec<Utf8Bytes>) {
+        let replay = self.replay_for(hello);
+        let (ack_head, snapshot, catch_up) = match replay {
+            Some(_) => (self.head, None, Vec::new()),
+            None => {
+                let (head, json, catch_up) = self.snapshot_for_join();
+                (head, Some(json), catch_up)
+            }
+        };
+        let body = match (&snapshot, &replay) {
+            (Some(snapshot), _) => HelloAckBody::Snapshot(snapshot),
+            (None, Some(entries)) => HelloAckBody::Replay(entries),
+            (None, None) => HelloAckBody::Replay(&[]),
+        };
         let mut others: Vec<(u64, &str)> = self
             .clients
             .iter()
@@ -434,14 +433,15 @@ impl Room {
             })
             .collect();
         others.sort_unstable_by_key(|(replica, _)| *replica);
-        for (i, (other, state)) in others.into_iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            let _ = write!(out, "{{\"replica\":{other},\"state\":{state}}}");
-        }
-        out.push_str("]}");
-        Utf8Bytes::from(out)
+        let ack = encode_hello_ack(
+            &self.doc_name,
+            replica,
+            ack_head,
+            &self.epoch,
+            body,
+            &others,
+        );
+        (ack, catch_up)
     }
 
     /// An op message from a joined connection: integrated, then echoed to every client (a change),
@@ -464,13 +464,9 @@ impl Room {
             );
             return;
         }
-        let applied = match self.crdt.apply_remote(Some(replica), &msg.ops) {
-            Err(CrdtError::IdConflict { .. }) if self.loaded_runs.is_some() => {
-                self.apply_past_snapshot(replica, &msg.ops)
-            }
-            other => other,
-        };
-        match applied {
+        // A resend of inserts the room only knows from a snapshot is still `Unchanged`: the CRDT
+        // derives each run's `after` from document order (tested in the restart test below).
+        match self.crdt.apply_remote(Some(replica), &msg.ops) {
             Ok(Applied::Changed) => {
                 let echo = encode_op_echo(self.head + 1, replica, msg.client_seq, &msg.ops);
                 self.n_chars += n_new;
@@ -494,31 +490,6 @@ impl Room {
         }
     }
 
-    /// Retries a message refused with `id_conflict` in a room opened from a snapshot: inserts the
-    /// snapshot already covers (same ids, same visible text) are resends whose `after` the snapshot
-    /// forgot, so they are dropped and the rest applied. Any other insert keeps the conflict.
-    fn apply_past_snapshot(&mut self, replica: u64, ops: &[Op]) -> Result<Applied, CrdtError> {
-        let conflict = Err(CrdtError::IdConflict { op_index: 0 });
-        let Some(loaded) = &self.loaded_runs else {
-            return conflict;
-        };
-        let mut rest: Vec<Op> = Vec::with_capacity(ops.len());
-        let mut n_dropped = 0;
-        for op in ops {
-            match op {
-                Op::Insert { id, text, .. } if loaded.covers(*id, text) => n_dropped += 1,
-                _ => rest.push(op.clone()),
-            }
-        }
-        if n_dropped == 0 {
-            return conflict;
-        }
-        if rest.is_empty() {
-            return Ok(Applied::Unchanged);
-        }
-        self.crdt.apply_remote(Some(replica), &rest)
-    }
-
     /// Emits a snapshot when the cadence says one is due.
     fn maybe_snapshot(&mut self) {
         if self.ops_since_snapshot < self.config.snapshot_every_ops
@@ -526,7 +497,11 @@ impl Room {
         {
             return;
         }
-        let runs_json = self.snapshot_json();
+        let runs = self.crdt.snapshot();
+        // The exact size, so the upper bound kept between snapshots never drifts far.
+        self.n_chars = runs.iter().map(run_len).sum();
+        let runs_json = Utf8Bytes::from(encode_snapshot_runs(&runs));
+        self.snapshot_cache = Some((self.head, runs_json.clone()));
         self.effects.snapshot = Some(StoredSnapshot {
             epoch: self.epoch.clone(),
             head: self.head,
@@ -710,17 +685,28 @@ mod tests {
             effects.records.is_empty(),
             "replica 2 is inside the reserved block"
         );
-        // An explicit replica moves the counter past it.
+        // An explicit replica moves the counter past it, durably.
         h.send(3, r#"{"type":"hello","replica":40}"#);
         let effects = h.room.take_effects();
-        assert!(effects.records.is_empty());
+        assert_eq!(
+            effects.records,
+            vec![LogRecord::ReplicasReserved { last: 55 }]
+        );
         h.send(4, r#"{"type":"hello"}"#);
         assert_eq!(h.room.replica_of(ConnToken(4)), Some(41));
-        assert_eq!(
-            h.room.take_effects().records,
-            vec![LogRecord::ReplicasReserved { last: 56 }]
+        assert!(h.room.take_effects().records.is_empty());
+        // An explicit replica inside the reserved range needs no record.
+        h.send(5, r#"{"type":"hello","replica":7}"#);
+        assert!(h.room.take_effects().records.is_empty());
+        h.send(6, r#"{"type":"hello","replica":56}"#);
+        h.room.take_effects();
+        h.send(7, r#"{"type":"hello"}"#);
+        assert_eq!(h.room.replica_of(ConnToken(7)), Some(57));
+        assert!(
+            h.room.take_effects().records.is_empty(),
+            "56 reserved through 71"
         );
-        assert_eq!(h.room.n_clients(), 4);
+        assert_eq!(h.room.n_clients(), 7);
         assert!(!h.room.epoch().is_empty());
     }
 
@@ -990,6 +976,96 @@ mod tests {
     }
 
     #[test]
+    fn a_big_replay_of_a_small_document_becomes_a_snapshot() {
+        let mut config = config();
+        config.doc_chars_max = 1 << 20;
+        let mut h = Harness::new(config);
+        h.send(1, r#"{"type":"hello"}"#);
+        let text = "x".repeat(1_000);
+        for k in 0..40u64 {
+            let lamport = k * 1_000;
+            h.send(
+                1,
+                &format!(r#"{{"type":"op","client_seq":{k},"ops":[{{"kind":"ins","id":[{lamport},1],"after":null,"text":"{text}"}},{{"kind":"del","id":[{lamport},1],"len":1000}}]}}"#),
+            );
+        }
+        h.room.take_effects();
+        let strategy = |h: &mut Harness, since: u64| {
+            h.send(
+                2,
+                &format!(r#"{{"type":"hello","replica":2,"since":{since}}}"#),
+            );
+            let frame = h.room.take_effects().frames.pop().expect("hello_ack").1;
+            h.room.leave(ConnToken(2));
+            h.room.take_effects();
+            if frame.contains(r#""strategy":"replay""#) {
+                "replay"
+            } else {
+                "snapshot"
+            }
+        };
+        // 40 echoes of about 1 KB: 40 KB is always fine.
+        assert_eq!(strategy(&mut h, 0), "replay");
+        for k in 40..80u64 {
+            let lamport = k * 1_000;
+            h.send(
+                1,
+                &format!(r#"{{"type":"op","client_seq":{k},"ops":[{{"kind":"ins","id":[{lamport},1],"after":null,"text":"{text}"}},{{"kind":"del","id":[{lamport},1],"len":1000}}]}}"#),
+            );
+        }
+        h.room.take_effects();
+        // 80 KB of replay against a snapshot of 80 tombstone runs: the snapshot wins.
+        assert_eq!(strategy(&mut h, 0), "snapshot");
+        assert_eq!(strategy(&mut h, 70), "replay");
+    }
+
+    #[test]
+    fn joiners_of_a_big_busy_document_reuse_a_recent_snapshot() {
+        let mut config = config();
+        config.doc_chars_max = 1 << 24;
+        config.snapshot_every_ops = u64::MAX;
+        config.replay_window_ops = 10_000;
+        let mut h = Harness::new(config);
+        h.send(1, r#"{"type":"hello"}"#);
+        let big = "x".repeat(300_000);
+        h.send(1, &format!(r#"{{"type":"op","client_seq":0,"ops":[{{"kind":"ins","id":[0,1],"after":null,"text":"{big}"}}]}}"#));
+        h.send(2, r#"{"type":"hello"}"#);
+        h.room.take_effects();
+        let typing = |h: &mut Harness, from: u64, to: u64| {
+            for lamport in from..to {
+                h.send(
+                    1,
+                    &format!(r#"{{"type":"op","client_seq":{lamport},"ops":[{{"kind":"ins","id":[{lamport},1],"after":[{},1],"text":"y"}}]}}"#, lamport - 1),
+                );
+            }
+            h.room.take_effects();
+        };
+        typing(&mut h, 300_000, 300_003);
+        // The snapshot at head 1 is reused: hello_ack at head 1, then echoes 2..=4.
+        h.send(3, r#"{"type":"hello"}"#);
+        let frames: Vec<Utf8Bytes> = h
+            .room
+            .take_effects()
+            .frames
+            .into_iter()
+            .map(|(_, f)| f)
+            .collect();
+        assert_eq!(frames.len(), 4);
+        assert!(frames[0].contains(r#""head":1,"#));
+        let mut replica = crate::client::Replica::new("doc", None, None);
+        for frame in &frames {
+            replica.handle_frame(frame).expect("frame integrates");
+        }
+        assert_eq!((replica.head(), replica.text()), (4, h.room.text()));
+        // Far behind (echo bytes over a quarter of the snapshot): a fresh snapshot.
+        typing(&mut h, 300_003, 301_000);
+        h.send(4, r#"{"type":"hello"}"#);
+        let frames = h.room.take_effects().frames;
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].1.contains(r#""head":1001,"#));
+    }
+
+    #[test]
     fn token_is_required_when_configured() {
         let mut config = config();
         config.token = Some("s3cret".into());
@@ -1160,6 +1236,66 @@ mod tests {
         }
     }
 
+    /// The full session of docs/protocol.md, frame by frame.
+    #[test]
+    fn documented_session() {
+        let mut h = Harness::new(config());
+        let (alice, bob, alice2) = (1, 2, 3);
+        h.check_send(
+            alice,
+            r#"{"type":"hello","doc":"doc"}"#,
+            &[(alice, EMPTY_ACK_1)],
+        );
+        let echo1 = r#"{"type":"op_echo","server_seq":1,"replica":1,"client_seq":1,"ops":[{"kind":"ins","id":[0,1],"after":null,"text":"Hi"}]}"#;
+        h.check_send(
+            alice,
+            r#"{"type":"op","client_seq":1,"ops":[{"kind":"ins","id":[0,1],"after":null,"text":"Hi"}]}"#,
+            &[(alice, echo1)],
+        );
+        h.check_send(
+            bob,
+            r#"{"type":"hello","doc":"doc"}"#,
+            &[(bob, r#"{"type":"hello_ack","doc":"doc","replica":2,"head":1,"epoch":"E","strategy":"snapshot","snapshot":{"runs":[{"id":[0,1],"text":"Hi"}]},"presence":[]}"#)],
+        );
+        h.check_send(
+            alice,
+            r#"{"type":"presence","state":{"cursor":2}}"#,
+            &[(
+                bob,
+                r#"{"type":"presence","replica":1,"state":{"cursor":2}}"#,
+            )],
+        );
+        let echo2 = r#"{"type":"op_echo","server_seq":2,"replica":2,"client_seq":1,"ops":[{"kind":"ins","id":[2,2],"after":[1,1],"text":"!"}]}"#;
+        h.check_send(
+            bob,
+            r#"{"type":"op","client_seq":1,"ops":[{"kind":"ins","id":[2,2],"after":[1,1],"text":"!"}]}"#,
+            &[(alice, echo2), (bob, echo2)],
+        );
+        h.room.leave(ConnToken(alice));
+        h.check(&[(bob, r#"{"type":"presence","replica":1,"state":null}"#)]);
+        let echo3 = r#"{"type":"op_echo","server_seq":3,"replica":2,"client_seq":2,"ops":[{"kind":"del","id":[0,1],"len":1}]}"#;
+        h.check_send(
+            bob,
+            r#"{"type":"op","client_seq":2,"ops":[{"kind":"del","id":[0,1],"len":1}]}"#,
+            &[(bob, echo3)],
+        );
+        let epoch = h.room.epoch().to_owned();
+        h.check_send(
+            alice2,
+            &format!(r#"{{"type":"hello","doc":"doc","replica":1,"since":2,"epoch":"{epoch}"}}"#),
+            &[(alice2, &format!(r#"{{"type":"hello_ack","doc":"doc","replica":1,"head":3,"epoch":"E","strategy":"replay","ops":[{echo3}],"presence":[]}}"#))],
+        );
+        let echo4 = r#"{"type":"op_echo","server_seq":4,"replica":1,"client_seq":2,"ops":[{"kind":"ins","id":[3,1],"after":[2,2],"text":" there"}]}"#;
+        let resend = r#"{"type":"op","client_seq":2,"ops":[{"kind":"ins","id":[3,1],"after":[2,2],"text":" there"}]}"#;
+        h.check_send(alice2, resend, &[(alice2, echo4), (bob, echo4)]);
+        assert_eq!(h.room.text(), "i! there");
+        h.check_send(
+            alice2,
+            resend,
+            &[(alice2, r#"{"type":"ack","client_seq":2,"server_seq":4}"#)],
+        );
+    }
+
     #[test]
     fn corrupt_storage_is_refused() {
         let stored = |tail: Vec<LogRecord>| StoredDoc {
@@ -1208,5 +1344,74 @@ mod tests {
             tail: vec![],
         };
         assert!(Room::open("doc".into(), Some(doc), config()).is_err());
+    }
+
+    mod soup {
+        use super::*;
+        use crate::protocol::{parse_server_message, ServerMessage};
+        use proptest::prelude::*;
+
+        /// Client frames with small ids, so they often hit existing items.
+        fn frame() -> impl Strategy<Value = String> {
+            let id = (0u64..6, 0u64..4);
+            let op = prop_oneof![
+                (id.clone(), prop::option::of(id.clone()), "[ab]{0,3}").prop_map(
+                    |((l, r), after, text)| {
+                        let after = after.map_or("null".to_string(), |(a, b)| format!("[{a},{b}]"));
+                        format!(
+                            r#"{{"kind":"ins","id":[{l},{r}],"after":{after},"text":"{text}"}}"#
+                        )
+                    }
+                ),
+                (id, 0u64..3).prop_map(|((l, r), n)| format!(
+                    r#"{{"kind":"del","id":[{l},{r}],"len":{n}}}"#
+                )),
+            ];
+            prop_oneof![
+                6 => (0u64..9, prop::collection::vec(op, 1..4))
+                    .prop_map(|(seq, ops)| format!(r#"{{"type":"op","client_seq":{seq},"ops":[{}]}}"#, ops.join(","))),
+                1 => prop::option::of(1u64..4).prop_map(|replica| match replica {
+                    Some(r) => format!(r#"{{"type":"hello","replica":{r}}}"#),
+                    None => r#"{"type":"hello"}"#.to_string(),
+                }),
+                1 => (0u8..3).prop_map(|n| format!(r#"{{"type":"presence","state":{n}}}"#)),
+                1 => Just(r#"{"type":"presence","state":null}"#.to_string()),
+                1 => Just("{".to_string()),
+            ]
+        }
+
+        proptest! {
+            /// Whatever clients send, the room never panics, its CRDT stays consistent, every
+            /// frame is a contract message, and head counts exactly the echoed messages.
+            #[test]
+            fn rooms_survive_any_client_frames(
+                steps in prop::collection::vec((0usize..4, frame(), any::<bool>()), 1..80)
+            ) {
+                let mut config = config();
+                config.snapshot_every_ops = 5;
+                config.replay_window_ops = 3;
+                let mut h = Harness::new(config);
+                let mut n_echoed = 0;
+                for (conn, text, leave) in steps {
+                    if leave {
+                        h.room.leave(ConnToken(conn));
+                    } else {
+                        h.send(conn, &text);
+                    }
+                    let effects = h.room.take_effects();
+                    for (_, frame) in &effects.frames {
+                        prop_assert!(parse_server_message(frame).is_ok(), "{}", frame);
+                    }
+                    n_echoed += effects.records.iter().filter(|r| matches!(r, LogRecord::Ops { .. })).count() as u64;
+                    for (_, frame) in &effects.frames {
+                        if let Ok(ServerMessage::HelloAck(ack)) = parse_server_message(frame) {
+                            prop_assert_eq!(ack.head, h.room.head());
+                        }
+                    }
+                }
+                prop_assert_eq!(h.room.head(), n_echoed);
+                h.room.crdt.dbg_check();
+            }
+        }
     }
 }

@@ -105,6 +105,8 @@ pub struct Net {
     read_list: Vec<usize>,
     /// Connections with something to write (or a writable event) this turn.
     flush_list: Vec<usize>,
+    /// Empty; swapped with `flush_list` by [`Net::flush_all`] to keep both allocations.
+    flush_spare: Vec<usize>,
     /// Connections that stopped being open since the handler last heard: the loop tells the
     /// handler ([`Net::take_gone`]) before any slab key can be reused.
     gone: Vec<ConnToken>,
@@ -125,6 +127,7 @@ impl Net {
             limits,
             read_list: Vec::new(),
             flush_list: Vec::new(),
+            flush_spare: Vec::new(),
             gone: Vec::new(),
             metrics,
         }
@@ -349,14 +352,16 @@ impl Net {
 
     /// Takes this turn's read list; the loop reads each with [`Net::read_one`] and gives the
     /// ones with budget exhausted back through [`Net::requeue_read`].
-    pub fn take_read_list(&mut self) -> Vec<usize> {
-        let list = std::mem::take(&mut self.read_list);
-        for &key in &list {
+    /// `into` must be empty; it comes back holding the list, and the net keeps `into`'s
+    /// capacity, so no turn allocates for its lists.
+    pub fn take_read_list(&mut self, into: &mut Vec<usize>) {
+        debug_assert!(into.is_empty(), "the previous read list was consumed");
+        std::mem::swap(into, &mut self.read_list);
+        for &key in into.iter() {
             if let Some(c) = self.conns.get_mut(key) {
                 c.in_read_list = false;
             }
         }
-        list
     }
 
     /// Puts a connection whose budget ran out back on the read list for the next turn.
@@ -475,14 +480,18 @@ impl Net {
 
     /// Writes and flushes every connection with output, once each.
     pub fn flush_all(&mut self) {
-        let list = std::mem::take(&mut self.flush_list);
-        for key in list {
+        // Swap with the spare so that connections listed during the flush wait for the next
+        // one, and neither list allocates once grown.
+        let mut list = std::mem::take(&mut self.flush_spare);
+        std::mem::swap(&mut list, &mut self.flush_list);
+        for key in list.drain(..) {
             if let Some(c) = self.conns.get_mut(key) {
                 c.in_flush_list = false;
                 self.pump(key);
                 self.check_backlog(key);
             }
         }
+        self.flush_spare = list;
     }
 
     /// Moves queued frames into tungstenite and flushes, until done or `WouldBlock`.

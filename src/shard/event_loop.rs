@@ -72,6 +72,11 @@ pub fn run<H: Handler>(
     let mut events = Events::with_capacity(1024);
     let mut next_tick = Instant::now() + TICK;
     let mut shutdown_deadline: Option<Instant> = None;
+    let mut slow_turn_warned_at = Instant::now()
+        .checked_sub(Duration::from_secs(1))
+        .unwrap_or_else(Instant::now);
+    let mut n_slow_turns = 0u64;
+    let mut read_list = Vec::new();
     loop {
         let timeout = if net.has_pending_reads() {
             Duration::ZERO
@@ -126,9 +131,9 @@ pub fn run<H: Handler>(
                 }
             }
         }
-        let read_list = net.take_read_list();
+        net.take_read_list(&mut read_list);
         let budget = net.limits().reads_per_turn_max;
-        for key in read_list {
+        for key in read_list.drain(..) {
             let mut n_read = 0;
             loop {
                 if n_read == budget {
@@ -161,7 +166,13 @@ pub fn run<H: Handler>(
         let elapsed = now.saturating_duration_since(turn_start);
         ShardMetrics::record(&mut net.metrics.figures.histograms.turn_us, elapsed);
         if elapsed > TURN_BUDGET {
-            warn!("shard: loop turn took {elapsed:?}");
+            n_slow_turns += 1;
+            // At most one line a second, however overloaded the machine is.
+            if now.saturating_duration_since(slow_turn_warned_at) >= Duration::from_secs(1) {
+                warn!("shard: {n_slow_turns} loop turn(s) over {TURN_BUDGET:?}, the last took {elapsed:?}");
+                slow_turn_warned_at = now;
+                n_slow_turns = 0;
+            }
         }
         if let Some(deadline) = shutdown_deadline {
             if net.is_empty() || now >= deadline {

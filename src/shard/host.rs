@@ -97,8 +97,6 @@ impl RoomHost {
         let Some(session) = self.session_mut(conn) else {
             return;
         };
-        session.n_refused += 1;
-        let n_refused = session.n_refused;
         let room_idx = session.room_idx;
         warn!(
             "shard: refused a message from {:?}: {} ({})",
@@ -108,6 +106,7 @@ impl RoomHost {
         );
         match room_idx.and_then(|idx| self.rooms.get_mut(idx).map(|slot| (idx, slot))) {
             Some((idx, slot)) => {
+                // Counted when the room's frames are released (with the room's own refusals).
                 slot.room.refuse(conn, err);
                 self.mark_dirty(idx);
             }
@@ -115,9 +114,19 @@ impl RoomHost {
                 // Not joined: no room frame can be pending for it, so order holds.
                 net.metrics.figures.counters.msgs_refused += 1;
                 net.send(conn, protocol::encode_error(err));
+                self.count_refusal(conn);
             }
         }
-        if n_refused == REFUSALS_BEFORE_CLOSE {
+    }
+
+    /// Counts one refusal sent to `conn`; the [`REFUSALS_BEFORE_CLOSE`]th schedules a close
+    /// 1008 after this turn's frames.
+    fn count_refusal(&mut self, conn: ConnToken) {
+        let Some(session) = self.session_mut(conn) else {
+            return;
+        };
+        session.n_refused += 1;
+        if session.n_refused == REFUSALS_BEFORE_CLOSE {
             self.closes_after_turn
                 .push((conn, 1008, "too many refused messages"));
         }
@@ -385,6 +394,7 @@ impl Handler for RoomHost {
                     net.metrics.figures.counters.ops_unchanged += 1;
                 } else if frame_is(&frame, "{\"type\":\"error\"") {
                     net.metrics.figures.counters.msgs_refused += 1;
+                    self.count_refusal(conn);
                 }
                 net.send(conn, frame);
             }

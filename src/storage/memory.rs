@@ -23,11 +23,14 @@ impl Storage for MemoryStorage {
     }
 
     fn append(&mut self, doc: &str, epoch: &str, record: &LogRecord) -> Result<(), StorageError> {
-        let stored = self.docs.entry(doc.to_owned()).or_insert_with(|| StoredDoc {
-            epoch: epoch.to_owned(),
-            snapshot: None,
-            tail: Vec::new(),
-        });
+        let stored = self
+            .docs
+            .entry(doc.to_owned())
+            .or_insert_with(|| StoredDoc {
+                epoch: epoch.to_owned(),
+                snapshot: None,
+                tail: Vec::new(),
+            });
         stored.tail.push(record.clone());
         Ok(())
     }
@@ -37,11 +40,14 @@ impl Storage for MemoryStorage {
     }
 
     fn write_snapshot(&mut self, doc: &str, snapshot: &StoredSnapshot) -> Result<(), StorageError> {
-        let stored = self.docs.entry(doc.to_owned()).or_insert_with(|| StoredDoc {
-            epoch: snapshot.epoch.clone(),
-            snapshot: None,
-            tail: Vec::new(),
-        });
+        let stored = self
+            .docs
+            .entry(doc.to_owned())
+            .or_insert_with(|| StoredDoc {
+                epoch: snapshot.epoch.clone(),
+                snapshot: None,
+                tail: Vec::new(),
+            });
         let head = snapshot.head;
         stored.tail.retain(|record| match record {
             LogRecord::Ops { server_seq, .. } => *server_seq > head,

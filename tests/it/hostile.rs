@@ -209,3 +209,37 @@ fn shutdown_closes_clients_with_1001() {
         .expect("shutdown thread")
         .expect("clean shutdown");
 }
+
+#[test]
+fn hostile_hundred_refusals_by_the_room_close_1008() {
+    let _w = Watchdog::new("hostile_hundred_refusals_by_the_room_close_1008", 30);
+    let server = server(test_config());
+    let mut ws = connect(server.local_addr(), "/ws/doc-c");
+    send(&mut ws, r#"{"type":"hello"}"#);
+    assert_eq!(recv_json(&mut ws)["type"], "hello_ack");
+    // Alternate shard-level (unparsable) and room-level (unknown target) refusals.
+    for i in 0..100 {
+        if i % 2 == 0 {
+            send(&mut ws, "nope");
+        } else {
+            send(
+                &mut ws,
+                &format!(
+                    r#"{{"type":"op","client_seq":{i},"ops":[{{"kind":"del","id":[5,5],"len":1}}]}}"#
+                ),
+            );
+        }
+    }
+    let (code, seen) = recv_until_close(&mut ws);
+    assert_eq!(
+        seen.len(),
+        100,
+        "every refusal is answered before the close"
+    );
+    assert_eq!(
+        seen.iter().filter(|m| m["code"] == "unknown_id").count(),
+        50
+    );
+    assert_eq!(code, Some(CloseCode::Policy));
+    server.shutdown().expect("clean shutdown");
+}

@@ -151,10 +151,10 @@ fn ws_many_docs_over_several_shards() {
     let mut editors = Vec::new();
     for d in 0..DOCS {
         let doc = format!("many/doc {d}");
-        let path = if d % 2 == 0 {
-            format!("/ws/many%2Fdoc%20{d}")
-        } else {
-            "/ws".to_owned()
+        let path = match d % 3 {
+            0 => format!("/ws/many%2Fdoc%20{d}"),
+            1 => "/ws".to_owned(),
+            _ => "/ws/?ignored=query".to_owned(), // An empty name is plain /ws.
         };
         let first = Editor::join(addr, &path, &hello(&doc));
         let second = Editor::join(addr, "/ws", &hello(&doc));
@@ -420,18 +420,27 @@ fn ws_slow_reader_is_closed_1013_and_others_are_undisturbed() {
     let mut writer = Editor::join(addr, "/ws/slow", &hello("slow"));
     let observer = Editor::join(addr, "/ws/slow", &hello("slow"));
     const PRESENCE: usize = 3000;
+    // The observer keeps up (the writer stays a few messages ahead of it), so only the
+    // reader that never reads falls behind, however slowly this machine runs the test.
+    const AHEAD_MAX: usize = 8;
+    let observed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let state = format!("\"{}\"", "p".repeat(4000));
+    let observed_by_thread = observed.clone();
     let observing = std::thread::spawn(move || {
         let mut observer = observer;
         let mut n_presence = 0;
         while n_presence < PRESENCE || observer.head < 20 {
             if let ServerMessage::Presence { .. } = observer.recv() {
                 n_presence += 1;
+                observed_by_thread.store(n_presence, std::sync::atomic::Ordering::Release);
             }
         }
         observer
     });
     for i in 0..PRESENCE {
+        while i > observed.load(std::sync::atomic::Ordering::Acquire) + AHEAD_MAX {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         send(
             &mut writer.ws,
             &format!(r#"{{"type":"presence","state":{state}}}"#),
@@ -445,5 +454,125 @@ fn ws_slow_reader_is_closed_1013_and_others_are_undisturbed() {
     assert_eq!(observer.doc.text(), writer.doc.text());
     let (code, _) = recv_until_close(&mut slow.ws);
     assert_eq!(code, Some(CloseCode::Again));
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn ws_idle_document_unloads_and_reloads_from_storage() {
+    let _w = Watchdog::new("ws_idle_document_unloads_and_reloads_from_storage", 60);
+    let mut config = test_config();
+    config.idle_unload = Duration::from_millis(100);
+    config.snapshot_every_ops = 3;
+    let server = server(config);
+    let addr = server.local_addr();
+    let mut a = Editor::join(addr, "/ws/unload", &hello("unload"));
+    for i in 0..7 {
+        a.edit(i, 0, "z");
+    }
+    a.edit(2, 3, "");
+    a.settle();
+    let (text, head, epoch) = (a.doc.text(), a.head, a.epoch.clone());
+    a.ws.close(None).expect("close");
+    drop(a);
+    loop {
+        let health = http_get(addr, "GET /health HTTP/1.1\r\n\r\n");
+        if health.contains("\"documents\":0") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let b = Editor::join(addr, "/ws/unload", &hello("unload"));
+    assert_eq!(
+        (b.doc.text(), b.head, b.epoch.as_str()),
+        (text, head, epoch.as_str())
+    );
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn ws_token_required_refuses_with_1008() {
+    let _w = Watchdog::new("ws_token_required_refuses_with_1008", 30);
+    let mut config = test_config();
+    config.token = Some("s3cret".to_owned());
+    let server = server(config);
+    let addr = server.local_addr();
+    let mut ws = connect(addr, "/ws/locked");
+    send(&mut ws, r#"{"type":"hello","token":"wrong"}"#);
+    let (code, seen) = recv_until_close(&mut ws);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0]["code"], "unauthorized");
+    assert_eq!(code, Some(CloseCode::Policy));
+    let ok = Editor::join(addr, "/ws/locked", r#"{"type":"hello","token":"s3cret"}"#);
+    assert!(ok.replica >= 1);
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn ws_connection_limit_per_shard_closes_1013() {
+    let _w = Watchdog::new("ws_connection_limit_per_shard_closes_1013", 30);
+    let mut config = test_config();
+    config.shards = 1;
+    config.conns_per_shard_max = 2;
+    let server = server(config);
+    let addr = server.local_addr();
+    let _a = Editor::join(addr, "/ws/full", &hello("full"));
+    let _b = Editor::join(addr, "/ws/full", &hello("full"));
+    let mut c = connect(addr, "/ws/full");
+    let (code, seen) = recv_until_close(&mut c);
+    assert!(seen.is_empty());
+    assert_eq!(code, Some(CloseCode::Again));
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn ws_silent_connection_is_pinged_then_dropped() {
+    let _w = Watchdog::new("ws_silent_connection_is_pinged_then_dropped", 30);
+    let mut config = test_config();
+    config.idle_timeout = Duration::from_millis(200);
+    let server = server(config);
+    let addr = server.local_addr();
+    let mut ws = connect(addr, "/ws/idle");
+    send(&mut ws, r#"{"type":"hello"}"#);
+    // Never read (so never answer the ping) until the server gave up on us: /health shows
+    // the connection (metrics are published every 250 ms), then no more.
+    for connections in ["\"connections\":1", "\"connections\":0"] {
+        while !http_get(addr, "GET /health HTTP/1.1\r\n\r\n").contains(connections) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let mut saw_ping = false;
+    loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Ping(_)) => saw_ping = true,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert!(saw_ping, "the server pinged before dropping");
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn ws_snapshot_larger_than_the_message_limit_reaches_a_joiner() {
+    let _w = Watchdog::new("ws_snapshot_larger_than_the_message_limit", 60);
+    let mut config = test_config();
+    config.message_bytes_max = 64 * 1024;
+    config.outbound_bytes_max = 64 * 1024;
+    let server = server(config);
+    let addr = server.local_addr();
+    let mut writer = Editor::join(addr, "/ws/big", &hello("big"));
+    for i in 0..6 {
+        let chunk: String = std::iter::repeat(char::from(b'a' + i))
+            .take(30_000)
+            .collect();
+        let end = writer.doc.len();
+        writer.edit(end, 0, &chunk);
+        writer.settle();
+    }
+    // The limit bounds what clients send; the server's own frames (a 180 KB snapshot here)
+    // may be bigger, and one frame alone never counts as falling behind.
+    let joiner = Editor::join(addr, "/ws/big", &hello("big"));
+    assert_eq!(joiner.doc.text(), writer.doc.text());
+    assert_eq!(joiner.doc.len(), 180_000);
     server.shutdown().expect("clean shutdown");
 }

@@ -1,0 +1,180 @@
+//! `cargo bench --bench crdt_traces`: replays the editing traces in `tests/data` through `Doc` and prints a table:
+//! local replay, remote integration of the whole history on a fresh replica, snapshot encode + decode, and the live heap
+//! of the finished document (measured by a counting global allocator).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::io::Read;
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::time::{Duration, Instant};
+
+use collab_engine::crdt::{Doc, Op};
+
+/// Counts live heap bytes; everything else is the system allocator.
+struct Counting;
+
+static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE_BYTES.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+struct Trace {
+    end_content: String,
+    patches: Vec<(usize, usize, String)>,
+}
+
+fn load(name: &str) -> Trace {
+    let path = format!("{}/tests/data/{name}.json.gz", env!("CARGO_MANIFEST_DIR"));
+    let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut json = String::new();
+    flate2::read::GzDecoder::new(file)
+        .read_to_string(&mut json)
+        .expect("gunzip trace");
+    let v: serde_json::Value = serde_json::from_str(&json).expect("trace json");
+    let mut patches = Vec::new();
+    for txn in v["txns"].as_array().expect("txns") {
+        for p in txn["patches"].as_array().expect("patches") {
+            let pos = p[0].as_u64().expect("pos") as usize;
+            let del = p[1].as_u64().expect("del") as usize;
+            patches.push((pos, del, p[2].as_str().expect("ins").to_owned()));
+        }
+    }
+    Trace {
+        end_content: v["endContent"].as_str().expect("endContent").to_owned(),
+        patches,
+    }
+}
+
+fn replay_local(trace: &Trace, mut ops: Option<&mut Vec<Op>>) -> Doc {
+    let mut doc = Doc::new();
+    for (pos, del, ins) in &trace.patches {
+        if *del > 0 {
+            let d = doc.delete_local(*pos, *del);
+            if let Some(ops) = ops.as_deref_mut() {
+                ops.extend(d);
+            }
+        }
+        if !ins.is_empty() {
+            let op = doc.insert_local(1, *pos, ins);
+            if let Some(ops) = ops.as_deref_mut() {
+                ops.push(op);
+            }
+        }
+    }
+    doc
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+/// "median (min)" in milliseconds.
+fn ms(v: Vec<Duration>) -> String {
+    let min = v.iter().min().copied().unwrap_or_default();
+    format!(
+        "{:.1} ms ({:.1})",
+        median(v).as_secs_f64() * 1e3,
+        min.as_secs_f64() * 1e3
+    )
+}
+
+fn main() {
+    let runs: usize = std::env::var("CRDT_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(11);
+    // For profiling: `CRDT_BENCH_ONLY=local` (or `remote`) loops that part of automerge-paper and prints nothing.
+    if let Ok(only) = std::env::var("CRDT_BENCH_ONLY") {
+        let trace = load("automerge-paper");
+        let mut ops = Vec::new();
+        replay_local(&trace, Some(&mut ops));
+        for _ in 0..runs {
+            if only == "local" {
+                replay_local(&trace, None);
+            } else {
+                let mut doc = Doc::new();
+                for op in &ops {
+                    doc.apply_remote(Some(1), std::slice::from_ref(op))
+                        .expect("remote op");
+                }
+            }
+        }
+        return;
+    }
+    println!("| trace | patches | final chars | local replay | remote integrate | snapshot encode+decode | live heap | spans / leaves / index keys |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for name in ["automerge-paper", "seph-blog1"] {
+        let trace = load(name);
+
+        let mut local = Vec::new();
+        for _ in 0..runs {
+            let start = Instant::now();
+            let doc = replay_local(&trace, None);
+            local.push(start.elapsed());
+            assert_eq!(doc.len(), trace.end_content.chars().count());
+        }
+
+        let mut ops = Vec::new();
+        let reference = replay_local(&trace, Some(&mut ops));
+        assert_eq!(reference.text(), trace.end_content);
+        let mut remote = Vec::new();
+        for _ in 0..runs {
+            let start = Instant::now();
+            let mut doc = Doc::new();
+            for op in &ops {
+                doc.apply_remote(Some(1), std::slice::from_ref(op))
+                    .expect("remote op");
+            }
+            remote.push(start.elapsed());
+            assert_eq!(doc.len(), reference.len());
+        }
+
+        let mut snap = Vec::new();
+        for _ in 0..runs {
+            let start = Instant::now();
+            let runs = reference.snapshot();
+            let doc = Doc::from_snapshot(&runs).expect("snapshot");
+            snap.push(start.elapsed());
+            assert_eq!(doc.len(), reference.len());
+        }
+        let n_runs = reference.snapshot().len();
+        drop(reference);
+
+        let before = LIVE_BYTES.load(Ordering::Relaxed);
+        let doc = replay_local(&trace, None);
+        let heap = LIVE_BYTES.load(Ordering::Relaxed) - before;
+        let stats = doc.stats();
+        assert_eq!(doc.text(), trace.end_content);
+        println!(
+            "| {name} | {} | {} | {} | {} | {} ({n_runs} runs) | {:.2} MB | {} / {} / {} |",
+            trace.patches.len(),
+            doc.len(),
+            ms(local),
+            ms(remote),
+            ms(snap),
+            heap as f64 / 1e6,
+            stats.n_spans,
+            stats.n_leaves,
+            stats.n_index_keys,
+        );
+    }
+    println!("\ntimes: median (min) of {runs} runs each; local replay = delete_local/insert_local per patch (ops dropped); remote = apply_remote per op on a fresh Doc.");
+}
