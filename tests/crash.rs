@@ -136,12 +136,21 @@ fn connect(addr: SocketAddr, doc: &str) -> Option<Ws> {
             path.push_str(&format!("%{byte:02X}"));
         }
     }
-    let (ws, _) = tungstenite::client::client(
+    // The short read timeout interrupts a slow handshake; resume it until a deadline.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut attempt = tungstenite::client::client(
         format!("ws://{addr}/ws/{path}"),
         MaybeTlsStream::Plain(stream),
-    )
-    .ok()?;
-    Some(ws)
+    );
+    loop {
+        match attempt {
+            Ok((ws, _)) => return Some(ws),
+            Err(tungstenite::HandshakeError::Interrupted(mid)) if Instant::now() < deadline => {
+                attempt = mid.handshake();
+            }
+            Err(_) => return None,
+        }
+    }
 }
 
 /// Reads one JSON frame; `Ok(None)` on a read timeout; `Err` when the connection is gone.
