@@ -440,6 +440,12 @@ impl Doc {
         assert!(!text.is_empty(), "empty insert");
         assert!(replica <= MAX_ID_COMPONENT, "replica past 2^53-1");
         let lamport = self.max_lamport.map_or(0, |m| m + 1);
+        // Checked before anything changes; the byte length bounds the char count, so this is cheap and safe.
+        assert!(
+            text.len() as u64 <= MAX_ID_COMPONENT + 1 - lamport
+                || lamport + text.chars().count() as u64 - 1 <= MAX_ID_COMPONENT,
+            "lamport past 2^53-1"
+        );
         let at = if pos == 0 {
             None
         } else {
@@ -448,10 +454,6 @@ impl Doc {
         let after = at.map(|loc| self.id_of(loc));
         let id = OpId::new(lamport, replica);
         self.insert_run(at, id, text);
-        assert!(
-            self.max_lamport.unwrap_or(0) <= MAX_ID_COMPONENT,
-            "lamport past 2^53-1"
-        );
         Op::Insert {
             id,
             after,
