@@ -101,6 +101,12 @@ fn check_subtree(t: &Tree, id: u32, height: u8, parent: u32, leaves: &mut Vec<u3
     if height == 0 {
         let l = &t.leaves[id as usize];
         assert_eq!(l.parent, parent, "parent of leaf {id}");
+        if parent != NONE {
+            assert_eq!(
+                t.nodes[parent as usize].children[l.slot as usize], id,
+                "slot of leaf {id}"
+            );
+        }
         assert!(l.n as usize <= LEAF_CAP, "leaf {id} over capacity");
         assert!(l.n >= 1 || t.leaves.len() == 1, "empty leaf {id}");
         let visible: u64 = l.spans().iter().map(|s| s.visible_len() as u64).sum();
@@ -110,6 +116,12 @@ fn check_subtree(t: &Tree, id: u32, height: u8, parent: u32, leaves: &mut Vec<u3
     }
     let node = &t.nodes[id as usize];
     assert_eq!(node.parent, parent, "parent of node {id}");
+    if parent != NONE {
+        assert_eq!(
+            t.nodes[parent as usize].children[node.slot as usize], id,
+            "slot of node {id}"
+        );
+    }
     assert_eq!(node.height, height, "height of node {id}");
     assert!(
         node.n >= 2 || parent == NONE && node.n >= 1,

@@ -116,6 +116,8 @@ pub(crate) struct Leaf {
     /// Visible chars in this leaf.
     pub visible: u64,
     pub parent: u32,
+    /// Index of this leaf among its parent's children.
+    pub slot: u8,
     pub prev: u32,
     pub next: u32,
 }
@@ -127,6 +129,7 @@ impl Leaf {
             n: 0,
             visible: 0,
             parent: NONE,
+            slot: 0,
             prev: NONE,
             next: NONE,
         }
@@ -158,6 +161,8 @@ pub(crate) struct Node {
     pub n: u8,
     pub height: u8,
     pub parent: u32,
+    /// Index of this node among its parent's children.
+    pub slot: u8,
 }
 
 impl Node {
@@ -259,13 +264,12 @@ impl Tree {
         let l = &mut self.leaves[leaf as usize];
         l.visible = l.visible.wrapping_add(d);
         self.total = self.total.wrapping_add(d);
-        let mut child = leaf;
+        let mut slot = l.slot as usize;
         let mut p = l.parent;
         while p != NONE {
             let node = &mut self.nodes[p as usize];
-            let slot = node.slot_of(child);
             node.counts[slot] = node.counts[slot].wrapping_add(d);
-            child = p;
+            slot = node.slot as usize;
             p = node.parent;
         }
     }
@@ -273,17 +277,13 @@ impl Tree {
     /// Visible chars before `leaf`.
     pub(crate) fn leaf_start(&self, leaf: u32) -> u64 {
         let mut pos = 0;
-        let mut child = leaf;
-        let mut p = self.leaves[leaf as usize].parent;
+        let l = &self.leaves[leaf as usize];
+        let mut slot = l.slot as usize;
+        let mut p = l.parent;
         while p != NONE {
             let node = &self.nodes[p as usize];
-            for i in 0..node.n as usize {
-                if node.children[i] == child {
-                    break;
-                }
-                pos += node.counts[i];
-            }
-            child = p;
+            pos += node.counts[..slot].iter().sum::<u64>();
+            slot = node.slot as usize;
             p = node.parent;
         }
         pos
@@ -669,23 +669,29 @@ impl Tree {
                 n: 2,
                 height: height + 1,
                 parent: NONE,
+                slot: 0,
             };
             node.children[0] = left;
             node.children[1] = right;
             node.counts[0] = left_count;
             node.counts[1] = right_count;
             self.nodes.push(node);
-            self.set_parent(left, height, root);
-            self.set_parent(right, height, root);
+            self.set_parent(left, height, root, 0);
+            self.set_parent(right, height, root, 1);
             self.root = root;
             self.height = height + 1;
             return;
         }
-        self.set_parent(right, height, parent);
         let node = &mut self.nodes[parent as usize];
         let slot = node.slot_of(left);
         node.counts[slot] = left_count;
         node.insert(slot + 1, right, right_count);
+        // Children from `right` on moved one slot up.
+        let (children, n) = (node.children, node.n as usize);
+        for (i, &c) in children.iter().enumerate().take(n).skip(slot + 1) {
+            self.set_parent(c, height, parent, i as u8);
+        }
+        let node = &mut self.nodes[parent as usize];
         if node.n as usize > NODE_CAP {
             let new_node = self.nodes.len() as u32;
             let node = &mut self.nodes[parent as usize];
@@ -697,6 +703,7 @@ impl Tree {
                 n: (n - mid) as u8,
                 height: height + 1,
                 parent: NONE,
+                slot: 0,
             };
             right_node.children[..n - mid].copy_from_slice(&node.children[mid..n]);
             right_node.counts[..n - mid].copy_from_slice(&node.counts[mid..n]);
@@ -705,8 +712,8 @@ impl Tree {
             let right_total: u64 = right_node.counts[..n - mid].iter().sum();
             let moved: Vec<u32> = right_node.children[..n - mid].to_vec();
             self.nodes.push(right_node);
-            for c in moved {
-                self.set_parent(c, height, new_node);
+            for (i, c) in moved.into_iter().enumerate() {
+                self.set_parent(c, height, new_node, i as u8);
             }
             self.insert_child(parent, new_node, left_total, right_total, height + 1);
         }
@@ -720,11 +727,13 @@ impl Tree {
         }
     }
 
-    fn set_parent(&mut self, id: u32, height: u8, parent: u32) {
+    fn set_parent(&mut self, id: u32, height: u8, parent: u32, slot: u8) {
         if height == 0 {
-            self.leaves[id as usize].parent = parent;
+            let l = &mut self.leaves[id as usize];
+            (l.parent, l.slot) = (parent, slot);
         } else {
-            self.nodes[id as usize].parent = parent;
+            let n = &mut self.nodes[id as usize];
+            (n.parent, n.slot) = (parent, slot);
         }
     }
 
