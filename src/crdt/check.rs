@@ -33,6 +33,15 @@ impl Doc {
         if let Some((leaf, start)) = t.cursor {
             assert_eq!(t.leaf_start(leaf), start, "cursor start");
         }
+        if let Some((leaf, idx, start)) = t.span_cursor() {
+            let l = &t.leaves[leaf as usize];
+            let before: u64 = l.spans()[..idx]
+                .iter()
+                .map(|s| s.visible_len() as u64)
+                .sum();
+            assert_eq!(t.leaf_start(leaf) + before, start, "span cursor start");
+            assert!(!l.spans[idx].deleted(), "span cursor on a tombstone");
+        }
         for (i, &r) in self.replicas.iter().enumerate() {
             assert_eq!(self.replica_idx.get(&r), Some(&(i as u32)), "replica table");
         }

@@ -336,7 +336,8 @@ impl Doc {
     }
 
     /// Inserts new items `id..` with `text` right after `at` (no skipping).
-    fn insert_run(&mut self, mut at: Option<Loc>, id: OpId, text: &str) {
+    /// Returns where the last new item is.
+    fn insert_run(&mut self, mut at: Option<Loc>, id: OpId, text: &str) -> Loc {
         let r = self.intern_replica(id.replica);
         let arena = self.arena.push_str(text);
         let n = self.arena.len() - arena;
@@ -358,6 +359,7 @@ impl Doc {
         let last = id.lamport + n as u64 - 1;
         self.max_lamport = Some(self.max_lamport.map_or(last, |m| m.max(last)));
         self.max_replica = self.max_replica.max(id.replica);
+        at.expect("text is not empty")
     }
 
     /// Marks the known items `id .. id+len` deleted.
@@ -453,7 +455,11 @@ impl Doc {
         };
         let after = at.map(|loc| self.id_of(loc));
         let id = OpId::new(lamport, replica);
-        self.insert_run(at, id, text);
+        let last = self.insert_run(at, id, text);
+        // The last new char is at `pos + n - 1`, `last.off` chars into its (visible) span.
+        let n = text.chars().count();
+        let span_start = (pos + n - 1) as u64 - last.off as u64;
+        self.tree.set_span_cursor(last.leaf, last.idx, span_start);
         Op::Insert {
             id,
             after,

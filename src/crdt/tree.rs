@@ -216,6 +216,11 @@ pub(crate) struct Tree {
     seg: Option<Seg>,
     /// Span hint for `find_mut`: the last span found or inserted into; checked exactly before use, so it never goes stale.
     hint: Option<(u32, u32)>,
+    /// Bumped by every change to spans or counts; `span_cursor` is valid only at the version it was taken.
+    version: u64,
+    /// Local typing cursor: leaf, span index, visible chars before the span, and `version` when set.
+    /// `insert_local` sets it after its own insert, so the next keystroke finds its place without scanning.
+    span_cursor: Option<(u32, usize, u64, u64)>,
     /// One past the highest lamport ever given to `assign`: no id at or above it is known.
     lamport_end: u64,
 }
@@ -241,6 +246,8 @@ impl Default for Tree {
             cursor: None,
             seg: None,
             hint: None,
+            version: 0,
+            span_cursor: None,
             lamport_end: 0,
         }
     }
@@ -309,6 +316,15 @@ impl Tree {
 
     /// Location of visible char `pos` (`pos < total`), through the cursor when it covers `pos`.
     pub(crate) fn locate_visible(&mut self, pos: u64) -> Loc {
+        if let Some((leaf, idx, start, version)) = self.span_cursor {
+            if version == self.version {
+                let s = self.leaves[leaf as usize].spans[idx];
+                if !s.deleted() && pos >= start && pos < start + s.len() as u64 {
+                    let off = (pos - start) as u32;
+                    return Loc { leaf, idx, off };
+                }
+            }
+        }
         if let Some((leaf, start)) = self.cursor {
             if pos >= start && pos < start + self.leaves[leaf as usize].visible {
                 return self.loc_in_leaf(leaf, pos - start);
@@ -317,6 +333,18 @@ impl Tree {
         let (leaf, start) = self.leaf_at(pos);
         self.cursor = Some((leaf, start));
         self.loc_in_leaf(leaf, pos - start)
+    }
+
+    /// Remembers that the visible span at `leaf`, `idx` starts at position `start` (see `span_cursor`).
+    pub(crate) fn set_span_cursor(&mut self, leaf: u32, idx: usize, start: u64) {
+        self.span_cursor = Some((leaf, idx, start, self.version));
+    }
+
+    /// The span cursor, if still valid: leaf, span index, visible chars before the span.
+    pub(crate) fn span_cursor(&self) -> Option<(u32, usize, u64)> {
+        self.span_cursor
+            .filter(|c| c.3 == self.version)
+            .map(|(leaf, idx, start, _)| (leaf, idx, start))
     }
 
     /// Location of visible char `rest` within `leaf`.
@@ -514,6 +542,7 @@ impl Tree {
 
     /// Inserts `span` (new ids) right after item `after`, or at the document start; returns where its first item is.
     pub(crate) fn insert_after(&mut self, after: Option<Loc>, span: Span) -> Loc {
+        self.version += 1;
         let (leaf, idx) = match after {
             None => (0u32, 0usize),
             Some(loc) => {
@@ -553,6 +582,7 @@ impl Tree {
 
     /// Deletes `len` items starting at `loc` (all within its span); returns how many were visible.
     pub(crate) fn delete_in_span(&mut self, loc: Loc, len: u32) -> u32 {
+        self.version += 1;
         let l = &mut self.leaves[loc.leaf as usize];
         let s = l.spans[loc.idx];
         debug_assert!(loc.off + len <= s.len());
