@@ -5,10 +5,19 @@
 //! - [`ids`]: newtypes for shard, connection, replica and sequence ids; doc -> shard hashing.
 //! - [`storage`]: the op log and snapshots behind the `Storage` trait.
 //! - [`metrics`]: per-shard counters and histograms, merged on scrape.
+//! - [`acceptor`]: TCP accept, plain HTTP, WebSocket handshake, handoff to shards.
+//! - [`shard`]: per-core event loops owning connections and documents.
+//! - [`server`]: starting and stopping it all in-process.
 #![warn(missing_docs)]
 
+pub mod acceptor;
+pub mod client;
 pub mod config;
 pub mod crdt;
 pub mod ids;
 pub mod metrics;
+pub mod protocol;
+pub mod room;
+pub mod server;
+pub mod shard;
 pub mod storage;

@@ -1,0 +1,13 @@
+//! The acceptor thread: TCP accept, plain HTTP (`/health`, `/metrics`, static pages), the
+//! resumable WebSocket handshake, and the handoff of each upgraded socket to its shard.
+//!
+//! Never blocks on one client (every connection is a resumable state machine with a
+//! deadline) and never touches a document.
+
+pub mod handoff;
+pub mod http;
+pub mod listener;
+pub mod static_pages;
+
+pub use handoff::{shard_channel, Handoff, ShardInbox, ShardMsg};
+pub use listener::{Acceptor, AcceptorOptions, AcceptorStop, PlainWs};

@@ -1,0 +1,258 @@
+//! Starting and stopping a whole server in-process: the acceptor thread, the shard threads,
+//! their channels and wakers, storage construction, and the graceful shutdown.
+//!
+//! `main.rs` and the integration tests both go through [`start`]. Nothing here runs on the
+//! hot path.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::{anyhow, Context};
+use log::{debug, info, warn};
+use tungstenite::protocol::WebSocketConfig;
+
+use crate::acceptor::{
+    shard_channel, Acceptor, AcceptorOptions, AcceptorStop, PlainWs, ShardInbox, ShardMsg,
+};
+use crate::config::{Config, StorageKind};
+use crate::metrics::MetricsRegistry;
+use crate::room::RoomConfig;
+use crate::shard::{self, Handler, NetLimits, RoomHost, WAKER_TOKEN};
+use crate::storage::{MemoryStorage, Storage};
+
+/// Bytes tungstenite reads from a socket at once; also each connection's initial read buffer,
+/// so it is kept small for 100k connections (a larger message grows the buffer as needed).
+pub const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Frames queued in tungstenite before it writes to the socket: small frames of one turn
+/// coalesce into few writes; the turn's flush sends the rest.
+pub const WS_WRITE_BUFFER_BYTES: usize = 4 * 1024;
+
+// Both buffers stay far below the smallest message limit the contract allows, so a
+// connection's resting memory does not grow with `--message-bytes-max`.
+const _: () = assert!(WS_READ_BUFFER_BYTES < crate::config::MESSAGE_BYTES_FLOOR);
+const _: () = assert!(WS_WRITE_BUFFER_BYTES < crate::config::MESSAGE_BYTES_FLOOR);
+
+/// A running server.
+pub struct ServerHandle {
+    local_addr: SocketAddr,
+    metrics: MetricsRegistry,
+    acceptor_stop: AcceptorStop,
+    acceptor: Option<JoinHandle<std::io::Result<()>>>,
+    shard_inboxes: Vec<ShardInbox>,
+    shards: Vec<JoinHandle<std::io::Result<()>>>,
+}
+
+impl ServerHandle {
+    /// The address the server listens on (the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The metrics the shards publish into.
+    pub fn metrics(&self) -> &MetricsRegistry {
+        &self.metrics
+    }
+
+    /// Graceful shutdown: stop accepting, close every client with 1001, finish pending
+    /// writes, join every thread.
+    ///
+    /// # Errors
+    /// When a thread failed or panicked.
+    pub fn shutdown(mut self) -> anyhow::Result<()> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> anyhow::Result<()> {
+        let mut result = Ok(());
+        self.acceptor_stop.stop();
+        if let Some(acceptor) = self.acceptor.take() {
+            match acceptor.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(anyhow!(e).context("acceptor failed")),
+                Err(_) => result = Err(anyhow!("acceptor panicked")),
+            }
+        }
+        for inbox in &self.shard_inboxes {
+            let _ = inbox.send(ShardMsg::Shutdown);
+        }
+        for (shard_idx, shard) in self.shards.drain(..).enumerate() {
+            match shard.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(anyhow!(e).context(format!("shard {shard_idx} failed"))),
+                Err(_) => result = Err(anyhow!("shard {shard_idx} panicked")),
+            }
+        }
+        debug!("server stopped");
+        result
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        if self.acceptor.is_some() || !self.shards.is_empty() {
+            let _ = self.stop_and_join();
+        }
+    }
+}
+
+/// The WebSocket limits and buffer sizes of every connection.
+pub fn ws_config(config: &Config) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
+        .write_buffer_size(WS_WRITE_BUFFER_BYTES)
+        // Never reached in practice: the shard stops handing tungstenite frames once a write
+        // would block, so its buffer holds at most one turn's small frames plus one message.
+        .max_write_buffer_size(usize::MAX)
+        .max_message_size(Some(config.message_bytes_max))
+        .max_frame_size(Some(config.message_bytes_max))
+}
+
+/// The connection-layer limits of a configuration.
+pub fn net_limits(config: &Config) -> NetLimits {
+    NetLimits {
+        reads_per_turn_max: config.reads_per_turn_max.max(1),
+        outbound_bytes_max: config.outbound_bytes_max,
+        conns_max: config.conns_per_shard_max,
+        idle_timeout: config.idle_timeout,
+        close_linger: config.handshake_timeout,
+    }
+}
+
+/// The storage of one shard. The one place that picks the backend.
+///
+/// # Errors
+/// When the backend cannot be opened.
+pub fn open_storage(config: &Config, shard_idx: usize) -> anyhow::Result<Box<dyn Storage>> {
+    let _ = shard_idx;
+    match config.storage {
+        StorageKind::Memory => Ok(Box::new(MemoryStorage::new())),
+        StorageKind::Disk => {
+            // The disk backend (`storage::DiskStorage`) lands from branch `storage`; until then
+            // nothing survives a restart.
+            warn!("disk storage is not built in yet; keeping documents in memory");
+            Ok(Box::new(MemoryStorage::new()))
+        }
+    }
+}
+
+/// Starts the collaboration server: binds, spawns the acceptor and the shards, and returns
+/// once the listener accepts connections.
+///
+/// # Errors
+/// When binding, storage or thread creation fails.
+pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
+    let n_shards = config.shard_count();
+    let mut storages = Vec::with_capacity(n_shards);
+    for shard_idx in 0..n_shards {
+        storages.push(
+            open_storage(&config, shard_idx)
+                .with_context(|| format!("opening storage of shard {shard_idx}"))?,
+        );
+    }
+    start_with_storages(&config, storages)
+}
+
+/// Starts the collaboration server with one given storage per shard (tests use this to inject
+/// failing storage); the shard count is `storages.len()`.
+///
+/// # Errors
+/// When binding or thread creation fails.
+pub fn start_with_storages(
+    config: &Config,
+    storages: Vec<Box<dyn Storage>>,
+) -> anyhow::Result<ServerHandle> {
+    let hosts = storages
+        .into_iter()
+        .map(|storage| RoomHost::new(storage, RoomConfig::from_config(config), config.idle_unload))
+        .collect();
+    start_with(config, PlainWs::AwaitHello, hosts)
+}
+
+/// Starts a server whose shards run the given handlers (one per shard): what [`start`] does
+/// with room hosts, and the echo example with its echo handler.
+///
+/// # Errors
+/// When binding or thread creation fails.
+pub fn start_with<H: Handler + Send + 'static>(
+    config: &Config,
+    plain_ws: PlainWs,
+    handlers: Vec<H>,
+) -> anyhow::Result<ServerHandle> {
+    let n_shards = handlers.len();
+    anyhow::ensure!(n_shards > 0, "at least one shard");
+    let metrics = MetricsRegistry::new(n_shards);
+    let core_ids = if config.pin_cores {
+        core_affinity::get_core_ids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let mut shard_inboxes = Vec::with_capacity(n_shards);
+    let mut parts = Vec::with_capacity(n_shards);
+    for handler in handlers {
+        let poll = mio::Poll::new().context("creating a shard poll")?;
+        let waker = Arc::new(
+            mio::Waker::new(poll.registry(), WAKER_TOKEN).context("creating a shard waker")?,
+        );
+        let (inbox, receiver) = shard_channel(waker);
+        shard_inboxes.push(inbox);
+        parts.push((poll, receiver, handler));
+    }
+    // Bind before spawning anything, so a failure leaves no thread behind.
+    let options = AcceptorOptions {
+        handshake_timeout: config.handshake_timeout,
+        ws_config: ws_config(config),
+        plain_ws,
+    };
+    let acceptor = Acceptor::bind(
+        config.listen,
+        shard_inboxes.clone(),
+        metrics.clone(),
+        options,
+    )
+    .with_context(|| format!("binding {}", config.listen))?;
+    let mut shards = Vec::with_capacity(n_shards);
+    for (shard_idx, (poll, receiver, mut handler)) in parts.into_iter().enumerate() {
+        let limits = net_limits(config);
+        let shard_metrics = metrics.shard(shard_idx);
+        let core = if core_ids.is_empty() {
+            None
+        } else {
+            Some(core_ids[shard_idx % core_ids.len()])
+        };
+        let spawned = std::thread::Builder::new()
+            .name(format!("shard-{shard_idx}"))
+            .spawn(move || {
+                if let Some(core) = core {
+                    if !core_affinity::set_for_current(core) {
+                        warn!("shard {shard_idx}: could not pin to core {}", core.id);
+                    }
+                }
+                shard::run(poll, receiver, &mut handler, limits, shard_metrics)
+            });
+        match spawned {
+            Ok(thread) => shards.push(thread),
+            Err(e) => {
+                for inbox in &shard_inboxes {
+                    let _ = inbox.send(ShardMsg::Shutdown);
+                }
+                return Err(anyhow!(e).context("spawning a shard thread"));
+            }
+        }
+    }
+    let local_addr = acceptor.local_addr();
+    let acceptor_stop = acceptor.stopper();
+    let acceptor = std::thread::Builder::new()
+        .name("acceptor".to_owned())
+        .spawn(move || acceptor.run())
+        .context("spawning the acceptor thread")?;
+    info!("listening on {local_addr} with {n_shards} shards");
+    Ok(ServerHandle {
+        local_addr,
+        metrics,
+        acceptor_stop,
+        acceptor: Some(acceptor),
+        shard_inboxes,
+        shards,
+    })
+}

@@ -1,0 +1,198 @@
+//! One shard's event loop: a mio `Poll`, the handoff inbox, the connection layer ([`Net`])
+//! and a message [`Handler`] (the room host, or the echo example).
+//!
+//! A turn: wait for readiness -> take new connections -> read each ready connection within
+//! its budget, handing messages to the handler -> `Handler::end_turn` (group commit, frames
+//! released) -> one write + flush per connection with output -> timers.
+//! The loop never blocks on a socket and takes no lock.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, TryRecvError};
+use log::{debug, warn};
+use mio::{Events, Poll, Token};
+use tungstenite::Message;
+
+use crate::acceptor::handoff::{Handoff, ShardMsg};
+use crate::ids::ConnToken;
+use crate::metrics::ShardMetrics;
+
+use super::conn::{Net, NetLimits, ReadOutcome};
+
+/// The token of the shard's `mio::Waker` (connections use their slab keys).
+pub const WAKER_TOKEN: Token = Token(usize::MAX);
+
+/// How often timers run (idle pings, close deadlines, document unloading).
+const TICK: Duration = Duration::from_millis(250);
+
+/// Longest a shutdown waits for clients to finish their close handshakes.
+const SHUTDOWN_LINGER: Duration = Duration::from_secs(3);
+
+/// A turn longer than this is logged.
+const TURN_BUDGET: Duration = Duration::from_millis(50);
+
+/// What a shard does with messages; the connection layer does everything else.
+pub trait Handler {
+    /// A connection arrived from the acceptor (it is registered and will be read at once).
+    fn on_open(&mut self, net: &mut Net, conn: ConnToken, handoff: OpenInfo);
+    /// A text or binary message from an open connection.
+    fn on_message(&mut self, net: &mut Net, conn: ConnToken, message: Message);
+    /// The connection stopped being open (closed by either side, broken, or dropped);
+    /// nothing more may be sent to it. Called once per connection.
+    fn on_closed(&mut self, net: &mut Net, conn: ConnToken);
+    /// Every message of the turn was handled: release what is ready (after the group commit).
+    fn end_turn(&mut self, net: &mut Net);
+    /// Runs about every 250 ms.
+    fn on_tick(&mut self, _net: &mut Net, _now: Instant) {}
+}
+
+/// What the acceptor learned about a connection besides its socket.
+#[derive(Debug)]
+pub struct OpenInfo {
+    /// The document, from the path or the first hello.
+    pub doc: Option<String>,
+    /// The first hello, read by the acceptor on plain `/ws`.
+    pub hello: Option<crate::protocol::Hello>,
+}
+
+/// Runs a shard until a [`ShardMsg::Shutdown`] arrives and every client closed (or
+/// [`SHUTDOWN_LINGER`] passed).
+///
+/// # Errors
+/// When the `Poll` fails or the registry cannot be cloned.
+pub fn run<H: Handler>(
+    mut poll: Poll,
+    inbox: Receiver<ShardMsg>,
+    handler: &mut H,
+    limits: NetLimits,
+    metrics: ShardMetrics,
+) -> io::Result<()> {
+    let mut net = Net::new(poll.registry().try_clone()?, limits, metrics);
+    let mut events = Events::with_capacity(1024);
+    let mut next_tick = Instant::now() + TICK;
+    let mut shutdown_deadline: Option<Instant> = None;
+    let mut slow_turn_warned_at = Instant::now()
+        .checked_sub(Duration::from_secs(1))
+        .unwrap_or_else(Instant::now);
+    let mut n_slow_turns = 0u64;
+    let mut read_list = Vec::new();
+    loop {
+        let timeout = if net.has_pending_reads() {
+            Duration::ZERO
+        } else {
+            next_tick.saturating_duration_since(Instant::now())
+        };
+        match poll.poll(&mut events, Some(timeout)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        let turn_start = Instant::now();
+        let mut woken = false;
+        for event in events.iter() {
+            match event.token() {
+                WAKER_TOKEN => woken = true,
+                Token(key) => net.on_event(key, event),
+            }
+        }
+        if woken {
+            tell_gone(handler, &mut net);
+            loop {
+                match inbox.try_recv() {
+                    Ok(ShardMsg::Conn(handoff)) => {
+                        if shutdown_deadline.is_some() {
+                            continue; // Dropped: the server is going away.
+                        }
+                        let Handoff {
+                            ws,
+                            doc,
+                            hello,
+                            peer,
+                        } = *handoff;
+                        if let Some(conn) = net.insert(ws, peer, turn_start) {
+                            debug!("shard: {peer} joins as {conn:?} for {doc:?}");
+                            handler.on_open(&mut net, conn, OpenInfo { doc, hello });
+                            // Before the next insert can reuse a slab key.
+                            tell_gone(handler, &mut net);
+                        }
+                    }
+                    Ok(ShardMsg::Shutdown) | Err(TryRecvError::Disconnected) => {
+                        if shutdown_deadline.is_none() {
+                            debug!("shard: shutting down with {} connections", net.len());
+                            shutdown_deadline = Some(turn_start + SHUTDOWN_LINGER);
+                            // Release what the last turn produced, then say goodbye.
+                            handler.end_turn(&mut net);
+                            net.close_all(1001, "server shutting down");
+                        }
+                        break;
+                    }
+                    Err(TryRecvError::Empty) => break,
+                }
+            }
+        }
+        net.take_read_list(&mut read_list);
+        let budget = net.limits().reads_per_turn_max;
+        for key in read_list.drain(..) {
+            let mut n_read = 0;
+            loop {
+                if n_read == budget {
+                    net.requeue_read(key);
+                    break;
+                }
+                match net.read_one(key) {
+                    ReadOutcome::Message(message) => {
+                        n_read += 1;
+                        handler.on_message(&mut net, ConnToken(key), message);
+                    }
+                    ReadOutcome::Done => break,
+                }
+            }
+        }
+        tell_gone(handler, &mut net);
+        handler.end_turn(&mut net);
+        tell_gone(handler, &mut net);
+        net.flush_all();
+        tell_gone(handler, &mut net);
+        let now = Instant::now();
+        if now >= next_tick {
+            next_tick = now + TICK;
+            net.check_timers(now);
+            handler.on_tick(&mut net, now);
+            tell_gone(handler, &mut net);
+            net.flush_all();
+            tell_gone(handler, &mut net);
+        }
+        let elapsed = now.saturating_duration_since(turn_start);
+        ShardMetrics::record(&mut net.metrics.figures.histograms.turn_us, elapsed);
+        if elapsed > TURN_BUDGET {
+            n_slow_turns += 1;
+            // At most one line a second, however overloaded the machine is.
+            if now.saturating_duration_since(slow_turn_warned_at) >= Duration::from_secs(1) {
+                warn!("shard: {n_slow_turns} loop turn(s) over {TURN_BUDGET:?}, the last took {elapsed:?}");
+                slow_turn_warned_at = now;
+                n_slow_turns = 0;
+            }
+        }
+        if let Some(deadline) = shutdown_deadline {
+            if net.is_empty() || now >= deadline {
+                net.metrics.maybe_publish(now, true);
+                debug!("shard: stopped ({} connections left)", net.len());
+                return Ok(());
+            }
+        }
+        net.metrics.maybe_publish(now, false);
+    }
+}
+
+fn tell_gone<H: Handler>(handler: &mut H, net: &mut Net) {
+    loop {
+        let gone = net.take_gone();
+        if gone.is_empty() {
+            return;
+        }
+        for conn in gone {
+            handler.on_closed(net, conn);
+        }
+    }
+}

@@ -1,0 +1,443 @@
+//! [`RoomHost`]: the shard's message handler. Routes each connection's messages to its
+//! document's [`Room`], runs the turn-level group commit, and unloads idle documents.
+//!
+//! Owns the shard's rooms and its [`Storage`] outright. Per turn: rooms produce
+//! [`Effects`]; every record is appended, storage syncs once, and only then are the frames
+//! released to the connections (no client ever sees a `server_seq` a crash could take back).
+//! Never touches a socket directly (the [`Net`] does) and never blocks on one.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+use slab::Slab;
+use tungstenite::{Message, Utf8Bytes};
+
+use crate::config::REFUSALS_BEFORE_CLOSE;
+use crate::ids::ConnToken;
+use crate::metrics::ShardMetrics;
+use crate::protocol::{self, ClientMessage, ErrorCode, Hello, ProtocolError};
+use crate::room::{Effects, Room, RoomConfig};
+use crate::storage::Storage;
+
+use super::conn::Net;
+use super::event_loop::{Handler, OpenInfo};
+
+/// What the shard knows about one connection.
+#[derive(Debug)]
+struct Session {
+    /// The document named by `/ws/<doc>`, which a hello must match.
+    path_doc: Option<String>,
+    /// The room (key in `RoomHost::rooms`) once joined.
+    room_idx: Option<usize>,
+    /// Messages refused so far; at [`REFUSALS_BEFORE_CLOSE`] the connection is closed 1008.
+    n_refused: u32,
+}
+
+/// One loaded document.
+struct RoomSlot {
+    room: Room,
+    /// Whether the room is on `RoomHost::dirty` (has effects to drain this turn).
+    in_dirty: bool,
+    /// When the last client left (`None` while it has clients).
+    empty_since: Option<Instant>,
+}
+
+/// The real shard handler: documents, sessions and the group commit.
+pub struct RoomHost {
+    storage: Box<dyn Storage>,
+    room_config: RoomConfig,
+    idle_unload: Duration,
+    rooms: Slab<RoomSlot>,
+    room_by_doc: HashMap<String, usize>,
+    /// Indexed by connection slab key.
+    sessions: Vec<Option<Session>>,
+    /// Rooms with effects to drain at the end of this turn.
+    dirty: Vec<usize>,
+    /// Closes decided by the host (too many refusals) that must follow the frames the rooms
+    /// queued this turn.
+    closes_after_turn: Vec<(ConnToken, u16, &'static str)>,
+}
+
+impl RoomHost {
+    /// A host with no documents loaded, keeping them in `storage`.
+    pub fn new(
+        storage: Box<dyn Storage>,
+        room_config: RoomConfig,
+        idle_unload: Duration,
+    ) -> RoomHost {
+        RoomHost {
+            storage,
+            room_config,
+            idle_unload,
+            rooms: Slab::new(),
+            room_by_doc: HashMap::new(),
+            sessions: Vec::new(),
+            dirty: Vec::new(),
+            closes_after_turn: Vec::new(),
+        }
+    }
+
+    fn session_mut(&mut self, conn: ConnToken) -> Option<&mut Session> {
+        self.sessions.get_mut(conn.0).and_then(Option::as_mut)
+    }
+
+    fn mark_dirty(&mut self, room_idx: usize) {
+        if let Some(slot) = self.rooms.get_mut(room_idx) {
+            if !slot.in_dirty {
+                slot.in_dirty = true;
+                self.dirty.push(room_idx);
+            }
+        }
+    }
+
+    /// A refused message: an `error` in order with the connection's other frames, and a close
+    /// 1008 once it has been refused [`REFUSALS_BEFORE_CLOSE`] times.
+    fn refuse(&mut self, net: &mut Net, conn: ConnToken, err: &ProtocolError) {
+        let Some(session) = self.session_mut(conn) else {
+            return;
+        };
+        let room_idx = session.room_idx;
+        warn!(
+            "shard: refused a message from {:?}: {} ({})",
+            net.peer(conn),
+            err.code,
+            err.message
+        );
+        match room_idx.and_then(|idx| self.rooms.get_mut(idx).map(|slot| (idx, slot))) {
+            Some((idx, slot)) => {
+                // Counted when the room's frames are released (with the room's own refusals).
+                slot.room.refuse(conn, err);
+                self.mark_dirty(idx);
+            }
+            None => {
+                // Not joined: no room frame can be pending for it, so order holds.
+                net.metrics.figures.counters.msgs_refused += 1;
+                net.send(conn, protocol::encode_error(err));
+                self.count_refusal(conn);
+            }
+        }
+    }
+
+    /// Counts one refusal sent to `conn`; the [`REFUSALS_BEFORE_CLOSE`]th schedules a close
+    /// 1008 after this turn's frames.
+    fn count_refusal(&mut self, conn: ConnToken) {
+        let Some(session) = self.session_mut(conn) else {
+            return;
+        };
+        session.n_refused += 1;
+        if session.n_refused == REFUSALS_BEFORE_CLOSE {
+            self.closes_after_turn
+                .push((conn, 1008, "too many refused messages"));
+        }
+    }
+
+    fn hello(&mut self, net: &mut Net, conn: ConnToken, hello: Hello) {
+        let Some(session) = self.session_mut(conn) else {
+            return;
+        };
+        if session.room_idx.is_some() {
+            return self.refuse(net, conn, &ProtocolError::bad("already joined"));
+        }
+        let doc = match (&session.path_doc, &hello.doc) {
+            (Some(path_doc), Some(doc)) if path_doc != doc => {
+                net.metrics.figures.counters.msgs_refused += 1;
+                net.send(
+                    conn,
+                    protocol::encode_error(&ProtocolError::bad("hello.doc differs from the path")),
+                );
+                net.close(conn, 1008, "doc mismatch");
+                return;
+            }
+            (Some(doc), _) | (None, Some(doc)) => doc.clone(),
+            (None, None) => {
+                return self.refuse(net, conn, &ProtocolError::bad("hello must name a doc"))
+            }
+        };
+        let room_idx = match self.room_by_doc.get(&doc) {
+            Some(&idx) => idx,
+            None => match self.open_room(net, &doc) {
+                Some(idx) => idx,
+                None => {
+                    let err =
+                        ProtocolError::new(ErrorCode::Unavailable, "document could not be loaded");
+                    return self.refuse(net, conn, &err);
+                }
+            },
+        };
+        if let Some(session) = self.session_mut(conn) {
+            session.room_idx = Some(room_idx);
+        }
+        let slot = &mut self.rooms[room_idx];
+        slot.empty_since = None;
+        slot.room.join(conn, &hello);
+        self.mark_dirty(room_idx);
+    }
+
+    fn open_room(&mut self, net: &mut Net, doc: &str) -> Option<usize> {
+        let stored = match self.storage.load(doc) {
+            Ok(stored) => stored,
+            Err(e) => {
+                net.metrics.figures.counters.storage_errors += 1;
+                warn!("shard: loading a document failed: {e}");
+                return None;
+            }
+        };
+        match Room::open(doc.to_owned(), stored, self.room_config.clone()) {
+            Ok(room) => {
+                let idx = self.rooms.insert(RoomSlot {
+                    room,
+                    in_dirty: false,
+                    empty_since: None,
+                });
+                self.room_by_doc.insert(doc.to_owned(), idx);
+                net.metrics.figures.counters.docs_loaded = self.rooms.len() as u64;
+                debug!("shard: opened a document ({} loaded)", self.rooms.len());
+                Some(idx)
+            }
+            Err(e) => {
+                warn!("shard: opening a document failed: {e}");
+                self.storage.release(doc);
+                None
+            }
+        }
+    }
+
+    fn unload(&mut self, net: &mut Net, room_idx: usize) {
+        if let Some(slot) = self.rooms.try_remove(room_idx) {
+            let doc = slot.room.doc_name().to_owned();
+            self.room_by_doc.remove(&doc);
+            self.storage.release(&doc);
+            net.metrics.figures.counters.docs_loaded = self.rooms.len() as u64;
+            debug!("shard: unloaded a document ({} loaded)", self.rooms.len());
+        }
+    }
+
+    /// Storage failed for these rooms: their frames are discarded, every op origin gets
+    /// `unavailable` with its `client_seq`, every client gets `unavailable` and a close 1013,
+    /// and the room leaves memory without its state being used again (disk is the truth).
+    fn fail_rooms(&mut self, net: &mut Net, failed: Vec<(usize, Effects)>) {
+        for (room_idx, effects) in failed {
+            for (conn, client_seq) in effects.op_origins {
+                let err = ProtocolError::new(
+                    ErrorCode::Unavailable,
+                    "storage failed; reconnect with since and resend",
+                )
+                .with_client_seq(Some(client_seq));
+                net.send(conn, protocol::encode_error(&err));
+            }
+            let members: Vec<usize> = self
+                .sessions
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.as_ref().is_some_and(|s| s.room_idx == Some(room_idx)))
+                .map(|(key, _)| key)
+                .collect();
+            let err = protocol::encode_error(&ProtocolError::new(
+                ErrorCode::Unavailable,
+                "storage failed",
+            ));
+            for key in members {
+                if let Some(Some(session)) = self.sessions.get_mut(key) {
+                    session.room_idx = None;
+                }
+                net.send(ConnToken(key), err.clone());
+                net.close(ConnToken(key), 1013, "storage failed, reconnect");
+            }
+            self.unload(net, room_idx);
+        }
+    }
+}
+
+/// Whether a released frame is of `type` (the encoders always put `type` first).
+fn frame_is(frame: &Utf8Bytes, type_prefix: &str) -> bool {
+    frame.as_str().starts_with(type_prefix)
+}
+
+impl Handler for RoomHost {
+    fn on_open(&mut self, net: &mut Net, conn: ConnToken, info: OpenInfo) {
+        if self.sessions.len() <= conn.0 {
+            self.sessions.resize_with(conn.0 + 1, || None);
+        }
+        self.sessions[conn.0] = Some(Session {
+            path_doc: info.doc,
+            room_idx: None,
+            n_refused: 0,
+        });
+        if let Some(hello) = info.hello {
+            self.hello(net, conn, hello);
+        }
+    }
+
+    fn on_message(&mut self, net: &mut Net, conn: ConnToken, message: Message) {
+        let text = match message {
+            Message::Text(text) => text,
+            _ => {
+                return self.refuse(
+                    net,
+                    conn,
+                    &ProtocolError::bad("binary frames are not allowed"),
+                )
+            }
+        };
+        let parsed = protocol::parse_client_message(&text);
+        let Some(session) = self.session_mut(conn) else {
+            return;
+        };
+        let room_idx = session.room_idx;
+        match (parsed, room_idx) {
+            (Err(err), _) => self.refuse(net, conn, &err),
+            (Ok(ClientMessage::Hello(hello)), _) => self.hello(net, conn, hello),
+            (Ok(ClientMessage::Op(op)), Some(idx)) => {
+                let started = Instant::now();
+                if let Some(slot) = self.rooms.get_mut(idx) {
+                    slot.room.handle_op(conn, op);
+                }
+                ShardMetrics::record(
+                    &mut net.metrics.figures.histograms.integrate_us,
+                    started.elapsed(),
+                );
+                self.mark_dirty(idx);
+            }
+            (Ok(ClientMessage::Presence(update)), Some(idx)) => {
+                if let Some(slot) = self.rooms.get_mut(idx) {
+                    slot.room.handle_presence(conn, update);
+                }
+                self.mark_dirty(idx);
+            }
+            (Ok(ClientMessage::Op(op)), None) => {
+                let err = ProtocolError::new(ErrorCode::NotJoined, "send hello first")
+                    .with_client_seq(Some(op.client_seq));
+                self.refuse(net, conn, &err);
+            }
+            (Ok(ClientMessage::Presence(_)), None) => {
+                self.refuse(
+                    net,
+                    conn,
+                    &ProtocolError::new(ErrorCode::NotJoined, "send hello first"),
+                );
+            }
+        }
+    }
+
+    fn on_closed(&mut self, _net: &mut Net, conn: ConnToken) {
+        let Some(session) = self.sessions.get_mut(conn.0).and_then(Option::take) else {
+            return;
+        };
+        if let Some(idx) = session.room_idx {
+            if let Some(slot) = self.rooms.get_mut(idx) {
+                slot.room.leave(conn);
+                if slot.room.n_clients() == 0 {
+                    slot.empty_since = Some(Instant::now());
+                }
+                self.mark_dirty(idx);
+            }
+        }
+    }
+
+    fn end_turn(&mut self, net: &mut Net) {
+        if self.dirty.is_empty() && self.closes_after_turn.is_empty() {
+            return;
+        }
+        let mut batch: Vec<(usize, Effects)> = Vec::with_capacity(self.dirty.len());
+        for room_idx in std::mem::take(&mut self.dirty) {
+            if let Some(slot) = self.rooms.get_mut(room_idx) {
+                slot.in_dirty = false;
+                batch.push((room_idx, slot.room.take_effects()));
+            }
+        }
+        // Group commit: every record of the turn, then one sync.
+        let mut storage_ok = true;
+        let mut any_records = false;
+        'append: for (room_idx, effects) in &batch {
+            if effects.records.is_empty() {
+                continue;
+            }
+            any_records = true;
+            let room = &self.rooms[*room_idx].room;
+            for record in &effects.records {
+                if let Err(e) = self.storage.append(room.doc_name(), room.epoch(), record) {
+                    warn!("shard: storage append failed: {e}");
+                    storage_ok = false;
+                    break 'append;
+                }
+            }
+        }
+        if any_records {
+            // Even after a failed append, sync: the storage settles (durable or rolled back)
+            // before any room is reloaded from it.
+            let started = Instant::now();
+            let synced = self.storage.sync();
+            ShardMetrics::record(
+                &mut net.metrics.figures.histograms.fsync_us,
+                started.elapsed(),
+            );
+            if let Err(e) = synced {
+                warn!("shard: storage sync failed: {e}");
+                storage_ok = false;
+            }
+            if !storage_ok {
+                net.metrics.figures.counters.storage_errors += 1;
+            }
+        }
+        let mut failed = Vec::new();
+        for (room_idx, effects) in batch {
+            if !storage_ok && !effects.records.is_empty() {
+                failed.push((room_idx, effects));
+                continue;
+            }
+            let started = Instant::now();
+            let counters = &mut net.metrics.figures.counters;
+            counters.ops_accepted += effects.op_origins.len() as u64;
+            for (conn, frame) in effects.frames {
+                if frame_is(&frame, "{\"type\":\"ack\"") {
+                    net.metrics.figures.counters.ops_unchanged += 1;
+                } else if frame_is(&frame, "{\"type\":\"error\"") {
+                    net.metrics.figures.counters.msgs_refused += 1;
+                    self.count_refusal(conn);
+                }
+                net.send(conn, frame);
+            }
+            if !effects.op_origins.is_empty() {
+                ShardMetrics::record(
+                    &mut net.metrics.figures.histograms.fanout_us,
+                    started.elapsed(),
+                );
+            }
+            if let Some(snapshot) = effects.snapshot {
+                let doc = self.rooms[room_idx].room.doc_name();
+                if let Err(e) = self.storage.write_snapshot(doc, &snapshot) {
+                    net.metrics.figures.counters.storage_errors += 1;
+                    warn!("shard: snapshot write failed (the log still covers it): {e}");
+                }
+            }
+            for (conn, code, reason) in effects.closes {
+                net.close(conn, code, reason);
+            }
+        }
+        if !failed.is_empty() {
+            self.fail_rooms(net, failed);
+        }
+        for (conn, code, reason) in std::mem::take(&mut self.closes_after_turn) {
+            net.close(conn, code, reason);
+        }
+    }
+
+    fn on_tick(&mut self, net: &mut Net, now: Instant) {
+        let mut idle = Vec::new();
+        for (idx, slot) in self.rooms.iter_mut() {
+            if slot.in_dirty || slot.room.n_clients() > 0 {
+                slot.empty_since = None;
+                continue;
+            }
+            // A room can be empty without anyone having left (a refused hello).
+            let since = *slot.empty_since.get_or_insert(now);
+            if now.saturating_duration_since(since) >= self.idle_unload {
+                idle.push(idx);
+            }
+        }
+        for room_idx in idle {
+            self.unload(net, room_idx);
+        }
+    }
+}

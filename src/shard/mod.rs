@@ -1,0 +1,17 @@
+//! Worker shards: each one a thread with its own mio `Poll`, its connections in a slab and its
+//! documents ([`crate::room::Room`]) owned outright.
+//!
+//! - [`conn`]: the connection layer ([`Net`]): sockets, outbound queues, readiness, closes.
+//! - [`event_loop`]: the turn structure and the [`Handler`] trait it drives.
+//! - [`host`]: the real handler ([`RoomHost`]): hello routing, rooms, group commit.
+//!
+//! A shard takes no lock on its hot path; the only cross-thread traffic is its handoff inbox
+//! plus its `mio::Waker`, and a metrics publish every 250 ms.
+
+pub mod conn;
+pub mod event_loop;
+pub mod host;
+
+pub use conn::{Net, NetLimits};
+pub use event_loop::{run, Handler, OpenInfo, WAKER_TOKEN};
+pub use host::RoomHost;

@@ -1,0 +1,245 @@
+//! Hostile and broken clients: every one gets the contract's answer and nobody else notices.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tungstenite::protocol::frame::Frame;
+use tungstenite::Message;
+
+use crate::util::{
+    connect, http_get, recv_json, recv_until_close, send, server, test_config, Watchdog,
+};
+
+#[test]
+fn hostile_messages_before_hello() {
+    let _w = Watchdog::new("hostile_messages_before_hello", 30);
+    let server = server(test_config());
+    let mut ws = connect(server.local_addr(), "/ws/doc-a");
+    send(&mut ws, "not json");
+    let reply = recv_json(&mut ws);
+    assert_eq!(
+        (reply["type"].as_str(), reply["code"].as_str()),
+        (Some("error"), Some("bad_message")),
+        "{reply}"
+    );
+    send(
+        &mut ws,
+        r#"{"type":"op","client_seq":7,"ops":[{"kind":"ins","id":[1,1],"after":null,"text":"x"}]}"#,
+    );
+    let reply = recv_json(&mut ws);
+    assert_eq!(reply["code"], "not_joined", "{reply}");
+    assert_eq!(reply["client_seq"], 7, "{reply}");
+    send(&mut ws, r#"{"type":"presence","state":{"x":1}}"#);
+    assert_eq!(recv_json(&mut ws)["code"], "not_joined");
+    ws.send(Message::binary(vec![1u8, 2, 3]))
+        .expect("send binary");
+    assert_eq!(recv_json(&mut ws)["code"], "bad_message");
+    send(&mut ws, r#"{"type":"nope"}"#);
+    assert_eq!(recv_json(&mut ws)["code"], "bad_message");
+    send(&mut ws, "[1,2]");
+    assert_eq!(recv_json(&mut ws)["code"], "bad_message");
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn hostile_hundred_refusals_close_1008() {
+    let _w = Watchdog::new("hostile_hundred_refusals_close_1008", 30);
+    let server = server(test_config());
+    let mut ws = connect(server.local_addr(), "/ws/doc-b");
+    for _ in 0..100 {
+        send(&mut ws, "{");
+    }
+    let (code, seen) = recv_until_close(&mut ws);
+    assert_eq!(
+        seen.len(),
+        100,
+        "every refusal is answered before the close"
+    );
+    assert!(seen.iter().all(|m| m["code"] == "bad_message"));
+    assert_eq!(code, Some(CloseCode::Policy));
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn hostile_plain_ws_first_message_must_be_hello() {
+    let _w = Watchdog::new("hostile_plain_ws_first_message_must_be_hello", 30);
+    let server = server(test_config());
+    for first in [
+        "garbage",
+        r#"{"type":"op","client_seq":1,"ops":[{"kind":"del","id":[1,1],"len":1}]}"#,
+        r#"{"type":"hello"}"#,
+        r#"{"type":"hello","doc":""}"#,
+    ] {
+        let mut ws = connect(server.local_addr(), "/ws");
+        send(&mut ws, first);
+        let (code, seen) = recv_until_close(&mut ws);
+        assert_eq!(seen.len(), 1, "{first}: {seen:?}");
+        assert_eq!(seen[0]["code"], "bad_message", "{first}");
+        assert_eq!(code, Some(CloseCode::Policy), "{first}");
+    }
+    let mut ws = connect(server.local_addr(), "/ws");
+    ws.send(Message::binary(vec![0u8; 3])).expect("send");
+    let (code, seen) = recv_until_close(&mut ws);
+    assert_eq!((seen.len(), code), (1, Some(CloseCode::Policy)));
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn hostile_hello_doc_must_match_path() {
+    let _w = Watchdog::new("hostile_hello_doc_must_match_path", 30);
+    let server = server(test_config());
+    let mut ws = connect(server.local_addr(), "/ws/a%2Fb");
+    send(&mut ws, r#"{"type":"hello","doc":"a/c"}"#);
+    let (code, seen) = recv_until_close(&mut ws);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0]["code"], "bad_message");
+    assert_eq!(code, Some(CloseCode::Policy));
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn hostile_oversize_message_closes_1009() {
+    let _w = Watchdog::new("hostile_oversize_message_closes_1009", 30);
+    let mut config = test_config();
+    config.message_bytes_max = 64 * 1024;
+    let server = server(config);
+    let mut ws = connect(server.local_addr(), "/ws/doc-big");
+    send(&mut ws, &"x".repeat(70 * 1024));
+    let (code, _) = recv_until_close(&mut ws);
+    assert_eq!(code, Some(CloseCode::Size));
+    // Fragmented: each frame small, the reassembled message too big.
+    let mut ws = connect(server.local_addr(), "/ws/doc-big");
+    let part = "y".repeat(40 * 1024);
+    ws.send(Message::Frame(Frame::message(
+        part.clone(),
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .expect("first fragment");
+    ws.send(Message::Frame(Frame::message(
+        part,
+        OpCode::Data(Data::Continue),
+        true,
+    )))
+    .expect("last fragment");
+    let (code, _) = recv_until_close(&mut ws);
+    assert_eq!(code, Some(CloseCode::Size));
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn hostile_invalid_utf8_closes_1007() {
+    let _w = Watchdog::new("hostile_invalid_utf8_closes_1007", 30);
+    let server = server(test_config());
+    let mut ws = connect(server.local_addr(), "/ws/doc-utf8");
+    let bad: Vec<u8> = vec![b'{', 0xff, 0xfe, b'}'];
+    ws.send(Message::Frame(Frame::message(
+        bad,
+        OpCode::Data(Data::Text),
+        true,
+    )))
+    .expect("send");
+    let (code, _) = recv_until_close(&mut ws);
+    assert_eq!(code, Some(CloseCode::Invalid));
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn hostile_trickling_handshake_is_cut_at_the_deadline() {
+    let _w = Watchdog::new("hostile_trickling_handshake_is_cut_at_the_deadline", 60);
+    let mut config = test_config();
+    config.handshake_timeout = Duration::from_millis(500);
+    let server = server(config);
+    let addr = server.local_addr();
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut writer = stream.try_clone().expect("clone");
+    let request = format!(
+        "GET /health HTTP/1.1\r\nX-Slow: {}\r\n\r\n",
+        "a".repeat(200)
+    );
+    let trickle = std::thread::spawn(move || {
+        for byte in request.as_bytes() {
+            if writer.write_all(&[*byte]).is_err() {
+                return true; // Cut off.
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    });
+    // Meanwhile the acceptor serves everyone else.
+    assert!(http_get(addr, "GET /health HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200 "));
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    assert!(
+        response.is_empty(),
+        "the trickler got an answer: {}",
+        String::from_utf8_lossy(&response)
+    );
+    assert!(
+        trickle.join().expect("trickle thread"),
+        "the request completed before the cut"
+    );
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn shutdown_closes_clients_with_1001() {
+    let _w = Watchdog::new("shutdown_closes_clients_with_1001", 30);
+    let server = server(test_config());
+    let mut clients: Vec<_> = (0..4)
+        .map(|i| connect(server.local_addr(), &format!("/ws/doc-{i}")))
+        .collect();
+    // Make sure each one reached its shard: a refused message comes back from there.
+    for ws in &mut clients {
+        send(ws, "x");
+        assert_eq!(recv_json(ws)["code"], "bad_message");
+    }
+    let stopping = std::thread::spawn(move || server.shutdown());
+    for ws in &mut clients {
+        let (code, _) = recv_until_close(ws);
+        assert_eq!(code, Some(CloseCode::Away));
+    }
+    stopping
+        .join()
+        .expect("shutdown thread")
+        .expect("clean shutdown");
+}
+
+#[test]
+fn hostile_hundred_refusals_by_the_room_close_1008() {
+    let _w = Watchdog::new("hostile_hundred_refusals_by_the_room_close_1008", 30);
+    let server = server(test_config());
+    let mut ws = connect(server.local_addr(), "/ws/doc-c");
+    send(&mut ws, r#"{"type":"hello"}"#);
+    assert_eq!(recv_json(&mut ws)["type"], "hello_ack");
+    // Alternate shard-level (unparsable) and room-level (unknown target) refusals.
+    for i in 0..100 {
+        if i % 2 == 0 {
+            send(&mut ws, "nope");
+        } else {
+            send(
+                &mut ws,
+                &format!(
+                    r#"{{"type":"op","client_seq":{i},"ops":[{{"kind":"del","id":[5,5],"len":1}}]}}"#
+                ),
+            );
+        }
+    }
+    let (code, seen) = recv_until_close(&mut ws);
+    assert_eq!(
+        seen.len(),
+        100,
+        "every refusal is answered before the close"
+    );
+    assert_eq!(
+        seen.iter().filter(|m| m["code"] == "unknown_id").count(),
+        50
+    );
+    assert_eq!(code, Some(CloseCode::Policy));
+    server.shutdown().expect("clean shutdown");
+}

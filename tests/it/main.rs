@@ -1,0 +1,10 @@
+//! Integration tests: real servers on 127.0.0.1:0, real WebSocket clients, a watchdog per test.
+
+mod binary;
+mod client;
+mod echo;
+mod hostile;
+mod http;
+mod storage_failure;
+mod util;
+mod ws;

@@ -1,0 +1,273 @@
+//! Shared helpers: a watchdog, servers in-process, blocking WebSocket clients with timeouts.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use collab_engine::config::Config;
+use collab_engine::server::{start, ServerHandle};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::{Message, WebSocket};
+
+/// How long any single client read may wait before the test fails instead of hanging.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Aborts the whole test process if the test is still running after `seconds`: a hang must
+/// fail CI, never stall it.
+pub struct Watchdog {
+    done: Arc<AtomicBool>,
+}
+
+impl Watchdog {
+    pub fn new(name: &'static str, seconds: u64) -> Watchdog {
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        std::thread::spawn(move || {
+            for _ in 0..seconds * 10 {
+                std::thread::sleep(Duration::from_millis(100));
+                if flag.load(Ordering::Relaxed) {
+                    return;
+                }
+            }
+            eprintln!("watchdog: test {name} still running after {seconds}s; aborting");
+            std::process::abort();
+        });
+        Watchdog { done }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The test configuration: memory storage, 2 shards, port 0.
+pub fn test_config() -> Config {
+    Config::for_tests("127.0.0.1:0".parse().expect("valid address"))
+}
+
+/// Starts a server with `config`.
+pub fn server(config: Config) -> ServerHandle {
+    let _ = env_logger::builder().is_test(true).try_init();
+    start(config).expect("server starts")
+}
+
+pub type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
+
+/// Connects a WebSocket client to `path` (e.g. `/ws/doc`).
+pub fn connect(addr: SocketAddr, path: &str) -> Ws {
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(READ_TIMEOUT))
+        .expect("timeout");
+    stream.set_nodelay(true).expect("nodelay");
+    let url = format!("ws://{addr}{path}");
+    let (ws, _response) =
+        tungstenite::client::client(url, MaybeTlsStream::Plain(stream)).expect("handshake");
+    ws
+}
+
+/// Sends one text frame.
+pub fn send(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text)).expect("send");
+}
+
+/// Reads the next text frame as JSON (pings are answered by tungstenite).
+pub fn recv_json(ws: &mut Ws) -> serde_json::Value {
+    loop {
+        match ws.read().expect("read") {
+            Message::Text(text) => return serde_json::from_str(&text).expect("server sends JSON"),
+            Message::Close(frame) => panic!("closed: {frame:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// Reads until the server closes; returns the close code and every text frame seen before.
+pub fn recv_until_close(ws: &mut Ws) -> (Option<CloseCode>, Vec<serde_json::Value>) {
+    let mut seen = Vec::new();
+    loop {
+        match ws.read() {
+            Ok(Message::Text(text)) => seen.push(serde_json::from_str(&text).expect("JSON")),
+            Ok(Message::Close(frame)) => return (frame.map(|f| f.code), seen),
+            Ok(_) => {}
+            Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                return (None, seen)
+            }
+            Err(e) => panic!("read while waiting for close: {e}"),
+        }
+    }
+}
+
+/// Sends a raw HTTP request and returns the whole response text.
+pub fn http_get(addr: SocketAddr, request: &str) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(READ_TIMEOUT))
+        .expect("timeout");
+    stream.write_all(request.as_bytes()).expect("write");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).expect("read");
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+use collab_engine::crdt::{Doc, Op};
+use collab_engine::protocol::{self as proto, HelloAckStrategy, ServerMessage};
+
+/// A test client with its own replica of the document: sends valid edits, applies echoes,
+/// and checks the contract's ordering guarantees on everything it receives.
+pub struct Editor {
+    pub ws: Ws,
+    pub doc: Doc,
+    pub replica: u64,
+    pub head: u64,
+    pub epoch: String,
+    pub next_client_seq: u64,
+    /// client_seq -> the op message text, until its echo or ack arrives.
+    pub unacked: std::collections::BTreeMap<u64, String>,
+    /// Every server_seq received, in order.
+    pub seqs: Vec<u64>,
+    /// Presence messages received: (replica, state JSON).
+    pub presence: Vec<(u64, String)>,
+}
+
+impl Editor {
+    /// Connects to `path` and joins with `hello` (JSON text); panics unless `hello_ack` comes.
+    pub fn join(addr: SocketAddr, path: &str, hello: &str) -> Editor {
+        let mut ws = connect(addr, path);
+        send(&mut ws, hello);
+        let mut editor = Editor {
+            ws,
+            doc: Doc::new(),
+            replica: 0,
+            head: 0,
+            epoch: String::new(),
+            next_client_seq: 1,
+            unacked: Default::default(),
+            seqs: Vec::new(),
+            presence: Vec::new(),
+        };
+        match editor.recv() {
+            ServerMessage::HelloAck(_) => {}
+            other => panic!("expected hello_ack, got {other:?}"),
+        }
+        editor
+    }
+
+    /// Reads and applies one server message, checking order; returns it.
+    pub fn recv(&mut self) -> ServerMessage {
+        let text = loop {
+            match self.ws.read().expect("read") {
+                Message::Text(text) => break text,
+                Message::Close(frame) => panic!("closed: {frame:?}"),
+                _ => {}
+            }
+        };
+        let message = proto::parse_server_message(&text)
+            .unwrap_or_else(|e| panic!("bad server frame {text}: {e}"));
+        match &message {
+            ServerMessage::HelloAck(ack) => {
+                self.replica = ack.replica;
+                self.epoch = ack.epoch.clone();
+                match &ack.strategy {
+                    HelloAckStrategy::Snapshot(runs) => {
+                        self.doc = Doc::from_snapshot(runs).expect("snapshot decodes");
+                        self.head = ack.head;
+                    }
+                    HelloAckStrategy::Replay(echoes) => {
+                        for echo in echoes {
+                            self.apply_echo(
+                                echo.server_seq,
+                                echo.client_seq,
+                                echo.replica,
+                                &echo.ops,
+                            );
+                        }
+                        assert_eq!(self.head, ack.head, "replay ends at head");
+                    }
+                }
+                for entry in &ack.presence {
+                    self.presence
+                        .push((entry.replica, entry.state_json.clone()));
+                }
+            }
+            ServerMessage::OpEcho(echo) => {
+                self.apply_echo(echo.server_seq, echo.client_seq, echo.replica, &echo.ops)
+            }
+            ServerMessage::Ack {
+                client_seq,
+                server_seq,
+            } => {
+                assert!(*server_seq <= self.head.max(*server_seq));
+                self.unacked.remove(client_seq);
+            }
+            ServerMessage::Presence {
+                replica,
+                state_json,
+            } => self.presence.push((*replica, state_json.clone())),
+            ServerMessage::Error { .. } => {}
+        }
+        message
+    }
+
+    fn apply_echo(&mut self, server_seq: u64, client_seq: u64, replica: u64, ops: &[Op]) {
+        assert_eq!(
+            server_seq,
+            self.head + 1,
+            "server_seq is gap-free and ordered"
+        );
+        self.head = server_seq;
+        self.seqs.push(server_seq);
+        self.doc
+            .apply_remote(None, ops)
+            .expect("an echo always applies");
+        if replica == self.replica {
+            self.unacked.remove(&client_seq);
+        }
+    }
+
+    /// Sends an op message of `ops` (already applied locally); returns its client_seq.
+    pub fn send_ops(&mut self, ops: &[Op]) -> u64 {
+        let client_seq = self.next_client_seq;
+        self.next_client_seq += 1;
+        let text = proto::encode_op(client_seq, ops);
+        send(&mut self.ws, &text);
+        self.unacked.insert(client_seq, text);
+        client_seq
+    }
+
+    /// Applies one trace-like patch locally (clamped to the current length) and sends it.
+    pub fn edit(&mut self, pos: usize, del: usize, ins: &str) {
+        let len = self.doc.len();
+        let pos = pos.min(len);
+        let del = del.min(len - pos);
+        let mut ops = Vec::new();
+        if del > 0 {
+            ops.extend(self.doc.delete_local(pos, del));
+        }
+        if !ins.is_empty() {
+            ops.push(self.doc.insert_local(self.replica, pos, ins));
+        }
+        if !ops.is_empty() {
+            self.send_ops(&ops);
+        }
+    }
+
+    /// Reads until every sent op message got its echo or ack.
+    pub fn settle(&mut self) {
+        while !self.unacked.is_empty() {
+            self.recv();
+        }
+    }
+
+    /// Reads until `head` reaches `target`.
+    pub fn catch_up(&mut self, target: u64) {
+        while self.head < target {
+            self.recv();
+        }
+    }
+}

@@ -1,0 +1,578 @@
+//! The contract end to end over real sockets: every message type, routing over shards,
+//! concurrent editing, reconnects, takeover, slow consumers.
+
+use std::io::Read;
+use std::time::Duration;
+
+use collab_engine::protocol::ServerMessage;
+use tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::util::{
+    connect, http_get, recv_json, recv_until_close, send, server, test_config, Editor, Watchdog,
+};
+
+const INS_A: &str = r#"{"type":"op","client_seq":1,"ops":[{"kind":"ins","id":[0,REPLICA],"after":null,"text":"ab"}]}"#;
+
+fn hello(doc: &str) -> String {
+    collab_engine::protocol::encode_hello(Some(doc), None, None, None, None)
+}
+
+#[test]
+fn ws_every_message_type_and_field() {
+    let _w = Watchdog::new("ws_every_message_type_and_field", 30);
+    let server = server(test_config());
+    let addr = server.local_addr();
+    let mut a = connect(addr, "/ws/fields");
+    send(&mut a, r#"{"type":"hello","unknown":1}"#);
+    let ack = recv_json(&mut a);
+    assert_eq!(ack["type"], "hello_ack");
+    assert_eq!(ack["doc"], "fields");
+    assert_eq!(ack["head"], 0);
+    assert_eq!(ack["strategy"], "snapshot");
+    assert_eq!(ack["snapshot"]["runs"], serde_json::json!([]));
+    assert_eq!(ack["presence"], serde_json::json!([]));
+    assert!(
+        ack["epoch"].as_str().is_some_and(|e| !e.is_empty()),
+        "{ack}"
+    );
+    let replica_a = ack["replica"].as_u64().expect("replica");
+    assert!(replica_a >= 1);
+
+    let mut b = connect(addr, "/ws");
+    send(&mut b, r#"{"type":"hello","doc":"fields"}"#);
+    let ack_b = recv_json(&mut b);
+    assert_eq!(ack_b["epoch"], ack["epoch"]);
+    let replica_b = ack_b["replica"].as_u64().expect("replica");
+    assert_ne!(replica_a, replica_b, "assigned replicas are fresh");
+
+    // op -> op_echo to both, with every field.
+    send(&mut a, &INS_A.replace("REPLICA", &replica_a.to_string()));
+    for ws in [&mut a, &mut b] {
+        let echo = recv_json(ws);
+        assert_eq!(echo["type"], "op_echo", "{echo}");
+        assert_eq!(echo["server_seq"], 1);
+        assert_eq!(echo["replica"], replica_a);
+        assert_eq!(echo["client_seq"], 1);
+        assert_eq!(echo["ops"][0]["text"], "ab");
+        assert_eq!(echo["ops"][0]["id"], serde_json::json!([0, replica_a]));
+        assert!(echo["ops"][0]["after"].is_null());
+    }
+    // The same message again changes nothing: ack to the sender alone.
+    send(&mut a, &INS_A.replace("REPLICA", &replica_a.to_string()));
+    let ack_msg = recv_json(&mut a);
+    assert_eq!(
+        ack_msg,
+        serde_json::json!({"type":"ack","client_seq":1,"server_seq":1})
+    );
+
+    // presence: to the others, not back to the sender.
+    send(&mut b, r#"{"type":"presence","state":{"cursor": 1}}"#);
+    let p = recv_json(&mut a);
+    assert_eq!(
+        p,
+        serde_json::json!({"type":"presence","replica":replica_b,"state":{"cursor":1}})
+    );
+
+    // Refusals with client_seq; the connection stays usable.
+    let foreign = format!(
+        r#"{{"type":"op","client_seq":5,"ops":[{{"kind":"ins","id":[9,{}],"after":null,"text":"x"}}]}}"#,
+        replica_a + 1000
+    );
+    send(&mut a, &foreign);
+    let err = recv_json(&mut a);
+    assert_eq!(
+        (
+            err["type"].as_str(),
+            err["code"].as_str(),
+            err["client_seq"].as_u64()
+        ),
+        (Some("error"), Some("invalid_op"), Some(5)),
+        "{err}"
+    );
+    assert!(err["message"].is_string());
+    let unknown = format!(
+        r#"{{"type":"op","client_seq":6,"ops":[{{"kind":"ins","id":[50,{replica_a}],"after":[40,77],"text":"x"}}]}}"#
+    );
+    send(&mut a, &unknown);
+    let err = recv_json(&mut a);
+    assert_eq!(
+        (err["code"].as_str(), err["client_seq"].as_u64()),
+        (Some("unknown_id"), Some(6)),
+        "{err}"
+    );
+    send(&mut a, r#"{"type":"op","client_seq":7,"ops":[]}"#);
+    assert_eq!(recv_json(&mut a)["code"], "bad_message");
+    send(&mut a, &hello("fields"));
+    assert_eq!(recv_json(&mut a)["code"], "bad_message", "second hello");
+    // Still usable: a delete is echoed to both.
+    send(
+        &mut a,
+        &format!(
+            r#"{{"type":"op","client_seq":8,"ops":[{{"kind":"del","id":[1,{replica_a}],"len":1}}]}}"#
+        ),
+    );
+    assert_eq!(recv_json(&mut a)["server_seq"], 2);
+    assert_eq!(recv_json(&mut b)["server_seq"], 2);
+
+    // A late joiner sees the text and b's presence.
+    let mut c = connect(addr, "/ws/fields");
+    send(&mut c, r#"{"type":"hello","doc":"fields"}"#);
+    let ack_c = recv_json(&mut c);
+    assert_eq!(ack_c["head"], 2);
+    assert_eq!(
+        ack_c["snapshot"]["runs"],
+        serde_json::json!([{"id":[0,replica_a],"text":"a"},{"id":[1,replica_a],"deleted":1}])
+    );
+    assert_eq!(
+        ack_c["presence"],
+        serde_json::json!([{"replica":replica_b,"state":{"cursor":1}}])
+    );
+
+    // b leaves: the others get its presence cleared.
+    drop(b);
+    for ws in [&mut a, &mut c] {
+        let p = recv_json(ws);
+        assert_eq!(
+            p,
+            serde_json::json!({"type":"presence","replica":replica_b,"state":null})
+        );
+    }
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn ws_many_docs_over_several_shards() {
+    let _w = Watchdog::new("ws_many_docs_over_several_shards", 60);
+    let mut config = test_config();
+    config.shards = 4;
+    let server = server(config);
+    let addr = server.local_addr();
+    const DOCS: usize = 24;
+    let mut editors = Vec::new();
+    for d in 0..DOCS {
+        let doc = format!("many/doc {d}");
+        let path = match d % 3 {
+            0 => format!("/ws/many%2Fdoc%20{d}"),
+            1 => "/ws".to_owned(),
+            _ => "/ws/?ignored=query".to_owned(), // An empty name is plain /ws.
+        };
+        let first = Editor::join(addr, &path, &hello(&doc));
+        let second = Editor::join(addr, "/ws", &hello(&doc));
+        editors.push((doc, first, second));
+    }
+    for (doc, first, second) in &mut editors {
+        first.edit(0, 0, doc);
+        first.settle();
+        second.catch_up(1);
+        assert_eq!(second.doc.text(), *doc);
+    }
+    // /health counts the documents once the shards publish (every 250 ms).
+    loop {
+        let health = http_get(addr, "GET /health HTTP/1.1\r\n\r\n");
+        let body = health.split("\r\n\r\n").nth(1).expect("body").to_owned();
+        let json: serde_json::Value = serde_json::from_str(&body).expect("json");
+        if json["documents"] == DOCS && json["connections"] == 2 * DOCS {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(editors);
+    server.shutdown().expect("clean shutdown");
+}
+
+/// `(pos, del, ins)` patches: from a real trace when `tests/data` has one, else generated.
+fn patches(n: usize) -> Vec<(usize, usize, String)> {
+    let path = format!(
+        "{}/tests/data/seph-blog1.json.gz",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    if let Ok(file) = std::fs::File::open(&path) {
+        let mut json = String::new();
+        flate2::read::GzDecoder::new(file)
+            .read_to_string(&mut json)
+            .expect("gunzip trace");
+        let v: serde_json::Value = serde_json::from_str(&json).expect("trace json");
+        let mut out = Vec::new();
+        'txns: for txn in v["txns"].as_array().expect("txns") {
+            for p in txn["patches"].as_array().expect("patches") {
+                let pos = p[0].as_u64().expect("pos") as usize;
+                let del = p[1].as_u64().expect("del") as usize;
+                let ins = p[2].as_str().expect("ins").to_owned();
+                out.push((pos, del, ins));
+                if out.len() == n {
+                    break 'txns;
+                }
+            }
+        }
+        return out;
+    }
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut len = 0usize;
+    (0..n)
+        .map(|_| {
+            let pos = (next() as usize) % (len + 1);
+            let del = if next() % 4 == 0 {
+                (next() as usize % 3).min(len - pos)
+            } else {
+                0
+            };
+            let ins: String = (0..(next() % 5))
+                .map(|i| char::from(b'a' + ((i + next()) % 26) as u8))
+                .collect();
+            len = len - del + ins.chars().count();
+            (pos, del, ins)
+        })
+        .collect()
+}
+
+#[test]
+fn ws_concurrent_editors_converge() {
+    let _w = Watchdog::new("ws_concurrent_editors_converge", 120);
+    let server = server(test_config());
+    let addr = server.local_addr();
+    const EDITORS: usize = 4;
+    const PER_EDITOR: usize = 150;
+    const WINDOW: usize = 4;
+    let all = patches(EDITORS * PER_EDITOR);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let mut target_txs = Vec::new();
+    let mut threads = Vec::new();
+    for e in 0..EDITORS {
+        let mine: Vec<_> = all.iter().skip(e).step_by(EDITORS).cloned().collect();
+        let done_tx = done_tx.clone();
+        let (target_tx, target_rx) = std::sync::mpsc::channel::<u64>();
+        target_txs.push(target_tx);
+        threads.push(std::thread::spawn(move || {
+            let mut editor = Editor::join(addr, "/ws/converge", &hello("converge"));
+            for (pos, del, ins) in mine {
+                while editor.unacked.len() >= WINDOW {
+                    editor.recv();
+                }
+                editor.edit(pos, del, &ins);
+            }
+            editor.settle();
+            done_tx.send(()).expect("main waits");
+            let target = target_rx.recv().expect("target head");
+            editor.catch_up(target);
+            let seqs = editor.seqs.clone();
+            (editor.doc.text(), seqs, editor.head)
+        }));
+    }
+    for _ in 0..EDITORS {
+        done_rx.recv().expect("editor done");
+    }
+    let late = Editor::join(addr, "/ws/converge", &hello("converge"));
+    assert!(late.head > 0);
+    for tx in &target_txs {
+        tx.send(late.head).expect("editor waits");
+    }
+    for thread in threads {
+        let (text, seqs, head) = thread.join().expect("editor passes");
+        assert_eq!(head, late.head);
+        assert_eq!(
+            text,
+            late.doc.text(),
+            "every replica converges to the late joiner's snapshot"
+        );
+        let first = seqs.first().copied().unwrap_or(1);
+        assert!(
+            seqs.iter().zip(first..).all(|(s, expected)| *s == expected),
+            "gap-free, ordered"
+        );
+    }
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn ws_reconnect_with_since_replays_or_snapshots_and_resends_apply_once() {
+    let _w = Watchdog::new("ws_reconnect_with_since", 60);
+    let mut config = test_config();
+    config.replay_window_ops = 5;
+    let server = server(config);
+    let addr = server.local_addr();
+    let mut a = Editor::join(addr, "/ws/reconnect", &hello("reconnect"));
+    let mut b = Editor::join(addr, "/ws/reconnect", &hello("reconnect"));
+    a.edit(0, 0, "hello");
+    a.settle();
+    b.catch_up(1);
+    let (since, epoch, replica) = (b.head, b.epoch.clone(), b.replica);
+    // b goes away with an op it never saw acknowledged (sent, then dropped before reading).
+    b.edit(5, 0, " world");
+    let resend = b.unacked.values().next().expect("unacked").clone();
+    b.ws.close(None).expect("close");
+    drop(b);
+    a.catch_up(2);
+    // Two more ops while b is away: still within the window.
+    a.edit(0, 0, ">");
+    a.edit(0, 0, ">");
+    a.settle();
+    let hello_back = collab_engine::protocol::encode_hello(
+        Some("reconnect"),
+        Some(replica),
+        Some(since),
+        Some(&epoch),
+        None,
+    );
+    let mut ws = connect(addr, "/ws/reconnect");
+    send(&mut ws, &hello_back);
+    let ack = recv_json(&mut ws);
+    assert_eq!(ack["strategy"], "replay", "{ack}");
+    assert_eq!(ack["ops"].as_array().map(Vec::len), Some(3));
+    assert_eq!(ack["ops"][0]["type"], "op_echo");
+    assert_eq!(ack["ops"][0]["server_seq"], since + 1);
+    // The resend is already integrated: ack, no new server_seq, no duplicated text.
+    send(&mut ws, &resend);
+    let reply = recv_json(&mut ws);
+    assert_eq!(reply["type"], "ack", "{reply}");
+    assert_eq!(reply["server_seq"], 4);
+    drop(ws);
+
+    // Far behind: more ops than the window holds -> snapshot.
+    for _ in 0..6 {
+        a.edit(0, 0, "x");
+    }
+    a.settle();
+    let mut back = Editor::join(
+        addr,
+        "/ws/reconnect",
+        &collab_engine::protocol::encode_hello(
+            Some("reconnect"),
+            Some(replica),
+            Some(since),
+            Some(&epoch),
+            None,
+        ),
+    );
+    assert_eq!(
+        back.doc.text(),
+        a.doc.text(),
+        "snapshot carries the whole text"
+    );
+    assert_eq!(back.doc.text().matches("world").count(), 1);
+    // Wrong epoch -> snapshot too; since past head -> snapshot.
+    for (since, epoch) in [(1, "not-the-epoch"), (1_000, epoch.as_str())] {
+        let mut ws = connect(addr, "/ws/reconnect");
+        send(
+            &mut ws,
+            &collab_engine::protocol::encode_hello(None, None, Some(since), Some(epoch), None),
+        );
+        assert_eq!(recv_json(&mut ws)["strategy"], "snapshot");
+    }
+    back.edit(0, 0, "!");
+    back.settle();
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn ws_takeover_closes_the_old_connection_replaced() {
+    let _w = Watchdog::new("ws_takeover", 30);
+    let server = server(test_config());
+    let addr = server.local_addr();
+    let mut watcher = Editor::join(addr, "/ws/takeover", &hello("takeover"));
+    let mut old = Editor::join(addr, "/ws/takeover", &hello("takeover"));
+    send(&mut old.ws, r#"{"type":"presence","state":"here"}"#);
+    match watcher.recv() {
+        ServerMessage::Presence {
+            replica,
+            state_json,
+        } => assert_eq!((replica, state_json.as_str()), (old.replica, "\"here\"")),
+        other => panic!("{other:?}"),
+    }
+    let new = Editor::join(
+        addr,
+        "/ws/takeover",
+        &collab_engine::protocol::encode_hello(
+            Some("takeover"),
+            Some(old.replica),
+            None,
+            None,
+            None,
+        ),
+    );
+    assert_eq!(new.replica, old.replica);
+    let (code, _) = recv_until_close(&mut old.ws);
+    assert_eq!(code, Some(CloseCode::Policy));
+    match watcher.recv() {
+        ServerMessage::Presence {
+            replica,
+            state_json,
+        } => assert_eq!((replica, state_json.as_str()), (old.replica, "null")),
+        other => panic!("{other:?}"),
+    }
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn ws_slow_reader_is_closed_1013_and_others_are_undisturbed() {
+    let _w = Watchdog::new("ws_slow_reader", 120);
+    let mut config = test_config();
+    config.outbound_bytes_max = 64 * 1024;
+    config.handshake_timeout = Duration::from_secs(60); // Also the close linger.
+    let server = server(config);
+    let addr = server.local_addr();
+    let mut slow = Editor::join(addr, "/ws/slow", &hello("slow"));
+    let mut writer = Editor::join(addr, "/ws/slow", &hello("slow"));
+    let observer = Editor::join(addr, "/ws/slow", &hello("slow"));
+    const PRESENCE: usize = 3000;
+    // The observer keeps up (the writer stays a few messages ahead of it), so only the
+    // reader that never reads falls behind, however slowly this machine runs the test.
+    const AHEAD_MAX: usize = 8;
+    let observed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let state = format!("\"{}\"", "p".repeat(4000));
+    let observed_by_thread = observed.clone();
+    let observing = std::thread::spawn(move || {
+        let mut observer = observer;
+        let mut n_presence = 0;
+        while n_presence < PRESENCE || observer.head < 20 {
+            if let ServerMessage::Presence { .. } = observer.recv() {
+                n_presence += 1;
+                observed_by_thread.store(n_presence, std::sync::atomic::Ordering::Release);
+            }
+        }
+        observer
+    });
+    for i in 0..PRESENCE {
+        while i > observed.load(std::sync::atomic::Ordering::Acquire) + AHEAD_MAX {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        send(
+            &mut writer.ws,
+            &format!(r#"{{"type":"presence","state":{state}}}"#),
+        );
+        if i % 150 == 0 {
+            writer.edit(0, 0, "edit");
+        }
+    }
+    writer.settle();
+    let observer = observing.join().expect("observer gets everything");
+    assert_eq!(observer.doc.text(), writer.doc.text());
+    let (code, _) = recv_until_close(&mut slow.ws);
+    assert_eq!(code, Some(CloseCode::Again));
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn ws_idle_document_unloads_and_reloads_from_storage() {
+    let _w = Watchdog::new("ws_idle_document_unloads_and_reloads_from_storage", 60);
+    let mut config = test_config();
+    config.idle_unload = Duration::from_millis(100);
+    config.snapshot_every_ops = 3;
+    let server = server(config);
+    let addr = server.local_addr();
+    let mut a = Editor::join(addr, "/ws/unload", &hello("unload"));
+    for i in 0..7 {
+        a.edit(i, 0, "z");
+    }
+    a.edit(2, 3, "");
+    a.settle();
+    let (text, head, epoch) = (a.doc.text(), a.head, a.epoch.clone());
+    a.ws.close(None).expect("close");
+    drop(a);
+    loop {
+        let health = http_get(addr, "GET /health HTTP/1.1\r\n\r\n");
+        if health.contains("\"documents\":0") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let b = Editor::join(addr, "/ws/unload", &hello("unload"));
+    assert_eq!(
+        (b.doc.text(), b.head, b.epoch.as_str()),
+        (text, head, epoch.as_str())
+    );
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn ws_token_required_refuses_with_1008() {
+    let _w = Watchdog::new("ws_token_required_refuses_with_1008", 30);
+    let mut config = test_config();
+    config.token = Some("s3cret".to_owned());
+    let server = server(config);
+    let addr = server.local_addr();
+    let mut ws = connect(addr, "/ws/locked");
+    send(&mut ws, r#"{"type":"hello","token":"wrong"}"#);
+    let (code, seen) = recv_until_close(&mut ws);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0]["code"], "unauthorized");
+    assert_eq!(code, Some(CloseCode::Policy));
+    let ok = Editor::join(addr, "/ws/locked", r#"{"type":"hello","token":"s3cret"}"#);
+    assert!(ok.replica >= 1);
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn ws_connection_limit_per_shard_closes_1013() {
+    let _w = Watchdog::new("ws_connection_limit_per_shard_closes_1013", 30);
+    let mut config = test_config();
+    config.shards = 1;
+    config.conns_per_shard_max = 2;
+    let server = server(config);
+    let addr = server.local_addr();
+    let _a = Editor::join(addr, "/ws/full", &hello("full"));
+    let _b = Editor::join(addr, "/ws/full", &hello("full"));
+    let mut c = connect(addr, "/ws/full");
+    let (code, seen) = recv_until_close(&mut c);
+    assert!(seen.is_empty());
+    assert_eq!(code, Some(CloseCode::Again));
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn ws_silent_connection_is_pinged_then_dropped() {
+    let _w = Watchdog::new("ws_silent_connection_is_pinged_then_dropped", 30);
+    let mut config = test_config();
+    config.idle_timeout = Duration::from_millis(200);
+    let server = server(config);
+    let addr = server.local_addr();
+    let mut ws = connect(addr, "/ws/idle");
+    send(&mut ws, r#"{"type":"hello"}"#);
+    // Never read (so never answer the ping) until the server gave up on us: /health shows
+    // the connection (metrics are published every 250 ms), then no more.
+    for connections in ["\"connections\":1", "\"connections\":0"] {
+        while !http_get(addr, "GET /health HTTP/1.1\r\n\r\n").contains(connections) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let mut saw_ping = false;
+    loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Ping(_)) => saw_ping = true,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert!(saw_ping, "the server pinged before dropping");
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn ws_snapshot_larger_than_the_message_limit_reaches_a_joiner() {
+    let _w = Watchdog::new("ws_snapshot_larger_than_the_message_limit", 60);
+    let mut config = test_config();
+    config.message_bytes_max = 64 * 1024;
+    config.outbound_bytes_max = 64 * 1024;
+    let server = server(config);
+    let addr = server.local_addr();
+    let mut writer = Editor::join(addr, "/ws/big", &hello("big"));
+    for i in 0..6 {
+        let chunk: String = std::iter::repeat(char::from(b'a' + i))
+            .take(30_000)
+            .collect();
+        let end = writer.doc.len();
+        writer.edit(end, 0, &chunk);
+        writer.settle();
+    }
+    // The limit bounds what clients send; the server's own frames (a 180 KB snapshot here)
+    // may be bigger, and one frame alone never counts as falling behind.
+    let joiner = Editor::join(addr, "/ws/big", &hello("big"));
+    assert_eq!(joiner.doc.text(), writer.doc.text());
+    assert_eq!(joiner.doc.len(), 180_000);
+    server.shutdown().expect("clean shutdown");
+}
