@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 pub(crate) const LEAF_CAP: usize = 32;
 /// Most children of an internal node.
 pub(crate) const NODE_CAP: usize = 16;
+/// Span hints kept for id lookups (by replica index), so that a few concurrent typists each keep theirs.
+const N_HINTS: usize = 4;
 /// "No node" in `parent`, `prev`, `next`.
 pub(crate) const NONE: u32 = u32::MAX;
 const DEL_BIT: u32 = 1 << 31;
@@ -214,8 +216,9 @@ pub(crate) struct Tree {
     /// Id-index cache: the last segment looked up through `&mut self`, valid until the index changes (`assign` clears it).
     /// Kept out of `&self` lookups so that `Doc` stays `Sync`.
     seg: Option<Seg>,
-    /// Span hint for `find_mut`: the last span found or inserted into; checked exactly before use, so it never goes stale.
-    hint: Option<(u32, u32)>,
+    /// Span hints for `find_mut`, one slot per replica index modulo `N_HINTS`: the last span of that replica found or
+    /// inserted into, as (leaf, span index); checked exactly before use, so they never go stale.
+    hints: [(u32, u32); N_HINTS],
     /// Bumped by every change to spans or counts; `span_cursor` is valid only at the version it was taken.
     version: u64,
     /// Local typing cursor: leaf, span index, visible chars before the span, and `version` when set.
@@ -245,7 +248,7 @@ impl Default for Tree {
             index: BTreeMap::new(),
             cursor: None,
             seg: None,
-            hint: None,
+            hints: [(0, u32::MAX); N_HINTS],
             version: 0,
             span_cursor: None,
             lamport_end: 0,
@@ -427,18 +430,17 @@ impl Tree {
     /// Like `find`, and remembers the index segment for the next lookup.
     #[inline]
     pub(crate) fn find_mut(&mut self, replica: u32, lamport: u64) -> Option<Loc> {
-        if let Some((leaf, idx)) = self.hint {
-            let l = &self.leaves[leaf as usize];
-            let idx = idx as usize;
-            if idx < l.n as usize && l.spans[idx].contains(replica, lamport) {
-                let off = (lamport - l.spans[idx].lamport) as u32;
-                return Some(Loc { leaf, idx, off });
-            }
+        let (leaf, idx) = self.hints[replica as usize % N_HINTS];
+        let l = &self.leaves[leaf as usize];
+        let idx = idx as usize;
+        if idx < l.n as usize && l.spans[idx].contains(replica, lamport) {
+            let off = (lamport - l.spans[idx].lamport) as u32;
+            return Some(Loc { leaf, idx, off });
         }
         let seg = self.segment(replica, lamport)?;
         self.seg = Some(seg);
         let loc = self.find_in(seg.leaf, replica, lamport)?;
-        self.hint = Some((loc.leaf, loc.idx as u32));
+        self.hints[replica as usize % N_HINTS] = (loc.leaf, loc.idx as u32);
         Some(loc)
     }
 
@@ -569,14 +571,14 @@ impl Tree {
                 off,
             };
             let loc = self.fix_overflow(loc);
-            self.hint = Some((loc.leaf, loc.idx as u32));
+            self.hints[span.replica as usize % N_HINTS] = (loc.leaf, loc.idx as u32);
             return loc;
         }
         l.insert(idx, span);
         self.add_count(leaf, vis);
         self.assign(span.replica, span.lamport, span.end(), leaf);
         let loc = self.fix_overflow(Loc { leaf, idx, off: 0 });
-        self.hint = Some((loc.leaf, loc.idx as u32));
+        self.hints[span.replica as usize % N_HINTS] = (loc.leaf, loc.idx as u32);
         loc
     }
 
