@@ -302,6 +302,27 @@ mod tests {
     }
 
     #[test]
+    fn longest_doc_name_fully_encoded_fits() {
+        let name = "%61".repeat(DOC_NAME_BYTES_MAX);
+        check(
+            &format!("GET /ws/{name} HTTP/1.1\r\n{UPGRADE}"),
+            None,
+            Some(Some(&"a".repeat(DOC_NAME_BYTES_MAX))),
+        );
+        let name = "%61".repeat(DOC_NAME_BYTES_MAX + 1);
+        check(
+            &format!("GET /ws/{name} HTTP/1.1\r\n{UPGRADE}"),
+            Some(400),
+            None,
+        );
+        check(
+            &format!("GET /ws/a+b%20c HTTP/1.1\r\n{UPGRADE}"),
+            None,
+            Some(Some("a+b c")),
+        );
+    }
+
+    #[test]
     fn health_reports_shards() {
         let metrics = MetricsRegistry::new(3);
         let Parsed::Complete {

@@ -86,7 +86,7 @@ pub struct Client {
 
 impl Client {
     /// Connects to `url` (`ws://127.0.0.1:PORT/ws` or `.../ws/<doc>`), joins `doc` and waits for
-    /// the `hello_ack`.
+    /// the `hello_ack` (its [`Event::Joined`] is queued for [`Client::poll`] like any other).
     ///
     /// # Errors
     /// Connecting, the handshake or the join failed or timed out.
@@ -134,29 +134,30 @@ impl Client {
         self.socket = Some(socket);
         let hello = self.replica.hello();
         self.send_text(hello)?;
+        // Events queued before this join stay for poll/take_events; the Joined event too.
+        let start = self.events.len();
         loop {
-            self.pump_until(deadline)?;
-            let mut joined = None;
-            while let Some(event) = self.events.pop_front() {
+            self.pump_until(deadline, self.events.len())?;
+            for event in self.events.range(start..) {
                 match event {
                     Event::Joined { resend, .. } => {
-                        joined = Some(resend);
-                        break;
+                        for text in resend.clone() {
+                            self.send_text(text)?;
+                        }
+                        return Ok(());
                     }
                     Event::Error {
                         code,
                         message,
                         client_seq: None,
-                    } => return Err(ClientError::Refused { code, message }),
-                    // Before the hello_ack nothing else can arrive; keep the order regardless.
-                    other => self.events.push_back(other),
+                    } => {
+                        return Err(ClientError::Refused {
+                            code: code.clone(),
+                            message: message.clone(),
+                        })
+                    }
+                    _ => {}
                 }
-            }
-            if let Some(resend) = joined {
-                for text in resend {
-                    self.send_text(text)?;
-                }
-                return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(ClientError::Timeout("hello_ack"));
@@ -242,12 +243,12 @@ impl Client {
         self.send_text(Replica::presence_message(state_json))
     }
 
-    /// Reads frames until `deadline`; returns early once at least one event is queued and no
-    /// further frame is immediately readable.
-    fn pump_until(&mut self, deadline: Instant) -> Result<(), ClientError> {
+    /// Reads frames until `deadline`; returns early once more than `baseline` events are queued
+    /// and no further frame is immediately readable.
+    fn pump_until(&mut self, deadline: Instant, baseline: usize) -> Result<(), ClientError> {
         loop {
             let now = Instant::now();
-            let waiting = self.events.is_empty() && now < deadline;
+            let waiting = self.events.len() <= baseline && now < deadline;
             let socket = self.socket()?;
             if waiting {
                 socket.get_mut().set_nonblocking(false)?;
@@ -270,7 +271,7 @@ impl Client {
                         None => (None, String::new()),
                     };
                     self.closed = Some((code, reason.clone()));
-                    return if self.events.is_empty() {
+                    return if self.events.len() <= baseline {
                         Err(ClientError::Closed { code, reason })
                     } else {
                         Ok(())
@@ -291,7 +292,7 @@ impl Client {
                         .clone()
                         .unwrap_or((None, "connection closed".into()));
                     self.closed = Some((code, reason.clone()));
-                    return if self.events.is_empty() {
+                    return if self.events.len() <= baseline {
                         Err(ClientError::Closed { code, reason })
                     } else {
                         Ok(())
@@ -309,7 +310,7 @@ impl Client {
     /// The connection closed (after the events before the close were returned) or failed.
     pub fn poll(&mut self, timeout: Duration) -> Result<Vec<Event>, ClientError> {
         if self.events.is_empty() {
-            self.pump_until(Instant::now() + timeout)?;
+            self.pump_until(Instant::now() + timeout, 0)?;
         }
         Ok(self.events.drain(..).collect())
     }
@@ -330,15 +331,8 @@ impl Client {
             if Instant::now() >= deadline {
                 return Err(ClientError::Timeout(what));
             }
-            // Queued events are kept for poll/take_events; read past them.
-            let n_before = self.events.len();
-            let held: Vec<Event> = self.events.drain(..).collect();
-            let result = self.pump_until(deadline);
-            let fresh: Vec<Event> = self.events.drain(..).collect();
-            self.events.extend(held);
-            self.events.extend(fresh);
-            debug_assert!(self.events.len() >= n_before);
-            result?;
+            // Queued events stay for poll/take_events; wait for new ones.
+            self.pump_until(deadline, self.events.len())?;
         }
         Ok(())
     }
@@ -534,13 +528,23 @@ mod tests {
         a.wait_until_acked(TIMEOUT).expect("acked");
         b.wait_for_head(1, TIMEOUT).expect("b sees it");
         assert_eq!(b.text(), "hello");
-        // Waits queue the events they read; poll returns them first.
+        // Joins and waits queue the events they read; poll returns them first.
+        let joined = Event::Joined {
+            replica: 1,
+            head: 0,
+            snapshot: true,
+            history_lost: false,
+            resend: vec![],
+        };
         assert_eq!(
             a.take_events(),
-            vec![Event::Acked {
-                client_seq: 1,
-                server_seq: 1
-            }]
+            vec![
+                joined,
+                Event::Acked {
+                    client_seq: 1,
+                    server_seq: 1
+                }
+            ]
         );
         b.set_presence(r#"{"cursor":5}"#).expect("presence");
         let events = a.poll(TIMEOUT).expect("poll");
@@ -592,6 +596,25 @@ mod tests {
         again.wait_until_acked(TIMEOUT).expect("acked");
         assert_eq!(again.text(), "hello!");
         b.close();
+        // A server that lost the document (another process, new epoch): the client resends its
+        // own acknowledged edits that the new snapshot lacks.
+        let other = serve();
+        again.reconnect_to(&other.url).expect("reconnect elsewhere");
+        let lost = again.take_events().into_iter().any(|e| {
+            matches!(
+                e,
+                Event::Joined {
+                    history_lost: true,
+                    ..
+                }
+            )
+        });
+        assert!(lost);
+        again.wait_until_acked(TIMEOUT).expect("resend acked");
+        assert_eq!(again.text(), "h");
+        let mut fresh = Client::connect(&other.url, "d", options()).expect("connect");
+        fresh.wait_for_head(1, TIMEOUT).expect("joined at head 1");
+        assert_eq!(fresh.text(), "h");
         again.close();
     }
 }

@@ -243,3 +243,24 @@ fn hostile_hundred_refusals_by_the_room_close_1008() {
     assert_eq!(code, Some(CloseCode::Policy));
     server.shutdown().expect("clean shutdown");
 }
+
+#[test]
+fn client_close_is_answered_with_close() {
+    let _w = Watchdog::new("client_close_is_answered_with_close", 30);
+    let server = server(test_config());
+    let mut ws = connect(server.local_addr(), "/ws/doc-close");
+    send(&mut ws, r#"{"type":"hello"}"#);
+    assert_eq!(recv_json(&mut ws)["type"], "hello_ack");
+    ws.close(None).expect("send close");
+    let mut answered = false;
+    loop {
+        match ws.read() {
+            Ok(Message::Close(_)) => answered = true,
+            Ok(_) => {}
+            Err(tungstenite::Error::ConnectionClosed) => break,
+            Err(e) => panic!("unexpected end: {e}"),
+        }
+    }
+    assert!(answered, "the server answered the Close with a Close");
+    server.shutdown().expect("clean shutdown");
+}
