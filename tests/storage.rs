@@ -278,6 +278,23 @@ fn flipped_byte_in_a_log_is_corrupt_and_other_docs_load() {
     }
     // The corrupt file is left as it was for the operator.
     assert_eq!(fs::read(&path).expect("read"), bytes);
+    // The documented repair: cut the file at the named offset; the prefix loads and the log
+    // goes on from there.
+    let (_, offset) = expect_corrupt(open(&dir).load("bad"), &bad_dir);
+    fs::write(&path, &bytes[..offset as usize]).expect("write");
+    let mut storage = open(&dir);
+    let doc = storage.load("bad").expect("load").expect("stored");
+    let kept = seqs(&doc);
+    assert!(!kept.is_empty() && kept.len() < 10);
+    assert_eq!(kept, (1..=kept.len() as u64).collect::<Vec<_>>());
+    storage
+        .append("bad", "E", &ops(kept.len() as u64 + 1))
+        .expect("append");
+    storage.sync().expect("sync");
+    assert_eq!(
+        seqs(&open(&dir).load("bad").expect("load").expect("stored")).len(),
+        kept.len() + 1
+    );
 }
 
 #[test]
