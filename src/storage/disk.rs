@@ -22,6 +22,8 @@ use crate::config::FsyncMode;
 /// Open segment handles kept per storage before idle ones are closed (stays well under the
 /// usual 1024 file descriptor limit with sockets beside it).
 const FILES_OPEN_MAX: usize = 256;
+/// Capacity of a document's pending buffer kept across syncs; bigger ones are freed.
+const PENDING_BYTES_KEPT_MAX: usize = 64 * 1024;
 /// Touched files from which `sync` fsyncs in parallel (below it, helper threads cost more
 /// than they save).
 const PARALLEL_SYNC_FILES_MIN: usize = 8;
@@ -602,6 +604,10 @@ impl<F: Fs> Storage for DiskStorage<F> {
             };
             log.durable_len += log.pending.len() as u64;
             log.pending.clear();
+            if log.pending.capacity() > PENDING_BYTES_KEPT_MAX {
+                // One big message must not pin its buffer in every document it touched.
+                log.pending = Vec::new();
+            }
             log.touched = false;
             if log.release_after_sync {
                 self.forget(&name);
