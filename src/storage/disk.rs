@@ -7,8 +7,9 @@
 //! with the full name and the epoch) and `snapshot` (atomically replaced).
 //!
 //! This module never acknowledges anything: it tells the shard whether a sync succeeded.
-//! It never holds a lock and never touches a document that its shard does not own, so any
-//! number of `DiskStorage` values (one per shard) can share one data directory.
+//! It takes no in-process lock (only `<data_dir>/LOCK` against other processes) and never
+//! touches a document that its shard does not own, so any number of `DiskStorage` values
+//! (one per shard) can share one data directory.
 
 use std::collections::HashMap;
 use std::io;
