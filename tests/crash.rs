@@ -305,6 +305,15 @@ fn client(addr: SocketAddr, doc: String, stop: Arc<AtomicBool>) -> Seen {
     seen
 }
 
+/// `CRASH_REPEAT=n` runs the crash test's 12 rounds n times (a longer search for rare losses).
+fn crash_repeat() -> usize {
+    std::env::var("CRASH_REPEAT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
 /// A tiny deterministic generator (no rand crate needed).
 struct Rng(u64);
 
@@ -319,7 +328,7 @@ impl Rng {
 
 #[test]
 fn acknowledged_ops_survive_sigkill_and_other_shard_counts() {
-    let _watchdog = Watchdog::new("crash test", 90);
+    let _watchdog = Watchdog::new("crash test", 90 * crash_repeat() as u64);
     let dir = temp_dir("sigkill");
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -333,8 +342,13 @@ fn acknowledged_ops_survive_sigkill_and_other_shard_counts() {
     // Small snapshot cadence so crashes also hit snapshot writes and log compaction.
     let extra = ["--snapshot-every-ops", "25", "--fsync", "always"];
     let mut all = Seen::default();
-    for (round, shards) in [1usize, 2, 3, 2, 1, 4, 1, 3, 2, 4, 1, 2]
-        .into_iter()
+    let repeat = crash_repeat();
+    let pattern = [1usize, 2, 3, 2, 1, 4, 1, 3, 2, 4, 1, 2];
+    for (round, shards) in pattern
+        .iter()
+        .copied()
+        .cycle()
+        .take(pattern.len() * repeat)
         .enumerate()
     {
         let server = Server::start(&dir, shards, &extra);
