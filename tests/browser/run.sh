@@ -21,12 +21,8 @@ if [ ! -d node_modules/playwright-core ] || [ ! -d node_modules/ws ] || [ packag
   npm ci --no-audit --no-fund --loglevel=error
 fi
 
-if [ "${COLLAB_E2E_SERVER:-}" != "fake" ] && [ -f "$REPO/src/acceptor/mod.rs" ]; then
-  echo "== cargo build --release (server binary, Rust participant of the mixed test)"
-  EXTRA=()
-  [ -f "$REPO/examples/mixed_client.rs" ] && EXTRA=(--example mixed_client)
-  (cd "$REPO" && cargo build --release --bin collab-engine "${EXTRA[@]}")
-fi
+echo "== cargo build --release (server binary, Rust participant of the mixed test)"
+(cd "$REPO" && cargo build --release --bin collab-engine --example mixed_client)
 
 echo "== node --test (tests/browser/test)"
 # Screenshots and logs: target/browser-test/

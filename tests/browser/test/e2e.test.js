@@ -3,19 +3,14 @@
 // same port and data dir, presence carets. Screenshots land in target/browser-test/.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { REPO, startServer, launchBrowser, tempDir, ensureOutDir, sleep } from '../lib/harness.js';
+import { startServer, launchBrowser, tempDir, ensureOutDir, sleep } from '../lib/harness.js';
 import { startFakeServer } from '../lib/fake-server.js';
 
 // COLLAB_E2E_SERVER=fake runs the pages against the in-memory stand-in (for working on the
 // page without a server build); the default is the real binary.
 const FAKE = process.env.COLLAB_E2E_SERVER === 'fake';
-// Until the disk storage is in the tree the server keeps documents in memory, so a restart
-// loses them; then the test checks recovery (the clients' lost-history path) instead.
-const DURABLE = FAKE || existsSync(join(REPO, 'src', 'storage', 'disk.rs'));
-// Before the server lands in this tree there is nothing to test against: say so and skip.
-const skip = !FAKE && !existsSync(join(REPO, 'src', 'acceptor', 'mod.rs')) ? 'the server (src/acceptor/) is not in this tree' : false;
 
 let browser;
 let server;
@@ -32,7 +27,6 @@ async function start(listen) {
 }
 
 before(async () => {
-  if (skip) return;
   data = tempDir('collab-e2e-');
   // One after the other, so that `after` can close whatever did start.
   browser = await launchBrowser();
@@ -92,7 +86,7 @@ function isSubsequence(smallText, big) {
   return i === small.length;
 }
 
-test('two pages, a late third page, a server restart, presence carets', { skip, timeout: 180000 }, async () => {
+test('two pages, a late third page, a server restart, presence carets', { timeout: 180000 }, async () => {
   const doc = `e2e ${Date.now()}/ü`;
   const alice = await openPage(doc, 'Alice');
   const bob = await openPage(doc, 'Bob');
@@ -196,21 +190,14 @@ test('two pages, a late third page, a server restart, presence carets', { skip, 
   server = await start(listen);
   text = await converged([alice, bob, carol], 30000);
   const epochAfter = await alice.evaluate(() => window.collabDemo.client.epoch);
-  if (DURABLE) {
-    // The server kept the document (same epoch), Carol's offline edit is in exactly once, and
-    // her caret is still right after what she typed.
-    assert.equal(epochAfter, epochBefore, 'the restarted server lost the document');
-    assert.equal(text.split('(written offline)').length, 2, text);
-    assert.ok(await carol.evaluate(() => {
-      const ta = document.getElementById('editor');
-      return ta.value.slice(0, ta.selectionEnd).endsWith('(written offline)');
-    }), 'caret kept its place');
-  } else {
-    // A new epoch: each page re-issued the edits it remembers; they agree on the result.
-    console.log('# note: this server keeps documents in memory (no src/storage/disk.rs yet): checked recovery from a lost document');
-    assert.notEqual(epochAfter, epochBefore);
-    assert.ok(text.split('(written offline)').length <= 2, text);
-  }
+  // The server kept the document (same epoch), Carol's offline edit is in exactly once, and
+  // her caret is still right after what she typed.
+  assert.equal(epochAfter, epochBefore, 'the restarted server lost the document');
+  assert.equal(text.split('(written offline)').length, 2, text);
+  assert.ok(await carol.evaluate(() => {
+    const ta = document.getElementById('editor');
+    return ta.value.slice(0, ta.selectionEnd).endsWith('(written offline)');
+  }), 'caret kept its place');
 
   // Further edits after the restart still converge.
   await bob.click('#editor');
@@ -232,7 +219,7 @@ test('two pages, a late third page, a server restart, presence carets', { skip, 
   }
 });
 
-test('the server serves the page and the module itself', { skip }, async () => {
+test('the server serves the page and the module itself', async () => {
   const res = await fetch(`${server.http}/collab.js`);
   assert.equal(res.status, 200);
   assert.match(res.headers.get('content-type'), /javascript/);
