@@ -19,7 +19,7 @@ use crate::config::{Config, StorageKind};
 use crate::metrics::MetricsRegistry;
 use crate::room::RoomConfig;
 use crate::shard::{self, Handler, NetLimits, RoomHost, WAKER_TOKEN};
-use crate::storage::{MemoryStorage, Storage};
+use crate::storage::{DiskStorage, MemoryStorage, Storage};
 
 /// Bytes tungstenite reads from a socket at once; also each connection's initial read buffer,
 /// so it is kept small for 100k connections (a larger message grows the buffer as needed).
@@ -127,12 +127,7 @@ pub fn open_storage(config: &Config, shard_idx: usize) -> anyhow::Result<Box<dyn
     let _ = shard_idx;
     match config.storage {
         StorageKind::Memory => Ok(Box::new(MemoryStorage::new())),
-        StorageKind::Disk => {
-            // The disk backend (`storage::DiskStorage`) lands from branch `storage`; until then
-            // nothing survives a restart.
-            warn!("disk storage is not built in yet; keeping documents in memory");
-            Ok(Box::new(MemoryStorage::new()))
-        }
+        StorageKind::Disk => Ok(Box::new(DiskStorage::open(&config.data_dir, config.fsync)?)),
     }
 }
 
