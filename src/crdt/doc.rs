@@ -117,6 +117,45 @@ impl<'a> PendingSet<'a> {
     }
 }
 
+/// Id ranges a message's earlier deletes already covered (merged, by `(replica, start)` to end), so that a later
+/// delete skips them: each span is walked at most once per message however many deletes repeat it.
+#[derive(Default)]
+struct Covered {
+    ranges: BTreeMap<(u64, u64), u64>,
+}
+
+impl Covered {
+    /// End of the covered range holding `lamport` of `replica`.
+    fn until(&self, replica: u64, lamport: u64) -> Option<u64> {
+        if self.ranges.is_empty() {
+            return None;
+        }
+        self.ranges
+            .range(..=(replica, lamport))
+            .next_back()
+            .filter(|(&(r, _), &end)| r == replica && lamport < end)
+            .map(|(_, &end)| end)
+    }
+
+    /// Covers `start .. end` of `replica`, merging with the ranges it overlaps or touches.
+    fn add(&mut self, replica: u64, mut start: u64, mut end: u64) {
+        if let Some((&(r, s), &e)) = self.ranges.range(..=(replica, start)).next_back() {
+            if r == replica && e >= start {
+                start = s;
+                end = end.max(e);
+            }
+        }
+        while let Some((&(r, s), &e)) = self.ranges.range((replica, start)..).next() {
+            if r != replica || s > end {
+                break;
+            }
+            end = end.max(e);
+            self.ranges.remove(&(r, s));
+        }
+        self.ranges.insert((replica, start), end);
+    }
+}
+
 /// How an insert's ids relate to the known ones.
 enum Usage {
     New,
@@ -142,6 +181,7 @@ impl Doc {
     /// `UnknownId`, `IdConflict` or `InvalidOp` for the first bad op; the doc is then exactly as before.
     pub fn apply_remote(&mut self, sender: Option<u64>, ops: &[Op]) -> Result<Applied, CrdtError> {
         let mut pending = PendingSet::default();
+        let mut covered = Covered::default();
         let mut changed = false;
         for (op_index, op) in ops.iter().enumerate() {
             match op {
@@ -200,6 +240,11 @@ impl Doc {
                     let end = id.lamport + len;
                     let mut lamport = id.lamport;
                     while lamport < end {
+                        if let Some(e) = covered.until(id.replica, lamport) {
+                            // Checked by an earlier delete of this message.
+                            lamport = e.min(end);
+                            continue;
+                        }
                         let at = OpId::new(lamport, id.replica);
                         if let Some(loc) = self.find_mut(at) {
                             let s = self.tree.span(loc.leaf, loc.idx);
@@ -211,13 +256,17 @@ impl Doc {
                             return Err(CrdtError::UnknownId { op_index, id: at });
                         }
                     }
+                    if op_index + 1 < ops.len() {
+                        covered.add(id.replica, id.lamport, end);
+                    }
                 }
             }
         }
         if !changed {
             return Ok(Applied::Unchanged);
         }
-        for op in ops {
+        let mut deleted = Covered::default();
+        for (op_index, op) in ops.iter().enumerate() {
             match op {
                 Op::Insert { id, after, text } => {
                     if self.max_lamport.is_some_and(|m| id.lamport <= m) && self.find(*id).is_some()
@@ -228,7 +277,12 @@ impl Doc {
                     let at = self.skip_greater(at, *id);
                     self.insert_run(at, *id, text);
                 }
-                Op::Delete { id, len } => self.delete_ids(*id, *len),
+                Op::Delete { id, len } => {
+                    self.delete_ids(*id, *len, &deleted);
+                    if op_index + 1 < ops.len() {
+                        deleted.add(id.replica, id.lamport, id.lamport + len);
+                    }
+                }
             }
         }
         Ok(Applied::Changed)
@@ -411,11 +465,15 @@ impl Doc {
         at.expect("text is not empty")
     }
 
-    /// Marks the known items `id .. id+len` deleted.
-    fn delete_ids(&mut self, id: OpId, len: u64) {
+    /// Marks the known items `id .. id+len` deleted, skipping the ranges earlier deletes of the message covered.
+    fn delete_ids(&mut self, id: OpId, len: u64, done: &Covered) {
         let end = id.lamport + len;
         let mut lamport = id.lamport;
         while lamport < end {
+            if let Some(e) = done.until(id.replica, lamport) {
+                lamport = e.min(end);
+                continue;
+            }
             let loc = self
                 .find_mut(OpId::new(lamport, id.replica))
                 .expect("validated: delete target is known");
