@@ -76,23 +76,27 @@ impl Pending<'_> {
 
 /// The new inserts validated so far in a message, by `(replica, first lamport)`; their id ranges are disjoint
 /// (an insert overlapping an earlier one is a resend or a conflict, never pending), so a lookup is O(log k).
+/// `None` until the first one: a one-op message (the common case) then costs nothing, not even dropping a map.
 #[derive(Default)]
 struct PendingSet<'a> {
-    by_start: BTreeMap<(u64, u64), Pending<'a>>,
+    by_start: Option<BTreeMap<(u64, u64), Pending<'a>>>,
 }
 
 impl<'a> PendingSet<'a> {
     fn is_empty(&self) -> bool {
-        self.by_start.is_empty()
+        self.by_start.is_none()
     }
 
     fn add(&mut self, p: Pending<'a>) {
-        self.by_start.insert((p.id.replica, p.id.lamport), p);
+        self.by_start
+            .get_or_insert_with(BTreeMap::new)
+            .insert((p.id.replica, p.id.lamport), p);
     }
 
     /// The pending insert holding `id`.
     fn get_mut(&mut self, id: OpId) -> Option<&mut Pending<'a>> {
         self.by_start
+            .as_mut()?
             .range_mut(..=(id.replica, id.lamport))
             .next_back()
             .map(|(_, p)| p)
@@ -100,10 +104,11 @@ impl<'a> PendingSet<'a> {
     }
 
     fn contains(&self, id: OpId) -> bool {
-        self.by_start
-            .range(..=(id.replica, id.lamport))
-            .next_back()
-            .is_some_and(|(_, p)| p.contains(id))
+        self.by_start.as_ref().is_some_and(|m| {
+            m.range(..=(id.replica, id.lamport))
+                .next_back()
+                .is_some_and(|(_, p)| p.contains(id))
+        })
     }
 
     /// Whether a pending insert holds any id of `replica` in `start .. end`.
@@ -111,26 +116,24 @@ impl<'a> PendingSet<'a> {
         self.contains(OpId::new(start, replica))
             || self
                 .by_start
-                .range((replica, start)..(replica, end))
-                .next()
-                .is_some()
+                .as_ref()
+                .is_some_and(|m| m.range((replica, start)..(replica, end)).next().is_some())
     }
 }
 
 /// Id ranges a message's earlier deletes already covered (merged, by `(replica, start)` to end), so that a later
 /// delete skips them: each span is walked at most once per message however many deletes repeat it.
+/// `None` until the first range, so a one-op message does not even drop a map.
 #[derive(Default)]
 struct Covered {
-    ranges: BTreeMap<(u64, u64), u64>,
+    ranges: Option<BTreeMap<(u64, u64), u64>>,
 }
 
 impl Covered {
     /// End of the covered range holding `lamport` of `replica`.
     fn until(&self, replica: u64, lamport: u64) -> Option<u64> {
-        if self.ranges.is_empty() {
-            return None;
-        }
         self.ranges
+            .as_ref()?
             .range(..=(replica, lamport))
             .next_back()
             .filter(|(&(r, _), &end)| r == replica && lamport < end)
@@ -139,20 +142,21 @@ impl Covered {
 
     /// Covers `start .. end` of `replica`, merging with the ranges it overlaps or touches.
     fn add(&mut self, replica: u64, mut start: u64, mut end: u64) {
-        if let Some((&(r, s), &e)) = self.ranges.range(..=(replica, start)).next_back() {
+        let ranges = self.ranges.get_or_insert_with(BTreeMap::new);
+        if let Some((&(r, s), &e)) = ranges.range(..=(replica, start)).next_back() {
             if r == replica && e >= start {
                 start = s;
                 end = end.max(e);
             }
         }
-        while let Some((&(r, s), &e)) = self.ranges.range((replica, start)..).next() {
+        while let Some((&(r, s), &e)) = ranges.range((replica, start)..).next() {
             if r != replica || s > end {
                 break;
             }
             end = end.max(e);
-            self.ranges.remove(&(r, s));
+            ranges.remove(&(r, s));
         }
-        self.ranges.insert((replica, start), end);
+        ranges.insert((replica, start), end);
     }
 }
 
@@ -403,6 +407,14 @@ impl Doc {
                     if next < id {
                         return at;
                     }
+                }
+                // Usually the next span is already smaller (no concurrent insert here): answer without searching.
+                let lf = &self.tree.leaves[l.leaf as usize];
+                if l.idx + 1 < lf.n as usize && self.tree.first_id(&lf.spans[l.idx + 1]) < id {
+                    return Some(Loc {
+                        off: s.len() - 1,
+                        ..l
+                    });
                 }
                 (l.leaf, l.idx + 1)
             }
