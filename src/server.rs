@@ -21,9 +21,11 @@ use crate::room::RoomConfig;
 use crate::shard::{self, Handler, NetLimits, RoomHost, WAKER_TOKEN};
 use crate::storage::{MemoryStorage, Storage};
 
-/// Bytes tungstenite reads from a socket at once; also each connection's initial read buffer,
-/// so it is kept small for 100k connections (a larger message grows the buffer as needed).
-pub const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Each connection's initial read buffer, and the most tungstenite reads from a socket at once.
+/// It is allocated (and zeroed, so resident) for every connection, idle or not, so it is sized
+/// for density: 512 bytes hold a typical `op` or `presence` message, a larger message grows the
+/// buffer as needed, and 4 KiB here cost 4 KiB of RSS per idle connection (docs/benchmarks.md).
+pub const WS_READ_BUFFER_BYTES: usize = 512;
 /// Frames queued in tungstenite before it writes to the socket: small frames of one turn
 /// coalesce into few writes; the turn's flush sends the rest.
 pub const WS_WRITE_BUFFER_BYTES: usize = 4 * 1024;
