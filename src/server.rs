@@ -26,9 +26,10 @@ use crate::storage::{MemoryStorage, Storage};
 /// for density: 512 bytes hold a typical `op` or `presence` message, a larger message grows the
 /// buffer as needed, and 4 KiB here cost 4 KiB of RSS per idle connection (docs/benchmarks.md).
 pub const WS_READ_BUFFER_BYTES: usize = 512;
-/// Frames queued in tungstenite before it writes to the socket: small frames of one turn
-/// coalesce into few writes; the turn's flush sends the rest.
-pub const WS_WRITE_BUFFER_BYTES: usize = 4 * 1024;
+/// Bytes tungstenite collects before writing to the socket. It writes only control frames
+/// (pings, pongs, closes) and the acceptor's refusals; the shard writes text frames itself, so
+/// none is worth buffering (a buffer would keep its largest size for the connection's life).
+pub const WS_WRITE_BUFFER_BYTES: usize = 0;
 
 // Both buffers stay far below the smallest message limit the contract allows, so a
 // connection's resting memory does not grow with `--message-bytes-max`.
@@ -103,8 +104,7 @@ pub fn ws_config(config: &Config) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(WS_READ_BUFFER_BYTES)
         .write_buffer_size(WS_WRITE_BUFFER_BYTES)
-        // Never reached in practice: the shard stops handing tungstenite frames once a write
-        // would block, so its buffer holds at most one turn's small frames plus one message.
+        // Never reached: tungstenite is only given control frames and the acceptor's refusals.
         .max_write_buffer_size(usize::MAX)
         .max_message_size(Some(config.message_bytes_max))
         .max_frame_size(Some(config.message_bytes_max))
