@@ -100,6 +100,10 @@ struct Conn {
     ping_outstanding: bool,
 }
 
+// Every connection pays for a `Conn` in the slab, idle or not (docs/benchmarks.md, "Connection
+// density and hot path"); 440 bytes today, of which tungstenite's `WebSocket` is 272.
+const _: () = assert!(std::mem::size_of::<Conn>() <= 448);
+
 /// What one read attempt gave.
 pub enum ReadOutcome {
     /// A text or binary message for the handler.
@@ -681,7 +685,7 @@ impl Conn {
 const FRAME_HEADER_BYTES_MAX: usize = 10;
 
 /// Frames handed to one `writev` call (two slices each: header and payload).
-const FRAMES_PER_WRITE_MAX: usize = 64;
+const FRAMES_PER_WRITE_MAX: usize = 32;
 
 /// Writes the header of an unmasked, final text frame with a payload of `len` bytes into
 /// `header` (RFC 6455 section 5.2) and returns its length.
