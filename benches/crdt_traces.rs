@@ -101,9 +101,11 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(11);
-    // For profiling: `CRDT_BENCH_ONLY=local` (or `remote`) loops that part of automerge-paper and prints nothing.
+    // For profiling: `CRDT_BENCH_ONLY=local` (or `remote`) loops that part of one trace (`CRDT_BENCH_TRACE`,
+    // default automerge-paper) and prints nothing.
     if let Ok(only) = std::env::var("CRDT_BENCH_ONLY") {
-        let trace = load("automerge-paper");
+        let name = std::env::var("CRDT_BENCH_TRACE").unwrap_or_else(|_| "automerge-paper".into());
+        let trace = load(&name);
         let mut ops = Vec::new();
         replay_local(&trace, Some(&mut ops));
         for _ in 0..runs {

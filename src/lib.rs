@@ -8,6 +8,7 @@
 //! - [`acceptor`]: TCP accept, plain HTTP, WebSocket handshake, handoff to shards.
 //! - [`shard`]: per-core event loops owning connections and documents.
 //! - [`server`]: starting and stopping it all in-process.
+//! - [`loadgen`]: the `collab-load` load generator (real WebSocket clients, HDR latency reports).
 #![warn(missing_docs)]
 
 pub mod acceptor;
@@ -15,6 +16,7 @@ pub mod client;
 pub mod config;
 pub mod crdt;
 pub mod ids;
+pub mod loadgen;
 pub mod metrics;
 pub mod protocol;
 pub mod room;

@@ -4,7 +4,8 @@
 //! Every [`PUBLISH_INTERVAL`] it copies its figures into a slot of the shared
 //! [`MetricsRegistry`]; that one short lock per interval is the only cross-thread traffic,
 //! and it is off the per-message path. The acceptor renders the registry for `/metrics`
-//! (Prometheus text format) and `/health`.
+//! (Prometheus text format) and `/health`; each histogram is exported per shard and merged
+//! (`shard="all"`), because quantiles of different shards cannot be added afterwards.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -18,6 +19,20 @@ pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Largest value a histogram records, in microseconds (one minute); larger values saturate.
 const HISTOGRAM_US_MAX: u64 = 60_000_000;
+
+/// A counter row of the exposition: name, Prometheus type, help text, getter.
+type CounterRow = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&ShardCounters) -> u64,
+);
+/// A histogram row of the exposition: name, help text, getter.
+type HistogramRow = (
+    &'static str,
+    &'static str,
+    fn(&ShardHistograms) -> &Histogram<u64>,
+);
 
 /// Monotonic counters and gauges of one shard.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -137,7 +152,7 @@ impl MetricsRegistry {
     pub fn render_prometheus(&self) -> String {
         let shards: Vec<ShardFigures> = self.slots.iter().map(|slot| slot.lock().clone()).collect();
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, &str, fn(&ShardCounters) -> u64); 10] = [
+        let counters: [CounterRow; 10] = [
             (
                 "collab_connections",
                 "gauge",
@@ -209,7 +224,7 @@ impl MetricsRegistry {
                 );
             }
         }
-        let histograms: [(&str, &str, fn(&ShardHistograms) -> &Histogram<u64>); 4] = [
+        let histograms: [HistogramRow; 4] = [
             (
                 "collab_loop_turn_seconds",
                 "Shard event-loop turn time.",
@@ -233,18 +248,26 @@ impl MetricsRegistry {
         ];
         for (name, help, get) in histograms {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
-            for (shard_idx, figures) in shards.iter().enumerate() {
-                let h = get(&figures.histograms);
+            // Quantiles do not add up across shards, so the merged histogram gets its own series.
+            let mut all = get(&ShardHistograms::default()).clone();
+            for figures in &shards {
+                let _ = all.add(get(&figures.histograms));
+            }
+            let labelled = shards
+                .iter()
+                .enumerate()
+                .map(|(idx, f)| (idx.to_string(), get(&f.histograms)));
+            for (shard, h) in labelled.chain(std::iter::once(("all".to_owned(), &all))) {
                 for q in [0.5, 0.9, 0.99, 0.999, 1.0] {
                     let seconds = h.value_at_quantile(q) as f64 / 1e6;
                     let _ = writeln!(
                         out,
-                        "{name}{{shard=\"{shard_idx}\",quantile=\"{q}\"}} {seconds}"
+                        "{name}{{shard=\"{shard}\",quantile=\"{q}\"}} {seconds}"
                     );
                 }
                 let sum_seconds = h.mean() * h.len() as f64 / 1e6;
-                let _ = writeln!(out, "{name}_sum{{shard=\"{shard_idx}\"}} {sum_seconds}");
-                let _ = writeln!(out, "{name}_count{{shard=\"{shard_idx}\"}} {}", h.len());
+                let _ = writeln!(out, "{name}_sum{{shard=\"{shard}\"}} {sum_seconds}");
+                let _ = writeln!(out, "{name}_count{{shard=\"{shard}\"}} {}", h.len());
             }
         }
         out
@@ -277,13 +300,52 @@ impl ShardMetrics {
         self.published_at = now;
         let mut slot = self.registry.slots[self.shard_idx].lock();
         slot.counters.clone_from(&self.figures.counters);
-        slot.histograms.clone_from(&self.figures.histograms);
+        let live = &self.figures.histograms;
+        let published = &mut slot.histograms;
+        for (dst, src) in [
+            (&mut published.turn_us, &live.turn_us),
+            (&mut published.integrate_us, &live.integrate_us),
+            (&mut published.fsync_us, &live.fsync_us),
+            (&mut published.fanout_us, &live.fanout_us),
+        ] {
+            copy_histogram(dst, src);
+        }
+    }
+}
+
+/// Copies `src` into `dst` in place: no allocation under the lock (a derived `clone_from` would
+/// allocate a fresh ~280 KB counts array per histogram per publish), and nothing at all when no
+/// sample arrived since the last copy (a histogram's count only grows).
+fn copy_histogram(dst: &mut Histogram<u64>, src: &Histogram<u64>) {
+    if dst.len() == src.len() {
+        return;
+    }
+    dst.reset();
+    if dst.add(src).is_err() {
+        // Only when the bounds differ, which `ShardHistograms::default` rules out.
+        dst.clone_from(src);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publishing_copies_histograms_in_place() {
+        let mut src = ShardHistograms::default().turn_us;
+        let mut dst = src.clone();
+        ShardMetrics::record(&mut src, Duration::from_micros(10));
+        copy_histogram(&mut dst, &src);
+        assert_eq!((dst.len(), dst.max()), (1, 10));
+        ShardMetrics::record(&mut src, Duration::from_micros(20));
+        copy_histogram(&mut dst, &src);
+        assert_eq!(
+            (dst.len(), dst.max()),
+            (2, 20),
+            "a second copy replaces, never adds twice"
+        );
+    }
 
     #[test]
     fn published_figures_reach_the_scrape() {
@@ -314,6 +376,12 @@ mod tests {
         );
         assert!(
             text.contains("collab_fsync_seconds_count{shard=\"0\"} 0"),
+            "{text}"
+        );
+        let merged = "collab_fsync_seconds{shard=\"all\",quantile=\"0.5\"} 0.0015";
+        assert!(text.contains(merged), "{text}");
+        assert!(
+            text.contains("collab_fsync_seconds_count{shard=\"all\"} 1"),
             "{text}"
         );
     }

@@ -832,3 +832,12 @@ fn a_message_may_repeat_its_own_insert() {
     assert_eq!(doc.apply_remote(Some(1), &msg), Ok(Applied::Unchanged));
     doc.dbg_check();
 }
+
+#[test]
+#[should_panic(expected = "lamport past 2^53-1")]
+fn insert_local_without_a_lamport_left_panics() {
+    let mut doc = Doc::new();
+    doc.apply_remote(None, &[ins(MAX_ID_COMPONENT, 1, None, "z")])
+        .expect("max id");
+    doc.insert_local(2, 0, "x");
+}

@@ -130,6 +130,24 @@ pub struct Acceptor {
     accept_retry: bool,
 }
 
+/// Connections the kernel may queue before `accept`. mio (like std) listens with 128, which a
+/// join storm of a few hundred clients overflows: every dropped SYN then costs its client a
+/// one-second retransmit. The kernel caps it at `net.core.somaxconn` (4096 on current Linux).
+const LISTEN_BACKLOG: libc::c_int = 4096;
+
+/// Calls `listen` again with [`LISTEN_BACKLOG`]; on Linux a second `listen` on a listening socket
+/// only changes its backlog.
+fn raise_backlog(listener: &TcpListener) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `listen` on a valid, owned socket descriptor has no memory-safety preconditions.
+    let rc = unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 impl Acceptor {
     /// Binds `addr` and prepares the loop.
     ///
@@ -144,6 +162,7 @@ impl Acceptor {
         assert!(!shards.is_empty(), "at least one shard");
         let poll = Poll::new()?;
         let mut listener = TcpListener::bind(addr)?;
+        raise_backlog(&listener)?;
         let local_addr = listener.local_addr()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;

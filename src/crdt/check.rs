@@ -33,6 +33,15 @@ impl Doc {
         if let Some((leaf, start)) = t.cursor {
             assert_eq!(t.leaf_start(leaf), start, "cursor start");
         }
+        if let Some((leaf, idx, start)) = t.span_cursor() {
+            let l = &t.leaves[leaf as usize];
+            let before: u64 = l.spans()[..idx]
+                .iter()
+                .map(|s| s.visible_len() as u64)
+                .sum();
+            assert_eq!(t.leaf_start(leaf) + before, start, "span cursor start");
+            assert!(!l.spans[idx].deleted(), "span cursor on a tombstone");
+        }
         for (i, &r) in self.replicas.iter().enumerate() {
             assert_eq!(self.replica_idx.get(&r), Some(&(i as u32)), "replica table");
         }
@@ -101,6 +110,12 @@ fn check_subtree(t: &Tree, id: u32, height: u8, parent: u32, leaves: &mut Vec<u3
     if height == 0 {
         let l = &t.leaves[id as usize];
         assert_eq!(l.parent, parent, "parent of leaf {id}");
+        if parent != NONE {
+            assert_eq!(
+                t.nodes[parent as usize].children[l.slot as usize], id,
+                "slot of leaf {id}"
+            );
+        }
         assert!(l.n as usize <= LEAF_CAP, "leaf {id} over capacity");
         assert!(l.n >= 1 || t.leaves.len() == 1, "empty leaf {id}");
         let visible: u64 = l.spans().iter().map(|s| s.visible_len() as u64).sum();
@@ -110,6 +125,12 @@ fn check_subtree(t: &Tree, id: u32, height: u8, parent: u32, leaves: &mut Vec<u3
     }
     let node = &t.nodes[id as usize];
     assert_eq!(node.parent, parent, "parent of node {id}");
+    if parent != NONE {
+        assert_eq!(
+            t.nodes[parent as usize].children[node.slot as usize], id,
+            "slot of node {id}"
+        );
+    }
     assert_eq!(node.height, height, "height of node {id}");
     assert!(
         node.n >= 2 || parent == NONE && node.n >= 1,

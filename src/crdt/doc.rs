@@ -336,7 +336,8 @@ impl Doc {
     }
 
     /// Inserts new items `id..` with `text` right after `at` (no skipping).
-    fn insert_run(&mut self, mut at: Option<Loc>, id: OpId, text: &str) {
+    /// Returns where the last new item is.
+    fn insert_run(&mut self, mut at: Option<Loc>, id: OpId, text: &str) -> Loc {
         let r = self.intern_replica(id.replica);
         let arena = self.arena.push_str(text);
         let n = self.arena.len() - arena;
@@ -358,6 +359,7 @@ impl Doc {
         let last = id.lamport + n as u64 - 1;
         self.max_lamport = Some(self.max_lamport.map_or(last, |m| m.max(last)));
         self.max_replica = self.max_replica.max(id.replica);
+        at.expect("text is not empty")
     }
 
     /// Marks the known items `id .. id+len` deleted.
@@ -440,6 +442,12 @@ impl Doc {
         assert!(!text.is_empty(), "empty insert");
         assert!(replica <= MAX_ID_COMPONENT, "replica past 2^53-1");
         let lamport = self.max_lamport.map_or(0, |m| m + 1);
+        // Checked before anything changes; the byte length bounds the char count, so this is cheap and safe.
+        assert!(
+            text.len() as u64 <= MAX_ID_COMPONENT + 1 - lamport
+                || lamport + text.chars().count() as u64 - 1 <= MAX_ID_COMPONENT,
+            "lamport past 2^53-1"
+        );
         let at = if pos == 0 {
             None
         } else {
@@ -447,11 +455,11 @@ impl Doc {
         };
         let after = at.map(|loc| self.id_of(loc));
         let id = OpId::new(lamport, replica);
-        self.insert_run(at, id, text);
-        assert!(
-            self.max_lamport.unwrap_or(0) <= MAX_ID_COMPONENT,
-            "lamport past 2^53-1"
-        );
+        let last = self.insert_run(at, id, text);
+        // The last new char is at `pos + n - 1`, `last.off` chars into its (visible) span.
+        let n = text.chars().count();
+        let span_start = (pos + n - 1) as u64 - last.off as u64;
+        self.tree.set_span_cursor(last.leaf, last.idx, span_start);
         Op::Insert {
             id,
             after,

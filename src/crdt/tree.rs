@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 pub(crate) const LEAF_CAP: usize = 32;
 /// Most children of an internal node.
 pub(crate) const NODE_CAP: usize = 16;
+/// Span hints kept for id lookups (by replica index), so that a few concurrent typists each keep theirs.
+const N_HINTS: usize = 4;
 /// "No node" in `parent`, `prev`, `next`.
 pub(crate) const NONE: u32 = u32::MAX;
 const DEL_BIT: u32 = 1 << 31;
@@ -116,6 +118,8 @@ pub(crate) struct Leaf {
     /// Visible chars in this leaf.
     pub visible: u64,
     pub parent: u32,
+    /// Index of this leaf among its parent's children.
+    pub slot: u8,
     pub prev: u32,
     pub next: u32,
 }
@@ -127,6 +131,7 @@ impl Leaf {
             n: 0,
             visible: 0,
             parent: NONE,
+            slot: 0,
             prev: NONE,
             next: NONE,
         }
@@ -158,6 +163,8 @@ pub(crate) struct Node {
     pub n: u8,
     pub height: u8,
     pub parent: u32,
+    /// Index of this node among its parent's children.
+    pub slot: u8,
 }
 
 impl Node {
@@ -209,8 +216,14 @@ pub(crate) struct Tree {
     /// Id-index cache: the last segment looked up through `&mut self`, valid until the index changes (`assign` clears it).
     /// Kept out of `&self` lookups so that `Doc` stays `Sync`.
     seg: Option<Seg>,
-    /// Span hint for `find_mut`: the last span found or inserted into; checked exactly before use, so it never goes stale.
-    hint: Option<(u32, u32)>,
+    /// Span hints for `find_mut`, one slot per replica index modulo `N_HINTS`: the last span of that replica found or
+    /// inserted into, as (leaf, span index); checked exactly before use, so they never go stale.
+    hints: [(u32, u32); N_HINTS],
+    /// Bumped by every change to spans or counts; `span_cursor` is valid only at the version it was taken.
+    version: u64,
+    /// Local typing cursor: leaf, span index, visible chars before the span, and `version` when set.
+    /// `insert_local` sets it after its own insert, so the next keystroke finds its place without scanning.
+    span_cursor: Option<(u32, usize, u64, u64)>,
     /// One past the highest lamport ever given to `assign`: no id at or above it is known.
     lamport_end: u64,
 }
@@ -235,7 +248,9 @@ impl Default for Tree {
             index: BTreeMap::new(),
             cursor: None,
             seg: None,
-            hint: None,
+            hints: [(0, u32::MAX); N_HINTS],
+            version: 0,
+            span_cursor: None,
             lamport_end: 0,
         }
     }
@@ -259,13 +274,12 @@ impl Tree {
         let l = &mut self.leaves[leaf as usize];
         l.visible = l.visible.wrapping_add(d);
         self.total = self.total.wrapping_add(d);
-        let mut child = leaf;
+        let mut slot = l.slot as usize;
         let mut p = l.parent;
         while p != NONE {
             let node = &mut self.nodes[p as usize];
-            let slot = node.slot_of(child);
             node.counts[slot] = node.counts[slot].wrapping_add(d);
-            child = p;
+            slot = node.slot as usize;
             p = node.parent;
         }
     }
@@ -273,17 +287,13 @@ impl Tree {
     /// Visible chars before `leaf`.
     pub(crate) fn leaf_start(&self, leaf: u32) -> u64 {
         let mut pos = 0;
-        let mut child = leaf;
-        let mut p = self.leaves[leaf as usize].parent;
+        let l = &self.leaves[leaf as usize];
+        let mut slot = l.slot as usize;
+        let mut p = l.parent;
         while p != NONE {
             let node = &self.nodes[p as usize];
-            for i in 0..node.n as usize {
-                if node.children[i] == child {
-                    break;
-                }
-                pos += node.counts[i];
-            }
-            child = p;
+            pos += node.counts[..slot].iter().sum::<u64>();
+            slot = node.slot as usize;
             p = node.parent;
         }
         pos
@@ -309,6 +319,15 @@ impl Tree {
 
     /// Location of visible char `pos` (`pos < total`), through the cursor when it covers `pos`.
     pub(crate) fn locate_visible(&mut self, pos: u64) -> Loc {
+        if let Some((leaf, idx, start, version)) = self.span_cursor {
+            if version == self.version {
+                let s = self.leaves[leaf as usize].spans[idx];
+                if !s.deleted() && pos >= start && pos < start + s.len() as u64 {
+                    let off = (pos - start) as u32;
+                    return Loc { leaf, idx, off };
+                }
+            }
+        }
         if let Some((leaf, start)) = self.cursor {
             if pos >= start && pos < start + self.leaves[leaf as usize].visible {
                 return self.loc_in_leaf(leaf, pos - start);
@@ -317,6 +336,18 @@ impl Tree {
         let (leaf, start) = self.leaf_at(pos);
         self.cursor = Some((leaf, start));
         self.loc_in_leaf(leaf, pos - start)
+    }
+
+    /// Remembers that the visible span at `leaf`, `idx` starts at position `start` (see `span_cursor`).
+    pub(crate) fn set_span_cursor(&mut self, leaf: u32, idx: usize, start: u64) {
+        self.span_cursor = Some((leaf, idx, start, self.version));
+    }
+
+    /// The span cursor, if still valid: leaf, span index, visible chars before the span.
+    pub(crate) fn span_cursor(&self) -> Option<(u32, usize, u64)> {
+        self.span_cursor
+            .filter(|c| c.3 == self.version)
+            .map(|(leaf, idx, start, _)| (leaf, idx, start))
     }
 
     /// Location of visible char `rest` within `leaf`.
@@ -399,18 +430,17 @@ impl Tree {
     /// Like `find`, and remembers the index segment for the next lookup.
     #[inline]
     pub(crate) fn find_mut(&mut self, replica: u32, lamport: u64) -> Option<Loc> {
-        if let Some((leaf, idx)) = self.hint {
-            let l = &self.leaves[leaf as usize];
-            let idx = idx as usize;
-            if idx < l.n as usize && l.spans[idx].contains(replica, lamport) {
-                let off = (lamport - l.spans[idx].lamport) as u32;
-                return Some(Loc { leaf, idx, off });
-            }
+        let (leaf, idx) = self.hints[replica as usize % N_HINTS];
+        let l = &self.leaves[leaf as usize];
+        let idx = idx as usize;
+        if idx < l.n as usize && l.spans[idx].contains(replica, lamport) {
+            let off = (lamport - l.spans[idx].lamport) as u32;
+            return Some(Loc { leaf, idx, off });
         }
         let seg = self.segment(replica, lamport)?;
         self.seg = Some(seg);
         let loc = self.find_in(seg.leaf, replica, lamport)?;
-        self.hint = Some((loc.leaf, loc.idx as u32));
+        self.hints[replica as usize % N_HINTS] = (loc.leaf, loc.idx as u32);
         Some(loc)
     }
 
@@ -514,6 +544,7 @@ impl Tree {
 
     /// Inserts `span` (new ids) right after item `after`, or at the document start; returns where its first item is.
     pub(crate) fn insert_after(&mut self, after: Option<Loc>, span: Span) -> Loc {
+        self.version += 1;
         let (leaf, idx) = match after {
             None => (0u32, 0usize),
             Some(loc) => {
@@ -540,19 +571,20 @@ impl Tree {
                 off,
             };
             let loc = self.fix_overflow(loc);
-            self.hint = Some((loc.leaf, loc.idx as u32));
+            self.hints[span.replica as usize % N_HINTS] = (loc.leaf, loc.idx as u32);
             return loc;
         }
         l.insert(idx, span);
         self.add_count(leaf, vis);
         self.assign(span.replica, span.lamport, span.end(), leaf);
         let loc = self.fix_overflow(Loc { leaf, idx, off: 0 });
-        self.hint = Some((loc.leaf, loc.idx as u32));
+        self.hints[span.replica as usize % N_HINTS] = (loc.leaf, loc.idx as u32);
         loc
     }
 
     /// Deletes `len` items starting at `loc` (all within its span); returns how many were visible.
     pub(crate) fn delete_in_span(&mut self, loc: Loc, len: u32) -> u32 {
+        self.version += 1;
         let l = &mut self.leaves[loc.leaf as usize];
         let s = l.spans[loc.idx];
         debug_assert!(loc.off + len <= s.len());
@@ -669,23 +701,29 @@ impl Tree {
                 n: 2,
                 height: height + 1,
                 parent: NONE,
+                slot: 0,
             };
             node.children[0] = left;
             node.children[1] = right;
             node.counts[0] = left_count;
             node.counts[1] = right_count;
             self.nodes.push(node);
-            self.set_parent(left, height, root);
-            self.set_parent(right, height, root);
+            self.set_parent(left, height, root, 0);
+            self.set_parent(right, height, root, 1);
             self.root = root;
             self.height = height + 1;
             return;
         }
-        self.set_parent(right, height, parent);
         let node = &mut self.nodes[parent as usize];
         let slot = node.slot_of(left);
         node.counts[slot] = left_count;
         node.insert(slot + 1, right, right_count);
+        // Children from `right` on moved one slot up.
+        let (children, n) = (node.children, node.n as usize);
+        for (i, &c) in children.iter().enumerate().take(n).skip(slot + 1) {
+            self.set_parent(c, height, parent, i as u8);
+        }
+        let node = &mut self.nodes[parent as usize];
         if node.n as usize > NODE_CAP {
             let new_node = self.nodes.len() as u32;
             let node = &mut self.nodes[parent as usize];
@@ -697,6 +735,7 @@ impl Tree {
                 n: (n - mid) as u8,
                 height: height + 1,
                 parent: NONE,
+                slot: 0,
             };
             right_node.children[..n - mid].copy_from_slice(&node.children[mid..n]);
             right_node.counts[..n - mid].copy_from_slice(&node.counts[mid..n]);
@@ -705,8 +744,8 @@ impl Tree {
             let right_total: u64 = right_node.counts[..n - mid].iter().sum();
             let moved: Vec<u32> = right_node.children[..n - mid].to_vec();
             self.nodes.push(right_node);
-            for c in moved {
-                self.set_parent(c, height, new_node);
+            for (i, c) in moved.into_iter().enumerate() {
+                self.set_parent(c, height, new_node, i as u8);
             }
             self.insert_child(parent, new_node, left_total, right_total, height + 1);
         }
@@ -720,11 +759,13 @@ impl Tree {
         }
     }
 
-    fn set_parent(&mut self, id: u32, height: u8, parent: u32) {
+    fn set_parent(&mut self, id: u32, height: u8, parent: u32, slot: u8) {
         if height == 0 {
-            self.leaves[id as usize].parent = parent;
+            let l = &mut self.leaves[id as usize];
+            (l.parent, l.slot) = (parent, slot);
         } else {
-            self.nodes[id as usize].parent = parent;
+            let n = &mut self.nodes[id as usize];
+            (n.parent, n.slot) = (parent, slot);
         }
     }
 

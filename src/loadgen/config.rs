@@ -1,0 +1,270 @@
+//! The load generator's command line: the workload, the target and where reports go.
+//!
+//! Owns flag parsing and validation only; it never opens a socket.
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// How a writer spaces its edits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArrivalKind {
+    /// Exactly one edit every `--edit-interval`.
+    Fixed,
+    /// Exponentially distributed gaps with mean `--edit-interval` (a Poisson process).
+    Poisson,
+}
+
+/// Command-line configuration of `collab-load`.
+#[derive(Clone, Debug, Parser)]
+#[command(
+    // A later flag overrides an earlier one, so scripts can append to common defaults.
+    args_override_self = true,
+    name = "collab-load",
+    version,
+    about = "Drives many real WebSocket clients against collab-engine and reports end-to-end latency percentiles"
+)]
+pub struct LoadConfig {
+    /// Server base URL; client i of room r connects to `<url>/ws/<doc-prefix>-<r>`.
+    #[arg(long, default_value = "ws://127.0.0.1:8000")]
+    pub url: String,
+
+    /// Documents (rooms) to load.
+    #[arg(long, default_value_t = 1)]
+    pub rooms: usize,
+
+    /// Clients joined to each room.
+    #[arg(long, default_value_t = 2)]
+    pub clients_per_room: usize,
+
+    /// Clients per room that edit; the rest only read. Default: every client.
+    #[arg(long)]
+    pub writers_per_room: Option<usize>,
+
+    /// Mean time between two edits of one writer (`20ms`, `1s`, ...).
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    pub edit_interval: Duration,
+
+    /// Spacing of a writer's edits.
+    #[arg(long, value_enum, default_value = "fixed")]
+    pub arrivals: ArrivalKind,
+
+    /// Characters inserted (or deleted) by one edit.
+    #[arg(long, default_value_t = 1)]
+    pub edit_size: usize,
+
+    /// Share of edits that delete `--edit-size` characters instead of inserting (0-100).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub delete_percent: u8,
+
+    /// Editing time before measuring starts (not recorded).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub warmup: Duration,
+
+    /// Measured editing time.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// A trace `.json.gz` (or `.json`) whose `endContent` is inserted into every room, in one op,
+    /// before the other clients join.
+    #[arg(long)]
+    pub preload: Option<PathBuf>,
+
+    /// Source addresses to spread connections over (`127.0.0.2,127.0.0.3`): each gives about
+    /// 28k ephemeral ports towards one server address.
+    #[arg(long, value_delimiter = ',')]
+    pub bind: Vec<IpAddr>,
+
+    /// Event-loop threads; 0 means one per core.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+
+    /// Process id of the server, to report its CPU seconds and RSS from /proc.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+
+    /// Folder for summary.json, *.hgrm, latency.svg and the server's /metrics text.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+
+    /// Document name prefix.
+    #[arg(long, default_value = "load")]
+    pub doc_prefix: String,
+
+    /// Connections per thread allowed between TCP connect and hello_ack at once (keeps the
+    /// server's accept queue from overflowing, which would cost a 1 s SYN retransmit).
+    #[arg(long, default_value_t = 256)]
+    pub connect_concurrency: usize,
+
+    /// Give up waiting for every client to join after this long.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub join_timeout: Duration,
+
+    /// After the measured time, wait this long at most for in-flight edits to arrive everywhere.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Seed of the edit positions, texts and Poisson gaps.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+
+    /// Name of this run in reports.
+    #[arg(long, default_value = "run")]
+    pub label: String,
+
+    /// Skip the end-of-run convergence check (which copies every client's text).
+    #[arg(long)]
+    pub no_check: bool,
+}
+
+/// Where and how to reach the server, resolved from `--url`.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The server's socket address.
+    pub addr: SocketAddr,
+    /// `ws://host:port` plus any path prefix, without a trailing slash.
+    pub base_url: String,
+}
+
+impl LoadConfig {
+    /// Writers per room with the default applied.
+    pub fn writers(&self) -> usize {
+        self.writers_per_room
+            .unwrap_or(self.clients_per_room)
+            .min(self.clients_per_room)
+    }
+
+    /// Thread count with 0 resolved to the number of cores.
+    pub fn thread_count(&self) -> usize {
+        let n = if self.threads > 0 {
+            self.threads
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        };
+        n.min(self.total_clients().max(1))
+    }
+
+    /// Total connections the run opens.
+    pub fn total_clients(&self) -> usize {
+        self.rooms * self.clients_per_room
+    }
+
+    /// Checks the flags against each other.
+    ///
+    /// # Errors
+    /// A message naming the flag that is out of range.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.rooms == 0 || self.clients_per_room == 0 {
+            return Err("--rooms and --clients-per-room must be at least 1".into());
+        }
+        if self.edit_size == 0 {
+            return Err("--edit-size must be at least 1".into());
+        }
+        if self.edit_interval.is_zero() {
+            return Err("--edit-interval must be above 0".into());
+        }
+        if self.connect_concurrency == 0 {
+            return Err("--connect-concurrency must be at least 1".into());
+        }
+        if self.bind.iter().any(|ip| !ip.is_ipv4()) {
+            return Err("--bind takes IPv4 addresses".into());
+        }
+        Ok(())
+    }
+
+    /// Resolves `--url` to an address.
+    ///
+    /// # Errors
+    /// When the URL is not `ws://host:port[/prefix]` or the host does not resolve.
+    pub fn target(&self) -> Result<Target, String> {
+        let rest = self
+            .url
+            .strip_prefix("ws://")
+            .ok_or_else(|| format!("--url must start with ws://: {}", self.url))?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        let authority_with_port = if authority.contains(':') {
+            authority.to_owned()
+        } else {
+            format!("{authority}:80")
+        };
+        let addr = authority_with_port
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve {authority}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{authority} resolves to nothing"))?;
+        let base_url = format!("ws://{authority}{}", path.trim_end_matches('/'));
+        Ok(Target { addr, base_url })
+    }
+
+    /// The name of room `room_idx`'s document.
+    pub fn doc_name(&self, room_idx: usize) -> String {
+        format!("{}-{room_idx}", self.doc_prefix)
+    }
+}
+
+/// Parses `250ms`, `10s`, `2m`, `1.5s` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = match text.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("not a duration: {text:?}"))?;
+    let seconds = match unit {
+        "us" => n / 1e6,
+        "ms" => n / 1e3,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("unknown unit in {text:?}: use us, ms, s or m")),
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("not a duration: {text:?}"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("20ms"), Ok(Duration::from_millis(20)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("500us"), Ok(Duration::from_micros(500)));
+        assert!(parse_duration("2h").is_err());
+        assert!(parse_duration("ms").is_err());
+    }
+
+    #[test]
+    fn url_resolves_to_addr_and_base() {
+        let config = LoadConfig::parse_from(["collab-load", "--url", "ws://127.0.0.1:9001/"]);
+        let target = config.target().expect("valid url");
+        assert_eq!(target.addr, "127.0.0.1:9001".parse().expect("addr"));
+        assert_eq!(target.base_url, "ws://127.0.0.1:9001");
+        let bad = LoadConfig::parse_from(["collab-load", "--url", "http://127.0.0.1:1"]);
+        assert!(bad.target().is_err());
+    }
+
+    #[test]
+    fn writers_default_to_every_client() {
+        let config = LoadConfig::parse_from(["collab-load", "--clients-per-room", "5"]);
+        assert_eq!(config.writers(), 5);
+        let config = LoadConfig::parse_from([
+            "collab-load",
+            "--clients-per-room",
+            "5",
+            "--writers-per-room",
+            "9",
+        ]);
+        assert_eq!(config.writers(), 5);
+    }
+}
