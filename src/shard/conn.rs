@@ -73,8 +73,8 @@ struct Conn {
     ws: WebSocket<TcpStream>,
     peer: SocketAddr,
     /// Text frames not yet fully written: filled by [`Net::send`], drained by the flush.
-    /// They share their bytes with every other recipient. Released when the connection is
-    /// found idle with nothing queued (timer tick), so an idle connection holds no queue.
+    /// They share their bytes with every other recipient. Released after a timer tick
+    /// with nothing queued (see `out_used`), so an idle connection holds no queue.
     out: VecDeque<Utf8Bytes>,
     /// Bytes (header and payload) of `out`'s front frame already written to the socket. While
     /// non-zero nothing else may write to the socket: no tungstenite call, no read (a read can
@@ -82,6 +82,9 @@ struct Conn {
     front_sent: usize,
     /// Payload bytes in `out`; bounded by [`NetLimits::outbound_bytes_max`].
     out_bytes: usize,
+    /// Whether a frame was queued since the last timer tick; a queue unused for a whole tick
+    /// gives its memory back.
+    out_used: bool,
     /// An idle ping to give tungstenite at the next flush.
     ping_due: bool,
     /// A close frame to send after `out` drains.
@@ -204,6 +207,7 @@ impl Net {
             out: VecDeque::new(),
             front_sent: 0,
             out_bytes: 0,
+            out_used: false,
             ping_due: false,
             pending_close: None,
             close_sent: false,
@@ -244,6 +248,7 @@ impl Net {
         }
         let len = frame.len();
         c.out_bytes += len;
+        c.out_used = true;
         c.out.push_back(frame);
         self.metrics.figures.counters.bytes_out += len as u64;
         self.push_flush(conn.0);
@@ -575,12 +580,12 @@ impl Net {
                         c.ping_outstanding = true;
                         to_ping.push(key);
                     }
-                    if c.out.is_empty() && c.out.capacity() > 0 && !c.in_flush_list {
-                        // Nothing queued since the last flush: give the queue's memory back,
-                        // so that idle connections hold none (a busy one reallocates at most
-                        // once per tick).
+                    if !c.out_used && c.out.is_empty() && c.out.capacity() > 0 {
+                        // Nothing queued for a whole tick: give the queue's memory back, so
+                        // that idle connections hold none while busy ones keep theirs.
                         c.out = VecDeque::new();
                     }
+                    c.out_used = false;
                 }
             }
         }
