@@ -62,7 +62,7 @@ idle join-1000 --rooms 1 --clients-per-room 1000 --preload "$PRELOAD"
 if [ "${HOT:-0}" = 1 ]; then
   start_server
   perf stat -p "$SERVER_PID" -o "$OUT/perf-stat.txt" \
-    -e task-clock,syscalls:sys_enter_writev,syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait &
+    -e task-clock,syscalls:sys_enter_sendmsg,syscalls:sys_enter_writev,syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait &
   STAT_PID=$!
   "$LOAD" --url "ws://127.0.0.1:$PORT" --rooms 100 --clients-per-room 10 --edit-interval 100ms \
     --warmup 2s --duration 10s --server-pid "$SERVER_PID" >"$OUT/hot.txt" 2>&1 || true

@@ -9,7 +9,7 @@
 //! - read until `WouldBlock` (tungstenite buffers whole frames; readiness is edge-triggered),
 //!   within a per-turn message budget; a connection with budget left over stays on the read
 //!   list for the next turn;
-//! - text frames are written by this module, not by tungstenite: one `writev` per connection per
+//! - text frames are written by this module, not by tungstenite: one `sendmsg` per connection per
 //!   turn takes a header (built on the stack) and the frame's shared bytes for each queued frame,
 //!   so a fan-out copies nothing per recipient and no connection keeps a write buffer; a frame
 //!   cut short by `WouldBlock` is finished before anything else touches the socket (tungstenite
@@ -662,7 +662,7 @@ impl Conn {
     /// Writes the queued text frames straight to the socket; see [`write_text_frames`].
     fn write_frames(&mut self) -> io::Result<bool> {
         write_text_frames(
-            self.ws.get_mut(),
+            &mut NoSigPipe(self.ws.get_ref()),
             &mut self.out,
             &mut self.front_sent,
             &mut self.out_bytes,
@@ -686,11 +686,42 @@ impl Conn {
     }
 }
 
+/// A TCP socket written with `sendmsg(MSG_NOSIGNAL)`: a peer gone mid-write is an `EPIPE`
+/// error, never a SIGPIPE, whatever the process's signal disposition (std's `write_vectored`
+/// is a plain `writev`, safe only because Rust binaries ignore SIGPIPE by default).
+struct NoSigPipe<'a>(&'a TcpStream);
+
+impl Write for NoSigPipe<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `msghdr` is plain data and all-zero is a valid value (no address, no
+        // control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        // `IoSlice` is guaranteed ABI-compatible with `iovec` on Unix; sendmsg only reads it.
+        msg.msg_iov = bufs.as_ptr().cast_mut().cast::<libc::iovec>();
+        msg.msg_iovlen = bufs.len() as _;
+        // SAFETY: the fd is the connection's open socket, and `msg` points at `bufs.len()`
+        // valid iovecs that outlive the call.
+        let n = unsafe { libc::sendmsg(self.0.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Longest header of an unmasked server frame: 2 bytes, plus 8 for a 64-bit length.
 const FRAME_HEADER_BYTES_MAX: usize = 10;
 
-/// Frames handed to one `writev` call (two slices each: header and payload).
+/// Frames handed to one `sendmsg` call (two slices each: header and payload).
 const FRAMES_PER_WRITE_MAX: usize = 32;
+// Linux takes at most IOV_MAX (1024) slices per call.
+const _: () = assert!(2 * FRAMES_PER_WRITE_MAX <= 1024);
 
 /// Writes the header of an unmasked, final text frame with a payload of `len` bytes into
 /// `header` (RFC 6455 section 5.2) and returns its length.
