@@ -19,7 +19,7 @@ use crate::config::{Config, StorageKind};
 use crate::metrics::MetricsRegistry;
 use crate::room::RoomConfig;
 use crate::shard::{self, Handler, NetLimits, RoomHost, WAKER_TOKEN};
-use crate::storage::{MemoryStorage, Storage};
+use crate::storage::{DiskStorage, MemoryStorage, Storage};
 
 /// Each connection's initial read buffer, and the most tungstenite reads from a socket at once.
 /// It is allocated (and zeroed, so resident) for every connection, idle or not, so it is sized
@@ -153,12 +153,7 @@ pub fn open_storage(config: &Config, shard_idx: usize) -> anyhow::Result<Box<dyn
     let _ = shard_idx;
     match config.storage {
         StorageKind::Memory => Ok(Box::new(MemoryStorage::new())),
-        StorageKind::Disk => {
-            // The disk backend (`storage::DiskStorage`) lands from branch `storage`; until then
-            // nothing survives a restart.
-            warn!("disk storage is not built in yet; keeping documents in memory");
-            Ok(Box::new(MemoryStorage::new()))
-        }
+        StorageKind::Disk => Ok(Box::new(DiskStorage::open(&config.data_dir, config.fsync)?)),
     }
 }
 
