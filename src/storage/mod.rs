@@ -4,9 +4,19 @@
 //! [`LogRecord`]s, the shard appends every record of a loop turn, calls [`Storage::sync`]
 //! once (group commit), and only then releases the echoes and acks that those records cover.
 //! Storage never sees a socket, and rooms never see a file.
+//!
+//! - [`DiskStorage`] (`disk.rs`): the durable default; per-document log segments and snapshot
+//!   (`docs/storage.md` has the formats and guarantees).
+//! - `format.rs`: CRC32C-checked record framing, bytes only.
+//! - [`fs`]: the file operations behind a trait, with a fault-injecting layer for tests.
+//! - [`MemoryStorage`] (`memory.rs`): nothing survives the process; tests and benchmarks.
 
+mod disk;
+mod format;
+pub mod fs;
 mod memory;
 
+pub use disk::DiskStorage;
 pub use memory::MemoryStorage;
 
 use tungstenite::Utf8Bytes;

@@ -1,0 +1,877 @@
+//! [`DiskStorage`]: the durable [`Storage`]: per-document append-only log segments plus one
+//! snapshot file, group-committed with one fsync per touched file per [`Storage::sync`].
+//!
+//! Layout (see `docs/storage.md`), independent of the shard count:
+//! `<data_dir>/docs/<h2>/<h32>/` where `h32` is the hex 128-bit FNV-1a hash of the document name
+//! (the raw name never becomes a path) holding `log-<n>` segments (first record: a header
+//! with the full name and the epoch) and `snapshot` (atomically replaced).
+//!
+//! This module never acknowledges anything: it tells the shard whether a sync succeeded.
+//! It takes no in-process lock (only `<data_dir>/LOCK` against other processes) and never
+//! touches a document that its shard does not own, so any number of `DiskStorage` values
+//! (one per shard) can share one data directory.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::format::{self, Body, Frame};
+use super::fs::{Fs, OsFs};
+use super::{LogRecord, Storage, StorageError, StoredDoc, StoredSnapshot};
+use crate::config::FsyncMode;
+
+/// Open segment handles kept per storage before idle ones are closed (stays well under the
+/// usual 1024 file descriptor limit with sockets beside it).
+const FILES_OPEN_MAX: usize = 256;
+/// Capacity of a document's pending buffer kept across syncs; bigger ones are freed.
+const PENDING_BYTES_KEPT_MAX: usize = 64 * 1024;
+/// Touched files from which `sync` fsyncs in parallel (below it, helper threads cost more
+/// than they save).
+const PARALLEL_SYNC_FILES_MIN: usize = 8;
+/// Most helper threads one `sync` starts.
+const SYNC_THREADS_MAX: usize = 16;
+const SNAPSHOT_FILE: &str = "snapshot";
+const SNAPSHOT_TEMP_FILE: &str = "snapshot.tmp";
+const SEGMENT_PREFIX: &str = "log-";
+
+/// The log state of one document while its shard has it loaded.
+#[derive(Debug)]
+struct DocLog<H> {
+    /// `docs/<h2>/<h32>`, relative to the data directory.
+    rel_dir: String,
+    /// Whether the directory exists on disk (else a first append creates it and its parents).
+    dir_exists: bool,
+    /// Set by the first append or snapshot of a new document, or by load.
+    epoch: Option<String>,
+    /// Highest segment number used or seen; a new segment takes the next one.
+    seg_no: u64,
+    /// Segment receiving appends; `None` until the next append starts a new one.
+    current: Option<u64>,
+    /// Open handle on `current`, opened lazily and closed when too many are open.
+    file: Option<H>,
+    /// Bytes of `current` that survived the last successful sync (or load).
+    durable_len: u64,
+    /// Framed records appended since the last sync; written and fsynced by `sync`.
+    pending: Vec<u8>,
+    /// Highest `server_seq` appended, pending included.
+    last_seq: u64,
+    /// Highest replica reservation appended, pending included.
+    last_reserved: u64,
+    /// Segments before `current` still on disk (holding records a snapshot did not cover).
+    old_segments: Vec<u64>,
+    /// Listed in `DiskStorage::touched`.
+    touched: bool,
+    /// `release` came while records were pending: drop after the next sync.
+    release_after_sync: bool,
+}
+
+impl<H> DocLog<H> {
+    fn new(doc: &str) -> DocLog<H> {
+        let hex = format!("{:032x}", format::name_hash(doc));
+        DocLog {
+            rel_dir: format!("docs/{}/{}", &hex[..2], hex),
+            dir_exists: false,
+            epoch: None,
+            seg_no: 0,
+            current: None,
+            file: None,
+            durable_len: 0,
+            pending: Vec::new(),
+            last_seq: 0,
+            last_reserved: 0,
+            old_segments: Vec::new(),
+            touched: false,
+            release_after_sync: false,
+        }
+    }
+
+    fn segment_rel(&self, no: u64) -> String {
+        segment_rel(&self.rel_dir, no)
+    }
+}
+
+/// The durable op log and snapshots, one value per shard, all sharing one data directory.
+///
+/// Write path: [`Storage::append`] only frames the record into the document's pending buffer;
+/// [`Storage::sync`] writes every touched document's buffer, then fsyncs each touched file once
+/// (and any directory that gained an entry). A failed write or fsync truncates every touched
+/// file back to its last durable length and forgets the documents' cached state, so the
+/// next use reads the disk again.
+pub struct DiskStorage<F: Fs = OsFs> {
+    fs: F,
+    root: PathBuf,
+    fsync: FsyncMode,
+    /// Documents loaded or written by this shard; removed by `release` and after failures.
+    docs: HashMap<String, DocLog<F::File>>,
+    /// Documents with pending records, in first-append order; drained by `sync`.
+    touched: Vec<String>,
+    /// Directories that gained an entry since the last sync (fsynced by it).
+    dirs_to_sync: Vec<PathBuf>,
+    /// Segment handles currently open.
+    n_files_open: usize,
+    /// `<data_dir>/LOCK`, held with a POSIX record lock so a second server process cannot
+    /// use the same directory (the shards of one process share it).
+    _lock: std::fs::File,
+}
+
+impl DiskStorage<OsFs> {
+    /// Opens (creating it when absent) the data directory `data_dir`. Nothing is read until a
+    /// document is loaded: recovery is lazy and per document.
+    ///
+    /// # Errors
+    /// `Io` when the directory cannot be created.
+    pub fn open(data_dir: &Path, fsync: FsyncMode) -> Result<DiskStorage<OsFs>, StorageError> {
+        DiskStorage::with_fs(data_dir, fsync, OsFs)
+    }
+}
+
+impl<F: Fs> DiskStorage<F> {
+    /// Like [`DiskStorage::open`] over another file layer (tests inject faults with it).
+    ///
+    /// # Errors
+    /// `Io` when the directory cannot be created.
+    pub fn with_fs(
+        data_dir: &Path,
+        fsync: FsyncMode,
+        fs: F,
+    ) -> Result<DiskStorage<F>, StorageError> {
+        let docs_dir = data_dir.join("docs");
+        fs.create_dir_all(&docs_dir)
+            .map_err(|e| io_error(format!("creating {}", docs_dir.display()), e))?;
+        let lock = lock_data_dir(data_dir)?;
+        Ok(DiskStorage {
+            fs,
+            root: data_dir.to_path_buf(),
+            fsync,
+            docs: HashMap::new(),
+            touched: Vec::new(),
+            dirs_to_sync: Vec::new(),
+            n_files_open: 0,
+            _lock: lock,
+        })
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.root
+    }
+
+    fn fsync_on(&self) -> bool {
+        self.fsync == FsyncMode::Always
+    }
+
+    /// The cached log of `doc`, reading the disk first when it is not loaded.
+    fn doc_log(&mut self, doc: &str) -> Result<&mut DocLog<F::File>, StorageError> {
+        if !self.docs.contains_key(doc) {
+            let (_, log) = self.scan(doc)?;
+            self.docs.insert(doc.to_owned(), log);
+        }
+        self.docs.get_mut(doc).ok_or_else(|| {
+            io_error(
+                format!("document {doc:?} vanished"),
+                io::ErrorKind::NotFound.into(),
+            )
+        })
+    }
+
+    /// Reads a document from disk: its snapshot and every log record after it, verifying each
+    /// checksum; cuts a torn final record; cleans up files a crash left behind.
+    fn scan(&mut self, doc: &str) -> Result<(Option<StoredDoc>, DocLog<F::File>), StorageError> {
+        let mut log = DocLog::new(doc);
+        let dir = self.root.join(&log.rel_dir);
+        let names = self
+            .fs
+            .list_dir(&dir)
+            .map_err(|e| io_error(format!("listing {}", log.rel_dir), e))?;
+        let Some(names) = names else {
+            return Ok((None, log));
+        };
+        log.dir_exists = true;
+        if names.iter().any(|n| n == SNAPSHOT_TEMP_FILE) {
+            // An interrupted snapshot write: the previous snapshot (or none) is still the valid one.
+            let tmp = dir.join(SNAPSHOT_TEMP_FILE);
+            self.fs.remove_file(&tmp).map_err(|e| {
+                io_error(format!("removing {}/{SNAPSHOT_TEMP_FILE}", log.rel_dir), e)
+            })?;
+        }
+
+        let mut snapshot = None;
+        let mut seg_floor = 0;
+        if names.iter().any(|n| n == SNAPSHOT_FILE) {
+            let (snap, floor) = self.read_snapshot(doc, &log.rel_dir)?;
+            seg_floor = floor;
+            snapshot = snap;
+        }
+        let mut segments: Vec<u64> = names
+            .iter()
+            .filter_map(|n| n.strip_prefix(SEGMENT_PREFIX))
+            .filter(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+            .filter_map(|digits| digits.parse().ok())
+            .collect();
+        segments.sort_unstable();
+
+        let covered_head = snapshot.as_ref().map_or(0, |s: &StoredSnapshot| s.head);
+        let covered_reserved = snapshot.as_ref().map_or(0, |s| s.replicas_reserved);
+        let mut epoch = snapshot.as_ref().map(|s| s.epoch.clone());
+        let mut tail = Vec::new();
+        let mut last_seq = covered_head;
+        let mut last_reserved = covered_reserved;
+        // Segments whose every record the snapshot covers: deleted once loading succeeded.
+        let mut covered_segments = Vec::new();
+        let mut last_len = 0;
+        for (idx, &no) in segments.iter().enumerate() {
+            let is_last = idx + 1 == segments.len();
+            let rel = log.segment_rel(no);
+            let data = self
+                .fs
+                .read_file(&self.root.join(&rel))
+                .map_err(|e| io_error(format!("reading {rel}"), e))?
+                .unwrap_or_default();
+            let mut offset = 0;
+            let mut n_tail_records = 0;
+            while offset < data.len() {
+                let (body, next) = match format::read_frame(&data, offset) {
+                    Frame::Ok { body, next } => (body, next),
+                    Frame::Bad {
+                        detail,
+                        reaches_end,
+                    } if is_last && reaches_end => {
+                        log::warn!(
+                            "{rel}: torn record at byte {offset} ({detail}); cutting {} bytes off the end",
+                            data.len() - offset
+                        );
+                        self.cut(&rel, offset as u64)?;
+                        break;
+                    }
+                    Frame::Bad { detail, .. } => return Err(corrupt(&rel, offset, detail)),
+                };
+                let body = format::decode_body(body, doc)
+                    .map_err(|detail| corrupt(&rel, offset, detail))?;
+                match body {
+                    Body::Header {
+                        doc: name,
+                        epoch: seg_epoch,
+                    } => {
+                        if offset != 0 {
+                            return Err(corrupt(
+                                &rel,
+                                offset,
+                                "segment header in the middle of a segment",
+                            ));
+                        }
+                        if name != doc {
+                            return Err(corrupt(
+                                &rel,
+                                offset,
+                                "segment belongs to another document",
+                            ));
+                        }
+                        match &epoch {
+                            Some(e) if *e != seg_epoch => {
+                                return Err(corrupt(
+                                    &rel,
+                                    offset,
+                                    "segment epoch differs from the document's",
+                                ))
+                            }
+                            Some(_) => {}
+                            None => epoch = Some(seg_epoch),
+                        }
+                    }
+                    Body::Log(_) | Body::Snapshot { .. } if offset == 0 => {
+                        return Err(corrupt(
+                            &rel,
+                            offset,
+                            "segment does not start with a header",
+                        ));
+                    }
+                    Body::Snapshot { .. } => {
+                        return Err(corrupt(
+                            &rel,
+                            offset,
+                            "snapshot record inside a log segment",
+                        ))
+                    }
+                    Body::Log(LogRecord::Ops { server_seq, echo }) => {
+                        if server_seq > covered_head {
+                            if server_seq != last_seq + 1 {
+                                return Err(corrupt(
+                                    &rel,
+                                    offset,
+                                    format!("server_seq {server_seq} follows {last_seq}"),
+                                ));
+                            }
+                            last_seq = server_seq;
+                            n_tail_records += 1;
+                            tail.push(LogRecord::Ops { server_seq, echo });
+                        }
+                    }
+                    Body::Log(LogRecord::ReplicasReserved { last }) => {
+                        if last > covered_reserved {
+                            last_reserved = last_reserved.max(last);
+                            n_tail_records += 1;
+                            tail.push(LogRecord::ReplicasReserved { last });
+                        }
+                    }
+                }
+                offset = next;
+            }
+            if n_tail_records == 0 {
+                covered_segments.push(no);
+            }
+            if is_last {
+                last_len = offset as u64;
+            }
+        }
+
+        log.seg_no = seg_floor.max(segments.last().copied().unwrap_or(0));
+        log.last_seq = last_seq;
+        log.last_reserved = last_reserved;
+        if snapshot.is_none() && tail.is_empty() {
+            // Nothing of value (a crash before the first record was complete): start afresh,
+            // so the next append writes a header with the new epoch.
+            self.remove_segments(&log, &segments);
+            return Ok((None, log));
+        }
+        let stored_epoch = epoch.clone().unwrap_or_default();
+        log.epoch = epoch;
+        // Whole segments the snapshot covers are left over from a crash during compaction.
+        let covered_all = covered_segments.len() == segments.len();
+        let stale: Vec<u64> = covered_segments
+            .iter()
+            .copied()
+            .filter(|no| covered_all || Some(no) != segments.last())
+            .collect();
+        self.remove_segments(&log, &stale);
+        for no in segments {
+            if stale.contains(&no) {
+                continue;
+            }
+            if log.current.is_some() {
+                log.old_segments.extend(log.current);
+            }
+            log.current = Some(no);
+        }
+        if log.current.is_some() {
+            log.durable_len = last_len;
+        }
+        Ok((
+            Some(StoredDoc {
+                epoch: stored_epoch,
+                snapshot,
+                tail,
+            }),
+            log,
+        ))
+    }
+
+    /// Reads and checks `<rel_dir>/snapshot`: exactly one record, of this document.
+    fn read_snapshot(
+        &mut self,
+        doc: &str,
+        rel_dir: &str,
+    ) -> Result<(Option<StoredSnapshot>, u64), StorageError> {
+        let rel = format!("{rel_dir}/{SNAPSHOT_FILE}");
+        let Some(data) = self
+            .fs
+            .read_file(&self.root.join(&rel))
+            .map_err(|e| io_error(format!("reading {rel}"), e))?
+        else {
+            return Ok((None, 0));
+        };
+        let body = match format::read_frame(&data, 0) {
+            Frame::Ok { body, next } if next == data.len() => body,
+            Frame::Ok { next, .. } => {
+                return Err(corrupt(&rel, next, "bytes after the snapshot record"))
+            }
+            Frame::Bad { detail, .. } => return Err(corrupt(&rel, 0, detail)),
+        };
+        match format::decode_body(body, doc).map_err(|detail| corrupt(&rel, 0, detail))? {
+            Body::Snapshot {
+                doc: name,
+                snapshot,
+                seg_floor,
+            } if name == doc => Ok((Some(snapshot), seg_floor)),
+            Body::Snapshot { .. } => Err(corrupt(&rel, 0, "snapshot belongs to another document")),
+            _ => Err(corrupt(&rel, 0, "not a snapshot record")),
+        }
+    }
+
+    /// Cuts a torn tail off segment `rel` at `len`.
+    fn cut(&mut self, rel: &str, len: u64) -> Result<(), StorageError> {
+        let path = self.root.join(rel);
+        let mut file = self
+            .fs
+            .open_append(&path)
+            .map_err(|e| io_error(format!("opening {rel}"), e))?;
+        self.fs
+            .truncate(&mut file, len)
+            .map_err(|e| io_error(format!("truncating {rel}"), e))?;
+        if self.fsync_on() {
+            self.fs
+                .sync(&mut file)
+                .map_err(|e| io_error(format!("syncing {rel}"), e))?;
+        }
+        Ok(())
+    }
+
+    /// Best-effort removal of segments that hold nothing needed; failures only leave files
+    /// that the next load skips again.
+    fn remove_segments(&mut self, log: &DocLog<F::File>, segments: &[u64]) {
+        if segments.is_empty() {
+            return;
+        }
+        for &no in segments {
+            let rel = log.segment_rel(no);
+            if let Err(e) = self.fs.remove_file(&self.root.join(&rel)) {
+                log::warn!("could not remove {rel}: {e}");
+            }
+        }
+        if self.fsync_on() {
+            if let Err(e) = self.fs.sync_dir(&self.root.join(&log.rel_dir)) {
+                log::warn!("could not sync {}: {e}", log.rel_dir);
+            }
+        }
+    }
+
+    /// Forgets every pending record, cuts each touched file back to its durable length and
+    /// drops the touched documents' cached state so their next use reads the disk.
+    fn abort_pending(&mut self) {
+        for name in std::mem::take(&mut self.touched) {
+            let Some(mut log) = self.docs.remove(&name) else {
+                continue;
+            };
+            let rel = log
+                .current
+                .map(|no| log.segment_rel(no))
+                .unwrap_or_default();
+            if let Some(file) = log.file.as_mut() {
+                let cut = self.fs.truncate(file, log.durable_len).and_then(|()| {
+                    if self.fsync == FsyncMode::Always {
+                        self.fs.sync(file)
+                    } else {
+                        Ok(())
+                    }
+                });
+                if let Err(e) = cut {
+                    // The bytes past durable_len were never acknowledged; if they survive, the
+                    // next load either finds whole records (harmless: resends are acked) or a
+                    // torn tail, which it cuts.
+                    log::error!(
+                        "rolling back {rel} to {} bytes failed: {e}",
+                        log.durable_len
+                    );
+                }
+            }
+            if log.file.is_some() {
+                self.n_files_open -= 1;
+            }
+        }
+        self.dirs_to_sync.clear();
+    }
+
+    /// Writes and fsyncs everything pending. Leaves state untouched on error.
+    fn commit(&mut self) -> Result<(), StorageError> {
+        for name in &self.touched {
+            let Some(log) = self.docs.get_mut(name) else {
+                continue;
+            };
+            if log.pending.is_empty() {
+                continue;
+            }
+            let Some(file) = log.file.as_mut() else {
+                return Err(io_error(
+                    format!("{}: no open segment", log.rel_dir),
+                    io::ErrorKind::NotFound.into(),
+                ));
+            };
+            let (rel_dir, no) = (&log.rel_dir, log.current.unwrap_or(0));
+            self.fs
+                .append(file, &log.pending)
+                .map_err(|e| io_error(format!("appending to {}", segment_rel(rel_dir, no)), e))?;
+        }
+        if self.fsync == FsyncMode::Never {
+            return Ok(());
+        }
+        if self.touched.len() < PARALLEL_SYNC_FILES_MIN {
+            // The common case: a few files, synced here without walking every loaded doc.
+            for name in &self.touched {
+                let Some(log) = self.docs.get_mut(name) else {
+                    continue;
+                };
+                let seg_no = log.current.unwrap_or(0);
+                if let Some(file) = log.file.as_mut() {
+                    SyncJob {
+                        file,
+                        rel_dir: &log.rel_dir,
+                        seg_no,
+                    }
+                    .sync(&self.fs)?;
+                }
+            }
+            return self.sync_dirs();
+        }
+        let mut files: Vec<SyncJob<'_, F::File>> = self
+            .docs
+            .values_mut()
+            .filter(|log| log.touched)
+            .filter_map(|log| {
+                let seg_no = log.current.unwrap_or(0);
+                Some(SyncJob {
+                    file: log.file.as_mut()?,
+                    rel_dir: &log.rel_dir,
+                    seg_no,
+                })
+            })
+            .collect();
+        sync_files(&self.fs, &mut files)?;
+        self.sync_dirs()
+    }
+
+    /// Fsyncs every directory that gained an entry since the last sync.
+    fn sync_dirs(&mut self) -> Result<(), StorageError> {
+        self.dirs_to_sync.sort_unstable();
+        self.dirs_to_sync.dedup();
+        for dir in &self.dirs_to_sync {
+            self.fs
+                .sync_dir(dir)
+                .map_err(|e| io_error(format!("syncing directory {}", dir.display()), e))?;
+        }
+        Ok(())
+    }
+
+    /// Drops a document's cached state and its file handle.
+    fn forget(&mut self, doc: &str) {
+        if self.docs.remove(doc).is_some_and(|log| log.file.is_some()) {
+            self.n_files_open -= 1;
+        }
+    }
+
+    /// Closes the handles of documents with nothing pending when too many are open.
+    fn close_idle_files(&mut self) {
+        if self.n_files_open < FILES_OPEN_MAX {
+            return;
+        }
+        for log in self.docs.values_mut() {
+            if !log.touched && log.file.take().is_some() {
+                self.n_files_open -= 1;
+            }
+        }
+    }
+}
+
+impl<F: Fs> Storage for DiskStorage<F> {
+    fn load(&mut self, doc: &str) -> Result<Option<StoredDoc>, StorageError> {
+        if let Some(old) = self.docs.remove(doc) {
+            if old.touched {
+                // The shard reloads a document only after dropping it; records it appended but
+                // never synced were never acknowledged.
+                log::warn!("{}: dropping unsynced records on reload", old.rel_dir);
+                self.touched.retain(|name| name != doc);
+            }
+            if old.file.is_some() {
+                self.n_files_open -= 1;
+            }
+        }
+        let (stored, log) = self.scan(doc)?;
+        self.docs.insert(doc.to_owned(), log);
+        Ok(stored)
+    }
+
+    fn append(&mut self, doc: &str, epoch: &str, record: &LogRecord) -> Result<(), StorageError> {
+        match self.append_inner(doc, epoch, record) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // The whole turn fails: nothing pending may reach the disk later behind a
+                // room that the shard reloads from disk.
+                self.abort_pending();
+                self.forget(doc);
+                Err(e)
+            }
+        }
+    }
+
+    fn sync(&mut self) -> Result<(), StorageError> {
+        if self.touched.is_empty() && self.dirs_to_sync.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.commit() {
+            self.abort_pending();
+            return Err(e);
+        }
+        for name in std::mem::take(&mut self.touched) {
+            let Some(log) = self.docs.get_mut(&name) else {
+                continue;
+            };
+            log.durable_len += log.pending.len() as u64;
+            log.pending.clear();
+            if log.pending.capacity() > PENDING_BYTES_KEPT_MAX {
+                // One big message must not pin its buffer in every document it touched.
+                log.pending = Vec::new();
+            }
+            log.touched = false;
+            if log.release_after_sync {
+                self.forget(&name);
+            }
+        }
+        self.dirs_to_sync.clear();
+        Ok(())
+    }
+
+    fn write_snapshot(&mut self, doc: &str, snapshot: &StoredSnapshot) -> Result<(), StorageError> {
+        if self.docs.get(doc).is_some_and(|log| log.touched) {
+            // A snapshot must never cover records that could still be rolled back.
+            self.sync()?;
+        }
+        // Snapshots are fsynced even with `--fsync never`: they are rare, and a power cut must
+        // not leave a compacted document with a half-written snapshot and no log behind it.
+        let fsync = true;
+        let (rel_dir, seg_floor, dir_existed) = {
+            let log = self.doc_log(doc)?;
+            (log.rel_dir.clone(), log.seg_no, log.dir_exists)
+        };
+        let dir = self.root.join(&rel_dir);
+        let mut bytes = Vec::with_capacity(snapshot.runs_json.len() + 128);
+        format::encode_snapshot(&mut bytes, doc, snapshot, seg_floor);
+        if !dir_existed {
+            self.fs
+                .create_dir_all(&dir)
+                .map_err(|e| io_error(format!("creating {rel_dir}"), e))?;
+        }
+        let tmp = dir.join(SNAPSHOT_TEMP_FILE);
+        if let Err(e) = self.fs.write_file(&tmp, &bytes, fsync) {
+            // Best effort: a leftover temp file is removed by the next load anyway.
+            let _ = self.fs.remove_file(&tmp);
+            return Err(io_error(
+                format!("writing {rel_dir}/{SNAPSHOT_TEMP_FILE}"),
+                e,
+            ));
+        }
+        self.fs
+            .rename(&tmp, &dir.join(SNAPSHOT_FILE))
+            .map_err(|e| io_error(format!("renaming {rel_dir}/{SNAPSHOT_TEMP_FILE}"), e))?;
+        if fsync {
+            self.fs
+                .sync_dir(&dir)
+                .map_err(|e| io_error(format!("syncing directory {rel_dir}"), e))?;
+            if !dir_existed {
+                for parent in dir.ancestors().skip(1).take(2) {
+                    self.fs.sync_dir(parent).map_err(|e| {
+                        io_error(format!("syncing directory {}", parent.display()), e)
+                    })?;
+                }
+            }
+        }
+        // The snapshot is durable; now reclaim the log it covers.
+        let Some(mut log) = self.docs.remove(doc) else {
+            return Ok(());
+        };
+        log.dir_exists = true;
+        if log.epoch.is_none() {
+            log.epoch = Some(snapshot.epoch.clone());
+        }
+        let covers_all =
+            snapshot.head >= log.last_seq && snapshot.replicas_reserved >= log.last_reserved;
+        log.last_seq = log.last_seq.max(snapshot.head);
+        log.last_reserved = log.last_reserved.max(snapshot.replicas_reserved);
+        // Either way the next append starts a new segment, so compaction never cuts a live file.
+        let mut segments = std::mem::take(&mut log.old_segments);
+        segments.extend(log.current.take());
+        if log.file.take().is_some() {
+            self.n_files_open -= 1;
+        }
+        log.durable_len = 0;
+        if covers_all {
+            self.remove_segments(&log, &segments);
+        } else {
+            log.old_segments = segments;
+        }
+        self.docs.insert(doc.to_owned(), log);
+        Ok(())
+    }
+
+    fn release(&mut self, doc: &str) {
+        match self.docs.get_mut(doc) {
+            Some(log) if log.touched => log.release_after_sync = true,
+            Some(_) => self.forget(doc),
+            None => {}
+        }
+    }
+}
+
+impl<F: Fs> DiskStorage<F> {
+    fn append_inner(
+        &mut self,
+        doc: &str,
+        epoch: &str,
+        record: &LogRecord,
+    ) -> Result<(), StorageError> {
+        if !self.docs.get(doc).is_some_and(|log| log.file.is_some()) {
+            self.close_idle_files();
+        }
+        // Not loaded: read it first, so appends continue its log (and its torn tail is cut).
+        self.doc_log(doc)?;
+        let Some(log) = self.docs.get_mut(doc) else {
+            return Ok(());
+        };
+        match &log.epoch {
+            None => log.epoch = Some(epoch.to_owned()),
+            Some(stored) => {
+                debug_assert_eq!(stored, epoch, "room epoch differs from the stored one")
+            }
+        }
+        if let LogRecord::Ops { server_seq, .. } = record {
+            debug_assert_eq!(*server_seq, log.last_seq + 1, "server_seq out of order");
+        }
+        if log.current.is_none() {
+            let dir = self.root.join(&log.rel_dir);
+            if !log.dir_exists {
+                self.fs
+                    .create_dir_all(&dir)
+                    .map_err(|e| io_error(format!("creating {}", log.rel_dir), e))?;
+                log.dir_exists = true;
+            }
+            log.seg_no += 1;
+            log.current = Some(log.seg_no);
+            log.durable_len = 0;
+            // The new segment's entry, and (cheaply, as this is rare) the entries of the
+            // document's directory in case an earlier failed sync left them in doubt.
+            self.dirs_to_sync
+                .extend(dir.ancestors().take(3).map(Path::to_path_buf));
+        }
+        if log.file.is_none() {
+            let Some(no) = log.current else { return Ok(()) };
+            let rel = log.segment_rel(no);
+            let file = self
+                .fs
+                .open_append(&self.root.join(&rel))
+                .map_err(|e| io_error(format!("opening {rel}"), e))?;
+            log.file = Some(file);
+            self.n_files_open += 1;
+        }
+        if log.durable_len == 0 && log.pending.is_empty() {
+            format::encode_header(&mut log.pending, doc, log.epoch.as_deref().unwrap_or(epoch));
+        }
+        format::encode_log(&mut log.pending, doc, record);
+        match record {
+            LogRecord::Ops { server_seq, .. } => log.last_seq = log.last_seq.max(*server_seq),
+            LogRecord::ReplicasReserved { last } => {
+                log.last_reserved = log.last_reserved.max(*last)
+            }
+        }
+        if !log.touched {
+            log.touched = true;
+            self.touched.push(doc.to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// Takes the process-wide write lock on `<data_dir>/LOCK`.
+///
+/// POSIX record locks (`fcntl`) belong to the process, so every shard of one server can take
+/// it while another process gets an error. (They are dropped when the process closes any
+/// descriptor of the file, i.e. when a shard's storage is dropped at shutdown.)
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, StorageError> {
+    use std::os::fd::AsRawFd;
+    let path = data_dir.join("LOCK");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| io_error(format!("opening {}", path.display()), e))?;
+    // SAFETY: `flock` is plain old data; zeroed is a valid value before the fields are set.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: a valid descriptor and a valid pointer to an initialized `flock` for the call.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &lock) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io_error(
+            format!(
+                "locking {} (is another collab-engine using this data directory?)",
+                path.display()
+            ),
+            e,
+        ));
+    }
+    Ok(file)
+}
+
+/// One file for [`sync_files`] to fsync, with what names it in an error.
+struct SyncJob<'a, H> {
+    file: &'a mut H,
+    rel_dir: &'a str,
+    seg_no: u64,
+}
+
+impl<H> SyncJob<'_, H> {
+    fn sync<F: Fs<File = H>>(&mut self, fs: &F) -> Result<(), StorageError> {
+        fs.sync(self.file).map_err(|e| {
+            io_error(
+                format!("syncing {}", segment_rel(self.rel_dir, self.seg_no)),
+                e,
+            )
+        })
+    }
+}
+
+/// Fsyncs every file. Many files are synced from a few scoped helper threads at once: the
+/// file system then commits its journal once for several of them instead of once each (about
+/// 3x faster for 100 files on this machine's disk). The caller waits either way; nothing is
+/// acknowledged before this returns.
+fn sync_files<F: Fs>(fs: &F, files: &mut [SyncJob<'_, F::File>]) -> Result<(), StorageError> {
+    if files.len() < PARALLEL_SYNC_FILES_MIN {
+        return files.iter_mut().try_for_each(|job| job.sync(fs));
+    }
+    let n_threads = (files.len() / 4).clamp(2, SYNC_THREADS_MAX);
+    let chunk = files.len().div_ceil(n_threads);
+    std::thread::scope(|scope| {
+        let mut handles = Vec::with_capacity(n_threads);
+        let mut results = Vec::new();
+        for part in files.chunks_mut(chunk) {
+            let spawned = std::thread::Builder::new()
+                .name("fsync".to_owned())
+                .spawn_scoped(scope, move || {
+                    part.iter_mut().try_for_each(|job| job.sync(fs))
+                });
+            match spawned {
+                Ok(handle) => handles.push(handle),
+                // No thread to be had: the sync fails (and is rolled back) rather than
+                // acknowledging files whose fsync never ran.
+                Err(e) => results.push(Err(io_error(
+                    "starting an fsync helper thread".to_owned(),
+                    e,
+                ))),
+            }
+        }
+        for handle in handles {
+            results.push(handle.join().unwrap_or_else(|_| {
+                Err(io_error(
+                    "fsync helper thread panicked".to_owned(),
+                    io::ErrorKind::Other.into(),
+                ))
+            }));
+        }
+        results.into_iter().collect()
+    })
+}
+
+fn segment_rel(rel_dir: &str, no: u64) -> String {
+    format!("{rel_dir}/{SEGMENT_PREFIX}{no:020}")
+}
+
+fn io_error(context: String, source: io::Error) -> StorageError {
+    StorageError::Io { context, source }
+}
+
+fn corrupt(file: &str, offset: usize, detail: impl Into<String>) -> StorageError {
+    StorageError::Corrupt {
+        file: file.to_owned(),
+        offset: offset as u64,
+        detail: detail.into(),
+    }
+}
