@@ -451,10 +451,61 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
     }
     // Most frames are well-formed op messages: one typed pass. Everything else, errors included,
     // takes the precise path below (a proptest checks both agree wherever the fast one answers).
-    if let Some(msg) = fast_op_message(text) {
-        return Ok(ClientMessage::Op(msg));
+    let parsed = match fast_op_message(text) {
+        Some(msg) => Ok(ClientMessage::Op(msg)),
+        None => parse_client_message_precise(text),
+    };
+    // Known string fields were decoded (and refused lone surrogates) above; this catches one
+    // in an ignored field too, so the whole frame is refused as the contract says.
+    match parsed {
+        Ok(msg) if has_lone_surrogate(text) => {
+            let client_seq = match &msg {
+                ClientMessage::Op(op) => Some(op.client_seq),
+                _ => None,
+            };
+            Err(ProtocolError::bad("lone surrogate in the message").with_client_seq(client_seq))
+        }
+        parsed => parsed,
     }
-    parse_client_message_precise(text)
+}
+
+/// Whether syntactically valid JSON `text` has a `\uD800`..`\uDFFF` escape that is not half
+/// of a surrogate pair. Backslashes only occur inside strings in valid JSON, so a byte scan
+/// suffices; frames without a backslash cost one `memchr` pass.
+fn has_lone_surrogate(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let hex4 = |at: usize| -> Option<u16> {
+        let digits = bytes.get(at..at + 4)?;
+        u16::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+    };
+    let mut i = 0;
+    // `str::find` of an ASCII char is a memchr. Escaped characters are ASCII in valid JSON, so
+    // `i` stays on a char boundary (and a stray one only ends the scan).
+    while let Some(offset) = text.get(i..).and_then(|rest| rest.find('\\')) {
+        i += offset;
+        if bytes.get(i + 1) != Some(&b'u') {
+            i += 2; // `\"`, `\\`, `\n`, ...: skip the escaped character.
+            continue;
+        }
+        let Some(unit) = hex4(i + 2) else {
+            return false; // Not valid JSON; the parser refused it already.
+        };
+        i += 6;
+        match unit {
+            0xD800..=0xDBFF => {
+                let low = (bytes.get(i..i + 2) == Some(b"\\u".as_slice()))
+                    .then(|| hex4(i + 2))
+                    .flatten();
+                if !matches!(low, Some(0xDC00..=0xDFFF)) {
+                    return true;
+                }
+                i += 6;
+            }
+            0xDC00..=0xDFFF => return true,
+            _ => {}
+        }
+    }
+    false
 }
 
 /// The two-step parser that decides every case (see the module docs).
@@ -1115,6 +1166,27 @@ mod tests {
         assert_eq!(del(&"9".repeat(400)), Ok(u64::MAX));
         for bad in ["1.5", "1e3", "-", "\"1\"", "null", "[1]", "-0.0"] {
             assert_eq!(del(bad), Err(ErrorCode::BadMessage), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_lone_surrogate_anywhere_is_refused() {
+        let op = r#"{"kind":"del","id":[1,2],"len":1}"#;
+        for (text, client_seq) in [
+            (format!(r#"{{"type":"op","client_seq":4,"x":"\ud800","ops":[{op}]}}"#), Some(4)),
+            (format!(r#"{{"type":"op","client_seq":4,"ops":[{op}],"\udfff":1}}"#), None),
+            (r#"{"type":"op","client_seq":4,"ops":[{"kind":"del","id":[1,2],"len":1,"y":"a\uDBFFb"}]}"#.to_string(), Some(4)),
+            (r#"{"type":"hello","x":["\ud83d\u0041"]}"#.to_string(), None),
+            (r#"{"type":"presence","state":1,"x":"\ude00\ud83d"}"#.to_string(), None),
+        ] {
+            let err = parse_client_message(&text).expect_err(&text);
+            assert_eq!((err.code, err.client_seq), (ErrorCode::BadMessage, client_seq), "{text}");
+        }
+        for text in [
+            r#"{"type":"hello","x":"\ud83d\ude00 \u0041 \\ud800 \"\\"}"#,
+            r#"{"type":"hello","x":"\uD83D\uDE00"}"#,
+        ] {
+            assert!(parse_client_message(text).is_ok(), "{text}");
         }
     }
 

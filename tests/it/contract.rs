@@ -245,6 +245,10 @@ fn contract_op_refusals_have_their_codes_and_change_nothing() {
         ),
         (op(10, r#"{"kind":"mv","id":[5,7],"len":1}"#), "bad_message"),
         (
+            op(10, r#"{"kind":"del","id":[0,7],"len":1,"note":"\udbff"}"#),
+            "bad_message",
+        ),
+        (
             op(10, r#"{"kind":"del","id":[0,7],"len":1.5}"#),
             "bad_message",
         ),
