@@ -10,6 +10,9 @@ cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
+echo "== installing the interop clients when missing (tests/interop/setup.sh)"
+tests/interop/setup.sh
+
 echo "== cargo test"
 cargo test
 
