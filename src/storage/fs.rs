@@ -70,6 +70,18 @@ pub trait Fs: Send + Sync + 'static {
     /// # Errors
     /// The operating system's error.
     fn list_dir(&self, path: &Path) -> io::Result<Option<Vec<String>>>;
+    /// Makes the data of the file at `path` durable (fdatasync through a fresh handle); a
+    /// missing file is not an error (compaction removed it). The provided version does it
+    /// with `std::fs`.
+    ///
+    /// # Errors
+    /// The operating system's error.
+    fn sync_path(&self, path: &Path) -> io::Result<()> {
+        match none_if_missing(File::open(path))? {
+            Some(file) => file.sync_data(),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The real file system.
@@ -264,5 +276,10 @@ impl Fs for FaultyFs {
 
     fn list_dir(&self, path: &Path) -> io::Result<Option<Vec<String>>> {
         OsFs.list_dir(path)
+    }
+
+    fn sync_path(&self, path: &Path) -> io::Result<()> {
+        self.sync_fault()?;
+        OsFs.sync_path(path)
     }
 }
