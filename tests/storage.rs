@@ -616,6 +616,58 @@ fn check_model(storage: &mut impl Storage, docs: &[String], model: &[ModelDoc], 
     }
 }
 
+/// Sizes of the segment files (relative path -> length) that a power cut cannot take back:
+/// taken whenever the storage's journal is empty (everything checkpointed).
+type SafeSizes = std::collections::HashMap<String, u64>;
+
+fn note_checkpoint(storage: &DiskStorage<FaultyFs>, dir: &Path, safe: &mut SafeSizes) {
+    if storage.journal_len() == 0 {
+        *safe = files_of(dir, "log-").into_iter().collect();
+    }
+}
+
+/// What a power cut may do to files written since the last checkpoint: a segment keeps at
+/// least what the checkpoint made durable, the rest is cut or reads as zeros; a segment the
+/// checkpoint did not know may vanish (its directory entry was never synced); the journal
+/// keeps what was fsynced and may end in a torn write.
+fn power_cut(dir: &Path, safe: &SafeSizes, rng: &mut Rng) {
+    for (file, len) in files_of(dir, "log-") {
+        let path = dir.join(&file);
+        match safe.get(&file) {
+            None if rng.below(2) == 0 => fs::remove_file(&path).expect("remove"),
+            kept => {
+                let keep = kept.copied().unwrap_or(0).min(len);
+                if len == keep {
+                    continue;
+                }
+                let at = keep + rng.below(len - keep + 1);
+                let mut bytes = fs::read(&path).expect("read");
+                if rng.below(2) == 0 {
+                    bytes.truncate(at as usize);
+                } else {
+                    bytes[at as usize..].fill(0);
+                }
+                fs::write(&path, bytes).expect("write");
+            }
+        }
+    }
+    for (file, _) in files_of(dir, "j-") {
+        let path = dir.join(file);
+        let mut bytes = fs::read(&path).expect("read");
+        match rng.below(3) {
+            0 => bytes.extend_from_slice(&[0; 40]),
+            1 => {
+                // The start of a frame whose body never made it.
+                bytes.extend_from_slice(&500u32.to_le_bytes());
+                bytes.extend_from_slice(&(!500u32).to_le_bytes());
+                bytes.extend_from_slice(&[7; 20]);
+            }
+            _ => {}
+        }
+        fs::write(&path, bytes).expect("write");
+    }
+}
+
 #[test]
 fn random_appends_failures_snapshots_and_crashes_keep_exactly_the_durable_records() {
     let only: Option<u64> = std::env::var("STORAGE_SEED")
@@ -640,8 +692,12 @@ fn random_appends_failures_snapshots_and_crashes_keep_exactly_the_durable_record
         let faults = FaultyFs::new();
         let mut storage =
             DiskStorage::with_fs(&dir, FsyncMode::Always, faults.clone()).expect("open");
-        for step in 0..120 {
-            let action = rng.below(10);
+        let mut safe = SafeSizes::new();
+        // Checkpoints also come from the journal size limit, in the middle of syncs.
+        let checkpoint_bytes = [300, 2_000, 1 << 30][rng.below(3) as usize];
+        storage.set_checkpoint_limits(checkpoint_bytes, std::time::Duration::from_secs(3600));
+        for step in 0..160 {
+            let action = rng.below(12);
             if trace {
                 eprintln!("step {step}: action {action} model {model:?}");
             }
@@ -669,6 +725,7 @@ fn random_appends_failures_snapshots_and_crashes_keep_exactly_the_durable_record
                     }
                     faults.fail_writes(0);
                     faults.fail_syncs(0);
+                    note_checkpoint(&storage, &dir, &mut safe);
                 }
                 7 => {
                     // A snapshot of what is durable (the shard writes them after a good sync).
@@ -690,8 +747,21 @@ fn random_appends_failures_snapshots_and_crashes_keep_exactly_the_durable_record
                         faults.fail_writes(0);
                     }
                 }
-                8 => {
+                10 => {
+                    // An explicit checkpoint (a clean shutdown does one too).
+                    if storage.checkpoint().is_ok() {
+                        for m in &mut model {
+                            m.durable = m.appended;
+                        }
+                    }
+                    note_checkpoint(&storage, &dir, &mut safe);
+                }
+                8 | 11 => {
                     // Crash: unsynced records vanish, and a torn write may be left behind.
+                    // 8: clean drop (checkpoint) or kill -9 (journal left for redo);
+                    // 11: a power cut after kill -9 (only what was fsynced survives).
+                    let power = action == 11;
+                    let kill = power || rng.below(2) == 0;
                     if junk_outstanding {
                         // A torn tail is cut before its document is written again; two torn
                         // writes on one file without a load in between cannot happen.
@@ -702,11 +772,20 @@ fn random_appends_failures_snapshots_and_crashes_keep_exactly_the_durable_record
                         }
                         junk_outstanding = false;
                     }
-                    drop(storage);
+                    if trace {
+                        eprintln!("crash: kill {kill} power {power}");
+                    }
+                    if kill {
+                        storage.abandon();
+                    } else {
+                        drop(storage);
+                    }
                     for m in &mut model {
                         m.appended = m.durable;
                     }
-                    if rng.below(2) == 0 {
+                    if power {
+                        power_cut(&dir, &safe, &mut rng);
+                    } else if rng.below(2) == 0 {
                         let segments = files_of(&dir, "log-");
                         if !segments.is_empty() {
                             let (file, _) = &segments[rng.below(segments.len() as u64) as usize];
@@ -733,7 +812,18 @@ fn random_appends_failures_snapshots_and_crashes_keep_exactly_the_durable_record
                         }
                     }
                     storage = DiskStorage::with_fs(&dir, FsyncMode::Always, faults.clone())
-                        .expect("open");
+                        .unwrap_or_else(|e| panic!("seed {seed}: open: {e}"));
+                    storage.set_checkpoint_limits(
+                        checkpoint_bytes,
+                        std::time::Duration::from_secs(3600),
+                    );
+                    // Redo left every journal applied, durable and gone.
+                    assert_eq!(
+                        files_of(&dir, "j-").len(),
+                        1,
+                        "seed {seed}: only the new journal"
+                    );
+                    note_checkpoint(&storage, &dir, &mut safe);
                 }
                 _ => {
                     if storage.sync().is_ok() {
@@ -744,6 +834,8 @@ fn random_appends_failures_snapshots_and_crashes_keep_exactly_the_durable_record
                     check_model(&mut storage, &docs, &model, seed);
                 }
             }
+            // Any sync may have checkpointed (journal size limit).
+            note_checkpoint(&storage, &dir, &mut safe);
         }
         drop(storage);
         check_model(&mut open(&dir), &docs, &model, seed);
