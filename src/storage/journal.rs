@@ -227,23 +227,7 @@ fn redo<F: Fs>(fs: &F, root: &Path, fsync: bool) -> Result<(), StorageError> {
                     .map_err(|e| io_error(format!("creating {rel_dir}"), e))?;
                 dirs.extend(doc_dir.ancestors().take(3).map(Path::to_path_buf));
             }
-            let mut file = fs
-                .open_append(&root.join(&rel))
-                .map_err(|e| io_error(format!("opening {rel}"), e))?;
-            for entry in group {
-                // Cut to where the entry was written (dropping anything after it that was
-                // never journaled, or garbage a power cut left), then write it again. A
-                // segment shorter than the offset is extended with zeros, which its next load
-                // reports as corruption at that offset: confined to this document.
-                fs.truncate(&mut file, entry.offset)
-                    .map_err(|e| io_error(format!("truncating {rel}"), e))?;
-                fs.append(&mut file, &entry.bytes)
-                    .map_err(|e| io_error(format!("redoing {rel}"), e))?;
-            }
-            if fsync {
-                fs.sync(&mut file)
-                    .map_err(|e| io_error(format!("syncing {rel}"), e))?;
-            }
+            redo_segment(fs, &root.join(&rel), &rel, group, fsync)?;
         }
     }
     if fsync {
@@ -266,6 +250,82 @@ fn redo<F: Fs>(fs: &F, root: &Path, fsync: bool) -> Result<(), StorageError> {
         "redid {} journal(s) covering {n_docs} document(s)",
         dead.len()
     );
+    Ok(())
+}
+
+/// Rebuilds one segment from its journal entries (sorted by offset, later journals last).
+///
+/// Each entry's bytes are put at its offset: bytes that already match are left alone, so the
+/// common case after `kill -9` writes nothing; a tail that a power cut left short, stale
+/// (a rolled-back turn's bytes where an acknowledged turn's now belong) or zeroed is
+/// rewritten. After the last entry, complete frames are kept (records never journaled; only
+/// an interrupted, unacknowledged turn or a journal an operator cut short leaves them) and
+/// anything else is cut. A segment shorter than the first entry's offset gets zeros there,
+/// which its next load reports as corruption at that offset, confined to the document.
+fn redo_segment<F: Fs>(
+    fs: &F,
+    path: &Path,
+    rel: &str,
+    group: &[Redo],
+    fsync: bool,
+) -> Result<(), StorageError> {
+    let original = fs
+        .read_file(path)
+        .map_err(|e| io_error(format!("reading {rel}"), e))?;
+    let existed = original.is_some();
+    let mut data = original.unwrap_or_default();
+    let original_len = data.len();
+    let mut first_diff = usize::MAX;
+    let mut last_end = 0;
+    for entry in group {
+        let (Ok(off), Ok(len)) = (
+            usize::try_from(entry.offset),
+            u32::try_from(entry.bytes.len()),
+        ) else {
+            return Err(corrupt(rel, 0, "journal entry offset out of range"));
+        };
+        let end = off + len as usize;
+        if data.len() < end {
+            // Everything from the current end on is new (zeros up to `off` included).
+            first_diff = first_diff.min(data.len());
+            data.resize(end, 0);
+        }
+        if let Some(i) = data[off..end]
+            .iter()
+            .zip(&entry.bytes)
+            .position(|(a, b)| a != b)
+        {
+            first_diff = first_diff.min(off + i);
+            data[off..end].copy_from_slice(&entry.bytes);
+        }
+        last_end = end;
+    }
+    let mut pos = last_end;
+    while pos < data.len() {
+        match format::read_frame(&data, pos) {
+            Frame::Ok { next, .. } => pos = next,
+            Frame::Bad { .. } => break,
+        }
+    }
+    if pos < data.len() {
+        first_diff = first_diff.min(pos);
+        data.truncate(pos);
+    }
+    if first_diff != usize::MAX || !existed {
+        let cut = first_diff.min(original_len).min(data.len());
+        let mut file = fs
+            .open_append(path)
+            .map_err(|e| io_error(format!("opening {rel}"), e))?;
+        fs.truncate(&mut file, cut as u64)
+            .map_err(|e| io_error(format!("truncating {rel}"), e))?;
+        fs.append(&mut file, &data[cut..])
+            .map_err(|e| io_error(format!("redoing {rel}"), e))?;
+        log::info!("{rel}: rebuilt from byte {cut} by redo");
+    }
+    if fsync {
+        fs.sync_path(path)
+            .map_err(|e| io_error(format!("syncing {rel}"), e))?;
+    }
     Ok(())
 }
 
