@@ -82,6 +82,21 @@ pub trait Fs: Send + Sync + 'static {
             None => Ok(()),
         }
     }
+    /// Makes everything written to the file system holding `path` durable, with one
+    /// `syncfs` (one device flush instead of one per file). The provided version calls
+    /// `libc::syncfs`.
+    ///
+    /// # Errors
+    /// The operating system's error (Linux reports write-back errors since 5.8).
+    fn sync_fs(&self, path: &Path) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let dir = File::open(path)?;
+        // SAFETY: a valid open descriptor for the duration of the call.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
 /// The real file system.
@@ -281,5 +296,10 @@ impl Fs for FaultyFs {
     fn sync_path(&self, path: &Path) -> io::Result<()> {
         self.sync_fault()?;
         OsFs.sync_path(path)
+    }
+
+    fn sync_fs(&self, path: &Path) -> io::Result<()> {
+        self.sync_fault()?;
+        OsFs.sync_fs(path)
     }
 }

@@ -199,7 +199,6 @@ fn redo<F: Fs>(fs: &F, root: &Path, fsync: bool) -> Result<(), StorageError> {
         }
     }
     let n_docs = by_doc.len();
-    let mut dirs: Vec<PathBuf> = Vec::new();
     for (doc, mut entries) in by_doc {
         entries.sort_by_key(|e| (e.seg_no, e.offset, e.order));
         let hex = format!("{:032x}", format::name_hash(&doc));
@@ -225,18 +224,16 @@ fn redo<F: Fs>(fs: &F, root: &Path, fsync: bool) -> Result<(), StorageError> {
                 }
                 fs.create_dir_all(&doc_dir)
                     .map_err(|e| io_error(format!("creating {rel_dir}"), e))?;
-                dirs.extend(doc_dir.ancestors().take(3).map(Path::to_path_buf));
             }
-            redo_segment(fs, &root.join(&rel), &rel, group, fsync)?;
+            redo_segment(fs, &root.join(&rel), &rel, group)?;
         }
     }
     if fsync {
-        dirs.sort_unstable();
-        dirs.dedup();
-        for d in &dirs {
-            fs.sync_dir(d)
-                .map_err(|e| io_error(format!("syncing directory {}", d.display()), e))?;
-        }
+        // One syncfs makes every redone segment, the segments the dead storages wrote since
+        // their last checkpoint and the new directory entries durable at once (one fsync per
+        // segment cost ~3.7 s for 1,000 of them on the benchmark disk).
+        fs.sync_fs(root)
+            .map_err(|e| io_error("syncing the data directory's file system".to_owned(), e))?;
     }
     for (rel, path, _) in &dead {
         fs.remove_file(path)
@@ -253,7 +250,8 @@ fn redo<F: Fs>(fs: &F, root: &Path, fsync: bool) -> Result<(), StorageError> {
     Ok(())
 }
 
-/// Rebuilds one segment from its journal entries (sorted by offset, later journals last).
+/// Rebuilds one segment from its journal entries (sorted by offset, later journals last);
+/// the caller makes it durable.
 ///
 /// Each entry's bytes are put at its offset: bytes that already match are left alone, so the
 /// common case after `kill -9` writes nothing; a tail that a power cut left short, stale
@@ -262,13 +260,7 @@ fn redo<F: Fs>(fs: &F, root: &Path, fsync: bool) -> Result<(), StorageError> {
 /// an interrupted, unacknowledged turn or a journal an operator cut short leaves them) and
 /// anything else is cut. A segment shorter than the first entry's offset gets zeros there,
 /// which its next load reports as corruption at that offset, confined to the document.
-fn redo_segment<F: Fs>(
-    fs: &F,
-    path: &Path,
-    rel: &str,
-    group: &[Redo],
-    fsync: bool,
-) -> Result<(), StorageError> {
+fn redo_segment<F: Fs>(fs: &F, path: &Path, rel: &str, group: &[Redo]) -> Result<(), StorageError> {
     let original = fs
         .read_file(path)
         .map_err(|e| io_error(format!("reading {rel}"), e))?;
@@ -321,10 +313,6 @@ fn redo_segment<F: Fs>(
         fs.append(&mut file, &data[cut..])
             .map_err(|e| io_error(format!("redoing {rel}"), e))?;
         log::info!("{rel}: rebuilt from byte {cut} by redo");
-    }
-    if fsync {
-        fs.sync_path(path)
-            .map_err(|e| io_error(format!("syncing {rel}"), e))?;
     }
     Ok(())
 }
