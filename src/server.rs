@@ -21,12 +21,15 @@ use crate::room::RoomConfig;
 use crate::shard::{self, Handler, NetLimits, RoomHost, WAKER_TOKEN};
 use crate::storage::{DiskStorage, MemoryStorage, Storage};
 
-/// Bytes tungstenite reads from a socket at once; also each connection's initial read buffer,
-/// so it is kept small for 100k connections (a larger message grows the buffer as needed).
-pub const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
-/// Frames queued in tungstenite before it writes to the socket: small frames of one turn
-/// coalesce into few writes; the turn's flush sends the rest.
-pub const WS_WRITE_BUFFER_BYTES: usize = 4 * 1024;
+/// Each connection's initial read buffer, and the most tungstenite reads from a socket at once.
+/// It is allocated (and zeroed, so resident) for every connection, idle or not, so it is sized
+/// for density: 512 bytes hold a typical `op` or `presence` message, a larger message grows the
+/// buffer as needed, and 4 KiB here cost 4 KiB of RSS per idle connection (docs/benchmarks.md).
+pub const WS_READ_BUFFER_BYTES: usize = 512;
+/// Bytes tungstenite collects before writing to the socket. It writes only control frames
+/// (pings, pongs, closes) and the acceptor's refusals; the shard writes text frames itself, so
+/// none is worth buffering (a buffer would keep its largest size for the connection's life).
+pub const WS_WRITE_BUFFER_BYTES: usize = 0;
 
 // Both buffers stay far below the smallest message limit the contract allows, so a
 // connection's resting memory does not grow with `--message-bytes-max`.
@@ -101,11 +104,34 @@ pub fn ws_config(config: &Config) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(WS_READ_BUFFER_BYTES)
         .write_buffer_size(WS_WRITE_BUFFER_BYTES)
-        // Never reached in practice: the shard stops handing tungstenite frames once a write
-        // would block, so its buffer holds at most one turn's small frames plus one message.
+        // Never reached: tungstenite is only given control frames and the acceptor's refusals.
         .max_write_buffer_size(usize::MAX)
         .max_message_size(Some(config.message_bytes_max))
         .max_frame_size(Some(config.message_bytes_max))
+}
+
+/// Requests at least this large get their own `mmap` from glibc's allocator and go back to the
+/// system when freed; see [`tune_allocator`].
+pub const MALLOC_MMAP_THRESHOLD_BYTES: usize = 64 * 1024;
+
+/// Makes freed large buffers leave the process. Large buffers come and go in bursts: a join
+/// storm builds one `hello_ack` per joiner, each carrying a copy of the snapshot. glibc's
+/// default mmap threshold rises to the largest block freed so far, after which such buffers
+/// come from the heap and their pages stay resident once freed (1,000 joiners of a 105 KB
+/// document: 19 to 43 KB of RSS per connection afterwards instead of about 2 KB,
+/// docs/benchmarks.md). A fixed threshold keeps them mapped on their own. Small allocations,
+/// the hot path's, are unaffected. Process-wide; a no-op off glibc.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const THRESHOLD: libc::c_int = MALLOC_MMAP_THRESHOLD_BYTES as libc::c_int;
+        // SAFETY: mallopt only changes glibc's allocation policy for later requests; the
+        // parameter is a documented one and the value is in range.
+        let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD) };
+        if ok != 1 {
+            warn!("mallopt(M_MMAP_THRESHOLD) refused; large freed buffers may stay resident");
+        }
+    }
 }
 
 /// The connection-layer limits of a configuration.
@@ -176,6 +202,7 @@ pub fn start_with<H: Handler + Send + 'static>(
 ) -> anyhow::Result<ServerHandle> {
     let n_shards = handlers.len();
     anyhow::ensure!(n_shards > 0, "at least one shard");
+    tune_allocator();
     let metrics = MetricsRegistry::new(n_shards);
     let core_ids = if config.pin_cores {
         core_affinity::get_core_ids().unwrap_or_default()

@@ -841,3 +841,93 @@ fn insert_local_without_a_lamport_left_panics() {
         .expect("max id");
     doc.insert_local(2, 0, "x");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases(300)))]
+
+    /// Long messages (repeated and overlapping deletes, inserts after ids of the same message, resends inside the
+    /// message): one message does exactly what its ops do one by one, and fails at the same op with the same error.
+    #[test]
+    fn a_message_equals_its_ops_one_by_one(
+        prefix in prop::collection::vec(arbitrary_op(), 0..20),
+        ops in prop::collection::vec(arbitrary_op(), 1..40),
+    ) {
+        let mut base = Doc::new();
+        for op in &prefix {
+            let _ = base.apply_remote(None, std::slice::from_ref(op));
+        }
+        let mut whole = base.clone();
+        let mut each = base.clone();
+        match whole.apply_remote(None, &ops) {
+            Ok(_) => {
+                for op in &ops {
+                    prop_assert!(each.apply_remote(None, std::slice::from_ref(op)).is_ok());
+                }
+                prop_assert_eq!(whole.snapshot(), each.snapshot());
+                whole.dbg_check();
+            }
+            Err(e) => {
+                prop_assert_eq!(whole.snapshot(), base.snapshot());
+                for (i, op) in ops.iter().enumerate() {
+                    match each.apply_remote(None, std::slice::from_ref(op)) {
+                        Ok(_) => prop_assert!(i < e.op_index()),
+                        Err(f) => {
+                            prop_assert_eq!(i, e.op_index());
+                            prop_assert_eq!(f.code(), e.code());
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The message shapes of `benches/crdt_hostile.rs`, scaled down, against a backwards-typed document (one span per
+/// char, several tree levels): the result matches the reference RGA, and the tree invariants hold.
+#[test]
+fn hostile_message_shapes_match_the_reference() {
+    const N: usize = 3000;
+    const K: u64 = 400;
+    let mut author = Doc::new();
+    let mut history = Vec::new();
+    for _ in 0..N {
+        history.push(author.insert_local(1, 0, "a"));
+    }
+    let base_lamport = author.max_lamport().expect("typed") + 1;
+    let mut messages: Vec<(u64, Vec<Op>)> = Vec::new();
+    // Resend of the first keystrokes: their origin is the start, behind every later one.
+    messages.push((1, history[..K as usize].to_vec()));
+    // New inserts at the start with low lamports: each skips most of the document.
+    messages.push((2, (0..K).map(|i| ins(i + 1, 2, None, "x")).collect()));
+    // A fan of inserts after the first insert of the same message, plus resends of it.
+    let mut fan = vec![ins(base_lamport, 3, Some((5, 1)), "yé")];
+    for i in 2..K {
+        fan.push(ins(base_lamport + i, 3, Some((base_lamport, 3)), "z"));
+    }
+    fan.push(ins(base_lamport + 1, 3, Some((base_lamport, 3)), "é"));
+    messages.push((3, fan));
+    // Repeated, overlapping deletes of most of the document, and of the fan just inserted.
+    let mut dels: Vec<Op> = (0..K).map(|i| del(i % 7, 1, N as u64 - 10)).collect();
+    dels.push(del(base_lamport, 3, K));
+    dels.push(del(base_lamport + 1, 3, 5));
+    messages.push((0, dels));
+    let mut doc = Doc::new();
+    let mut oracle = RefRga::default();
+    for op in &history {
+        doc.apply_remote(Some(1), std::slice::from_ref(op))
+            .expect("history");
+    }
+    oracle.apply(&history);
+    for (sender, ops) in &messages {
+        let sender = (*sender > 0).then_some(*sender);
+        doc.apply_remote(sender, ops).expect("hostile but valid");
+        oracle.apply(ops);
+        doc.dbg_check();
+        assert_eq!(doc.text(), oracle.text());
+        assert_eq!(doc.apply_remote(sender, ops), Ok(Applied::Unchanged));
+    }
+    let rebuilt = Doc::from_snapshot(&doc.snapshot()).expect("rebuild");
+    rebuilt.dbg_check();
+    assert_eq!(rebuilt.text(), doc.text());
+}

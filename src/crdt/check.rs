@@ -13,7 +13,7 @@ impl Doc {
     pub fn dbg_check(&self) {
         let t = &self.tree;
         let mut leaves_in_order = Vec::new();
-        let total = check_subtree(t, t.root, t.height, NONE, &mut leaves_in_order);
+        let (total, _) = check_subtree(t, t.root, t.height, NONE, &mut leaves_in_order);
         assert_eq!(total, t.total, "tree total");
         // The leaf chain visits the leaves in tree order.
         let mut chain = Vec::new();
@@ -42,11 +42,11 @@ impl Doc {
             assert_eq!(t.leaf_start(leaf) + before, start, "span cursor start");
             assert!(!l.spans[idx].deleted(), "span cursor on a tombstone");
         }
-        for (i, &r) in self.replicas.iter().enumerate() {
+        for (i, &r) in self.tree.replicas.iter().enumerate() {
             assert_eq!(self.replica_idx.get(&r), Some(&(i as u32)), "replica table");
         }
         assert_eq!(
-            self.replicas.len(),
+            self.tree.replicas.len(),
             self.replica_idx.len(),
             "replica table size"
         );
@@ -54,10 +54,10 @@ impl Doc {
         let mut stack = Vec::new();
         for (leaf, idx, s) in self.spans() {
             assert!(
-                (s.replica as usize) < self.replicas.len(),
+                (s.replica as usize) < self.tree.replicas.len(),
                 "span replica index"
             );
-            let replica = self.replicas[s.replica as usize];
+            let replica = self.tree.replicas[s.replica as usize];
             let id = OpId::new(s.lamport, replica);
             assert!(s.len() >= 1, "empty span");
             assert!(
@@ -105,8 +105,14 @@ impl Doc {
     }
 }
 
-/// Checks the subtree at `id` (a leaf when `height == 0`); returns its visible count.
-fn check_subtree(t: &Tree, id: u32, height: u8, parent: u32, leaves: &mut Vec<u32>) -> u64 {
+/// Checks the subtree at `id` (a leaf when `height == 0`); returns its visible count and its smallest id.
+fn check_subtree(
+    t: &Tree,
+    id: u32,
+    height: u8,
+    parent: u32,
+    leaves: &mut Vec<u32>,
+) -> (u64, Option<OpId>) {
     if height == 0 {
         let l = &t.leaves[id as usize];
         assert_eq!(l.parent, parent, "parent of leaf {id}");
@@ -121,7 +127,12 @@ fn check_subtree(t: &Tree, id: u32, height: u8, parent: u32, leaves: &mut Vec<u3
         let visible: u64 = l.spans().iter().map(|s| s.visible_len() as u64).sum();
         assert_eq!(visible, l.visible, "visible count of leaf {id}");
         leaves.push(id);
-        return visible;
+        let min = l
+            .spans()
+            .iter()
+            .map(|s| OpId::new(s.lamport, t.replicas[s.replica as usize]))
+            .min();
+        return (visible, min);
     }
     let node = &t.nodes[id as usize];
     assert_eq!(node.parent, parent, "parent of node {id}");
@@ -137,10 +148,14 @@ fn check_subtree(t: &Tree, id: u32, height: u8, parent: u32, leaves: &mut Vec<u3
         "node {id} too small"
     );
     let mut sum = 0;
+    let mut min: Option<OpId> = None;
     for i in 0..node.n as usize {
-        let c = check_subtree(t, node.children[i], height - 1, id, leaves);
+        let (c, m) = check_subtree(t, node.children[i], height - 1, id, leaves);
         assert_eq!(c, node.counts[i], "count of child {i} of node {id}");
+        let m = m.expect("a non-root leaf holds a span");
+        assert_eq!(m, node.mins[i], "smallest id under child {i} of node {id}");
         sum += c;
+        min = Some(min.map_or(m, |x| x.min(m)));
     }
-    sum
+    (sum, min)
 }

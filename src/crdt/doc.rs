@@ -2,7 +2,7 @@
 //! Validation runs over the whole message before anything is mutated, so a refused message leaves the doc untouched.
 //! Never does I/O or touches a clock; ids come from the caller.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::error::{CrdtError, InvalidOpReason};
 use super::id::{Applied, Op, OpId, Run, RunContent, MAX_ID_COMPONENT};
@@ -14,8 +14,6 @@ use super::tree::{Loc, Span, Tree, NONE, SPAN_MAX};
 pub struct Doc {
     pub(crate) tree: Tree,
     pub(crate) arena: TextArena,
-    /// Replica ids by dense index; spans store the index.
-    pub(crate) replicas: Vec<u64>,
     pub(crate) replica_idx: HashMap<u64, u32>,
     pub(crate) max_lamport: Option<u64>,
     pub(crate) max_replica: u64,
@@ -26,7 +24,7 @@ impl std::fmt::Debug for Doc {
         f.debug_struct("Doc")
             .field("len", &self.len())
             .field("n_leaves", &self.tree.leaves.len())
-            .field("n_replicas", &self.replicas.len())
+            .field("n_replicas", &self.tree.replicas.len())
             .field("max_lamport", &self.max_lamport)
             .finish()
     }
@@ -53,6 +51,8 @@ struct Pending<'a> {
     n: u64,
     after: Option<OpId>,
     text: &'a str,
+    /// `text` as chars, built on the first compare at an offset when `text` is not ASCII (so offsets cost O(1)).
+    chars: Option<Vec<char>>,
 }
 
 impl Pending<'_> {
@@ -60,6 +60,103 @@ impl Pending<'_> {
         id.replica == self.id.replica
             && id.lamport >= self.id.lamport
             && id.lamport < self.id.lamport + self.n
+    }
+
+    /// Whether chars `off .. off+k` of the text equal the next `k` of `other`; O(k).
+    fn text_eq(&mut self, off: usize, k: usize, other: &mut std::str::Chars<'_>) -> bool {
+        if self.text.len() as u64 == self.n {
+            // ASCII: a char offset is a byte offset.
+            return self.text[off..off + k].chars().eq(other.take(k));
+        }
+        let text = self.text;
+        let chars = self.chars.get_or_insert_with(|| text.chars().collect());
+        chars[off..off + k].iter().copied().eq(other.take(k))
+    }
+}
+
+/// The new inserts validated so far in a message, by `(replica, first lamport)`; their id ranges are disjoint
+/// (an insert overlapping an earlier one is a resend or a conflict, never pending), so a lookup is O(log k).
+/// `None` until the first one: a one-op message (the common case) then costs nothing, not even dropping a map.
+#[derive(Default)]
+struct PendingSet<'a> {
+    by_start: Option<BTreeMap<(u64, u64), Pending<'a>>>,
+}
+
+impl<'a> PendingSet<'a> {
+    fn is_empty(&self) -> bool {
+        self.by_start.is_none()
+    }
+
+    fn add(&mut self, p: Pending<'a>) {
+        self.by_start
+            .get_or_insert_with(BTreeMap::new)
+            .insert((p.id.replica, p.id.lamport), p);
+    }
+
+    /// The pending insert holding `id`.
+    fn get_mut(&mut self, id: OpId) -> Option<&mut Pending<'a>> {
+        self.by_start
+            .as_mut()?
+            .range_mut(..=(id.replica, id.lamport))
+            .next_back()
+            .map(|(_, p)| p)
+            .filter(|p| p.contains(id))
+    }
+
+    fn contains(&self, id: OpId) -> bool {
+        self.by_start.as_ref().is_some_and(|m| {
+            m.range(..=(id.replica, id.lamport))
+                .next_back()
+                .is_some_and(|(_, p)| p.contains(id))
+        })
+    }
+
+    /// Whether a pending insert holds any id of `replica` in `start .. end`.
+    fn overlaps(&self, replica: u64, start: u64, end: u64) -> bool {
+        self.contains(OpId::new(start, replica))
+            || self
+                .by_start
+                .as_ref()
+                .is_some_and(|m| m.range((replica, start)..(replica, end)).next().is_some())
+    }
+}
+
+/// Id ranges a message's earlier deletes already covered (merged, by `(replica, start)` to end), so that a later
+/// delete skips them: each span is walked at most once per message however many deletes repeat it.
+/// `None` until the first range, so a one-op message does not even drop a map.
+#[derive(Default)]
+struct Covered {
+    ranges: Option<BTreeMap<(u64, u64), u64>>,
+}
+
+impl Covered {
+    /// End of the covered range holding `lamport` of `replica`.
+    fn until(&self, replica: u64, lamport: u64) -> Option<u64> {
+        self.ranges
+            .as_ref()?
+            .range(..=(replica, lamport))
+            .next_back()
+            .filter(|(&(r, _), &end)| r == replica && lamport < end)
+            .map(|(_, &end)| end)
+    }
+
+    /// Covers `start .. end` of `replica`, merging with the ranges it overlaps or touches.
+    fn add(&mut self, replica: u64, mut start: u64, mut end: u64) {
+        let ranges = self.ranges.get_or_insert_with(BTreeMap::new);
+        if let Some((&(r, s), &e)) = ranges.range(..=(replica, start)).next_back() {
+            if r == replica && e >= start {
+                start = s;
+                end = end.max(e);
+            }
+        }
+        while let Some((&(r, s), &e)) = ranges.range((replica, start)..).next() {
+            if r != replica || s > end {
+                break;
+            }
+            end = end.max(e);
+            ranges.remove(&(r, s));
+        }
+        ranges.insert((replica, start), end);
     }
 }
 
@@ -87,7 +184,8 @@ impl Doc {
     /// # Errors
     /// `UnknownId`, `IdConflict` or `InvalidOp` for the first bad op; the doc is then exactly as before.
     pub fn apply_remote(&mut self, sender: Option<u64>, ops: &[Op]) -> Result<Applied, CrdtError> {
-        let mut pending: Vec<Pending<'_>> = Vec::new();
+        let mut pending = PendingSet::default();
+        let mut covered = Covered::default();
         let mut changed = false;
         for (op_index, op) in ops.iter().enumerate() {
             match op {
@@ -110,21 +208,20 @@ impl Doc {
                         if p.lamport >= id.lamport {
                             return Err(invalid(op_index, InvalidOpReason::LamportNotAboveParent));
                         }
-                        if self.find_mut(p).is_none()
-                            && !pending.iter().rev().any(|q| q.contains(p))
-                        {
+                        if self.find_mut(p).is_none() && !pending.contains(p) {
                             return Err(CrdtError::UnknownId { op_index, id: p });
                         }
                     }
-                    match self.usage(id, n, text, *after, &pending) {
+                    match self.usage(id, n, text, *after, &mut pending) {
                         Usage::New => {
                             // Only later ops of this message can see it; a one-op message needs no list.
                             if op_index + 1 < ops.len() {
-                                pending.push(Pending {
+                                pending.add(Pending {
                                     id,
                                     n,
                                     after: *after,
                                     text,
+                                    chars: None,
                                 });
                             }
                             changed = true;
@@ -147,16 +244,24 @@ impl Doc {
                     let end = id.lamport + len;
                     let mut lamport = id.lamport;
                     while lamport < end {
+                        if let Some(e) = covered.until(id.replica, lamport) {
+                            // Checked by an earlier delete of this message.
+                            lamport = e.min(end);
+                            continue;
+                        }
                         let at = OpId::new(lamport, id.replica);
                         if let Some(loc) = self.find_mut(at) {
                             let s = self.tree.span(loc.leaf, loc.idx);
                             changed |= !s.deleted();
                             lamport = s.end().min(end);
-                        } else if let Some(p) = pending.iter().rev().find(|p| p.contains(at)) {
+                        } else if let Some(p) = pending.get_mut(at) {
                             lamport = (p.id.lamport + p.n).min(end);
                         } else {
                             return Err(CrdtError::UnknownId { op_index, id: at });
                         }
+                    }
+                    if op_index + 1 < ops.len() {
+                        covered.add(id.replica, id.lamport, end);
                     }
                 }
             }
@@ -164,7 +269,8 @@ impl Doc {
         if !changed {
             return Ok(Applied::Unchanged);
         }
-        for op in ops {
+        let mut deleted = Covered::default();
+        for (op_index, op) in ops.iter().enumerate() {
             match op {
                 Op::Insert { id, after, text } => {
                     if self.max_lamport.is_some_and(|m| id.lamport <= m) && self.find(*id).is_some()
@@ -175,15 +281,20 @@ impl Doc {
                     let at = self.skip_greater(at, *id);
                     self.insert_run(at, *id, text);
                 }
-                Op::Delete { id, len } => self.delete_ids(*id, *len),
+                Op::Delete { id, len } => {
+                    self.delete_ids(*id, *len, &deleted);
+                    if op_index + 1 < ops.len() {
+                        deleted.add(id.replica, id.lamport, id.lamport + len);
+                    }
+                }
             }
         }
         Ok(Applied::Changed)
     }
 
     /// Whether `id` is known to the doc or inserted earlier in the message.
-    fn known(&self, id: OpId, pending: &[Pending<'_>]) -> bool {
-        self.find(id).is_some() || pending.iter().rev().any(|p| p.contains(id))
+    fn known(&self, id: OpId, pending: &PendingSet<'_>) -> bool {
+        self.find(id).is_some() || pending.contains(id)
     }
 
     /// Compares an insert's ids with the known ones: all new, all the same (text and `after`), or a conflict.
@@ -193,7 +304,7 @@ impl Doc {
         n: u64,
         text: &str,
         after: Option<OpId>,
-        pending: &[Pending<'_>],
+        pending: &mut PendingSet<'_>,
     ) -> Usage {
         let end = id.lamport + n;
         let above_all = self.max_lamport.map_or(true, |m| id.lamport > m);
@@ -204,9 +315,7 @@ impl Doc {
             let in_doc = self
                 .replica_index_of(id.replica)
                 .is_some_and(|r| self.tree.any_known(r, id.lamport, end));
-            let in_pending = pending.iter().any(|p| {
-                p.id.replica == id.replica && p.id.lamport < end && id.lamport < p.id.lamport + p.n
-            });
+            let in_pending = pending.overlaps(id.replica, id.lamport, end);
             return if in_doc || in_pending {
                 Usage::Conflict
             } else {
@@ -240,7 +349,7 @@ impl Doc {
                     }
                 }
                 lamport += k;
-            } else if let Some(p) = pending.iter().rev().find(|p| p.contains(at)) {
+            } else if let Some(p) = pending.get_mut(at) {
                 let off = lamport - p.id.lamport;
                 let k = (p.id.lamport + p.n).min(end) - lamport;
                 let origin = if off == 0 {
@@ -251,13 +360,7 @@ impl Doc {
                 if origin != expected_origin {
                     return Usage::Conflict;
                 }
-                if !p
-                    .text
-                    .chars()
-                    .skip(off as usize)
-                    .take(k as usize)
-                    .eq(chars.by_ref().take(k as usize))
-                {
+                if !p.text_eq(off as usize, k as usize, &mut chars) {
                     return Usage::Conflict;
                 }
                 lamport += k;
@@ -269,70 +372,82 @@ impl Doc {
     }
 
     /// The item `loc` was inserted after: the nearest earlier item with a smaller id (the RGA invariant), `None` for the start.
-    /// Costs O(spans between the two).
+    /// O(log n): the tree's smallest-id counts lead straight to the nearest earlier span holding a smaller id.
     fn origin_of(&self, loc: Loc) -> Option<OpId> {
         let me = self.id_of(loc);
         if loc.off > 0 {
             return Some(OpId::new(me.lamport - 1, me.replica));
         }
-        let (mut leaf, mut idx) = (loc.leaf, loc.idx);
-        loop {
-            if idx == 0 {
-                leaf = self.tree.leaves[leaf as usize].prev;
-                if leaf == NONE {
-                    return None;
-                }
-                idx = self.tree.leaves[leaf as usize].n as usize;
-                continue;
-            }
-            idx -= 1;
-            let s = self.tree.span(leaf, idx);
-            let r = self.replicas[s.replica as usize];
-            if OpId::new(s.lamport, r) < me {
-                let last = s.end() - 1;
-                let lamport = if r < me.replica {
-                    last.min(me.lamport)
-                } else {
-                    last.min(me.lamport - 1)
-                };
-                return Some(OpId::new(lamport, r));
-            }
-        }
+        let (leaf, idx) = self.tree.last_below(loc.leaf, loc.idx, me)?;
+        let s = self.tree.span(leaf, idx);
+        let r = self.tree.replicas[s.replica as usize];
+        // The span's first item is smaller than `me`; its last item below `me` is the nearest one.
+        let last = s.end() - 1;
+        let lamport = if r < me.replica {
+            last.min(me.lamport)
+        } else {
+            last.min(me.lamport - 1)
+        };
+        Some(OpId::new(lamport, r))
     }
 
     /// From "right after `at`", skips every following item whose id is greater than `id`; returns the item to insert after.
-    fn skip_greater(&self, mut at: Option<Loc>, id: OpId) -> Option<Loc> {
-        let (mut leaf, mut idx, mut off) = match at {
-            None => (0u32, 0usize, 0u32),
-            Some(l) => (l.leaf, l.idx, l.off + 1),
-        };
-        loop {
-            let lf = &self.tree.leaves[leaf as usize];
-            if idx >= lf.n as usize {
-                leaf = lf.next;
-                if leaf == NONE {
-                    return at;
+    /// O(log n) however many items it skips: the tree's smallest-id counts find the first smaller item directly.
+    fn skip_greater(&self, at: Option<Loc>, id: OpId) -> Option<Loc> {
+        let (leaf, idx) = match at {
+            None => (0u32, 0usize),
+            Some(l) => {
+                let s = self.tree.span(l.leaf, l.idx);
+                if l.off + 1 < s.len() {
+                    // Lamports rise along a span: if the next item is greater, the rest of the span is too.
+                    let next = OpId::new(
+                        s.lamport + l.off as u64 + 1,
+                        self.tree.replicas[s.replica as usize],
+                    );
+                    if next < id {
+                        return at;
+                    }
                 }
-                (idx, off) = (0, 0);
-                continue;
+                // Usually the next span is already smaller (no concurrent insert here): answer without searching.
+                let lf = &self.tree.leaves[l.leaf as usize];
+                if l.idx + 1 < lf.n as usize && self.tree.first_id(&lf.spans[l.idx + 1]) < id {
+                    return Some(Loc {
+                        off: s.len() - 1,
+                        ..l
+                    });
+                }
+                (l.leaf, l.idx + 1)
             }
-            let s = lf.spans[idx];
-            if off >= s.len() {
-                (idx, off) = (idx + 1, 0);
-                continue;
-            }
-            // Lamports rise along a span, so if one item is greater, the rest of the span is too.
-            if OpId::new(s.lamport + off as u64, self.replicas[s.replica as usize]) > id {
-                at = Some(Loc {
-                    leaf,
-                    idx,
-                    off: s.len() - 1,
-                });
-                (idx, off) = (idx + 1, 0);
-            } else {
-                return at;
-            }
+        };
+        // Every item before the first smaller span is skipped; the new items go right after the last of them.
+        match self.tree.first_below(leaf, idx, id) {
+            Some((leaf, idx)) => self.item_before(leaf, idx),
+            None => self.last_item(),
         }
+    }
+
+    /// The last item before span `idx` of `leaf`, `None` at the document start.
+    fn item_before(&self, mut leaf: u32, idx: usize) -> Option<Loc> {
+        let mut idx = idx;
+        while idx == 0 {
+            leaf = self.tree.leaves[leaf as usize].prev;
+            if leaf == NONE {
+                return None;
+            }
+            idx = self.tree.leaves[leaf as usize].n as usize;
+        }
+        let s = self.tree.span(leaf, idx - 1);
+        Some(Loc {
+            leaf,
+            idx: idx - 1,
+            off: s.len() - 1,
+        })
+    }
+
+    /// The last item of the document, `None` if it has none.
+    fn last_item(&self) -> Option<Loc> {
+        let leaf = self.tree.last_leaf();
+        self.item_before(leaf, self.tree.leaves[leaf as usize].n as usize)
     }
 
     /// Inserts new items `id..` with `text` right after `at` (no skipping).
@@ -362,11 +477,15 @@ impl Doc {
         at.expect("text is not empty")
     }
 
-    /// Marks the known items `id .. id+len` deleted.
-    fn delete_ids(&mut self, id: OpId, len: u64) {
+    /// Marks the known items `id .. id+len` deleted, skipping the ranges earlier deletes of the message covered.
+    fn delete_ids(&mut self, id: OpId, len: u64, done: &Covered) {
         let end = id.lamport + len;
         let mut lamport = id.lamport;
         while lamport < end {
+            if let Some(e) = done.until(id.replica, lamport) {
+                lamport = e.min(end);
+                continue;
+            }
             let loc = self
                 .find_mut(OpId::new(lamport, id.replica))
                 .expect("validated: delete target is known");
@@ -382,23 +501,23 @@ impl Doc {
     }
 
     fn intern_replica(&mut self, replica: u64) -> u32 {
-        if let Some(&r) = self.replicas.last() {
+        if let Some(&r) = self.tree.replicas.last() {
             if r == replica {
-                return self.replicas.len() as u32 - 1;
+                return self.tree.replicas.len() as u32 - 1;
             }
         }
         if let Some(&i) = self.replica_idx.get(&replica) {
             return i;
         }
-        let i = self.replicas.len() as u32;
-        self.replicas.push(replica);
+        let i = self.tree.replicas.len() as u32;
+        self.tree.replicas.push(replica);
         self.replica_idx.insert(replica, i);
         i
     }
 
     #[inline]
     fn replica_index_fast(&self, replica: u64) -> Option<u32> {
-        if self.replicas.len() == 1 && self.replicas[0] == replica {
+        if self.tree.replicas.len() == 1 && self.tree.replicas[0] == replica {
             Some(0)
         } else {
             self.replica_index_of(replica)
@@ -424,7 +543,7 @@ impl Doc {
         let s = self.tree.span(loc.leaf, loc.idx);
         OpId::new(
             s.lamport + loc.off as u64,
-            self.replicas[s.replica as usize],
+            self.tree.replicas[s.replica as usize],
         )
     }
 
@@ -528,7 +647,7 @@ impl Doc {
         // (replica, lamport one past the last run's end) for merging.
         let mut last_end: Option<(u64, u64)> = None;
         for (_, _, s) in self.spans() {
-            let replica = self.replicas[s.replica as usize];
+            let replica = self.tree.replicas[s.replica as usize];
             let mergeable = last_end == Some((replica, s.lamport));
             match runs.last_mut() {
                 Some(Run {
@@ -676,7 +795,7 @@ impl Doc {
     pub fn heap_bytes(&self) -> usize {
         self.tree.heap_bytes()
             + self.arena.heap_bytes()
-            + self.replicas.capacity() * 8
+            + self.tree.replicas.capacity() * 8
             + self.replica_idx.capacity() * 16
     }
 }

@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 
+use super::id::OpId;
+
 /// Most spans in a leaf; an edit may push a leaf to `LEAF_CAP + 2` for a moment, then it splits.
 pub(crate) const LEAF_CAP: usize = 32;
 /// Most children of an internal node.
@@ -154,12 +156,17 @@ impl Leaf {
     }
 }
 
+/// Placeholder in unused `Node::mins` slots and the min of an empty leaf: above every valid id.
+const NO_MIN: OpId = OpId::new(u64::MAX, u64::MAX);
+
 /// An internal node: children are leaves when `height == 1`, else nodes.
 #[derive(Clone)]
 pub(crate) struct Node {
     pub children: [u32; NODE_CAP + 1],
     /// Visible chars under each child.
     pub counts: [u64; NODE_CAP + 1],
+    /// Smallest id under each child (tombstones included), for the skip and origin searches.
+    pub mins: [OpId; NODE_CAP + 1],
     pub n: u8,
     pub height: u8,
     pub parent: u32,
@@ -176,13 +183,22 @@ impl Node {
             None => unreachable!("child {child} not under its parent"),
         }
     }
-    fn insert(&mut self, idx: usize, child: u32, count: u64) {
+    fn insert(&mut self, idx: usize, child: u32, count: u64, min: OpId) {
         let n = self.n as usize;
         self.children.copy_within(idx..n, idx + 1);
         self.counts.copy_within(idx..n, idx + 1);
+        self.mins.copy_within(idx..n, idx + 1);
         self.children[idx] = child;
         self.counts[idx] = count;
+        self.mins[idx] = min;
         self.n += 1;
+    }
+    fn min(&self) -> OpId {
+        self.mins[..self.n as usize]
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or(NO_MIN)
     }
 }
 
@@ -206,6 +222,8 @@ pub(crate) struct Tree {
     pub height: u8,
     /// Visible chars in the document.
     pub total: u64,
+    /// Replica ids by dense index (`Span::replica`); the tree needs them to compare ids.
+    pub replicas: Vec<u64>,
     /// Id index: key `(replica, lamport)` maps the ids of that replica from `lamport` up to the
     /// next key to the leaf that holds them. Ids that are not known may map anywhere; a lookup
     /// confirms by scanning the leaf.
@@ -245,6 +263,7 @@ impl Default for Tree {
             root: 0,
             height: 0,
             total: 0,
+            replicas: Vec::new(),
             index: BTreeMap::new(),
             cursor: None,
             seg: None,
@@ -282,6 +301,101 @@ impl Tree {
             slot = node.slot as usize;
             p = node.parent;
         }
+    }
+
+    /// Id of the first (and smallest) item of `span`.
+    #[inline]
+    pub(crate) fn first_id(&self, span: &Span) -> OpId {
+        OpId::new(span.lamport, self.replicas[span.replica as usize])
+    }
+
+    /// Smallest id in `leaf` (`NO_MIN` if empty); lamports rise along a span, so its first item is its smallest.
+    pub(crate) fn leaf_min(&self, leaf: u32) -> OpId {
+        self.leaves[leaf as usize]
+            .spans()
+            .iter()
+            .map(|s| self.first_id(s))
+            .min()
+            .unwrap_or(NO_MIN)
+    }
+
+    /// Records a new item `id` in `leaf`: lowers the smallest id of its ancestors where needed.
+    fn lower_min(&mut self, leaf: u32, id: OpId) {
+        let l = &self.leaves[leaf as usize];
+        let mut slot = l.slot as usize;
+        let mut p = l.parent;
+        while p != NONE {
+            let node = &mut self.nodes[p as usize];
+            if node.mins[slot] <= id {
+                return;
+            }
+            node.mins[slot] = id;
+            slot = node.slot as usize;
+            p = node.parent;
+        }
+    }
+
+    /// The first span at or after span `idx` of `leaf`, in document order, whose first item is smaller than `id`.
+    /// O(`LEAF_CAP` + height * `NODE_CAP`): it climbs until a right sibling holds a smaller id, then descends to it.
+    pub(crate) fn first_below(&self, leaf: u32, idx: usize, id: OpId) -> Option<(u32, usize)> {
+        let in_leaf = |leaf: u32, from: usize| {
+            let l = &self.leaves[leaf as usize];
+            (from..l.n as usize)
+                .find(|&i| self.first_id(&l.spans[i]) < id)
+                .map(|i| (leaf, i))
+        };
+        if let Some(found) = in_leaf(leaf, idx) {
+            return Some(found);
+        }
+        let l = &self.leaves[leaf as usize];
+        let (mut slot, mut p) = (l.slot as usize, l.parent);
+        while p != NONE {
+            let node = &self.nodes[p as usize];
+            if let Some(i) = (slot + 1..node.n as usize).find(|&i| node.mins[i] < id) {
+                let mut cur = node.children[i];
+                for _ in 1..node.height {
+                    let down = &self.nodes[cur as usize];
+                    let j = (0..down.n as usize).find(|&j| down.mins[j] < id)?;
+                    cur = down.children[j];
+                }
+                return in_leaf(cur, 0);
+            }
+            slot = node.slot as usize;
+            p = node.parent;
+        }
+        None
+    }
+
+    /// The last span before span `idx` of `leaf`, in document order, whose first item is smaller than `id`.
+    /// O(`LEAF_CAP` + height * `NODE_CAP`), the mirror of `first_below`.
+    pub(crate) fn last_below(&self, leaf: u32, idx: usize, id: OpId) -> Option<(u32, usize)> {
+        let in_leaf = |leaf: u32, to: usize| {
+            let l = &self.leaves[leaf as usize];
+            (0..to)
+                .rev()
+                .find(|&i| self.first_id(&l.spans[i]) < id)
+                .map(|i| (leaf, i))
+        };
+        if let Some(found) = in_leaf(leaf, idx) {
+            return Some(found);
+        }
+        let l = &self.leaves[leaf as usize];
+        let (mut slot, mut p) = (l.slot as usize, l.parent);
+        while p != NONE {
+            let node = &self.nodes[p as usize];
+            if let Some(i) = (0..slot).rev().find(|&i| node.mins[i] < id) {
+                let mut cur = node.children[i];
+                for _ in 1..node.height {
+                    let down = &self.nodes[cur as usize];
+                    let j = (0..down.n as usize).rev().find(|&j| down.mins[j] < id)?;
+                    cur = down.children[j];
+                }
+                return in_leaf(cur, self.leaves[cur as usize].n as usize);
+            }
+            slot = node.slot as usize;
+            p = node.parent;
+        }
+        None
     }
 
     /// Visible chars before `leaf`.
@@ -576,6 +690,7 @@ impl Tree {
         }
         l.insert(idx, span);
         self.add_count(leaf, vis);
+        self.lower_min(leaf, self.first_id(&span));
         self.assign(span.replica, span.lamport, span.end(), leaf);
         let loc = self.fix_overflow(Loc { leaf, idx, off: 0 });
         self.hints[span.replica as usize % N_HINTS] = (loc.leaf, loc.idx as u32);
@@ -679,17 +794,19 @@ impl Tree {
             i = j;
         }
         let left_visible = self.leaves[leaf as usize].visible;
-        self.insert_child(leaf, new_idx, left_visible, right_visible, 0);
+        let mins = [self.leaf_min(leaf), self.leaf_min(new_idx)];
+        self.insert_child(leaf, new_idx, [left_visible, right_visible], mins, 0);
         new_idx
     }
 
-    /// Puts `right` after `left` (both at `height`) in their parent with the given counts, splitting upward as needed.
+    /// Puts `right` after `left` (both at `height`) in their parent with the given counts and smallest ids,
+    /// splitting upward as needed.
     fn insert_child(
         &mut self,
         left: u32,
         right: u32,
-        left_count: u64,
-        right_count: u64,
+        [left_count, right_count]: [u64; 2],
+        [left_min, right_min]: [OpId; 2],
         height: u8,
     ) {
         let parent = self.parent_of(left, height);
@@ -698,6 +815,7 @@ impl Tree {
             let mut node = Node {
                 children: [NONE; NODE_CAP + 1],
                 counts: [0; NODE_CAP + 1],
+                mins: [NO_MIN; NODE_CAP + 1],
                 n: 2,
                 height: height + 1,
                 parent: NONE,
@@ -707,6 +825,8 @@ impl Tree {
             node.children[1] = right;
             node.counts[0] = left_count;
             node.counts[1] = right_count;
+            node.mins[0] = left_min;
+            node.mins[1] = right_min;
             self.nodes.push(node);
             self.set_parent(left, height, root, 0);
             self.set_parent(right, height, root, 1);
@@ -717,7 +837,8 @@ impl Tree {
         let node = &mut self.nodes[parent as usize];
         let slot = node.slot_of(left);
         node.counts[slot] = left_count;
-        node.insert(slot + 1, right, right_count);
+        node.mins[slot] = left_min;
+        node.insert(slot + 1, right, right_count, right_min);
         // Children from `right` on moved one slot up.
         let (children, n) = (node.children, node.n as usize);
         for (i, &c) in children.iter().enumerate().take(n).skip(slot + 1) {
@@ -732,6 +853,7 @@ impl Tree {
             let mut right_node = Node {
                 children: [NONE; NODE_CAP + 1],
                 counts: [0; NODE_CAP + 1],
+                mins: [NO_MIN; NODE_CAP + 1],
                 n: (n - mid) as u8,
                 height: height + 1,
                 parent: NONE,
@@ -739,7 +861,10 @@ impl Tree {
             };
             right_node.children[..n - mid].copy_from_slice(&node.children[mid..n]);
             right_node.counts[..n - mid].copy_from_slice(&node.counts[mid..n]);
+            right_node.mins[..n - mid].copy_from_slice(&node.mins[mid..n]);
+            node.mins[mid..n].fill(NO_MIN);
             node.n = mid as u8;
+            let (left_min, right_min) = (node.min(), right_node.min());
             let left_total: u64 = node.counts[..mid].iter().sum();
             let right_total: u64 = right_node.counts[..n - mid].iter().sum();
             let moved: Vec<u32> = right_node.children[..n - mid].to_vec();
@@ -747,7 +872,13 @@ impl Tree {
             for (i, c) in moved.into_iter().enumerate() {
                 self.set_parent(c, height, new_node, i as u8);
             }
-            self.insert_child(parent, new_node, left_total, right_total, height + 1);
+            self.insert_child(
+                parent,
+                new_node,
+                [left_total, right_total],
+                [left_min, right_min],
+                height + 1,
+            );
         }
     }
 

@@ -9,6 +9,11 @@
 //! - read until `WouldBlock` (tungstenite buffers whole frames; readiness is edge-triggered),
 //!   within a per-turn message budget; a connection with budget left over stays on the read
 //!   list for the next turn;
+//! - text frames are written by this module, not by tungstenite: one `sendmsg` per connection per
+//!   turn takes a header (built on the stack) and the frame's shared bytes for each queued frame,
+//!   so a fan-out copies nothing per recipient and no connection keeps a write buffer; a frame
+//!   cut short by `WouldBlock` is finished before anything else touches the socket (tungstenite
+//!   writes only control frames: pongs, pings, closes, and only between whole text frames);
 //! - a frame given to tungstenite is queued even when `write` reports `WouldBlock`: never resend;
 //! - every write is followed by a flush, once per connection per turn;
 //! - when a flush hits `WouldBlock`, register WRITABLE, stop reading the connection, and resume
@@ -17,7 +22,7 @@
 //! - a client's Close is answered with a Close.
 
 use std::collections::VecDeque;
-use std::io::{self, Read};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -67,11 +72,21 @@ enum Phase {
 struct Conn {
     ws: WebSocket<TcpStream>,
     peer: SocketAddr,
-    /// Frames not yet given to tungstenite: filled by [`Net::send`], drained by the flush.
-    /// Text frames share their bytes with every other recipient.
-    out: VecDeque<Message>,
+    /// Text frames not yet fully written: filled by [`Net::send`], drained by the flush.
+    /// They share their bytes with every other recipient. Released after a timer tick
+    /// with nothing queued (see `out_used`), so an idle connection holds no queue.
+    out: VecDeque<Utf8Bytes>,
+    /// Bytes (header and payload) of `out`'s front frame already written to the socket. While
+    /// non-zero nothing else may write to the socket: no tungstenite call, no read (a read can
+    /// answer a ping).
+    front_sent: usize,
     /// Payload bytes in `out`; bounded by [`NetLimits::outbound_bytes_max`].
     out_bytes: usize,
+    /// Whether a frame was queued since the last timer tick; a queue unused for a whole tick
+    /// gives its memory back.
+    out_used: bool,
+    /// An idle ping to give tungstenite at the next flush.
+    ping_due: bool,
     /// A close frame to send after `out` drains.
     pending_close: Option<CloseFrame>,
     /// Whether the close frame was given to tungstenite.
@@ -87,6 +102,10 @@ struct Conn {
     last_heard: Instant,
     ping_outstanding: bool,
 }
+
+// Every connection pays for a `Conn` in the slab, idle or not (docs/benchmarks.md, "Connection
+// density and hot path"); 440 bytes today, of which tungstenite's `WebSocket` is 272.
+const _: () = assert!(std::mem::size_of::<Conn>() <= 448);
 
 /// What one read attempt gave.
 pub enum ReadOutcome {
@@ -186,7 +205,10 @@ impl Net {
             ws,
             peer,
             out: VecDeque::new(),
+            front_sent: 0,
             out_bytes: 0,
+            out_used: false,
+            ping_due: false,
             pending_close: None,
             close_sent: false,
             phase: Phase::Open,
@@ -218,19 +240,16 @@ impl Net {
     /// left with more than [`NetLimits::outbound_bytes_max`] queued after the turn's flush is
     /// closed with 1013.
     pub fn send(&mut self, conn: ConnToken, frame: Utf8Bytes) {
-        self.send_message(conn, Message::Text(frame));
-    }
-
-    fn send_message(&mut self, conn: ConnToken, message: Message) {
         let Some(c) = self.conns.get_mut(conn.0) else {
             return;
         };
         if c.phase != Phase::Open {
             return;
         }
-        let len = message.len();
+        let len = frame.len();
         c.out_bytes += len;
-        c.out.push_back(message);
+        c.out_used = true;
+        c.out.push_back(frame);
         self.metrics.figures.counters.bytes_out += len as u64;
         self.push_flush(conn.0);
     }
@@ -250,8 +269,7 @@ impl Net {
             "shard: {} fell {} bytes behind; closing 1013",
             c.peer, c.out_bytes
         );
-        c.out.clear();
-        c.out_bytes = 0;
+        c.drop_queue();
         self.close(ConnToken(key), 1013, "too far behind, reconnect with since");
         self.pump(key);
     }
@@ -380,6 +398,11 @@ impl Net {
             if !c.wants_read {
                 return ReadOutcome::Done;
             }
+            if c.front_sent > 0 {
+                // A text frame is half written: tungstenite must not answer a ping now (it
+                // would write into the middle of it). Reads resume once it is out (see `pump`).
+                return ReadOutcome::Done;
+            }
             if c.phase == Phase::Open
                 && (c.write_blocked || c.out_bytes > self.limits.outbound_bytes_max / 2)
             {
@@ -416,8 +439,7 @@ impl Net {
                             deadline: Instant::now() + self.limits.close_linger,
                             broken: false,
                         };
-                        c.out.clear();
-                        c.out_bytes = 0;
+                        c.drop_queue();
                         self.gone.push(conn);
                     }
                     self.push_flush(key);
@@ -494,52 +516,18 @@ impl Net {
         self.flush_spare = list;
     }
 
-    /// Moves queued frames into tungstenite and flushes, until done or `WouldBlock`.
+    /// Writes what the connection has queued (tungstenite's control frames, the text frames, then
+    /// a pending close frame), until done or `WouldBlock`.
     fn pump(&mut self, key: usize) {
         let Some(c) = self.conns.get_mut(key) else {
             return;
         };
         let was_blocked = c.write_blocked;
-        let mut blocked = false;
-        let mut dead = false;
-        // Whatever tungstenite already holds goes first.
-        match c.ws.flush() {
-            Ok(()) => {}
-            Err(e) if would_block(&e) => blocked = true,
-            Err(_) => dead = true,
-        }
-        while !blocked && !dead {
-            let Some(message) = c.out.pop_front() else {
-                break;
-            };
-            c.out_bytes -= message.len();
-            match c.ws.write(message) {
-                Ok(()) => {}
-                // The frame sits in tungstenite's buffer: it is sent, never resend it.
-                Err(e) if would_block(&e) => blocked = true,
-                Err(tungstenite::Error::WriteBufferFull(message)) => {
-                    c.out_bytes += message.len();
-                    c.out.push_front(*message);
-                    blocked = true;
-                }
-                Err(_) => dead = true,
-            }
-        }
-        if !blocked && !dead {
-            let result = match c.pending_close.take() {
-                Some(frame) => {
-                    c.close_sent = true;
-                    c.ws.close(Some(frame))
-                }
-                None => c.ws.flush(),
-            };
-            match result {
-                Ok(()) => {}
-                Err(e) if would_block(&e) => blocked = true,
-                // A server's close completes with ConnectionClosed once both closes passed.
-                Err(_) => dead = true,
-            }
-        }
+        let (blocked, dead) = match c.write_out() {
+            Pumped::Drained => (false, false),
+            Pumped::Blocked => (true, false),
+            Pumped::Dead => (false, true),
+        };
         if dead {
             self.drop_conn(key);
             return;
@@ -592,6 +580,12 @@ impl Net {
                         c.ping_outstanding = true;
                         to_ping.push(key);
                     }
+                    if !c.out_used && c.out.is_empty() && c.out.capacity() > 0 {
+                        // Nothing queued for a whole tick: give the queue's memory back, so
+                        // that idle connections hold none while busy ones keep theirs.
+                        c.out = VecDeque::new();
+                    }
+                    c.out_used = false;
                 }
             }
         }
@@ -599,7 +593,218 @@ impl Net {
             self.drop_conn(key);
         }
         for key in to_ping {
-            self.send_message(ConnToken(key), Message::Ping(Default::default()));
+            if let Some(c) = self.conns.get_mut(key) {
+                c.ping_due = true;
+                self.push_flush(key);
+            }
+        }
+    }
+}
+
+/// What writing a connection's output came to.
+enum Pumped {
+    /// Everything queued is written.
+    Drained,
+    /// The socket would block; WRITABLE readiness resumes it.
+    Blocked,
+    /// The connection failed or finished its close: drop it.
+    Dead,
+}
+
+impl Conn {
+    /// Writes, in order: the rest of a half-written text frame, what tungstenite holds (pongs,
+    /// a close reply), a due ping, the queued text frames, and a pending close frame.
+    fn write_out(&mut self) -> Pumped {
+        // Nothing may reach the socket before the end of a frame already started.
+        if self.front_sent > 0 {
+            match self.write_frames() {
+                Ok(true) => {}
+                Ok(false) => return Pumped::Blocked,
+                Err(_) => return Pumped::Dead,
+            }
+        }
+        match self.ws.flush() {
+            Ok(()) => {}
+            Err(e) if would_block(&e) => return Pumped::Blocked,
+            Err(_) => return Pumped::Dead,
+        }
+        if self.ping_due && self.pending_close.is_none() && !self.close_sent {
+            self.ping_due = false;
+            // A blocked ping stays in tungstenite's buffer and goes out with the next flush.
+            match self.ws.write(Message::Ping(Default::default())) {
+                Ok(()) => {}
+                Err(e) if would_block(&e) => return Pumped::Blocked,
+                Err(_) => return Pumped::Dead,
+            }
+            match self.ws.flush() {
+                Ok(()) => {}
+                Err(e) if would_block(&e) => return Pumped::Blocked,
+                Err(_) => return Pumped::Dead,
+            }
+        }
+        match self.write_frames() {
+            Ok(true) => {}
+            Ok(false) => return Pumped::Blocked,
+            Err(_) => return Pumped::Dead,
+        }
+        if let Some(frame) = self.pending_close.take() {
+            self.close_sent = true;
+            match self.ws.close(Some(frame)) {
+                Ok(()) => {}
+                Err(e) if would_block(&e) => return Pumped::Blocked,
+                // A server's close completes with ConnectionClosed once both closes passed.
+                Err(_) => return Pumped::Dead,
+            }
+        }
+        Pumped::Drained
+    }
+
+    /// Writes the queued text frames straight to the socket; see [`write_text_frames`].
+    fn write_frames(&mut self) -> io::Result<bool> {
+        write_text_frames(
+            &mut NoSigPipe(self.ws.get_ref()),
+            &mut self.out,
+            &mut self.front_sent,
+            &mut self.out_bytes,
+        )
+    }
+
+    /// Forgets the queued frames, except one already half written (its end must still go out
+    /// before a close frame can).
+    fn drop_queue(&mut self) {
+        let started = if self.front_sent > 0 {
+            self.out.pop_front()
+        } else {
+            None
+        };
+        self.out.clear();
+        self.out_bytes = 0;
+        if let Some(frame) = started {
+            self.out_bytes = frame.len();
+            self.out.push_front(frame);
+        }
+    }
+}
+
+/// A TCP socket written with `sendmsg(MSG_NOSIGNAL)`: a peer gone mid-write is an `EPIPE`
+/// error, never a SIGPIPE, whatever the process's signal disposition (std's `write_vectored`
+/// is a plain `writev`, safe only because Rust binaries ignore SIGPIPE by default).
+struct NoSigPipe<'a>(&'a TcpStream);
+
+impl Write for NoSigPipe<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `msghdr` is plain data and all-zero is a valid value (no address, no
+        // control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        // `IoSlice` is guaranteed ABI-compatible with `iovec` on Unix; sendmsg only reads it.
+        msg.msg_iov = bufs.as_ptr().cast_mut().cast::<libc::iovec>();
+        msg.msg_iovlen = bufs.len() as _;
+        // SAFETY: the fd is the connection's open socket, and `msg` points at `bufs.len()`
+        // valid iovecs that outlive the call.
+        let n = unsafe { libc::sendmsg(self.0.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Longest header of an unmasked server frame: 2 bytes, plus 8 for a 64-bit length.
+const FRAME_HEADER_BYTES_MAX: usize = 10;
+
+/// Frames handed to one `sendmsg` call (two slices each: header and payload).
+const FRAMES_PER_WRITE_MAX: usize = 32;
+// Linux takes at most IOV_MAX (1024) slices per call.
+const _: () = assert!(2 * FRAMES_PER_WRITE_MAX <= 1024);
+
+/// Writes the header of an unmasked, final text frame with a payload of `len` bytes into
+/// `header` (RFC 6455 section 5.2) and returns its length.
+fn text_frame_header(len: usize, header: &mut [u8; FRAME_HEADER_BYTES_MAX]) -> usize {
+    header[0] = 0x81; // FIN, opcode 1 (text)
+    if len < 126 {
+        header[1] = len as u8;
+        2
+    } else if let Ok(len) = u16::try_from(len) {
+        header[1] = 126;
+        header[2..4].copy_from_slice(&len.to_be_bytes());
+        4
+    } else {
+        header[1] = 127;
+        header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    }
+}
+
+/// Frame bytes (header and payload) of a text frame with a payload of `len` bytes.
+fn text_frame_bytes(len: usize) -> usize {
+    text_frame_header(len, &mut [0; FRAME_HEADER_BYTES_MAX]) + len
+}
+
+/// Writes `out`'s text frames to `socket` with vectored writes (no copy of any payload) until
+/// the queue is empty (`Ok(true)`) or the socket would block (`Ok(false)`). `front_sent` counts
+/// the bytes of the front frame already written, across calls; `out_bytes` drops by each
+/// frame's payload once it is fully written.
+///
+/// # Errors
+/// A failed or zero-length write: the connection is broken.
+fn write_text_frames<W: Write>(
+    socket: &mut W,
+    out: &mut VecDeque<Utf8Bytes>,
+    front_sent: &mut usize,
+    out_bytes: &mut usize,
+) -> io::Result<bool> {
+    loop {
+        if out.is_empty() {
+            debug_assert_eq!(*front_sent, 0, "no frame is half written");
+            return Ok(true);
+        }
+        let n_frames = out.len().min(FRAMES_PER_WRITE_MAX);
+        let mut headers = [[0u8; FRAME_HEADER_BYTES_MAX]; FRAMES_PER_WRITE_MAX];
+        let mut header_lens = [0usize; FRAMES_PER_WRITE_MAX];
+        for (frame_idx, frame) in out.iter().take(n_frames).enumerate() {
+            header_lens[frame_idx] = text_frame_header(frame.len(), &mut headers[frame_idx]);
+        }
+        let mut slices = [IoSlice::new(&[]); 2 * FRAMES_PER_WRITE_MAX];
+        let mut n_slices = 0;
+        let mut skip = *front_sent;
+        for (frame_idx, frame) in out.iter().take(n_frames).enumerate() {
+            let header = &headers[frame_idx][..header_lens[frame_idx]];
+            for part in [header, frame.as_bytes()] {
+                if skip >= part.len() {
+                    skip -= part.len();
+                    continue;
+                }
+                slices[n_slices] = IoSlice::new(&part[skip..]);
+                n_slices += 1;
+                skip = 0;
+            }
+        }
+        let mut n_written = match socket.write_vectored(&slices[..n_slices]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        while n_written > 0 {
+            let Some(front) = out.front() else {
+                break;
+            };
+            let left = text_frame_bytes(front.len()) - *front_sent;
+            if n_written < left {
+                *front_sent += n_written;
+                break;
+            }
+            n_written -= left;
+            *front_sent = 0;
+            *out_bytes -= front.len();
+            out.pop_front();
         }
     }
 }
@@ -634,6 +839,132 @@ impl Net {
             Ok(())
         } else {
             Err(io::Error::last_os_error())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::io::Cursor;
+    use tungstenite::protocol::Role;
+
+    /// A socket that takes at most `grants[i]` bytes on the i-th write, `WouldBlock` on a
+    /// zero grant, and everything once the grants run out.
+    struct Stingy {
+        written: Vec<u8>,
+        grants: Vec<usize>,
+        n_writes: usize,
+    }
+
+    impl Write for Stingy {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[IoSlice::new(buf)])
+        }
+
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            let grant = self
+                .grants
+                .get(self.n_writes)
+                .copied()
+                .unwrap_or(usize::MAX);
+            self.n_writes += 1;
+            if grant == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let mut n = 0;
+            for buf in bufs {
+                let take = buf.len().min(grant - n);
+                self.written.extend_from_slice(&buf[..take]);
+                n += take;
+            }
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The text messages a client reads from `bytes`.
+    fn client_reads(bytes: Vec<u8>) -> Vec<String> {
+        let mut ws = WebSocket::from_raw_socket(Cursor::new(bytes), Role::Client, None);
+        let mut got = Vec::new();
+        loop {
+            match ws.read() {
+                Ok(Message::Text(text)) => got.push(text.as_str().to_owned()),
+                Ok(other) => panic!("unexpected {other:?}"),
+                // The end of the bytes, between two frames.
+                Err(tungstenite::Error::Protocol(
+                    tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+                )) => return got,
+                Err(e) => panic!("bad stream: {e}"),
+            }
+        }
+    }
+
+    /// Writes `frames` through a socket granting `grants`, retrying after each `WouldBlock`
+    /// as readiness would, and checks the client reads exactly `frames`.
+    fn check(frames: &[String], grants: Vec<usize>) {
+        let mut out: VecDeque<Utf8Bytes> = frames.iter().map(|f| f.as_str().into()).collect();
+        let mut out_bytes: usize = frames.iter().map(String::len).sum();
+        let mut front_sent = 0;
+        let mut socket = Stingy {
+            written: Vec::new(),
+            grants,
+            n_writes: 0,
+        };
+        let mut n_calls = 0;
+        while !write_text_frames(&mut socket, &mut out, &mut front_sent, &mut out_bytes)
+            .expect("the socket never fails")
+        {
+            n_calls += 1;
+            assert!(n_calls < 10_000, "no progress");
+        }
+        assert_eq!(out_bytes, 0);
+        assert_eq!(front_sent, 0);
+        assert_eq!(client_reads(socket.written), frames);
+    }
+
+    #[test]
+    fn header_lengths_at_the_boundaries() {
+        for (len, header_len) in [(0, 2), (125, 2), (126, 4), (65_535, 4), (65_536, 10)] {
+            let mut header = [0; FRAME_HEADER_BYTES_MAX];
+            assert_eq!(text_frame_header(len, &mut header), header_len, "{len}");
+        }
+    }
+
+    #[test]
+    fn frames_of_every_header_size_survive_partial_writes() {
+        let frames: Vec<String> = [0, 1, 125, 126, 65_535, 65_536, 1 << 20]
+            .iter()
+            .map(|&len| "x".repeat(len))
+            .collect();
+        check(&frames, vec![]);
+        check(&frames, vec![1, 0, 3, 0, 1, 127, 0, 9, 65_537, 0, 2, 5]);
+    }
+
+    #[test]
+    fn more_frames_than_one_write_takes() {
+        let frames: Vec<String> = (0..FRAMES_PER_WRITE_MAX * 3 + 1)
+            .map(|i| format!("{{\"n\":{i}}}"))
+            .collect();
+        check(&frames, vec![0, 7, 0, 300, 1]);
+    }
+
+    proptest! {
+        #[test]
+        fn any_frames_any_write_sizes(
+            lens in proptest::collection::vec(0usize..70_000, 0..12),
+            grants in proptest::collection::vec(0usize..200_000, 0..40),
+        ) {
+            let frames: Vec<String> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &len)| char::from(b'a' + (i % 26) as u8).to_string().repeat(len))
+                .collect();
+            check(&frames, grants);
         }
     }
 }

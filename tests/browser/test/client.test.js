@@ -1,0 +1,251 @@
+// The client's connection logic against an in-memory server that follows the contract:
+// coalescing, echoes and acks, reconnect with replay or snapshot, resends, lost history,
+// presence.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import WebSocket from 'ws';
+import { CollabClient, diffAroundCaret } from '../../../clients/js/collab.js';
+import { startFakeServer, loseHistory } from '../lib/fake-server.js';
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function until(what, pred, timeoutMs = 10000) {
+  const t0 = Date.now();
+  while (!pred()) {
+    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out waiting for ${what}`);
+    await sleep(5);
+  }
+}
+
+function client(url, doc, extra = {}) {
+  return new CollabClient({ url, doc, WebSocket, backoffMinMs: 20, backoffMaxMs: 200, ...extra });
+}
+
+/** A seeded xorshift generator so failures replay. */
+function rng(seed) {
+  let s = seed >>> 0 || 1;
+  return () => {
+    s ^= s << 13; s >>>= 0;
+    s ^= s >>> 17;
+    s ^= s << 5; s >>>= 0;
+    return s / 2 ** 32;
+  };
+}
+
+function randomEdit(c, rand, alphabet = 'abcdefghij \n😀é') {
+  const chars = Array.from(alphabet);
+  const len = c.doc.length;
+  if (len > 0 && rand() < 0.35) {
+    const pos = Math.floor(rand() * len);
+    c.delete(pos, Math.min(len - pos, 1 + Math.floor(rand() * 3)));
+  } else {
+    let s = '';
+    const n = 1 + Math.floor(rand() * 4);
+    for (let i = 0; i < n; i++) s += chars[Math.floor(rand() * chars.length)];
+    c.insert(Math.floor(rand() * (len + 1)), s);
+  }
+}
+
+test('diffAroundCaret finds the edit at the caret', () => {
+  assert.deepEqual(diffAroundCaret('aa', 'aaa', 1), [0, 0, 'a']);
+  assert.deepEqual(diffAroundCaret('aa', 'aaa', 3), [2, 0, 'a']);
+  assert.deepEqual(diffAroundCaret('abc', 'ac', 1), [1, 1, '']);
+  assert.deepEqual(diffAroundCaret('hello world', 'hello brave world', 12), [6, 0, 'brave ']);
+  assert.deepEqual(diffAroundCaret('x😀y', 'x😁y', 3), [1, 2, '😁']);
+  assert.deepEqual(diffAroundCaret('abc', 'xyz', 3), [0, 3, 'xyz']);
+});
+
+test('two clients edit concurrently and converge; keystrokes coalesce', async () => {
+  const srv = await startFakeServer();
+  const a = client(srv.url, 'conv');
+  const b = client(srv.url, 'conv');
+  try {
+    await Promise.all([a.whenSaved(), b.whenSaved()]);
+    assert.notEqual(a.replica, b.replica);
+    // Typing 50 characters within one flush window gives one op message with one op.
+    const before = srv.stats.opMessages;
+    for (const ch of 'The quick brown fox jumps over the lazy dog, again!') a.insert(a.doc.length, ch);
+    await a.whenSaved();
+    assert.equal(srv.stats.opMessages - before, 1);
+    const last = srv.stats.received.filter((m) => m.type === 'op').at(-1);
+    assert.equal(last.ops.length, 1);
+    await until('b sees a', () => b.text() === a.text());
+    // Random concurrent edits.
+    const rand = rng(42);
+    for (let round = 0; round < 30; round++) {
+      for (let k = 0; k < 5; k++) { randomEdit(a, rand); randomEdit(b, rand); }
+      if (round % 3 === 0) await sleep(rand() * 20);
+    }
+    await Promise.all([a.whenSaved(), b.whenSaved()]);
+    await until('convergence', () => a.text() === b.text() && a.since === b.since);
+    assert.equal(a.text(), srv.rooms.get('conv').rga.text());
+    a.doc.check();
+    b.doc.check();
+  } finally {
+    a.close(); b.close(); await srv.stop();
+  }
+});
+
+test('change events rebuild the remote text', async () => {
+  const srv = await startFakeServer();
+  const a = client(srv.url, 'events');
+  const b = client(srv.url, 'events');
+  let mirror = '';
+  b.on('change', (c) => { mirror = mirror.slice(0, c.index16) + c.text + mirror.slice(c.index16 + c.length16); });
+  try {
+    await Promise.all([a.whenSaved(), b.whenSaved()]);
+    const rand = rng(7);
+    for (let i = 0; i < 200; i++) { randomEdit(a, rand); if (i % 10 === 0) await sleep(1); }
+    await a.whenSaved();
+    await until('b caught up', () => b.text() === a.text());
+    assert.equal(mirror, a.text());
+  } finally {
+    a.close(); b.close(); await srv.stop();
+  }
+});
+
+test('server restart: clients reconnect, resend unacknowledged edits once, converge', async () => {
+  let srv = await startFakeServer();
+  const port = srv.port;
+  const rooms = srv.rooms;
+  const a = client(srv.url, 'restart');
+  const b = client(srv.url, 'restart');
+  const statuses = [];
+  a.on('status', (s) => statuses.push(s.status));
+  try {
+    await Promise.all([a.whenSaved(), b.whenSaved()]);
+    a.insert(0, 'hello');
+    await a.whenSaved();
+    await until('b', () => b.text() === 'hello');
+    await srv.stop({ abrupt: true });
+    await until('a offline', () => a.status === 'offline');
+    // Edits while offline are kept and sent after the reconnect.
+    a.insert(5, ' world');
+    b.insert(0, '>> ');
+    assert.ok(a.pending > 0);
+    srv = await startFakeServer({ port, rooms });
+    await until('reconnect', () => a.status === 'saved' && b.status === 'saved' && a.text() === b.text());
+    assert.equal(a.text(), '>> hello world');
+    assert.ok(statuses.includes('offline') && statuses.includes('connecting'));
+    // The replay path was used: each client said since/epoch.
+    const rehellos = srv.stats.hellos;
+    assert.ok(rehellos.every((h) => Number.isSafeInteger(h.since) && typeof h.epoch === 'string'));
+  } finally {
+    a.close(); b.close(); await srv.stop();
+  }
+});
+
+test('a resend that the server already integrated is answered by ack and applied once', async () => {
+  const srv = await startFakeServer();
+  const a = client(srv.url, 'resend');
+  try {
+    await a.whenSaved();
+    // Drop the echo of the next op message: the server applies it, the client never hears.
+    const room = () => srv.rooms.get('resend');
+    a.insert(0, 'abc');
+    a.flush();
+    const sock = [...room().conns.values()][0].ws;
+    const origSend = sock.send.bind(sock);
+    sock.send = () => {};
+    await until('applied on server', () => room().rga.text() === 'abc');
+    await sleep(20);
+    assert.equal(a.pending, 1);
+    sock.send = origSend;
+    // Force a snapshot on reconnect (as after an op log truncation): pending ops are kept,
+    // re-applied and resent with their client_seq, and the server acks them.
+    srv.knobs.snapshotOnly = true;
+    sock.terminate();
+    await until('saved', () => a.status === 'saved');
+    assert.equal(a.text(), 'abc');
+    assert.equal(room().rga.text(), 'abc');
+    assert.equal(room().head, 1);
+  } finally {
+    a.close(); await srv.stop();
+  }
+});
+
+test('lost history (new epoch): edits the server lost are re-issued as new ones', async () => {
+  let srv = await startFakeServer();
+  const { port, rooms } = srv;
+  const a = client(srv.url, 'lost');
+  try {
+    await a.whenSaved();
+    a.insert(0, 'kept?');
+    await a.whenSaved();
+    await srv.stop({ abrupt: true });
+    await until('offline', () => a.status === 'offline');
+    a.insert(5, ' yes');
+    a.delete(0, 1);
+    loseHistory(rooms, 'lost');
+    srv = await startFakeServer({ port, rooms });
+    await until('saved', () => a.status === 'saved');
+    // The server lost "kept?" although it had acknowledged it: the client re-issues it and
+    // the edits made on top of it, with fresh ids.
+    assert.equal(a.text(), 'ept? yes');
+    assert.equal(rooms.get('lost').rga.text(), 'ept? yes');
+    a.insert(0, 'new ');
+    await a.whenSaved();
+    assert.equal(rooms.get('lost').rga.text(), a.text());
+    assert.ok(a.text().startsWith('new '));
+  } finally {
+    a.close(); await srv.stop();
+  }
+});
+
+test('lost history keeps edits that still have their anchor', async () => {
+  let srv = await startFakeServer();
+  const { port, rooms } = srv;
+  const a = client(srv.url, 'lost2');
+  try {
+    await a.whenSaved();
+    await srv.stop({ abrupt: true });
+    await until('offline', () => a.status === 'offline');
+    a.insert(0, 'typed offline');
+    a.delete(0, 6);
+    loseHistory(rooms, 'lost2');
+    // The client had seen an epoch; the server comes back with another.
+    srv = await startFakeServer({ port, rooms });
+    await until('saved', () => a.status === 'saved');
+    assert.equal(a.text(), 'offline');
+    assert.equal(rooms.get('lost2').rga.text(), 'offline');
+  } finally {
+    a.close(); await srv.stop();
+  }
+});
+
+test('presence reaches the others and is cleared when a client leaves', async () => {
+  const srv = await startFakeServer();
+  const a = client(srv.url, 'pres', { presence: { name: 'Ada' } });
+  const b = client(srv.url, 'pres');
+  try {
+    await Promise.all([a.whenSaved(), b.whenSaved()]);
+    await until('b sees Ada', () => [...b.peers.values()].some((s) => s.name === 'Ada'));
+    b.setPresence({ name: 'Bob', head: null });
+    await until('a sees Bob', () => a.peers.get(b.replica)?.name === 'Bob');
+    const left = new Promise((resolve) => b.on('presence', (p) => { if (p.replica === a.replica && p.state === null) resolve(); }));
+    a.close();
+    await left;
+    assert.equal(b.peers.size, 0);
+  } finally {
+    a.close(); b.close(); await srv.stop();
+  }
+});
+
+test('a refused op is dropped and the client resyncs from a snapshot', async () => {
+  const srv = await startFakeServer();
+  const a = client(srv.url, 'refused');
+  const errors = [];
+  a.on('error', (e) => errors.push(e.code));
+  try {
+    await a.whenSaved();
+    a.insert(0, 'ok');
+    await a.whenSaved();
+    // Forge an edit the server must refuse (an id of another replica).
+    a.doc.applyOps([{ kind: 'ins', id: [100, a.replica + 1], after: null, text: 'bad' }]);
+    a._queue([{ kind: 'ins', id: [100, a.replica + 1], after: null, text: 'bad' }]);
+    await until('error', () => errors.includes('invalid_op'));
+    await until('resynced', () => a.status === 'saved' && a.text() === 'ok');
+  } finally {
+    a.close(); await srv.stop();
+  }
+});
