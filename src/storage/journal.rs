@@ -188,9 +188,10 @@ fn redo<F: Fs>(fs: &F, root: &Path, fsync: bool) -> Result<(), StorageError> {
                 }
                 Frame::Bad {
                     detail,
-                    reaches_end: true,
-                } => {
-                    // An interrupted journal write: that turn was never acknowledged.
+                    reaches_end,
+                } if reaches_end || !any_frame_after(&data, offset) => {
+                    // An interrupted journal write (cut short, zeros, or a hole a power cut
+                    // left in the unsynced tail): that turn was never acknowledged.
                     log::warn!("{rel}: torn entry at byte {offset} ({detail}); ignored");
                     break;
                 }
@@ -248,6 +249,12 @@ fn redo<F: Fs>(fs: &F, root: &Path, fsync: bool) -> Result<(), StorageError> {
         dead.len()
     );
     Ok(())
+}
+
+/// Whether a valid frame starts anywhere after `offset`: damage followed by valid entries is
+/// corruption; damage with nothing valid after it is a torn tail.
+fn any_frame_after(data: &[u8], offset: usize) -> bool {
+    (offset + 1..data.len()).any(|pos| matches!(format::read_frame(data, pos), Frame::Ok { .. }))
 }
 
 /// Rebuilds one segment from its journal entries (sorted by offset, later journals last);
