@@ -9,7 +9,8 @@
 # NO_DOCS=1 (do not touch docs/benchmarks.md; the default when only some scenarios run),
 # PERF=1 (record the server with perf into OUT), NICE=-10 (run server and generator at that
 # niceness, root only: on a host busy with other work this shows what the code does when it gets
-# the CPU; say so when you publish such numbers).
+# the CPU; say so when you publish such numbers), SERVER_CPUS / LOAD_CPUS (taskset CPU lists, e.g.
+# SERVER_CPUS=0 LOAD_CPUS=1 gives each its own core on a 2-core host).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,10 +21,9 @@ DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-2s}
 OUT=${OUT:-target/scenarios}
 NICE=${NICE:-0}
-SERVER="nice -n $NICE target/release/collab-engine"
-LOAD="nice -n $NICE target/release/collab-load"
+SERVER="nice -n $NICE ${SERVER_CPUS:+taskset -c $SERVER_CPUS} target/release/collab-engine"
+LOAD="nice -n $NICE ${LOAD_CPUS:+taskset -c $LOAD_CPUS} target/release/collab-load"
 PRELOAD=tests/data/automerge-paper.json.gz
-[ -f "$PRELOAD" ] || PRELOAD=../shared/traces/automerge-paper.json.gz
 
 cargo build --release --bins --quiet
 mkdir -p "$OUT"
