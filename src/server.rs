@@ -217,8 +217,9 @@ pub fn start_with<H: Handler + Send + 'static>(
             mio::Waker::new(poll.registry(), WAKER_TOKEN).context("creating a shard waker")?,
         );
         let (inbox, receiver) = shard_channel(waker);
+        let alive = inbox.alive();
         shard_inboxes.push(inbox);
-        parts.push((poll, receiver, handler));
+        parts.push((poll, receiver, alive, handler));
     }
     // Bind before spawning anything, so a failure leaves no thread behind.
     let options = AcceptorOptions {
@@ -234,7 +235,7 @@ pub fn start_with<H: Handler + Send + 'static>(
     )
     .with_context(|| format!("binding {}", config.listen))?;
     let mut shards = Vec::with_capacity(n_shards);
-    for (shard_idx, (poll, receiver, mut handler)) in parts.into_iter().enumerate() {
+    for (shard_idx, (poll, receiver, alive, mut handler)) in parts.into_iter().enumerate() {
         let limits = net_limits(config);
         let shard_metrics = metrics.shard(shard_idx);
         let core = if core_ids.is_empty() {
@@ -250,7 +251,7 @@ pub fn start_with<H: Handler + Send + 'static>(
                         warn!("shard {shard_idx}: could not pin to core {}", core.id);
                     }
                 }
-                shard::run(poll, receiver, &mut handler, limits, shard_metrics)
+                shard::run(poll, receiver, &mut handler, alive, limits, shard_metrics)
             });
         match spawned {
             Ok(thread) => shards.push(thread),
