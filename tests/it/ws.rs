@@ -8,7 +8,8 @@ use collab_engine::protocol::ServerMessage;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::util::{
-    connect, http_get, recv_json, recv_until_close, send, server, test_config, Editor, Watchdog,
+    connect, http_get, recv_json, recv_until_close, send, server, test_config, warnings_containing,
+    Editor, Watchdog,
 };
 
 const INS_A: &str = r#"{"type":"op","client_seq":1,"ops":[{"kind":"ins","id":[0,REPLICA],"after":null,"text":"ab"}]}"#;
@@ -521,6 +522,39 @@ fn ws_connection_limit_per_shard_closes_1013() {
     let (code, seen) = recv_until_close(&mut c);
     assert!(seen.is_empty());
     assert_eq!(code, Some(CloseCode::Again));
+    server.shutdown().expect("clean shutdown");
+}
+
+/// A connection flood at the per-shard limit gets one warning line a second (with a count),
+/// not one per refused connection.
+#[test]
+fn ws_connection_limit_refusals_do_not_flood_the_log() {
+    let _w = Watchdog::new("ws_connection_limit_refusals_do_not_flood_the_log", 60);
+    let mut config = test_config();
+    config.shards = 1;
+    // A limit no other test uses, so that only this test's lines match.
+    config.conns_per_shard_max = 3;
+    let server = server(config);
+    let addr = server.local_addr();
+    let _held: Vec<Editor> = (0..3)
+        .map(|_| Editor::join(addr, "/ws/flood", &hello("flood")))
+        .collect();
+    let started = std::time::Instant::now();
+    const REFUSED: usize = 100;
+    for _ in 0..REFUSED {
+        let mut ws = connect(addr, "/ws/flood");
+        let (code, _) = recv_until_close(&mut ws);
+        assert_eq!(code, Some(CloseCode::Again));
+    }
+    let elapsed = started.elapsed();
+    let lines = warnings_containing("at the limit of 3 connections");
+    assert!(!lines.is_empty(), "the refusals are logged");
+    // One line a second at most: a bound that follows from the limiter, whatever the speed.
+    assert!(
+        lines.len() as u64 <= elapsed.as_secs() + 1,
+        "{} lines for {REFUSED} refusals in {elapsed:?}: {lines:?}",
+        lines.len()
+    );
     server.shutdown().expect("clean shutdown");
 }
 
