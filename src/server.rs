@@ -185,7 +185,10 @@ pub fn start_with_storages(
 ) -> anyhow::Result<ServerHandle> {
     let hosts = storages
         .into_iter()
-        .map(|storage| RoomHost::new(storage, RoomConfig::from_config(config), config.idle_unload))
+        .map(|storage| {
+            RoomHost::new(storage, RoomConfig::from_config(config), config.idle_unload)
+                .with_docs_max(config.docs_per_shard_max)
+        })
         .collect();
     start_with(config, PlainWs::AwaitHello, hosts)
 }

@@ -1,7 +1,9 @@
 //! [`RoomHost`]: the shard's message handler. Routes each connection's messages to its
 //! document's [`Room`], runs the turn-level group commit, and unloads idle documents.
 //!
-//! Owns the shard's rooms and its [`Storage`] outright. Per turn: rooms produce
+//! Owns the shard's rooms and its [`Storage`] outright, at most `--docs-per-shard-max` of
+//! them loaded (a document without clients makes room for a new one; otherwise the `hello`
+//! gets `overloaded` and a close 1013). Per turn: rooms produce
 //! [`Effects`]; every record is appended, storage syncs once, and only then are the frames
 //! released to the connections (no client ever sees a `server_seq` a crash could take back).
 //! Never touches a socket directly (the [`Net`] does) and never blocks on one.
@@ -13,7 +15,7 @@ use log::{debug, warn};
 use slab::Slab;
 use tungstenite::{Message, Utf8Bytes};
 
-use crate::config::REFUSALS_BEFORE_CLOSE;
+use crate::config::{DOCS_PER_SHARD_MAX_DEFAULT, REFUSALS_BEFORE_CLOSE};
 use crate::ids::ConnToken;
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, ClientMessage, ErrorCode, Hello, ProtocolError};
@@ -22,6 +24,7 @@ use crate::storage::Storage;
 
 use super::conn::Net;
 use super::event_loop::{Handler, OpenInfo};
+use super::log_limit::LogLimit;
 
 /// What the shard knows about one connection.
 #[derive(Debug)]
@@ -48,6 +51,10 @@ pub struct RoomHost {
     storage: Box<dyn Storage>,
     room_config: RoomConfig,
     idle_unload: Duration,
+    /// Documents kept loaded at most.
+    docs_max: usize,
+    /// Warnings for hellos refused at `docs_max`: one line a second.
+    docs_full_log: LogLimit,
     rooms: Slab<RoomSlot>,
     room_by_doc: HashMap<String, usize>,
     /// Indexed by connection slab key.
@@ -60,7 +67,8 @@ pub struct RoomHost {
 }
 
 impl RoomHost {
-    /// A host with no documents loaded, keeping them in `storage`.
+    /// A host with no documents loaded, keeping them in `storage`, at most
+    /// [`DOCS_PER_SHARD_MAX_DEFAULT`] loaded at once (see [`RoomHost::with_docs_max`]).
     pub fn new(
         storage: Box<dyn Storage>,
         room_config: RoomConfig,
@@ -70,11 +78,40 @@ impl RoomHost {
             storage,
             room_config,
             idle_unload,
+            docs_max: DOCS_PER_SHARD_MAX_DEFAULT,
+            docs_full_log: LogLimit::per_second(),
             rooms: Slab::new(),
             room_by_doc: HashMap::new(),
             sessions: Vec::new(),
             dirty: Vec::new(),
             closes_after_turn: Vec::new(),
+        }
+    }
+
+    /// Keeps at most `docs_max` documents loaded (at least one): a `hello` for another one
+    /// first unloads a document without clients, or is refused with `overloaded` and a close
+    /// 1013.
+    pub fn with_docs_max(mut self, docs_max: usize) -> RoomHost {
+        self.docs_max = docs_max.max(1);
+        self
+    }
+
+    /// Makes room for one more document: unloads the document without clients that has been
+    /// empty the longest. A room still holding effects of this turn is not unloadable (its
+    /// records are not durable yet). `false` when every loaded document has clients.
+    fn unload_one_empty(&mut self, net: &mut Net) -> bool {
+        let victim = self
+            .rooms
+            .iter()
+            .filter(|(_, slot)| !slot.in_dirty && slot.room.n_clients() == 0)
+            .min_by_key(|(_, slot)| slot.empty_since)
+            .map(|(idx, _)| idx);
+        match victim {
+            Some(idx) => {
+                self.unload(net, idx);
+                true
+            }
+            None => false,
         }
     }
 
@@ -156,8 +193,29 @@ impl RoomHost {
                 return self.refuse(net, conn, &ProtocolError::bad("hello must name a doc"))
             }
         };
-        let room_idx = match self.room_by_doc.get(&doc) {
-            Some(&idx) => idx,
+        let room_idx = match self.room_by_doc.get(&doc).copied() {
+            Some(idx) => idx,
+            None if self.rooms.len() >= self.docs_max && !self.unload_one_empty(net) => {
+                debug!(
+                    "shard: {} documents loaded, refusing {:?}",
+                    self.docs_max,
+                    net.peer(conn)
+                );
+                if let Some(n) = self.docs_full_log.hit(Instant::now()) {
+                    warn!(
+                        "shard: {} documents loaded, all with clients; refused {n} hello(s) for another one with overloaded",
+                        self.docs_max
+                    );
+                }
+                net.metrics.figures.counters.msgs_refused += 1;
+                let err = ProtocolError::new(
+                    ErrorCode::Overloaded,
+                    "too many documents open on this server; try again later",
+                );
+                net.send(conn, protocol::encode_error(&err));
+                net.close(conn, 1013, "too many documents open, try again later");
+                return;
+            }
             None => match self.open_room(net, &doc) {
                 Some(idx) => idx,
                 None => {

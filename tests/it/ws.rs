@@ -558,6 +558,50 @@ fn ws_connection_limit_refusals_do_not_flood_the_log() {
     server.shutdown().expect("clean shutdown");
 }
 
+/// Past `--docs-per-shard-max` loaded documents, a hello for another one first unloads a
+/// document without clients; when every one has clients it gets `overloaded` and a close 1013,
+/// and documents already loaded keep serving.
+#[test]
+fn ws_document_limit_per_shard() {
+    let _w = Watchdog::new("ws_document_limit_per_shard", 30);
+    let mut config = test_config();
+    config.shards = 1;
+    config.docs_per_shard_max = 2;
+    let server = server(config);
+    let addr = server.local_addr();
+    let mut a = Editor::join(addr, "/ws/cap-a", &hello("cap-a"));
+    a.edit(0, 0, "kept");
+    a.settle();
+    let mut b = Editor::join(addr, "/ws/cap-b", &hello("cap-b"));
+    // Both loaded documents have clients: a third is refused, on both routes.
+    for (path, doc) in [("/ws/cap-c", "cap-c"), ("/ws", "cap-c")] {
+        let mut c = connect(addr, path);
+        send(&mut c, &hello(doc));
+        let (code, seen) = recv_until_close(&mut c);
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(seen[0]["type"], "error");
+        assert_eq!(seen[0]["code"], "overloaded");
+        assert_eq!(code, Some(CloseCode::Again));
+    }
+    // A second client of a loaded document is no new document.
+    let b2 = Editor::join(addr, "/ws/cap-b", &hello("cap-b"));
+    assert!(b2.replica >= 1);
+    b.edit(0, 0, "b");
+    b.settle();
+    // cap-a loses its only client (close handshake finished: the server processed it), so
+    // it is unloaded to make room for cap-c.
+    a.ws.close(None).expect("close");
+    while a.ws.read().is_ok() {}
+    let mut c = Editor::join(addr, "/ws/cap-c", &hello("cap-c"));
+    assert!(c.replica >= 1);
+    // cap-a's state was durable when it left memory: free cap-c the same way and reload it.
+    c.ws.close(None).expect("close");
+    while c.ws.read().is_ok() {}
+    let a2 = Editor::join(addr, "/ws/cap-a", &hello("cap-a"));
+    assert_eq!(a2.doc.text(), "kept");
+    server.shutdown().expect("clean shutdown");
+}
+
 #[test]
 fn ws_silent_connection_is_pinged_then_dropped() {
     let _w = Watchdog::new("ws_silent_connection_is_pinged_then_dropped", 30);
