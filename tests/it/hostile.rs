@@ -354,3 +354,71 @@ fn dead_shard_is_not_routed_to() {
     }
     server.shutdown().expect_err("a shard panicked");
 }
+
+/// Like the room host: holds the turn's frames until `end_turn` (where the group commit would
+/// make them durable), and panics on "boom".
+#[derive(Default)]
+struct HoldThenPanic {
+    held: Vec<(collab_engine::ids::ConnToken, tungstenite::Utf8Bytes)>,
+}
+
+impl collab_engine::shard::Handler for HoldThenPanic {
+    fn on_open(
+        &mut self,
+        _net: &mut collab_engine::shard::Net,
+        _conn: collab_engine::ids::ConnToken,
+        _info: collab_engine::shard::OpenInfo,
+    ) {
+    }
+    fn on_message(
+        &mut self,
+        _net: &mut collab_engine::shard::Net,
+        conn: collab_engine::ids::ConnToken,
+        message: Message,
+    ) {
+        if let Message::Text(text) = message {
+            assert_ne!(text.as_str(), "boom", "a bug in the handler");
+            self.held.push((conn, text));
+        }
+    }
+    fn on_closed(
+        &mut self,
+        _net: &mut collab_engine::shard::Net,
+        _conn: collab_engine::ids::ConnToken,
+    ) {
+    }
+    fn end_turn(&mut self, net: &mut collab_engine::shard::Net) {
+        for (conn, frame) in self.held.drain(..) {
+            net.send(conn, frame);
+        }
+    }
+}
+
+/// A frame the handler still held when it panicked (its turn's records would not be durable)
+/// is never released: the client gets the 1011 close and nothing else.
+#[test]
+fn shard_panic_releases_nothing_of_its_turn() {
+    let _w = Watchdog::new("shard_panic_releases_nothing_of_its_turn", 30);
+    let config = test_config();
+    let server = collab_engine::server::start_with(
+        &config,
+        collab_engine::acceptor::PlainWs::RoundRobin,
+        vec![HoldThenPanic::default()],
+    )
+    .expect("server");
+    let mut ws = connect(server.local_addr(), "/ws");
+    send(&mut ws, r#"{"turn":1}"#);
+    assert_eq!(
+        recv_json(&mut ws)["turn"],
+        1,
+        "released at the end of its turn"
+    );
+    // One write: both messages reach the shard in the same read, so the same turn.
+    ws.write(Message::text(r#"{"turn":2}"#)).expect("write");
+    ws.write(Message::text("boom")).expect("write");
+    ws.flush().expect("flush");
+    let (code, seen) = recv_until_close(&mut ws);
+    assert_eq!(code, Some(CloseCode::Error));
+    assert!(seen.is_empty(), "nothing of the panicking turn: {seen:?}");
+    server.shutdown().expect_err("a shard panicked");
+}
