@@ -61,6 +61,10 @@ pub struct RoomHost {
     sessions: Vec<Option<Session>>,
     /// Rooms with effects to drain at the end of this turn.
     dirty: Vec<usize>,
+    /// Empty; swapped with `dirty` at the end of a turn so that neither allocates once grown.
+    dirty_spare: Vec<usize>,
+    /// Empty between turns; the turn's drained effects, kept for its allocation.
+    batch: Vec<(usize, Effects)>,
     /// Closes decided by the host (too many refusals) that must follow the frames the rooms
     /// queued this turn.
     closes_after_turn: Vec<(ConnToken, u16, &'static str)>,
@@ -84,6 +88,8 @@ impl RoomHost {
             room_by_doc: HashMap::new(),
             sessions: Vec::new(),
             dirty: Vec::new(),
+            dirty_spare: Vec::new(),
+            batch: Vec::new(),
             closes_after_turn: Vec::new(),
         }
     }
@@ -399,13 +405,17 @@ impl Handler for RoomHost {
         if self.dirty.is_empty() && self.closes_after_turn.is_empty() {
             return;
         }
-        let mut batch: Vec<(usize, Effects)> = Vec::with_capacity(self.dirty.len());
-        for room_idx in std::mem::take(&mut self.dirty) {
+        // Both lists keep their allocations from turn to turn.
+        let mut batch = std::mem::take(&mut self.batch);
+        let mut dirty = std::mem::take(&mut self.dirty_spare);
+        std::mem::swap(&mut dirty, &mut self.dirty);
+        for room_idx in dirty.drain(..) {
             if let Some(slot) = self.rooms.get_mut(room_idx) {
                 slot.in_dirty = false;
                 batch.push((room_idx, slot.room.take_effects()));
             }
         }
+        self.dirty_spare = dirty;
         // Group commit: every record of the turn, then one sync.
         let mut storage_ok = true;
         let mut any_records = false;
@@ -441,7 +451,7 @@ impl Handler for RoomHost {
             }
         }
         let mut failed = Vec::new();
-        for (room_idx, effects) in batch {
+        for (room_idx, mut effects) in batch.drain(..) {
             if !storage_ok && !effects.records.is_empty() {
                 failed.push((room_idx, effects));
                 continue;
@@ -449,7 +459,7 @@ impl Handler for RoomHost {
             let started = Instant::now();
             let counters = &mut net.metrics.figures.counters;
             counters.ops_accepted += effects.op_origins.len() as u64;
-            for (conn, frame) in effects.frames {
+            for (conn, frame) in effects.frames.drain(..) {
                 if frame_is(&frame, "{\"type\":\"ack\"") {
                     net.metrics.figures.counters.ops_unchanged += 1;
                 } else if frame_is(&frame, "{\"type\":\"error\"") {
@@ -464,17 +474,22 @@ impl Handler for RoomHost {
                     started.elapsed(),
                 );
             }
-            if let Some(snapshot) = effects.snapshot {
+            if let Some(snapshot) = effects.snapshot.take() {
                 let doc = self.rooms[room_idx].room.doc_name();
                 if let Err(e) = self.storage.write_snapshot(doc, &snapshot) {
                     net.metrics.figures.counters.storage_errors += 1;
                     warn!("shard: snapshot write failed (the log still covers it): {e}");
                 }
             }
-            for (conn, code, reason) in effects.closes {
+            for (conn, code, reason) in effects.closes.drain(..) {
                 net.close(conn, code, reason);
             }
+            // Everything is released: the room may keep the vectors for its next turn.
+            if let Some(slot) = self.rooms.get_mut(room_idx) {
+                slot.room.recycle_effects(effects);
+            }
         }
+        self.batch = batch;
         if !failed.is_empty() {
             self.fail_rooms(net, failed);
         }
