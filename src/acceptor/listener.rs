@@ -323,7 +323,8 @@ impl Acceptor {
         let Some(stage) = pending.stage.take() else {
             return;
         };
-        let next = advance(stage, peer, &self.metrics, &self.options);
+        let dead_shards = self.shards.iter().filter(|s| !s.is_alive()).count();
+        let next = advance(stage, peer, &self.metrics, &self.options, dead_shards);
         match next {
             Next::Stay(stage) => {
                 if let Some(pending) = self.pending.get_mut(key) {
@@ -404,9 +405,10 @@ fn advance(
     peer: SocketAddr,
     metrics: &MetricsRegistry,
     options: &AcceptorOptions,
+    dead_shards: usize,
 ) -> Next {
     match stage {
-        Stage::Request(stream) => read_request(stream, peer, metrics, options),
+        Stage::Request(stream) => read_request(stream, peer, metrics, options, dead_shards),
         Stage::Answer {
             stream,
             bytes,
@@ -423,6 +425,7 @@ fn read_request(
     peer: SocketAddr,
     metrics: &MetricsRegistry,
     options: &AcceptorOptions,
+    dead_shards: usize,
 ) -> Next {
     let mut buf = [0u8; REQUEST_HEAD_BYTES_MAX];
     // Peek, so that an upgrade leaves the request in the socket for tungstenite's handshake.
@@ -434,7 +437,7 @@ fn read_request(
         }
         Err(_) => return Next::Drop,
     };
-    match http::parse_request(&buf[..n], metrics) {
+    match http::parse_request_with_dead(&buf[..n], metrics, dead_shards) {
         Parsed::Partial => Next::Stay(Stage::Request(stream)),
         Parsed::Complete {
             head_bytes,

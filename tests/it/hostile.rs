@@ -335,6 +335,9 @@ fn dead_shard_is_not_routed_to() {
     let (code, _) = recv_until_close(&mut ws);
     assert_eq!(code, Some(CloseCode::Error));
     // The shard marked itself dead before it closed anything, so this is refused for sure.
+    let health = http_get(server.local_addr(), "GET /health HTTP/1.1\r\n\r\n");
+    assert!(health.starts_with("HTTP/1.1 503"), "{health}");
+    assert!(health.contains("\"dead_shards\":1"), "{health}");
     let mut ws = connect(server.local_addr(), &format!("/ws/{dead_doc}"));
     let (code, seen) = recv_until_close(&mut ws);
     assert_eq!(code, Some(CloseCode::Error), "refused by the acceptor");
