@@ -625,6 +625,14 @@ impl Room {
         );
     }
 
+    /// Frees the vectors kept by [`Room::recycle_effects`] when they hold nothing (a room idle
+    /// for a while need not keep them).
+    pub fn free_effects_buffers(&mut self) {
+        if self.effects.is_empty() {
+            self.effects = Effects::default();
+        }
+    }
+
     /// Whether [`Room::take_effects`] would return something.
     pub fn has_effects(&self) -> bool {
         !self.effects.is_empty()
@@ -754,6 +762,10 @@ mod tests {
         burst.frames.reserve(EFFECTS_RECYCLE_CAPACITY_MAX + 1);
         h.room.recycle_effects(burst);
         assert_eq!(h.room.effects.frames.capacity(), 0, "a burst is freed");
+        h.room.recycle_effects(effects);
+        assert!(h.room.effects.frames.capacity() > 0);
+        h.room.free_effects_buffers();
+        assert_eq!(h.room.effects.frames.capacity(), 0, "freed when idle");
     }
 
     #[test]

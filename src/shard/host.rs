@@ -44,6 +44,9 @@ struct RoomSlot {
     in_dirty: bool,
     /// When the last client left (`None` while it has clients).
     empty_since: Option<Instant>,
+    /// Whether the room had effects since the last tick; a room without any for a whole tick
+    /// frees the vectors it keeps for reuse (so idle rooms hold none).
+    busy_this_tick: bool,
 }
 
 /// The real shard handler: documents, sessions and the group commit.
@@ -255,6 +258,7 @@ impl RoomHost {
                     room,
                     in_dirty: false,
                     empty_since: None,
+                    busy_this_tick: false,
                 });
                 self.room_by_doc.insert(doc.to_owned(), idx);
                 net.metrics.figures.counters.docs_loaded = self.rooms.len() as u64;
@@ -487,6 +491,7 @@ impl Handler for RoomHost {
             // Everything is released: the room may keep the vectors for its next turn.
             if let Some(slot) = self.rooms.get_mut(room_idx) {
                 slot.room.recycle_effects(effects);
+                slot.busy_this_tick = true;
             }
         }
         self.batch = batch;
@@ -501,6 +506,9 @@ impl Handler for RoomHost {
     fn on_tick(&mut self, net: &mut Net, now: Instant) {
         let mut idle = Vec::new();
         for (idx, slot) in self.rooms.iter_mut() {
+            if !std::mem::take(&mut slot.busy_this_tick) {
+                slot.room.free_effects_buffers();
+            }
             if slot.in_dirty || slot.room.n_clients() > 0 {
                 slot.empty_since = None;
                 continue;
