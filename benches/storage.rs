@@ -1,6 +1,7 @@
 //! Storage-level figures for `docs/benchmarks.md` (section `## Storage`):
-//! group-commit fsync cost, recovery time for 1,000 documents / 1,000,000 ops, and write
-//! amplification of a typing workload with snapshots.
+//! group-commit fsync cost (one journal fsync per turn) and checkpoint cost, recovery time for
+//! 1,000 documents / 1,000,000 ops, startup redo of a full journal, and write amplification
+//! (journal included) of a typing workload with snapshots.
 //!
 //! Run: `cargo bench --bench storage` (data in `target/bench-storage`, or `$STORAGE_BENCH_DIR`;
 //! it must be on the disk you want to measure, not a tmpfs). Pass `quick` for a smaller run.
@@ -30,6 +31,7 @@ fn main() {
 
     group_commit(&root, quick);
     recovery(&root, quick);
+    redo(&root, quick);
     write_amplification(&root, quick);
     let _ = fs::remove_dir_all(&root);
 }
@@ -53,12 +55,14 @@ fn us(d: Duration) -> u64 {
 /// One loop turn = one op appended to each of `n_docs` documents, then one `sync`.
 fn group_commit(root: &Path, quick: bool) {
     println!("\n## group commit: one sync per turn, one ~150-byte op per touched doc");
-    println!("| fsync | docs per turn | turns | sync p50 us | sync p99 us | sync max us | ops/s |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| fsync | docs per turn | turns | sync p50 us | sync p99 us | sync max us | ops/s | then one checkpoint ms |");
+    println!("|---|---|---|---|---|---|---|---|");
     for mode in [FsyncMode::Always, FsyncMode::Never] {
         for n_docs in [1u64, 10, 100] {
             let dir = root.join(format!("commit-{mode:?}-{n_docs}"));
             let mut storage = DiskStorage::open(&dir, mode).expect("open");
+            // Checkpoints are measured on their own below, not inside the turns.
+            storage.set_checkpoint_limits(u64::MAX, Duration::from_secs(3600));
             let turns = if quick {
                 50
             } else {
@@ -81,12 +85,17 @@ fn group_commit(root: &Path, quick: bool) {
                 hist.record(us(t.elapsed()).max(1)).expect("record");
             }
             let secs = started.elapsed().as_secs_f64();
+            // Every touched segment fsynced once, the journal emptied.
+            let t = Instant::now();
+            storage.checkpoint().expect("checkpoint");
+            let checkpoint = t.elapsed();
             println!(
-                "| {mode:?} | {n_docs} | {turns} | {} | {} | {} | {:.0} |",
+                "| {mode:?} | {n_docs} | {turns} | {} | {} | {} | {:.0} | {:.2} |",
                 hist.value_at_quantile(0.5),
                 hist.value_at_quantile(0.99),
                 hist.max(),
-                (turns * n_docs) as f64 / secs
+                (turns * n_docs) as f64 / secs,
+                checkpoint.as_secs_f64() * 1e3
             );
             let _ = fs::remove_dir_all(&dir);
         }
@@ -220,6 +229,65 @@ fn recovery(root: &Path, quick: bool) {
         );
         let _ = fs::remove_dir_all(&dir);
     }
+}
+
+/// Startup after `kill -9` with a full journal: `n_docs` documents written in turns of 100
+/// documents until the journal holds `CHECKPOINT_BYTES`, then the storage is abandoned and a
+/// fresh `DiskStorage::open` redoes the journal (warm: the segments are in the page cache, as
+/// after a process crash; cold: evicted, as after a reboot with the segments intact).
+fn redo(root: &Path, quick: bool) {
+    println!("\n## startup redo of a full journal (kill -9 at the checkpoint limit)");
+    println!("| journal bytes | docs | records | open ms (warm) | open ms (cold) |");
+    println!("|---|---|---|---|---|");
+    let n_docs: u64 = if quick { 100 } else { 1000 };
+    let limit = if quick {
+        1 << 20
+    } else {
+        collab_engine::storage::CHECKPOINT_BYTES
+    };
+    let mut times = Vec::new();
+    let mut journal_bytes = 0;
+    let mut n_records = 0;
+    for cold in [false, true] {
+        let dir = root.join(format!("redo-{cold}"));
+        let mut storage = DiskStorage::open(&dir, FsyncMode::Always).expect("open");
+        storage.set_checkpoint_limits(u64::MAX, Duration::from_secs(3600));
+        let mut seqs = vec![0u64; n_docs as usize];
+        let mut turn = 0;
+        n_records = 0;
+        while storage.journal_len() < limit {
+            // A turn touches 100 documents, round robin over all of them.
+            for doc in (0..100).map(|i| (turn * 100 + i) % n_docs) {
+                let seq = &mut seqs[doc as usize];
+                *seq += 1;
+                let record = LogRecord::Ops {
+                    server_seq: *seq,
+                    echo: echo(*seq, 1, *seq),
+                };
+                storage
+                    .append(&format!("doc-{doc}"), "E", &record)
+                    .expect("append");
+                n_records += 1;
+            }
+            storage.sync().expect("sync");
+            turn += 1;
+        }
+        journal_bytes = storage.journal_len();
+        storage.abandon();
+        if cold {
+            evict(&dir);
+        }
+        let started = Instant::now();
+        let storage = DiskStorage::open(&dir, FsyncMode::Always).expect("open");
+        times.push(started.elapsed());
+        drop(storage);
+        let _ = fs::remove_dir_all(&dir);
+    }
+    println!(
+        "| {journal_bytes} | {n_docs} | {n_records} | {:.1} | {:.1} |",
+        times[0].as_secs_f64() * 1e3,
+        times[1].as_secs_f64() * 1e3
+    );
 }
 
 /// Counts the bytes every write hands to the OS.
@@ -356,16 +424,34 @@ fn write_amplification(root: &Path, quick: bool) {
     println!(
         "\n## write amplification: typing workload, snapshot every N ops (server default 10,000)"
     );
-    println!("| ops | snapshot every | op JSON bytes | log bytes written | snapshot bytes written | amplification | bytes on disk at end |");
-    println!("|---|---|---|---|---|---|---|");
-    let n_ops: u64 = if quick { 20_000 } else { 200_000 };
-    for snapshot_every in [10_000u64, 1_000] {
-        let dir = root.join(format!("amp-{snapshot_every}"));
+    println!("| fsync | ops | snapshot every | op JSON bytes | log + journal bytes written | snapshot bytes written | amplification | bytes on disk at end |");
+    println!("|---|---|---|---|---|---|---|---|");
+    // `never` writes no journal (the layout is the same, see docs/storage.md); `always` adds
+    // the journal copy of every record, at one fsync per op, so it runs fewer ops.
+    let runs = [
+        (
+            FsyncMode::Never,
+            if quick { 20_000u64 } else { 200_000 },
+            10_000u64,
+        ),
+        (
+            FsyncMode::Never,
+            if quick { 20_000 } else { 200_000 },
+            1_000,
+        ),
+        (
+            FsyncMode::Always,
+            if quick { 5_000 } else { 20_000 },
+            10_000,
+        ),
+        (FsyncMode::Always, if quick { 5_000 } else { 20_000 }, 1_000),
+    ];
+    for (mode, n_ops, snapshot_every) in runs {
+        let dir = root.join(format!("amp-{mode:?}-{snapshot_every}"));
         let counting = CountingFs {
             written: Arc::new(AtomicU64::new(0)),
         };
-        let mut storage =
-            DiskStorage::with_fs(&dir, FsyncMode::Never, counting.clone()).expect("open");
+        let mut storage = DiskStorage::with_fs(&dir, mode, counting.clone()).expect("open");
         let mut model = TypingModel {
             runs: Vec::new(),
             cursor: 0,
@@ -401,8 +487,9 @@ fn write_amplification(root: &Path, quick: bool) {
             }
         }
         let total = counting.get();
+        drop(storage);
         println!(
-            "| {n_ops} | {snapshot_every} | {json_bytes} | {} | {snapshot_bytes} | {:.2} | {} |",
+            "| {mode:?} | {n_ops} | {snapshot_every} | {json_bytes} | {} | {snapshot_bytes} | {:.2} | {} |",
             total - snapshot_bytes,
             total as f64 / json_bytes as f64,
             dir_bytes(&dir)

@@ -616,6 +616,58 @@ fn check_model(storage: &mut impl Storage, docs: &[String], model: &[ModelDoc], 
     }
 }
 
+/// Sizes of the segment files (relative path -> length) that a power cut cannot take back:
+/// taken whenever the storage's journal is empty (everything checkpointed).
+type SafeSizes = std::collections::HashMap<String, u64>;
+
+fn note_checkpoint(storage: &DiskStorage<FaultyFs>, dir: &Path, safe: &mut SafeSizes) {
+    if storage.journal_len() == 0 {
+        *safe = files_of(dir, "log-").into_iter().collect();
+    }
+}
+
+/// What a power cut may do to files written since the last checkpoint: a segment keeps at
+/// least what the checkpoint made durable, the rest is cut or reads as zeros; a segment the
+/// checkpoint did not know may vanish (its directory entry was never synced); the journal
+/// keeps what was fsynced and may end in a torn write.
+fn power_cut(dir: &Path, safe: &SafeSizes, rng: &mut Rng) {
+    for (file, len) in files_of(dir, "log-") {
+        let path = dir.join(&file);
+        match safe.get(&file) {
+            None if rng.below(2) == 0 => fs::remove_file(&path).expect("remove"),
+            kept => {
+                let keep = kept.copied().unwrap_or(0).min(len);
+                if len == keep {
+                    continue;
+                }
+                let at = keep + rng.below(len - keep + 1);
+                let mut bytes = fs::read(&path).expect("read");
+                if rng.below(2) == 0 {
+                    bytes.truncate(at as usize);
+                } else {
+                    bytes[at as usize..].fill(0);
+                }
+                fs::write(&path, bytes).expect("write");
+            }
+        }
+    }
+    for (file, _) in files_of(dir, "j-") {
+        let path = dir.join(file);
+        let mut bytes = fs::read(&path).expect("read");
+        match rng.below(3) {
+            0 => bytes.extend_from_slice(&[0; 40]),
+            1 => {
+                // The start of a frame whose body never made it.
+                bytes.extend_from_slice(&500u32.to_le_bytes());
+                bytes.extend_from_slice(&(!500u32).to_le_bytes());
+                bytes.extend_from_slice(&[7; 20]);
+            }
+            _ => {}
+        }
+        fs::write(&path, bytes).expect("write");
+    }
+}
+
 #[test]
 fn random_appends_failures_snapshots_and_crashes_keep_exactly_the_durable_records() {
     let only: Option<u64> = std::env::var("STORAGE_SEED")
@@ -640,8 +692,12 @@ fn random_appends_failures_snapshots_and_crashes_keep_exactly_the_durable_record
         let faults = FaultyFs::new();
         let mut storage =
             DiskStorage::with_fs(&dir, FsyncMode::Always, faults.clone()).expect("open");
-        for step in 0..120 {
-            let action = rng.below(10);
+        let mut safe = SafeSizes::new();
+        // Checkpoints also come from the journal size limit, in the middle of syncs.
+        let checkpoint_bytes = [300, 2_000, 1 << 30][rng.below(3) as usize];
+        storage.set_checkpoint_limits(checkpoint_bytes, std::time::Duration::from_secs(3600));
+        for step in 0..160 {
+            let action = rng.below(12);
             if trace {
                 eprintln!("step {step}: action {action} model {model:?}");
             }
@@ -669,6 +725,7 @@ fn random_appends_failures_snapshots_and_crashes_keep_exactly_the_durable_record
                     }
                     faults.fail_writes(0);
                     faults.fail_syncs(0);
+                    note_checkpoint(&storage, &dir, &mut safe);
                 }
                 7 => {
                     // A snapshot of what is durable (the shard writes them after a good sync).
@@ -690,8 +747,21 @@ fn random_appends_failures_snapshots_and_crashes_keep_exactly_the_durable_record
                         faults.fail_writes(0);
                     }
                 }
-                8 => {
+                10 => {
+                    // An explicit checkpoint (a clean shutdown does one too).
+                    if storage.checkpoint().is_ok() {
+                        for m in &mut model {
+                            m.durable = m.appended;
+                        }
+                    }
+                    note_checkpoint(&storage, &dir, &mut safe);
+                }
+                8 | 11 => {
                     // Crash: unsynced records vanish, and a torn write may be left behind.
+                    // 8: clean drop (checkpoint) or kill -9 (journal left for redo);
+                    // 11: a power cut after kill -9 (only what was fsynced survives).
+                    let power = action == 11;
+                    let kill = power || rng.below(2) == 0;
                     if junk_outstanding {
                         // A torn tail is cut before its document is written again; two torn
                         // writes on one file without a load in between cannot happen.
@@ -702,11 +772,20 @@ fn random_appends_failures_snapshots_and_crashes_keep_exactly_the_durable_record
                         }
                         junk_outstanding = false;
                     }
-                    drop(storage);
+                    if trace {
+                        eprintln!("crash: kill {kill} power {power}");
+                    }
+                    if kill {
+                        storage.abandon();
+                    } else {
+                        drop(storage);
+                    }
                     for m in &mut model {
                         m.appended = m.durable;
                     }
-                    if rng.below(2) == 0 {
+                    if power {
+                        power_cut(&dir, &safe, &mut rng);
+                    } else if rng.below(2) == 0 {
                         let segments = files_of(&dir, "log-");
                         if !segments.is_empty() {
                             let (file, _) = &segments[rng.below(segments.len() as u64) as usize];
@@ -733,7 +812,18 @@ fn random_appends_failures_snapshots_and_crashes_keep_exactly_the_durable_record
                         }
                     }
                     storage = DiskStorage::with_fs(&dir, FsyncMode::Always, faults.clone())
-                        .expect("open");
+                        .unwrap_or_else(|e| panic!("seed {seed}: open: {e}"));
+                    storage.set_checkpoint_limits(
+                        checkpoint_bytes,
+                        std::time::Duration::from_secs(3600),
+                    );
+                    // Redo left every journal applied, durable and gone.
+                    assert_eq!(
+                        files_of(&dir, "j-").len(),
+                        1,
+                        "seed {seed}: only the new journal"
+                    );
+                    note_checkpoint(&storage, &dir, &mut safe);
                 }
                 _ => {
                     if storage.sync().is_ok() {
@@ -744,9 +834,160 @@ fn random_appends_failures_snapshots_and_crashes_keep_exactly_the_durable_record
                     check_model(&mut storage, &docs, &model, seed);
                 }
             }
+            // Any sync may have checkpointed (journal size limit).
+            note_checkpoint(&storage, &dir, &mut safe);
         }
         drop(storage);
         check_model(&mut open(&dir), &docs, &model, seed);
         let _ = fs::remove_dir_all(&dir);
     }
+}
+
+#[test]
+fn power_cut_after_the_journal_sync_is_redone_under_other_shard_counts() {
+    let dir = temp_dir("redo-shards");
+    let names: Vec<String> = (0..30).map(|i| format!("doc-{i}")).collect();
+    let open_shards = |n: usize| -> Vec<DiskStorage> { (0..n).map(|_| open(&dir)).collect() };
+    let mut shards = open_shards(3);
+    for name in &names {
+        write_doc(&mut shards[shard_for_doc(name, 3).0], name, "E", 3);
+    }
+    for shard in &mut shards {
+        shard.checkpoint().expect("checkpoint");
+        assert_eq!(shard.journal_len(), 0);
+    }
+    // What the checkpoint made durable.
+    let safe: std::collections::HashMap<String, u64> = files_of(&dir, "log-").into_iter().collect();
+    // More turns, durable only through the journals: ops on every document, a snapshot with
+    // compaction and more ops after it, and a document created after the checkpoint.
+    for seq in 4..=8 {
+        for name in &names {
+            let shard = &mut shards[shard_for_doc(name, 3).0];
+            shard.append(name, "E", &ops(seq)).expect("append");
+        }
+        for shard in &mut shards {
+            shard.sync().expect("sync");
+        }
+        if seq == 5 {
+            let shard = &mut shards[shard_for_doc(&names[0], 3).0];
+            shard
+                .write_snapshot(&names[0], &snapshot("E", 5, 16))
+                .expect("snapshot");
+        }
+    }
+    write_doc(&mut shards[shard_for_doc("late", 3).0], "late", "E-late", 4);
+    for shard in shards {
+        shard.abandon();
+    }
+    assert_eq!(files_of(&dir, "j-").len(), 3);
+    // The power cut: every segment loses what the checkpoint did not sync (new ones vanish),
+    // and one keeps a flipped byte in its unsynced tail.
+    for (i, (file, len)) in files_of(&dir, "log-").into_iter().enumerate() {
+        let path = dir.join(&file);
+        match safe.get(&file) {
+            None => fs::remove_file(&path).expect("remove"),
+            Some(&keep) if i == 1 => {
+                let mut bytes = fs::read(&path).expect("read");
+                let at = (keep + len) as usize / 2;
+                bytes[at] ^= 0x08;
+                fs::write(&path, bytes).expect("write");
+            }
+            Some(&keep) => {
+                let mut bytes = fs::read(&path).expect("read");
+                bytes.truncate(keep as usize);
+                fs::write(&path, bytes).expect("write");
+            }
+        }
+    }
+    // Two shards now; the first open redoes all three journals.
+    let mut shards = open_shards(2);
+    assert_eq!(files_of(&dir, "j-").len(), 2, "old journals removed");
+    for name in &names {
+        let doc = shards[shard_for_doc(name, 2).0]
+            .load(name)
+            .expect("load")
+            .expect("stored");
+        let head = doc.snapshot.as_ref().map_or(0, |s| s.head);
+        assert_eq!(seqs(&doc), ((head + 1)..=8).collect::<Vec<_>>(), "{name}");
+    }
+    let late = shards[shard_for_doc("late", 2).0]
+        .load("late")
+        .expect("load")
+        .expect("stored");
+    assert_eq!(
+        (late.epoch.as_str(), seqs(&late)),
+        ("E-late", vec![1, 2, 3, 4])
+    );
+    // Redo is idempotent and the segments it rebuilt are durable: another kill and another
+    // shard count change nothing.
+    for shard in shards {
+        shard.abandon();
+    }
+    let mut one = open(&dir);
+    for name in &names {
+        let doc = one.load(name).expect("load").expect("stored");
+        assert_eq!(seqs(&doc).last(), Some(&8), "{name}");
+    }
+}
+
+#[test]
+fn damaged_journal_stops_startup_with_file_and_offset() {
+    let dir = temp_dir("bad-journal");
+    let mut storage = open(&dir);
+    for seq in 1..=6 {
+        storage.append("a", "E", &ops(seq)).expect("append");
+        storage.append("b", "E", &ops(seq)).expect("append");
+        storage.sync().expect("sync");
+    }
+    storage.abandon();
+    let (journal, _) = files_of(&dir, "j-").remove(0);
+    let path = dir.join(&journal);
+    let mut bytes = fs::read(&path).expect("read");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    fs::write(&path, &bytes).expect("write");
+    let offset = match DiskStorage::open(&dir, FsyncMode::Always) {
+        Err(StorageError::Corrupt { file, offset, .. }) => {
+            assert_eq!(file, journal);
+            assert!(offset > 0 && offset as usize <= middle);
+            offset
+        }
+        Err(e) => panic!("expected Corrupt, got {e}"),
+        Ok(_) => panic!("a damaged journal was accepted"),
+    };
+    // Untouched for the operator; the documented repair (cut it at the offset) starts again,
+    // and the segments still hold every record (no power cut here).
+    assert_eq!(fs::read(&path).expect("read"), bytes);
+    bytes.truncate(offset as usize);
+    fs::write(&path, &bytes).expect("write");
+    let mut storage = open(&dir);
+    for doc in ["a", "b"] {
+        assert_eq!(
+            seqs(&storage.load(doc).expect("load").expect("stored")),
+            (1..=6).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[test]
+fn journal_tail_with_a_hole_is_torn_not_corrupt() {
+    let dir = temp_dir("journal-hole");
+    let mut storage = open(&dir);
+    for seq in 1..=4 {
+        storage.append("a", "E", &ops(seq)).expect("append");
+        storage.sync().expect("sync");
+    }
+    storage.abandon();
+    let (journal, _) = files_of(&dir, "j-").remove(0);
+    let path = dir.join(&journal);
+    // The unsynced tail after a power cut: a block of zeros, then the end of a frame.
+    let mut bytes = fs::read(&path).expect("read");
+    bytes.extend_from_slice(&[0; 64]);
+    bytes.extend_from_slice(b"tail of an entry whose start never reached the disk");
+    fs::write(&path, &bytes).expect("write");
+    let mut storage = open(&dir);
+    assert_eq!(
+        seqs(&storage.load("a").expect("load").expect("stored")),
+        vec![1, 2, 3, 4]
+    );
 }

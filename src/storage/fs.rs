@@ -70,6 +70,33 @@ pub trait Fs: Send + Sync + 'static {
     /// # Errors
     /// The operating system's error.
     fn list_dir(&self, path: &Path) -> io::Result<Option<Vec<String>>>;
+    /// Makes the data of the file at `path` durable (fdatasync through a fresh handle); a
+    /// missing file is not an error (compaction removed it). The provided version does it
+    /// with `std::fs`.
+    ///
+    /// # Errors
+    /// The operating system's error.
+    fn sync_path(&self, path: &Path) -> io::Result<()> {
+        match none_if_missing(File::open(path))? {
+            Some(file) => file.sync_data(),
+            None => Ok(()),
+        }
+    }
+    /// Makes everything written to the file system holding `path` durable, with one
+    /// `syncfs` (one device flush instead of one per file). The provided version calls
+    /// `libc::syncfs`.
+    ///
+    /// # Errors
+    /// The operating system's error (Linux reports write-back errors since 5.8).
+    fn sync_fs(&self, path: &Path) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let dir = File::open(path)?;
+        // SAFETY: a valid open descriptor for the duration of the call.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
 /// The real file system.
@@ -264,5 +291,15 @@ impl Fs for FaultyFs {
 
     fn list_dir(&self, path: &Path) -> io::Result<Option<Vec<String>>> {
         OsFs.list_dir(path)
+    }
+
+    fn sync_path(&self, path: &Path) -> io::Result<()> {
+        self.sync_fault()?;
+        OsFs.sync_path(path)
+    }
+
+    fn sync_fs(&self, path: &Path) -> io::Result<()> {
+        self.sync_fault()?;
+        OsFs.sync_fs(path)
     }
 }

@@ -7,6 +7,7 @@
 //!
 //! - [`DiskStorage`] (`disk.rs`): the durable default; per-document log segments and snapshot
 //!   (`docs/storage.md` has the formats and guarantees).
+//! - `journal.rs`: the per-storage write-ahead journal (one fsync per turn) and its redo at open.
 //! - `format.rs`: CRC32C-checked record framing, bytes only.
 //! - [`fs`]: the file operations behind a trait, with a fault-injecting layer for tests.
 //! - [`MemoryStorage`] (`memory.rs`): nothing survives the process; tests and benchmarks.
@@ -14,9 +15,10 @@
 mod disk;
 mod format;
 pub mod fs;
+mod journal;
 mod memory;
 
-pub use disk::DiskStorage;
+pub use disk::{DiskStorage, CHECKPOINT_BYTES, CHECKPOINT_INTERVAL};
 pub use memory::MemoryStorage;
 
 use tungstenite::Utf8Bytes;
