@@ -16,6 +16,8 @@ pub const OPS_PER_MESSAGE_MAX: usize = 10_000;
 pub const DOC_NAME_BYTES_MAX: usize = 512;
 /// Largest presence state in bytes of compact JSON (contract).
 pub const PRESENCE_BYTES_MAX: usize = 4096;
+/// Default of `--docs-per-shard-max`.
+pub const DOCS_PER_SHARD_MAX_DEFAULT: usize = 100_000;
 /// Refused messages after which a connection may be closed with 1008 (contract).
 pub const REFUSALS_BEFORE_CLOSE: u32 = 100;
 
@@ -98,6 +100,12 @@ pub struct Config {
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub idle_unload: Duration,
 
+    /// Documents one shard keeps loaded. A `hello` that would load one more first unloads a
+    /// document without clients; when every loaded document has clients it gets `overloaded`
+    /// and a close 1013. Bounds a shard's memory together with `--doc-chars-max`.
+    #[arg(long, default_value_t = DOCS_PER_SHARD_MAX_DEFAULT, value_parser = parse_at_least_one)]
+    pub docs_per_shard_max: usize,
+
     /// A room writes a snapshot after this many accepted op messages since the last one.
     #[arg(long, default_value_t = 10_000)]
     pub snapshot_every_ops: u64,
@@ -156,6 +164,14 @@ fn parse_message_bytes(text: &str) -> Result<usize, String> {
     Ok(bytes)
 }
 
+fn parse_at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e}")),
+    }
+}
+
 /// Parses `250ms`, `10s`, `5m` or a bare number of seconds.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
@@ -198,5 +214,7 @@ mod tests {
         assert_eq!(config.listen.port(), 8000);
         assert_eq!(config.fsync, FsyncMode::Always);
         assert_eq!(config.storage, StorageKind::Disk);
+        assert_eq!(config.docs_per_shard_max, DOCS_PER_SHARD_MAX_DEFAULT);
+        assert!(Config::try_parse_from(["collab-engine", "--docs-per-shard-max", "0"]).is_err());
     }
 }

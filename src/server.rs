@@ -185,7 +185,10 @@ pub fn start_with_storages(
 ) -> anyhow::Result<ServerHandle> {
     let hosts = storages
         .into_iter()
-        .map(|storage| RoomHost::new(storage, RoomConfig::from_config(config), config.idle_unload))
+        .map(|storage| {
+            RoomHost::new(storage, RoomConfig::from_config(config), config.idle_unload)
+                .with_docs_max(config.docs_per_shard_max)
+        })
         .collect();
     start_with(config, PlainWs::AwaitHello, hosts)
 }
@@ -217,8 +220,9 @@ pub fn start_with<H: Handler + Send + 'static>(
             mio::Waker::new(poll.registry(), WAKER_TOKEN).context("creating a shard waker")?,
         );
         let (inbox, receiver) = shard_channel(waker);
+        let alive = inbox.alive();
         shard_inboxes.push(inbox);
-        parts.push((poll, receiver, handler));
+        parts.push((poll, receiver, alive, handler));
     }
     // Bind before spawning anything, so a failure leaves no thread behind.
     let options = AcceptorOptions {
@@ -234,7 +238,7 @@ pub fn start_with<H: Handler + Send + 'static>(
     )
     .with_context(|| format!("binding {}", config.listen))?;
     let mut shards = Vec::with_capacity(n_shards);
-    for (shard_idx, (poll, receiver, mut handler)) in parts.into_iter().enumerate() {
+    for (shard_idx, (poll, receiver, alive, mut handler)) in parts.into_iter().enumerate() {
         let limits = net_limits(config);
         let shard_metrics = metrics.shard(shard_idx);
         let core = if core_ids.is_empty() {
@@ -250,7 +254,7 @@ pub fn start_with<H: Handler + Send + 'static>(
                         warn!("shard {shard_idx}: could not pin to core {}", core.id);
                     }
                 }
-                shard::run(poll, receiver, &mut handler, limits, shard_metrics)
+                shard::run(poll, receiver, &mut handler, alive, limits, shard_metrics)
             });
         match spawned {
             Ok(thread) => shards.push(thread),

@@ -4,6 +4,7 @@
 //! shard's `mio::Waker`. Owns no socket I/O itself.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -44,12 +45,55 @@ pub enum ShardMsg {
 pub struct ShardInbox {
     sender: Sender<ShardMsg>,
     waker: Arc<mio::Waker>,
+    alive: ShardAlive,
+}
+
+/// Whether a shard still serves connections: cleared, once and for good, by a shard whose
+/// handler panicked, so that the acceptor stops routing new connections into it.
+#[derive(Clone, Debug)]
+pub struct ShardAlive(Arc<AtomicBool>);
+
+impl ShardAlive {
+    /// A shard that is alive.
+    pub fn new() -> ShardAlive {
+        ShardAlive(Arc::new(AtomicBool::new(true)))
+    }
+
+    /// Whether the shard still serves connections.
+    pub fn is_alive(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// The shard stops serving: the acceptor refuses its documents from now on.
+    pub fn mark_dead(&self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl Default for ShardAlive {
+    fn default() -> ShardAlive {
+        ShardAlive::new()
+    }
 }
 
 impl ShardInbox {
     /// An inbox that delivers to `sender` and wakes the shard's `Poll` through `waker`.
-    pub fn new(sender: Sender<ShardMsg>, waker: Arc<mio::Waker>) -> ShardInbox {
-        ShardInbox { sender, waker }
+    pub fn new(sender: Sender<ShardMsg>, waker: Arc<mio::Waker>, alive: ShardAlive) -> ShardInbox {
+        ShardInbox {
+            sender,
+            waker,
+            alive,
+        }
+    }
+
+    /// Whether the shard still serves connections (see [`ShardAlive`]).
+    pub fn is_alive(&self) -> bool {
+        self.alive.is_alive()
+    }
+
+    /// The shard's liveness flag, for the shard itself.
+    pub fn alive(&self) -> ShardAlive {
+        self.alive.clone()
     }
 
     /// Delivers `msg` and wakes the shard; gives it back when the shard is gone.
@@ -72,5 +116,5 @@ impl ShardInbox {
 /// A channel for one shard: the inbox to hand out and the receiver the shard drains.
 pub fn shard_channel(waker: Arc<mio::Waker>) -> (ShardInbox, Receiver<ShardMsg>) {
     let (sender, receiver) = crossbeam_channel::unbounded();
-    (ShardInbox::new(sender, waker), receiver)
+    (ShardInbox::new(sender, waker, ShardAlive::new()), receiver)
 }

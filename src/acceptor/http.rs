@@ -47,6 +47,16 @@ pub enum Parsed {
 /// A head that cannot be complete within [`REQUEST_HEAD_BYTES_MAX`] or is malformed gets
 /// an error answer (`head_bytes` is then everything seen; the connection closes after it).
 pub fn parse_request(buf: &[u8], metrics: &MetricsRegistry) -> Parsed {
+    parse_request_with_dead(buf, metrics, 0)
+}
+
+/// [`parse_request`] on a server where `dead_shards` shards died (their handler panicked):
+/// `/health` then answers 503 with `"status":"degraded"` and the count.
+pub fn parse_request_with_dead(
+    buf: &[u8],
+    metrics: &MetricsRegistry,
+    dead_shards: usize,
+) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; REQUEST_HEADERS_MAX];
     let mut request = httparse::Request::new(&mut headers);
     let head_bytes = match request.parse(buf) {
@@ -60,7 +70,7 @@ pub fn parse_request(buf: &[u8], metrics: &MetricsRegistry) -> Parsed {
         }
         Err(_) => return error_answer(buf.len(), 400, "malformed request"),
     };
-    let route = route(&request, metrics);
+    let route = route(&request, metrics, dead_shards);
     Parsed::Complete { head_bytes, route }
 }
 
@@ -71,7 +81,11 @@ fn error_answer(head_bytes: usize, status: u16, text: &str) -> Parsed {
     }
 }
 
-fn route(request: &httparse::Request<'_, '_>, metrics: &MetricsRegistry) -> Route {
+fn route(
+    request: &httparse::Request<'_, '_>,
+    metrics: &MetricsRegistry,
+    dead_shards: usize,
+) -> Route {
     let (Some(method), Some(target)) = (request.method, request.path) else {
         return Route::Answer(text_response(400, "malformed request"));
     };
@@ -107,13 +121,18 @@ fn route(request: &httparse::Request<'_, '_>, metrics: &MetricsRegistry) -> Rout
     match path {
         "/health" => {
             let totals = metrics.totals();
+            let (status, state, dead) = if dead_shards == 0 {
+                (200, "ok", String::new())
+            } else {
+                (503, "degraded", format!(",\"dead_shards\":{dead_shards}"))
+            };
             let body = format!(
-                "{{\"status\":\"ok\",\"shards\":{},\"connections\":{},\"documents\":{}}}",
+                "{{\"status\":\"{state}\",\"shards\":{}{dead},\"connections\":{},\"documents\":{}}}",
                 metrics.n_shards(),
                 totals.conns,
                 totals.docs_loaded
             );
-            Route::Answer(response(200, "application/json", body.as_bytes(), &[]))
+            Route::Answer(response(status, "application/json", body.as_bytes(), &[]))
         }
         "/metrics" => {
             let body = metrics.render_prometheus();
@@ -335,6 +354,24 @@ mod tests {
         let text = String::from_utf8_lossy(&bytes);
         assert!(
             text.ends_with("{\"status\":\"ok\",\"shards\":3,\"connections\":0,\"documents\":0}"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn health_is_503_with_a_dead_shard() {
+        let metrics = MetricsRegistry::new(3);
+        let Parsed::Complete {
+            route: Route::Answer(bytes),
+            ..
+        } = parse_request_with_dead(b"GET /health HTTP/1.1\r\n\r\n", &metrics, 1)
+        else {
+            panic!("no answer")
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+        assert!(
+            text.ends_with("{\"status\":\"degraded\",\"shards\":3,\"dead_shards\":1,\"connections\":0,\"documents\":0}"),
             "{text}"
         );
     }

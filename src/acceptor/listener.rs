@@ -323,7 +323,8 @@ impl Acceptor {
         let Some(stage) = pending.stage.take() else {
             return;
         };
-        let next = advance(stage, peer, &self.metrics, &self.options);
+        let dead_shards = self.shards.iter().filter(|s| !s.is_alive()).count();
+        let next = advance(stage, peer, &self.metrics, &self.options, dead_shards);
         match next {
             Next::Stay(stage) => {
                 if let Some(pending) = self.pending.get_mut(key) {
@@ -340,19 +341,60 @@ impl Acceptor {
                     return;
                 }
                 let shard_idx = match &handoff.doc {
-                    Some(doc) => shard_for_doc(doc, self.shards.len()).0,
-                    None => {
-                        self.round_robin = (self.round_robin + 1) % self.shards.len();
-                        self.round_robin
-                    }
+                    Some(doc) => Some(shard_for_doc(doc, self.shards.len()).0),
+                    None => self.next_alive_shard(),
                 };
-                if self.shards[shard_idx]
-                    .send(ShardMsg::Conn(handoff))
-                    .is_err()
+                let Some(shard_idx) = shard_idx.filter(|&idx| self.shards[idx].is_alive()) else {
+                    return self.refuse_dead_shard(handoff);
+                };
+                if let Err(ShardMsg::Conn(handoff)) =
+                    self.shards[shard_idx].send(ShardMsg::Conn(handoff))
                 {
-                    warn!("acceptor: shard {shard_idx} is gone; dropping {peer}");
+                    self.refuse_dead_shard(handoff);
                 }
             }
+        }
+    }
+
+    /// The next live shard in round-robin order, if any is alive.
+    fn next_alive_shard(&mut self) -> Option<usize> {
+        for _ in 0..self.shards.len() {
+            self.round_robin = (self.round_robin + 1) % self.shards.len();
+            if self.shards[self.round_robin].is_alive() {
+                return Some(self.round_robin);
+            }
+        }
+        None
+    }
+
+    /// The connection's shard died (its handler panicked, see `shard::event_loop`): the client
+    /// gets `unavailable` and a close 1011 instead of waiting on a shard that never reads.
+    fn refuse_dead_shard(&mut self, handoff: Box<Handoff>) {
+        let Handoff { mut ws, peer, .. } = *handoff;
+        debug!("acceptor: the shard of {peer} is dead; closing 1011");
+        let err = ProtocolError::new(ErrorCode::Unavailable, "internal error; try again later");
+        // WouldBlock still queues the frames in tungstenite's buffer; refuse() flushes them.
+        let _ = ws.write(Message::Text(protocol::encode_error(&err)));
+        let _ = ws.close(Some(CloseFrame {
+            code: CloseCode::Error,
+            reason: "internal error".into(),
+        }));
+        let entry = self.pending.vacant_entry();
+        let token = Token(entry.key() + FIRST_CONN);
+        if let Err(e) = self.poll.registry().register(
+            ws.get_mut(),
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            warn!("acceptor: register {peer}: {e}");
+            return;
+        }
+        if let Next::Stay(stage) = refuse(ws) {
+            entry.insert(Pending {
+                stage: Some(stage),
+                peer,
+                deadline: Instant::now() + self.options.handshake_timeout,
+            });
         }
     }
 }
@@ -363,9 +405,10 @@ fn advance(
     peer: SocketAddr,
     metrics: &MetricsRegistry,
     options: &AcceptorOptions,
+    dead_shards: usize,
 ) -> Next {
     match stage {
-        Stage::Request(stream) => read_request(stream, peer, metrics, options),
+        Stage::Request(stream) => read_request(stream, peer, metrics, options, dead_shards),
         Stage::Answer {
             stream,
             bytes,
@@ -382,6 +425,7 @@ fn read_request(
     peer: SocketAddr,
     metrics: &MetricsRegistry,
     options: &AcceptorOptions,
+    dead_shards: usize,
 ) -> Next {
     let mut buf = [0u8; REQUEST_HEAD_BYTES_MAX];
     // Peek, so that an upgrade leaves the request in the socket for tungstenite's handshake.
@@ -393,7 +437,7 @@ fn read_request(
         }
         Err(_) => return Next::Drop,
     };
-    match http::parse_request(&buf[..n], metrics) {
+    match http::parse_request_with_dead(&buf[..n], metrics, dead_shards) {
         Parsed::Partial => Next::Stay(Stage::Request(stream)),
         Parsed::Complete {
             head_bytes,

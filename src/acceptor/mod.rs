@@ -9,5 +9,5 @@ pub mod http;
 pub mod listener;
 pub mod static_pages;
 
-pub use handoff::{shard_channel, Handoff, ShardInbox, ShardMsg};
+pub use handoff::{shard_channel, Handoff, ShardAlive, ShardInbox, ShardMsg};
 pub use listener::{Acceptor, AcceptorOptions, AcceptorStop, PlainWs};

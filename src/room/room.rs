@@ -65,6 +65,10 @@ impl RoomConfig {
     }
 }
 
+/// Largest vector (in entries) of spent [`Effects`] a room keeps for reuse
+/// ([`Room::recycle_effects`]); a room keeps at most a few hundred bytes this way.
+pub const EFFECTS_RECYCLE_CAPACITY_MAX: usize = 16;
+
 /// What a room wants done; the shard drains it ([`Room::take_effects`]) at the end of each loop turn.
 #[derive(Debug, Default)]
 pub struct Effects {
@@ -594,6 +598,41 @@ impl Room {
         std::mem::take(&mut self.effects)
     }
 
+    /// Gives back effects the shard has fully carried out, so that the next turn's effects
+    /// reuse their vectors instead of allocating (a busy room takes effects every turn). Their
+    /// contents are dropped. Vectors that grew past [`EFFECTS_RECYCLE_CAPACITY_MAX`] entries
+    /// are freed instead, so a burst (a join storm, a large fan-out) does not stay resident.
+    /// Only used while the room has queued nothing new since [`Room::take_effects`].
+    pub fn recycle_effects(&mut self, mut spent: Effects) {
+        fn reuse<T>(mine: &mut Vec<T>, mut spent: Vec<T>) {
+            if mine.capacity() == 0 && spent.capacity() <= EFFECTS_RECYCLE_CAPACITY_MAX {
+                spent.clear();
+                *mine = spent;
+            }
+        }
+        if !self.effects.is_empty() {
+            return;
+        }
+        reuse(&mut self.effects.frames, std::mem::take(&mut spent.frames));
+        reuse(&mut self.effects.closes, std::mem::take(&mut spent.closes));
+        reuse(
+            &mut self.effects.records,
+            std::mem::take(&mut spent.records),
+        );
+        reuse(
+            &mut self.effects.op_origins,
+            std::mem::take(&mut spent.op_origins),
+        );
+    }
+
+    /// Frees the vectors kept by [`Room::recycle_effects`] when they hold nothing (a room idle
+    /// for a while need not keep them).
+    pub fn free_effects_buffers(&mut self) {
+        if self.effects.is_empty() {
+            self.effects = Effects::default();
+        }
+    }
+
     /// Whether [`Room::take_effects`] would return something.
     pub fn has_effects(&self) -> bool {
         !self.effects.is_empty()
@@ -702,6 +741,32 @@ mod tests {
     const EMPTY_ACK_1: &str = r#"{"type":"hello_ack","doc":"doc","replica":1,"head":0,"epoch":"E","strategy":"snapshot","snapshot":{"runs":[]},"presence":[]}"#;
     const INS_A: &str = r#"{"type":"op","client_seq":1,"ops":[{"kind":"ins","id":[0,1],"after":null,"text":"ab"}]}"#;
     const ECHO_A: &str = r#"{"type":"op_echo","server_seq":1,"replica":1,"client_seq":1,"ops":[{"kind":"ins","id":[0,1],"after":null,"text":"ab"}]}"#;
+
+    #[test]
+    fn recycled_effects_are_reused_empty_and_bursts_are_freed() {
+        let mut h = Harness::new(config());
+        h.check_send(1, r#"{"type":"hello","doc":"doc"}"#, &[(1, EMPTY_ACK_1)]);
+        let effects = h.check_send(1, INS_A, &[(1, ECHO_A)]);
+        let frames_ptr = effects.frames.as_ptr();
+        h.room.recycle_effects(effects);
+        h.send(1, r#"{"type":"presence","state":{"x":1}}"#);
+        h.send(1, r#"{"type":"op","client_seq":9,"ops":[{"kind":"ins","id":[0,1],"after":null,"text":"ab"}]}"#);
+        let effects = h.room.take_effects();
+        assert_eq!(
+            effects.frames.len(),
+            1,
+            "only the ack: nothing old survives"
+        );
+        assert_eq!(effects.frames.as_ptr(), frames_ptr, "the same allocation");
+        let mut burst = Effects::default();
+        burst.frames.reserve(EFFECTS_RECYCLE_CAPACITY_MAX + 1);
+        h.room.recycle_effects(burst);
+        assert_eq!(h.room.effects.frames.capacity(), 0, "a burst is freed");
+        h.room.recycle_effects(effects);
+        assert!(h.room.effects.frames.capacity() > 0);
+        h.room.free_effects_buffers();
+        assert_eq!(h.room.effects.frames.capacity(), 0, "freed when idle");
+    }
 
     #[test]
     fn join_assigns_fresh_replicas_and_reserves_them() {

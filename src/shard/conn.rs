@@ -37,6 +37,8 @@ use tungstenite::{Message, Utf8Bytes, WebSocket};
 use crate::ids::ConnToken;
 use crate::metrics::ShardMetrics;
 
+use super::log_limit::LogLimit;
+
 /// Limits of the connection layer, from `Config`.
 #[derive(Clone, Copy, Debug)]
 pub struct NetLimits {
@@ -129,6 +131,10 @@ pub struct Net {
     /// Connections that stopped being open since the handler last heard: the loop tells the
     /// handler ([`Net::take_gone`]) before any slab key can be reused.
     gone: Vec<ConnToken>,
+    /// Warnings for connections refused at [`NetLimits::conns_max`]: one line a second.
+    full_log: LogLimit,
+    /// Warnings for slow consumers closed with 1013: one line a second.
+    slow_log: LogLimit,
     /// The shard's metrics, shared with the handler.
     pub metrics: ShardMetrics,
 }
@@ -148,6 +154,8 @@ impl Net {
             flush_list: Vec::new(),
             flush_spare: Vec::new(),
             gone: Vec::new(),
+            full_log: LogLimit::per_second(),
+            slow_log: LogLimit::per_second(),
             metrics,
         }
     }
@@ -226,10 +234,17 @@ impl Net {
         self.push_read(key);
         let conn = ConnToken(key);
         if self.conns.len() > self.limits.conns_max {
-            warn!(
+            debug!(
                 "shard: {} connections, refusing {peer}",
                 self.limits.conns_max
             );
+            // A connection flood must not flood the log too.
+            if let Some(n) = self.full_log.hit(now) {
+                warn!(
+                    "shard: at the limit of {} connections; refused {n} new one(s) with 1013, the last from {peer}",
+                    self.limits.conns_max
+                );
+            }
             self.close_quietly(conn, 1013, "server full, try again later");
             return None;
         }
@@ -265,10 +280,17 @@ impl Net {
             return;
         }
         self.metrics.figures.counters.slow_consumer_drops += 1;
-        warn!(
+        debug!(
             "shard: {} fell {} bytes behind; closing 1013",
             c.peer, c.out_bytes
         );
+        // Many readers can fall behind at once (a fan-out storm): one line a second.
+        if let Some(n) = self.slow_log.hit(Instant::now()) {
+            warn!(
+                "shard: closed {n} slow consumer(s) with 1013 (over {} bytes queued), the last {} with {} bytes",
+                self.limits.outbound_bytes_max, c.peer, c.out_bytes
+            );
+        }
         c.drop_queue();
         self.close(ConnToken(key), 1013, "too far behind, reconnect with since");
         self.pump(key);

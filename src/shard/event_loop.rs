@@ -5,16 +5,24 @@
 //! its budget, handing messages to the handler -> `Handler::end_turn` (group commit, frames
 //! released) -> one write + flush per connection with output -> timers.
 //! The loop never blocks on a socket and takes no lock.
+//!
+//! A panic in the handler is a bug, but it must not take the shard's clients down silently:
+//! every handler call runs under `catch_unwind`; after a panic the handler is never called
+//! again (its state may be half-updated, and the frames it still holds for the turn are never
+//! released), every connection is closed with 1011 after what was already queued for it, the
+//! shard is marked dead so the acceptor stops routing to it, and the thread exits once its
+//! clients are gone (or after [`SHUTDOWN_LINGER`]).
 
 use std::io;
+use std::panic::{self, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, TryRecvError};
-use log::{debug, warn};
+use log::{debug, error, warn};
 use mio::{Events, Poll, Token};
 use tungstenite::Message;
 
-use crate::acceptor::handoff::{Handoff, ShardMsg};
+use crate::acceptor::handoff::{Handoff, ShardAlive, ShardMsg};
 use crate::ids::ConnToken;
 use crate::metrics::ShardMetrics;
 
@@ -56,18 +64,74 @@ pub struct OpenInfo {
     pub hello: Option<crate::protocol::Hello>,
 }
 
+/// The close code and reason every client of a shard gets when its handler panicked.
+const PANIC_CLOSE: (u16, &str) = (1011, "internal error");
+
+/// The handler behind `catch_unwind`: after its first panic it is never called again.
+struct Guarded<'h, H> {
+    handler: &'h mut H,
+    alive: ShardAlive,
+    /// The message of the panic, once there was one.
+    panic: Option<String>,
+}
+
+impl<H: Handler> Guarded<'_, H> {
+    /// Runs one handler call. On a panic: logs it, marks the shard dead (the acceptor stops
+    /// routing to it) and closes every connection with 1011 after what is already queued.
+    fn call(&mut self, net: &mut Net, f: impl FnOnce(&mut H, &mut Net)) {
+        if self.panic.is_some() {
+            return;
+        }
+        let handler = &mut *self.handler;
+        let Err(payload) = panic::catch_unwind(AssertUnwindSafe(|| f(handler, &mut *net))) else {
+            return;
+        };
+        let message = panic_message(payload.as_ref());
+        self.alive.mark_dead();
+        error!(
+            "shard: the handler panicked ({message}); closing its {} connections with 1011 and serving no new ones",
+            net.len()
+        );
+        net.close_all(PANIC_CLOSE.0, PANIC_CLOSE.1);
+        self.panic = Some(message);
+    }
+
+    fn panicked(&self) -> bool {
+        self.panic.is_some()
+    }
+}
+
+/// The text of a panic payload (`panic!` gives a `&str` or a `String`).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a non-string payload".to_owned()
+    }
+}
+
 /// Runs a shard until a [`ShardMsg::Shutdown`] arrives and every client closed (or
-/// [`SHUTDOWN_LINGER`] passed).
+/// [`SHUTDOWN_LINGER`] passed). `alive` is cleared if the handler panics.
 ///
 /// # Errors
-/// When the `Poll` fails or the registry cannot be cloned.
+/// When the `Poll` fails or the registry cannot be cloned, or after the handler panicked
+/// (once the shard's clients are closed).
 pub fn run<H: Handler>(
     mut poll: Poll,
     inbox: Receiver<ShardMsg>,
     handler: &mut H,
+    alive: ShardAlive,
     limits: NetLimits,
     metrics: ShardMetrics,
 ) -> io::Result<()> {
+    let mut handler = Guarded {
+        handler,
+        alive,
+        panic: None,
+    };
+    let handler = &mut handler;
     let mut net = Net::new(poll.registry().try_clone()?, limits, metrics);
     let mut events = Events::with_capacity(1024);
     let mut next_tick = Instant::now() + TICK;
@@ -101,18 +165,28 @@ pub fn run<H: Handler>(
             loop {
                 match inbox.try_recv() {
                     Ok(ShardMsg::Conn(handoff)) => {
-                        if shutdown_deadline.is_some() {
-                            continue; // Dropped: the server is going away.
-                        }
                         let Handoff {
                             ws,
                             doc,
                             hello,
                             peer,
                         } = *handoff;
+                        if handler.panicked() {
+                            // Routed here before the acceptor saw the shard die.
+                            if let Some(conn) = net.insert(ws, peer, turn_start) {
+                                net.close(conn, PANIC_CLOSE.0, PANIC_CLOSE.1);
+                                tell_gone(handler, &mut net);
+                            }
+                            continue;
+                        }
+                        if shutdown_deadline.is_some() {
+                            continue; // Dropped: the server is going away.
+                        }
                         if let Some(conn) = net.insert(ws, peer, turn_start) {
                             debug!("shard: {peer} joins as {conn:?} for {doc:?}");
-                            handler.on_open(&mut net, conn, OpenInfo { doc, hello });
+                            handler.call(&mut net, |h, net| {
+                                h.on_open(net, conn, OpenInfo { doc, hello })
+                            });
                             // Before the next insert can reuse a slab key.
                             tell_gone(handler, &mut net);
                         }
@@ -122,7 +196,7 @@ pub fn run<H: Handler>(
                             debug!("shard: shutting down with {} connections", net.len());
                             shutdown_deadline = Some(turn_start + SHUTDOWN_LINGER);
                             // Release what the last turn produced, then say goodbye.
-                            handler.end_turn(&mut net);
+                            handler.call(&mut net, |h, net| h.end_turn(net));
                             net.close_all(1001, "server shutting down");
                         }
                         break;
@@ -143,14 +217,16 @@ pub fn run<H: Handler>(
                 match net.read_one(key) {
                     ReadOutcome::Message(message) => {
                         n_read += 1;
-                        handler.on_message(&mut net, ConnToken(key), message);
+                        handler.call(&mut net, |h, net| {
+                            h.on_message(net, ConnToken(key), message)
+                        });
                     }
                     ReadOutcome::Done => break,
                 }
             }
         }
         tell_gone(handler, &mut net);
-        handler.end_turn(&mut net);
+        handler.call(&mut net, |h, net| h.end_turn(net));
         tell_gone(handler, &mut net);
         net.flush_all();
         tell_gone(handler, &mut net);
@@ -158,7 +234,7 @@ pub fn run<H: Handler>(
         if now >= next_tick {
             next_tick = now + TICK;
             net.check_timers(now);
-            handler.on_tick(&mut net, now);
+            handler.call(&mut net, |h, net| h.on_tick(net, now));
             tell_gone(handler, &mut net);
             net.flush_all();
             tell_gone(handler, &mut net);
@@ -174,10 +250,17 @@ pub fn run<H: Handler>(
                 n_slow_turns = 0;
             }
         }
+        if handler.panicked() && shutdown_deadline.is_none() {
+            // Linger for the 1011 close handshakes, then exit; new handoffs get 1011 meanwhile.
+            shutdown_deadline = Some(now + SHUTDOWN_LINGER);
+        }
         if let Some(deadline) = shutdown_deadline {
             if net.is_empty() || now >= deadline {
                 net.metrics.maybe_publish(now, true);
                 debug!("shard: stopped ({} connections left)", net.len());
+                if let Some(message) = handler.panic.take() {
+                    return Err(io::Error::other(format!("the handler panicked: {message}")));
+                }
                 return Ok(());
             }
         }
@@ -185,14 +268,14 @@ pub fn run<H: Handler>(
     }
 }
 
-fn tell_gone<H: Handler>(handler: &mut H, net: &mut Net) {
+fn tell_gone<H: Handler>(handler: &mut Guarded<'_, H>, net: &mut Net) {
     loop {
         let gone = net.take_gone();
         if gone.is_empty() {
             return;
         }
         for conn in gone {
-            handler.on_closed(net, conn);
+            handler.call(net, |h, net| h.on_closed(net, conn));
         }
     }
 }

@@ -1,7 +1,9 @@
 //! [`RoomHost`]: the shard's message handler. Routes each connection's messages to its
 //! document's [`Room`], runs the turn-level group commit, and unloads idle documents.
 //!
-//! Owns the shard's rooms and its [`Storage`] outright. Per turn: rooms produce
+//! Owns the shard's rooms and its [`Storage`] outright, at most `--docs-per-shard-max` of
+//! them loaded (a document without clients makes room for a new one; otherwise the `hello`
+//! gets `overloaded` and a close 1013). Per turn: rooms produce
 //! [`Effects`]; every record is appended, storage syncs once, and only then are the frames
 //! released to the connections (no client ever sees a `server_seq` a crash could take back).
 //! Never touches a socket directly (the [`Net`] does) and never blocks on one.
@@ -13,7 +15,7 @@ use log::{debug, warn};
 use slab::Slab;
 use tungstenite::{Message, Utf8Bytes};
 
-use crate::config::REFUSALS_BEFORE_CLOSE;
+use crate::config::{DOCS_PER_SHARD_MAX_DEFAULT, REFUSALS_BEFORE_CLOSE};
 use crate::ids::ConnToken;
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, ClientMessage, ErrorCode, Hello, ProtocolError};
@@ -22,6 +24,7 @@ use crate::storage::Storage;
 
 use super::conn::Net;
 use super::event_loop::{Handler, OpenInfo};
+use super::log_limit::LogLimit;
 
 /// What the shard knows about one connection.
 #[derive(Debug)]
@@ -41,6 +44,9 @@ struct RoomSlot {
     in_dirty: bool,
     /// When the last client left (`None` while it has clients).
     empty_since: Option<Instant>,
+    /// Whether the room had effects since the last tick; a room without any for a whole tick
+    /// frees the vectors it keeps for reuse (so idle rooms hold none).
+    busy_this_tick: bool,
 }
 
 /// The real shard handler: documents, sessions and the group commit.
@@ -48,19 +54,28 @@ pub struct RoomHost {
     storage: Box<dyn Storage>,
     room_config: RoomConfig,
     idle_unload: Duration,
+    /// Documents kept loaded at most.
+    docs_max: usize,
+    /// Warnings for hellos refused at `docs_max`: one line a second.
+    docs_full_log: LogLimit,
     rooms: Slab<RoomSlot>,
     room_by_doc: HashMap<String, usize>,
     /// Indexed by connection slab key.
     sessions: Vec<Option<Session>>,
     /// Rooms with effects to drain at the end of this turn.
     dirty: Vec<usize>,
+    /// Empty; swapped with `dirty` at the end of a turn so that neither allocates once grown.
+    dirty_spare: Vec<usize>,
+    /// Empty between turns; the turn's drained effects, kept for its allocation.
+    batch: Vec<(usize, Effects)>,
     /// Closes decided by the host (too many refusals) that must follow the frames the rooms
     /// queued this turn.
     closes_after_turn: Vec<(ConnToken, u16, &'static str)>,
 }
 
 impl RoomHost {
-    /// A host with no documents loaded, keeping them in `storage`.
+    /// A host with no documents loaded, keeping them in `storage`, at most
+    /// [`DOCS_PER_SHARD_MAX_DEFAULT`] loaded at once (see [`RoomHost::with_docs_max`]).
     pub fn new(
         storage: Box<dyn Storage>,
         room_config: RoomConfig,
@@ -70,11 +85,42 @@ impl RoomHost {
             storage,
             room_config,
             idle_unload,
+            docs_max: DOCS_PER_SHARD_MAX_DEFAULT,
+            docs_full_log: LogLimit::per_second(),
             rooms: Slab::new(),
             room_by_doc: HashMap::new(),
             sessions: Vec::new(),
             dirty: Vec::new(),
+            dirty_spare: Vec::new(),
+            batch: Vec::new(),
             closes_after_turn: Vec::new(),
+        }
+    }
+
+    /// Keeps at most `docs_max` documents loaded (at least one): a `hello` for another one
+    /// first unloads a document without clients, or is refused with `overloaded` and a close
+    /// 1013.
+    pub fn with_docs_max(mut self, docs_max: usize) -> RoomHost {
+        self.docs_max = docs_max.max(1);
+        self
+    }
+
+    /// Makes room for one more document: unloads the document without clients that has been
+    /// empty the longest. A room still holding effects of this turn is not unloadable (its
+    /// records are not durable yet). `false` when every loaded document has clients.
+    fn unload_one_empty(&mut self, net: &mut Net) -> bool {
+        let victim = self
+            .rooms
+            .iter()
+            .filter(|(_, slot)| !slot.in_dirty && slot.room.n_clients() == 0)
+            .min_by_key(|(_, slot)| slot.empty_since)
+            .map(|(idx, _)| idx);
+        match victim {
+            Some(idx) => {
+                self.unload(net, idx);
+                true
+            }
+            None => false,
         }
     }
 
@@ -156,8 +202,29 @@ impl RoomHost {
                 return self.refuse(net, conn, &ProtocolError::bad("hello must name a doc"))
             }
         };
-        let room_idx = match self.room_by_doc.get(&doc) {
-            Some(&idx) => idx,
+        let room_idx = match self.room_by_doc.get(&doc).copied() {
+            Some(idx) => idx,
+            None if self.rooms.len() >= self.docs_max && !self.unload_one_empty(net) => {
+                debug!(
+                    "shard: {} documents loaded, refusing {:?}",
+                    self.docs_max,
+                    net.peer(conn)
+                );
+                if let Some(n) = self.docs_full_log.hit(Instant::now()) {
+                    warn!(
+                        "shard: {} documents loaded, all with clients; refused {n} hello(s) for another one with overloaded",
+                        self.docs_max
+                    );
+                }
+                net.metrics.figures.counters.msgs_refused += 1;
+                let err = ProtocolError::new(
+                    ErrorCode::Overloaded,
+                    "too many documents open on this server; try again later",
+                );
+                net.send(conn, protocol::encode_error(&err));
+                net.close(conn, 1013, "too many documents open, try again later");
+                return;
+            }
             None => match self.open_room(net, &doc) {
                 Some(idx) => idx,
                 None => {
@@ -191,6 +258,7 @@ impl RoomHost {
                     room,
                     in_dirty: false,
                     empty_since: None,
+                    busy_this_tick: false,
                 });
                 self.room_by_doc.insert(doc.to_owned(), idx);
                 net.metrics.figures.counters.docs_loaded = self.rooms.len() as u64;
@@ -341,13 +409,17 @@ impl Handler for RoomHost {
         if self.dirty.is_empty() && self.closes_after_turn.is_empty() {
             return;
         }
-        let mut batch: Vec<(usize, Effects)> = Vec::with_capacity(self.dirty.len());
-        for room_idx in std::mem::take(&mut self.dirty) {
+        // Both lists keep their allocations from turn to turn.
+        let mut batch = std::mem::take(&mut self.batch);
+        let mut dirty = std::mem::take(&mut self.dirty_spare);
+        std::mem::swap(&mut dirty, &mut self.dirty);
+        for room_idx in dirty.drain(..) {
             if let Some(slot) = self.rooms.get_mut(room_idx) {
                 slot.in_dirty = false;
                 batch.push((room_idx, slot.room.take_effects()));
             }
         }
+        self.dirty_spare = dirty;
         // Group commit: every record of the turn, then one sync.
         let mut storage_ok = true;
         let mut any_records = false;
@@ -383,7 +455,7 @@ impl Handler for RoomHost {
             }
         }
         let mut failed = Vec::new();
-        for (room_idx, effects) in batch {
+        for (room_idx, mut effects) in batch.drain(..) {
             if !storage_ok && !effects.records.is_empty() {
                 failed.push((room_idx, effects));
                 continue;
@@ -391,7 +463,7 @@ impl Handler for RoomHost {
             let started = Instant::now();
             let counters = &mut net.metrics.figures.counters;
             counters.ops_accepted += effects.op_origins.len() as u64;
-            for (conn, frame) in effects.frames {
+            for (conn, frame) in effects.frames.drain(..) {
                 if frame_is(&frame, "{\"type\":\"ack\"") {
                     net.metrics.figures.counters.ops_unchanged += 1;
                 } else if frame_is(&frame, "{\"type\":\"error\"") {
@@ -406,17 +478,23 @@ impl Handler for RoomHost {
                     started.elapsed(),
                 );
             }
-            if let Some(snapshot) = effects.snapshot {
+            if let Some(snapshot) = effects.snapshot.take() {
                 let doc = self.rooms[room_idx].room.doc_name();
                 if let Err(e) = self.storage.write_snapshot(doc, &snapshot) {
                     net.metrics.figures.counters.storage_errors += 1;
                     warn!("shard: snapshot write failed (the log still covers it): {e}");
                 }
             }
-            for (conn, code, reason) in effects.closes {
+            for (conn, code, reason) in effects.closes.drain(..) {
                 net.close(conn, code, reason);
             }
+            // Everything is released: the room may keep the vectors for its next turn.
+            if let Some(slot) = self.rooms.get_mut(room_idx) {
+                slot.room.recycle_effects(effects);
+                slot.busy_this_tick = true;
+            }
         }
+        self.batch = batch;
         if !failed.is_empty() {
             self.fail_rooms(net, failed);
         }
@@ -428,6 +506,9 @@ impl Handler for RoomHost {
     fn on_tick(&mut self, net: &mut Net, now: Instant) {
         let mut idle = Vec::new();
         for (idx, slot) in self.rooms.iter_mut() {
+            if !std::mem::take(&mut slot.busy_this_tick) {
+                slot.room.free_effects_buffers();
+            }
             if slot.in_dirty || slot.room.n_clients() > 0 {
                 slot.empty_since = None;
                 continue;

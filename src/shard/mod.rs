@@ -4,6 +4,7 @@
 //! - [`conn`]: the connection layer ([`Net`]): sockets, outbound queues, readiness, closes.
 //! - [`event_loop`]: the turn structure and the [`Handler`] trait it drives.
 //! - [`host`]: the real handler ([`RoomHost`]): hello routing, rooms, group commit.
+//! - [`log_limit`]: one warning line a second for events a client can repeat at will.
 //!
 //! A shard takes no lock on its hot path; the only cross-thread traffic is its handoff inbox
 //! plus its `mio::Waker`, and a metrics publish every 250 ms.
@@ -11,6 +12,7 @@
 pub mod conn;
 pub mod event_loop;
 pub mod host;
+pub mod log_limit;
 
 pub use conn::{Net, NetLimits};
 pub use event_loop::{run, Handler, OpenInfo, WAKER_TOKEN};

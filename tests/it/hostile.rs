@@ -272,13 +272,9 @@ impl collab_engine::shard::Handler for PanicOnBoom {
     fn end_turn(&mut self, _net: &mut collab_engine::shard::Net) {}
 }
 
-/// The contract's 1011 ("internal error") is never sent: a panic on a shard thread drops its
-/// sockets without a close frame (clients cannot tell a bug from a network cut), and the
-/// acceptor keeps handing that shard new connections that nobody serves. The fix belongs in
-/// src/shard/event_loop.rs (density): catch the unwind around the handler calls, close every
-/// connection of the shard with 1011, and stop routing to it (or restart it).
+/// A panic on a shard thread (a bug) closes every client of that shard with 1011 after what
+/// was already queued for it, instead of resetting them silently.
 #[test]
-#[ignore = "bug in src/shard/event_loop.rs: a shard panic closes nothing with 1011"]
 fn shard_panic_closes_its_clients_with_1011() {
     let _w = Watchdog::new("shard_panic_closes_its_clients_with_1011", 30);
     let config = test_config();
@@ -309,4 +305,123 @@ fn shard_panic_closes_its_clients_with_1011() {
         Some(CloseCode::Error),
         "so does every client of that shard"
     );
+    server.shutdown().expect_err("a shard panicked");
+}
+
+/// A document path that hashes to shard `shard` of `n_shards`.
+fn doc_on_shard(shard: usize, n_shards: usize) -> String {
+    (0..)
+        .map(|i| format!("doc-{i}"))
+        .find(|doc| collab_engine::ids::shard_for_doc(doc, n_shards).0 == shard)
+        .expect("some name hashes to every shard")
+}
+
+/// After a shard panicked, the acceptor answers new connections for its documents with
+/// `unavailable` and a close 1011 instead of routing them into a dead shard; documents on the
+/// other shards, and plain `/ws`, keep being served.
+#[test]
+fn dead_shard_is_not_routed_to() {
+    let _w = Watchdog::new("dead_shard_is_not_routed_to", 30);
+    let config = test_config();
+    let server = collab_engine::server::start_with(
+        &config,
+        collab_engine::acceptor::PlainWs::RoundRobin,
+        vec![PanicOnBoom, PanicOnBoom],
+    )
+    .expect("server");
+    let (dead_doc, live_doc) = (doc_on_shard(0, 2), doc_on_shard(1, 2));
+    let mut ws = connect(server.local_addr(), &format!("/ws/{dead_doc}"));
+    send(&mut ws, "boom");
+    let (code, _) = recv_until_close(&mut ws);
+    assert_eq!(code, Some(CloseCode::Error));
+    // The shard marked itself dead before it closed anything, so this is refused for sure.
+    let health = http_get(server.local_addr(), "GET /health HTTP/1.1\r\n\r\n");
+    assert!(health.starts_with("HTTP/1.1 503"), "{health}");
+    assert!(health.contains("\"dead_shards\":1"), "{health}");
+    let mut ws = connect(server.local_addr(), &format!("/ws/{dead_doc}"));
+    let (code, seen) = recv_until_close(&mut ws);
+    assert_eq!(code, Some(CloseCode::Error), "refused by the acceptor");
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0]["code"], "unavailable");
+    let mut ws = connect(server.local_addr(), &format!("/ws/{live_doc}"));
+    send(&mut ws, r#"{"still":"served"}"#);
+    assert_eq!(recv_json(&mut ws)["still"], "served");
+    for _ in 0..4 {
+        let mut ws = connect(server.local_addr(), "/ws");
+        send(&mut ws, r#"{"round":"robin"}"#);
+        assert_eq!(
+            recv_json(&mut ws)["round"],
+            "robin",
+            "plain /ws goes to live shards only"
+        );
+    }
+    server.shutdown().expect_err("a shard panicked");
+}
+
+/// Like the room host: holds the turn's frames until `end_turn` (where the group commit would
+/// make them durable), and panics on "boom".
+#[derive(Default)]
+struct HoldThenPanic {
+    held: Vec<(collab_engine::ids::ConnToken, tungstenite::Utf8Bytes)>,
+}
+
+impl collab_engine::shard::Handler for HoldThenPanic {
+    fn on_open(
+        &mut self,
+        _net: &mut collab_engine::shard::Net,
+        _conn: collab_engine::ids::ConnToken,
+        _info: collab_engine::shard::OpenInfo,
+    ) {
+    }
+    fn on_message(
+        &mut self,
+        _net: &mut collab_engine::shard::Net,
+        conn: collab_engine::ids::ConnToken,
+        message: Message,
+    ) {
+        if let Message::Text(text) = message {
+            assert_ne!(text.as_str(), "boom", "a bug in the handler");
+            self.held.push((conn, text));
+        }
+    }
+    fn on_closed(
+        &mut self,
+        _net: &mut collab_engine::shard::Net,
+        _conn: collab_engine::ids::ConnToken,
+    ) {
+    }
+    fn end_turn(&mut self, net: &mut collab_engine::shard::Net) {
+        for (conn, frame) in self.held.drain(..) {
+            net.send(conn, frame);
+        }
+    }
+}
+
+/// A frame the handler still held when it panicked (its turn's records would not be durable)
+/// is never released: the client gets the 1011 close and nothing else.
+#[test]
+fn shard_panic_releases_nothing_of_its_turn() {
+    let _w = Watchdog::new("shard_panic_releases_nothing_of_its_turn", 30);
+    let config = test_config();
+    let server = collab_engine::server::start_with(
+        &config,
+        collab_engine::acceptor::PlainWs::RoundRobin,
+        vec![HoldThenPanic::default()],
+    )
+    .expect("server");
+    let mut ws = connect(server.local_addr(), "/ws");
+    send(&mut ws, r#"{"turn":1}"#);
+    assert_eq!(
+        recv_json(&mut ws)["turn"],
+        1,
+        "released at the end of its turn"
+    );
+    // One write: both messages reach the shard in the same read, so the same turn.
+    ws.write(Message::text(r#"{"turn":2}"#)).expect("write");
+    ws.write(Message::text("boom")).expect("write");
+    ws.flush().expect("flush");
+    let (code, seen) = recv_until_close(&mut ws);
+    assert_eq!(code, Some(CloseCode::Error));
+    assert!(seen.is_empty(), "nothing of the panicking turn: {seen:?}");
+    server.shutdown().expect_err("a shard panicked");
 }

@@ -3,7 +3,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use collab_engine::config::Config;
@@ -50,9 +50,65 @@ pub fn test_config() -> Config {
     Config::for_tests("127.0.0.1:0".parse().expect("valid address"))
 }
 
+/// The test binary's logger: env_logger (`RUST_LOG`) for people, plus every warning and error
+/// kept in memory so that tests can count log lines (log floods).
+struct CaptureLogger {
+    inner: env_logger::Logger,
+    warnings: Mutex<Vec<String>>,
+}
+
+impl log::Log for CaptureLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Warn || self.inner.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if record.level() <= log::Level::Warn {
+            if let Ok(mut warnings) = self.warnings.lock() {
+                warnings.push(record.args().to_string());
+            }
+        }
+        if self.inner.enabled(record.metadata()) {
+            self.inner.log(record);
+        }
+    }
+
+    fn flush(&self) {
+        self.inner.flush();
+    }
+}
+
+static LOGGER: OnceLock<CaptureLogger> = OnceLock::new();
+
+/// Installs the test logger (idempotent).
+pub fn init_logging() {
+    let logger = LOGGER.get_or_init(|| CaptureLogger {
+        inner: env_logger::builder().is_test(true).build(),
+        warnings: Mutex::new(Vec::new()),
+    });
+    if log::set_logger(logger).is_ok() {
+        log::set_max_level(logger.inner.filter().max(log::LevelFilter::Warn));
+    }
+}
+
+/// Warning and error lines logged so far (by any test of this binary) that contain `needle`.
+pub fn warnings_containing(needle: &str) -> Vec<String> {
+    LOGGER
+        .get()
+        .and_then(|logger| logger.warnings.lock().ok())
+        .map(|warnings| {
+            warnings
+                .iter()
+                .filter(|line| line.contains(needle))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Starts a server with `config`.
 pub fn server(config: Config) -> ServerHandle {
-    let _ = env_logger::builder().is_test(true).try_init();
+    init_logging();
     start(config).expect("server starts")
 }
 

@@ -8,7 +8,8 @@ use collab_engine::protocol::ServerMessage;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::util::{
-    connect, http_get, recv_json, recv_until_close, send, server, test_config, Editor, Watchdog,
+    connect, http_get, recv_json, recv_until_close, send, server, test_config, warnings_containing,
+    Editor, Watchdog,
 };
 
 const INS_A: &str = r#"{"type":"op","client_seq":1,"ops":[{"kind":"ins","id":[0,REPLICA],"after":null,"text":"ab"}]}"#;
@@ -521,6 +522,83 @@ fn ws_connection_limit_per_shard_closes_1013() {
     let (code, seen) = recv_until_close(&mut c);
     assert!(seen.is_empty());
     assert_eq!(code, Some(CloseCode::Again));
+    server.shutdown().expect("clean shutdown");
+}
+
+/// A connection flood at the per-shard limit gets one warning line a second (with a count),
+/// not one per refused connection.
+#[test]
+fn ws_connection_limit_refusals_do_not_flood_the_log() {
+    let _w = Watchdog::new("ws_connection_limit_refusals_do_not_flood_the_log", 60);
+    let mut config = test_config();
+    config.shards = 1;
+    // A limit no other test uses, so that only this test's lines match.
+    config.conns_per_shard_max = 3;
+    let server = server(config);
+    let addr = server.local_addr();
+    let _held: Vec<Editor> = (0..3)
+        .map(|_| Editor::join(addr, "/ws/flood", &hello("flood")))
+        .collect();
+    let started = std::time::Instant::now();
+    const REFUSED: usize = 100;
+    for _ in 0..REFUSED {
+        let mut ws = connect(addr, "/ws/flood");
+        let (code, _) = recv_until_close(&mut ws);
+        assert_eq!(code, Some(CloseCode::Again));
+    }
+    let elapsed = started.elapsed();
+    let lines = warnings_containing("at the limit of 3 connections");
+    assert!(!lines.is_empty(), "the refusals are logged");
+    // One line a second at most: a bound that follows from the limiter, whatever the speed.
+    assert!(
+        lines.len() as u64 <= elapsed.as_secs() + 1,
+        "{} lines for {REFUSED} refusals in {elapsed:?}: {lines:?}",
+        lines.len()
+    );
+    server.shutdown().expect("clean shutdown");
+}
+
+/// Past `--docs-per-shard-max` loaded documents, a hello for another one first unloads a
+/// document without clients; when every one has clients it gets `overloaded` and a close 1013,
+/// and documents already loaded keep serving.
+#[test]
+fn ws_document_limit_per_shard() {
+    let _w = Watchdog::new("ws_document_limit_per_shard", 30);
+    let mut config = test_config();
+    config.shards = 1;
+    config.docs_per_shard_max = 2;
+    let server = server(config);
+    let addr = server.local_addr();
+    let mut a = Editor::join(addr, "/ws/cap-a", &hello("cap-a"));
+    a.edit(0, 0, "kept");
+    a.settle();
+    let mut b = Editor::join(addr, "/ws/cap-b", &hello("cap-b"));
+    // Both loaded documents have clients: a third is refused, on both routes.
+    for (path, doc) in [("/ws/cap-c", "cap-c"), ("/ws", "cap-c")] {
+        let mut c = connect(addr, path);
+        send(&mut c, &hello(doc));
+        let (code, seen) = recv_until_close(&mut c);
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(seen[0]["type"], "error");
+        assert_eq!(seen[0]["code"], "overloaded");
+        assert_eq!(code, Some(CloseCode::Again));
+    }
+    // A second client of a loaded document is no new document.
+    let b2 = Editor::join(addr, "/ws/cap-b", &hello("cap-b"));
+    assert!(b2.replica >= 1);
+    b.edit(0, 0, "b");
+    b.settle();
+    // cap-a loses its only client (close handshake finished: the server processed it), so
+    // it is unloaded to make room for cap-c.
+    a.ws.close(None).expect("close");
+    while a.ws.read().is_ok() {}
+    let mut c = Editor::join(addr, "/ws/cap-c", &hello("cap-c"));
+    assert!(c.replica >= 1);
+    // cap-a's state was durable when it left memory: free cap-c the same way and reload it.
+    c.ws.close(None).expect("close");
+    while c.ws.read().is_ok() {}
+    let a2 = Editor::join(addr, "/ws/cap-a", &hello("cap-a"));
+    assert_eq!(a2.doc.text(), "kept");
     server.shutdown().expect("clean shutdown");
 }
 
