@@ -123,6 +123,22 @@ pub struct Config {
     #[arg(long, default_value_t = 64)]
     pub reads_per_turn_max: usize,
 
+    /// Sustained `op` and `presence` messages per second one connection may send (a token
+    /// bucket refilled at this rate); an `op` message costs 1 token plus 1 per 100 ops or
+    /// deleted items (`shard::rate_limit::op_message_cost`). A message over the budget gets
+    /// `rate_limited` and is not applied (it counts as a refusal). 0 disables the limit.
+    /// Safe default: 2,000/s is 200 times what a fast typist sends (the s2 load scenario sends
+    /// 10 edits/s per client), yet it caps what one connection can make its shard integrate.
+    #[arg(long, default_value_t = 2_000)]
+    pub msgs_per_second_max: u32,
+
+    /// Tokens a connection can bank for a burst (a new connection starts with all of them).
+    /// 0 disables the limit. Safe default: 4,000 covers a client resending a backlog of
+    /// thousands of offline edits after a reconnect, or a select-all delete of a
+    /// 100,000-character document (1,001 tokens), without a refusal.
+    #[arg(long, default_value_t = 4_000)]
+    pub msgs_burst_max: u32,
+
     /// Shared secret clients must send as `hello.token`; none means no authentication.
     #[arg(long)]
     pub token: Option<String>,
@@ -216,5 +232,18 @@ mod tests {
         assert_eq!(config.storage, StorageKind::Disk);
         assert_eq!(config.docs_per_shard_max, DOCS_PER_SHARD_MAX_DEFAULT);
         assert!(Config::try_parse_from(["collab-engine", "--docs-per-shard-max", "0"]).is_err());
+        assert_eq!(
+            (config.msgs_per_second_max, config.msgs_burst_max),
+            (2_000, 4_000)
+        );
+        let off = Config::try_parse_from([
+            "collab-engine",
+            "--msgs-per-second-max",
+            "0",
+            "--msgs-burst-max",
+            "0",
+        ])
+        .expect("0 disables");
+        assert_eq!((off.msgs_per_second_max, off.msgs_burst_max), (0, 0));
     }
 }

@@ -18,6 +18,7 @@ use crate::acceptor::{
 use crate::config::{Config, StorageKind};
 use crate::metrics::MetricsRegistry;
 use crate::room::RoomConfig;
+use crate::shard::rate_limit::RateLimit;
 use crate::shard::{self, Handler, NetLimits, RoomHost, WAKER_TOKEN};
 use crate::storage::{DiskStorage, MemoryStorage, Storage};
 
@@ -188,6 +189,10 @@ pub fn start_with_storages(
         .map(|storage| {
             RoomHost::new(storage, RoomConfig::from_config(config), config.idle_unload)
                 .with_docs_max(config.docs_per_shard_max)
+                .with_rate_limit(RateLimit::new(
+                    config.msgs_per_second_max,
+                    config.msgs_burst_max,
+                ))
         })
         .collect();
     start_with(config, PlainWs::AwaitHello, hosts)

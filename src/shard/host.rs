@@ -25,6 +25,7 @@ use crate::storage::Storage;
 use super::conn::Net;
 use super::event_loop::{Handler, OpenInfo};
 use super::log_limit::LogLimit;
+use super::rate_limit::{op_message_cost, RateLimit, TokenBucket};
 
 /// What the shard knows about one connection.
 #[derive(Debug)]
@@ -35,6 +36,8 @@ struct Session {
     room_idx: Option<usize>,
     /// Messages refused so far; at [`REFUSALS_BEFORE_CLOSE`] the connection is closed 1008.
     n_refused: u32,
+    /// Its budget of `op` and `presence` messages (`RoomHost::rate_limit`).
+    bucket: TokenBucket,
 }
 
 /// One loaded document.
@@ -56,6 +59,11 @@ pub struct RoomHost {
     idle_unload: Duration,
     /// Documents kept loaded at most.
     docs_max: usize,
+    /// Every connection's budget of `op` and `presence` messages.
+    rate_limit: RateLimit,
+    /// The shard's clock for this turn: read once, at the first message of a turn that needs
+    /// it, and forgotten at the end of the turn (no clock read per message).
+    turn_now: Option<Instant>,
     /// Warnings for hellos refused at `docs_max`: one line a second.
     docs_full_log: LogLimit,
     rooms: Slab<RoomSlot>,
@@ -86,6 +94,8 @@ impl RoomHost {
             room_config,
             idle_unload,
             docs_max: DOCS_PER_SHARD_MAX_DEFAULT,
+            rate_limit: RateLimit::disabled(),
+            turn_now: None,
             docs_full_log: LogLimit::per_second(),
             rooms: Slab::new(),
             room_by_doc: HashMap::new(),
@@ -103,6 +113,32 @@ impl RoomHost {
     pub fn with_docs_max(mut self, docs_max: usize) -> RoomHost {
         self.docs_max = docs_max.max(1);
         self
+    }
+
+    /// Limits every connection's `op` and `presence` messages to `rate_limit` (none by
+    /// default); a message over it gets `rate_limited` and is not applied.
+    pub fn with_rate_limit(mut self, rate_limit: RateLimit) -> RoomHost {
+        self.rate_limit = rate_limit;
+        self
+    }
+
+    /// The time of this turn (read at most once per turn).
+    fn turn_now(&mut self) -> Instant {
+        *self.turn_now.get_or_insert_with(Instant::now)
+    }
+
+    /// Takes `cost` tokens from `conn`'s bucket; `false` means the message is over the budget
+    /// and must be refused with `rate_limited`.
+    fn within_rate(&mut self, conn: ConnToken, cost: u64) -> bool {
+        if !self.rate_limit.enabled() {
+            return true;
+        }
+        let now = self.turn_now();
+        let limit = self.rate_limit;
+        match self.session_mut(conn) {
+            Some(session) => session.bucket.try_take(&limit, cost, now),
+            None => true,
+        }
     }
 
     /// Makes room for one more document: unloads the document without clients that has been
@@ -319,6 +355,9 @@ impl RoomHost {
     }
 }
 
+/// The message of a `rate_limited` error.
+const RATE_LIMITED: &str = "too many messages; slow down and resend this one later";
+
 /// Whether a released frame is of `type` (the encoders always put `type` first).
 fn frame_is(frame: &Utf8Bytes, type_prefix: &str) -> bool {
     frame.as_str().starts_with(type_prefix)
@@ -329,10 +368,13 @@ impl Handler for RoomHost {
         if self.sessions.len() <= conn.0 {
             self.sessions.resize_with(conn.0 + 1, || None);
         }
+        let now = self.turn_now();
+        let bucket = self.rate_limit.full_bucket(now);
         self.sessions[conn.0] = Some(Session {
             path_doc: info.doc,
             room_idx: None,
             n_refused: 0,
+            bucket,
         });
         if let Some(hello) = info.hello {
             self.hello(net, conn, hello);
@@ -358,6 +400,17 @@ impl Handler for RoomHost {
         match (parsed, room_idx) {
             (Err(err), _) => self.refuse(net, conn, &err),
             (Ok(ClientMessage::Hello(hello)), _) => self.hello(net, conn, hello),
+            (Ok(ClientMessage::Op(op)), Some(_))
+                if !self.within_rate(conn, op_message_cost(&op.ops)) =>
+            {
+                let err = ProtocolError::new(ErrorCode::RateLimited, RATE_LIMITED)
+                    .with_client_seq(Some(op.client_seq));
+                self.refuse(net, conn, &err);
+            }
+            (Ok(ClientMessage::Presence(_)), Some(_)) if !self.within_rate(conn, 1) => {
+                let err = ProtocolError::new(ErrorCode::RateLimited, RATE_LIMITED);
+                self.refuse(net, conn, &err);
+            }
             (Ok(ClientMessage::Op(op)), Some(idx)) => {
                 let started = Instant::now();
                 if let Some(slot) = self.rooms.get_mut(idx) {
@@ -406,6 +459,7 @@ impl Handler for RoomHost {
     }
 
     fn end_turn(&mut self, net: &mut Net) {
+        self.turn_now = None;
         if self.dirty.is_empty() && self.closes_after_turn.is_empty() {
             return;
         }

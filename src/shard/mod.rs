@@ -5,6 +5,7 @@
 //! - [`event_loop`]: the turn structure and the [`Handler`] trait it drives.
 //! - [`host`]: the real handler ([`RoomHost`]): hello routing, rooms, group commit.
 //! - [`log_limit`]: one warning line a second for events a client can repeat at will.
+//! - [`rate_limit`]: the per-connection token bucket on `op` and `presence` messages.
 //!
 //! A shard takes no lock on its hot path; the only cross-thread traffic is its handoff inbox
 //! plus its `mio::Waker`, and a metrics publish every 250 ms.
@@ -13,6 +14,7 @@ pub mod conn;
 pub mod event_loop;
 pub mod host;
 pub mod log_limit;
+pub mod rate_limit;
 
 pub use conn::{Net, NetLimits};
 pub use event_loop::{run, Handler, OpenInfo, WAKER_TOKEN};
