@@ -6,6 +6,9 @@
 //! gets `overloaded` and a close 1013). Per turn: rooms produce
 //! [`Effects`]; every record is appended, storage syncs once, and only then are the frames
 //! released to the connections (no client ever sees a `server_seq` a crash could take back).
+//! Each connection's `op` and `presence` messages draw on a token bucket
+//! ([`super::rate_limit`], on the turn's clock); one over the budget gets `rate_limited`, is
+//! not applied, and counts as a refusal.
 //! Never touches a socket directly (the [`Net`] does) and never blocks on one.
 
 use std::collections::HashMap;

@@ -12,6 +12,8 @@ use crate::crdt::Op;
 
 /// Op items that cost one more token than a bare message (see [`op_message_cost`]).
 pub const ITEMS_PER_TOKEN: u64 = 100;
+/// A delete's `len` counts up to this many items (see [`op_message_cost`]).
+pub const DEL_ITEMS_COUNTED_MAX: u64 = 100_000;
 
 /// The budget every connection of a shard gets: `per_second` tokens refill continuously, at
 /// most `burst` are banked. Disabled when either is 0.
@@ -51,7 +53,7 @@ impl RateLimit {
 }
 
 /// The cost in tokens of an `op` message: `1 + items / ITEMS_PER_TOKEN`, where `items` counts
-/// one per op plus, for each delete, its `len`.
+/// one per op plus, for each delete, its `len` (at most [`DEL_ITEMS_COUNTED_MAX`]).
 ///
 /// Why: a message's fixed cost (parsing, a log record, one `op_echo` to every client of the
 /// document, its share of the turn's fsync) dominates for the messages editors really send
@@ -61,12 +63,15 @@ impl RateLimit {
 /// already, docs/crdt.md), and `len` is the only bound on spans a message declares. So a
 /// select-all delete of a 100,000-character document costs 1,001 tokens: at the defaults a
 /// client can still do that, but only twice a second sustained, not thousands of times.
+/// A `len` counts up to 100,000 items, so one absurd `len` (which the room refuses as
+/// `invalid_op` or `unknown_id`) does not cost a client its whole burst, and the refusal it
+/// deserves is the one it gets; a client repeating such deletes is still held to ~2 a second.
 /// Insert text is not counted: its cost is bounded by the message size like the parse is.
 pub fn op_message_cost(ops: &[Op]) -> u64 {
     let items = ops.iter().fold(0u64, |sum, op| {
         let weight = match op {
             Op::Insert { .. } => 1,
-            Op::Delete { len, .. } => len.saturating_add(1),
+            Op::Delete { len, .. } => 1 + (*len).min(DEL_ITEMS_COUNTED_MAX),
         };
         sum.saturating_add(weight)
     });
@@ -175,6 +180,10 @@ mod tests {
         let del = |len| Op::Delete { id, len };
         assert_eq!(op_message_cost(&[del(1)]), 1);
         assert_eq!(op_message_cost(&[del(99_999)]), 1_001);
-        assert_eq!(op_message_cost(&[del(u64::MAX)]), 1 + u64::MAX / 100);
+        assert_eq!(op_message_cost(&[del(u64::MAX)]), 1_001);
+        assert_eq!(
+            op_message_cost(&vec![del(u64::MAX); 10_000]),
+            1 + 1_000_010_000 / 100
+        );
     }
 }
