@@ -991,3 +991,38 @@ fn journal_tail_with_a_hole_is_torn_not_corrupt() {
         vec![1, 2, 3, 4]
     );
 }
+
+/// A checkpoint whose segment fsync fails must not be retried: on Linux a second fsync can
+/// report success for pages the kernel already gave up on, and truncating the journal then
+/// would drop the only durable copy of acknowledged records. The storage keeps the journal,
+/// refuses every later sync, and the next open redoes the journal.
+#[test]
+fn failed_checkpoint_fsync_keeps_the_journal_and_fences_writes() {
+    let dir = temp_dir("fail-checkpoint");
+    let faults = FaultyFs::new();
+    let mut storage = DiskStorage::with_fs(&dir, FsyncMode::Always, faults.clone()).expect("open");
+    for seq in 1..=3 {
+        storage.append("a", "E", &ops(seq)).expect("append");
+        storage.sync().expect("sync");
+    }
+    let journal_len = storage.journal_len();
+    assert!(journal_len > 0, "the synced turns are in the journal");
+    faults.fail_syncs(1);
+    assert!(storage.checkpoint().is_err(), "the segment fsync fails");
+    assert_eq!(storage.journal_len(), journal_len, "the journal is kept");
+    assert!(storage.checkpoint().is_err(), "a retry is never trusted");
+    assert_eq!(
+        storage.journal_len(),
+        journal_len,
+        "the journal is still kept"
+    );
+    let _ = storage.append("a", "E", &ops(4));
+    assert!(storage.sync().is_err(), "nothing more is acknowledged");
+    drop(storage);
+    let doc = open(&dir).load("a").expect("load").expect("stored");
+    assert_eq!(
+        seqs(&doc),
+        vec![1, 2, 3],
+        "acknowledged records survive, the refused one does not"
+    );
+}

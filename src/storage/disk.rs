@@ -139,6 +139,12 @@ pub struct DiskStorage<F: Fs = OsFs> {
     checkpoint_interval: Duration,
     /// Drop without the final checkpoint ([`DiskStorage::abandon`]).
     abandoned: bool,
+    /// Set when fsyncing segments at a checkpoint failed. The kernel reports a write-back
+    /// error once and may mark the failed pages clean, so a retried fsync can succeed without
+    /// the bytes being on disk: from then on the journal is the only durable copy of what it
+    /// holds. It is never truncated again in this process and every later `sync` fails (no
+    /// more acknowledgements) until a restart redoes the journal into the segments.
+    checkpoint_failed: bool,
     /// Segment handles currently open.
     n_files_open: usize,
     /// `<data_dir>/LOCK`, held with a POSIX record lock so a second server process cannot
@@ -189,6 +195,7 @@ impl<F: Fs> DiskStorage<F> {
             n_files_open: 0,
             _lock: lock,
             abandoned: false,
+            checkpoint_failed: false,
         })
     }
 
@@ -224,18 +231,35 @@ impl<F: Fs> DiskStorage<F> {
     /// Fsyncs the segments and directories written since the last checkpoint, then empties
     /// the journal. Does not touch pending records.
     fn checkpoint_inner(&mut self) -> Result<(), StorageError> {
+        if self.checkpoint_failed {
+            return Err(checkpoint_failed_error());
+        }
         if self.fsync_on() {
             // One fsync per file (on helper threads from 8 on), not syncfs: on a file system
             // shared with other writers syncfs also flushes their data (84 ms against 12 ms
             // for 100 segments on the benchmark machine).
             let paths: Vec<String> = self.dirty_segments.iter().cloned().collect();
-            sync_paths(&self.fs, &self.root, &paths)?;
-            self.dirty_dirs.sort_unstable();
-            self.dirty_dirs.dedup();
-            for dir in &self.dirty_dirs {
-                self.fs
-                    .sync_dir(dir)
-                    .map_err(|e| io_error(format!("syncing directory {}", dir.display()), e))?;
+            let mut synced = sync_paths(&self.fs, &self.root, &paths);
+            if synced.is_ok() {
+                self.dirty_dirs.sort_unstable();
+                self.dirty_dirs.dedup();
+                for dir in &self.dirty_dirs {
+                    if let Err(e) = self.fs.sync_dir(dir) {
+                        synced = Err(io_error(format!("syncing directory {}", dir.display()), e));
+                        break;
+                    }
+                }
+            }
+            if let Err(e) = synced {
+                // Never retry: a second fsync can report success for pages the kernel already
+                // gave up on. Keep the journal for the next start's redo and stop acknowledging.
+                self.checkpoint_failed = true;
+                log::error!(
+                    "checkpoint fsync failed; the journal {} is kept for redo and this storage \
+                     refuses writes until the server restarts: {e}",
+                    self.journal.rel
+                );
+                return Err(e);
             }
         }
         // Everything the journal holds is now durable in the segments.
@@ -701,6 +725,10 @@ impl<F: Fs> Storage for DiskStorage<F> {
     }
 
     fn sync(&mut self) -> Result<(), StorageError> {
+        if self.checkpoint_failed {
+            self.abort_pending();
+            return Err(checkpoint_failed_error());
+        }
         if self.journal.poisoned {
             if let Err(e) = self.checkpoint_inner() {
                 self.abort_pending();
@@ -994,6 +1022,15 @@ impl<F: Fs> Drop for DiskStorage<F> {
             }
             Err(e) => log::warn!("final checkpoint failed; the next start redoes the journal: {e}"),
         }
+    }
+}
+
+/// The error every write gets after a failed checkpoint fsync.
+fn checkpoint_failed_error() -> StorageError {
+    StorageError::Io {
+        context: "an earlier checkpoint fsync failed; restart the server to redo the journal"
+            .to_owned(),
+        source: std::io::Error::other("storage fenced after a failed fsync"),
     }
 }
 
