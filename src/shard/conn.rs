@@ -270,13 +270,18 @@ impl Net {
     }
 
     /// After a flush: a connection that still has more than [`NetLimits::outbound_bytes_max`]
-    /// queued is too slow; it is closed with 1013 and its queue dropped (it reconnects with
-    /// `since`). Checked after writing, so one turn's burst to a reader that keeps up is fine.
+    /// queued behind the frame it is receiving is too slow; it is closed with 1013 and its queue
+    /// dropped (it reconnects with `since`). Checked after writing, so one turn's burst to a
+    /// reader that keeps up is fine, and the front frame does not count: one frame alone (a
+    /// `hello_ack` with a snapshot larger than the limit, which a small send buffer takes in
+    /// many turns) never counts as falling behind.
     fn check_backlog(&mut self, key: usize) {
         let Some(c) = self.conns.get_mut(key) else {
             return;
         };
-        if c.phase != Phase::Open || c.out_bytes <= self.limits.outbound_bytes_max {
+        let front_bytes = c.out.front().map_or(0, |frame| frame.len());
+        let behind_bytes = c.out_bytes.saturating_sub(front_bytes);
+        if c.phase != Phase::Open || behind_bytes <= self.limits.outbound_bytes_max {
             return;
         }
         self.metrics.figures.counters.slow_consumer_drops += 1;

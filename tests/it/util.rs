@@ -127,6 +127,52 @@ pub fn connect(addr: SocketAddr, path: &str) -> Ws {
     ws
 }
 
+/// Like [`connect`], with a 4 KiB receive buffer set before connecting, so that the server's
+/// writes to this client stop on `WouldBlock` long before loopback's megabytes of buffering.
+pub fn connect_with_small_rcvbuf(addr: SocketAddr, path: &str) -> Ws {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(v4) = addr else {
+        panic!("tests listen on IPv4 loopback");
+    };
+    // SAFETY: plain socket calls on a descriptor this function owns until `from_raw_fd`
+    // hands it to the TcpStream; every pointer passed points at a live local of the right size.
+    let stream = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket");
+        let size: libc::c_int = 4096;
+        let rc = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "SO_RCVBUF");
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*v4.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::connect(
+            fd,
+            (&sin as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "connect");
+        TcpStream::from_raw_fd(fd)
+    };
+    stream
+        .set_read_timeout(Some(READ_TIMEOUT))
+        .expect("timeout");
+    let url = format!("ws://{addr}{path}");
+    let (ws, _response) =
+        tungstenite::client::client(url, MaybeTlsStream::Plain(stream)).expect("handshake");
+    ws
+}
+
 /// Sends one text frame.
 pub fn send(ws: &mut Ws, text: &str) {
     ws.send(Message::text(text)).expect("send");

@@ -8,8 +8,8 @@ use collab_engine::protocol::ServerMessage;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::util::{
-    connect, http_get, recv_json, recv_until_close, send, server, test_config, warnings_containing,
-    Editor, Watchdog,
+    connect, connect_with_small_rcvbuf, http_get, recv_json, recv_until_close, send, server,
+    test_config, warnings_containing, Editor, Watchdog,
 };
 
 const INS_A: &str = r#"{"type":"op","client_seq":1,"ops":[{"kind":"ins","id":[0,REPLICA],"after":null,"text":"ab"}]}"#;
@@ -652,5 +652,52 @@ fn ws_snapshot_larger_than_the_message_limit_reaches_a_joiner() {
     let joiner = Editor::join(addr, "/ws/big", &hello("big"));
     assert_eq!(joiner.doc.text(), writer.doc.text());
     assert_eq!(joiner.doc.len(), 180_000);
+    server.shutdown().expect("clean shutdown");
+}
+
+/// A `hello_ack` bigger than what one `sendmsg` takes (loopback takes at most about 4 MB) is
+/// written over several flushes; while it is the only frame queued it never counts against
+/// `--outbound-bytes-max`, so the joiner is not closed 1013 (found in review).
+#[test]
+fn ws_snapshot_larger_than_one_send_and_the_outbound_limit_reaches_a_joiner() {
+    let _w = Watchdog::new("ws_snapshot_larger_than_one_send", 120);
+    let mut config = test_config();
+    config.outbound_bytes_max = 64 * 1024;
+    let server = server(config);
+    let addr = server.local_addr();
+    let mut writer = Editor::join(addr, "/ws/huge", &hello("huge"));
+    for i in 0..6 {
+        let chunk: String = std::iter::repeat(char::from(b'a' + i))
+            .take(1_000_000)
+            .collect();
+        let end = writer.doc.len();
+        writer.edit(end, 0, &chunk);
+        writer.settle();
+    }
+    // A joiner that does not read for a while: the server's flush stops mid-frame on
+    // WouldBlock, with millions of bytes of the one frame still queued.
+    let mut slow = connect_with_small_rcvbuf(addr, "/ws/huge");
+    send(&mut slow, &hello("huge"));
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let ack = recv_json(&mut slow);
+    assert_eq!(ack["type"], "hello_ack", "{}", ack["type"]);
+    assert_eq!(ack["head"], 6);
+    // The connection is still served: its op is echoed (a 1013 close would end it here).
+    let replica = ack["replica"].as_u64().expect("replica");
+    send(
+        &mut slow,
+        &format!(
+            r#"{{"type":"op","client_seq":1,"ops":[{{"kind":"ins","id":[10000000,{replica}],"after":null,"text":"z"}}]}}"#
+        ),
+    );
+    let echo = recv_json(&mut slow);
+    assert_eq!(echo["type"], "op_echo", "{echo}");
+    assert_eq!(echo["server_seq"], 7);
+    // A big document's joiner may get a snapshot a few ops old and the echoes since.
+    let mut joiner = Editor::join(addr, "/ws/huge", &hello("huge"));
+    joiner.catch_up(7);
+    assert_eq!(joiner.doc.len(), 6_000_001);
+    writer.catch_up(7);
+    assert_eq!(joiner.doc.text(), writer.doc.text());
     server.shutdown().expect("clean shutdown");
 }
