@@ -510,11 +510,22 @@ impl Replica {
     }
 }
 
+/// FOR TESTS: hands one client frame to a room as the shard would (the client sends only
+/// valid messages); shared by the unit tests and the simulation below.
+#[cfg(test)]
+fn deliver_to_room(room: &mut crate::room::Room, conn: crate::ids::ConnToken, text: &str) {
+    use crate::protocol::{parse_client_message, ClientMessage};
+    match parse_client_message(text).expect("the client sends valid messages") {
+        ClientMessage::Hello(hello) => room.join(conn, &hello),
+        ClientMessage::Op(msg) => room.handle_op(conn, msg),
+        ClientMessage::Presence(update) => room.handle_presence(conn, update),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ids::ConnToken;
-    use crate::protocol::{parse_client_message, ClientMessage};
     use crate::room::{Room, RoomConfig};
 
     /// An in-process server: one room, frames routed to replicas by connection.
@@ -552,11 +563,7 @@ mod tests {
         /// Client `i` sends `text` to the server.
         fn send(&mut self, i: usize, text: &str) {
             let Some(conn) = self.conns[i] else { return };
-            match parse_client_message(text).expect("client sends valid messages") {
-                ClientMessage::Hello(hello) => self.room.join(conn, &hello),
-                ClientMessage::Op(msg) => self.room.handle_op(conn, msg),
-                ClientMessage::Presence(update) => self.room.handle_presence(conn, update),
-            }
+            deliver_to_room(&mut self.room, conn, text);
         }
 
         /// Delivers every frame the room produced; resends answer `Joined` events at once.
@@ -966,7 +973,6 @@ mod sim {
 
     use super::*;
     use crate::ids::ConnToken;
-    use crate::protocol::{parse_client_message, ClientMessage};
     use crate::room::{Room, RoomConfig};
     use crate::storage::{MemoryStorage, Storage};
 
@@ -1051,11 +1057,7 @@ mod sim {
 
         fn send(&mut self, i: usize, text: &str) {
             let Some(conn) = self.conns[i] else { return };
-            match parse_client_message(text).expect("the client sends valid messages") {
-                ClientMessage::Hello(hello) => self.room.join(conn, &hello),
-                ClientMessage::Op(msg) => self.room.handle_op(conn, msg),
-                ClientMessage::Presence(update) => self.room.handle_presence(conn, update),
-            }
+            deliver_to_room(&mut self.room, conn, text);
             self.turn();
         }
 
