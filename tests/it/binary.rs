@@ -1,41 +1,14 @@
 //! The `collab-engine` binary itself: prints the bound address, serves, and on SIGTERM closes
 //! its clients with 1001 and exits 0.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-
 use tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::util::{connect, recv_json, recv_until_close, send, Watchdog};
+use crate::util::{connect, recv_json, recv_until_close, send, spawn_server, Watchdog};
 
 #[test]
 fn binary_prints_address_and_shuts_down_on_sigterm() {
     let _w = Watchdog::new("binary_prints_address_and_shuts_down_on_sigterm", 60);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_collab-engine"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--storage",
-            "memory",
-            "--shards",
-            "2",
-            "--pin-cores",
-            "false",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn the server");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("first line");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected line {line:?}"));
-    let addr: std::net::SocketAddr = addr.parse().expect("an address");
+    let (mut child, addr) = spawn_server();
     assert_ne!(addr.port(), 0);
     let mut ws = connect(addr, "/ws/bin");
     send(&mut ws, r#"{"type":"hello"}"#);

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use collab_engine::protocol::{parse_server_message, HelloAckStrategy, ServerMessage};
 use tungstenite::Message;
 
-use crate::util::{connect, send, Watchdog};
+use crate::util::{connect, send, spawn_server, Watchdog};
 
 /// The document every client edits: a `/` and non-ASCII, so the Python client's percent-encoded
 /// path and the Node client's plain-`/ws` hello must name the same document.
@@ -62,36 +62,6 @@ fn available_clients() -> Vec<(&'static str, Command)> {
         );
     }
     clients
-}
-
-/// The real binary on an ephemeral port, and its address.
-fn spawn_server() -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_collab-engine"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--storage",
-            "memory",
-            "--shards",
-            "2",
-            "--pin-cores",
-            "false",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn the server");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("first line");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected line {line:?}"))
-        .parse()
-        .expect("an address");
-    (child, addr)
 }
 
 /// Kills `child` when dropped, so a failed assertion never leaves a process behind.

@@ -373,3 +373,33 @@ impl Editor {
         }
     }
 }
+
+/// The real binary on an ephemeral port (memory storage, 2 shards) and the address it printed
+/// (`listening on http://ADDR`).
+pub fn spawn_server() -> (std::process::Child, SocketAddr) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_collab-engine"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--storage",
+            "memory",
+            "--shards",
+            "2",
+            "--pin-cores",
+            "false",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the server");
+    let mut line = String::new();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    std::io::BufRead::read_line(&mut stdout, &mut line).expect("first line");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+        .parse()
+        .expect("an address");
+    (child, addr)
+}
