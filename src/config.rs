@@ -1,4 +1,5 @@
-//! Server configuration: every limit and its default lives here, parsed from the command line.
+//! Server configuration: every limit and its default lives here, parsed from the command line,
+//! the `COLLAB_*` environment variables and the `--config` file (see `cli`).
 //!
 //! Each field's doc says why its default is safe; `collab-engine --help` prints them.
 
@@ -7,6 +8,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+
+use crate::units::{parse_bytes, parse_bytes_usize, parse_duration};
 
 /// Largest message the contract lets a server refuse to go below (64 KiB).
 pub const MESSAGE_BYTES_FLOOR: usize = 64 * 1024;
@@ -48,6 +51,11 @@ pub enum StorageKind {
     about = "Real-time collaboration server (RGA CRDT over WebSocket)"
 )]
 pub struct Config {
+    /// A TOML file with any of these settings, keyed by flag name (`idle-timeout = "30s"`);
+    /// flags and environment variables win over it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Address to listen on; port 0 picks a free port (the bound address is printed).
     #[arg(long, default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
@@ -68,19 +76,19 @@ pub struct Config {
     #[arg(long, value_enum, default_value = "always")]
     pub fsync: FsyncMode,
 
-    /// Largest reassembled WebSocket message in bytes; bigger ones are closed with 1009.
-    /// The contract allows 64 KiB to 1 MiB.
-    #[arg(long, default_value_t = 1024 * 1024, value_parser = parse_message_bytes)]
+    /// Largest reassembled WebSocket message; bigger ones are closed with 1009.
+    /// The contract allows 64KiB to 1MiB.
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_message_bytes)]
     pub message_bytes_max: usize,
 
-    /// Largest document in visible plus deleted characters; ops past it get `too_large`.
-    /// Bounds a room's memory (about 16 bytes per character in runs of one).
-    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    /// Largest document in visible plus deleted characters (16Mi = 16,777,216); ops past it get
+    /// `too_large`. Bounds a room's memory (about 16 bytes per character in runs of one).
+    #[arg(long, value_name = "COUNT", default_value = "16Mi", value_parser = parse_bytes_usize)]
     pub doc_chars_max: usize,
 
     /// Bytes queued for one connection before it counts as too slow and is closed with 1013.
-    /// 4 MiB covers a snapshot of a large document plus a burst of echoes.
-    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    /// 4MiB covers a snapshot of a large document plus a burst of echoes.
+    #[arg(long, value_name = "SIZE", default_value = "4MiB", value_parser = parse_bytes_usize)]
     pub outbound_bytes_max: usize,
 
     /// Connections one shard serves; past it new connections get 1013.
@@ -89,15 +97,15 @@ pub struct Config {
 
     /// Time a client has to finish the HTTP request and the WebSocket handshake (and, on
     /// plain `/ws`, to send its `hello`).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
     /// A connection silent for this long gets a ping; silent for twice as long, it is closed.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
     /// A document with no clients leaves memory after this long, once its state is durable.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub idle_unload: Duration,
 
     /// Documents one shard keeps loaded. A `hello` that would load one more first unloads a
@@ -111,7 +119,7 @@ pub struct Config {
     pub snapshot_every_ops: u64,
 
     /// A room writes a snapshot after this many bytes of log since the last one.
-    #[arg(long, default_value_t = 8 * 1024 * 1024)]
+    #[arg(long, value_name = "SIZE", default_value = "8MiB", value_parser = parse_bytes)]
     pub snapshot_every_bytes: u64,
 
     /// Op messages kept in memory per room to serve `replay` to reconnecting clients.
@@ -125,10 +133,10 @@ pub struct Config {
 
     /// Sustained `op` and `presence` messages per second one connection may send (a token
     /// bucket refilled at this rate); an `op` message costs 1 token plus 1 per 100 ops or
-    /// deleted items (`shard::rate_limit::op_message_cost`). A message over the budget gets
-    /// `rate_limited` and is not applied (it counts as a refusal). 0 disables the limit.
-    /// Safe default: 2,000/s is 200 times what a fast typist sends (the s2 load scenario sends
-    /// 10 edits/s per client), yet it caps what one connection can make its shard integrate.
+    /// deleted characters. A message over the budget gets `rate_limited` and is not applied
+    /// (it counts as a refusal). 0 disables the limit.
+    /// Safe default: 2,000/s is 200 times what a fast typist sends (about 10 edits a second),
+    /// yet it caps what one connection can make its shard integrate.
     #[arg(long, default_value_t = 2_000)]
     pub msgs_per_second_max: u32,
 
@@ -143,9 +151,43 @@ pub struct Config {
     #[arg(long)]
     pub token: Option<String>,
 
-    /// Pin each shard thread to a core.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub pin_cores: bool,
+    /// Browser origins allowed to open WebSockets (`https://docs.example.com`: scheme, host,
+    /// optional port), repeatable or comma-separated. When any is set, an upgrade whose
+    /// `Origin` header is present, not listed and not the server's own address (its `Host`)
+    /// gets HTTP 403, against cross-site WebSocket hijacking. Clients that send no `Origin`
+    /// (non-browsers) are unaffected. Default: every origin.
+    #[arg(
+        long = "allowed-origin",
+        value_name = "URL",
+        value_delimiter = ',',
+        value_parser = parse_origin
+    )]
+    pub allowed_origins: Vec<String>,
+
+    /// Connections one client address holds at once (an IPv6 address counts by its /64), from
+    /// accept until the connection ends; past it new ones get HTTP 429. 0 disables the limit.
+    /// Safe default: a few hundred people behind one NAT with a couple of tabs each, while one
+    /// host cannot take a shard's whole connection budget.
+    #[arg(long, default_value_t = 1_000)]
+    pub conns_per_ip_max: u32,
+
+    /// New connections per second one client address may open, sustained (a token bucket
+    /// refilled at this rate); past it they get HTTP 429. 0 disables the limit. Safe default:
+    /// a reconnecting client opens one every few seconds, and 50 handshakes a second from one
+    /// address cost the acceptor little.
+    #[arg(long, default_value_t = 50)]
+    pub connects_per_ip_per_second: u32,
+
+    /// New connections one client address may open at once before
+    /// --connects-per-ip-per-second applies (the bucket's size; an address seen for the first
+    /// time starts full). 0 disables the limit. Safe default: an office reconnecting after a
+    /// restart gets 200 at once, then 50 a second.
+    #[arg(long, default_value_t = 200)]
+    pub connects_per_ip_burst: u32,
+
+    /// Do not pin each shard thread to a core (pinning is the default).
+    #[arg(long)]
+    pub no_pin_cores: bool,
 }
 
 impl Config {
@@ -156,7 +198,7 @@ impl Config {
         config.listen = listen;
         config.storage = StorageKind::Memory;
         config.shards = 2;
-        config.pin_cores = false;
+        config.no_pin_cores = true;
         config
     }
 
@@ -171,13 +213,24 @@ impl Config {
 }
 
 fn parse_message_bytes(text: &str) -> Result<usize, String> {
-    let bytes: usize = text.parse().map_err(|e| format!("{e}"))?;
+    let bytes = parse_bytes_usize(text)?;
     if bytes < MESSAGE_BYTES_FLOOR {
         return Err(format!(
-            "must be at least {MESSAGE_BYTES_FLOOR} (the contract's floor)"
+            "must be at least {} (the contract's floor)",
+            crate::units::format_bytes(MESSAGE_BYTES_FLOOR as u64)
         ));
     }
     Ok(bytes)
+}
+
+/// Checks and normalises an `--allowed-origin`: `scheme://host[:port]`, lower case, without a
+/// default port (browsers omit it from `Origin`).
+fn parse_origin(text: &str) -> Result<String, String> {
+    crate::acceptor::door::normalize_origin(text.trim()).ok_or_else(|| {
+        format!(
+            "{text:?} is not an origin: write scheme://host[:port], e.g. https://docs.example.com (no path)"
+        )
+    })
 }
 
 fn parse_at_least_one(text: &str) -> Result<usize, String> {
@@ -188,40 +241,16 @@ fn parse_at_least_one(text: &str) -> Result<usize, String> {
     }
 }
 
-/// Parses `250ms`, `10s`, `5m` or a bare number of seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => text.split_at(i),
-        None => (text, "s"),
-    };
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("not a duration: {text:?}"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("unknown unit in {text:?}: use ms, s or m")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("2h").is_err());
-    }
-
-    #[test]
     fn message_limit_respects_contract_floor() {
         assert!(parse_message_bytes("1000").is_err());
+        assert!(parse_message_bytes("63KiB").is_err());
         assert_eq!(parse_message_bytes("65536"), Ok(65536));
+        assert_eq!(parse_message_bytes("64KiB"), Ok(65536));
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //!
 //! Codemap (see `docs/ARCHITECTURE.md` for the whole picture):
 //! - [`config`]: every limit and its default, parsed from the command line.
+//! - [`cli`]: where a setting comes from: flag, `COLLAB_*` environment variable, `--config` file.
+//! - [`units`]: the duration and size syntax of every flag.
 //! - [`ids`]: newtypes for shard, connection, replica and sequence ids; doc -> shard hashing.
 //! - [`storage`]: the op log and snapshots behind the `Storage` trait.
 //! - [`metrics`]: per-shard counters and histograms, merged on scrape.
@@ -12,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod acceptor;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod crdt;
@@ -23,3 +26,4 @@ pub mod room;
 pub mod server;
 pub mod shard;
 pub mod storage;
+pub mod units;

@@ -4,14 +4,13 @@
 use std::io::Write;
 
 use anyhow::Context;
-use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use collab_engine::config::Config;
 
 fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let config: Config = collab_engine::cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     // Register before starting, so a signal that arrives early is not lost.
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;

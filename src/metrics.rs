@@ -8,11 +8,14 @@
 //! (`shard="all"`), because quantiles of different shards cannot be added afterwards.
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
+
+use crate::acceptor::door::DoorRefusal;
 
 /// How often a shard copies its figures into the registry.
 pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
@@ -94,10 +97,103 @@ pub struct ShardFigures {
     pub histograms: ShardHistograms,
 }
 
+/// The door's figures (`acceptor::door`): written by the acceptor thread alone, read by the
+/// `/metrics` scrape (which the acceptor serves too); relaxed atomics, never on a shard's path.
+#[derive(Debug, Default)]
+pub struct DoorCounters {
+    /// Refusals by reason, in the order of [`DoorRefusal::ALL`].
+    refusals: [AtomicU64; 3],
+    /// Idle addresses evicted from a full table.
+    evictions: AtomicU64,
+    /// Client addresses in the table (gauge, updated on the acceptor's tick).
+    addrs: AtomicU64,
+    /// Connections counted against the per-address limit (gauge, same).
+    conns: AtomicU64,
+}
+
+impl DoorCounters {
+    fn slot(refusal: DoorRefusal) -> usize {
+        match refusal {
+            DoorRefusal::Origin => 0,
+            DoorRefusal::ConnsPerIp => 1,
+            DoorRefusal::ConnectRate => 2,
+        }
+    }
+
+    /// Counts one refusal.
+    pub fn refused(&self, refusal: DoorRefusal) {
+        self.refusals[Self::slot(refusal)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Refusals for `refusal` so far.
+    pub fn refusals(&self, refusal: DoorRefusal) -> u64 {
+        self.refusals[Self::slot(refusal)].load(Ordering::Relaxed)
+    }
+
+    /// Counts `n` idle addresses evicted from a full table.
+    pub fn evicted(&self, n: u64) {
+        self.evictions.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Idle addresses evicted so far.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Sets the gauges: addresses in the table, connections counted.
+    pub fn set_gauges(&self, addrs: u64, conns: u64) {
+        self.addrs.store(addrs, Ordering::Relaxed);
+        self.conns.store(conns, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String) {
+        let name = "collab_door_refusals_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Connections refused by the acceptor before the handshake, by reason.\n# TYPE {name} counter"
+        );
+        for refusal in DoorRefusal::ALL {
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{}\"}} {}",
+                refusal.label(),
+                self.refusals(refusal)
+            );
+        }
+        let rows: [(&str, &str, &str, u64); 3] = [
+            (
+                "collab_door_addresses",
+                "gauge",
+                "Client addresses tracked for the per-address limits.",
+                self.addrs.load(Ordering::Relaxed),
+            ),
+            (
+                "collab_door_connections",
+                "gauge",
+                "Connections counted against --conns-per-ip-max.",
+                self.conns.load(Ordering::Relaxed),
+            ),
+            (
+                "collab_door_address_evictions_total",
+                "counter",
+                "Idle client addresses forgotten because the table was full.",
+                self.evictions(),
+            ),
+        ];
+        for (name, kind, help, value) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+    }
+}
+
 /// The shared slots the shards publish into; cheap to clone (an `Arc`).
 #[derive(Clone, Debug)]
 pub struct MetricsRegistry {
     slots: Arc<[Mutex<ShardFigures>]>,
+    door: Arc<DoorCounters>,
 }
 
 impl MetricsRegistry {
@@ -107,7 +203,13 @@ impl MetricsRegistry {
             slots: (0..n_shards)
                 .map(|_| Mutex::new(ShardFigures::default()))
                 .collect(),
+            door: Arc::new(DoorCounters::default()),
         }
+    }
+
+    /// The door's counters, for the acceptor to write.
+    pub fn door(&self) -> Arc<DoorCounters> {
+        self.door.clone()
     }
 
     /// The recorder for shard `shard_idx`, to be moved into that shard's thread.
@@ -270,6 +372,7 @@ impl MetricsRegistry {
                 let _ = writeln!(out, "{name}_count{{shard=\"{shard}\"}} {}", h.len());
             }
         }
+        self.door.render(&mut out);
         out
     }
 }
@@ -285,6 +388,11 @@ pub struct ShardMetrics {
 }
 
 impl ShardMetrics {
+    /// The index of the shard this recorder belongs to (for its log lines).
+    pub fn shard_idx(&self) -> usize {
+        self.shard_idx
+    }
+
     /// Records a duration into one of the histograms (saturating at one minute).
     pub fn record(histogram: &mut Histogram<u64>, elapsed: Duration) {
         let us = (elapsed.as_micros() as u64).clamp(1, HISTOGRAM_US_MAX);

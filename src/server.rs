@@ -13,7 +13,8 @@ use log::{debug, info, warn};
 use tungstenite::protocol::WebSocketConfig;
 
 use crate::acceptor::{
-    shard_channel, Acceptor, AcceptorOptions, AcceptorStop, PlainWs, ShardInbox, ShardMsg,
+    shard_channel, Acceptor, AcceptorOptions, AcceptorStop, DoorLimits, PlainWs, ShardInbox,
+    ShardMsg,
 };
 use crate::config::{Config, StorageKind};
 use crate::metrics::MetricsRegistry;
@@ -212,7 +213,7 @@ pub fn start_with<H: Handler + Send + 'static>(
     anyhow::ensure!(n_shards > 0, "at least one shard");
     tune_allocator();
     let metrics = MetricsRegistry::new(n_shards);
-    let core_ids = if config.pin_cores {
+    let core_ids = if !config.no_pin_cores {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {
         Vec::new()
@@ -234,6 +235,7 @@ pub fn start_with<H: Handler + Send + 'static>(
         handshake_timeout: config.handshake_timeout,
         ws_config: ws_config(config),
         plain_ws,
+        door: DoorLimits::from_config(config).map_err(anyhow::Error::msg)?,
     };
     let acceptor = Acceptor::bind(
         config.listen,
@@ -277,7 +279,8 @@ pub fn start_with<H: Handler + Send + 'static>(
         .name("acceptor".to_owned())
         .spawn(move || acceptor.run())
         .context("spawning the acceptor thread")?;
-    info!("listening on {local_addr} with {n_shards} shards");
+    let shards_word = if n_shards == 1 { "shard" } else { "shards" };
+    info!("listening on {local_addr} with {n_shards} {shards_word}");
     Ok(ServerHandle {
         local_addr,
         metrics,

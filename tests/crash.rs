@@ -74,13 +74,7 @@ struct Server {
 impl Server {
     fn start(data_dir: &Path, shards: usize, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_collab-engine"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--pin-cores",
-                "false",
-                "--shards",
-            ])
+            .args(["--listen", "127.0.0.1:0", "--no-pin-cores", "--shards"])
             .arg(shards.to_string())
             .arg("--data-dir")
             .arg(data_dir)
@@ -744,13 +738,7 @@ fn a_second_server_cannot_use_the_same_data_dir() {
     let dir = temp_dir("lock");
     let server = Server::start(&dir, 2, &[]);
     let second = Command::new(env!("CARGO_BIN_EXE_collab-engine"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--pin-cores",
-            "false",
-            "--data-dir",
-        ])
+        .args(["--listen", "127.0.0.1:0", "--no-pin-cores", "--data-dir"])
         .arg(&dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -1,7 +1,8 @@
 //! What the acceptor gives a shard: an upgraded WebSocket and what is already known about it.
 //!
 //! The only cross-thread traffic of the server: a crossbeam channel per shard plus that
-//! shard's `mio::Waker`. Owns no socket I/O itself.
+//! shard's `mio::Waker`, and back the door's channel of ended connections
+//! (`door::DoorRelease`). Owns no socket I/O itself.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +13,8 @@ use mio::net::TcpStream;
 use tungstenite::WebSocket;
 
 use crate::protocol::Hello;
+
+use super::door::DoorRelease;
 
 /// An upgraded connection on its way to the shard that owns its document.
 ///
@@ -36,6 +39,9 @@ pub struct Handoff {
 pub enum ShardMsg {
     /// A new connection to serve.
     Conn(Box<Handoff>),
+    /// Sent once, before any connection, when the door counts connections per address: the
+    /// shard reports through it every connection it was handed once that connection ends.
+    Door(DoorRelease),
     /// Stop: close every client with 1001, finish pending writes, return.
     Shutdown,
 }

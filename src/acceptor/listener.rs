@@ -27,6 +27,7 @@ use crate::ids::shard_for_doc;
 use crate::metrics::MetricsRegistry;
 use crate::protocol::{self, ClientMessage, ErrorCode, ProtocolError};
 
+use super::door::{self, Door, DoorLimits, DoorRefusal, HeadRead};
 use super::handoff::{Handoff, ShardInbox, ShardMsg};
 use super::http::{self, Parsed, Route, REQUEST_HEAD_BYTES_MAX};
 
@@ -56,6 +57,8 @@ pub struct AcceptorOptions {
     pub ws_config: WebSocketConfig,
     /// Routing of plain `/ws`.
     pub plain_ws: PlainWs,
+    /// Origin and per-address limits, applied before any handshake work.
+    pub door: DoorLimits,
 }
 
 /// Wakes and stops an [`Acceptor`] from another thread.
@@ -100,6 +103,11 @@ enum Stage {
     /// Refused after the upgrade: flushing an error and a close frame, then waiting for the
     /// client's close (or the deadline).
     Refuse(WebSocket<TcpStream>),
+    /// Refused at the door on accept: reading the request head, then answering 429.
+    Deny {
+        stream: TcpStream,
+        refusal: DoorRefusal,
+    },
 }
 
 struct Pending {
@@ -107,6 +115,9 @@ struct Pending {
     stage: Option<Stage>,
     peer: SocketAddr,
     deadline: Instant,
+    /// Whether the connection counts against its address in the [`Door`] (admitted, not yet
+    /// handed to a shard, which then owns the count).
+    counted: bool,
 }
 
 /// What a pending connection does next.
@@ -139,6 +150,8 @@ pub struct Acceptor {
     n_dropped_full: u64,
     /// When that warning was last logged.
     dropped_full_warned_at: Option<Instant>,
+    /// Per-address counts and buckets; see [`Door`].
+    door: Door,
 }
 
 /// Connections the kernel may queue before `accept`. mio (like std) listens with 128, which a
@@ -178,6 +191,13 @@ impl Acceptor {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
+        let door = Door::new(options.door.clone(), metrics.door());
+        if let Some(release) = door.release_handle() {
+            // Before any connection: each shard reports the connections it ends from now on.
+            for shard in &shards {
+                let _ = shard.send(ShardMsg::Door(release.clone()));
+            }
+        }
         Ok(Acceptor {
             poll,
             listener,
@@ -192,6 +212,7 @@ impl Acceptor {
             accept_retry: false,
             n_dropped_full: 0,
             dropped_full_warned_at: None,
+            door,
         })
     }
 
@@ -242,6 +263,7 @@ impl Acceptor {
             if now >= next_scan {
                 next_scan = now + tick;
                 self.expire(now);
+                self.door.on_tick(now);
                 if self.accept_retry {
                     self.accept_all();
                 }
@@ -251,6 +273,8 @@ impl Acceptor {
 
     fn accept_all(&mut self) {
         self.accept_retry = false;
+        // Decide on what the shards have released so far.
+        self.door.drain_released();
         loop {
             match self.listener.accept() {
                 Ok((mut stream, peer)) => {
@@ -282,11 +306,24 @@ impl Acceptor {
                         warn!("acceptor: register {peer}: {e}");
                         continue;
                     }
-                    let deadline = Instant::now() + self.options.handshake_timeout;
+                    let now = Instant::now();
+                    let (stage, deadline, counted) = match self.door.admit(peer, now) {
+                        Ok(()) => (
+                            Stage::Request(stream),
+                            now + self.options.handshake_timeout,
+                            self.door.limits().counts_conns(),
+                        ),
+                        Err(refusal) => {
+                            debug!("acceptor: {peer} refused at the door: {refusal:?}");
+                            let linger = self.options.handshake_timeout.min(door::REFUSED_DEADLINE);
+                            (Stage::Deny { stream, refusal }, now + linger, false)
+                        }
+                    };
                     entry.insert(Pending {
-                        stage: Some(Stage::Request(stream)),
+                        stage: Some(stage),
                         peer,
                         deadline,
+                        counted,
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -312,6 +349,14 @@ impl Acceptor {
         for key in expired {
             let pending = self.pending.remove(key);
             debug!("acceptor: {} missed the handshake deadline", pending.peer);
+            self.forget(&pending);
+        }
+    }
+
+    /// A pending connection ended in the acceptor: its address may open another.
+    fn forget(&mut self, pending: &Pending) {
+        if pending.counted {
+            self.door.release(pending.peer);
         }
     }
 
@@ -332,14 +377,18 @@ impl Acceptor {
                 }
             }
             Next::Drop => {
-                self.pending.remove(key);
+                let pending = self.pending.remove(key);
+                self.forget(&pending);
             }
             Next::HandOff(mut handoff) => {
-                self.pending.remove(key);
+                let pending = self.pending.remove(key);
                 if let Err(e) = self.poll.registry().deregister(handoff.ws.get_mut()) {
                     warn!("acceptor: deregister {peer}: {e}");
+                    self.forget(&pending);
                     return;
                 }
+                // From here the count travels with the connection: the shard releases it
+                // (or refuse_dead_shard keeps it in a new pending entry).
                 let shard_idx = match &handoff.doc {
                     Some(doc) => Some(shard_for_doc(doc, self.shards.len()).0),
                     None => self.next_alive_shard(),
@@ -387,14 +436,26 @@ impl Acceptor {
             Interest::READABLE | Interest::WRITABLE,
         ) {
             warn!("acceptor: register {peer}: {e}");
+            self.release_counted(peer);
             return;
         }
-        if let Next::Stay(stage) = refuse(ws) {
-            entry.insert(Pending {
-                stage: Some(stage),
-                peer,
-                deadline: Instant::now() + self.options.handshake_timeout,
-            });
+        match refuse(ws) {
+            Next::Stay(stage) => {
+                entry.insert(Pending {
+                    stage: Some(stage),
+                    peer,
+                    deadline: Instant::now() + self.options.handshake_timeout,
+                    counted: self.door.limits().counts_conns(),
+                });
+            }
+            _ => self.release_counted(peer),
+        }
+    }
+
+    /// A handed-off connection (which the door counted) ended in the acceptor.
+    fn release_counted(&mut self, peer: SocketAddr) {
+        if self.door.limits().counts_conns() {
+            self.door.release(peer);
         }
     }
 }
@@ -417,6 +478,14 @@ fn advance(
         Stage::Handshake { mid, doc } => handshake_resume(mid, doc, peer, options),
         Stage::AwaitHello { ws, n_refused } => await_hello(ws, n_refused, peer),
         Stage::Refuse(ws) => refuse(ws),
+        Stage::Deny {
+            mut stream,
+            refusal,
+        } => match door::consume_request_head(&mut stream) {
+            HeadRead::More => Next::Stay(Stage::Deny { stream, refusal }),
+            HeadRead::Complete => write_answer(stream, refusal.answer(), 0),
+            HeadRead::Gone => Next::Drop,
+        },
     }
 }
 
@@ -450,9 +519,17 @@ fn read_request(
             write_answer(stream, bytes, 0)
         }
         Parsed::Complete {
+            head_bytes,
             route: Route::Upgrade { doc },
-            ..
         } => {
+            if let Err(refusal) = options.door.check_origin(&buf[..head_bytes]) {
+                debug!("acceptor: {peer} refused at the door: {refusal:?}");
+                metrics.door().refused(refusal);
+                if stream.read(&mut buf[..head_bytes]).is_err() {
+                    return Next::Drop;
+                }
+                return write_answer(stream, refusal.answer(), 0);
+            }
             debug!("acceptor: {peer} upgrades for {doc:?}");
             let mid = ServerHandshake::start(stream, NoCallback, Some(options.ws_config));
             // Run the first round at once: the request is already in the socket.

@@ -4,10 +4,12 @@
 //! Never blocks on one client (every connection is a resumable state machine with a
 //! deadline) and never touches a document.
 
+pub mod door;
 pub mod handoff;
 pub mod http;
 pub mod listener;
 pub mod static_pages;
 
+pub use door::{DoorLimits, DoorRelease};
 pub use handoff::{shard_channel, Handoff, ShardAlive, ShardInbox, ShardMsg};
 pub use listener::{Acceptor, AcceptorOptions, AcceptorStop, PlainWs};

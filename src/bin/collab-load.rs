@@ -2,12 +2,11 @@
 //! percentiles (see `collab-load --help` and docs/benchmarks.md).
 
 use anyhow::Context as _;
-use clap::Parser as _;
 use collab_engine::loadgen::{self, LoadConfig};
 
 fn main() -> anyhow::Result<()> {
+    let config: LoadConfig = collab_engine::cli::parse();
     env_logger::init();
-    let config = LoadConfig::parse();
     let fd_limit = loadgen::raise_fd_limit();
     if (fd_limit as usize) < config.total_clients() + 64 {
         eprintln!(

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::units::parse_duration;
+
 /// How a writer spaces its edits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -28,6 +30,11 @@ pub enum ArrivalKind {
     about = "Drives many real WebSocket clients against collab-engine and reports end-to-end latency percentiles"
 )]
 pub struct LoadConfig {
+    /// A TOML file with any of these settings, keyed by flag name (`rooms = 100`); flags and
+    /// environment variables win over it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Server base URL; client i of room r connects to `<url>/ws/<doc-prefix>-<r>`.
     #[arg(long, default_value = "ws://127.0.0.1:8000")]
     pub url: String,
@@ -45,7 +52,7 @@ pub struct LoadConfig {
     pub writers_per_room: Option<usize>,
 
     /// Mean time between two edits of one writer (`20ms`, `1s`, ...).
-    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = parse_duration)]
     pub edit_interval: Duration,
 
     /// Spacing of a writer's edits.
@@ -61,11 +68,11 @@ pub struct LoadConfig {
     pub delete_percent: u8,
 
     /// Editing time before measuring starts (not recorded).
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     pub warmup: Duration,
 
     /// Measured editing time.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
 
     /// A trace `.json.gz` (or `.json`) whose `endContent` is inserted into every room, in one op,
@@ -100,11 +107,11 @@ pub struct LoadConfig {
     pub connect_concurrency: usize,
 
     /// Give up waiting for every client to join after this long.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub join_timeout: Duration,
 
     /// After the measured time, wait this long at most for in-flight edits to arrive everywhere.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
     /// Seed of the edit positions, texts and Poisson gaps.
@@ -208,40 +215,19 @@ impl LoadConfig {
     }
 }
 
-/// Parses `250ms`, `10s`, `2m`, `1.5s` or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let (number, unit) = match text.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
-        Some(i) => text.split_at(i),
-        None => (text, "s"),
-    };
-    let n: f64 = number
-        .parse()
-        .map_err(|_| format!("not a duration: {text:?}"))?;
-    let seconds = match unit {
-        "us" => n / 1e6,
-        "ms" => n / 1e3,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("unknown unit in {text:?}: use us, ms, s or m")),
-    };
-    if !seconds.is_finite() || seconds < 0.0 {
-        return Err(format!("not a duration: {text:?}"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("20ms"), Ok(Duration::from_millis(20)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert_eq!(parse_duration("500us"), Ok(Duration::from_micros(500)));
-        assert!(parse_duration("2h").is_err());
-        assert!(parse_duration("ms").is_err());
+    fn durations_take_the_shared_syntax() {
+        let config =
+            LoadConfig::parse_from(["collab-load", "--edit-interval", "1.5s", "--warmup", "1h"]);
+        assert_eq!(config.edit_interval, Duration::from_millis(1500));
+        assert_eq!(config.warmup, Duration::from_secs(3600));
+        let err =
+            LoadConfig::try_parse_from(["collab-load", "--duration", "3"]).expect_err("no unit");
+        assert!(err.to_string().contains("3s"), "{err}");
     }
 
     #[test]

@@ -34,6 +34,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::{Message, Utf8Bytes, WebSocket};
 
+use crate::acceptor::DoorRelease;
 use crate::ids::ConnToken;
 use crate::metrics::ShardMetrics;
 
@@ -135,8 +136,23 @@ pub struct Net {
     full_log: LogLimit,
     /// Warnings for slow consumers closed with 1013: one line a second.
     slow_log: LogLimit,
+    /// Where connections that end are reported, when the acceptor's door counts them per
+    /// address: every connection inserted is reported once, when it leaves the slab.
+    door: Option<DoorRelease>,
     /// The shard's metrics, shared with the handler.
     pub metrics: ShardMetrics,
+}
+
+impl Drop for Net {
+    /// Connections still held when the shard exits (a shard whose handler panicked lingers at
+    /// most `SHUTDOWN_LINGER`) end here: the door must not count them forever.
+    fn drop(&mut self) {
+        if let Some(door) = &self.door {
+            for (_, c) in self.conns.iter() {
+                door.release(c.peer);
+            }
+        }
+    }
 }
 
 fn would_block(e: &tungstenite::Error) -> bool {
@@ -156,7 +172,21 @@ impl Net {
             gone: Vec::new(),
             full_log: LogLimit::per_second(),
             slow_log: LogLimit::per_second(),
+            door: None,
             metrics,
+        }
+    }
+
+    /// Reports every connection inserted from now on to the acceptor's door when it ends.
+    pub fn set_door(&mut self, door: DoorRelease) {
+        self.door = Some(door);
+    }
+
+    /// A connection handed to this shard that never entered the slab (dropped at shutdown)
+    /// ended: tell the door.
+    pub fn release_unserved(&self, peer: SocketAddr) {
+        if let Some(door) = &self.door {
+            door.release(peer);
         }
     }
 
@@ -207,6 +237,7 @@ impl Net {
             .register(ws.get_mut(), Token(key), Interest::READABLE)
         {
             warn!("shard: register {peer}: {e}");
+            self.release_unserved(peer);
             return None;
         }
         entry.insert(Conn {
@@ -362,6 +393,7 @@ impl Net {
                 self.gone.push(ConnToken(key));
             }
             self.metrics.figures.counters.conns -= 1;
+            self.release_unserved(c.peer);
             debug!("shard: dropped {}", c.peer);
         }
     }

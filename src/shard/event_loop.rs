@@ -180,6 +180,7 @@ pub fn run<H: Handler>(
                             continue;
                         }
                         if shutdown_deadline.is_some() {
+                            net.release_unserved(peer);
                             continue; // Dropped: the server is going away.
                         }
                         if let Some(conn) = net.insert(ws, peer, turn_start) {
@@ -191,6 +192,7 @@ pub fn run<H: Handler>(
                             tell_gone(handler, &mut net);
                         }
                     }
+                    Ok(ShardMsg::Door(release)) => net.set_door(release),
                     Ok(ShardMsg::Shutdown) | Err(TryRecvError::Disconnected) => {
                         if shutdown_deadline.is_none() {
                             debug!("shard: shutting down with {} connections", net.len());
@@ -245,7 +247,9 @@ pub fn run<H: Handler>(
             n_slow_turns += 1;
             // At most one line a second, however overloaded the machine is.
             if now.saturating_duration_since(slow_turn_warned_at) >= Duration::from_secs(1) {
-                warn!("shard: {n_slow_turns} loop turn(s) over {TURN_BUDGET:?}, the last took {elapsed:?}");
+                let shard_idx = net.metrics.shard_idx();
+                let turns = if n_slow_turns == 1 { "turn" } else { "turns" };
+                warn!("shard {shard_idx}: {n_slow_turns} loop {turns} over {TURN_BUDGET:?}, the last took {elapsed:?}");
                 slow_turn_warned_at = now;
                 n_slow_turns = 0;
             }

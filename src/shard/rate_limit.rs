@@ -87,6 +87,16 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
+    /// Whether the bucket would be full at `now` (so it remembers nothing of past use and can
+    /// be forgotten). Always `true` when `limit` is disabled.
+    pub fn is_full(&self, limit: &RateLimit, now: Instant) -> bool {
+        if !limit.enabled() {
+            return true;
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * limit.per_second >= limit.burst
+    }
+
     /// Refills up to `now`, then takes `cost` tokens if there are that many. A cost above the
     /// burst counts as the whole burst, so even the largest legal message passes on a full
     /// bucket. `false` (nothing taken) means the message is over the budget. Always `true`

@@ -385,8 +385,7 @@ pub fn spawn_server() -> (std::process::Child, SocketAddr) {
             "memory",
             "--shards",
             "2",
-            "--pin-cores",
-            "false",
+            "--no-pin-cores",
         ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
