@@ -153,9 +153,9 @@ pub struct Config {
 
     /// Browser origins allowed to open WebSockets (`https://docs.example.com`: scheme, host,
     /// optional port), repeatable or comma-separated. When any is set, an upgrade whose
-    /// `Origin` header is present, not listed and not the server's own address (its `Host`)
-    /// gets HTTP 403, against cross-site WebSocket hijacking. Clients that send no `Origin`
-    /// (non-browsers) are unaffected. Default: every origin.
+    /// `Origin` header is present and not listed gets HTTP 403, against cross-site WebSocket
+    /// hijacking; list the server's own address too if browsers load the demo page from it.
+    /// Clients that send no `Origin` (non-browsers) are unaffected. Default: every origin.
     #[arg(
         long = "allowed-origin",
         value_name = "URL",
@@ -168,21 +168,21 @@ pub struct Config {
     /// accept until the connection ends; past it new ones get HTTP 429. 0 disables the limit.
     /// Safe default: a few hundred people behind one NAT with a couple of tabs each, while one
     /// host cannot take a shard's whole connection budget.
-    #[arg(long, default_value_t = 1_000)]
+    #[arg(long, value_name = "N", default_value_t = 1_000)]
     pub conns_per_ip_max: u32,
 
     /// New connections per second one client address may open, sustained (a token bucket
     /// refilled at this rate); past it they get HTTP 429. 0 disables the limit. Safe default:
     /// a reconnecting client opens one every few seconds, and 50 handshakes a second from one
     /// address cost the acceptor little.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, value_name = "N", default_value_t = 50)]
     pub connects_per_ip_per_second: u32,
 
     /// New connections one client address may open at once before
     /// --connects-per-ip-per-second applies (the bucket's size; an address seen for the first
     /// time starts full). 0 disables the limit. Safe default: an office reconnecting after a
     /// restart gets 200 at once, then 50 a second.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, value_name = "N", default_value_t = 200)]
     pub connects_per_ip_burst: u32,
 
     /// Do not pin each shard thread to a core (pinning is the default).
@@ -265,6 +265,20 @@ mod tests {
             (config.msgs_per_second_max, config.msgs_burst_max),
             (2_000, 4_000)
         );
+        assert_eq!(config.message_bytes_max, 1 << 20);
+        assert_eq!(config.doc_chars_max, 16 << 20);
+        assert_eq!(config.outbound_bytes_max, 4 << 20);
+        assert_eq!(config.snapshot_every_bytes, 8 << 20);
+        assert!(!config.no_pin_cores);
+        assert!(config.allowed_origins.is_empty());
+        assert_eq!(
+            (
+                config.conns_per_ip_max,
+                config.connects_per_ip_per_second,
+                config.connects_per_ip_burst
+            ),
+            (1_000, 50, 200)
+        );
         let off = Config::try_parse_from([
             "collab-engine",
             "--msgs-per-second-max",
@@ -274,5 +288,158 @@ mod tests {
         ])
         .expect("0 disables");
         assert_eq!((off.msgs_per_second_max, off.msgs_burst_max), (0, 0));
+    }
+
+    /// A settings file in the temporary folder, removed when dropped.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, text: &str) -> TempFile {
+            let path = std::env::temp_dir()
+                .join(format!("collab-config-{}-{name}.toml", std::process::id()));
+            std::fs::write(&path, text).expect("write the settings file");
+            TempFile(path)
+        }
+
+        fn arg(&self) -> String {
+            self.0.display().to_string()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn parse_with(file: &TempFile, flags: &[&str]) -> Result<Config, String> {
+        let path = file.arg();
+        let mut args = vec!["collab-engine", "--config", path.as_str()];
+        args.extend_from_slice(flags);
+        crate::cli::try_parse_from::<Config, _, _>(args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_config_file_sets_defaults_and_flags_win() {
+        let file = TempFile::new(
+            "good",
+            r#"
+listen = "127.0.0.1:9100"
+idle-timeout = "1.5s"
+idle_unload = "1h"
+message-bytes-max = "64KiB"
+storage = "memory"
+shards = 3
+allowed-origin = ["https://Docs.Example.com", "http://127.0.0.1:9100"]
+no-pin-cores = true
+connects-per-ip-per-second = 0
+"#,
+        );
+        let config = parse_with(&file, &[]).expect("valid file");
+        assert_eq!(config.listen.port(), 9100);
+        assert_eq!(config.idle_timeout, Duration::from_millis(1500));
+        assert_eq!(config.idle_unload, Duration::from_secs(3600));
+        assert_eq!(config.message_bytes_max, 64 << 10);
+        assert_eq!(config.storage, StorageKind::Memory);
+        assert_eq!(config.shards, 3);
+        assert_eq!(
+            config.allowed_origins,
+            ["https://docs.example.com", "http://127.0.0.1:9100"]
+        );
+        assert!(config.no_pin_cores);
+        assert_eq!(config.connects_per_ip_per_second, 0);
+        assert_eq!(
+            config.conns_per_ip_max, 1_000,
+            "not in the file: the default"
+        );
+        let config = parse_with(
+            &file,
+            &["--shards", "5", "--allowed-origin", "https://other.example"],
+        )
+        .expect("flags over the file");
+        assert_eq!(config.shards, 5);
+        assert_eq!(config.allowed_origins, ["https://other.example"]);
+        assert_eq!(config.idle_timeout, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn bad_config_files_get_errors_naming_the_setting() {
+        let check = |name: &str, text: &str, expected: &[&str]| {
+            let file = TempFile::new(name, text);
+            let err = parse_with(&file, &[]).expect_err(name);
+            for part in expected {
+                assert!(err.contains(part), "{name}: {err:?} lacks {part:?}");
+            }
+            assert!(err.contains(&file.arg()), "{name}: {err:?} names the file");
+        };
+        check(
+            "unknown",
+            "idle-timout = \"1s\"\n",
+            &["unknown setting `idle-timout`"],
+        );
+        check(
+            "duration",
+            "idle-timeout = \"30\"\n",
+            &["setting `idle-timeout`", "no unit"],
+        );
+        check(
+            "size",
+            "message-bytes-max = \"1KiB\"\n",
+            &["setting `message-bytes-max`", "at least 64KiB"],
+        );
+        check("number", "shards = \"many\"\n", &["setting `shards`"]);
+        check(
+            "origin",
+            "allowed-origin = [\"docs.example.com\"]\n",
+            &["setting `allowed-origin`", "not an origin"],
+        );
+        check(
+            "array",
+            "shards = [1, 2]\n",
+            &["setting `shards`", "not an array"],
+        );
+        check(
+            "switch",
+            "no-pin-cores = \"yes\"\n",
+            &["setting `no-pin-cores`", "true or false"],
+        );
+        check("table", "[listen]\nport = 1\n", &["setting `listen`"]);
+        check(
+            "twice",
+            "idle-timeout = \"1s\"\nidle_timeout = \"2s\"\n",
+            &["given twice"],
+        );
+        check("toml", "shards = \n", &["not valid TOML"]);
+        check("help", "help = true\n", &["unknown setting `help`"]);
+        let missing = crate::cli::try_parse_from::<Config, _, _>([
+            "collab-engine",
+            "--config",
+            "/nonexistent/collab.toml",
+        ])
+        .expect_err("missing file")
+        .to_string();
+        assert!(
+            missing.contains("cannot read --config /nonexistent/collab.toml"),
+            "{missing}"
+        );
+    }
+
+    #[test]
+    fn every_flag_has_an_environment_variable() {
+        let cmd = crate::cli::command::<Config>();
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if matches!(long, "help" | "version") {
+                continue;
+            }
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            assert_eq!(env, Some(crate::cli::env_name(long)), "--{long}");
+        }
+        assert_eq!(crate::cli::env_name("no-pin-cores"), "COLLAB_NO_PIN_CORES");
+        let load = crate::cli::command::<crate::loadgen::LoadConfig>();
+        assert!(load
+            .get_arguments()
+            .filter(|a| !matches!(a.get_id().as_str(), "help" | "version"))
+            .all(|a| a.get_env().is_some()));
     }
 }

@@ -3,6 +3,7 @@
 mod binary;
 mod client;
 mod contract;
+mod door;
 mod echo;
 mod hostile;
 mod http;
