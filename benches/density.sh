@@ -18,6 +18,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PORT=${PORT:-18190}
+# Every client comes from 127.0.0.x: lift the per-address door limits (docs/limits.md) for the load.
+export COLLAB_CONNS_PER_IP_MAX=0 COLLAB_CONNECTS_PER_IP_PER_SECOND=0
 cargo build --release --bins --quiet
 BIN=${1:-target/release/collab-engine}
 LOAD=target/release/collab-load

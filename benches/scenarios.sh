@@ -22,6 +22,8 @@ WARMUP=${WARMUP:-2s}
 OUT=${OUT:-target/scenarios}
 NICE=${NICE:-0}
 SERVER="nice -n $NICE ${SERVER_CPUS:+taskset -c $SERVER_CPUS} target/release/collab-engine"
+# Every client comes from 127.0.0.x: lift the per-address door limits (docs/limits.md) for the load.
+export COLLAB_CONNS_PER_IP_MAX=0 COLLAB_CONNECTS_PER_IP_PER_SECOND=0
 LOAD="nice -n $NICE ${LOAD_CPUS:+taskset -c $LOAD_CPUS} target/release/collab-load"
 PRELOAD=tests/data/automerge-paper.json.gz
 

@@ -25,15 +25,16 @@ pub const CONFIG_FILE_BYTES_MAX: u64 = 1024 * 1024;
 /// What `--help` says about the layers, after the flags.
 pub const LAYERS_HELP: &str = "\
 Every flag can also be set by its environment variable (shown as [env: ...]) or in the TOML \
-file given by --config (key = the flag's name, e.g. idle-timeout = \"30s\"). A flag on the \
-command line wins over its environment variable, which wins over the --config file, which \
-wins over the default.
+file given by --config, keyed by the flag's name (--some-flag 30s is some-flag = \"30s\"). A \
+flag on the command line wins over its environment variable, which wins over the --config \
+file, which wins over the default.
 
 Durations take a unit: 250ms, 1.5s, 30s, 1h. Sizes take a plain number of bytes or a unit: \
 64KiB, 16MiB (MB is 1,000,000).
 
-Logging: RUST_LOG sets the level (error, warn, info, debug, trace; default info), also per \
-module, e.g. RUST_LOG=info,collab_engine::acceptor=debug. Logs go to stderr.";
+Logging: RUST_LOG sets the level (error, warn, info, debug, trace; by default info for \
+collab-engine, error for collab-load), also per module, e.g. \
+RUST_LOG=info,collab_engine::acceptor=debug. Logs go to stderr.";
 
 /// The environment variable of the flag `--long`: `idle-timeout` gives `COLLAB_IDLE_TIMEOUT`.
 pub fn env_name(long: &str) -> String {
@@ -53,7 +54,8 @@ pub fn command<T: CommandFactory>() -> Command {
         .filter_map(|a| Some((a.get_id().to_string(), a.get_long()?.to_owned())))
         .collect();
     for (id, long) in ids {
-        cmd = cmd.mut_arg(id, |a| a.env(env_name(&long)));
+        // The help shows the variable, never its value: it may hold a secret.
+        cmd = cmd.mut_arg(id, |a| a.env(env_name(&long)).hide_env_values(true));
     }
     cmd
 }
