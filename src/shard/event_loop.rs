@@ -260,6 +260,13 @@ pub fn run<H: Handler>(
         }
         if let Some(deadline) = shutdown_deadline {
             if net.is_empty() || now >= deadline {
+                // Connections handed over after the last look at the inbox are never served;
+                // the acceptor's door must not count them forever.
+                while let Ok(msg) = inbox.try_recv() {
+                    if let ShardMsg::Conn(handoff) = msg {
+                        net.release_unserved(handoff.peer);
+                    }
+                }
                 net.metrics.maybe_publish(now, true);
                 debug!("shard: stopped ({} connections left)", net.len());
                 if let Some(message) = handler.panic.take() {
