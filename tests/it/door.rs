@@ -230,6 +230,39 @@ fn door_concurrent_limit_per_address_released_after_any_close() {
 }
 
 #[test]
+fn door_count_released_when_a_full_shard_refuses_the_connection() {
+    let _w = Watchdog::new(
+        "door_count_released_when_a_full_shard_refuses_the_connection",
+        60,
+    );
+    let mut config = test_config();
+    config.shards = 1;
+    config.conns_per_shard_max = 1;
+    config.conns_per_ip_max = 3;
+    let server = server(config);
+    let addr = server.local_addr();
+    let held = join(addr, "a");
+    // Admitted at the door, upgraded, then closed by the full shard with 1013.
+    for _ in 0..5 {
+        let mut ws = upgrade(addr, "b", None).expect("admitted at the door");
+        let (code, _) = recv_until_close(&mut ws);
+        assert_eq!(
+            code,
+            Some(tungstenite::protocol::frame::coding::CloseCode::Again)
+        );
+        drop(ws);
+        wait_metric(addr, "collab_door_connections", 1);
+    }
+    assert_eq!(
+        metric(addr, "collab_door_refusals_total{reason=\"conns_per_ip\"}"),
+        0
+    );
+    drop(held);
+    wait_metric(addr, "collab_door_connections", 0);
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
 fn door_connect_rate_refuses_with_429_then_recovers() {
     let _w = Watchdog::new("door_connect_rate_refuses_with_429_then_recovers", 60);
     let mut config = test_config();
