@@ -84,8 +84,56 @@ where
         let text = read_file(&mut cmd, &path)?;
         cmd = apply_file(cmd, &path, &text)?;
     }
-    let matches = cmd.try_get_matches_from_mut(args)?;
+    let matches = match cmd.try_get_matches_from_mut(&args) {
+        Ok(matches) => matches,
+        Err(e) => return Err(name_env_source(&mut cmd, &args, e)),
+    };
     T::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
+}
+
+/// clap names the flag of a bad value even when the value came from its environment variable;
+/// say so, or a user looks for a flag they never typed.
+fn name_env_source(cmd: &mut Command, args: &[OsString], e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    if !matches!(
+        e.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return e;
+    }
+    let Some(ContextValue::String(flag)) = e.get(ContextKind::InvalidArg) else {
+        return e;
+    };
+    let Some(long) = flag
+        .strip_prefix("--")
+        .and_then(|rest| rest.split([' ', '=']).next())
+    else {
+        return e;
+    };
+    let Some(env) = cmd
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env())
+        .map(|env| env.to_string_lossy().into_owned())
+    else {
+        return e;
+    };
+    let typed = args.iter().skip(1).any(|a| {
+        let a = a.to_string_lossy();
+        a == format!("--{long}") || a.starts_with(&format!("--{long}="))
+    });
+    match std::env::var(&env) {
+        Ok(value) if !typed => {
+            let why = e.to_string();
+            let why = why
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("error: ");
+            cmd.error(e.kind(), format!("{env}={value:?}: {why}"))
+        }
+        _ => e,
+    }
 }
 
 /// Help and version: no environment variable, no file key.

@@ -406,6 +406,11 @@ fn door_settings_from_environment_and_config_file_in_the_binary() {
         assert!(stderr.contains(expected), "{stderr:?} lacks {expected:?}");
         assert!(output.stdout.is_empty(), "it must not start");
     };
+    bad(
+        &[],
+        &[("COLLAB_IDLE_TIMEOUT", "30")],
+        "COLLAB_IDLE_TIMEOUT=\"30\": invalid value",
+    );
     bad(&[], &[("COLLAB_IDLE_TIMEOUT", "30")], "\"30\" has no unit");
     bad(
         &[],
