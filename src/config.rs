@@ -139,9 +139,9 @@ pub struct Config {
     #[arg(long, default_value_t = 4_000)]
     pub msgs_burst_max: u32,
 
-    /// Shared secret clients must send as `hello.token`; none means no authentication.
-    #[arg(long)]
-    pub token: Option<String>,
+    /// Access control: token keys, the metrics and admin surface (`src/auth/config.rs`).
+    #[command(flatten)]
+    pub auth: crate::auth::AuthConfig,
 
     /// Pin each shard thread to a core.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]

@@ -4,10 +4,11 @@
 //! Never blocks on one client (every connection is a resumable state machine with a
 //! deadline) and never touches a document.
 
+pub mod admin;
 pub mod handoff;
 pub mod http;
 pub mod listener;
 pub mod static_pages;
 
-pub use handoff::{shard_channel, Handoff, ShardAlive, ShardInbox, ShardMsg};
+pub use handoff::{shard_channel, Admitted, Handoff, ShardAlive, ShardInbox, ShardMsg};
 pub use listener::{Acceptor, AcceptorOptions, AcceptorStop, PlainWs};

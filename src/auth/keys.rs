@@ -234,7 +234,7 @@ impl KeySet {
         let mut candidates = self
             .keys
             .iter()
-            .filter(|key| header.kid.as_deref().is_none_or(|kid| kid == key.id))
+            .filter(|key| header.kid.as_deref().map_or(true, |kid| kid == key.id))
             .peekable();
         if candidates.peek().is_none() {
             return Err(AuthError::UnknownKey);

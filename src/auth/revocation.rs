@@ -80,7 +80,7 @@ impl Rule {
         match self {
             Rule::Jti(jti) => grant.jti.as_deref() == Some(jti.as_str()),
             Rule::Sub { sub, scope, at } => {
-                *sub == grant.user && scope.covers(doc) && grant.iat.is_none_or(|iat| iat <= *at)
+                *sub == grant.user && scope.covers(doc) && grant.iat.map_or(true, |iat| iat <= *at)
             }
         }
     }
