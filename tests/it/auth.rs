@@ -583,3 +583,174 @@ fn sighup_rotates_the_keys_of_the_real_binary() {
     child.kill().expect("kill");
     let _ = child.wait();
 }
+
+/// The token a property-test client presents.
+#[derive(Clone, Copy, Debug)]
+enum TokenKind {
+    Missing,
+    Garbage,
+    Write,
+    Admin,
+    Read,
+    Expired,
+    WrongDoc,
+    PrefixMiss,
+    BadSignature,
+    AlgNone,
+    PublicKeyAsSecret,
+}
+
+impl TokenKind {
+    const ALL: [TokenKind; 11] = [
+        TokenKind::Missing,
+        TokenKind::Garbage,
+        TokenKind::Write,
+        TokenKind::Admin,
+        TokenKind::Read,
+        TokenKind::Expired,
+        TokenKind::WrongDoc,
+        TokenKind::PrefixMiss,
+        TokenKind::BadSignature,
+        TokenKind::AlgNone,
+        TokenKind::PublicKeyAsSecret,
+    ];
+
+    fn may_write(self) -> bool {
+        matches!(self, TokenKind::Write | TokenKind::Admin)
+    }
+
+    fn token(self, k: &Keys, doc: &str) -> Option<String> {
+        let now = now_unix();
+        let claims = |doc: &str, role| MintClaims::new("prop", doc, role, now, 600);
+        let sign = |key: &MintKey, c: &MintClaims| Some(key.sign(c, None).expect("sign"));
+        match self {
+            TokenKind::Missing => None,
+            TokenKind::Garbage => Some("not.a.token".to_owned()),
+            TokenKind::Write => sign(&k.ed, &claims(doc, Role::Write)),
+            TokenKind::Admin => sign(&k.hs, &claims("*", Role::Admin)),
+            TokenKind::Read => sign(&k.hs, &claims(doc, Role::Read)),
+            TokenKind::Expired => {
+                let mut c = claims(doc, Role::Write);
+                c.exp = now - 1;
+                sign(&k.hs, &c)
+            }
+            TokenKind::WrongDoc => sign(&k.hs, &claims("elsewhere", Role::Write)),
+            // `prop-7` is not covered by `prop-70*` (a prefix is not a name).
+            TokenKind::PrefixMiss => sign(&k.hs, &claims(&format!("{doc}0*"), Role::Write)),
+            TokenKind::BadSignature => {
+                let other = MintKey::hs256(b"not the server's secret, 32+ bytes").expect("key");
+                sign(&other, &claims(doc, Role::Write))
+            }
+            TokenKind::AlgNone => {
+                let payload = format!(
+                    r#"{{"sub":"prop","exp":{},"doc":"*","role":"admin"}}"#,
+                    now + 600
+                );
+                Some(format!(
+                    "{}.{}.",
+                    b64(br#"{"alg":"none"}"#),
+                    b64(payload.as_bytes())
+                ))
+            }
+            TokenKind::PublicKeyAsSecret => {
+                let confused = MintKey::hs256(k.ed_public.as_bytes()).expect("key");
+                sign(&confused, &claims(doc, Role::Admin))
+            }
+        }
+    }
+}
+
+mod property {
+    use super::*;
+    use proptest::prelude::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+
+    static N_CASES: AtomicUsize = AtomicUsize::new(0);
+
+    /// One server for every case (keys never change), each case on its own document.
+    fn shared() -> &'static (ServerHandle, Keys) {
+        static SHARED: OnceLock<(ServerHandle, Keys)> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            let k = keys("property");
+            (crate::util::server(k.config()), k)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+        /// Whatever token a client presents, wherever it puts it, and whatever ops it sends:
+        /// the document changes only when the token is a valid `write` (or `admin`) token
+        /// covering it.
+        #[test]
+        fn no_op_is_applied_without_a_valid_write_token(
+            kind_idx in 0..TokenKind::ALL.len(),
+            place in 0..3u8,
+            n_ops in 1..5usize,
+            texts in proptest::collection::vec("[a-z]{1,3}", 5),
+        ) {
+            let _w = Watchdog::new("no_op_is_applied_without_a_valid_write_token", 60);
+            let (server, k) = shared();
+            let addr = server.local_addr();
+            let kind = TokenKind::ALL[kind_idx];
+            let doc = format!("prop-{}", N_CASES.fetch_add(1, Ordering::Relaxed));
+            let token = kind.token(k, &doc);
+            let (path, hello) = match (place, &token) {
+                (0, Some(t)) => ("/ws".to_owned(), hello_with(&doc, t)),
+                (1, Some(t)) => (format!("/ws/{doc}"), format!(r#"{{"type":"hello","token":"{t}"}}"#)),
+                (_, Some(t)) => (format!("/ws/{doc}?token={t}"), r#"{"type":"hello"}"#.to_owned()),
+                (_, None) => (format!("/ws/{doc}"), r#"{"type":"hello"}"#.to_owned()),
+            };
+            let mut ws = connect(addr, &path);
+            send(&mut ws, &hello);
+            // The replica from hello_ack, if admitted; ops are sent either way.
+            let mut replica = 1;
+            let mut open = true;
+            match ws.read() {
+                Ok(tungstenite::Message::Text(text)) => {
+                    let msg: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+                    if msg["type"] == "hello_ack" {
+                        replica = msg["replica"].as_u64().expect("replica");
+                    } else {
+                        prop_assert_eq!(&msg["code"], "unauthorized");
+                        open = false;
+                    }
+                }
+                other => prop_assert!(false, "unexpected {other:?}"),
+            }
+            let mut written = String::new();
+            // Each insert goes to the front with ids above every earlier one.
+            let mut lamport = 1;
+            for (i, text) in texts.iter().take(n_ops).enumerate() {
+                let op = format!(
+                    r#"{{"type":"op","client_seq":{},"ops":[{{"kind":"ins","id":[{lamport},{replica}],"after":null,"text":"{text}"}}]}}"#,
+                    i + 1
+                );
+                lamport += text.len();
+                if open && ws.send(tungstenite::Message::text(op)).is_err() {
+                    open = false;
+                }
+                written.insert_str(0, text);
+            }
+            if open {
+                // One answer per op (echo or forbidden) before looking at the document.
+                let mut n_answers = 0;
+                while n_answers < n_ops {
+                    let msg = recv_json(&mut ws);
+                    if msg["type"] == "op_echo" || msg["type"] == "error" {
+                        n_answers += 1;
+                    }
+                }
+            }
+            let reader = k.token("checker", &doc, Role::Read);
+            let check = Editor::join(addr, &format!("/ws/{doc}?token={reader}"), r#"{"type":"hello"}"#);
+            if kind.may_write() {
+                prop_assert_eq!(check.doc.text(), written);
+            } else {
+                prop_assert_eq!(check.doc.text(), "");
+                prop_assert_eq!(check.head, 0);
+            }
+        }
+    }
+}
