@@ -45,7 +45,8 @@ pub enum StorageKind {
 #[command(
     name = "collab-engine",
     version,
-    about = "Real-time collaboration server (RGA CRDT over WebSocket)"
+    about = "Real-time collaboration server (RGA CRDT over WebSocket)",
+    after_help = "Tokens: `collab-engine token --help` prints a signed access token (docs/security.md)."
 )]
 pub struct Config {
     /// Address to listen on; port 0 picks a free port (the bound address is printed).
