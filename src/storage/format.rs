@@ -138,16 +138,26 @@ pub(crate) fn encode_snapshot(
     snapshot: &StoredSnapshot,
     seg_floor: u64,
 ) {
-    let start = begin(out, doc, KIND_SNAPSHOT_OWNERS);
+    // Format 1 while there are no owners, so a server without access control keeps writing
+    // what older versions read.
+    let with_owners = !snapshot.owners.is_empty();
+    let kind = if with_owners {
+        KIND_SNAPSHOT_OWNERS
+    } else {
+        KIND_SNAPSHOT
+    };
+    let start = begin(out, doc, kind);
     out.extend_from_slice(&seg_floor.to_le_bytes());
     out.extend_from_slice(&snapshot.head.to_le_bytes());
     out.extend_from_slice(&snapshot.replicas_reserved.to_le_bytes());
     put_str(out, &snapshot.epoch);
     put_str(out, doc);
-    out.extend_from_slice(&(snapshot.owners.len() as u32).to_le_bytes());
-    for (replica, user) in &snapshot.owners {
-        out.extend_from_slice(&replica.to_le_bytes());
-        put_str(out, user);
+    if with_owners {
+        out.extend_from_slice(&(snapshot.owners.len() as u32).to_le_bytes());
+        for (replica, user) in &snapshot.owners {
+            out.extend_from_slice(&replica.to_le_bytes());
+            put_str(out, user);
+        }
     }
     out.extend_from_slice(snapshot.runs_json.as_bytes());
     finish(out, start);
