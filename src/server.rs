@@ -210,6 +210,9 @@ pub fn open_auth(config: &Config) -> anyhow::Result<Option<Arc<Auth>>> {
             if n > 0 {
                 info!("access control: {n} revocations in force");
             }
+            if config.storage == StorageKind::Memory {
+                warn!("access control with --storage memory: revocations last until the process exits");
+            }
         }
         None if !config.listen.ip().is_loopback() => warn!(
             "no --auth-key-file: every client that reaches {} can read and write every document",

@@ -611,4 +611,139 @@ mod tests {
             }
         ));
     }
+
+    fn gated(request: &str, gate: HttpGate) -> Route {
+        let metrics = MetricsRegistry::new(1);
+        match parse_request_gated(request.as_bytes(), &metrics, 0, gate) {
+            Parsed::Complete { route, .. } => route,
+            Parsed::Partial => panic!("partial: {request:?}"),
+        }
+    }
+
+    fn status_of(route: &Route) -> Option<u16> {
+        match route {
+            Route::Answer(bytes) => String::from_utf8_lossy(bytes)
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn door_tokens_come_from_the_query_and_the_bearer_header() {
+        let route = gated(
+            &format!("GET /ws/d?x=1&token=a.b%2Ec HTTP/1.1\r\nAuthorization: Bearer  t.u.v \r\n{UPGRADE}"),
+            HttpGate::default(),
+        );
+        assert_eq!(
+            route,
+            Route::Upgrade {
+                doc: Some("d".to_owned()),
+                tokens: DoorTokens {
+                    query: Some("a.b.c".to_owned()),
+                    bearer: Some("t.u.v".to_owned()),
+                },
+            }
+        );
+        for bad in [
+            "GET /ws/d?token=a&token=b HTTP/1.1\r\n",
+            "GET /ws/d?token=%zz HTTP/1.1\r\n",
+            "GET /ws/d HTTP/1.1\r\nAuthorization: Basic dXNlcg==\r\n",
+        ] {
+            let route = gated(&format!("{bad}{UPGRADE}"), HttpGate::default());
+            assert_eq!(status_of(&route), Some(400), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_admin_surface_is_gated() {
+        let guarded = HttpGate {
+            guarded: true,
+            ..HttpGate::default()
+        };
+        // Open server: /metrics is public, /admin/* does not exist.
+        assert_eq!(
+            status_of(&gated("GET /metrics HTTP/1.1\r\n\r\n", HttpGate::default())),
+            Some(200)
+        );
+        assert_eq!(
+            status_of(&gated(
+                "POST /admin/revoke HTTP/1.1\r\nContent-Length: 2\r\n\r\n",
+                HttpGate::default()
+            )),
+            Some(404)
+        );
+        // Guarded: the acceptor authenticates.
+        assert_eq!(
+            gated(
+                "GET /metrics HTTP/1.1\r\nAuthorization: Bearer x\r\n\r\n",
+                guarded
+            ),
+            Route::Admin(AdminRequest {
+                path: AdminPath::Metrics,
+                bearer: Some("x".to_owned()),
+                body_bytes: 0,
+            })
+        );
+        assert_eq!(
+            gated(
+                "POST /admin/revoke HTTP/1.1\r\nContent-Length: 12\r\n\r\n",
+                guarded
+            ),
+            Route::Admin(AdminRequest {
+                path: AdminPath::Revoke,
+                bearer: None,
+                body_bytes: 12,
+            })
+        );
+        let public = HttpGate {
+            metrics_public: true,
+            ..guarded
+        };
+        assert_eq!(
+            status_of(&gated("GET /metrics HTTP/1.1\r\n\r\n", public)),
+            Some(200)
+        );
+        for (request, status) in [
+            ("GET /admin/revoke HTTP/1.1\r\n\r\n", 405),
+            ("POST /metrics HTTP/1.1\r\n\r\n", 405),
+            ("POST /admin/revoke HTTP/1.1\r\n\r\n", 411),
+            (
+                "POST /admin/revoke HTTP/1.1\r\nContent-Length: 5000\r\n\r\n",
+                413,
+            ),
+            ("POST /admin/nope HTTP/1.1\r\n\r\n", 404),
+        ] {
+            assert_eq!(
+                status_of(&gated(request, guarded)),
+                Some(status),
+                "{request}"
+            );
+        }
+        // --admin-listen: the client port has no admin surface, the admin port no clients.
+        let client_port = HttpGate {
+            admin_here: false,
+            ..guarded
+        };
+        let admin_port = HttpGate {
+            clients_here: false,
+            ..guarded
+        };
+        assert_eq!(
+            status_of(&gated("GET /metrics HTTP/1.1\r\n\r\n", client_port)),
+            Some(404)
+        );
+        assert_eq!(
+            status_of(&gated(
+                &format!("GET /ws/d HTTP/1.1\r\n{UPGRADE}"),
+                admin_port
+            )),
+            Some(404)
+        );
+        assert_eq!(
+            status_of(&gated("GET /health HTTP/1.1\r\n\r\n", admin_port)),
+            Some(200)
+        );
+    }
 }
