@@ -1398,6 +1398,133 @@ mod tests {
         Room::open("doc".into(), stored, config).expect("reopen")
     }
 
+    fn hello_of(text: &str) -> Hello {
+        match parse_client_message(text) {
+            Ok(ClientMessage::Hello(hello)) => hello,
+            other => panic!("not a hello: {other:?}"),
+        }
+    }
+
+    fn as_user(user: &str) -> JoinAuth<'_> {
+        JoinAuth {
+            user,
+            name: Some("Display"),
+            role: "write",
+            exp: 99,
+        }
+    }
+
+    #[test]
+    fn replica_owners_survive_snapshots_and_the_log() {
+        // Owners from the log tail only (no snapshot), and from a snapshot plus a tail.
+        for snapshot_every_ops in [1_000, 1] {
+            let mut config = config();
+            config.snapshot_every_ops = snapshot_every_ops;
+            let mut storage = MemoryStorage::new();
+            let mut room = Room::open("doc".into(), None, config.clone()).expect("new");
+            room.join_as(
+                ConnToken(1),
+                &hello_of(r#"{"type":"hello","replica":5}"#),
+                Some(as_user("alice")),
+            );
+            let effects = room.take_effects();
+            assert!(effects.records.contains(&LogRecord::ReplicaOwner {
+                replica: 5,
+                user: "alice".into()
+            }));
+            let ack: serde_json::Value =
+                serde_json::from_str(effects.frames[0].1.as_str()).expect("json");
+            assert_eq!(
+                (&ack["role"], &ack["user"], &ack["exp"]),
+                (&"write".into(), &"alice".into(), &99.into())
+            );
+            for record in &effects.records {
+                storage.append("doc", room.epoch(), record).expect("append");
+            }
+            let op = r#"{"type":"op","client_seq":1,"ops":[{"kind":"ins","id":[1,5],"after":null,"text":"a"}]}"#;
+            let Ok(ClientMessage::Op(op)) = parse_client_message(op) else {
+                panic!("op")
+            };
+            room.handle_op(ConnToken(1), op);
+            // An assigned replica is bound too (after the snapshot, in the tail).
+            room.join_as(
+                ConnToken(2),
+                &hello_of(r#"{"type":"hello"}"#),
+                Some(as_user("bob")),
+            );
+            persist(&mut room, &mut storage);
+            let bob_replica = room.replica_of(ConnToken(2)).expect("bob joined");
+            let stored = storage.load("doc").expect("load").expect("stored");
+            let snapshot_owners = stored.snapshot.map(|s| s.owners);
+            match snapshot_every_ops {
+                1 => assert_eq!(snapshot_owners, Some(vec![(5, "alice".to_owned())])),
+                _ => assert_eq!(snapshot_owners, None),
+            }
+            let mut again = reopen(&mut storage, config.clone());
+            for (user, replica, allowed) in [
+                ("bob", 5, false),
+                ("alice", bob_replica, false),
+                ("alice", 5, true),
+            ] {
+                let hello = hello_of(&format!(r#"{{"type":"hello","replica":{replica}}}"#));
+                again.join_as(ConnToken(9), &hello, Some(as_user(user)));
+                let effects = again.take_effects();
+                assert_eq!(
+                    effects.closes.is_empty(),
+                    allowed,
+                    "{user} on {replica} (snapshot every {snapshot_every_ops})"
+                );
+                again.leave(ConnToken(9));
+                let _ = again.take_effects();
+            }
+            // Without access control nothing is checked or recorded.
+            again.join_as(
+                ConnToken(10),
+                &hello_of(r#"{"type":"hello","replica":5}"#),
+                None,
+            );
+            let effects = again.take_effects();
+            assert!(effects.closes.is_empty() && effects.records.is_empty());
+        }
+    }
+
+    #[test]
+    fn presence_carries_the_token_identity() {
+        let mut room = Room::open("doc".into(), None, config()).expect("new");
+        room.join_as(
+            ConnToken(1),
+            &hello_of(r#"{"type":"hello"}"#),
+            Some(as_user("alice")),
+        );
+        room.join_as(
+            ConnToken(2),
+            &hello_of(r#"{"type":"hello"}"#),
+            Some(as_user("bob")),
+        );
+        let _ = room.take_effects();
+        room.handle_presence(
+            ConnToken(1),
+            PresenceUpdate {
+                state_json: r#"{"cursor":1}"#.into(),
+            },
+        );
+        let effects = room.take_effects();
+        assert_eq!(
+            effects.frames[0].1.as_str(),
+            r#"{"type":"presence","replica":1,"user":"alice","name":"Display","state":{"cursor":1}}"#
+        );
+        room.join_as(
+            ConnToken(3),
+            &hello_of(r#"{"type":"hello"}"#),
+            Some(as_user("carol")),
+        );
+        let effects = room.take_effects();
+        let ack: serde_json::Value =
+            serde_json::from_str(effects.frames[0].1.as_str()).expect("json");
+        assert_eq!(ack["presence"][0]["user"], "alice");
+        assert_eq!(ack["presence"][0]["name"], "Display");
+    }
+
     #[test]
     fn restart_restores_text_head_epoch_replay_and_replicas() {
         for snapshot_every_ops in [1_000, 2] {
