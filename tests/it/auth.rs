@@ -214,7 +214,11 @@ fn every_refusal_is_unauthorized_and_1008() {
     let ed = sign(&k.ed, &write("team-7"));
     let ok = Editor::join(addr, "/ws/team-7", &hello_with("team-7", &ed));
     assert!(ok.replica >= 1);
+    // Refused clients loaded no document: only the three joined ones are (the shards publish
+    // their final figures when they stop).
+    let metrics = server.metrics().clone();
     server.shutdown().expect("clean shutdown");
+    assert_eq!(metrics.totals().docs_loaded, 3);
 }
 
 #[test]
