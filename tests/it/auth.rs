@@ -353,6 +353,51 @@ fn expiry_closes_a_live_connection_and_refresh_extends_it() {
 }
 
 #[test]
+fn a_refresh_can_lower_the_role() {
+    let _w = Watchdog::new("a_refresh_can_lower_the_role", 30);
+    let k = keys("downgrade");
+    let server = server(k.config());
+    let addr = server.local_addr();
+    let writer = k.token("alice", "doc", Role::Write);
+    let mut a = Editor::join(
+        addr,
+        &format!("/ws/doc?token={writer}"),
+        r#"{"type":"hello"}"#,
+    );
+    a.edit(0, 0, "x");
+    a.settle();
+    let reader = k.token("alice", "doc", Role::Read);
+    send(
+        &mut a.ws,
+        &format!(r#"{{"type":"auth","token":"{reader}"}}"#),
+    );
+    assert_eq!(recv_json(&mut a.ws)["type"], "auth_ack");
+    let op = format!(
+        r#"{{"type":"op","client_seq":9,"ops":[{{"kind":"ins","id":[50,{}],"after":null,"text":"y"}}]}}"#,
+        a.replica
+    );
+    send(&mut a.ws, &op);
+    let err = recv_json(&mut a.ws);
+    assert_eq!(
+        (&err["code"], &err["client_seq"]),
+        (&"forbidden".into(), &9.into())
+    );
+    // A refresh that does not cover the document closes the connection.
+    let elsewhere = k.token("alice", "other", Role::Write);
+    send(
+        &mut a.ws,
+        &format!(r#"{{"type":"auth","token":"{elsewhere}"}}"#),
+    );
+    let (code, seen) = recv_until_close(&mut a.ws);
+    assert_eq!(code, Some(CloseCode::Policy));
+    assert_eq!(
+        seen.last().expect("error")["message"],
+        "token does not cover this document"
+    );
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
 fn a_replica_belongs_to_its_first_user() {
     let _w = Watchdog::new("a_replica_belongs_to_its_first_user", 30);
     let k = keys("owners");
