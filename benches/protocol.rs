@@ -23,7 +23,6 @@ fn config() -> RoomConfig {
         snapshot_every_bytes: u64::MAX,
         replay_window_ops: 10_000,
         doc_chars_max: usize::MAX,
-        token: None,
     }
 }
 

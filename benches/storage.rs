@@ -165,6 +165,7 @@ fn recovery(root: &Path, quick: bool) {
                             epoch: "E".to_owned(),
                             head: seq,
                             replicas_reserved: 16,
+                            owners: Vec::new(),
                             runs_json: Utf8Bytes::from(format!(
                                 r#"{{"runs":[{{"id":[1,1],"text":"{}"}}]}}"#,
                                 "a".repeat(seq as usize)
@@ -480,6 +481,7 @@ fn write_amplification(root: &Path, quick: bool) {
                     epoch: "E".to_owned(),
                     head: seq,
                     replicas_reserved: 16,
+                    owners: Vec::new(),
                     runs_json: Utf8Bytes::from(model.runs_json()),
                 };
                 storage.write_snapshot("doc", &snapshot).expect("snapshot");

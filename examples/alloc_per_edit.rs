@@ -123,6 +123,7 @@ fn main() -> std::io::Result<()> {
             OpenInfo {
                 doc: Some("doc".to_owned()),
                 hello: None,
+                admitted: None,
             },
         );
         let hello = format!(r#"{{"type":"hello","replica":{replica}}}"#);

@@ -48,7 +48,8 @@ pub enum StorageKind {
 #[command(
     name = "collab-engine",
     version,
-    about = "Real-time collaboration server (RGA CRDT over WebSocket)"
+    about = "Real-time collaboration server (RGA CRDT over WebSocket)",
+    after_help = "Tokens: `collab-engine token --help` prints a signed access token (docs/security.md)."
 )]
 pub struct Config {
     /// A TOML file with any of these settings, keyed by flag name (`idle-timeout = "30s"`);
@@ -147,9 +148,9 @@ pub struct Config {
     #[arg(long, default_value_t = 4_000)]
     pub msgs_burst_max: u32,
 
-    /// Shared secret clients must send as `hello.token`; none means no authentication.
-    #[arg(long)]
-    pub token: Option<String>,
+    /// Access control: token keys, the metrics and admin surface (`src/auth/config.rs`).
+    #[command(flatten)]
+    pub auth: crate::auth::AuthConfig,
 
     /// Browser origins allowed to open WebSockets (`https://docs.example.com`: scheme, host,
     /// optional port), repeatable or comma-separated. When any is set, an upgrade whose

@@ -7,6 +7,7 @@
 //! - [`ids`]: newtypes for shard, connection, replica and sequence ids; doc -> shard hashing.
 //! - [`storage`]: the op log and snapshots behind the `Storage` trait.
 //! - [`metrics`]: per-shard counters and histograms, merged on scrape.
+//! - [`auth`]: tokens (JWT), roles, keys and revocations; what a token grants, decided once.
 //! - [`acceptor`]: TCP accept, plain HTTP, WebSocket handshake, handoff to shards.
 //! - [`shard`]: per-core event loops owning connections and documents.
 //! - [`server`]: starting and stopping it all in-process.
@@ -14,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod acceptor;
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -12,10 +12,12 @@ use anyhow::{anyhow, Context};
 use log::{debug, info, warn};
 use tungstenite::protocol::WebSocketConfig;
 
+use crate::acceptor::admin::spawn_admin_worker;
 use crate::acceptor::{
     shard_channel, Acceptor, AcceptorOptions, AcceptorStop, DoorLimits, PlainWs, ShardInbox,
     ShardMsg,
 };
+use crate::auth::{Auth, KeySet};
 use crate::config::{Config, StorageKind};
 use crate::metrics::MetricsRegistry;
 use crate::room::RoomConfig;
@@ -46,12 +48,36 @@ pub struct ServerHandle {
     acceptor: Option<JoinHandle<std::io::Result<()>>>,
     shard_inboxes: Vec<ShardInbox>,
     shards: Vec<JoinHandle<std::io::Result<()>>>,
+    auth: Option<Arc<Auth>>,
+    admin_addr: Option<SocketAddr>,
+    admin_worker: Option<JoinHandle<()>>,
 }
 
 impl ServerHandle {
     /// The address the server listens on (the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of `--admin-listen`, when given (the real port when 0 was asked for).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Access control, when keys are configured.
+    pub fn auth(&self) -> Option<&Arc<Auth>> {
+        self.auth.as_ref()
+    }
+
+    /// Reads the key files again (SIGHUP); `Ok(None)` when access control is off.
+    ///
+    /// # Errors
+    /// When a file cannot be used; the old keys then stay in force.
+    pub fn reload_keys(&self) -> anyhow::Result<Option<Arc<KeySet>>> {
+        match &self.auth {
+            Some(auth) => Ok(Some(auth.reload_keys()?)),
+            None => Ok(None),
+        }
     }
 
     /// The metrics the shards publish into.
@@ -76,6 +102,12 @@ impl ServerHandle {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => result = Err(anyhow!(e).context("acceptor failed")),
                 Err(_) => result = Err(anyhow!("acceptor panicked")),
+            }
+        }
+        // The acceptor dropped its job sender: the worker finishes its job and returns.
+        if let Some(worker) = self.admin_worker.take() {
+            if worker.join().is_err() {
+                result = Err(anyhow!("admin worker panicked"));
             }
         }
         for inbox in &self.shard_inboxes {
@@ -159,6 +191,39 @@ pub fn open_storage(config: &Config, shard_idx: usize) -> anyhow::Result<Box<dyn
     }
 }
 
+/// Access control of a configuration: `None` without key files. With disk storage the
+/// revocation list lives in `--data-dir`; with memory storage it lives in memory.
+///
+/// # Errors
+/// When a key file or the revocation list cannot be used.
+pub fn open_auth(config: &Config) -> anyhow::Result<Option<Arc<Auth>>> {
+    let revocations_dir = match config.storage {
+        StorageKind::Disk => Some(config.data_dir.clone()),
+        StorageKind::Memory => None,
+    };
+    let auth = Auth::open(&config.auth.key_files, revocations_dir)?;
+    match &auth {
+        Some(auth) => {
+            for (id, kind) in auth.keys().describe() {
+                info!("access control: key {id:?} ({kind:?})");
+            }
+            let n = auth.revocations().rules().len();
+            if n > 0 {
+                info!("access control: {n} revocations in force");
+            }
+            if config.storage == StorageKind::Memory {
+                warn!("access control with --storage memory: revocations last until the process exits");
+            }
+        }
+        None if !config.listen.ip().is_loopback() => warn!(
+            "no --auth-key-file: every client that reaches {} can read and write every document",
+            config.listen
+        ),
+        None => {}
+    }
+    Ok(auth)
+}
+
 /// Starts the collaboration server: binds, spawns the acceptor and the shards, and returns
 /// once the listener accepts connections.
 ///
@@ -185,6 +250,7 @@ pub fn start_with_storages(
     config: &Config,
     storages: Vec<Box<dyn Storage>>,
 ) -> anyhow::Result<ServerHandle> {
+    let auth = open_auth(config).context("access control")?;
     let hosts = storages
         .into_iter()
         .map(|storage| {
@@ -194,9 +260,10 @@ pub fn start_with_storages(
                     config.msgs_per_second_max,
                     config.msgs_burst_max,
                 ))
+                .with_auth(auth.clone())
         })
         .collect();
-    start_with(config, PlainWs::AwaitHello, hosts)
+    start_with_auth(config, PlainWs::AwaitHello, hosts, auth)
 }
 
 /// Starts a server whose shards run the given handlers (one per shard): what [`start`] does
@@ -208,6 +275,19 @@ pub fn start_with<H: Handler + Send + 'static>(
     config: &Config,
     plain_ws: PlainWs,
     handlers: Vec<H>,
+) -> anyhow::Result<ServerHandle> {
+    start_with_auth(config, plain_ws, handlers, None)
+}
+
+/// [`start_with`] with access control (the handlers must share the same `auth`).
+///
+/// # Errors
+/// When binding or thread creation fails.
+pub fn start_with_auth<H: Handler + Send + 'static>(
+    config: &Config,
+    plain_ws: PlainWs,
+    handlers: Vec<H>,
+    auth: Option<Arc<Auth>>,
 ) -> anyhow::Result<ServerHandle> {
     let n_shards = handlers.len();
     anyhow::ensure!(n_shards > 0, "at least one shard");
@@ -236,14 +316,28 @@ pub fn start_with<H: Handler + Send + 'static>(
         ws_config: ws_config(config),
         plain_ws,
         door: DoorLimits::from_config(config).map_err(anyhow::Error::msg)?,
+        auth: auth.clone(),
+        metrics_public: config.auth.metrics_public,
+        admin_listen: config.auth.admin_listen,
     };
-    let acceptor = Acceptor::bind(
+    let mut acceptor = Acceptor::bind(
         config.listen,
         shard_inboxes.clone(),
         metrics.clone(),
         options,
     )
     .with_context(|| format!("binding {}", config.listen))?;
+    let admin_addr = acceptor.admin_addr();
+    let admin_worker = match &auth {
+        Some(auth) => {
+            let (jobs, done, thread) =
+                spawn_admin_worker(auth.clone(), shard_inboxes.clone(), acceptor.waker())
+                    .context("spawning the admin worker")?;
+            acceptor.attach_admin(jobs, done);
+            Some(thread)
+        }
+        None => None,
+    };
     let mut shards = Vec::with_capacity(n_shards);
     for (shard_idx, (poll, receiver, alive, mut handler)) in parts.into_iter().enumerate() {
         let limits = net_limits(config);
@@ -288,5 +382,8 @@ pub fn start_with<H: Handler + Send + 'static>(
         acceptor: Some(acceptor),
         shard_inboxes,
         shards,
+        auth,
+        admin_addr,
+        admin_worker,
     })
 }

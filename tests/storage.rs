@@ -36,6 +36,7 @@ fn snapshot(epoch: &str, head: u64, reserved: u64) -> StoredSnapshot {
         epoch: epoch.to_owned(),
         head,
         replicas_reserved: reserved,
+        owners: Vec::new(),
         runs_json: Utf8Bytes::from(format!(
             r#"{{"runs":[{{"id":[1,1],"text":"{}"}}]}}"#,
             "x".repeat(head as usize)
@@ -52,7 +53,7 @@ fn seqs(doc: &StoredDoc) -> Vec<u64> {
         .iter()
         .filter_map(|r| match r {
             LogRecord::Ops { server_seq, .. } => Some(*server_seq),
-            LogRecord::ReplicasReserved { .. } => None,
+            LogRecord::ReplicasReserved { .. } | LogRecord::ReplicaOwner { .. } => None,
         })
         .collect()
 }
@@ -411,7 +412,7 @@ fn snapshot_reclaims_the_log_and_epoch_survives() {
     let mut storage = DiskStorage::open(&dir, FsyncMode::Never).expect("open");
     let echo_bytes = match ops(1) {
         LogRecord::Ops { echo, .. } => echo.len() as u64,
-        LogRecord::ReplicasReserved { .. } => 0,
+        LogRecord::ReplicasReserved { .. } | LogRecord::ReplicaOwner { .. } => 0,
     };
     let mut seq = 0;
     let rounds = 30;

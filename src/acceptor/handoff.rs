@@ -12,6 +12,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::net::TcpStream;
 use tungstenite::WebSocket;
 
+use crate::auth::{Grant, Rule};
 use crate::protocol::Hello;
 
 use super::door::DoorRelease;
@@ -32,6 +33,20 @@ pub struct Handoff {
     pub hello: Option<Hello>,
     /// The client's address, for logs.
     pub peer: SocketAddr,
+    /// With access control on: the token the acceptor verified (from the query, the
+    /// `Authorization` header or the first `hello`) and what it grants. `None` when access
+    /// control is off, or when the upgrade carried no token (the shard then checks
+    /// `hello.token`).
+    pub admitted: Option<Box<Admitted>>,
+}
+
+/// A token the acceptor verified for the connection's document.
+#[derive(Debug)]
+pub struct Admitted {
+    /// The token, which a later `hello.token` must equal.
+    pub token: String,
+    /// What it grants.
+    pub grant: Grant,
 }
 
 /// A message to a shard thread.
@@ -44,6 +59,14 @@ pub enum ShardMsg {
     Door(DoorRelease),
     /// Stop: close every client with 1001, finish pending writes, return.
     Shutdown,
+    /// A revocation is in force: close every live connection it matches with 1008 `revoked`,
+    /// then send the number closed on `reply`.
+    Revoke {
+        /// The rule.
+        rule: Arc<Rule>,
+        /// Where the count goes (the admin worker waits for every shard, with a deadline).
+        reply: Sender<usize>,
+    },
 }
 
 /// The sending half the acceptor and the server keep for one shard.

@@ -16,6 +16,63 @@ pub const REQUEST_HEADERS_MAX: usize = 32;
 // A request line naming the longest document, fully percent-encoded, must fit.
 const _: () = assert!(REQUEST_HEAD_BYTES_MAX > 3 * DOC_NAME_BYTES_MAX + 1024);
 
+/// Largest body of an admin request (`POST /admin/revoke`); larger ones get 413.
+pub const ADMIN_BODY_BYTES_MAX: usize = 4096;
+
+/// The tokens an upgrade request carries before any `hello` (access control, `src/auth`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DoorTokens {
+    /// The `token` query parameter, percent-decoded.
+    pub query: Option<String>,
+    /// The `Authorization: Bearer` header.
+    pub bearer: Option<String>,
+}
+
+/// Which admin endpoint a request names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminPath {
+    /// `GET /metrics` behind an admin token.
+    Metrics,
+    /// `POST /admin/revoke`.
+    Revoke,
+}
+
+/// A request for the admin surface, to be authenticated by the acceptor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminRequest {
+    /// The endpoint.
+    pub path: AdminPath,
+    /// The `Authorization: Bearer` token.
+    pub bearer: Option<String>,
+    /// The body's length (`Content-Length`), at most [`ADMIN_BODY_BYTES_MAX`].
+    pub body_bytes: usize,
+}
+
+/// What this listener serves and guards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpGate {
+    /// Access control is on: `/metrics` and `/admin/*` need an admin token.
+    pub guarded: bool,
+    /// `--metrics-public`: `/metrics` needs no token even when guarded.
+    pub metrics_public: bool,
+    /// This listener serves `/metrics` and `/admin/*`.
+    pub admin_here: bool,
+    /// This listener serves clients (`/ws`, the pages).
+    pub clients_here: bool,
+}
+
+impl Default for HttpGate {
+    /// One open listener serving everything (no access control).
+    fn default() -> HttpGate {
+        HttpGate {
+            guarded: false,
+            metrics_public: false,
+            admin_here: true,
+            clients_here: true,
+        }
+    }
+}
+
 /// What a request asks for, decided from its head alone.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route {
@@ -23,9 +80,14 @@ pub enum Route {
     Upgrade {
         /// The document named by the path, if any.
         doc: Option<String>,
+        /// Tokens from the query and the `Authorization` header.
+        tokens: DoorTokens,
     },
     /// A plain HTTP answer: the complete response bytes.
     Answer(Vec<u8>),
+    /// An admin request the acceptor must authenticate (and, for a revocation, read the body
+    /// of) before answering.
+    Admin(AdminRequest),
 }
 
 /// Result of looking at the bytes received so far.
@@ -57,6 +119,16 @@ pub fn parse_request_with_dead(
     metrics: &MetricsRegistry,
     dead_shards: usize,
 ) -> Parsed {
+    parse_request_gated(buf, metrics, dead_shards, HttpGate::default())
+}
+
+/// [`parse_request_with_dead`] on a listener that serves and guards what `gate` says.
+pub fn parse_request_gated(
+    buf: &[u8],
+    metrics: &MetricsRegistry,
+    dead_shards: usize,
+    gate: HttpGate,
+) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; REQUEST_HEADERS_MAX];
     let mut request = httparse::Request::new(&mut headers);
     let head_bytes = match request.parse(buf) {
@@ -70,7 +142,7 @@ pub fn parse_request_with_dead(
         }
         Err(_) => return error_answer(buf.len(), 400, "malformed request"),
     };
-    let route = route(&request, metrics, dead_shards);
+    let route = route(&request, metrics, dead_shards, gate);
     Parsed::Complete { head_bytes, route }
 }
 
@@ -85,11 +157,19 @@ fn route(
     request: &httparse::Request<'_, '_>,
     metrics: &MetricsRegistry,
     dead_shards: usize,
+    gate: HttpGate,
 ) -> Route {
     let (Some(method), Some(target)) = (request.method, request.path) else {
         return Route::Answer(text_response(400, "malformed request"));
     };
-    let path = target.split_once('?').map_or(target, |(path, _query)| path);
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let is_admin = path == "/metrics" || path.starts_with("/admin/");
+    if is_admin {
+        return admin_route(request, method, path, metrics, gate);
+    }
+    if !gate.clients_here && path != "/health" {
+        return Route::Answer(text_response(404, "not found"));
+    }
     let is_ws = path == "/ws" || path.starts_with("/ws/");
     if method != "GET" {
         let known = is_ws
@@ -116,7 +196,11 @@ fn route(
         if !is_upgrade(request) {
             return Route::Answer(text_response(400, "expected a WebSocket upgrade"));
         }
-        return Route::Upgrade { doc };
+        let tokens = match door_tokens(request, query) {
+            Ok(tokens) => tokens,
+            Err(why) => return Route::Answer(text_response(400, why)),
+        };
+        return Route::Upgrade { doc, tokens };
     }
     match path {
         "/health" => {
@@ -134,20 +218,144 @@ fn route(
             );
             Route::Answer(response(status, "application/json", body.as_bytes(), &[]))
         }
-        "/metrics" => {
-            let body = metrics.render_prometheus();
-            Route::Answer(response(
-                200,
-                "text/plain; version=0.0.4; charset=utf-8",
-                body.as_bytes(),
-                &[],
-            ))
-        }
         _ => match static_pages::lookup(path) {
             Some(page) => Route::Answer(response(200, page.content_type, page.body, &[])),
             None => Route::Answer(text_response(404, "not found")),
         },
     }
+}
+
+/// The Prometheus answer of `/metrics`.
+pub fn metrics_answer(metrics: &MetricsRegistry) -> Vec<u8> {
+    let body = metrics.render_prometheus();
+    response(
+        200,
+        "text/plain; version=0.0.4; charset=utf-8",
+        body.as_bytes(),
+        &[],
+    )
+}
+
+fn header<'h>(request: &'h httparse::Request<'_, '_>, name: &str) -> Option<&'h [u8]> {
+    request
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
+}
+
+/// The token of an `Authorization: Bearer` header; `Err` for another scheme or bad bytes.
+fn bearer(request: &httparse::Request<'_, '_>) -> Result<Option<String>, &'static str> {
+    let Some(value) = header(request, "authorization") else {
+        return Ok(None);
+    };
+    let value = std::str::from_utf8(value).map_err(|_| "Authorization is not UTF-8")?;
+    let (scheme, token) = value.trim().split_once(' ').unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err("Authorization must be \"Bearer TOKEN\"");
+    }
+    Ok(Some(token.trim().to_owned()))
+}
+
+/// The `token` query parameter and the bearer token of an upgrade request.
+fn door_tokens(
+    request: &httparse::Request<'_, '_>,
+    query: &str,
+) -> Result<DoorTokens, &'static str> {
+    let mut tokens = DoorTokens {
+        query: None,
+        bearer: bearer(request)?,
+    };
+    for pair in query.split('&') {
+        if let Some(raw) = pair.strip_prefix("token=") {
+            if tokens.query.is_some() {
+                return Err("token given twice in the query");
+            }
+            let token = percent_decode(raw).ok_or("invalid percent-encoding in token")?;
+            tokens.query = Some(token);
+        }
+    }
+    Ok(tokens)
+}
+
+/// Percent-decodes a query value (`+` is a space, as in forms); `None` when invalid.
+fn percent_decode(raw: &str) -> Option<String> {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = |b: u8| (b as char).to_digit(16);
+                let hi = bytes.get(i + 1).and_then(|&b| hex(b))?;
+                let lo = bytes.get(i + 2).and_then(|&b| hex(b))?;
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `/metrics` and `/admin/*`: served here or not, public or behind an admin token.
+fn admin_route(
+    request: &httparse::Request<'_, '_>,
+    method: &str,
+    path: &str,
+    metrics: &MetricsRegistry,
+    gate: HttpGate,
+) -> Route {
+    if !gate.admin_here {
+        return Route::Answer(text_response(404, "not found"));
+    }
+    let (admin_path, allowed) = match path {
+        "/metrics" => (AdminPath::Metrics, "GET"),
+        "/admin/revoke" if gate.guarded => (AdminPath::Revoke, "POST"),
+        _ => return Route::Answer(text_response(404, "not found")),
+    };
+    if method != allowed {
+        let allow = format!("Allow: {allowed}");
+        return Route::Answer(response(
+            405,
+            "text/plain; charset=utf-8",
+            b"method not allowed\n",
+            &[allow.as_str()],
+        ));
+    }
+    if admin_path == AdminPath::Metrics && (!gate.guarded || gate.metrics_public) {
+        return Route::Answer(metrics_answer(metrics));
+    }
+    let bearer = match bearer(request) {
+        Ok(bearer) => bearer,
+        Err(why) => return Route::Answer(text_response(400, why)),
+    };
+    let body_bytes = match header(request, "content-length") {
+        None if admin_path == AdminPath::Revoke => {
+            return Route::Answer(text_response(411, "Content-Length required"))
+        }
+        None => 0,
+        Some(value) => match std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+        {
+            Some(n) if n <= ADMIN_BODY_BYTES_MAX => n,
+            Some(_) => return Route::Answer(text_response(413, "request body too large")),
+            None => return Route::Answer(text_response(400, "bad Content-Length")),
+        },
+    };
+    Route::Admin(AdminRequest {
+        path: admin_path,
+        bearer,
+        body_bytes,
+    })
 }
 
 /// Whether the head asks for a WebSocket (version 13) upgrade with a key; tungstenite checks
@@ -221,11 +429,14 @@ pub fn response(status: u16, content_type: &str, body: &[u8], extra_headers: &[&
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         429 => "Too Many Requests",
+        411 => "Length Required",
+        413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Error",
@@ -265,7 +476,11 @@ mod tests {
                 );
             }
             Parsed::Complete {
-                route: Route::Upgrade { doc },
+                route: Route::Admin(_),
+                ..
+            } => panic!("admin route without a gate: {request:?}"),
+            Parsed::Complete {
+                route: Route::Upgrade { doc, .. },
                 ..
             } => {
                 assert_eq!(expected_status, None, "{request:?} upgraded");
@@ -396,5 +611,140 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    fn gated(request: &str, gate: HttpGate) -> Route {
+        let metrics = MetricsRegistry::new(1);
+        match parse_request_gated(request.as_bytes(), &metrics, 0, gate) {
+            Parsed::Complete { route, .. } => route,
+            Parsed::Partial => panic!("partial: {request:?}"),
+        }
+    }
+
+    fn status_of(route: &Route) -> Option<u16> {
+        match route {
+            Route::Answer(bytes) => String::from_utf8_lossy(bytes)
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn door_tokens_come_from_the_query_and_the_bearer_header() {
+        let route = gated(
+            &format!("GET /ws/d?x=1&token=a.b%2Ec HTTP/1.1\r\nAuthorization: Bearer  t.u.v \r\n{UPGRADE}"),
+            HttpGate::default(),
+        );
+        assert_eq!(
+            route,
+            Route::Upgrade {
+                doc: Some("d".to_owned()),
+                tokens: DoorTokens {
+                    query: Some("a.b.c".to_owned()),
+                    bearer: Some("t.u.v".to_owned()),
+                },
+            }
+        );
+        for bad in [
+            "GET /ws/d?token=a&token=b HTTP/1.1\r\n",
+            "GET /ws/d?token=%zz HTTP/1.1\r\n",
+            "GET /ws/d HTTP/1.1\r\nAuthorization: Basic dXNlcg==\r\n",
+        ] {
+            let route = gated(&format!("{bad}{UPGRADE}"), HttpGate::default());
+            assert_eq!(status_of(&route), Some(400), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_admin_surface_is_gated() {
+        let guarded = HttpGate {
+            guarded: true,
+            ..HttpGate::default()
+        };
+        // Open server: /metrics is public, /admin/* does not exist.
+        assert_eq!(
+            status_of(&gated("GET /metrics HTTP/1.1\r\n\r\n", HttpGate::default())),
+            Some(200)
+        );
+        assert_eq!(
+            status_of(&gated(
+                "POST /admin/revoke HTTP/1.1\r\nContent-Length: 2\r\n\r\n",
+                HttpGate::default()
+            )),
+            Some(404)
+        );
+        // Guarded: the acceptor authenticates.
+        assert_eq!(
+            gated(
+                "GET /metrics HTTP/1.1\r\nAuthorization: Bearer x\r\n\r\n",
+                guarded
+            ),
+            Route::Admin(AdminRequest {
+                path: AdminPath::Metrics,
+                bearer: Some("x".to_owned()),
+                body_bytes: 0,
+            })
+        );
+        assert_eq!(
+            gated(
+                "POST /admin/revoke HTTP/1.1\r\nContent-Length: 12\r\n\r\n",
+                guarded
+            ),
+            Route::Admin(AdminRequest {
+                path: AdminPath::Revoke,
+                bearer: None,
+                body_bytes: 12,
+            })
+        );
+        let public = HttpGate {
+            metrics_public: true,
+            ..guarded
+        };
+        assert_eq!(
+            status_of(&gated("GET /metrics HTTP/1.1\r\n\r\n", public)),
+            Some(200)
+        );
+        for (request, status) in [
+            ("GET /admin/revoke HTTP/1.1\r\n\r\n", 405),
+            ("POST /metrics HTTP/1.1\r\n\r\n", 405),
+            ("POST /admin/revoke HTTP/1.1\r\n\r\n", 411),
+            (
+                "POST /admin/revoke HTTP/1.1\r\nContent-Length: 5000\r\n\r\n",
+                413,
+            ),
+            ("POST /admin/nope HTTP/1.1\r\n\r\n", 404),
+        ] {
+            assert_eq!(
+                status_of(&gated(request, guarded)),
+                Some(status),
+                "{request}"
+            );
+        }
+        // --admin-listen: the client port has no admin surface, the admin port no clients.
+        let client_port = HttpGate {
+            admin_here: false,
+            ..guarded
+        };
+        let admin_port = HttpGate {
+            clients_here: false,
+            ..guarded
+        };
+        assert_eq!(
+            status_of(&gated("GET /metrics HTTP/1.1\r\n\r\n", client_port)),
+            Some(404)
+        );
+        assert_eq!(
+            status_of(&gated(
+                &format!("GET /ws/d HTTP/1.1\r\n{UPGRADE}"),
+                admin_port
+            )),
+            Some(404)
+        );
+        assert_eq!(
+            status_of(&gated("GET /health HTTP/1.1\r\n\r\n", admin_port)),
+            Some(200)
+        );
     }
 }

@@ -22,14 +22,18 @@ use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, WebSocket};
 
+use crate::auth::{now_unix, pick_token, AdminRefusal, Auth, AuthError, RevokeRequest};
 use crate::config::REFUSALS_BEFORE_CLOSE;
 use crate::ids::shard_for_doc;
 use crate::metrics::MetricsRegistry;
 use crate::protocol::{self, ClientMessage, ErrorCode, ProtocolError};
 
+use super::admin::{json_error, AdminDone, AdminJob, JobId};
 use super::door::{self, Door, DoorLimits, DoorRefusal, HeadRead};
-use super::handoff::{Handoff, ShardInbox, ShardMsg};
-use super::http::{self, Parsed, Route, REQUEST_HEAD_BYTES_MAX};
+use super::handoff::{Admitted, Handoff, ShardInbox, ShardMsg};
+use super::http::{
+    self, AdminPath, AdminRequest, DoorTokens, HttpGate, Parsed, Route, REQUEST_HEAD_BYTES_MAX,
+};
 
 /// Connections in the HTTP/handshake stage at once; past it new ones are dropped at once,
 /// so a connection flood cannot exhaust memory in the acceptor.
@@ -37,7 +41,9 @@ pub const PENDING_CONNS_MAX: usize = 16_384;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
-const FIRST_CONN: usize = 2;
+/// `--admin-listen`'s listener, when there is one.
+const ADMIN_LISTENER: Token = Token(2);
+const FIRST_CONN: usize = 3;
 
 /// How the acceptor routes plain `/ws` (no document in the path).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +65,25 @@ pub struct AcceptorOptions {
     pub plain_ws: PlainWs,
     /// Origin and per-address limits, applied before any handshake work.
     pub door: DoorLimits,
+    /// Access control; `None` runs open.
+    pub auth: Option<Arc<Auth>>,
+    /// `--metrics-public`.
+    pub metrics_public: bool,
+    /// `--admin-listen`: `/metrics` and `/admin/*` move to this address.
+    pub admin_listen: Option<SocketAddr>,
+}
+
+impl AcceptorOptions {
+    /// What the client listener (`admin_port: false`) or the admin listener serves.
+    fn gate(&self, admin_port: bool) -> HttpGate {
+        let split = self.admin_listen.is_some();
+        HttpGate {
+            guarded: self.auth.is_some(),
+            metrics_public: self.metrics_public,
+            admin_here: admin_port || !split,
+            clients_here: !admin_port,
+        }
+    }
 }
 
 /// Wakes and stops an [`Acceptor`] from another thread.
@@ -92,6 +117,7 @@ enum Stage {
     Handshake {
         mid: Handshaking,
         doc: Option<String>,
+        tokens: DoorTokens,
     },
     /// Upgraded on plain `/ws`; waiting for a `hello` naming a document. Other messages are
     /// refused as they would be in a shard (`not_joined`, `bad_message`, ...) and the wait goes
@@ -99,7 +125,16 @@ enum Stage {
     AwaitHello {
         ws: WebSocket<TcpStream>,
         n_refused: u32,
+        tokens: DoorTokens,
     },
+    /// An authenticated `POST /admin/revoke`: reading its body (the head is consumed).
+    AdminBody {
+        stream: TcpStream,
+        body: Vec<u8>,
+        body_bytes: usize,
+    },
+    /// Waiting for the admin worker's answer (`AdminDone`), then `Answer`.
+    AdminWait(TcpStream),
     /// Refused after the upgrade: flushing an error and a close frame, then waiting for the
     /// client's close (or the deadline).
     Refuse(WebSocket<TcpStream>),
@@ -118,6 +153,20 @@ struct Pending {
     /// Whether the connection counts against its address in the [`Door`] (admitted, not yet
     /// handed to a shard, which then owns the count).
     counted: bool,
+    /// Accepted on the `--admin-listen` listener.
+    admin_port: bool,
+    /// Unique per accepted connection (slab keys are reused): names its admin job.
+    serial: u64,
+}
+
+/// What one step of a pending connection may use besides its stage.
+struct Ctx<'a> {
+    metrics: &'a MetricsRegistry,
+    options: &'a AcceptorOptions,
+    dead_shards: usize,
+    admin_port: bool,
+    /// Where a revocation goes, with this connection's job id.
+    admin_jobs: Option<(&'a crossbeam_channel::Sender<AdminJob>, JobId)>,
 }
 
 /// What a pending connection does next.
@@ -152,6 +201,15 @@ pub struct Acceptor {
     dropped_full_warned_at: Option<Instant>,
     /// Per-address counts and buckets; see [`Door`].
     door: Door,
+    /// `--admin-listen`'s listener.
+    admin_listener: Option<TcpListener>,
+    /// The admin worker's job queue and answers (`acceptor::admin`), once attached.
+    admin: Option<(
+        crossbeam_channel::Sender<AdminJob>,
+        crossbeam_channel::Receiver<AdminDone>,
+    )>,
+    /// The next pending connection's serial.
+    next_serial: u64,
 }
 
 /// Connections the kernel may queue before `accept`. mio (like std) listens with 128, which a
@@ -198,6 +256,18 @@ impl Acceptor {
                 let _ = shard.send(ShardMsg::Door(release.clone()));
             }
         }
+        let admin_listener = match options.admin_listen {
+            Some(admin_addr) => {
+                let mut admin_listener = TcpListener::bind(admin_addr)?;
+                poll.registry().register(
+                    &mut admin_listener,
+                    ADMIN_LISTENER,
+                    Interest::READABLE,
+                )?;
+                Some(admin_listener)
+            }
+            None => None,
+        };
         Ok(Acceptor {
             poll,
             listener,
@@ -213,7 +283,56 @@ impl Acceptor {
             n_dropped_full: 0,
             dropped_full_warned_at: None,
             door,
+            admin_listener,
+            admin: None,
+            next_serial: 0,
         })
+    }
+
+    /// The bound address of `--admin-listen`, if any.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// The acceptor's waker, for the admin worker's answers.
+    pub fn waker(&self) -> Arc<mio::Waker> {
+        self.waker.clone()
+    }
+
+    /// Attaches the admin worker (`acceptor::admin::spawn_admin_worker`).
+    pub fn attach_admin(
+        &mut self,
+        jobs: crossbeam_channel::Sender<AdminJob>,
+        done: crossbeam_channel::Receiver<AdminDone>,
+    ) {
+        self.admin = Some((jobs, done));
+    }
+
+    /// Hands each finished admin job's answer to its connection.
+    fn collect_admin_answers(&mut self) {
+        let Some((_, done)) = &self.admin else {
+            return;
+        };
+        let answers: Vec<AdminDone> = done.try_iter().collect();
+        for AdminDone { id, answer } in answers {
+            let Some(pending) = self.pending.get_mut(id.key) else {
+                continue; // Gone (deadline, peer closed).
+            };
+            if pending.serial != id.serial {
+                continue;
+            }
+            let Some(Stage::AdminWait(stream)) = pending.stage.take() else {
+                continue;
+            };
+            match write_answer(stream, answer, 0) {
+                Next::Stay(stage) => pending.stage = Some(stage),
+                _ => {
+                    self.pending.remove(id.key);
+                }
+            }
+        }
     }
 
     /// The bound address (with the real port when 0 was asked for).
@@ -254,8 +373,9 @@ impl Acceptor {
             }
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => self.accept_all(),
-                    WAKER => {}
+                    LISTENER => self.accept_all(false),
+                    ADMIN_LISTENER => self.accept_all(true),
+                    WAKER => self.collect_admin_answers(),
                     Token(t) => self.drive(t - FIRST_CONN),
                 }
             }
@@ -265,18 +385,26 @@ impl Acceptor {
                 self.expire(now);
                 self.door.on_tick(now);
                 if self.accept_retry {
-                    self.accept_all();
+                    self.accept_all(false);
+                    self.accept_all(true);
                 }
             }
         }
     }
 
-    fn accept_all(&mut self) {
-        self.accept_retry = false;
+    fn accept_all(&mut self, admin_port: bool) {
+        if !admin_port {
+            self.accept_retry = false;
+        }
         // Decide on what the shards have released so far.
         self.door.drain_released();
         loop {
-            match self.listener.accept() {
+            let accepted = match (&self.admin_listener, admin_port) {
+                (_, false) => self.listener.accept(),
+                (Some(admin_listener), true) => admin_listener.accept(),
+                (None, true) => return,
+            };
+            match accepted {
                 Ok((mut stream, peer)) => {
                     if self.pending.len() >= PENDING_CONNS_MAX {
                         self.n_dropped_full += 1;
@@ -319,11 +447,14 @@ impl Acceptor {
                             (Stage::Deny { stream, refusal }, now + linger, false)
                         }
                     };
+                    self.next_serial += 1;
                     entry.insert(Pending {
                         stage: Some(stage),
                         peer,
                         deadline,
                         counted,
+                        admin_port,
+                        serial: self.next_serial,
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -365,11 +496,22 @@ impl Acceptor {
             return; // An event for a connection already gone.
         };
         let peer = pending.peer;
+        let (admin_port, serial) = (pending.admin_port, pending.serial);
         let Some(stage) = pending.stage.take() else {
             return;
         };
         let dead_shards = self.shards.iter().filter(|s| !s.is_alive()).count();
-        let next = advance(stage, peer, &self.metrics, &self.options, dead_shards);
+        let ctx = Ctx {
+            metrics: &self.metrics,
+            options: &self.options,
+            dead_shards,
+            admin_port,
+            admin_jobs: self
+                .admin
+                .as_ref()
+                .map(|(jobs, _)| (jobs, JobId { key, serial })),
+        };
+        let next = advance(stage, peer, &ctx);
         match next {
             Next::Stay(stage) => {
                 if let Some(pending) = self.pending.get_mut(key) {
@@ -441,11 +583,14 @@ impl Acceptor {
         }
         match refuse(ws) {
             Next::Stay(stage) => {
+                self.next_serial += 1;
                 entry.insert(Pending {
                     stage: Some(stage),
                     peer,
                     deadline: Instant::now() + self.options.handshake_timeout,
                     counted: self.door.limits().counts_conns(),
+                    admin_port: false,
+                    serial: self.next_serial,
                 });
             }
             _ => self.release_counted(peer),
@@ -461,22 +606,21 @@ impl Acceptor {
 }
 
 /// One step of a pending connection's state machine.
-fn advance(
-    stage: Stage,
-    peer: SocketAddr,
-    metrics: &MetricsRegistry,
-    options: &AcceptorOptions,
-    dead_shards: usize,
-) -> Next {
+fn advance(stage: Stage, peer: SocketAddr, ctx: &Ctx<'_>) -> Next {
+    let options = ctx.options;
     match stage {
-        Stage::Request(stream) => read_request(stream, peer, metrics, options, dead_shards),
+        Stage::Request(stream) => read_request(stream, peer, ctx),
         Stage::Answer {
             stream,
             bytes,
             written,
         } => write_answer(stream, bytes, written),
-        Stage::Handshake { mid, doc } => handshake_resume(mid, doc, peer, options),
-        Stage::AwaitHello { ws, n_refused } => await_hello(ws, n_refused, peer),
+        Stage::Handshake { mid, doc, tokens } => handshake_resume(mid, doc, tokens, peer, options),
+        Stage::AwaitHello {
+            ws,
+            n_refused,
+            tokens,
+        } => await_hello(ws, n_refused, tokens, peer, options),
         Stage::Refuse(ws) => refuse(ws),
         Stage::Deny {
             mut stream,
@@ -486,16 +630,137 @@ fn advance(
             HeadRead::Complete => write_answer(stream, refusal.answer(), 0),
             HeadRead::Gone => Next::Drop,
         },
+        Stage::AdminBody {
+            stream,
+            body,
+            body_bytes,
+        } => admin_body(stream, body, body_bytes, ctx),
+        // Only the admin worker's answer moves it on (`Acceptor::collect_admin_answers`).
+        Stage::AdminWait(stream) => Next::Stay(Stage::AdminWait(stream)),
     }
 }
 
-fn read_request(
-    mut stream: TcpStream,
+/// An admin request whose head is consumed: authenticate, then answer `/metrics` at once or
+/// read the revocation's body.
+fn admin_start(stream: TcpStream, request: AdminRequest, ctx: &Ctx<'_>) -> Next {
+    let Some(auth) = &ctx.options.auth else {
+        return write_answer(stream, http::text_response(404, "not found"), 0);
+    };
+    match auth.authorize_admin(request.bearer.as_deref(), now_unix()) {
+        Ok(_) => {}
+        Err(AdminRefusal::Unauthorized(e)) => {
+            let answer = json_error(401, e.message(), &["WWW-Authenticate: Bearer"]);
+            return write_answer(stream, answer, 0);
+        }
+        Err(AdminRefusal::Forbidden) => {
+            let answer = json_error(403, "an admin token covering * is required", &[]);
+            return write_answer(stream, answer, 0);
+        }
+    }
+    match request.path {
+        AdminPath::Metrics => write_answer(stream, http::metrics_answer(ctx.metrics), 0),
+        AdminPath::Revoke => admin_body(
+            stream,
+            Vec::with_capacity(request.body_bytes),
+            request.body_bytes,
+            ctx,
+        ),
+    }
+}
+
+/// Reads the body of `POST /admin/revoke`, then hands the revocation to the admin worker.
+fn admin_body(mut stream: TcpStream, mut body: Vec<u8>, body_bytes: usize, ctx: &Ctx<'_>) -> Next {
+    let mut buf = [0u8; 1024];
+    while body.len() < body_bytes {
+        let want = (body_bytes - body.len()).min(buf.len());
+        match stream.read(&mut buf[..want]) {
+            Ok(0) => return Next::Drop,
+            Ok(n) => body.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Next::Stay(Stage::AdminBody {
+                    stream,
+                    body,
+                    body_bytes,
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Next::Drop,
+        }
+    }
+    let request: RevokeRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(_) => {
+            let why = "expected {\"jti\":...}, {\"sub\":...} or {\"sub\":...,\"doc\":...}";
+            return write_answer(stream, json_error(400, why, &[]), 0);
+        }
+    };
+    let Some((jobs, id)) = ctx.admin_jobs else {
+        return write_answer(stream, json_error(503, "admin worker not running", &[]), 0);
+    };
+    if jobs.send(AdminJob { id, request }).is_err() {
+        return write_answer(stream, json_error(503, "admin worker not running", &[]), 0);
+    }
+    Next::Stay(Stage::AdminWait(stream))
+}
+
+/// Admits a connection whose document is known, with access control on: the tokens of the
+/// upgrade and of the first `hello` (if read) must agree and grant `doc`. Without any token
+/// and without a `hello` yet, the shard decides on `hello.token`.
+fn admit_at_door(
+    ws: WebSocket<TcpStream>,
+    doc: String,
+    tokens: DoorTokens,
+    hello: Option<crate::protocol::Hello>,
     peer: SocketAddr,
-    metrics: &MetricsRegistry,
     options: &AcceptorOptions,
-    dead_shards: usize,
 ) -> Next {
+    let handoff = |ws, hello, admitted| {
+        Next::HandOff(Box::new(Handoff {
+            ws,
+            doc: Some(doc.clone()),
+            hello,
+            peer,
+            admitted,
+        }))
+    };
+    let Some(auth) = &options.auth else {
+        return handoff(ws, hello, None);
+    };
+    let hello_token = hello.as_ref().and_then(|h| h.token.as_deref());
+    let token = match pick_token(&[
+        tokens.query.as_deref(),
+        tokens.bearer.as_deref(),
+        hello_token,
+    ]) {
+        Ok(token) => token,
+        Err(e) => return refuse_auth(ws, e, peer),
+    };
+    if token.is_none() && hello.is_none() {
+        return handoff(ws, None, None);
+    }
+    match auth.authorize(token, &doc, now_unix()) {
+        Ok(grant) => {
+            let admitted = token.map(|token| {
+                Box::new(Admitted {
+                    token: token.to_owned(),
+                    grant,
+                })
+            });
+            handoff(ws, hello, admitted)
+        }
+        Err(e) => refuse_auth(ws, e, peer),
+    }
+}
+
+/// A refused token: `unauthorized` with the reason, then a close 1008.
+fn refuse_auth(ws: WebSocket<TcpStream>, e: AuthError, peer: SocketAddr) -> Next {
+    debug!("acceptor: {peer} refused: {}", e.message());
+    let err = ProtocolError::new(ErrorCode::Unauthorized, e.message());
+    refuse_start(ws, &err, e.close_reason())
+}
+
+fn read_request(mut stream: TcpStream, peer: SocketAddr, ctx: &Ctx<'_>) -> Next {
+    let (metrics, options, dead_shards) = (ctx.metrics, ctx.options, ctx.dead_shards);
     let mut buf = [0u8; REQUEST_HEAD_BYTES_MAX];
     // Peek, so that an upgrade leaves the request in the socket for tungstenite's handshake.
     let n = match stream.peek(&mut buf) {
@@ -506,7 +771,12 @@ fn read_request(
         }
         Err(_) => return Next::Drop,
     };
-    match http::parse_request_with_dead(&buf[..n], metrics, dead_shards) {
+    match http::parse_request_gated(
+        &buf[..n],
+        metrics,
+        dead_shards,
+        options.gate(ctx.admin_port),
+    ) {
         Parsed::Partial => Next::Stay(Stage::Request(stream)),
         Parsed::Complete {
             head_bytes,
@@ -520,7 +790,16 @@ fn read_request(
         }
         Parsed::Complete {
             head_bytes,
-            route: Route::Upgrade { doc },
+            route: Route::Admin(request),
+        } => {
+            if stream.read(&mut buf[..head_bytes]).is_err() {
+                return Next::Drop;
+            }
+            admin_start(stream, request, ctx)
+        }
+        Parsed::Complete {
+            head_bytes,
+            route: Route::Upgrade { doc, tokens },
         } => {
             if let Err(refusal) = options.door.check_origin(&buf[..head_bytes]) {
                 debug!("acceptor: {peer} refused at the door: {refusal:?}");
@@ -533,7 +812,7 @@ fn read_request(
             debug!("acceptor: {peer} upgrades for {doc:?}");
             let mid = ServerHandshake::start(stream, NoCallback, Some(options.ws_config));
             // Run the first round at once: the request is already in the socket.
-            handshake_resume(mid, doc, peer, options)
+            handshake_resume(mid, doc, tokens, peer, options)
         }
     }
 }
@@ -561,26 +840,23 @@ fn write_answer(mut stream: TcpStream, bytes: Vec<u8>, mut written: usize) -> Ne
 fn handshake_resume(
     mid: Handshaking,
     doc: Option<String>,
+    tokens: DoorTokens,
     peer: SocketAddr,
     options: &AcceptorOptions,
 ) -> Next {
     match mid.handshake() {
         Ok(ws) => match doc {
-            Some(doc) => Next::HandOff(Box::new(Handoff {
-                ws,
-                doc: Some(doc),
-                hello: None,
-                peer,
-            })),
+            Some(doc) => admit_at_door(ws, doc, tokens, None, peer, options),
             None if options.plain_ws == PlainWs::RoundRobin => Next::HandOff(Box::new(Handoff {
                 ws,
                 doc: None,
                 hello: None,
                 peer,
+                admitted: None,
             })),
-            None => await_hello(ws, 0, peer),
+            None => await_hello(ws, 0, tokens, peer, options),
         },
-        Err(HandshakeError::Interrupted(mid)) => Next::Stay(Stage::Handshake { mid, doc }),
+        Err(HandshakeError::Interrupted(mid)) => Next::Stay(Stage::Handshake { mid, doc, tokens }),
         Err(HandshakeError::Failure(e)) => {
             debug!("acceptor: handshake with {peer} failed: {e}");
             Next::Drop
@@ -588,7 +864,13 @@ fn handshake_resume(
     }
 }
 
-fn await_hello(mut ws: WebSocket<TcpStream>, mut n_refused: u32, peer: SocketAddr) -> Next {
+fn await_hello(
+    mut ws: WebSocket<TcpStream>,
+    mut n_refused: u32,
+    tokens: DoorTokens,
+    peer: SocketAddr,
+    options: &AcceptorOptions,
+) -> Next {
     // Push out earlier refusals (read() alone only flushes control replies); what does not
     // fit now stays in tungstenite's buffer for the next writable event, or the shard.
     if let Err(e) = ws.flush() {
@@ -600,13 +882,8 @@ fn await_hello(mut ws: WebSocket<TcpStream>, mut n_refused: u32, peer: SocketAdd
         let refusal = match ws.read() {
             Ok(Message::Text(text)) => match protocol::parse_client_message(&text) {
                 Ok(ClientMessage::Hello(hello)) if hello.doc.is_some() => {
-                    let doc = hello.doc.clone();
-                    return Next::HandOff(Box::new(Handoff {
-                        ws,
-                        doc,
-                        hello: Some(hello),
-                        peer,
-                    }));
+                    let doc = hello.doc.clone().unwrap_or_default();
+                    return admit_at_door(ws, doc, tokens, Some(hello), peer, options);
                 }
                 Ok(ClientMessage::Hello(_)) => {
                     ProtocolError::bad("hello on plain /ws must name a doc")
@@ -615,7 +892,7 @@ fn await_hello(mut ws: WebSocket<TcpStream>, mut n_refused: u32, peer: SocketAdd
                     ProtocolError::new(ErrorCode::NotJoined, "send hello first")
                         .with_client_seq(Some(op.client_seq))
                 }
-                Ok(ClientMessage::Presence(_)) => {
+                Ok(ClientMessage::Presence(_) | ClientMessage::Auth(_)) => {
                     ProtocolError::new(ErrorCode::NotJoined, "send hello first")
                 }
                 Err(err) => err,
@@ -624,7 +901,11 @@ fn await_hello(mut ws: WebSocket<TcpStream>, mut n_refused: u32, peer: SocketAdd
             Ok(Message::Close(_)) => return refuse(ws),
             Ok(_) => continue, // Ping (answered by tungstenite), pong.
             Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Next::Stay(Stage::AwaitHello { ws, n_refused });
+                return Next::Stay(Stage::AwaitHello {
+                    ws,
+                    n_refused,
+                    tokens,
+                });
             }
             Err(e) => {
                 debug!("acceptor: {peer} before hello: {e}");

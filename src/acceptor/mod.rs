@@ -4,6 +4,7 @@
 //! Never blocks on one client (every connection is a resumable state machine with a
 //! deadline) and never touches a document.
 
+pub mod admin;
 pub mod door;
 pub mod handoff;
 pub mod http;
@@ -11,5 +12,5 @@ pub mod listener;
 pub mod static_pages;
 
 pub use door::{DoorLimits, DoorRelease};
-pub use handoff::{shard_channel, Handoff, ShardAlive, ShardInbox, ShardMsg};
+pub use handoff::{shard_channel, Admitted, Handoff, ShardAlive, ShardInbox, ShardMsg};
 pub use listener::{Acceptor, AcceptorOptions, AcceptorStop, PlainWs};

@@ -443,7 +443,6 @@ mod tests {
                 snapshot_every_bytes: 1 << 30,
                 replay_window_ops: 100,
                 doc_chars_max: 1_000_000,
-                token: None,
             };
             let mut room = Room::open("d".into(), None, config).expect("room");
             let mut sockets: Vec<(ConnToken, WebSocket<TcpStream>)> = Vec::new();
@@ -469,6 +468,7 @@ mod tests {
                             Ok(ClientMessage::Presence(update)) => {
                                 room.handle_presence(*conn, update)
                             }
+                            Ok(ClientMessage::Auth(_)) => {}
                             Err(err) => room.refuse(*conn, &err),
                         },
                         Ok(_) => {}

@@ -519,6 +519,7 @@ fn deliver_to_room(room: &mut crate::room::Room, conn: crate::ids::ConnToken, te
         ClientMessage::Hello(hello) => room.join(conn, &hello),
         ClientMessage::Op(msg) => room.handle_op(conn, msg),
         ClientMessage::Presence(update) => room.handle_presence(conn, update),
+        ClientMessage::Auth(_) => {}
     }
 }
 
@@ -545,7 +546,6 @@ mod tests {
                 snapshot_every_bytes: 1 << 30,
                 replay_window_ops: 100,
                 doc_chars_max: 1_000_000,
-                token: None,
             };
             let mut net = Net {
                 room: Room::open("d".into(), None, config).expect("room"),
@@ -874,7 +874,6 @@ mod tests {
                 snapshot_every_bytes: 1 << 30,
                 replay_window_ops: 100,
                 doc_chars_max: 1_000_000,
-                token: None,
             }
         }
     }
@@ -1035,7 +1034,6 @@ mod sim {
                 snapshot_every_bytes: 1 << 30,
                 replay_window_ops: 4,
                 doc_chars_max: 1 << 20,
-                token: None,
             };
             let mut sim = Sim {
                 storage: MemoryStorage::new(),

@@ -125,6 +125,51 @@ pub struct LoadConfig {
     /// Skip the end-of-run convergence check (which copies every client's text).
     #[arg(long)]
     pub no_check: bool,
+
+    /// Token every client sends as `hello.token` (servers with access control).
+    #[arg(long, conflicts_with_all = ["token_file", "mint_key_file"])]
+    pub token: Option<String>,
+
+    /// File holding the token every client sends (trailing whitespace ignored).
+    #[arg(long, conflicts_with = "mint_key_file")]
+    pub token_file: Option<PathBuf>,
+
+    /// Mint one token per client from this key file (an HS256 secret or an Ed25519 private
+    /// key in PEM): `sub` `load-<client>`, `doc` its document, role `write`, 1 h. Measures
+    /// what verification costs the server per connection.
+    #[arg(long)]
+    pub mint_key_file: Option<PathBuf>,
+}
+
+/// Where clients' tokens come from.
+#[derive(Clone, Debug)]
+pub enum ClientTokens {
+    /// No token.
+    None,
+    /// The same token for every client.
+    Fixed(String),
+    /// One minted per client.
+    Mint(std::sync::Arc<crate::auth::mint::MintKey>),
+}
+
+impl ClientTokens {
+    /// The token of client `global_idx` on `doc`.
+    pub fn for_client(&self, global_idx: usize, doc: &str) -> Option<String> {
+        match self {
+            ClientTokens::None => None,
+            ClientTokens::Fixed(token) => Some(token.clone()),
+            ClientTokens::Mint(key) => {
+                let claims = crate::auth::mint::MintClaims::new(
+                    &format!("load-{global_idx}"),
+                    doc,
+                    crate::auth::Role::Write,
+                    crate::auth::now_unix(),
+                    3600,
+                );
+                key.sign(&claims, None).ok()
+            }
+        }
+    }
 }
 
 /// Where and how to reach the server, resolved from `--url`.
@@ -137,6 +182,27 @@ pub struct Target {
 }
 
 impl LoadConfig {
+    /// The clients' tokens, from `--token`, `--token-file` or `--mint-key-file`.
+    ///
+    /// # Errors
+    /// When the file cannot be read or holds no usable key.
+    pub fn client_tokens(&self) -> Result<ClientTokens, String> {
+        if let Some(token) = &self.token {
+            return Ok(ClientTokens::Fixed(token.clone()));
+        }
+        if let Some(path) = &self.token_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+            return Ok(ClientTokens::Fixed(text.trim().to_owned()));
+        }
+        if let Some(path) = &self.mint_key_file {
+            let key = crate::auth::mint::MintKey::from_file(path)
+                .map_err(|e| format!("--mint-key-file: {e}"))?;
+            return Ok(ClientTokens::Mint(std::sync::Arc::new(key)));
+        }
+        Ok(ClientTokens::None)
+    }
+
     /// Writers per room with the default applied.
     pub fn writers(&self) -> usize {
         self.writers_per_room

@@ -192,6 +192,7 @@ fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
 /// Bad flags, an unreadable preload trace, or workers that could not start.
 pub fn run(config: LoadConfig) -> Result<RunOutput, LoadError> {
     config.validate().map_err(LoadError::Config)?;
+    config.client_tokens().map_err(LoadError::Config)?;
     let target = config.target().map_err(LoadError::Config)?;
     let preload_text: Option<Arc<str>> = match &config.preload {
         Some(path) => Some(Arc::from(read_trace_final_text(path)?)),

@@ -72,7 +72,12 @@ impl Session {
     /// A replica of `doc` that asks for replica id `replica_id` (so the generator knows which
     /// client every echo came from) and keeps no acknowledged history (flat memory).
     pub fn new(doc: &str, replica_id: u64) -> Session {
-        let mut replica = Replica::new(doc, Some(replica_id), None);
+        Session::with_token(doc, replica_id, None)
+    }
+
+    /// [`Session::new`] sending `token` in its `hello`.
+    pub fn with_token(doc: &str, replica_id: u64, token: Option<String>) -> Session {
+        let mut replica = Replica::new(doc, Some(replica_id), token);
         replica.set_keep_history(false);
         Session { replica }
     }

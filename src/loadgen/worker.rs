@@ -340,6 +340,12 @@ impl Worker {
         let mut clients = Vec::new();
         let mut rooms = std::collections::HashMap::new();
         let writers = config.writers();
+        // Checked by `loadgen::run` before any worker starts; a key file that vanished since
+        // costs the tokens (the server then refuses the clients, loudly).
+        let tokens = config.client_tokens().unwrap_or_else(|e| {
+            log::warn!("collab-load: no tokens: {e}");
+            super::config::ClientTokens::None
+        });
         let now = Instant::now();
         for global_idx in (idx..config.total_clients()).step_by(n_workers) {
             let room = global_idx / config.clients_per_room;
@@ -358,7 +364,11 @@ impl Worker {
                 replica_id: i as u64 + 1,
                 state: ClientState::Idle,
                 conn: WsConn::Closed,
-                session: Session::new(&config.doc_name(room), i as u64 + 1),
+                session: Session::with_token(
+                    &config.doc_name(room),
+                    i as u64 + 1,
+                    tokens.for_client(global_idx, &config.doc_name(room)),
+                ),
                 started: now,
             });
         }

@@ -126,14 +126,59 @@ pub fn encode_ack(client_seq: u64, server_seq: u64) -> Utf8Bytes {
 
 /// `{"type":"presence","replica":R,"state":STATE}`; `state_json` is compact JSON (`null` allowed).
 pub fn encode_presence(replica: u64, state_json: &str) -> Utf8Bytes {
+    encode_presence_of(replica, None, state_json)
+}
+
+/// Who a presence entry belongs to when access control is on: the token's `sub` and `name`.
+#[derive(Clone, Copy, Debug)]
+pub struct PresenceUser<'a> {
+    /// The token's `sub`.
+    pub user: &'a str,
+    /// The token's `name`, if it had one.
+    pub name: Option<&'a str>,
+}
+
+fn write_presence_user(out: &mut String, who: Option<PresenceUser<'_>>) {
+    if let Some(who) = who {
+        out.push_str(",\"user\":");
+        write_json_str(out, who.user);
+        if let Some(name) = who.name {
+            out.push_str(",\"name\":");
+            write_json_str(out, name);
+        }
+    }
+}
+
+/// `{"type":"presence","replica":R,"user":..,"name":..,"state":STATE}`: [`encode_presence`]
+/// with the sender's identity from its token (access control on).
+pub fn encode_presence_of(
+    replica: u64,
+    who: Option<PresenceUser<'_>>,
+    state_json: &str,
+) -> Utf8Bytes {
     let mut out = String::with_capacity(48 + state_json.len());
-    let _ = write!(
-        out,
-        "{{\"type\":\"presence\",\"replica\":{replica},\"state\":"
-    );
+    let _ = write!(out, "{{\"type\":\"presence\",\"replica\":{replica}");
+    write_presence_user(&mut out, who);
+    out.push_str(",\"state\":");
     out.push_str(state_json);
     out.push('}');
     Utf8Bytes::from(out)
+}
+
+/// `{"type":"auth_ack","exp":N}`: a token refresh was accepted.
+pub fn encode_auth_ack(exp: u64) -> Utf8Bytes {
+    Utf8Bytes::from(format!("{{\"type\":\"auth_ack\",\"exp\":{exp}}}"))
+}
+
+/// What `hello_ack` says about the joiner's token (access control on).
+#[derive(Clone, Copy, Debug)]
+pub struct AckAuth<'a> {
+    /// `read`, `write` or `admin`.
+    pub role: &'a str,
+    /// The token's `sub`.
+    pub user: &'a str,
+    /// The token's `exp`.
+    pub exp: u64,
 }
 
 /// What a `hello_ack` brings the client up to date with.
@@ -155,16 +200,44 @@ pub fn encode_hello_ack(
     body: HelloAckBody<'_>,
     presence: &[(u64, &str)],
 ) -> Utf8Bytes {
+    let presence: Vec<(u64, Option<PresenceUser<'_>>, &str)> = presence
+        .iter()
+        .map(|(replica, state)| (*replica, None, *state))
+        .collect();
+    encode_hello_ack_as(doc, replica, head, epoch, body, &presence, None)
+}
+
+/// [`encode_hello_ack`] with access control on: `role`, `user` and `exp` of the joiner's
+/// token, and each presence entry's `user` and `name`.
+pub fn encode_hello_ack_as(
+    doc: &str,
+    replica: u64,
+    head: u64,
+    epoch: &str,
+    body: HelloAckBody<'_>,
+    presence: &[(u64, Option<PresenceUser<'_>>, &str)],
+    auth: Option<AckAuth<'_>>,
+) -> Utf8Bytes {
     let body_len = match body {
         HelloAckBody::Snapshot(json) => json.len(),
         HelloAckBody::Replay(entries) => entries.iter().map(|echo| echo.len() + 1).sum(),
     };
-    let presence_len: usize = presence.iter().map(|(_, state)| 32 + state.len()).sum();
+    let presence_len: usize = presence
+        .iter()
+        .map(|(_, who, state)| 32 + state.len() + who.map_or(0, |w| 20 + w.user.len()))
+        .sum();
     let mut out = String::with_capacity(128 + doc.len() + epoch.len() + body_len + presence_len);
     out.push_str("{\"type\":\"hello_ack\",\"doc\":");
     write_json_str(&mut out, doc);
     let _ = write!(out, ",\"replica\":{replica},\"head\":{head},\"epoch\":");
     write_json_str(&mut out, epoch);
+    if let Some(auth) = auth {
+        out.push_str(",\"role\":");
+        write_json_str(&mut out, auth.role);
+        out.push_str(",\"user\":");
+        write_json_str(&mut out, auth.user);
+        let _ = write!(out, ",\"exp\":{}", auth.exp);
+    }
     match body {
         HelloAckBody::Snapshot(json) => {
             out.push_str(",\"strategy\":\"snapshot\",\"snapshot\":");
@@ -182,11 +255,13 @@ pub fn encode_hello_ack(
         }
     }
     out.push_str(",\"presence\":[");
-    for (i, (other, state)) in presence.iter().enumerate() {
+    for (i, (other, who, state)) in presence.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
-        let _ = write!(out, "{{\"replica\":{other},\"state\":{state}}}");
+        let _ = write!(out, "{{\"replica\":{other}");
+        write_presence_user(&mut out, *who);
+        let _ = write!(out, ",\"state\":{state}}}");
     }
     out.push_str("]}");
     Utf8Bytes::from(out)

@@ -57,6 +57,15 @@ pub enum ClientMessage {
     Op(OpMessage),
     /// `{"type":"presence",...}`.
     Presence(PresenceUpdate),
+    /// `{"type":"auth","token":"..."}`: a token refresh (docs/protocol.md, access control).
+    Auth(AuthRefresh),
+}
+
+/// A token refresh in place: `{"type":"auth","token":"..."}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthRefresh {
+    /// The new token.
+    pub token: String,
 }
 
 /// An accepted op message as broadcast: `{"type":"op_echo",...}`.
@@ -518,6 +527,11 @@ fn parse_client_message_precise(text: &str) -> Result<ClientMessage, ProtocolErr
     match kind.as_ref() {
         "op" => parse_op_message(&envelope).map(ClientMessage::Op),
         "hello" => parse_hello(&envelope).map(ClientMessage::Hello),
+        "auth" => {
+            let raw = non_null(envelope.token).ok_or(ProtocolError::bad("auth without token"))?;
+            let token = json_string(raw).ok_or(ProtocolError::bad("auth.token is not a string"))?;
+            Ok(ClientMessage::Auth(AuthRefresh { token }))
+        }
         "presence" => {
             let state = envelope
                 .state

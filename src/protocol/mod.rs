@@ -9,14 +9,14 @@ pub mod codec;
 pub mod messages;
 
 pub use codec::{
-    encode_ack, encode_error, encode_hello, encode_hello_ack, encode_op, encode_op_echo,
-    encode_presence, encode_presence_update, encode_snapshot_runs, write_json_str, write_op,
-    write_ops, HelloAckBody, OPS_PER_MESSAGE_MAX, PRESENCE_BYTES_MAX,
+    encode_ack, encode_auth_ack, encode_error, encode_hello, encode_hello_ack, encode_op,
+    encode_op_echo, encode_presence, encode_presence_update, encode_snapshot_runs, write_json_str,
+    write_op, write_ops, HelloAckBody, OPS_PER_MESSAGE_MAX, PRESENCE_BYTES_MAX,
 };
 pub use messages::{
-    parse_client_message, parse_op_echo, parse_server_message, parse_snapshot_runs, ClientMessage,
-    Hello, HelloAck, HelloAckStrategy, OpEcho, OpMessage, PresenceEntry, PresenceUpdate,
-    ServerMessage,
+    parse_client_message, parse_op_echo, parse_server_message, parse_snapshot_runs, AuthRefresh,
+    ClientMessage, Hello, HelloAck, HelloAckStrategy, OpEcho, OpMessage, PresenceEntry,
+    PresenceUpdate, ServerMessage,
 };
 
 /// The contract's error codes.
@@ -37,7 +37,8 @@ pub enum ErrorCode {
     TooLarge,
     /// The connection sends faster than the server allows.
     RateLimited,
-    /// The server requires a token and the `hello` did not carry the right one.
+    /// The server requires a token and the connection did not present a valid one covering
+    /// the document (access control, docs/security.md).
     Unauthorized,
     /// The client may not do this.
     Forbidden,

@@ -8,10 +8,10 @@ use tungstenite::Utf8Bytes;
 
 use crate::crdt::{Applied, Doc, Op, Run, RunContent, MAX_ID_COMPONENT};
 use crate::ids::ConnToken;
+use crate::protocol::codec::{encode_ack, encode_error, encode_op_echo, encode_snapshot_runs};
 use crate::protocol::codec::{
-    encode_ack, encode_error, encode_op_echo, encode_presence, encode_snapshot_runs,
+    encode_auth_ack, encode_hello_ack_as, encode_presence_of, AckAuth, HelloAckBody, PresenceUser,
 };
-use crate::protocol::codec::{encode_hello_ack, HelloAckBody};
 use crate::protocol::messages::{parse_op_echo, parse_snapshot_runs};
 use crate::protocol::{crdt_error, ErrorCode, Hello, OpMessage, PresenceUpdate, ProtocolError};
 use crate::storage::{LogRecord, StoredDoc, StoredSnapshot};
@@ -48,8 +48,6 @@ pub struct RoomConfig {
     pub replay_window_ops: usize,
     /// Largest document in characters, tombstones included.
     pub doc_chars_max: usize,
-    /// Required `hello.token`, if any.
-    pub token: Option<String>,
 }
 
 impl RoomConfig {
@@ -60,7 +58,6 @@ impl RoomConfig {
             snapshot_every_bytes: config.snapshot_every_bytes,
             replay_window_ops: config.replay_window_ops,
             doc_chars_max: config.doc_chars_max,
-            token: config.token.clone(),
         }
     }
 }
@@ -105,10 +102,42 @@ pub enum RoomError {
     Corrupt(&'static str),
 }
 
+/// Who joins, from a verified token (access control on): the room binds replicas to `user`,
+/// shows `user` and `name` in presence, and tells the joiner its `role` and `exp`.
+#[derive(Clone, Copy, Debug)]
+pub struct JoinAuth<'a> {
+    /// The token's `sub`.
+    pub user: &'a str,
+    /// The token's `name`.
+    pub name: Option<&'a str>,
+    /// `read`, `write` or `admin`.
+    pub role: &'static str,
+    /// The token's `exp`.
+    pub exp: u64,
+}
+
+/// A joined client's identity, as presence shows it.
+#[derive(Debug)]
+struct Member {
+    user: String,
+    name: Option<String>,
+}
+
+impl Member {
+    fn presence_user(&self) -> PresenceUser<'_> {
+        PresenceUser {
+            user: &self.user,
+            name: self.name.as_deref(),
+        }
+    }
+}
+
 /// One connected client of the room.
 #[derive(Debug)]
 struct Client {
     replica: u64,
+    /// Its identity when access control is on (boxed: 8 bytes when off).
+    who: Option<Box<Member>>,
     /// Compact JSON of its last non-null presence state; `None` when unset or cleared.
     presence: Option<String>,
 }
@@ -133,6 +162,9 @@ pub struct Room {
     window_bytes: usize,
     /// Highest replica id durably reserved (or reserved by a record of this turn).
     replicas_reserved: u64,
+    /// The user owning each replica a token holder used (`LogRecord::ReplicaOwner`), durable
+    /// like `replicas_reserved`. Grows by one entry per replica, never shrinks.
+    owners: HashMap<u64, String>,
     /// Lowest replica id the next assignment may hand out.
     replica_next: u64,
     /// Characters in the document, tombstones included: exact after open and after each
@@ -196,6 +228,7 @@ impl Room {
             window: VecDeque::new(),
             window_bytes: 0,
             replicas_reserved: 0,
+            owners: HashMap::new(),
             replica_next: 1,
             n_chars: 0,
             ops_since_snapshot: 0,
@@ -219,12 +252,16 @@ impl Room {
             room.n_chars = runs.iter().map(run_len).sum();
             room.head = snapshot.head;
             room.replicas_reserved = snapshot.replicas_reserved;
+            room.owners.extend(snapshot.owners);
             room.snapshot_cache = Some((snapshot.head, snapshot.runs_json));
         }
         for record in stored.tail {
             match record {
                 LogRecord::ReplicasReserved { last } => {
                     room.replicas_reserved = room.replicas_reserved.max(last)
+                }
+                LogRecord::ReplicaOwner { replica, user } => {
+                    room.owners.entry(replica).or_insert(user);
                 }
                 LogRecord::Ops { server_seq, echo } => {
                     if server_seq <= room.head {
@@ -269,15 +306,32 @@ impl Room {
     /// A connection joins with a validated hello (doc already matched by the shard): token check,
     /// replica assignment or takeover, then `hello_ack` with replay or snapshot and presence.
     pub fn join(&mut self, conn: ConnToken, hello: &Hello) {
+        self.join_as(conn, hello, None);
+    }
+
+    /// [`Room::join`] for a connection admitted with a token (`auth`; `None` with access
+    /// control off): a replica owned by another user is refused with `forbidden` and a close
+    /// 1008, an unowned one becomes `auth.user`'s (durably, before the `hello_ack` is
+    /// released), and the `hello_ack` carries role, user and exp.
+    pub fn join_as(&mut self, conn: ConnToken, hello: &Hello, auth: Option<JoinAuth<'_>>) {
         if self.clients.contains_key(&conn) {
             self.refuse(conn, &ProtocolError::bad("already joined"));
             return;
         }
-        if let Some(required) = &self.config.token {
-            if hello.token.as_deref() != Some(required.as_str()) {
-                let err = ProtocolError::new(ErrorCode::Unauthorized, "missing or wrong token");
+        if let (Some(auth), Some(replica)) = (auth, hello.replica) {
+            if self
+                .owners
+                .get(&replica)
+                .is_some_and(|owner| owner != auth.user)
+            {
+                let err = ProtocolError::new(
+                    ErrorCode::Forbidden,
+                    "this replica belongs to another user; join without replica",
+                );
                 self.effects.frames.push((conn, encode_error(&err)));
-                self.effects.closes.push((conn, 1008, "unauthorized"));
+                self.effects
+                    .closes
+                    .push((conn, 1008, "replica of another user"));
                 return;
             }
         }
@@ -307,11 +361,26 @@ impl Room {
                 }
             },
         };
-        let (frame, catch_up) = self.encode_hello_ack(conn, replica, hello);
+        if let Some(auth) = auth {
+            if let std::collections::hash_map::Entry::Vacant(entry) = self.owners.entry(replica) {
+                entry.insert(auth.user.to_owned());
+                self.effects.records.push(LogRecord::ReplicaOwner {
+                    replica,
+                    user: auth.user.to_owned(),
+                });
+            }
+        }
+        let (frame, catch_up) = self.encode_hello_ack(conn, replica, hello, auth);
         self.clients.insert(
             conn,
             Client {
                 replica,
+                who: auth.map(|auth| {
+                    Box::new(Member {
+                        user: auth.user.to_owned(),
+                        name: auth.name.map(str::to_owned),
+                    })
+                }),
                 presence: None,
             },
         );
@@ -432,6 +501,7 @@ impl Room {
         conn: ConnToken,
         replica: u64,
         hello: &Hello,
+        auth: Option<JoinAuth<'_>>,
     ) -> (Utf8Bytes, Vec<Utf8Bytes>) {
         let replay = self.replay_for(hello);
         let (ack_head, snapshot, catch_up) = match replay {
@@ -446,25 +516,30 @@ impl Room {
             (None, Some(entries)) => HelloAckBody::Replay(entries),
             (None, None) => HelloAckBody::Replay(&[]),
         };
-        let mut others: Vec<(u64, &str)> = self
+        let mut others: Vec<(u64, Option<PresenceUser<'_>>, &str)> = self
             .clients
             .iter()
             .filter(|(other, _)| **other != conn)
             .filter_map(|(_, client)| {
-                client
-                    .presence
-                    .as_deref()
-                    .map(|state| (client.replica, state))
+                client.presence.as_deref().map(|state| {
+                    let who = client.who.as_deref().map(Member::presence_user);
+                    (client.replica, who, state)
+                })
             })
             .collect();
-        others.sort_unstable_by_key(|(replica, _)| *replica);
-        let ack = encode_hello_ack(
+        others.sort_unstable_by_key(|(replica, _, _)| *replica);
+        let ack = encode_hello_ack_as(
             &self.doc_name,
             replica,
             ack_head,
             &self.epoch,
             body,
             &others,
+            auth.map(|auth| AckAuth {
+                role: auth.role,
+                user: auth.user,
+                exp: auth.exp,
+            }),
         );
         (ack, catch_up)
     }
@@ -545,6 +620,15 @@ impl Room {
             epoch: self.epoch.clone(),
             head: self.head,
             replicas_reserved: self.replicas_reserved,
+            owners: {
+                let mut owners: Vec<(u64, String)> = self
+                    .owners
+                    .iter()
+                    .map(|(replica, user)| (*replica, user.clone()))
+                    .collect();
+                owners.sort_unstable();
+                owners
+            },
             runs_json,
         });
         self.ops_since_snapshot = 0;
@@ -557,7 +641,8 @@ impl Room {
             return;
         };
         let replica = client.replica;
-        let frame = encode_presence(replica, &update.state_json);
+        let who = client.who.as_deref().map(Member::presence_user);
+        let frame = encode_presence_of(replica, who, &update.state_json);
         client.presence = if update.state_json == "null" {
             None
         } else {
@@ -586,11 +671,17 @@ impl Room {
             self.by_replica.remove(&client.replica);
         }
         if client.presence.is_some() {
-            let frame = encode_presence(client.replica, "null");
+            let who = client.who.as_deref().map(Member::presence_user);
+            let frame = encode_presence_of(client.replica, who, "null");
             for other in self.clients.keys() {
                 self.effects.frames.push((*other, frame.clone()));
             }
         }
+    }
+
+    /// Answers an accepted `auth` refresh, in order with the connection's other frames.
+    pub fn auth_ack(&mut self, conn: ConnToken, exp: u64) {
+        self.effects.frames.push((conn, encode_auth_ack(exp)));
     }
 
     /// Drains what this room wants done since the last call.
@@ -681,7 +772,6 @@ mod tests {
             snapshot_every_bytes: 1 << 30,
             replay_window_ops: 100,
             doc_chars_max: 1_000,
-            token: None,
         }
     }
 
@@ -704,6 +794,7 @@ mod tests {
                 Ok(ClientMessage::Hello(hello)) => self.room.join(conn, &hello),
                 Ok(ClientMessage::Op(msg)) => self.room.handle_op(conn, msg),
                 Ok(ClientMessage::Presence(update)) => self.room.handle_presence(conn, update),
+                Ok(ClientMessage::Auth(_)) => {}
                 Err(err) => self.room.refuse(conn, &err),
             }
         }
@@ -1244,27 +1335,6 @@ mod tests {
     }
 
     #[test]
-    fn token_is_required_when_configured() {
-        let mut config = config();
-        config.token = Some("s3cret".into());
-        let mut h = Harness::new(config);
-        for hello in [r#"{"type":"hello"}"#, r#"{"type":"hello","token":"nope"}"#] {
-            let effects = h.check_send(
-                1,
-                hello,
-                &[(
-                    1,
-                    r#"{"type":"error","code":"unauthorized","message":"missing or wrong token"}"#,
-                )],
-            );
-            assert_eq!(effects.closes, vec![(ConnToken(1), 1008, "unauthorized")]);
-            assert!(effects.records.is_empty());
-        }
-        h.send(1, r#"{"type":"hello","token":"s3cret"}"#);
-        assert_eq!(h.room.replica_of(ConnToken(1)), Some(1));
-    }
-
-    #[test]
     fn document_size_limit() {
         let mut config = config();
         config.doc_chars_max = 3;
@@ -1326,6 +1396,133 @@ mod tests {
     fn reopen(storage: &mut MemoryStorage, config: RoomConfig) -> Room {
         let stored = storage.load("doc").expect("memory load");
         Room::open("doc".into(), stored, config).expect("reopen")
+    }
+
+    fn hello_of(text: &str) -> Hello {
+        match parse_client_message(text) {
+            Ok(ClientMessage::Hello(hello)) => hello,
+            other => panic!("not a hello: {other:?}"),
+        }
+    }
+
+    fn as_user(user: &str) -> JoinAuth<'_> {
+        JoinAuth {
+            user,
+            name: Some("Display"),
+            role: "write",
+            exp: 99,
+        }
+    }
+
+    #[test]
+    fn replica_owners_survive_snapshots_and_the_log() {
+        // Owners from the log tail only (no snapshot), and from a snapshot plus a tail.
+        for snapshot_every_ops in [1_000, 1] {
+            let mut config = config();
+            config.snapshot_every_ops = snapshot_every_ops;
+            let mut storage = MemoryStorage::new();
+            let mut room = Room::open("doc".into(), None, config.clone()).expect("new");
+            room.join_as(
+                ConnToken(1),
+                &hello_of(r#"{"type":"hello","replica":5}"#),
+                Some(as_user("alice")),
+            );
+            let effects = room.take_effects();
+            assert!(effects.records.contains(&LogRecord::ReplicaOwner {
+                replica: 5,
+                user: "alice".into()
+            }));
+            let ack: serde_json::Value =
+                serde_json::from_str(effects.frames[0].1.as_str()).expect("json");
+            assert_eq!(
+                (&ack["role"], &ack["user"], &ack["exp"]),
+                (&"write".into(), &"alice".into(), &99.into())
+            );
+            for record in &effects.records {
+                storage.append("doc", room.epoch(), record).expect("append");
+            }
+            let op = r#"{"type":"op","client_seq":1,"ops":[{"kind":"ins","id":[1,5],"after":null,"text":"a"}]}"#;
+            let Ok(ClientMessage::Op(op)) = parse_client_message(op) else {
+                panic!("op")
+            };
+            room.handle_op(ConnToken(1), op);
+            // An assigned replica is bound too (after the snapshot, in the tail).
+            room.join_as(
+                ConnToken(2),
+                &hello_of(r#"{"type":"hello"}"#),
+                Some(as_user("bob")),
+            );
+            persist(&mut room, &mut storage);
+            let bob_replica = room.replica_of(ConnToken(2)).expect("bob joined");
+            let stored = storage.load("doc").expect("load").expect("stored");
+            let snapshot_owners = stored.snapshot.map(|s| s.owners);
+            match snapshot_every_ops {
+                1 => assert_eq!(snapshot_owners, Some(vec![(5, "alice".to_owned())])),
+                _ => assert_eq!(snapshot_owners, None),
+            }
+            let mut again = reopen(&mut storage, config.clone());
+            for (user, replica, allowed) in [
+                ("bob", 5, false),
+                ("alice", bob_replica, false),
+                ("alice", 5, true),
+            ] {
+                let hello = hello_of(&format!(r#"{{"type":"hello","replica":{replica}}}"#));
+                again.join_as(ConnToken(9), &hello, Some(as_user(user)));
+                let effects = again.take_effects();
+                assert_eq!(
+                    effects.closes.is_empty(),
+                    allowed,
+                    "{user} on {replica} (snapshot every {snapshot_every_ops})"
+                );
+                again.leave(ConnToken(9));
+                let _ = again.take_effects();
+            }
+            // Without access control nothing is checked or recorded.
+            again.join_as(
+                ConnToken(10),
+                &hello_of(r#"{"type":"hello","replica":5}"#),
+                None,
+            );
+            let effects = again.take_effects();
+            assert!(effects.closes.is_empty() && effects.records.is_empty());
+        }
+    }
+
+    #[test]
+    fn presence_carries_the_token_identity() {
+        let mut room = Room::open("doc".into(), None, config()).expect("new");
+        room.join_as(
+            ConnToken(1),
+            &hello_of(r#"{"type":"hello"}"#),
+            Some(as_user("alice")),
+        );
+        room.join_as(
+            ConnToken(2),
+            &hello_of(r#"{"type":"hello"}"#),
+            Some(as_user("bob")),
+        );
+        let _ = room.take_effects();
+        room.handle_presence(
+            ConnToken(1),
+            PresenceUpdate {
+                state_json: r#"{"cursor":1}"#.into(),
+            },
+        );
+        let effects = room.take_effects();
+        assert_eq!(
+            effects.frames[0].1.as_str(),
+            r#"{"type":"presence","replica":1,"user":"alice","name":"Display","state":{"cursor":1}}"#
+        );
+        room.join_as(
+            ConnToken(3),
+            &hello_of(r#"{"type":"hello"}"#),
+            Some(as_user("carol")),
+        );
+        let effects = room.take_effects();
+        let ack: serde_json::Value =
+            serde_json::from_str(effects.frames[0].1.as_str()).expect("json");
+        assert_eq!(ack["presence"][0]["user"], "alice");
+        assert_eq!(ack["presence"][0]["name"], "Display");
     }
 
     #[test]
@@ -1514,6 +1711,7 @@ mod tests {
             epoch: "e".into(),
             head: 1,
             replicas_reserved: 0,
+            owners: Vec::new(),
             runs_json: "{\"runs\":[{}]}".into(),
         };
         let doc = StoredDoc {

@@ -23,6 +23,7 @@ use mio::{Events, Poll, Token};
 use tungstenite::Message;
 
 use crate::acceptor::handoff::{Handoff, ShardAlive, ShardMsg};
+use crate::auth::Rule;
 use crate::ids::ConnToken;
 use crate::metrics::ShardMetrics;
 
@@ -53,6 +54,10 @@ pub trait Handler {
     fn end_turn(&mut self, net: &mut Net);
     /// Runs about every 250 ms.
     fn on_tick(&mut self, _net: &mut Net, _now: Instant) {}
+    /// A revocation is in force: close the live connections it matches; returns how many.
+    fn on_revoke(&mut self, _net: &mut Net, _rule: &Rule) -> usize {
+        0
+    }
 }
 
 /// What the acceptor learned about a connection besides its socket.
@@ -62,6 +67,8 @@ pub struct OpenInfo {
     pub doc: Option<String>,
     /// The first hello, read by the acceptor on plain `/ws`.
     pub hello: Option<crate::protocol::Hello>,
+    /// The token the acceptor verified, with access control on.
+    pub admitted: Option<Box<crate::acceptor::handoff::Admitted>>,
 }
 
 /// The close code and reason every client of a shard gets when its handler panicked.
@@ -170,6 +177,7 @@ pub fn run<H: Handler>(
                             doc,
                             hello,
                             peer,
+                            admitted,
                         } = *handoff;
                         if handler.panicked() {
                             // Routed here before the acceptor saw the shard die.
@@ -186,13 +194,28 @@ pub fn run<H: Handler>(
                         if let Some(conn) = net.insert(ws, peer, turn_start) {
                             debug!("shard: {peer} joins as {conn:?} for {doc:?}");
                             handler.call(&mut net, |h, net| {
-                                h.on_open(net, conn, OpenInfo { doc, hello })
+                                h.on_open(
+                                    net,
+                                    conn,
+                                    OpenInfo {
+                                        doc,
+                                        hello,
+                                        admitted,
+                                    },
+                                )
                             });
                             // Before the next insert can reuse a slab key.
                             tell_gone(handler, &mut net);
                         }
                     }
                     Ok(ShardMsg::Door(release)) => net.set_door(release),
+                    Ok(ShardMsg::Revoke { rule, reply }) => {
+                        let mut n_closed = 0;
+                        handler.call(&mut net, |h, net| n_closed = h.on_revoke(net, &rule));
+                        tell_gone(handler, &mut net);
+                        // The admin worker may have given up waiting; nothing to do then.
+                        let _ = reply.send(n_closed);
+                    }
                     Ok(ShardMsg::Shutdown) | Err(TryRecvError::Disconnected) => {
                         if shutdown_deadline.is_none() {
                             debug!("shard: shutting down with {} connections", net.len());

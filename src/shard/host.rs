@@ -9,20 +9,29 @@
 //! Each connection's `op` and `presence` messages draw on a token bucket
 //! ([`super::rate_limit`], on the turn's clock); one over the budget gets `rate_limited`, is
 //! not applied, and counts as a refusal.
+//! With access control on (`src/auth`), a `hello` is admitted before its document is looked
+//! up or loaded (the acceptor's verdict is checked once more, or `hello.token` verified), a
+//! `read` connection's ops get `forbidden`, an `auth` message refreshes the token in place,
+//! a timer closes connections whose token expired (1008 `token expired`, within a tick of
+//! `exp`), and a revocation closes every connection it matches (1008 `revoked`).
 //! Never touches a socket directly (the [`Net`] does) and never blocks on one.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use slab::Slab;
 use tungstenite::{Message, Utf8Bytes};
 
+use crate::acceptor::handoff::Admitted;
+use crate::auth::{now_unix, Auth, AuthError, Grant, Rule};
 use crate::config::{DOCS_PER_SHARD_MAX_DEFAULT, REFUSALS_BEFORE_CLOSE};
 use crate::ids::ConnToken;
 use crate::metrics::ShardMetrics;
-use crate::protocol::{self, ClientMessage, ErrorCode, Hello, ProtocolError};
-use crate::room::{Effects, Room, RoomConfig};
+use crate::protocol::{self, AuthRefresh, ClientMessage, ErrorCode, Hello, ProtocolError};
+use crate::room::{Effects, JoinAuth, Room, RoomConfig};
 use crate::storage::Storage;
 
 use super::conn::Net;
@@ -41,6 +50,23 @@ struct Session {
     n_refused: u32,
     /// Its budget of `op` and `presence` messages (`RoomHost::rate_limit`).
     bucket: TokenBucket,
+    /// Whether its ops may be applied: `false` for a token with role `read` (kept here so the
+    /// op path reads one flag, not the grant).
+    can_write: bool,
+    /// Its token, with access control on (boxed: 8 bytes per connection when off).
+    access: Option<Box<Access>>,
+}
+
+/// A connection's token with access control on.
+#[derive(Debug)]
+struct Access {
+    /// What the acceptor verified, until the `hello` is admitted.
+    door: Option<Admitted>,
+    /// The token in force once joined (replaced by an `auth` refresh).
+    grant: Option<Grant>,
+    /// Unique per session: tells this session's entries in `RoomHost::expiries` from those of
+    /// an earlier session with the same slab key.
+    serial: u64,
 }
 
 /// One loaded document.
@@ -82,6 +108,14 @@ pub struct RoomHost {
     /// Closes decided by the host (too many refusals) that must follow the frames the rooms
     /// queued this turn.
     closes_after_turn: Vec<(ConnToken, u16, &'static str)>,
+    /// Access control; `None` runs open.
+    auth: Option<Arc<Auth>>,
+    /// `(exp, connection key, session serial)` of every token in force, soonest first; the
+    /// tick closes the connections whose token expired. An entry whose session is gone or
+    /// whose token was refreshed is skipped when it comes up. One entry per join or refresh.
+    expiries: BinaryHeap<Reverse<(u64, usize, u64)>>,
+    /// The next session serial.
+    next_serial: u64,
 }
 
 impl RoomHost {
@@ -107,7 +141,128 @@ impl RoomHost {
             dirty_spare: Vec::new(),
             batch: Vec::new(),
             closes_after_turn: Vec::new(),
+            auth: None,
+            expiries: BinaryHeap::new(),
+            next_serial: 0,
         }
+    }
+
+    /// Admits connections by token (`None`: open, the default).
+    pub fn with_auth(mut self, auth: Option<Arc<Auth>>) -> RoomHost {
+        self.auth = auth;
+        self
+    }
+
+    /// Decides whether `conn`'s `hello` for `doc` is admitted: `Ok(None)` with access control
+    /// off, the grant when on. The acceptor's verdict is checked once more (time, scope,
+    /// revocation; `hello.token` must equal the token it verified), or `hello.token` is
+    /// verified here when the upgrade carried none.
+    fn admit(
+        &mut self,
+        conn: ConnToken,
+        hello: &Hello,
+        doc: &str,
+    ) -> Result<Option<Grant>, AuthError> {
+        let Some(auth) = self.auth.clone() else {
+            return Ok(None);
+        };
+        let now = now_unix();
+        let door = self
+            .session_mut(conn)
+            .and_then(|s| s.access.as_mut())
+            .and_then(|a| a.door.take());
+        match door {
+            Some(admitted) => {
+                if hello
+                    .token
+                    .as_deref()
+                    .is_some_and(|token| token != admitted.token)
+                {
+                    return Err(AuthError::Conflict);
+                }
+                auth.recheck(&admitted.grant, doc, now)?;
+                Ok(Some(admitted.grant))
+            }
+            None => auth.authorize(hello.token.as_deref(), doc, now).map(Some),
+        }
+    }
+
+    /// Keeps `grant` as `conn`'s token in force and schedules its expiry.
+    fn keep_grant(&mut self, conn: ConnToken, grant: Grant) {
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        let exp = grant.exp;
+        let Some(session) = self.session_mut(conn) else {
+            return;
+        };
+        session.can_write = grant.role.can_write();
+        session.access = Some(Box::new(Access {
+            door: None,
+            grant: Some(grant),
+            serial,
+        }));
+        self.expiries.push(Reverse((exp, conn.0, serial)));
+    }
+
+    /// `{"type":"auth"}`: a new token for the same user covering the connection's document
+    /// replaces the old one (`auth_ack`); anything else is `unauthorized` and a close 1008.
+    fn refresh(
+        &mut self,
+        net: &mut Net,
+        conn: ConnToken,
+        room_idx: Option<usize>,
+        refresh: AuthRefresh,
+    ) {
+        let Some(auth) = self.auth.clone() else {
+            return self.refuse(
+                net,
+                conn,
+                &ProtocolError::bad("this server does not use tokens"),
+            );
+        };
+        let Some(idx) = room_idx.filter(|idx| self.rooms.contains(*idx)) else {
+            let err = ProtocolError::new(ErrorCode::NotJoined, "send hello first");
+            return self.refuse(net, conn, &err);
+        };
+        if !self.within_rate(conn, 1) {
+            let err = ProtocolError::new(ErrorCode::RateLimited, RATE_LIMITED);
+            return self.refuse(net, conn, &err);
+        }
+        let now = now_unix();
+        let user = self
+            .session_mut(conn)
+            .and_then(|s| s.access.as_ref())
+            .and_then(|a| a.grant.as_ref())
+            .map(|g| g.user.clone());
+        let doc = self.rooms[idx].room.doc_name();
+        let verdict = auth.verify(&refresh.token, now).and_then(|grant| {
+            if user.as_deref() != Some(grant.user.as_str()) {
+                return Err(AuthError::OtherUser);
+            }
+            auth.recheck(&grant, doc, now)?;
+            Ok(grant)
+        });
+        match verdict {
+            Ok(grant) => {
+                let exp = grant.exp;
+                self.keep_grant(conn, grant);
+                self.rooms[idx].room.auth_ack(conn, exp);
+            }
+            Err(e) => {
+                let err = ProtocolError::new(ErrorCode::Unauthorized, e.message());
+                self.rooms[idx].room.refuse(conn, &err);
+                self.closes_after_turn.push((conn, 1008, e.close_reason()));
+            }
+        }
+        self.mark_dirty(idx);
+    }
+
+    /// Closes `conn` for a token problem: `unauthorized` with the reason, then 1008.
+    fn close_unauthorized(net: &mut Net, conn: ConnToken, e: AuthError) {
+        net.metrics.figures.counters.msgs_refused += 1;
+        let err = ProtocolError::new(ErrorCode::Unauthorized, e.message());
+        net.send(conn, protocol::encode_error(&err));
+        net.close(conn, 1008, e.close_reason());
     }
 
     /// Keeps at most `docs_max` documents loaded (at least one): a `hello` for another one
@@ -241,6 +396,15 @@ impl RoomHost {
                 return self.refuse(net, conn, &ProtocolError::bad("hello must name a doc"))
             }
         };
+        // Decided before the document is looked up or loaded: a refused token costs the
+        // shard no document.
+        let grant = match self.admit(conn, &hello, &doc) {
+            Ok(grant) => grant,
+            Err(e) => {
+                debug!("shard: {:?} refused: {}", net.peer(conn), e.message());
+                return RoomHost::close_unauthorized(net, conn, e);
+            }
+        };
         let room_idx = match self.room_by_doc.get(&doc).copied() {
             Some(idx) => idx,
             None if self.rooms.len() >= self.docs_max && !self.unload_one_empty(net) => {
@@ -278,7 +442,16 @@ impl RoomHost {
         }
         let slot = &mut self.rooms[room_idx];
         slot.empty_since = None;
-        slot.room.join(conn, &hello);
+        let join_auth = grant.as_ref().map(|grant| JoinAuth {
+            user: &grant.user,
+            name: grant.name.as_deref(),
+            role: grant.role.as_str(),
+            exp: grant.exp,
+        });
+        slot.room.join_as(conn, &hello, join_auth);
+        if let Some(grant) = grant {
+            self.keep_grant(conn, grant);
+        }
         self.mark_dirty(room_idx);
     }
 
@@ -373,11 +546,21 @@ impl Handler for RoomHost {
         }
         let now = self.turn_now();
         let bucket = self.rate_limit.full_bucket(now);
+        let access = info.admitted.map(|admitted| {
+            self.next_serial += 1;
+            Box::new(Access {
+                door: Some(*admitted),
+                grant: None,
+                serial: self.next_serial,
+            })
+        });
         self.sessions[conn.0] = Some(Session {
             path_doc: info.doc,
             room_idx: None,
             n_refused: 0,
             bucket,
+            can_write: true,
+            access,
         });
         if let Some(hello) = info.hello {
             self.hello(net, conn, hello);
@@ -399,10 +582,19 @@ impl Handler for RoomHost {
         let Some(session) = self.session_mut(conn) else {
             return;
         };
-        let room_idx = session.room_idx;
+        let (room_idx, can_write) = (session.room_idx, session.can_write);
         match (parsed, room_idx) {
             (Err(err), _) => self.refuse(net, conn, &err),
             (Ok(ClientMessage::Hello(hello)), _) => self.hello(net, conn, hello),
+            (Ok(ClientMessage::Auth(refresh)), _) => self.refresh(net, conn, room_idx, refresh),
+            (Ok(ClientMessage::Op(op)), Some(_)) if !can_write => {
+                let err = ProtocolError::new(
+                    ErrorCode::Forbidden,
+                    "read-only token: ops are not allowed",
+                )
+                .with_client_seq(Some(op.client_seq));
+                self.refuse(net, conn, &err);
+            }
             (Ok(ClientMessage::Op(op)), Some(_))
                 if !self.within_rate(conn, op_message_cost(&op.ops)) =>
             {
@@ -560,7 +752,63 @@ impl Handler for RoomHost {
         }
     }
 
+    fn on_revoke(&mut self, net: &mut Net, rule: &Rule) -> usize {
+        let mut matched = Vec::new();
+        for (key, session) in self.sessions.iter().enumerate() {
+            let Some(session) = session else { continue };
+            let Some(access) = &session.access else {
+                continue;
+            };
+            let Some(grant) = access
+                .grant
+                .as_ref()
+                .or(access.door.as_ref().map(|door| &door.grant))
+            else {
+                continue;
+            };
+            let doc = match session.room_idx.and_then(|idx| self.rooms.get(idx)) {
+                Some(slot) => slot.room.doc_name(),
+                None => session.path_doc.as_deref().unwrap_or_default(),
+            };
+            if rule.closes(grant, doc) {
+                matched.push(ConnToken(key));
+            }
+        }
+        for &conn in &matched {
+            RoomHost::close_unauthorized(net, conn, AuthError::Revoked);
+            if let Some(session) = self.session_mut(conn) {
+                session.access = None;
+                session.can_write = false;
+            }
+        }
+        matched.len()
+    }
+
     fn on_tick(&mut self, net: &mut Net, now: Instant) {
+        if !self.expiries.is_empty() {
+            let now_secs = now_unix();
+            while let Some(&Reverse((exp, key, serial))) = self.expiries.peek() {
+                if exp > now_secs {
+                    break;
+                }
+                self.expiries.pop();
+                let current = self
+                    .sessions
+                    .get(key)
+                    .and_then(Option::as_ref)
+                    .and_then(|s| s.access.as_ref())
+                    .is_some_and(|a| {
+                        a.serial == serial && a.grant.as_ref().is_some_and(|g| g.exp == exp)
+                    });
+                if current {
+                    RoomHost::close_unauthorized(net, ConnToken(key), AuthError::Expired);
+                    if let Some(session) = self.session_mut(ConnToken(key)) {
+                        session.access = None;
+                        session.can_write = false;
+                    }
+                }
+            }
+        }
         let mut idle = Vec::new();
         for (idx, slot) in self.rooms.iter_mut() {
             if !std::mem::take(&mut slot.busy_this_tick) {

@@ -70,6 +70,9 @@ struct DocLog<H> {
     last_seq: u64,
     /// Highest replica reservation appended, pending included.
     last_reserved: u64,
+    /// Replica owners known (the snapshot's plus `ReplicaOwner` records after it): a
+    /// snapshot with fewer does not cover the log.
+    n_owners: usize,
     /// Segments before `current` still on disk (holding records a snapshot did not cover).
     old_segments: Vec<u64>,
     /// Listed in `DiskStorage::touched`.
@@ -92,6 +95,7 @@ impl<H> DocLog<H> {
             pending: Vec::new(),
             last_seq: 0,
             last_reserved: 0,
+            n_owners: 0,
             old_segments: Vec::new(),
             touched: false,
             release_after_sync: false,
@@ -347,6 +351,10 @@ impl<F: Fs> DiskStorage<F> {
         let mut tail = Vec::new();
         let mut last_seq = covered_head;
         let mut last_reserved = covered_reserved;
+        let covered_owners: Vec<u64> = snapshot
+            .as_ref()
+            .map_or_else(Vec::new, |s| s.owners.iter().map(|(r, _)| *r).collect());
+        let mut n_owners = covered_owners.len();
         // Segments whose every record the snapshot covers: deleted once loading succeeded.
         let mut covered_segments = Vec::new();
         let mut last_len = 0;
@@ -444,6 +452,13 @@ impl<F: Fs> DiskStorage<F> {
                             tail.push(LogRecord::ReplicasReserved { last });
                         }
                     }
+                    Body::Log(LogRecord::ReplicaOwner { replica, user }) => {
+                        if !covered_owners.contains(&replica) {
+                            n_owners += 1;
+                            n_tail_records += 1;
+                            tail.push(LogRecord::ReplicaOwner { replica, user });
+                        }
+                    }
                 }
                 offset = next;
             }
@@ -458,6 +473,7 @@ impl<F: Fs> DiskStorage<F> {
         log.seg_no = seg_floor.max(segments.last().copied().unwrap_or(0));
         log.last_seq = last_seq;
         log.last_reserved = last_reserved;
+        log.n_owners = n_owners;
         if snapshot.is_none() && tail.is_empty() {
             // Nothing of value (a crash before the first record was complete): start afresh,
             // so the next append writes a header with the new epoch.
@@ -834,8 +850,10 @@ impl<F: Fs> Storage for DiskStorage<F> {
         if log.epoch.is_none() {
             log.epoch = Some(snapshot.epoch.clone());
         }
-        let covers_all =
-            snapshot.head >= log.last_seq && snapshot.replicas_reserved >= log.last_reserved;
+        let covers_all = snapshot.head >= log.last_seq
+            && snapshot.replicas_reserved >= log.last_reserved
+            && snapshot.owners.len() >= log.n_owners;
+        log.n_owners = log.n_owners.max(snapshot.owners.len());
         log.last_seq = log.last_seq.max(snapshot.head);
         log.last_reserved = log.last_reserved.max(snapshot.replicas_reserved);
         // Either way the next append starts a new segment, so compaction never cuts a live file.
@@ -922,6 +940,7 @@ impl<F: Fs> DiskStorage<F> {
             LogRecord::ReplicasReserved { last } => {
                 log.last_reserved = log.last_reserved.max(*last)
             }
+            LogRecord::ReplicaOwner { .. } => log.n_owners += 1,
         }
         if !log.touched {
             log.touched = true;

@@ -19,6 +19,10 @@ const KIND_OPS: u8 = 2;
 const KIND_REPLICAS: u8 = 3;
 const KIND_SNAPSHOT: u8 = 4;
 const KIND_JOURNAL: u8 = 5;
+const KIND_OWNER: u8 = 6;
+/// A snapshot with its replica owners (format 2); format 1 (`KIND_SNAPSHOT`) is still read,
+/// with no owners.
+const KIND_SNAPSHOT_OWNERS: u8 = 7;
 
 /// One entry of a shard's write-ahead journal: bytes written to a document's segment at a
 /// known offset (physical redo: replaying it twice gives the same file).
@@ -102,6 +106,7 @@ pub(crate) fn encode_log(out: &mut Vec<u8>, doc: &str, record: &LogRecord) {
         match record {
             LogRecord::Ops { .. } => KIND_OPS,
             LogRecord::ReplicasReserved { .. } => KIND_REPLICAS,
+            LogRecord::ReplicaOwner { .. } => KIND_OWNER,
         },
     );
     match record {
@@ -110,6 +115,10 @@ pub(crate) fn encode_log(out: &mut Vec<u8>, doc: &str, record: &LogRecord) {
             out.extend_from_slice(echo.as_bytes());
         }
         LogRecord::ReplicasReserved { last } => out.extend_from_slice(&last.to_le_bytes()),
+        LogRecord::ReplicaOwner { replica, user } => {
+            out.extend_from_slice(&replica.to_le_bytes());
+            out.extend_from_slice(user.as_bytes());
+        }
     }
     finish(out, start);
 }
@@ -129,12 +138,27 @@ pub(crate) fn encode_snapshot(
     snapshot: &StoredSnapshot,
     seg_floor: u64,
 ) {
-    let start = begin(out, doc, KIND_SNAPSHOT);
+    // Format 1 while there are no owners, so a server without access control keeps writing
+    // what older versions read.
+    let with_owners = !snapshot.owners.is_empty();
+    let kind = if with_owners {
+        KIND_SNAPSHOT_OWNERS
+    } else {
+        KIND_SNAPSHOT
+    };
+    let start = begin(out, doc, kind);
     out.extend_from_slice(&seg_floor.to_le_bytes());
     out.extend_from_slice(&snapshot.head.to_le_bytes());
     out.extend_from_slice(&snapshot.replicas_reserved.to_le_bytes());
     put_str(out, &snapshot.epoch);
     put_str(out, doc);
+    if with_owners {
+        out.extend_from_slice(&(snapshot.owners.len() as u32).to_le_bytes());
+        for (replica, user) in &snapshot.owners {
+            out.extend_from_slice(&replica.to_le_bytes());
+            put_str(out, user);
+        }
+    }
     out.extend_from_slice(snapshot.runs_json.as_bytes());
     finish(out, start);
 }
@@ -277,12 +301,27 @@ pub(crate) fn decode_body(body: &[u8], doc: &str) -> Result<Body, String> {
             reader.end()?;
             Ok(Body::Log(LogRecord::ReplicasReserved { last }))
         }
-        KIND_SNAPSHOT => {
+        KIND_OWNER => {
+            let replica = reader.u64()?;
+            let user = reader.rest_str()?;
+            Ok(Body::Log(LogRecord::ReplicaOwner { replica, user }))
+        }
+        KIND_SNAPSHOT | KIND_SNAPSHOT_OWNERS => {
             let seg_floor = reader.u64()?;
             let head = reader.u64()?;
             let replicas_reserved = reader.u64()?;
             let epoch = reader.str()?;
             let name = reader.str()?;
+            let mut owners = Vec::new();
+            if kind == KIND_SNAPSHOT_OWNERS {
+                let n = reader.u32()? as usize;
+                // Each entry takes at least 12 bytes: a corrupt count cannot allocate much.
+                owners.reserve(n.min(reader.data.len() / 12));
+                for _ in 0..n {
+                    let replica = reader.u64()?;
+                    owners.push((replica, reader.str()?));
+                }
+            }
             let runs_json = reader.rest_str()?;
             Ok(Body::Snapshot {
                 doc: name,
@@ -290,6 +329,7 @@ pub(crate) fn decode_body(body: &[u8], doc: &str) -> Result<Body, String> {
                     epoch,
                     head,
                     replicas_reserved,
+                    owners,
                     runs_json: Utf8Bytes::from(runs_json),
                 },
                 seg_floor,
@@ -376,6 +416,58 @@ mod tests {
             echo: Utf8Bytes::from_static("{\"type\":\"op_echo\"}"),
         });
         check(LogRecord::ReplicasReserved { last: 1 << 40 });
+        check(LogRecord::ReplicaOwner {
+            replica: 9,
+            user: "alice@example.com".to_owned(),
+        });
+    }
+
+    #[test]
+    fn snapshots_round_trip_with_owners_and_format_1_still_reads() {
+        let snapshot = StoredSnapshot {
+            epoch: "e".to_owned(),
+            head: 4,
+            replicas_reserved: 16,
+            owners: vec![(1, "alice".to_owned()), (3, "bob".to_owned())],
+            runs_json: Utf8Bytes::from_static("{\"runs\":[]}"),
+        };
+        let mut out = Vec::new();
+        encode_snapshot(&mut out, "d", &snapshot, 2);
+        let Frame::Ok { body, .. } = read_frame(&out, 0) else {
+            panic!("frame")
+        };
+        assert_eq!(
+            decode_body(body, "d"),
+            Ok(Body::Snapshot {
+                doc: "d".to_owned(),
+                snapshot: snapshot.clone(),
+                seg_floor: 2,
+            })
+        );
+        // Format 1, as written before owners existed.
+        let mut old = Vec::new();
+        let start = begin(&mut old, "d", KIND_SNAPSHOT);
+        old.extend_from_slice(&2u64.to_le_bytes());
+        old.extend_from_slice(&4u64.to_le_bytes());
+        old.extend_from_slice(&16u64.to_le_bytes());
+        put_str(&mut old, "e");
+        put_str(&mut old, "d");
+        old.extend_from_slice(snapshot.runs_json.as_bytes());
+        finish(&mut old, start);
+        let Frame::Ok { body, .. } = read_frame(&old, 0) else {
+            panic!("frame")
+        };
+        assert_eq!(
+            decode_body(body, "d"),
+            Ok(Body::Snapshot {
+                doc: "d".to_owned(),
+                snapshot: StoredSnapshot {
+                    owners: Vec::new(),
+                    ..snapshot
+                },
+                seg_floor: 2,
+            })
+        );
     }
 
     #[test]

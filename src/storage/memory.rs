@@ -52,6 +52,9 @@ impl Storage for MemoryStorage {
         stored.tail.retain(|record| match record {
             LogRecord::Ops { server_seq, .. } => *server_seq > head,
             LogRecord::ReplicasReserved { last } => *last > snapshot.replicas_reserved,
+            LogRecord::ReplicaOwner { replica, .. } => {
+                !snapshot.owners.iter().any(|(owned, _)| owned == replica)
+            }
         });
         stored.snapshot = Some(snapshot.clone());
         Ok(())

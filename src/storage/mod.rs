@@ -39,6 +39,15 @@ pub enum LogRecord {
         /// Highest replica id reserved so far.
         last: u64,
     },
+    /// Replica `replica` belongs to `user` (a token's `sub`) from now on: the first user to
+    /// use a replica owns it, and another user's `hello` naming it is refused. Written once
+    /// per replica, only with access control on.
+    ReplicaOwner {
+        /// The replica.
+        replica: u64,
+        /// The token's `sub`.
+        user: String,
+    },
 }
 
 /// A document's state at `head`, from which its log tail is replayed.
@@ -50,6 +59,9 @@ pub struct StoredSnapshot {
     pub head: u64,
     /// Highest replica id reserved when the snapshot was taken.
     pub replicas_reserved: u64,
+    /// Every replica's owner (`LogRecord::ReplicaOwner`) known when the snapshot was taken,
+    /// by replica. Empty without access control, and in snapshots of format 1.
+    pub owners: Vec<(u64, String)>,
     /// The contract's snapshot object, `{"runs":[...]}`, as JSON text.
     pub runs_json: Utf8Bytes,
 }

@@ -377,6 +377,11 @@ impl Editor {
 /// The real binary on an ephemeral port (memory storage, 2 shards) and the address it printed
 /// (`listening on http://ADDR`).
 pub fn spawn_server() -> (std::process::Child, SocketAddr) {
+    spawn_server_with(&[])
+}
+
+/// [`spawn_server`] with more flags.
+pub fn spawn_server_with(extra: &[&str]) -> (std::process::Child, SocketAddr) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_collab-engine"))
         .args([
             "--listen",
@@ -387,6 +392,7 @@ pub fn spawn_server() -> (std::process::Child, SocketAddr) {
             "2",
             "--no-pin-cores",
         ])
+        .args(extra)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -491,24 +491,6 @@ fn ws_idle_document_unloads_and_reloads_from_storage() {
 }
 
 #[test]
-fn ws_token_required_refuses_with_1008() {
-    let _w = Watchdog::new("ws_token_required_refuses_with_1008", 30);
-    let mut config = test_config();
-    config.token = Some("s3cret".to_owned());
-    let server = server(config);
-    let addr = server.local_addr();
-    let mut ws = connect(addr, "/ws/locked");
-    send(&mut ws, r#"{"type":"hello","token":"wrong"}"#);
-    let (code, seen) = recv_until_close(&mut ws);
-    assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0]["code"], "unauthorized");
-    assert_eq!(code, Some(CloseCode::Policy));
-    let ok = Editor::join(addr, "/ws/locked", r#"{"type":"hello","token":"s3cret"}"#);
-    assert!(ok.replica >= 1);
-    server.shutdown().expect("clean shutdown");
-}
-
-#[test]
 fn ws_connection_limit_per_shard_closes_1013() {
     let _w = Watchdog::new("ws_connection_limit_per_shard_closes_1013", 30);
     let mut config = test_config();

@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
     let metrics = METRICS.get_or_init(|| MetricsRegistry::new(2));
     if let Parsed::Complete {
         head_bytes,
-        route: Route::Upgrade { doc: Some(doc) },
+        route: Route::Upgrade { doc: Some(doc), .. },
     } = parse_request(data, metrics)
     {
         assert!(head_bytes <= data.len());
