@@ -8,7 +8,9 @@
 //! Transport rules this module keeps (each one was a real bug elsewhere):
 //! - read until `WouldBlock` (tungstenite buffers whole frames; readiness is edge-triggered),
 //!   within a per-turn message budget; a connection with budget left over stays on the read
-//!   list for the next turn;
+//!   list for the next turn; frames the handler never sees (pings, pongs, messages discarded
+//!   while closing, and the raw bytes drained after a protocol error) have a budget of their own
+//!   per read, or a peer streaming them would hold the shard in one connection's read forever;
 //! - data frames (text, and binary for the echo example) are written by this module, not by
 //!   tungstenite: one `sendmsg` per connection per turn takes a header (built on the stack) and
 //!   the frame's shared bytes for each queued frame, so a fan-out copies nothing per recipient
@@ -459,8 +461,13 @@ impl Net {
         }
     }
 
-    /// Reads until a message for the handler arrives or nothing more can be read now.
+    /// Reads until a message for the handler arrives or nothing more can be read now. At most
+    /// [`NetLimits::reads_per_turn_max`] frames the handler does not see (pings, pongs, messages
+    /// discarded while closing) are read per call; past that the connection waits for the next
+    /// turn on the read list, so a turn reads at most the square of that budget from one
+    /// connection (4,096 frames by default).
     pub fn read_one(&mut self, key: usize) -> ReadOutcome {
+        let mut n_unseen = 0;
         loop {
             let Some(c) = self.conns.get_mut(key) else {
                 return ReadOutcome::Done;
@@ -483,6 +490,13 @@ impl Net {
             if let Phase::Closing { broken: true, .. } = c.phase {
                 return self.drain_raw(key);
             }
+            if n_unseen == self.limits.reads_per_turn_max {
+                // Like messages past the budget, the rest waits for the next turn, so that the
+                // other connections (and the timers) get theirs.
+                self.push_read(key);
+                return ReadOutcome::Done;
+            }
+            n_unseen += 1;
             match c.ws.read() {
                 Ok(message @ (Message::Text(_) | Message::Binary(_))) => {
                     c.last_heard = Instant::now();
@@ -554,19 +568,26 @@ impl Net {
             return ReadOutcome::Done;
         }
         let mut scratch = [0u8; 4096];
-        loop {
+        for _ in 0..self.limits.reads_per_turn_max {
             match c.ws.get_mut().read(&mut scratch) {
-                Ok(0) => break,
+                Ok(0) => {
+                    self.drop_conn(key);
+                    return ReadOutcome::Done;
+                }
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     c.wants_read = false;
                     return ReadOutcome::Done;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
+                Err(_) => {
+                    self.drop_conn(key);
+                    return ReadOutcome::Done;
+                }
             }
         }
-        self.drop_conn(key);
+        // A peer that keeps sending gets one budget of reads per turn, not the shard.
+        self.push_read(key);
         ReadOutcome::Done
     }
 

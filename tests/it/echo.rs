@@ -4,7 +4,11 @@
 //! forcing partial writes; fragmented messages with pings between the fragments; invalid UTF-8
 //! and the close-code rules of RFC 6455.
 
-use std::net::TcpStream;
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use collab_engine::acceptor::PlainWs;
 use collab_engine::ids::ConnToken;
@@ -367,6 +371,95 @@ fn echo_close_codes_follow_rfc_6455() {
             Err(tungstenite::Error::ConnectionClosed) => break,
             Err(e) => panic!("the server did not end the connection cleanly: {e}"),
         }
+    }
+    server.shutdown().expect("clean shutdown");
+}
+
+/// `n` masked client frames with the first header byte `head` (FIN and opcode) and an empty
+/// payload.
+fn empty_frames(head: u8, n: usize) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(6 * n);
+    for _ in 0..n {
+        bytes.extend_from_slice(&[head, 0x80, 1, 2, 3, 4]);
+    }
+    bytes
+}
+
+/// Sends `frames` over and over on one connection until `stop` is set or `bound` passes;
+/// returns whether it was stopped (true) or ran out of time (false). A server that stops
+/// reading (backpressure) only slows it down: each frame stays whole across partial writes.
+fn flood(
+    addr: SocketAddr,
+    frames: Vec<u8>,
+    started: mpsc::Sender<()>,
+    stop: Arc<AtomicBool>,
+    bound: Duration,
+) -> std::thread::JoinHandle<bool> {
+    std::thread::spawn(move || {
+        let stream = TcpStream::connect(addr).expect("connect");
+        let (ws, _) =
+            tungstenite::client::client(format!("ws://{addr}/ws"), stream).expect("handshake");
+        let mut stream = ws.into_inner();
+        stream
+            .set_write_timeout(Some(Duration::from_millis(100)))
+            .expect("write timeout");
+        let deadline = Instant::now() + bound;
+        let mut offset = 0;
+        let mut told = false;
+        while Instant::now() < deadline {
+            if stop.load(Ordering::Relaxed) {
+                return true;
+            }
+            match stream.write(&frames[offset..]) {
+                Ok(n) => {
+                    offset = (offset + n) % frames.len();
+                    if !told {
+                        told = true;
+                        let _ = started.send(());
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("the server broke the flooding connection: {e}"),
+            }
+        }
+        false
+    })
+}
+
+/// Regression: the connection layer read pings and pongs (which the handler never sees) without
+/// any budget, so a client streaming them held its shard inside one `read_one` call: the other
+/// connections, new ones and the timers waited until the stream stopped. The 15 s bound is not
+/// a latency figure: it only tells "served during the flood" from "served after it".
+#[test]
+fn echo_ping_and_pong_floods_do_not_starve_the_shard() {
+    let _w = Watchdog::new("echo_ping_and_pong_floods_do_not_starve_the_shard", 120);
+    crate::util::init_logging();
+    let server = start_with(&test_config(), PlainWs::RoundRobin, vec![Echo]).expect("echo server");
+    let addr = server.local_addr();
+    // Unsolicited pongs (which the RFC allows), and pings whose pongs the flooder never reads.
+    for (what, head) in [("pongs", 0x8a), ("pings", 0x89)] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (started_tx, started_rx) = mpsc::channel();
+        let flooder = flood(
+            addr,
+            empty_frames(head, 1 << 16),
+            started_tx,
+            stop.clone(),
+            Duration::from_secs(15),
+        );
+        started_rx.recv().expect("the flood started");
+        let mut ws = connect(addr, "/ws");
+        ws.send(Message::text("still served")).expect("send");
+        assert_eq!(next(&mut ws), Message::text("still served"));
+        stop.store(true, Ordering::Relaxed);
+        assert!(
+            flooder.join().expect("flooder"),
+            "{what}: the echo came only after the flood ended: one connection starved the shard"
+        );
     }
     server.shutdown().expect("clean shutdown");
 }
