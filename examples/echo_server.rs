@@ -25,7 +25,11 @@ use tungstenite::Message;
 /// Command line of the echo server. A flag given twice takes its last value, so scripts can
 /// append overrides to their defaults.
 #[derive(Parser, Debug)]
-#[command(args_override_self = true)]
+#[command(
+    args_override_self = true,
+    about = "WebSocket echo server on collab-engine's acceptor and shard connection layer: \
+             upgrades on /ws (ws://ADDR/ws); every text or binary message comes back as it came"
+)]
 struct Args {
     /// Address to listen on; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:9000")]
@@ -42,6 +46,7 @@ struct Args {
     max_message_bytes: usize,
 }
 
+/// Parses a count that must not be 0.
 fn parse_at_least_one(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
         Ok(0) => Err("must be at least 1".to_owned()),
