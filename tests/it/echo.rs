@@ -4,11 +4,10 @@
 //! forcing partial writes; fragmented messages with pings between the fragments; invalid UTF-8
 //! and the close-code rules of RFC 6455.
 
-use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use collab_engine::acceptor::PlainWs;
 use collab_engine::ids::ConnToken;
@@ -19,7 +18,7 @@ use tungstenite::protocol::frame::{CloseFrame, Frame, FrameHeader};
 use tungstenite::protocol::Role;
 use tungstenite::{Bytes, Message, WebSocket};
 
-use crate::util::{connect, test_config, Watchdog, Ws, READ_TIMEOUT};
+use crate::util::{connect, empty_frames, flood, test_config, Watchdog, Ws, READ_TIMEOUT};
 
 /// Sends every text or binary message back as a message of the same kind.
 struct Echo;
@@ -373,61 +372,6 @@ fn echo_close_codes_follow_rfc_6455() {
         }
     }
     server.shutdown().expect("clean shutdown");
-}
-
-/// `n` masked client frames with the first header byte `head` (FIN and opcode) and an empty
-/// payload.
-fn empty_frames(head: u8, n: usize) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(6 * n);
-    for _ in 0..n {
-        bytes.extend_from_slice(&[head, 0x80, 1, 2, 3, 4]);
-    }
-    bytes
-}
-
-/// Sends `frames` over and over on one connection until `stop` is set or `bound` passes;
-/// returns whether it was stopped (true) or ran out of time (false). A server that stops
-/// reading (backpressure) only slows it down: each frame stays whole across partial writes.
-fn flood(
-    addr: SocketAddr,
-    frames: Vec<u8>,
-    started: mpsc::Sender<()>,
-    stop: Arc<AtomicBool>,
-    bound: Duration,
-) -> std::thread::JoinHandle<bool> {
-    std::thread::spawn(move || {
-        let stream = TcpStream::connect(addr).expect("connect");
-        let (ws, _) =
-            tungstenite::client::client(format!("ws://{addr}/ws"), stream).expect("handshake");
-        let mut stream = ws.into_inner();
-        stream
-            .set_write_timeout(Some(Duration::from_millis(100)))
-            .expect("write timeout");
-        let deadline = Instant::now() + bound;
-        let mut offset = 0;
-        let mut told = false;
-        while Instant::now() < deadline {
-            if stop.load(Ordering::Relaxed) {
-                return true;
-            }
-            match stream.write(&frames[offset..]) {
-                Ok(n) => {
-                    offset = (offset + n) % frames.len();
-                    if !told {
-                        told = true;
-                        let _ = started.send(());
-                    }
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) => panic!("the server broke the flooding connection: {e}"),
-            }
-        }
-        false
-    })
 }
 
 /// Regression: the connection layer read pings and pongs (which the handler never sees) without
