@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The project's one test command: formatting, lints, every Rust test, then the JavaScript and
-# browser tests. Exits non-zero on the first failure.
+# The project's one test command: formatting, lints, every Rust test, the WebSocket conformance
+# run (Autobahn|Testsuite against examples/echo_server), then the JavaScript and browser tests.
+# Exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +16,9 @@ tests/interop/setup.sh
 
 echo "== cargo test"
 cargo test
+
+echo "== WebSocket conformance: Autobahn|Testsuite against examples/echo_server (tests/autobahn/run.sh)"
+tests/autobahn/run.sh
 
 if [ -x tests/browser/run.sh ] && [ "${SKIP_BROWSER_TESTS:-0}" != "1" ]; then
   echo "== JavaScript client and browser tests (tests/browser/run.sh)"

@@ -39,6 +39,13 @@ use super::http::{
 /// so a connection flood cannot exhaust memory in the acceptor.
 pub const PENDING_CONNS_MAX: usize = 16_384;
 
+/// Frames one readiness event may read from a pending WebSocket without moving it on (pings,
+/// pongs, messages discarded while refusing). Past it the connection is driven again on the
+/// next loop iteration, after the other events: without a bound, a client streaming pings or
+/// pongs before its `hello` held the acceptor, and with it every new connection, until it
+/// stopped.
+const FRAMES_PER_DRIVE_MAX: usize = 64;
+
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 /// `--admin-listen`'s listener, when there is one.
@@ -174,7 +181,11 @@ struct Ctx<'a> {
 // allocation per event.
 #[allow(clippy::large_enum_variant)]
 enum Next {
+    /// Wait for the next readiness event.
     Stay(Stage),
+    /// [`FRAMES_PER_DRIVE_MAX`] frames read and input may be left: drive it again soon (an
+    /// edge-triggered event will not come for bytes already there).
+    Again(Stage),
     Drop,
     HandOff(Box<Handoff>),
 }
@@ -210,6 +221,9 @@ pub struct Acceptor {
     )>,
     /// The next pending connection's serial.
     next_serial: u64,
+    /// Pending connections that spent their frame budget ([`Next::Again`]): driven again right
+    /// after this loop iteration's events, and the poll does not sleep while any is listed.
+    again: Vec<usize>,
 }
 
 /// Connections the kernel may queue before `accept`. mio (like std) listens with 128, which a
@@ -286,6 +300,7 @@ impl Acceptor {
             admin_listener,
             admin: None,
             next_serial: 0,
+            again: Vec::new(),
         })
     }
 
@@ -358,7 +373,11 @@ impl Acceptor {
             .clamp(Duration::from_millis(10), Duration::from_millis(250));
         let mut next_scan = Instant::now() + tick;
         loop {
-            let timeout = next_scan.saturating_duration_since(Instant::now());
+            let timeout = if self.again.is_empty() {
+                next_scan.saturating_duration_since(Instant::now())
+            } else {
+                Duration::ZERO
+            };
             match self.poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -378,6 +397,11 @@ impl Acceptor {
                     WAKER => self.collect_admin_answers(),
                     Token(t) => self.drive(t - FIRST_CONN),
                 }
+            }
+            // A key may have been dropped (or even reused) since it was listed: driving it is
+            // then a spurious wake-up, which every stage handles.
+            for key in std::mem::take(&mut self.again) {
+                self.drive(key);
             }
             let now = Instant::now();
             if now >= next_scan {
@@ -516,6 +540,12 @@ impl Acceptor {
             Next::Stay(stage) => {
                 if let Some(pending) = self.pending.get_mut(key) {
                     pending.stage = Some(stage);
+                }
+            }
+            Next::Again(stage) => {
+                if let Some(pending) = self.pending.get_mut(key) {
+                    pending.stage = Some(stage);
+                    self.again.push(key);
                 }
             }
             Next::Drop => {
@@ -878,7 +908,7 @@ fn await_hello(
             return Next::Drop;
         }
     }
-    loop {
+    for _ in 0..FRAMES_PER_DRIVE_MAX {
         let refusal = match ws.read() {
             Ok(Message::Text(text)) => match protocol::parse_client_message(&text) {
                 Ok(ClientMessage::Hello(hello)) if hello.doc.is_some() => {
@@ -928,6 +958,11 @@ fn await_hello(
             }
         }
     }
+    Next::Again(Stage::AwaitHello {
+        ws,
+        n_refused,
+        tokens,
+    })
 }
 
 /// Closes with the code the contract gives a transport error (1009 too big, 1007 bad UTF-8).
@@ -966,7 +1001,7 @@ fn refuse(mut ws: WebSocket<TcpStream>) -> Next {
         }
         Err(_) => return Next::Drop,
     }
-    loop {
+    for _ in 0..FRAMES_PER_DRIVE_MAX {
         match ws.read() {
             Ok(_) => {}
             Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -975,4 +1010,5 @@ fn refuse(mut ws: WebSocket<TcpStream>) -> Next {
             Err(_) => return Next::Drop,
         }
     }
+    Next::Again(Stage::Refuse(ws))
 }

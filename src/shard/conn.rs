@@ -8,12 +8,15 @@
 //! Transport rules this module keeps (each one was a real bug elsewhere):
 //! - read until `WouldBlock` (tungstenite buffers whole frames; readiness is edge-triggered),
 //!   within a per-turn message budget; a connection with budget left over stays on the read
-//!   list for the next turn;
-//! - text frames are written by this module, not by tungstenite: one `sendmsg` per connection per
-//!   turn takes a header (built on the stack) and the frame's shared bytes for each queued frame,
-//!   so a fan-out copies nothing per recipient and no connection keeps a write buffer; a frame
-//!   cut short by `WouldBlock` is finished before anything else touches the socket (tungstenite
-//!   writes only control frames: pongs, pings, closes, and only between whole text frames);
+//!   list for the next turn; frames the handler never sees (pings, pongs, messages discarded
+//!   while closing, and the raw bytes drained after a protocol error) have a budget of their own
+//!   per read, or a peer streaming them would hold the shard in one connection's read forever;
+//! - data frames (text, and binary for the echo example) are written by this module, not by
+//!   tungstenite: one `sendmsg` per connection per turn takes a header (built on the stack) and
+//!   the frame's shared bytes for each queued frame, so a fan-out copies nothing per recipient
+//!   and no connection keeps a write buffer; a frame cut short by `WouldBlock` is finished
+//!   before anything else touches the socket (tungstenite writes only control frames: pongs,
+//!   pings, closes, and only between whole data frames);
 //! - a frame given to tungstenite is queued even when `write` reports `WouldBlock`: never resend;
 //! - every write is followed by a flush, once per connection per turn;
 //! - when a flush hits `WouldBlock`, register WRITABLE, stop reading the connection, and resume
@@ -32,7 +35,7 @@ use mio::{Interest, Registry, Token};
 use slab::Slab;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::frame::CloseFrame;
-use tungstenite::{Message, Utf8Bytes, WebSocket};
+use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
 use crate::acceptor::DoorRelease;
 use crate::ids::ConnToken;
@@ -75,10 +78,10 @@ enum Phase {
 struct Conn {
     ws: WebSocket<TcpStream>,
     peer: SocketAddr,
-    /// Text frames not yet fully written: filled by [`Net::send`], drained by the flush.
-    /// They share their bytes with every other recipient. Released after a timer tick
-    /// with nothing queued (see `out_used`), so an idle connection holds no queue.
-    out: VecDeque<Utf8Bytes>,
+    /// Data frames not yet fully written: filled by [`Net::send`] and [`Net::send_binary`],
+    /// drained by the flush. They share their bytes with every other recipient. Released after
+    /// a timer tick with nothing queued (see `out_used`), so an idle connection holds no queue.
+    out: VecDeque<OutFrame>,
     /// Bytes (header and payload) of `out`'s front frame already written to the socket. While
     /// non-zero nothing else may write to the socket: no tungstenite call, no read (a read can
     /// answer a ping).
@@ -109,6 +112,38 @@ struct Conn {
 // Every connection pays for a `Conn` in the slab, idle or not (docs/benchmarks.md, "Connection
 // density and hot path"); 440 bytes today, of which tungstenite's `WebSocket` is 272.
 const _: () = assert!(std::mem::size_of::<Conn>() <= 448);
+
+/// A data frame in a connection's queue; its payload is shared with every other recipient.
+#[derive(Clone, Debug)]
+enum OutFrame {
+    /// A text frame (opcode 1): the collaboration protocol's only kind.
+    Text(Utf8Bytes),
+    /// A binary frame (opcode 2): the echo example's; the room host never sends one.
+    Binary(Bytes),
+}
+
+impl OutFrame {
+    /// The payload bytes.
+    fn payload(&self) -> &[u8] {
+        match self {
+            OutFrame::Text(text) => text.as_bytes(),
+            OutFrame::Binary(bytes) => bytes,
+        }
+    }
+
+    /// Payload length in bytes.
+    fn len(&self) -> usize {
+        self.payload().len()
+    }
+
+    /// The frame's opcode (RFC 6455 section 5.2).
+    fn opcode(&self) -> u8 {
+        match self {
+            OutFrame::Text(_) => 0x1,
+            OutFrame::Binary(_) => 0x2,
+        }
+    }
+}
 
 /// What one read attempt gave.
 pub enum ReadOutcome {
@@ -286,6 +321,16 @@ impl Net {
     /// left with more than [`NetLimits::outbound_bytes_max`] queued after the turn's flush is
     /// closed with 1013.
     pub fn send(&mut self, conn: ConnToken, frame: Utf8Bytes) {
+        self.queue(conn, OutFrame::Text(frame));
+    }
+
+    /// Queues a binary frame for `conn`, like [`Net::send`]. The collaboration protocol has no
+    /// binary messages; this is the echo example's (and the conformance run's) path.
+    pub fn send_binary(&mut self, conn: ConnToken, payload: Bytes) {
+        self.queue(conn, OutFrame::Binary(payload));
+    }
+
+    fn queue(&mut self, conn: ConnToken, frame: OutFrame) {
         let Some(c) = self.conns.get_mut(conn.0) else {
             return;
         };
@@ -448,8 +493,13 @@ impl Net {
         }
     }
 
-    /// Reads until a message for the handler arrives or nothing more can be read now.
+    /// Reads until a message for the handler arrives or nothing more can be read now. At most
+    /// [`NetLimits::reads_per_turn_max`] frames the handler does not see (pings, pongs, messages
+    /// discarded while closing) are read per call; past that the connection waits for the next
+    /// turn on the read list, so a turn reads at most the square of that budget from one
+    /// connection (4,096 frames by default).
     pub fn read_one(&mut self, key: usize) -> ReadOutcome {
+        let mut n_unseen = 0;
         loop {
             let Some(c) = self.conns.get_mut(key) else {
                 return ReadOutcome::Done;
@@ -458,7 +508,7 @@ impl Net {
                 return ReadOutcome::Done;
             }
             if c.front_sent > 0 {
-                // A text frame is half written: tungstenite must not answer a ping now (it
+                // A data frame is half written: tungstenite must not answer a ping now (it
                 // would write into the middle of it). Reads resume once it is out (see `pump`).
                 return ReadOutcome::Done;
             }
@@ -472,6 +522,13 @@ impl Net {
             if let Phase::Closing { broken: true, .. } = c.phase {
                 return self.drain_raw(key);
             }
+            if n_unseen == self.limits.reads_per_turn_max {
+                // Like messages past the budget, the rest waits for the next turn, so that the
+                // other connections (and the timers) get theirs.
+                self.push_read(key);
+                return ReadOutcome::Done;
+            }
+            n_unseen += 1;
             match c.ws.read() {
                 Ok(message @ (Message::Text(_) | Message::Binary(_))) => {
                     c.last_heard = Instant::now();
@@ -543,19 +600,26 @@ impl Net {
             return ReadOutcome::Done;
         }
         let mut scratch = [0u8; 4096];
-        loop {
+        for _ in 0..self.limits.reads_per_turn_max {
             match c.ws.get_mut().read(&mut scratch) {
-                Ok(0) => break,
+                Ok(0) => {
+                    self.drop_conn(key);
+                    return ReadOutcome::Done;
+                }
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     c.wants_read = false;
                     return ReadOutcome::Done;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
+                Err(_) => {
+                    self.drop_conn(key);
+                    return ReadOutcome::Done;
+                }
             }
         }
-        self.drop_conn(key);
+        // A peer that keeps sending gets one budget of reads per turn, not the shard.
+        self.push_read(key);
         ReadOutcome::Done
     }
 
@@ -575,7 +639,7 @@ impl Net {
         self.flush_spare = list;
     }
 
-    /// Writes what the connection has queued (tungstenite's control frames, the text frames, then
+    /// Writes what the connection has queued (tungstenite's control frames, the data frames, then
     /// a pending close frame), until done or `WouldBlock`.
     fn pump(&mut self, key: usize) {
         let Some(c) = self.conns.get_mut(key) else {
@@ -671,8 +735,8 @@ enum Pumped {
 }
 
 impl Conn {
-    /// Writes, in order: the rest of a half-written text frame, what tungstenite holds (pongs,
-    /// a close reply), a due ping, the queued text frames, and a pending close frame.
+    /// Writes, in order: the rest of a half-written data frame, what tungstenite holds (pongs,
+    /// a close reply), a due ping, the queued data frames, and a pending close frame.
     fn write_out(&mut self) -> Pumped {
         // Nothing may reach the socket before the end of a frame already started.
         if self.front_sent > 0 {
@@ -718,9 +782,9 @@ impl Conn {
         Pumped::Drained
     }
 
-    /// Writes the queued text frames straight to the socket; see [`write_text_frames`].
+    /// Writes the queued data frames straight to the socket; see [`write_data_frames`].
     fn write_frames(&mut self) -> io::Result<bool> {
-        write_text_frames(
+        write_data_frames(
             &mut NoSigPipe(self.ws.get_ref()),
             &mut self.out,
             &mut self.front_sent,
@@ -782,10 +846,11 @@ const FRAMES_PER_WRITE_MAX: usize = 32;
 // Linux takes at most IOV_MAX (1024) slices per call.
 const _: () = assert!(2 * FRAMES_PER_WRITE_MAX <= 1024);
 
-/// Writes the header of an unmasked, final text frame with a payload of `len` bytes into
-/// `header` (RFC 6455 section 5.2) and returns its length.
-fn text_frame_header(len: usize, header: &mut [u8; FRAME_HEADER_BYTES_MAX]) -> usize {
-    header[0] = 0x81; // FIN, opcode 1 (text)
+/// Writes the header of an unmasked, final data frame with `opcode` and a payload of `len`
+/// bytes into `header` (RFC 6455 section 5.2) and returns its length.
+fn frame_header(opcode: u8, len: usize, header: &mut [u8; FRAME_HEADER_BYTES_MAX]) -> usize {
+    debug_assert!(opcode == 0x1 || opcode == 0x2, "a data opcode");
+    header[0] = 0x80 | opcode; // FIN
     if len < 126 {
         header[1] = len as u8;
         2
@@ -800,21 +865,21 @@ fn text_frame_header(len: usize, header: &mut [u8; FRAME_HEADER_BYTES_MAX]) -> u
     }
 }
 
-/// Frame bytes (header and payload) of a text frame with a payload of `len` bytes.
-fn text_frame_bytes(len: usize) -> usize {
-    text_frame_header(len, &mut [0; FRAME_HEADER_BYTES_MAX]) + len
+/// Frame bytes (header and payload) of a data frame with a payload of `len` bytes.
+fn frame_bytes(len: usize) -> usize {
+    frame_header(0x1, len, &mut [0; FRAME_HEADER_BYTES_MAX]) + len
 }
 
-/// Writes `out`'s text frames to `socket` with vectored writes (no copy of any payload) until
+/// Writes `out`'s data frames to `socket` with vectored writes (no copy of any payload) until
 /// the queue is empty (`Ok(true)`) or the socket would block (`Ok(false)`). `front_sent` counts
 /// the bytes of the front frame already written, across calls; `out_bytes` drops by each
 /// frame's payload once it is fully written.
 ///
 /// # Errors
 /// A failed or zero-length write: the connection is broken.
-fn write_text_frames<W: Write>(
+fn write_data_frames<W: Write>(
     socket: &mut W,
-    out: &mut VecDeque<Utf8Bytes>,
+    out: &mut VecDeque<OutFrame>,
     front_sent: &mut usize,
     out_bytes: &mut usize,
 ) -> io::Result<bool> {
@@ -827,14 +892,15 @@ fn write_text_frames<W: Write>(
         let mut headers = [[0u8; FRAME_HEADER_BYTES_MAX]; FRAMES_PER_WRITE_MAX];
         let mut header_lens = [0usize; FRAMES_PER_WRITE_MAX];
         for (frame_idx, frame) in out.iter().take(n_frames).enumerate() {
-            header_lens[frame_idx] = text_frame_header(frame.len(), &mut headers[frame_idx]);
+            header_lens[frame_idx] =
+                frame_header(frame.opcode(), frame.len(), &mut headers[frame_idx]);
         }
         let mut slices = [IoSlice::new(&[]); 2 * FRAMES_PER_WRITE_MAX];
         let mut n_slices = 0;
         let mut skip = *front_sent;
         for (frame_idx, frame) in out.iter().take(n_frames).enumerate() {
             let header = &headers[frame_idx][..header_lens[frame_idx]];
-            for part in [header, frame.as_bytes()] {
+            for part in [header, frame.payload()] {
                 if skip >= part.len() {
                     skip -= part.len();
                     continue;
@@ -855,7 +921,7 @@ fn write_text_frames<W: Write>(
             let Some(front) = out.front() else {
                 break;
             };
-            let left = text_frame_bytes(front.len()) - *front_sent;
+            let left = frame_bytes(front.len()) - *front_sent;
             if n_written < left {
                 *front_sent += n_written;
                 break;
@@ -946,13 +1012,13 @@ mod tests {
         }
     }
 
-    /// The text messages a client reads from `bytes`.
-    fn client_reads(bytes: Vec<u8>) -> Vec<String> {
+    /// The data messages a client reads from `bytes`.
+    fn client_reads(bytes: Vec<u8>) -> Vec<Message> {
         let mut ws = WebSocket::from_raw_socket(Cursor::new(bytes), Role::Client, None);
         let mut got = Vec::new();
         loop {
             match ws.read() {
-                Ok(Message::Text(text)) => got.push(text.as_str().to_owned()),
+                Ok(message @ (Message::Text(_) | Message::Binary(_))) => got.push(message),
                 Ok(other) => panic!("unexpected {other:?}"),
                 // The end of the bytes, between two frames.
                 Err(tungstenite::Error::Protocol(
@@ -963,11 +1029,19 @@ mod tests {
         }
     }
 
+    /// The message a client reads for `frame`.
+    fn as_message(frame: &OutFrame) -> Message {
+        match frame {
+            OutFrame::Text(text) => Message::Text(text.clone()),
+            OutFrame::Binary(bytes) => Message::Binary(bytes.clone()),
+        }
+    }
+
     /// Writes `frames` through a socket granting `grants`, retrying after each `WouldBlock`
-    /// as readiness would, and checks the client reads exactly `frames`.
-    fn check(frames: &[String], grants: Vec<usize>) {
-        let mut out: VecDeque<Utf8Bytes> = frames.iter().map(|f| f.as_str().into()).collect();
-        let mut out_bytes: usize = frames.iter().map(String::len).sum();
+    /// as readiness would, and checks the client reads exactly `frames`, each with its kind.
+    fn check(frames: &[OutFrame], grants: Vec<usize>) {
+        let mut out: VecDeque<OutFrame> = frames.iter().cloned().collect();
+        let mut out_bytes: usize = frames.iter().map(OutFrame::len).sum();
         let mut front_sent = 0;
         let mut socket = Stingy {
             written: Vec::new(),
@@ -975,7 +1049,7 @@ mod tests {
             n_writes: 0,
         };
         let mut n_calls = 0;
-        while !write_text_frames(&mut socket, &mut out, &mut front_sent, &mut out_bytes)
+        while !write_data_frames(&mut socket, &mut out, &mut front_sent, &mut out_bytes)
             .expect("the socket never fails")
         {
             n_calls += 1;
@@ -983,22 +1057,37 @@ mod tests {
         }
         assert_eq!(out_bytes, 0);
         assert_eq!(front_sent, 0);
-        assert_eq!(client_reads(socket.written), frames);
+        let expected: Vec<Message> = frames.iter().map(as_message).collect();
+        assert_eq!(client_reads(socket.written), expected);
+    }
+
+    /// Frame `i` of a test queue: text for even `i`, binary (bytes that are not UTF-8) for odd.
+    fn frame(i: usize, len: usize) -> OutFrame {
+        if i % 2 == 0 {
+            let text = char::from(b'a' + (i % 26) as u8).to_string().repeat(len);
+            OutFrame::Text(text.into())
+        } else {
+            OutFrame::Binary(Bytes::from(vec![0xff - (i % 8) as u8; len]))
+        }
     }
 
     #[test]
     fn header_lengths_at_the_boundaries() {
         for (len, header_len) in [(0, 2), (125, 2), (126, 4), (65_535, 4), (65_536, 10)] {
-            let mut header = [0; FRAME_HEADER_BYTES_MAX];
-            assert_eq!(text_frame_header(len, &mut header), header_len, "{len}");
+            for opcode in [0x1, 0x2] {
+                let mut header = [0; FRAME_HEADER_BYTES_MAX];
+                assert_eq!(frame_header(opcode, len, &mut header), header_len, "{len}");
+                assert_eq!(header[0], 0x80 | opcode, "FIN and the opcode");
+            }
         }
     }
 
     #[test]
     fn frames_of_every_header_size_survive_partial_writes() {
-        let frames: Vec<String> = [0, 1, 125, 126, 65_535, 65_536, 1 << 20]
+        let frames: Vec<OutFrame> = [0, 1, 125, 126, 65_535, 65_536, 1 << 20]
             .iter()
-            .map(|&len| "x".repeat(len))
+            .enumerate()
+            .flat_map(|(i, &len)| [frame(2 * i, len), frame(2 * i + 1, len)])
             .collect();
         check(&frames, vec![]);
         check(&frames, vec![1, 0, 3, 0, 1, 127, 0, 9, 65_537, 0, 2, 5]);
@@ -1006,8 +1095,8 @@ mod tests {
 
     #[test]
     fn more_frames_than_one_write_takes() {
-        let frames: Vec<String> = (0..FRAMES_PER_WRITE_MAX * 3 + 1)
-            .map(|i| format!("{{\"n\":{i}}}"))
+        let frames: Vec<OutFrame> = (0..FRAMES_PER_WRITE_MAX * 3 + 1)
+            .map(|i| OutFrame::Text(format!("{{\"n\":{i}}}").into()))
             .collect();
         check(&frames, vec![0, 7, 0, 300, 1]);
     }
@@ -1018,11 +1107,8 @@ mod tests {
             lens in proptest::collection::vec(0usize..70_000, 0..12),
             grants in proptest::collection::vec(0usize..200_000, 0..40),
         ) {
-            let frames: Vec<String> = lens
-                .iter()
-                .enumerate()
-                .map(|(i, &len)| char::from(b'a' + (i % 26) as u8).to_string().repeat(len))
-                .collect();
+            let frames: Vec<OutFrame> =
+                lens.iter().enumerate().map(|(i, &len)| frame(i, len)).collect();
             check(&frames, grants);
         }
     }

@@ -2,6 +2,8 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
@@ -9,7 +11,8 @@ use tungstenite::protocol::frame::Frame;
 use tungstenite::Message;
 
 use crate::util::{
-    connect, http_get, recv_json, recv_until_close, send, server, test_config, Watchdog,
+    connect, empty_frames, flood, http_get, recv_json, recv_until_close, send, server, test_config,
+    Watchdog,
 };
 
 #[test]
@@ -424,4 +427,42 @@ fn shard_panic_releases_nothing_of_its_turn() {
     assert_eq!(code, Some(CloseCode::Error));
     assert!(seen.is_empty(), "nothing of the panicking turn: {seen:?}");
     server.shutdown().expect_err("a shard panicked");
+}
+
+/// Regression: before its `hello` on plain `/ws` a connection lives in the acceptor, which read
+/// pings and pongs without any budget: a client streaming them held the acceptor thread, so no
+/// other connection was accepted, upgraded or answered (`/health` included) until it stopped.
+/// The 15 s bound is not a latency figure: it only tells "served during the flood" from "served
+/// after it".
+#[test]
+fn hostile_ping_and_pong_floods_before_hello_do_not_stall_the_acceptor() {
+    let _w = Watchdog::new(
+        "hostile_ping_and_pong_floods_before_hello_do_not_stall_the_acceptor",
+        120,
+    );
+    let server = server(test_config());
+    let addr = server.local_addr();
+    for (what, head) in [("pongs", 0x8a), ("pings", 0x89)] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (started_tx, started_rx) = mpsc::channel();
+        let flooder = flood(
+            addr,
+            empty_frames(head, 1 << 16),
+            started_tx,
+            stop.clone(),
+            Duration::from_secs(15),
+        );
+        started_rx.recv().expect("the flood started");
+        let health = http_get(addr, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(health.starts_with("HTTP/1.1 200"), "{what}: {health}");
+        let mut ws = connect(addr, "/ws");
+        send(&mut ws, r#"{"type":"hello","doc":"flooded"}"#);
+        assert_eq!(recv_json(&mut ws)["type"], "hello_ack", "{what}");
+        stop.store(true, Ordering::Relaxed);
+        assert!(
+            flooder.join().expect("flooder"),
+            "{what}: served only after the flood ended: one connection stalled the acceptor"
+        );
+    }
+    server.shutdown().expect("clean shutdown");
 }

@@ -408,3 +408,58 @@ pub fn spawn_server_with(extra: &[&str]) -> (std::process::Child, SocketAddr) {
         .expect("an address");
     (child, addr)
 }
+
+/// `n` masked client frames with the first header byte `head` (FIN and opcode) and an empty
+/// payload.
+pub fn empty_frames(head: u8, n: usize) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(6 * n);
+    for _ in 0..n {
+        bytes.extend_from_slice(&[head, 0x80, 1, 2, 3, 4]);
+    }
+    bytes
+}
+
+/// Sends `frames` over and over on one connection until `stop` is set or `bound` passes;
+/// returns whether it was stopped (true) or ran out of time (false). A server that stops
+/// reading (backpressure) only slows it down: each frame stays whole across partial writes.
+pub fn flood(
+    addr: SocketAddr,
+    frames: Vec<u8>,
+    started: std::sync::mpsc::Sender<()>,
+    stop: Arc<AtomicBool>,
+    bound: Duration,
+) -> std::thread::JoinHandle<bool> {
+    std::thread::spawn(move || {
+        let stream = TcpStream::connect(addr).expect("connect");
+        let (ws, _) =
+            tungstenite::client::client(format!("ws://{addr}/ws"), stream).expect("handshake");
+        let mut stream = ws.into_inner();
+        stream
+            .set_write_timeout(Some(Duration::from_millis(100)))
+            .expect("write timeout");
+        let deadline = std::time::Instant::now() + bound;
+        let mut offset = 0;
+        let mut told = false;
+        while std::time::Instant::now() < deadline {
+            if stop.load(Ordering::Relaxed) {
+                return true;
+            }
+            match stream.write(&frames[offset..]) {
+                Ok(n) => {
+                    offset = (offset + n) % frames.len();
+                    if !told {
+                        told = true;
+                        let _ = started.send(());
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("the server broke the flooding connection: {e}"),
+            }
+        }
+        false
+    })
+}
