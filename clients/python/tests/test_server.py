@@ -1,0 +1,221 @@
+"""Python clients against the real server: convergence, presence, restart, lost history."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+from typing import Callable, List
+
+from collab_engine_client import ChangeEvent, CollabClient, PresenceEvent, StatusEvent
+
+from conftest import Server, run
+
+WORDS = ["py ", "ü", "😀", "\n", "ab", 'a"b']
+
+
+async def random_edits(client: CollabClient, rng: random.Random, n: int) -> None:
+    """``n`` random inserts and deletes, yielding to the loop now and then."""
+    for i in range(n):
+        length = len(client)
+        if length and rng.random() < 0.3:
+            pos = rng.randrange(length)
+            client.delete(pos, min(length - pos, rng.randint(1, 3)))
+        else:
+            client.insert(rng.randint(0, length), rng.choice(WORDS))
+        if i % 4 == 0:
+            await asyncio.sleep(rng.random() * 0.004)
+
+
+async def head_of(server: Server, doc: str) -> "tuple[int, str]":
+    """The document's head and text as a fresh joiner sees them."""
+    async with CollabClient(server.ws, doc) as probe:
+        return probe.head, probe.text()
+
+
+def test_two_python_clients_converge_and_see_each_others_presence(server: Server) -> None:
+    async def main() -> None:
+        doc = "py/two clients"
+        a = CollabClient(server.ws, doc, presence={"name": "a"})
+        b = CollabClient(server.ws, doc, presence={"name": "b"})
+        mirror: List[str] = [""]
+
+        def follow(ev: ChangeEvent) -> None:
+            t = mirror[0]
+            mirror[0] = t[: ev.index] + ev.text + t[ev.index + ev.length :]
+
+        b.on("change", follow)
+        statuses: List[str] = []
+        a.on("status", lambda ev: statuses.append(ev.status))
+        async with a, b:
+            await asyncio.gather(
+                random_edits(a, random.Random(1), 300), random_edits(b, random.Random(2), 300)
+            )
+            await asyncio.gather(a.wait_saved(30), b.wait_saved(30))
+            head, text = await head_of(server, doc)
+            await asyncio.gather(a.wait_for_head(head, 30), b.wait_for_head(head, 30))
+            assert a.text() == b.text() == text
+            assert text, "the clients inserted more than they deleted"
+            # B's change events, applied in order, rebuild its text (local and remote alike).
+            assert mirror[0] == b.text()
+            # Each sees the other's presence, never its own.
+            await asyncio.wait_for(_until(lambda: b.replica in a.peers and a.replica in b.peers), 10)
+            assert a.peers[b.replica].state == {"name": "b"}
+            assert b.peers[a.replica].state == {"name": "a"}
+            a.doc.check()
+            b.doc.check()
+        assert "saved" in statuses and statuses[-1] == "closed"
+
+    run(main())
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)
+
+
+def test_offline_edits_survive_a_server_crash_and_apply_once(
+    server_factory: Callable[..., Server]
+) -> None:
+    async def main() -> None:
+        server = server_factory()
+        doc = "py/restart"
+        a = CollabClient(server.ws, doc, backoff_min=0.05, backoff_max=0.3)
+        b = CollabClient(server.ws, doc, backoff_min=0.05, backoff_max=0.3)
+        async with a, b:
+            a.insert(0, "hello")
+            await a.wait_saved(10)
+            epoch, replica_a = a.epoch, a.replica
+            server.kill()  # SIGKILL: a crash
+            await asyncio.wait_for(_until(lambda: a.status == "offline"), 10)
+            # Offline: edits stay pending, the local text shows them at once.
+            a.insert(5, " world")
+            a.flush()  # two messages, one of them an insert and one a delete
+            a.delete(0, 1)
+            a.flush()
+            b.insert(0, "[b]")
+            assert a.text() == "ello world" and a.pending > 0
+            server.restart_same_port()
+            await asyncio.wait_for(_until(lambda: a.joined and b.joined), 30)
+            await asyncio.gather(a.wait_saved(30), b.wait_saved(30))
+            assert (a.epoch, a.replica) == (epoch, replica_a), "same history, same replica"
+            head, text = await head_of(server, doc)
+            await asyncio.gather(a.wait_for_head(head, 10), b.wait_for_head(head, 10))
+            assert a.text() == b.text() == text
+            assert text.count("world") == 1 and text.count("[b]") == 1 and "h" not in text
+            # 1 message before the crash, then a's and b's offline messages, each exactly once.
+            assert head == 1 + 2 + 1, head
+
+            # A message the server applied but whose echo the client never saw (lost with the
+            # connection) is resent with its client_seq and answered with `ack`: nothing changes.
+            echoed = a._acked[-1]
+            a._acked.pop()
+            a._unacked.append(echoed)
+            acks: List[str] = []
+            a.on("status", lambda ev: acks.append(ev.status))
+            a.reconnect_now()
+            await asyncio.wait_for(_until(lambda: a.pending == 0 and a.joined), 10)
+            head2, text2 = await head_of(server, doc)
+            assert (head2, text2) == (head, text), "a resend takes no server_seq"
+
+    run(main())
+
+
+def test_lost_history_resends_own_edits_with_their_ids(
+    server_factory: Callable[..., Server], tmp_path: Path
+) -> None:
+    """The rule of docs/protocol.md "Lost history", on a server that restarts without its data."""
+
+    async def main() -> None:
+        server = server_factory()
+        doc = "py/lost history"
+        a = CollabClient(server.ws, doc, backoff_min=0.05, backoff_max=0.3)
+        b = CollabClient(server.ws, doc, backoff_min=0.05, backoff_max=0.3)
+        async with a, b:
+            a.insert(0, "alpha ")
+            await a.wait_saved(10)
+            await b.wait_for_head(1, 10)
+            b.insert(len(b), "beta")  # after a's last character
+            b.insert(0, "0")  # needs nothing of a's
+            await b.wait_saved(10)
+            await a.wait_for_head(b.since or 0, 10)
+            a.delete(0, 1)  # a deletes b's "0"
+            await a.wait_saved(10)
+            old_epoch = a.epoch
+            assert a.text() == "alpha beta"
+            # B stays away until A has rejoined, so the order of the resends is known.
+            url_b = b.url
+            b.url = "ws://127.0.0.1:9/ws/closed"
+            server.kill()
+            # The same address, an empty data dir: a new epoch, head 0.
+            server.data_dir = tmp_path / "empty"
+            server.data_dir.mkdir()
+            server.restart_same_port()
+            await asyncio.wait_for(_until(lambda: a.joined and a.epoch != old_epoch), 30)
+            await a.wait_saved(30)
+            # The server has A's own edits: "alpha " with its ids. A's delete of B's "0" is
+            # dropped (its target is not in the new history), and a never re-creates B's text.
+            assert a.text() == "alpha "
+            b.url = url_b
+            b.reconnect_now()
+            await b.wait_saved(30)
+            head, text = await head_of(server, doc)
+            await asyncio.gather(a.wait_for_head(head, 10), b.wait_for_head(head, 10))
+            # B's "beta" went after A's original ids, which the server has again.
+            assert a.text() == b.text() == text == "0alpha beta"
+            assert head == 2, "one message from each client"
+            a.doc.check()
+            b.doc.check()
+
+    run(main())
+
+
+def test_rate_limited_edits_stay_pending_and_apply_once(
+    server_factory: Callable[..., Server]
+) -> None:
+    async def main() -> None:
+        server = server_factory(extra_args=["--msgs-per-second-max", "20", "--msgs-burst-max", "3"])
+        doc = "py/rate"
+        errors: List[str] = []
+        async with CollabClient(server.ws, doc, backoff_min=0.1, backoff_max=0.5) as a:
+            a.on("error", lambda ev: errors.append(ev.code))
+            for i in range(12):
+                a.insert(len(a), str(i % 10))
+                a.flush()  # one message each
+            await a.wait_saved(30)
+            head, text = await head_of(server, doc)
+            assert text == a.text() == "012345678901"
+            assert head == 12
+        assert "rate_limited" in errors
+
+    run(main())
+
+
+def test_local_edit_api_refuses_bad_input(server: Server) -> None:
+    async def main() -> None:
+        from collab_engine_client import NotJoinedError
+
+        c = CollabClient(server.ws, "py/api")
+        try:
+            c.insert(0, "x")
+        except NotJoinedError:
+            pass
+        else:
+            raise AssertionError("an edit before joining must fail")
+        events: List[object] = []
+        c.on("presence", lambda ev: events.append(ev))
+        async with c:
+            for bad in [(-1, 0, "x"), (1, 0, "x"), (0, 1, "")]:
+                try:
+                    c.replace(*bad)
+                except IndexError:
+                    pass
+                else:
+                    raise AssertionError(f"replace{bad} must fail")
+            c.insert(0, "ok")
+            await c.wait_saved(10)
+            assert c.text() == "ok" and c.status == "saved"
+        assert any(isinstance(e, PresenceEvent) and e.reset for e in events)
+        _ = StatusEvent
+
+    run(main())
