@@ -435,7 +435,7 @@ class CollabClient:
 
     def _spawn(self, aw: Awaitable[Any]) -> None:
         loop = self._loop or asyncio.get_running_loop()
-        task = loop.create_task(aw)  # type: ignore[arg-type]
+        task: "asyncio.Task[Any]" = asyncio.ensure_future(aw, loop=loop)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -896,12 +896,14 @@ class CollabClient:
                 if op["kind"] == "ins":
                     if self.doc.has((lamport, old)):
                         continue
-                    after = op["after"]
+                    after: Optional[List[int]] = op["after"]
                     if after is not None:
-                        after = remap.get(tuple(after), after)
+                        after = remap.get((after[0], after[1]), after)
                         if not self.doc.has((after[0], after[1])):
                             continue
-                    nid = [self.doc.max_lamport + 1, self.doc.replica]
+                    replica = self.doc.replica
+                    assert replica is not None, "set from the hello_ack before this runs"
+                    nid = [self.doc.max_lamport + 1, replica]
                     nop: Op = {"kind": "ins", "id": nid, "after": after, "text": op["text"]}
                     self.doc.apply_ops([nop])
                     for i in range(len(op["text"])):

@@ -698,7 +698,9 @@ class RgaDoc:
             if isinstance(text, str):
                 if not text:
                     raise OpError("bad_message", "empty snapshot run")
-                pieces = [text[i : i + RUN_TEXT_MAX] for i in range(0, len(text), RUN_TEXT_MAX)]
+                pieces: List[Optional[str]] = [
+                    text[i : i + RUN_TEXT_MAX] for i in range(0, len(text), RUN_TEXT_MAX)
+                ]
             else:
                 deleted = s.get("deleted")
                 if type(deleted) is not int or deleted < 1:  # noqa: E721
