@@ -266,7 +266,6 @@ class CollabClient:
         #: The replica: the text, positions and ids.
         self.doc = RgaDoc(replica)
         self._token_source = token
-        self._token: Optional[str] = token if isinstance(token, str) else None
         self.flush_delay = flush_delay
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
@@ -300,6 +299,7 @@ class CollabClient:
         self._joined = False
         self._ever_joined = False
         self._resync = False
+        self._reconnect_at_once = False
         self._attempt = 0
         self._closing = False
         self._terminal = False
@@ -365,6 +365,7 @@ class CollabClient:
         """Drops the current connection (if any) and connects again at once."""
         self._attempt = 0
         if self._ws is not None:
+            self._reconnect_at_once = True
             self._spawn(self._ws.close(1000))
         elif self._wake is not None:
             self._wake.set()
@@ -592,7 +593,6 @@ class CollabClient:
             value = await value
         if not isinstance(value, str):
             raise TypeError("CollabClient: the token provider must return a string")
-        self._token = value
         return value
 
     async def _run(self) -> None:
@@ -602,7 +602,7 @@ class CollabClient:
             delay: Optional[float] = None
             try:
                 await self._connect_once()
-                if self._resync:
+                if self._resync or self._reconnect_at_once:
                     delay = 0.0
             except asyncio.CancelledError:
                 raise
@@ -619,6 +619,7 @@ class CollabClient:
                 self._emit("error", ErrorEvent("client", repr(err)))
             finally:
                 self._detach()
+                self._reconnect_at_once = False
             if self._closing or self._terminal:
                 break
             self._set_status("offline")
@@ -665,6 +666,8 @@ class CollabClient:
                         continue
                     if isinstance(msg, dict):
                         self._on_message(msg)
+            except ConnectionClosed:
+                pass  # the close code and reason say why, below
             finally:
                 writer.cancel()
             self._on_close(ws.close_code, ws.close_reason or "")
@@ -677,8 +680,10 @@ class CollabClient:
             pass
 
     def _on_close(self, code: Optional[int], reason: str) -> None:
-        if self._terminal:
+        if self._terminal or self._closing:
             return
+        if code not in (1000, 1001) and not self._reconnect_at_once:
+            self._emit("error", ErrorEvent("closed", f"connection closed: {code} {reason}".strip()))
         if code == 1008 and "replaced" in reason:
             # Another connection took over our replica: reconnecting would steal it back.
             self._terminal = True

@@ -219,3 +219,51 @@ def test_local_edit_api_refuses_bad_input(server: Server) -> None:
         _ = StatusEvent
 
     run(main())
+
+
+def test_a_refused_edit_is_dropped_and_the_replica_resynchronised(
+    server_factory: Callable[..., Server]
+) -> None:
+    async def main() -> None:
+        server = server_factory(extra_args=["--doc-chars-max", "10"])
+        doc = "py/refused"
+        errors: List[str] = []
+        resets: List[ChangeEvent] = []
+        async with CollabClient(server.ws, doc) as a:
+            a.on("error", lambda ev: errors.append(ev.code))
+            a.on("change", lambda ev: resets.append(ev) if ev.reset else None)
+            a.insert(0, "short")
+            a.flush()
+            a.insert(5, " and far too long")  # past --doc-chars-max: refused with too_large
+            a.flush()
+            a.insert(0, ">")  # after the refused one: resent once the replica reloaded
+            await asyncio.wait_for(_until(lambda: "too_large" in errors), 10)
+            await a.wait_saved(10)
+            head, text = await head_of(server, doc)
+            await a.wait_for_head(head, 10)
+            assert text == a.text() == ">short", text
+            assert resets, "the replica was reloaded from a snapshot"
+            a.doc.check()
+
+    run(main())
+
+
+def test_token_provider_is_called_for_every_connection(server: Server) -> None:
+    async def main() -> None:
+        calls: List[int] = []
+
+        async def provider() -> str:
+            calls.append(1)
+            return f"token-{len(calls)}"  # ignored by a server without auth
+
+        async with CollabClient(server.ws, "py/token", token=provider) as a:
+            assert (a.role, a.user, a.exp) == ("write", None, None)
+            a.insert(0, "x")
+            await a.wait_saved(10)
+            a.reconnect_now()
+            await asyncio.wait_for(_until(lambda: len(calls) == 2 and a.joined), 10)
+            a.insert(1, "y")
+            await a.wait_saved(10)
+            assert a.text() == "xy"
+
+    run(main())
