@@ -354,11 +354,18 @@ class CollabClient:
         self._notify()
 
     async def __aenter__(self) -> "CollabClient":
+        """Starts the client and waits (``2 * open_timeout`` at most) for the first join; on
+        failure the client is closed and the error raised."""
         await self.start()
-        await self.wait_joined(self.open_timeout * 2)
+        try:
+            await self.wait_joined(self.open_timeout * 2)
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
+        """Closes the client (see :meth:`close`)."""
         await self.close()
 
     def reconnect_now(self) -> None:
@@ -488,6 +495,8 @@ class CollabClient:
         read-only token, :class:`IndexError` for a range outside the text, and
         :class:`~collab_engine_client.rga.OpError` for a lone surrogate in ``text``.
         """
+        if not isinstance(text, str):
+            raise TypeError("CollabClient: text must be a str")
         if not self._ever_joined:
             raise NotJoinedError("CollabClient: not joined yet (await wait_joined())")
         if self.role == "read":

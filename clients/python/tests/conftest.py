@@ -23,6 +23,28 @@ REPO = Path(__file__).resolve().parents[3]
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The tests run against the installed package (``pip install ./clients/python``); refuse
+    to test a stale copy of it."""
+    import collab_engine_client
+
+    installed = Path(collab_engine_client.__file__).resolve().parent
+    source = REPO / "clients/python/collab_engine_client"
+    if installed == source.resolve():
+        return
+    stale = [
+        f.name
+        for f in sorted(source.glob("*.py"))
+        if not (installed / f.name).is_file() or (installed / f.name).read_bytes() != f.read_bytes()
+    ]
+    if stale:
+        pytest.exit(
+            f"the installed collab_engine_client ({installed}) differs from clients/python "
+            f"({', '.join(stale)}): run scripts/python-venv.sh",
+            returncode=3,
+        )
+
+
 def server_bin() -> Path:
     """Path of the release server binary; fails the test when it is missing."""
     path = Path(os.environ.get("COLLAB_SERVER_BIN", TARGET / "release" / "collab-engine"))

@@ -307,3 +307,23 @@ def test_random_reconnects_apply_every_edit_exactly_once(server: Server) -> None
             await c.close()
 
     run(main())
+
+
+def test_no_server_fails_the_join_and_stops_the_client(tmp_path: Path) -> None:
+    async def main() -> None:
+        import socket
+
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        client = CollabClient(f"ws://127.0.0.1:{port}", "py/nothing", open_timeout=0.5)
+        errors: List[str] = []
+        client.on("error", lambda ev: errors.append(ev.code))
+        try:
+            async with client:
+                raise AssertionError("joined a server that does not exist")
+        except asyncio.TimeoutError:
+            pass
+        assert client.status == "closed" and "connect" in errors
+
+    run(main())
