@@ -643,7 +643,11 @@ class CollabClient:
                 pass
 
     async def _connect_once(self) -> None:
-        token = await self._token_now()
+        try:
+            token = await self._token_now()
+        except Exception as err:  # the provider failed: try again after the backoff
+            self._emit("error", ErrorEvent("auth", f"token provider failed: {err!r}"))
+            raise _ReconnectLater() from err
         hello: Dict[str, Any] = {"type": "hello", "doc": self.doc_name}
         if self.doc.replica is not None:
             hello["replica"] = self.doc.replica

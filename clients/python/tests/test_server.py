@@ -327,3 +327,23 @@ def test_no_server_fails_the_join_and_stops_the_client(tmp_path: Path) -> None:
         assert client.status == "closed" and "connect" in errors
 
     run(main())
+
+
+def test_a_failing_token_provider_is_retried(server: Server) -> None:
+    async def main() -> None:
+        calls: List[int] = []
+
+        def provider() -> str:
+            calls.append(1)
+            if len(calls) < 3:
+                raise RuntimeError("identity service down")
+            return "token"
+
+        errors: List[str] = []
+        client = CollabClient(server.ws, "py/token-retry", token=provider, backoff_min=0.01)
+        client.on("error", lambda ev: errors.append(ev.code))
+        async with client:
+            assert client.joined and len(calls) == 3
+        assert errors.count("auth") == 2
+
+    run(main())
