@@ -663,7 +663,9 @@ class RgaDoc:
                     ):
                         last["len"] += m
                     else:
-                        ops.append({"kind": "del", "id": [run.lamport + off, run.replica], "len": m})
+                        ops.append(
+                            {"kind": "del", "id": [run.lamport + off, run.replica], "len": m}
+                        )
                     left -= m
                 off = 0
                 run = self._next(run)
@@ -783,7 +785,10 @@ class RgaDoc:
                     if len(run.text) != run.n:
                         raise AssertionError("check: run text length")
                     vis += run.n
-                found = (self._find(run.lamport, run.replica), self._find(run.lamport + run.n - 1, run.replica))
+                found = (
+                    self._find(run.lamport, run.replica),
+                    self._find(run.lamport + run.n - 1, run.replica),
+                )
                 if found[0] is not run or found[1] is not run:
                     raise AssertionError("check: id index")
                 items += run.n

@@ -67,8 +67,12 @@ def test_write_token_joins_edits_and_names_the_user(auth_server: "tuple[Server, 
     async def main() -> None:
         doc = "py/auth/write"
         ada = CollabClient(server.ws, doc, token=mint(secret, **claims("ada", "write", 600)))
-        bob = CollabClient(server.ws, doc, token=mint(secret, **claims("bob", "write", 600)),
-                           presence={"cursor": 0})
+        bob = CollabClient(
+            server.ws,
+            doc,
+            token=mint(secret, **claims("bob", "write", 600)),
+            presence={"cursor": 0},
+        )
         async with ada, bob:
             assert (ada.role, ada.user) == ("write", "ada")
             assert ada.exp is not None and ada.exp > time.time()

@@ -93,7 +93,9 @@ def test_python_js_and_rust_clients_edit_one_document_and_converge(server: Serve
                     await Peer.spawn("rust", str(rust_bin), f"{server.ws}/ws", doc, "200", "7")
                 )
                 peers.append(
-                    await Peer.spawn("js", node, str(HERE / "js_peer.mjs"), server.ws, doc, "200", "5")
+                    await Peer.spawn(
+                        "js", node, str(HERE / "js_peer.mjs"), server.ws, doc, "200", "5"
+                    )
                 )
                 for p in peers:
                     assert (await p.line()).startswith("joined "), p.name

@@ -18,8 +18,9 @@ FIXTURE = json.loads((REPO / "tests/browser/fixtures/rust-rga.json").read_text("
 TRACES = ["automerge-paper", "seph-blog1"]
 
 
-def replay(ops: Sequence[dict], order: Sequence[int], *, batch: bool = False,
-           duplicates: bool = False) -> RgaDoc:
+def replay(
+    ops: Sequence[dict], order: Sequence[int], *, batch: bool = False, duplicates: bool = False
+) -> RgaDoc:
     doc = RgaDoc(1000)
     seq = [ops[i] for i in order]
     if batch:
@@ -116,7 +117,7 @@ def test_concurrent_replicas_converge_in_any_causal_order() -> None:
             doc = rng.choice(replicas)
             # Catch up on a random prefix of the shared log (causal: a prefix is).
             upto = rng.randint(delivered[doc.replica], len(log))
-            doc.apply_ops(log[delivered[doc.replica]:upto])
+            doc.apply_ops(log[delivered[doc.replica] : upto])
             delivered[doc.replica] = upto
             if len(doc) and rng.random() < 0.3:
                 pos = rng.randrange(len(doc))

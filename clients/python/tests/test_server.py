@@ -59,7 +59,9 @@ def test_two_python_clients_converge_and_see_each_others_presence(server: Server
             # B's change events, applied in order, rebuild its text (local and remote alike).
             assert mirror[0] == b.text()
             # Each sees the other's presence, never its own.
-            await asyncio.wait_for(_until(lambda: b.replica in a.peers and a.replica in b.peers), 10)
+            await asyncio.wait_for(
+                _until(lambda: b.replica in a.peers and a.replica in b.peers), 10
+            )
             assert a.peers[b.replica].state == {"name": "b"}
             assert b.peers[a.replica].state == {"name": "a"}
             a.doc.check()
@@ -75,7 +77,7 @@ async def _until(predicate: Callable[[], bool]) -> None:
 
 
 def test_offline_edits_survive_a_server_crash_and_apply_once(
-    server_factory: Callable[..., Server]
+    server_factory: Callable[..., Server],
 ) -> None:
     async def main() -> None:
         server = server_factory()
@@ -171,7 +173,7 @@ def test_lost_history_resends_own_edits_with_their_ids(
 
 
 def test_rate_limited_edits_stay_pending_and_apply_once(
-    server_factory: Callable[..., Server]
+    server_factory: Callable[..., Server],
 ) -> None:
     async def main() -> None:
         server = server_factory(extra_args=["--msgs-per-second-max", "20", "--msgs-burst-max", "3"])
@@ -222,7 +224,7 @@ def test_local_edit_api_refuses_bad_input(server: Server) -> None:
 
 
 def test_a_refused_edit_is_dropped_and_the_replica_resynchronised(
-    server_factory: Callable[..., Server]
+    server_factory: Callable[..., Server],
 ) -> None:
     async def main() -> None:
         server = server_factory(extra_args=["--doc-chars-max", "10"])
@@ -276,7 +278,9 @@ def test_random_reconnects_apply_every_edit_exactly_once(server: Server) -> None
     async def main() -> None:
         doc = "py/chaos"
         rng = random.Random(99)
-        clients = [CollabClient(server.ws, doc, backoff_min=0.01, backoff_max=0.05) for _ in range(3)]
+        clients = [
+            CollabClient(server.ws, doc, backoff_min=0.01, backoff_max=0.05) for _ in range(3)
+        ]
         joins: List[int] = []
         for c in clients:
             c.on("status", lambda ev: joins.append(1) if ev.status == "connecting" else None)
