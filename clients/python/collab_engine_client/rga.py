@@ -509,29 +509,45 @@ class RgaDoc:
         if i == 0 and chunk.idx > 0:
             chunk = chunks[chunk.idx - 1]
             i = len(chunk.runs)
-        prev = chunk.runs[i - 1] if i > 0 else None
-        if (
-            prev is not None
-            and prev.text is not None
-            and prev.replica == replica
-            and prev.lamport + prev.n == lamport
-            and prev.n + n <= RUN_TEXT_MAX
-        ):
-            start = prev.n
-            prev.text += text
-            prev.n += n
-            self._vis_add(chunk, n)
-            run = prev
-        else:
-            start = 0
-            run = _Run(lamport, replica, n, text)
-            self._index_add(run)
-            self._chunk_insert(chunk, i, run)
+        # Extend the previous run while it has room (typing), then add runs of at most
+        # RUN_TEXT_MAX characters, each right after the one before.
+        first: Optional[_Run] = None
+        first_start = 0
+        offset = 0
+        while offset < n:
+            prev = chunk.runs[i - 1] if i > 0 else None
+            room = 0
+            if (
+                prev is not None
+                and prev.text is not None
+                and prev.replica == replica
+                and prev.lamport + prev.n == lamport + offset
+            ):
+                room = RUN_TEXT_MAX - prev.n
+            if room > 0:
+                assert prev is not None and prev.text is not None
+                take = min(room, n - offset)
+                start = prev.n
+                prev.text += text[offset : offset + take]
+                prev.n += take
+                self._vis_add(chunk, take)
+                run = prev
+            else:
+                take = min(RUN_TEXT_MAX, n - offset)
+                start = 0
+                run = _Run(lamport + offset, replica, take, text[offset : offset + take])
+                self._index_add(run)
+                self._chunk_insert(chunk, i, run)
+            if first is None:
+                first, first_start = run, start
+            offset += take
+            chunk = run.chunk
+            i = chunk.runs.index(run) + 1
         self.n_items += n
         if lamport + n - 1 > self.max_lamport:
             self.max_lamport = lamport + n - 1
-        if changes is not None:
-            changes.append(Change(self._before(run) + start, 0, text))
+        if changes is not None and first is not None:
+            changes.append(Change(self._before(first) + first_start, 0, text))
 
     def _integrate_del(
         self, lamport: int, replica: int, n: int, changes: Optional[List[Change]]

@@ -173,3 +173,15 @@ def test_long_runs_stay_bounded() -> None:
     copy = RgaDoc(2)
     copy.load_snapshot(doc.to_snapshot())  # one merged run of 1536 characters on the wire
     assert copy.n_runs == 3 and copy.text() == doc.text()
+    # A long insert, local or remote, is stored in runs of at most RUN_TEXT_MAX characters.
+    op = copy.local_insert(1, "b" * (2 * RUN_TEXT_MAX + 1))
+    assert op is not None
+    copy.check()
+    assert "b" * (2 * RUN_TEXT_MAX + 1) in [r.get("text") for r in copy.to_snapshot()]
+    assert copy.n_runs == 1 + 3 + 1 + 2  # the first run of a split around 3 runs of b
+    remote = RgaDoc(3)
+    remote.load_snapshot(doc.to_snapshot())
+    changes = remote.apply_ops([op])
+    assert [(c.index, c.length, len(c.text)) for c in changes] == [(1, 0, 2 * RUN_TEXT_MAX + 1)]
+    assert remote.text() == copy.text()
+    remote.check()

@@ -351,3 +351,29 @@ def test_a_failing_token_provider_is_retried(server: Server) -> None:
         assert errors.count("auth") == 2
 
     run(main())
+
+
+def test_a_large_paste_and_a_late_joiner_of_a_big_document(server: Server) -> None:
+    async def main() -> None:
+        doc = "py/big"
+        async with CollabClient(server.ws, doc) as a:
+            big = "".join(chr(0x61 + i % 26) for i in range(300_000)) + "😀"
+            a.insert(0, big)  # split into chained inserts, batched into messages under 48 KiB
+            await a.wait_saved(60)
+            assert a.head == 0 and a.since is not None and a.since > 5, a.since
+            # B joins (a snapshot of about 300 KiB) while A keeps typing.
+            b = CollabClient(server.ws, doc)
+            await b.start()
+            for i in range(50):
+                a.insert(i * 7, "<>")
+                if i % 10 == 0:
+                    await asyncio.sleep(0.001)
+            await b.wait_joined(30)
+            await a.wait_saved(30)
+            await b.wait_for_head(a.since or 0, 30)
+            assert b.text() == a.text()
+            assert len(b) == 300_001 + 100
+            b.doc.check()
+            await b.close()
+
+    run(main())
