@@ -875,6 +875,11 @@ export class CollabClient extends Emitter {
     this._presenceDirty = this._presenceState !== null;
     /** replica -> presence state of the other connected replicas. */
     this.peers = new Map();
+    /**
+     * replica -> `{user, name}` the server attached to their presence (from their tokens;
+     * trust these over a name in the presence state, which the peer chose itself).
+     */
+    this.peerUsers = new Map();
     // In a browser, retry at once when the network comes back instead of waiting out the backoff.
     this._onNetworkOnline = () => {
       if (!this._closed && this._ws === null && this._timer !== null) {
@@ -1152,6 +1157,7 @@ export class CollabClient extends Emitter {
     clearTimeout(this._refreshTimer);
     this._refreshTimer = null;
     // Offline we do not know who is there; the next hello_ack says.
+    this.peerUsers.clear();
     if (this.peers.size) {
       this.peers.clear();
       this.emit('presence', { replica: null, state: null, reset: true });
@@ -1197,7 +1203,7 @@ export class CollabClient extends Emitter {
       case 'hello_ack': this._onHelloAck(msg); break;
       case 'op_echo': this._onEcho(msg); this._setStatus('online'); break;
       case 'ack': this._ackSeq(msg.client_seq); this._setStatus('online'); break;
-      case 'presence': this._onPresence(msg.replica, msg.state); break;
+      case 'presence': this._onPresence(msg); break;
       case 'error': this._onError(msg); break;
       case 'auth_ack': this._onAuthAck(msg); break;
       default: break; // Unknown types are additions a newer server may send.
@@ -1223,11 +1229,23 @@ export class CollabClient extends Emitter {
     this.since = e.server_seq;
   }
 
-  _onPresence(replica, state) {
+  _onPresence(msg) {
+    const { replica, state } = msg;
     if (replica === this.doc.replica) return;
-    if (state === null || state === undefined) this.peers.delete(replica);
-    else this.peers.set(replica, state);
+    if (state === null || state === undefined) {
+      this.peers.delete(replica);
+      this.peerUsers.delete(replica);
+    } else {
+      this.peers.set(replica, state);
+      this._notePeerUser(msg);
+    }
     this.emit('presence', { replica, state: state ?? null });
+  }
+
+  /** Keeps the user and name the server vouches for (from the token, when auth is on). */
+  _notePeerUser(entry) {
+    if (typeof entry.user !== 'string') return;
+    this.peerUsers.set(entry.replica, { user: entry.user, name: typeof entry.name === 'string' ? entry.name : null });
   }
 
   _onError(msg) {
@@ -1291,7 +1309,13 @@ export class CollabClient extends Emitter {
     this._everJoined = true;
     this._attempt = 0;
     this.peers.clear();
-    for (const p of ack.presence || []) if (p.replica !== this.doc.replica && p.state != null) this.peers.set(p.replica, p.state);
+    this.peerUsers.clear();
+    for (const p of ack.presence || []) {
+      if (p.replica !== this.doc.replica && p.state != null) {
+        this.peers.set(p.replica, p.state);
+        this._notePeerUser(p);
+      }
+    }
     this.emit('presence', { replica: null, state: null, reset: true });
     for (const m of this._unacked) this._send({ type: 'op', client_seq: m.client_seq, ops: m.ops });
     this._flushNow();

@@ -13,7 +13,9 @@ const PAGES = {
   '/': ['text/html; charset=utf-8', 'demo/index.html'],
   '/index.html': ['text/html; charset=utf-8', 'demo/index.html'],
   '/app.css': ['text/css; charset=utf-8', 'demo/app.css'],
-  '/app.js': ['text/javascript; charset=utf-8', 'demo/app.js'],
+  '/app.js': ['text/javascript; charset=utf-8', 'demo/dist/app.js'],
+  '/textarea': ['text/html; charset=utf-8', 'demo/textarea.html'],
+  '/textarea.js': ['text/javascript; charset=utf-8', 'demo/textarea.js'],
   '/collab.js': ['text/javascript; charset=utf-8', 'js/collab.js'],
 };
 
