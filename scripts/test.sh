@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The project's one test command: formatting, lints, every Rust test, then the JavaScript and
-# browser tests. Exits non-zero on the first failure.
+# The project's one test command: formatting, lints, every Rust test, the check that the
+# checked-in demo bundle is a fresh build, then the JavaScript and browser tests. Exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +15,9 @@ tests/interop/setup.sh
 
 echo "== cargo test"
 cargo test
+
+echo "== the demo bundle matches a fresh build (clients/demo/build.sh --check)"
+clients/demo/build.sh --check
 
 if [ -x tests/browser/run.sh ] && [ "${SKIP_BROWSER_TESTS:-0}" != "1" ]; then
   echo "== JavaScript client and browser tests (tests/browser/run.sh)"
