@@ -138,6 +138,7 @@ class CollabPlugin {
     /** The ids our selection's ends were at when last published: a snapshot restores them. */
     this.anchors = null;
     this.lastPresenceKey = null;
+    this.destroyed = false;
     this.offs = [
       client.on('change', (c) => this.onClientChange(c)),
       client.on('presence', () => this.queueCarets()),

@@ -10,22 +10,12 @@
 // when the binary has no `--auth-key-file`.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
-import { createHmac, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { startServer, launchBrowser, tempDir, serverBin, ensureOutDir } from '../lib/harness.js';
 import { openDemo, waitSaved, editorText, converged } from '../lib/cm-page.js';
-
-const b64url = (buf) => Buffer.from(buf).toString('base64url');
-
-/** An HS256 JWT (RFC 7519 compact form) signed with `secret`, the bytes of a key file. */
-function mintHs256(secret, claims, kid) {
-  const header = { alg: 'HS256', typ: 'JWT', ...(kid ? { kid } : {}) };
-  const signingInput = `${b64url(JSON.stringify(header))}.${b64url(JSON.stringify(claims))}`;
-  const sig = createHmac('sha256', secret).update(signingInput).digest();
-  return `${signingInput}.${b64url(sig)}`;
-}
+import { mintHs256, supportsAuthKeys } from '../lib/jwt.js';
 
 let browser;
 let server;
@@ -33,8 +23,7 @@ let data;
 let secret;
 
 before(async () => {
-  const help = execFileSync(serverBin(), ['--help'], { encoding: 'utf8' });
-  if (!help.includes('--auth-key-file')) {
+  if (!supportsAuthKeys(serverBin())) {
     assert.fail(`${serverBin()} has no --auth-key-file flag: this test needs the server side of access control ` +
       '(issue 9, branch auth) merged and the release binary rebuilt');
   }
