@@ -37,9 +37,10 @@ $('doc-form').addEventListener('submit', (ev) => {
   if (token) next.set('token', token);
   location.search = `?${next}`;
 });
-// The share link names the document, never our token: everyone brings their own.
+// The share link names the document, never our token or name: everyone brings their own.
 const share = new URL(location.href);
 share.searchParams.delete('token');
+share.searchParams.delete('name');
 $('share-link').href = share.href;
 $('share-link').textContent = share.href;
 

@@ -64,7 +64,8 @@ test('a refused token: "access denied: REASON", a read-only editor, no reconnect
   // A reconnect loop (250 ms backoff) would have said hello again by now.
   await sleep(1500);
   assert.equal(server.stats.hellos.length - hellosBefore, 1);
-  // The share link never carries the token.
-  assert.ok(!(await page.$eval('#share-link', (e) => e.href)).includes('token'));
+  // The share link names the document, never the token or the name.
+  const share = new URL(await page.$eval('#share-link', (e) => e.href));
+  assert.deepEqual([...share.searchParams.keys()], ['doc']);
   await page.context().close();
 });
