@@ -212,8 +212,10 @@ class CollabPlugin {
       }
       return;
     }
-    const changes = this.pending;
     const reset = this.pendingReset;
+    // After a snapshot (or a resync) the replica's text is the truth: change only the part
+    // that differs, so that the undo history and the selection map through a small change.
+    const changes = reset ? this.diffToReplica() : this.pending;
     this.pending = ChangeSet.empty(changes.newLength);
     this.pendingReset = false;
     const spec = { changes, annotations: REMOTE_ANNOTATIONS };
@@ -224,9 +226,25 @@ class CollabPlugin {
       // Nothing was applied: keep the edits for the next attempt.
       this.pending = changes.compose(this.pending);
       this.pendingReset = this.pendingReset || reset;
-      throw e;
+      // The next remote edit or editor update tries again.
+      this.client.emit('error', { code: 'binding', message: `remote edits not applied yet: ${e && e.message || e}` });
+      return;
     }
     this.queueCarets();
+  }
+
+  /** The smallest single change from the editor's text to the replica's (common prefix and suffix kept). */
+  diffToReplica() {
+    const current = this.view.state.doc.toString();
+    const target = this.client.text();
+    const max = Math.min(current.length, target.length);
+    let prefix = 0;
+    while (prefix < max && current.charCodeAt(prefix) === target.charCodeAt(prefix)) prefix++;
+    let suffix = 0;
+    while (suffix < max - prefix && current.charCodeAt(current.length - 1 - suffix) === target.charCodeAt(target.length - 1 - suffix)) suffix++;
+    if (prefix === current.length && prefix === target.length) return ChangeSet.empty(current.length);
+    const spec = { from: prefix, to: current.length - suffix, insert: target.slice(prefix, target.length - suffix) };
+    return ChangeSet.of(spec, current.length, '\n');
   }
 
   /** The local selection found again by the item ids of its ends (after a snapshot). */

@@ -1,7 +1,7 @@
 // The CodeMirror demo (/) in headless Chromium against the real server binary: two pages
 // typing at once, multi-change transactions, remote carets where the other user is, a
 // selection that stays on its text during remote edits, undo of only the local user's
-// edits, IME composition with remote edits arriving meanwhile, a late joiner and a reload,
+// edits, a snapshot reload, IME composition with remote edits arriving meanwhile, a late joiner and a reload,
 // a server crash and restart. Screenshots land in target/browser-test/.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -207,6 +207,37 @@ test('undo and redo revert only the local user\'s edits, also after concurrent r
   text = await converged([alice, bob]);
   assert.ok(text.includes('BOB1 base text'), text);
   assert.ok(!text.includes('alpha') && !text.includes('beta'), text);
+  for (const p of [alice, bob]) assert.deepEqual(realProblems(p), []);
+  for (const p of [alice, bob]) await p.context().close();
+});
+
+test('a snapshot reload keeps the selection on its text and the undo history', { timeout: 120000 }, async () => {
+  const doc = uniqueDoc('snapshot');
+  const alice = await open(doc, 'Alice');
+  const bob = await open(doc, 'Bob');
+  await bob.evaluate(() => window.collabDemo.client.insert(0, 'base\n'));
+  await converged([alice, bob]);
+  await select(alice, 'base\n'.length);
+  await alice.keyboard.type('alpha beta', { delay: 10 });
+  await converged([alice, bob]);
+  await select(alice, 'beta');
+  // Alice goes away; Bob edits; Alice comes back asking for a snapshot (as after a refused
+  // edit), so her editor gets the whole text again as one reset.
+  await alice.evaluate(() => window.collabDemo.client.close());
+  await bob.evaluate(() => window.collabDemo.client.insert(0, 'BOB '));
+  await waitSaved(bob);
+  const resets = alice.evaluate(() => new Promise((resolve) => {
+    const off = window.collabDemo.client.on('change', (c) => { if (c.reset) { off(); resolve(true); } });
+  }));
+  await alice.evaluate(() => { const c = window.collabDemo.client; c._resync = true; c.connect(); });
+  assert.equal(await resets, true);
+  let text = await converged([alice, bob]);
+  assert.equal(text, 'BOB base\nalpha beta');
+  assert.equal(await selectedText(alice), 'beta');
+  // Alice's undo still knows her typing, mapped through the reload.
+  await alice.keyboard.press('Control+z');
+  text = await converged([alice, bob]);
+  assert.equal(text, 'BOB base\n');
   for (const p of [alice, bob]) assert.deepEqual(realProblems(p), []);
   for (const p of [alice, bob]) await p.context().close();
 });
