@@ -143,6 +143,7 @@ class CollabPlugin {
       client.on('change', (c) => this.onClientChange(c)),
       client.on('presence', () => this.queueCarets()),
       client.on('status', () => this.onStatus()),
+      client.on('auth', () => this.onStatus()),
     ];
     if (view.state.doc.length !== client.doc.length16 || view.state.doc.toString() !== client.text()) {
       this.pending = ChangeSet.of({ from: 0, to: view.state.doc.length, insert: client.text() }, view.state.doc.length, '\n');

@@ -796,7 +796,7 @@ export function docUrl(base, doc) {
  * - `status` `{status, pending, reason?}`, status one of `connecting`, `online`, `saved`,
  *   `offline`, `denied` (terminal: the server refused the token; `reason` says why).
  * - `error` `{code, message, client_seq?}`.
- * - `auth` `{exp}` when the server accepted a refreshed token (`auth_ack`).
+ * - `auth` `{exp, role}` when the server accepted a refreshed token (`auth_ack`).
  */
 export class CollabClient extends Emitter {
   /**
@@ -1326,7 +1326,10 @@ export class CollabClient extends Emitter {
 
   _onAuthAck(msg) {
     if (Number.isFinite(msg.exp)) this.exp = msg.exp;
-    this.emit('auth', { exp: this.exp });
+    // A refreshed token may carry another role; a server that says so is believed at once
+    // (one that does not refuses the next edit with `forbidden`, and the rejoin tells).
+    if (typeof msg.role === 'string') this.role = msg.role;
+    this.emit('auth', { exp: this.exp, role: this.role });
     this._scheduleRefresh();
   }
 

@@ -115,6 +115,7 @@ function renderStatus() {
   if (client.user !== null) role.textContent = `signed in as ${client.user} · ${client.role}${readOnly ? ' (read-only)' : ''}`;
 }
 client.on('status', renderStatus);
+client.on('auth', renderStatus);
 client.on('error', (e) => console.warn('collab error', e.code, e.message));
 renderStatus();
 

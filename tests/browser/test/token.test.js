@@ -60,7 +60,7 @@ test('a token function is asked before each connection and again before exp (aut
   let exp = Math.floor(Date.now() / 1000) + 3;
   const srv = await scripted((msg, ws) => {
     if (msg.type === 'hello') ws.send(ack({ role: 'write', user: 'alice', exp }));
-    if (msg.type === 'auth') { exp += 3600; ws.send(JSON.stringify({ type: 'auth_ack', exp })); }
+    if (msg.type === 'auth') { exp += 3600; ws.send(JSON.stringify({ type: 'auth_ack', exp, role: 'read' })); }
   });
   let n = 0;
   const c = client(srv.url, { token: async () => `tok-${++n}`, refreshBeforeMs: 2000 });
@@ -75,6 +75,9 @@ test('a token function is asked before each connection and again before exp (aut
   const ev = await refreshed;
   assert.equal(ev.exp, exp);
   assert.equal(c.exp, exp);
+  // The refreshed token allows reading only (this server says so in auth_ack).
+  assert.equal(ev.role, 'read');
+  assert.equal(c.readOnly, true);
   const auths = srv.seen.messages.filter((m) => m.msg.type === 'auth');
   assert.deepEqual(auths.map((m) => [m.conn, m.msg.token]), [[1, 'tok-2']]);
   assert.equal(srv.seen.conns, 1);
