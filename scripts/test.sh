@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's one test command: formatting, lints, every Rust test, the Python client's tests,
-# the WebSocket conformance run (Autobahn|Testsuite against examples/echo_server), then the
-# JavaScript and browser tests. Exits non-zero on the first failure.
+# the WebSocket conformance run (Autobahn|Testsuite against examples/echo_server), the check that
+# the checked-in demo bundle is a fresh build, then the JavaScript and browser tests. Exits
+# non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +36,9 @@ fi
 
 echo "== WebSocket conformance: Autobahn|Testsuite against examples/echo_server (tests/autobahn/run.sh)"
 tests/autobahn/run.sh
+
+echo "== the demo bundle matches a fresh build (clients/demo/build.sh --check)"
+clients/demo/build.sh --check
 
 if [ -x tests/browser/run.sh ] && [ "${SKIP_BROWSER_TESTS:-0}" != "1" ]; then
   echo "== JavaScript client and browser tests (tests/browser/run.sh)"

@@ -793,8 +793,10 @@ export function docUrl(base, doc) {
  *   ones (`remote: true`; `reset: true` when a snapshot replaced the whole text) and local
  *   ones made through this API (`remote: false`).
  * - `presence` `{replica, state}`; `state` null when that replica left.
- * - `status` `{status, pending}`, status one of `connecting`, `online`, `saved`, `offline`.
+ * - `status` `{status, pending, reason?}`, status one of `connecting`, `online`, `saved`,
+ *   `offline`, `denied` (terminal: the server refused the token; `reason` says why).
  * - `error` `{code, message, client_seq?}`.
+ * - `auth` `{exp, role}` when the server accepted a refreshed token (`auth_ack`).
  */
 export class CollabClient extends Emitter {
   /**
@@ -803,7 +805,11 @@ export class CollabClient extends Emitter {
    * @param {string} opts.doc  document name
    * @param {Function} [opts.WebSocket]  constructor; defaults to `globalThis.WebSocket`
    * @param {number} [opts.replica]  reuse a replica id (else the server assigns one)
-   * @param {string} [opts.token]  sent as `hello.token` when the server requires auth
+   * @param {string|Function} [opts.token]  sent as `hello.token` when the server requires
+   *   auth: a string, or a function returning a token or a promise of one, called before
+   *   every connection and again shortly before the token's `exp` to refresh it in place
+   * @param {number} [opts.refreshBeforeMs=60000]  how long before `exp` a token function is
+   *   called to refresh (at most half the token's remaining lifetime)
    * @param {object} [opts.presence]  initial presence state
    * @param {number} [opts.flushDelayMs=16]  edits made within this time go in one message
    * @param {number} [opts.backoffMinMs=250]  first reconnect delay
@@ -816,7 +822,25 @@ export class CollabClient extends Emitter {
     if (new TextEncoder().encode(opts.doc).length > 512) throw new RangeError('CollabClient: doc names are at most 512 bytes of UTF-8');
     this.url = docUrl(opts.url, opts.doc);
     this.docName = opts.doc;
+    if (opts.token != null && typeof opts.token !== 'string' && typeof opts.token !== 'function') {
+      throw new TypeError('CollabClient: token must be a string or a function');
+    }
+    /** The token option: a string, a function that yields one, or null. */
     this.token = opts.token ?? null;
+    this.refreshBeforeMs = opts.refreshBeforeMs ?? 60000;
+    /** The token sent last (the string itself, or what the token function gave). */
+    this._currentToken = null;
+    /** Counts `_open` calls, so that a token that arrives late for an older attempt is dropped. */
+    this._openGen = 0;
+    /** Timer for the next token refresh (only with a token function and an `exp`). */
+    this._refreshTimer = null;
+    /** What the server says we may do: `read`, `write` or `admin` (`write` without auth). */
+    this.role = 'write';
+    /** The token's user (`sub`) and expiry (unix seconds), when the server checks tokens. */
+    this.user = null;
+    this.exp = null;
+    /** Why the server refused us (set with status `denied`, cleared by `connect()`). */
+    this.deniedReason = null;
     this.WebSocket = opts.WebSocket || globalThis.WebSocket;
     if (!this.WebSocket) throw new TypeError('CollabClient: no WebSocket; pass opts.WebSocket');
     this.flushDelayMs = opts.flushDelayMs ?? 16;
@@ -851,6 +875,11 @@ export class CollabClient extends Emitter {
     this._presenceDirty = this._presenceState !== null;
     /** replica -> presence state of the other connected replicas. */
     this.peers = new Map();
+    /**
+     * replica -> `{user, name}` the server attached to their presence (from their tokens;
+     * trust these over a name in the presence state, which the peer chose itself).
+     */
+    this.peerUsers = new Map();
     // In a browser, retry at once when the network comes back instead of waiting out the backoff.
     this._onNetworkOnline = () => {
       if (!this._closed && this._ws === null && this._timer !== null) {
@@ -864,8 +893,10 @@ export class CollabClient extends Emitter {
 
   /** This client's replica id (null until the first `hello_ack`). */
   get replica() { return this.doc.replica; }
-  /** Connection status: `connecting`, `online`, `saved` or `offline`. */
+  /** Connection status: `connecting`, `online`, `saved`, `offline` or `denied`. */
   get status() { return this._status; }
+  /** Whether local edits are refused: the server gave a `read` role, or refused the token. */
+  get readOnly() { return this.role === 'read' || this.deniedReason !== null; }
   /** Whether the first `hello_ack` arrived, so local edits are possible. */
   get ready() { return this._everJoined; }
   /** Number of local ops not yet acknowledged by the server. */
@@ -877,9 +908,21 @@ export class CollabClient extends Emitter {
   /** The document text. */
   text() { return this.doc.text(); }
 
-  /** Opens the connection (again, after `close()`). */
+  /**
+   * Replaces the token option (a string or a function) for the next connection; use it with
+   * `connect()` after a `denied` status.
+   */
+  setToken(token) {
+    if (token != null && typeof token !== 'string' && typeof token !== 'function') {
+      throw new TypeError('CollabClient: token must be a string or a function');
+    }
+    this.token = token ?? null;
+  }
+
+  /** Opens the connection (again, after `close()` or a `denied` status). */
   connect() {
     this._closed = false;
+    this.deniedReason = null;
     globalThis.addEventListener?.('online', this._onNetworkOnline);
     this._open();
   }
@@ -889,6 +932,7 @@ export class CollabClient extends Emitter {
     this._closed = true;
     globalThis.removeEventListener?.('online', this._onNetworkOnline);
     clearTimeout(this._timer);
+    this._timer = null;
     this._flushNow();
     if (this._ws) {
       const ws = this._ws;
@@ -925,6 +969,9 @@ export class CollabClient extends Emitter {
    */
   replace(pos, len, text) {
     this._needReady();
+    if (this.readOnly) {
+      throw new Error(this.deniedReason !== null ? `CollabClient: access denied: ${this.deniedReason}` : 'CollabClient: read-only (the token allows reading only)');
+    }
     const doc = this.doc;
     const index16 = doc.cpToUtf16(pos);
     const length16 = len ? doc.cpToUtf16(pos + len) - index16 : 0;
@@ -985,11 +1032,34 @@ export class CollabClient extends Emitter {
   // --- socket --------------------------------------------------------------------------
 
   _setStatus(s) {
+    // Denied is terminal until connect() clears it.
+    if (this.deniedReason !== null && s !== 'denied') return;
     let status = s;
     if ((s === 'online' || s === 'saved') && this._joined) status = this.pending ? 'online' : 'saved';
     if (status === this._status) return;
     this._status = status;
-    this.emit('status', { status, pending: this.pending });
+    const ev = { status, pending: this.pending };
+    if (status === 'denied') ev.reason = this.deniedReason;
+    this.emit('status', ev);
+  }
+
+  /**
+   * The server refused our token: stop for good (no reconnect loop, a new token would be
+   * refused the same way until the application supplies another one and calls `connect()`).
+   */
+  _deny(reason) {
+    this.deniedReason = reason || 'unauthorized';
+    this._closed = true;
+    globalThis.removeEventListener?.('online', this._onNetworkOnline);
+    clearTimeout(this._timer);
+    this._timer = null;
+    const ws = this._ws;
+    if (ws) {
+      this._detach();
+      try { ws.close(1000); } catch { /* already closed */ }
+    }
+    this._joined = false;
+    this._setStatus('denied');
   }
 
   _open() {
@@ -998,6 +1068,29 @@ export class CollabClient extends Emitter {
     if (this._closed) return;
     this._joined = false;
     this._setStatus('connecting');
+    const gen = ++this._openGen;
+    if (typeof this.token === 'function') {
+      // Ask for a fresh token before every connection: the last one may have expired.
+      let pending;
+      try { pending = Promise.resolve(this.token()); } catch (e) { pending = Promise.reject(e); }
+      pending.then((token) => {
+        if (gen !== this._openGen || this._closed || this._ws !== null) return;
+        if (typeof token !== 'string') throw new TypeError('the token function gave no string');
+        this._currentToken = token;
+        this._openSocket();
+      }).catch((e) => {
+        if (gen !== this._openGen || this._closed) return;
+        this.emit('error', { code: 'token', message: `could not get a token: ${e && e.message || e}` });
+        this._setStatus('offline');
+        this._scheduleReconnect();
+      });
+      return;
+    }
+    this._currentToken = this.token;
+    this._openSocket();
+  }
+
+  _openSocket() {
     let ws;
     try {
       ws = new this.WebSocket(this.url);
@@ -1010,7 +1103,7 @@ export class CollabClient extends Emitter {
     ws.onopen = () => {
       const hello = { type: 'hello', doc: this.docName };
       if (this.doc.replica !== null) hello.replica = this.doc.replica;
-      if (this.token !== null) hello.token = this.token;
+      if (this._currentToken !== null) hello.token = this._currentToken;
       if (this.since !== null && !this._resync) { hello.since = this.since; hello.epoch = this.epoch; }
       this._send(hello);
     };
@@ -1036,7 +1129,13 @@ export class CollabClient extends Emitter {
       if (this._ws !== ws) return;
       this._detach();
       this._joined = false;
-      if (ev && ev.code === 1008 && /replaced/.test(ev.reason || '')) {
+      const reason = (ev && ev.reason) || '';
+      if (ev && ev.code === 1008 && (/unauthorized|revoked/.test(reason) || (/token expired/.test(reason) && typeof this.token !== 'function'))) {
+        // Refused or revoked (an expired token is only final when we cannot get another one).
+        this._deny(reason);
+        return;
+      }
+      if (ev && ev.code === 1008 && /replaced/.test(reason)) {
         // Another connection took over our replica: reconnecting would steal it back.
         this._closed = true;
         this.emit('error', { code: 'replaced', message: 'another connection took over this replica' });
@@ -1055,7 +1154,10 @@ export class CollabClient extends Emitter {
     ws.onopen = ws.onmessage = ws.onerror = null;
     ws.onclose = null;
     this._ws = null;
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
     // Offline we do not know who is there; the next hello_ack says.
+    this.peerUsers.clear();
     if (this.peers.size) {
       this.peers.clear();
       this.emit('presence', { replica: null, state: null, reset: true });
@@ -1101,8 +1203,9 @@ export class CollabClient extends Emitter {
       case 'hello_ack': this._onHelloAck(msg); break;
       case 'op_echo': this._onEcho(msg); this._setStatus('online'); break;
       case 'ack': this._ackSeq(msg.client_seq); this._setStatus('online'); break;
-      case 'presence': this._onPresence(msg.replica, msg.state); break;
+      case 'presence': this._onPresence(msg); break;
       case 'error': this._onError(msg); break;
+      case 'auth_ack': this._onAuthAck(msg); break;
       default: break; // Unknown types are additions a newer server may send.
     }
   }
@@ -1126,15 +1229,32 @@ export class CollabClient extends Emitter {
     this.since = e.server_seq;
   }
 
-  _onPresence(replica, state) {
+  _onPresence(msg) {
+    const { replica, state } = msg;
     if (replica === this.doc.replica) return;
-    if (state === null || state === undefined) this.peers.delete(replica);
-    else this.peers.set(replica, state);
+    if (state === null || state === undefined) {
+      this.peers.delete(replica);
+      this.peerUsers.delete(replica);
+    } else {
+      this.peers.set(replica, state);
+      this._notePeerUser(msg);
+    }
     this.emit('presence', { replica, state: state ?? null });
+  }
+
+  /** Keeps the user and name the server vouches for (from the token, when auth is on). */
+  _notePeerUser(entry) {
+    if (typeof entry.user !== 'string') return;
+    this.peerUsers.set(entry.replica, { user: entry.user, name: typeof entry.name === 'string' ? entry.name : null });
   }
 
   _onError(msg) {
     this.emit('error', { code: msg.code, message: msg.message, client_seq: msg.client_seq });
+    if (msg.code === 'unauthorized') {
+      // Terminal: the server closes with 1008 next; reconnecting would be refused again.
+      this._deny(typeof msg.message === 'string' && msg.message ? msg.message : 'unauthorized');
+      return;
+    }
     if (typeof msg.client_seq === 'number' && this._unacked.some((m) => m.client_seq === msg.client_seq)) {
       // The server refused one of our edits, so our replica holds text nobody else has.
       // Forget that edit and reload the document; the other pending edits are resent.
@@ -1180,18 +1300,66 @@ export class CollabClient extends Emitter {
       }
     }
     this._resync = false;
+    this.role = typeof ack.role === 'string' ? ack.role : 'write';
+    this.user = typeof ack.user === 'string' ? ack.user : null;
+    this.exp = Number.isFinite(ack.exp) ? ack.exp : null;
     this.epoch = ack.epoch;
     this.head = ack.head;
     this._joined = true;
     this._everJoined = true;
     this._attempt = 0;
     this.peers.clear();
-    for (const p of ack.presence || []) if (p.replica !== this.doc.replica && p.state != null) this.peers.set(p.replica, p.state);
+    this.peerUsers.clear();
+    for (const p of ack.presence || []) {
+      if (p.replica !== this.doc.replica && p.state != null) {
+        this.peers.set(p.replica, p.state);
+        this._notePeerUser(p);
+      }
+    }
     this.emit('presence', { replica: null, state: null, reset: true });
     for (const m of this._unacked) this._send({ type: 'op', client_seq: m.client_seq, ops: m.ops });
     this._flushNow();
     if (this._presenceState !== null) { this._presenceDirty = true; this._sendPresence(); }
     this._setStatus('online');
+    this._scheduleRefresh();
+  }
+
+  _onAuthAck(msg) {
+    if (Number.isFinite(msg.exp)) this.exp = msg.exp;
+    // A refreshed token may carry another role; a server that says so is believed at once
+    // (one that does not refuses the next edit with `forbidden`, and the rejoin tells).
+    if (typeof msg.role === 'string') this.role = msg.role;
+    this.emit('auth', { exp: this.exp, role: this.role });
+    this._scheduleRefresh();
+  }
+
+  /** With a token function and a token that expires: refresh it in place before `exp`. */
+  _scheduleRefresh(delayMs) {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    if (typeof this.token !== 'function' || this.exp === null || !this._joined) return;
+    const leftMs = this.exp * 1000 - Date.now();
+    if (leftMs <= 0) return; // The server closes with `token expired`; the reconnect asks anew.
+    const delay = delayMs ?? Math.max(0, leftMs - Math.min(this.refreshBeforeMs, leftMs / 2));
+    // setTimeout's delay is a signed 32-bit count of milliseconds.
+    this._refreshTimer = setTimeout(() => { this._refreshTimer = null; this._refresh(); }, Math.min(delay, 2 ** 31 - 1));
+  }
+
+  _refresh() {
+    const ws = this._ws;
+    let pending;
+    try { pending = Promise.resolve(this.token()); } catch (e) { pending = Promise.reject(e); }
+    pending.then((token) => {
+      if (this._ws !== ws || !this._joined) return; // A reconnect asks for its own token.
+      if (typeof token !== 'string') throw new TypeError('the token function gave no string');
+      this._currentToken = token;
+      this._send({ type: 'auth', token });
+    }).catch((e) => {
+      if (this._ws !== ws) return;
+      this.emit('error', { code: 'token', message: `could not refresh the token: ${e && e.message || e}` });
+      // Try again a little later while the token still lives.
+      if (this.exp !== null && this.exp * 1000 - Date.now() > 2000) this._scheduleRefresh(1000);
+    });
   }
 
   /**
@@ -1280,7 +1448,7 @@ export class TextareaBinding {
     this.presence = opts.presence || {};
     this._value = client.text();
     this.ta.value = this._value;
-    this.ta.readOnly = !client.ready;
+    this.ta.readOnly = !client.ready || client.readOnly;
     this._onInput = () => this._input();
     this._onSelect = () => this._publishCaret();
     this.ta.addEventListener('input', this._onInput);
@@ -1294,7 +1462,8 @@ export class TextareaBinding {
     this._offs = [
       client.on('change', (c) => { if (!this._editing) this._change(c); }),
       client.on('status', () => {
-        if (client.ready && this.ta.readOnly) { this.ta.readOnly = false; this._publishCaret(); }
+        const readOnly = !client.ready || client.readOnly;
+        if (readOnly !== this.ta.readOnly) { this.ta.readOnly = readOnly; this._publishCaret(); }
       }),
     ];
     this._publishCaret();
@@ -1320,7 +1489,7 @@ export class TextareaBinding {
   _input() {
     const client = this.client;
     const next = this.ta.value;
-    if (!client.ready) { this.ta.value = this._value; return; }
+    if (!client.ready || client.readOnly) { this.ta.value = this._value; return; }
     const [start16, removed16, inserted] = diffAroundCaret(this._value, next, this.ta.selectionEnd);
     const doc = client.doc;
     const start = doc.utf16ToCp(start16);

@@ -13,7 +13,9 @@ const PAGES = {
   '/': ['text/html; charset=utf-8', 'demo/index.html'],
   '/index.html': ['text/html; charset=utf-8', 'demo/index.html'],
   '/app.css': ['text/css; charset=utf-8', 'demo/app.css'],
-  '/app.js': ['text/javascript; charset=utf-8', 'demo/app.js'],
+  '/app.js': ['text/javascript; charset=utf-8', 'demo/dist/app.js'],
+  '/textarea': ['text/html; charset=utf-8', 'demo/textarea.html'],
+  '/textarea.js': ['text/javascript; charset=utf-8', 'demo/textarea.js'],
   '/collab.js': ['text/javascript; charset=utf-8', 'js/collab.js'],
 };
 
@@ -48,8 +50,13 @@ function changesNothing(rga, ops) {
 /** Starts a fake server on 127.0.0.1 (port 0 = any). */
 export async function startFakeServer({ port = 0, rooms = new Map() } = {}) {
   const stats = { opMessages: 0, hellos: [], received: [] };
-  /** Test knobs: `snapshotOnly` answers every hello with a snapshot (as after log truncation). */
-  const knobs = { snapshotOnly: false };
+  /**
+   * Test knobs: `snapshotOnly` answers every hello with a snapshot (as after log truncation);
+   * `tokens` (a Map token -> {role, user, name}) turns on access control as docs/protocol.md
+   * describes it: an unknown token gets `unauthorized` and a close 1008, a `read` role's ops
+   * get `forbidden`, and hello_ack and presence carry role, user and name.
+   */
+  const knobs = { snapshotOnly: false, tokens: null };
   const sockets = new Set();
   const server = http.createServer((req, res) => {
     const path = req.url.split('?')[0];
@@ -78,6 +85,7 @@ export async function startFakeServer({ port = 0, rooms = new Map() } = {}) {
   function serve(ws, pathDoc) {
     let r = null;
     let replica = null;
+    let grant = null;
     const send = (m) => { if (ws.readyState === 1) ws.send(JSON.stringify(m)); };
     const error = (code, message, client_seq) => send({ type: 'error', code, message, ...(client_seq !== undefined ? { client_seq } : {}) });
     ws.on('close', () => {
@@ -96,28 +104,40 @@ export async function startFakeServer({ port = 0, rooms = new Map() } = {}) {
       if (msg.type === 'hello') {
         if (r) { error('bad_message', 'second hello'); return; }
         stats.hellos.push(msg);
+        if (knobs.tokens) {
+          grant = knobs.tokens.get(msg.token) || null;
+          if (!grant) {
+            error('unauthorized', msg.token ? 'token signature invalid' : 'token required');
+            ws.close(1008, 'unauthorized');
+            return;
+          }
+        }
         r = room(pathDoc ?? msg.doc);
         replica = msg.replica ?? r.nextReplica++;
         if (replica >= r.nextReplica) r.nextReplica = replica + 1;
         const old = r.conns.get(replica);
         if (old) { r.conns.delete(replica); old.ws.close(1008, 'replaced'); }
-        r.conns.set(replica, { ws, state: null });
+        r.conns.set(replica, { ws, state: null, grant });
         const ack = { type: 'hello_ack', doc: r.name, replica, head: r.head, epoch: r.epoch };
+        if (grant) Object.assign(ack, { role: grant.role, user: grant.user, exp: Math.floor(Date.now() / 1000) + 3600 });
         const canReplay = !knobs.snapshotOnly && Number.isSafeInteger(msg.since) && msg.since <= r.head && (msg.epoch === undefined || msg.epoch === r.epoch);
         if (canReplay) { ack.strategy = 'replay'; ack.ops = r.log.slice(msg.since); } else { ack.strategy = 'snapshot'; ack.snapshot = r.rga.toSnapshot(); }
-        ack.presence = [...r.conns].filter(([k, c]) => k !== replica && c.state !== null).map(([k, c]) => ({ replica: k, state: c.state }));
+        const who = (c) => (c.grant ? { user: c.grant.user, name: c.grant.name } : {});
+        ack.presence = [...r.conns].filter(([k, c]) => k !== replica && c.state !== null).map(([k, c]) => ({ replica: k, state: c.state, ...who(c) }));
         send(ack);
         return;
       }
       if (!r) { error('not_joined', 'hello first'); return; }
       if (msg.type === 'presence') {
         r.conns.get(replica).state = msg.state ?? null;
-        for (const [k, c] of r.conns) if (k !== replica) c.ws.send(JSON.stringify({ type: 'presence', replica, state: msg.state ?? null }));
+        const extra = grant ? { user: grant.user, name: grant.name } : {};
+        for (const [k, c] of r.conns) if (k !== replica) c.ws.send(JSON.stringify({ type: 'presence', replica, state: msg.state ?? null, ...extra }));
         return;
       }
       if (msg.type !== 'op') { error('bad_message', 'type'); return; }
       stats.opMessages++;
       const seq = msg.client_seq;
+      if (grant && grant.role === 'read') { error('forbidden', 'this token allows reading only', seq); return; }
       if (!Array.isArray(msg.ops) || msg.ops.length === 0) { error('bad_message', 'ops', seq); return; }
       for (const op of msg.ops) {
         if (op.kind === 'ins' && op.id?.[1] !== replica) { error('invalid_op', 'foreign replica', seq); return; }

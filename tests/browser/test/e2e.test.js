@@ -1,5 +1,5 @@
-// End to end in headless Chromium against the real server binary: the demo page served by
-// the server, two pages typing at once, a late third page, a server crash and restart on the
+// End to end in headless Chromium against the real server binary: the zero-dependency
+// textarea demo (/textarea) served by the server, two pages typing at once, a late third page, a server crash and restart on the
 // same port and data dir, presence carets. Screenshots land in target/browser-test/.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -39,14 +39,14 @@ after(async () => {
   data?.cleanup();
 });
 
-/** Opens the demo page for `doc` in a fresh browser context (its own window). */
+/** Opens the textarea demo for `doc` in a fresh browser context (its own window). */
 async function openPage(doc, name) {
   const ctx = await browser.newContext({ viewport: { width: 900, height: 560 } });
   const page = await ctx.newPage();
   const problems = [];
   page.on('pageerror', (e) => problems.push(String(e)));
   page.on('console', (m) => { if (m.type() === 'error') problems.push(m.text()); });
-  await page.goto(`${server.http}/?doc=${encodeURIComponent(doc)}&name=${encodeURIComponent(name)}`);
+  await page.goto(`${server.http}/textarea?doc=${encodeURIComponent(doc)}&name=${encodeURIComponent(name)}`);
   await waitSaved(page);
   page.problems = problems;
   return page;
@@ -167,7 +167,7 @@ test('two pages, a late third page, a server restart, presence carets', { timeou
   const board = await browser.newPage({ viewport: { width: 1820, height: 600 } });
   await board.setContent(`<body style="margin:0;background:#333;display:flex;gap:20px;padding:20px">${
     shots.map((b) => `<img style="width:890px;border:1px solid #000" src="data:image/png;base64,${b.toString('base64')}">`).join('')}</body>`);
-  await board.screenshot({ path: join(out, 'two-pages.png') });
+  await board.screenshot({ path: join(out, 'textarea-two-pages.png') });
   await board.close();
 
   // A third page opened later gets the whole document.
@@ -209,8 +209,8 @@ test('two pages, a late third page, a server restart, presence carets', { timeou
   ]);
   text = await converged([alice, bob, carol]);
   for (const s of [' after-restart-A', ' after-restart-B', ' after-restart-C']) assert.ok(isSubsequence(s, text), s);
-  await alice.screenshot({ path: join(out, 'after-restart.png') });
-  writeFileSync(join(out, 'final-text.txt'), text);
+  await alice.screenshot({ path: join(out, 'textarea-after-restart.png') });
+  writeFileSync(join(out, 'textarea-final-text.txt'), text);
 
   for (const p of [alice, bob, carol]) {
     // Only the expected noise: failed WebSocket connections while the server was down.
@@ -224,7 +224,9 @@ test('the server serves the page and the module itself', async () => {
   assert.equal(res.status, 200);
   assert.match(res.headers.get('content-type'), /javascript/);
   assert.match(await res.text(), /export class CollabClient/);
-  const page = await fetch(`${server.http}/`);
+  const page = await fetch(`${server.http}/textarea`);
   assert.match(page.headers.get('content-type'), /text\/html/);
   assert.match(await page.text(), /<textarea id="editor"/);
+  const main = await fetch(`${server.http}/`);
+  assert.match(await main.text(), /<div id="editor" class="cm-host">/);
 });

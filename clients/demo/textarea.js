@@ -1,5 +1,6 @@
-// The demo editor: one <textarea> bound to a collab-engine document, the connection and
-// saved state, the people present and their carets. Served by the server itself.
+// The zero-dependency demo at /textarea: one <textarea> bound to a collab-engine document,
+// the connection and saved state, the people present and their carets. Served by the server
+// itself, no build step (the main demo at / is the CodeMirror one, src/main.js).
 import { CollabClient, TextareaBinding } from '/collab.js';
 
 const COLORS = ['#e6194b', '#3cb44b', '#4363d8', '#f58231', '#911eb4', '#0f9b9b', '#d6338a', '#808000', '#9a6324', '#000075'];
@@ -39,7 +40,7 @@ $('me-name').value = me.name;
 $('me-swatch').style.setProperty('--c', me.color);
 
 const wsBase = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
-const client = new CollabClient({ url: wsBase, doc: docName });
+const client = new CollabClient({ url: wsBase, doc: docName, token: params.get('token') || undefined });
 const ta = $('editor');
 const binding = new TextareaBinding(ta, client, { presence: me });
 
@@ -64,6 +65,7 @@ const STATUS_TEXT = {
   online: (n) => `online · saving ${n} edit${n === 1 ? '' : 's'}…`,
   saved: () => 'online · all changes saved',
   offline: (n) => (n ? `offline · ${n} edit${n === 1 ? '' : 's'} not saved yet, reconnecting…` : 'offline · reconnecting…'),
+  denied: () => `access denied: ${client.deniedReason}`,
 };
 function renderStatus() {
   const s = client.status;
