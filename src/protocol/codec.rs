@@ -165,9 +165,12 @@ pub fn encode_presence_of(
     Utf8Bytes::from(out)
 }
 
-/// `{"type":"auth_ack","exp":N}`: a token refresh was accepted.
-pub fn encode_auth_ack(exp: u64) -> Utf8Bytes {
-    Utf8Bytes::from(format!("{{\"type\":\"auth_ack\",\"exp\":{exp}}}"))
+/// `{"type":"auth_ack","exp":N,"role":"read"|"write"|"admin"}`: a token refresh was accepted;
+/// `role` is the new token's (a refresh may lower or raise it).
+pub fn encode_auth_ack(exp: u64, role: &str) -> Utf8Bytes {
+    Utf8Bytes::from(format!(
+        "{{\"type\":\"auth_ack\",\"exp\":{exp},\"role\":\"{role}\"}}"
+    ))
 }
 
 /// What `hello_ack` says about the joiner's token (access control on).

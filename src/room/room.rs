@@ -680,8 +680,8 @@ impl Room {
     }
 
     /// Answers an accepted `auth` refresh, in order with the connection's other frames.
-    pub fn auth_ack(&mut self, conn: ConnToken, exp: u64) {
-        self.effects.frames.push((conn, encode_auth_ack(exp)));
+    pub fn auth_ack(&mut self, conn: ConnToken, exp: u64, role: &str) {
+        self.effects.frames.push((conn, encode_auth_ack(exp, role)));
     }
 
     /// Drains what this room wants done since the last call.

@@ -244,9 +244,9 @@ impl RoomHost {
         });
         match verdict {
             Ok(grant) => {
-                let exp = grant.exp;
+                let (exp, role) = (grant.exp, grant.role.as_str());
                 self.keep_grant(conn, grant);
-                self.rooms[idx].room.auth_ack(conn, exp);
+                self.rooms[idx].room.auth_ack(conn, exp, role);
             }
             Err(e) => {
                 let err = ProtocolError::new(ErrorCode::Unauthorized, e.message());

@@ -330,6 +330,7 @@ fn expiry_closes_a_live_connection_and_refresh_extends_it() {
     let ack = recv_json(&mut kept.ws);
     assert_eq!(ack["type"], "auth_ack");
     assert!(ack["exp"].as_u64().expect("exp") > now_unix() + 60);
+    assert_eq!(ack["role"], "write");
     // Not refreshed: closed 1008 "token expired" once exp passes.
     let mut lapsing = connect(addr, &format!("/ws/doc?token={}", short("carol")));
     send(&mut lapsing, r#"{"type":"hello"}"#);
@@ -371,7 +372,9 @@ fn a_refresh_can_lower_the_role() {
         &mut a.ws,
         &format!(r#"{{"type":"auth","token":"{reader}"}}"#),
     );
-    assert_eq!(recv_json(&mut a.ws)["type"], "auth_ack");
+    let ack = recv_json(&mut a.ws);
+    assert_eq!(ack["type"], "auth_ack");
+    assert_eq!(ack["role"], "read", "auth_ack names the lowered role");
     let op = format!(
         r#"{{"type":"op","client_seq":9,"ops":[{{"kind":"ins","id":[50,{}],"after":null,"text":"y"}}]}}"#,
         a.replica

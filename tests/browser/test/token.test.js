@@ -2,7 +2,7 @@
 // every connection and again before `exp` (refresh in place with `auth`), `unauthorized` and
 // the 1008 closes after it as a terminal `denied` status, the `read` role. The server side is
 // a scripted WebSocket server on 127.0.0.1 that answers exactly as docs/protocol.md says;
-// the same client against the real binary (its `--token` refusal) is at the end.
+// the same client against the real binary with `--auth-key-file` is at the end.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import WebSocket, { WebSocketServer } from 'ws';
@@ -177,27 +177,26 @@ test('a read role makes the client read-only; a failing token function is retrie
   await srv.close();
 });
 
-// The real binary: with access control (issue 9, `--auth-key-file`) a refused token, a
-// refresh in place before `exp` and a read token; on a binary from before it, the shared
-// `--token` secret that it replaced.
+// The real binary with access control (`--auth-key-file`): a refused token, a refresh in place
+// before `exp` and a read token.
 test('against the real server: a refused token is denied once; a good one joins and refreshes', { timeout: 60000 }, async () => {
   const data = tempDir('collab-token-');
-  const withKeys = supportsAuthKeys(serverBin());
+  assert.ok(supportsAuthKeys(serverBin()), `${serverBin()} has no --auth-key-file`);
   const secret = randomBytes(40);
   const keyFile = join(data.dir, 'k1.key');
   writeFileSync(keyFile, secret);
   const now = () => Math.floor(Date.now() / 1000);
   const mint = (claims) => mintHs256(secret, { sub: 'alice', doc: 'd', role: 'write', iat: now(), exp: now() + 3600, ...claims }, 'k1');
-  const args = withKeys ? ['--auth-key-file', keyFile] : ['--token', 'the-right-token'];
+  const args = ['--auth-key-file', keyFile];
   const server = await startServer({ dataDir: join(data.dir, 'data'), extraArgs: args });
   try {
-    const bad = client(server.ws, { token: withKeys ? mint({ doc: 'another-doc' }) : 'wrong' });
+    const bad = client(server.ws, { token: mint({ doc: 'another-doc' }) });
     await until('denied', () => bad.status === 'denied');
     assert.ok(bad.deniedReason.length > 0, 'a reason');
     let calls = 0;
-    // With keys: a token that lives 4 s, refreshed 3 s early (so after about 2 s, half its life).
+    // A token that lives 4 s, refreshed 3 s early (so after about 2 s, half its life).
     const good = client(server.ws, {
-      token: async () => { calls++; return withKeys ? mint({ exp: now() + 4 }) : 'the-right-token'; },
+      token: async () => { calls++; return mint({ exp: now() + 4 }); },
       refreshBeforeMs: 3000,
     });
     await until('joined', () => good.status === 'saved');
@@ -205,27 +204,25 @@ test('against the real server: a refused token is denied once; a good one joins 
     good.on('status', (st) => statuses.push(st.status));
     good.insert(0, 'hello');
     await good.whenSaved();
-    if (withKeys) {
-      assert.equal(good.user, 'alice');
-      assert.equal(good.role, 'write');
-      const firstExp = good.exp;
-      await new Promise((r) => good.on('auth', r));
-      assert.ok(good.exp > firstExp, 'auth_ack gave a later exp');
-      // Past the first token's exp the same connection still works.
-      await until('first token expired', () => now() > firstExp + 1);
-      good.insert(5, ' again');
-      await good.whenSaved();
-      // Refreshed in place (at least once), never reconnected.
-      assert.ok(calls >= 2, `token function called ${calls} times`);
-      assert.deepEqual(statuses.filter((st) => st !== 'online' && st !== 'saved'), []);
-      // A read token joins read-only and sees the text.
-      const reader = client(server.ws, { token: mint({ sub: 'rita', role: 'read' }) });
-      await until('reader joined', () => reader.status === 'saved');
-      assert.equal(reader.role, 'read');
-      assert.equal(reader.text(), 'hello again');
-      assert.throws(() => reader.insert(0, 'x'), /read-only/);
-      reader.close();
-    }
+    assert.equal(good.user, 'alice');
+    assert.equal(good.role, 'write');
+    const firstExp = good.exp;
+    await new Promise((r) => good.on('auth', r));
+    assert.ok(good.exp > firstExp, 'auth_ack gave a later exp');
+    // Past the first token's exp the same connection still works.
+    await until('first token expired', () => now() > firstExp + 1);
+    good.insert(5, ' again');
+    await good.whenSaved();
+    // Refreshed in place (at least once), never reconnected.
+    assert.ok(calls >= 2, `token function called ${calls} times`);
+    assert.deepEqual(statuses.filter((st) => st !== 'online' && st !== 'saved'), []);
+    // A read token joins read-only and sees the text.
+    const reader = client(server.ws, { token: mint({ sub: 'rita', role: 'read' }) });
+    await until('reader joined', () => reader.status === 'saved');
+    assert.equal(reader.role, 'read');
+    assert.equal(reader.text(), 'hello again');
+    assert.throws(() => reader.insert(0, 'x'), /read-only/);
+    reader.close();
     assert.equal(bad.status, 'denied');
     good.close();
   } finally {
