@@ -58,7 +58,13 @@ def auth_server(server_factory: Callable[..., Server], tmp_path: Path) -> "tuple
 
 
 def claims(user: str, role: str, ttl: float) -> Dict[str, Any]:
-    return {"sub": user, "name": user.title(), "role": role, "exp": int(time.time() + ttl)}
+    return {
+        "sub": user,
+        "name": user.title(),
+        "doc": "py/auth/*",
+        "role": role,
+        "exp": int(time.time() + ttl),
+    }
 
 
 def test_write_token_joins_edits_and_names_the_user(auth_server: "tuple[Server, bytes]") -> None:
