@@ -323,8 +323,15 @@ impl Acceptor {
         let Some(stage) = pending.stage.take() else {
             return;
         };
-        let dead_shards = self.shards.iter().filter(|s| !s.is_alive()).count();
-        let next = advance(stage, peer, &self.metrics, &self.options, dead_shards);
+        let health = http::ShardsHealth {
+            dead: self.shards.iter().filter(|s| !s.is_alive()).count(),
+            storage_unavailable: self
+                .shards
+                .iter()
+                .filter(|s| s.is_alive() && !s.storage_available().get())
+                .count(),
+        };
+        let next = advance(stage, peer, &self.metrics, &self.options, health);
         match next {
             Next::Stay(stage) => {
                 if let Some(pending) = self.pending.get_mut(key) {
@@ -405,10 +412,10 @@ fn advance(
     peer: SocketAddr,
     metrics: &MetricsRegistry,
     options: &AcceptorOptions,
-    dead_shards: usize,
+    health: http::ShardsHealth,
 ) -> Next {
     match stage {
-        Stage::Request(stream) => read_request(stream, peer, metrics, options, dead_shards),
+        Stage::Request(stream) => read_request(stream, peer, metrics, options, health),
         Stage::Answer {
             stream,
             bytes,
@@ -425,7 +432,7 @@ fn read_request(
     peer: SocketAddr,
     metrics: &MetricsRegistry,
     options: &AcceptorOptions,
-    dead_shards: usize,
+    health: http::ShardsHealth,
 ) -> Next {
     let mut buf = [0u8; REQUEST_HEAD_BYTES_MAX];
     // Peek, so that an upgrade leaves the request in the socket for tungstenite's handshake.
@@ -437,7 +444,7 @@ fn read_request(
         }
         Err(_) => return Next::Drop,
     };
-    match http::parse_request_with_dead(&buf[..n], metrics, dead_shards) {
+    match http::parse_request_with_health(&buf[..n], metrics, health) {
         Parsed::Partial => Next::Stay(Stage::Request(stream)),
         Parsed::Complete {
             head_bytes,
