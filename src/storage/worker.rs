@@ -36,6 +36,10 @@ use super::{LogRecord, Storage, StorageError, StoredDoc, StoredSnapshot};
 /// How often the worker probes a storage that is unavailable.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 
+/// Longest a dropped [`StorageWorker`] waits for its thread to finish (a final disk
+/// checkpoint takes well under a second; a storage that hangs is left behind).
+const WORKER_EXIT_WAIT: Duration = Duration::from_secs(10);
+
 /// One shard turn's records, numbered in submission order (1, 2, ...), per shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BatchId(pub u64);
@@ -245,10 +249,28 @@ impl Drop for StorageWorker {
     fn drop(&mut self) {
         // Closing the channel ends the worker once it has done everything sent before.
         self.requests = None;
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                error!("storage worker: the thread panicked");
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        // The worker drops its end of the completions as it exits; a storage that hangs
+        // (a database that never answers) must not hang the shutdown with it.
+        let deadline = Instant::now() + WORKER_EXIT_WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.completions.recv_timeout(left) {
+                Ok(_) => continue, // Answers nobody waits for any more.
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    error!(
+                        "storage worker: still busy after {WORKER_EXIT_WAIT:?}; leaving it behind \
+                         (what it had not synced was never acknowledged)"
+                    );
+                    return;
+                }
             }
+        }
+        if thread.join().is_err() {
+            error!("storage worker: the thread panicked");
         }
     }
 }
