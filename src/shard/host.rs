@@ -799,6 +799,12 @@ impl Handler for RoomHost {
         let Some(session) = self.sessions.get_mut(conn.0).and_then(Option::take) else {
             return;
         };
+        if let Some(doc) = &session.awaiting_load {
+            // A later connection at the same slab key must not be answered with this hello.
+            if let Some(waiters) = self.loading.get_mut(doc) {
+                waiters.retain(|(waiter, _)| *waiter != conn);
+            }
+        }
         if let Some(idx) = session.room_idx {
             if let Some(slot) = self.rooms.get_mut(idx) {
                 // Its slab key may be reused before the held effects are released: nothing

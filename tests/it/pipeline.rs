@@ -543,3 +543,53 @@ fn unavailable_storage_refuses_ops_and_hellos_until_it_answers() {
     assert_eq!(newcomer.head, 0);
     server.shutdown().expect("clean shutdown");
 }
+
+/// A hello for a document not in memory waits for its load on the worker (queued here
+/// behind a held sync); an op sent right behind the hello is handled after the join, in
+/// order, and another document's hello meanwhile is not refused.
+#[test]
+fn hello_waits_for_its_load_and_messages_behind_it_keep_their_order() {
+    let _w = Watchdog::new(
+        "hello_waits_for_its_load_and_messages_behind_it_keep_their_order",
+        60,
+    );
+    let gate = Gate::new();
+    let server = gated_server(&gate);
+    let addr = server.local_addr();
+    let mut a = Editor::join(addr, "/ws/load-a", &hello("load-a"));
+    a.edit(0, 0, "a");
+    a.settle();
+    gate.with(|s| s.hold = true);
+    a.edit(1, 0, "b");
+    gate.wait_until(|s| s.n_waiting == 1);
+
+    // The load of load-z is queued behind the held sync; the op behind the hello waits too.
+    let mut z = connect(addr, "/ws/load-z");
+    send(&mut z, &hello("load-z"));
+    let op = encode_op(
+        1,
+        &[collab_engine::crdt::Op::Insert {
+            id: collab_engine::crdt::OpId {
+                lamport: 1,
+                replica: 1,
+            },
+            after: None,
+            text: "z".into(),
+        }],
+    );
+    send(&mut z, &op);
+    wait_batches_in_flight(addr, 1);
+    gate.with(|s| s.hold = false);
+    let ack = recv_json(&mut z);
+    assert_eq!(ack["type"], "hello_ack", "{ack}");
+    assert_eq!(ack["replica"], 1, "{ack}");
+    let echo = recv_json(&mut z);
+    assert_eq!(
+        echo["type"], "op_echo",
+        "the op was applied after the join: {echo}"
+    );
+    assert_eq!(echo["server_seq"], 1, "{echo}");
+    a.settle();
+    assert_eq!(a.doc.text(), "ab");
+    server.shutdown().expect("clean shutdown");
+}
