@@ -209,9 +209,15 @@ impl StorageWorker {
     /// [`WorkerGone`] when the worker thread has exited.
     pub fn send(&self, request: StorageRequest) -> Result<(), WorkerGone> {
         match &self.requests {
-            Some(requests) => requests.send(request).map_err(|_| WorkerGone),
-            None => Err(WorkerGone),
+            Some(requests) => requests.send(request).map_err(|_| WorkerGone)?,
+            None => return Err(WorkerGone),
         }
+        // The worker parks when it has nothing to do (no spinning on a busy machine); an
+        // unpark of a thread that is not parked is one atomic operation, no system call.
+        if let Some(thread) = &self.thread {
+            thread.thread().unpark();
+        }
+        Ok(())
     }
 
     /// The next completion if one is ready (`Ok(None)` when none is).
@@ -252,6 +258,7 @@ impl Drop for StorageWorker {
         let Some(thread) = self.thread.take() else {
             return;
         };
+        thread.thread().unpark();
         // The worker drops its end of the completions as it exits; a storage that hangs
         // (a database that never answers) must not hang the shutdown with it.
         let deadline = Instant::now() + WORKER_EXIT_WAIT;
@@ -303,23 +310,27 @@ struct Group {
 impl WorkerLoop {
     fn run(mut self) {
         loop {
-            let first = if self.available.get() {
-                match self.requests.recv() {
-                    Ok(request) => request,
-                    Err(_) => break,
+            // Parked, not blocked in the channel: crossbeam's blocking receive spins and
+            // yields before it sleeps, several system calls per turn on a busy machine. The
+            // shard unparks the worker after each send (and when it drops its end).
+            let first = match self.requests.try_recv() {
+                Ok(request) => request,
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) if self.available.get() => {
+                    std::thread::park();
+                    continue;
                 }
-            } else {
-                match self.requests.recv_timeout(PROBE_INTERVAL) {
-                    Ok(request) => request,
-                    Err(RecvTimeoutError::Timeout) => {
+                Err(TryRecvError::Empty) => {
+                    let parked = Instant::now();
+                    std::thread::park_timeout(PROBE_INTERVAL);
+                    if parked.elapsed() >= PROBE_INTERVAL && self.requests.is_empty() {
                         let probed = self.storage.probe();
                         if let Err(e) = &probed {
                             debug!("storage worker: still unavailable: {e}");
                         }
                         self.available.set(probed.is_ok());
-                        continue;
                     }
-                    Err(RecvTimeoutError::Disconnected) => break,
+                    continue;
                 }
             };
             let mut queue = std::mem::take(&mut self.queue);
