@@ -121,7 +121,8 @@ pub trait Storage: Send {
     ///
     /// # Errors
     /// `Corrupt` when a checksum fails anywhere but a torn last record (which is cut off with
-    /// a warning); `Io` when reading fails.
+    /// a warning); `Io` when reading fails; `Unavailable` when the storage cannot be reached
+    /// (the hello waiting for it gets `unavailable` and a close 1013).
     fn load(&mut self, doc: &str) -> Result<Option<StoredDoc>, StorageError>;
 
     /// Buffers `record` for `doc`, durable after the next successful [`Storage::sync`].
@@ -133,9 +134,14 @@ pub trait Storage: Send {
 
     /// Makes every record appended so far durable (one fsync per touched file at most).
     ///
+    /// Runs on the shard's storage worker thread, never on the shard.
+    ///
     /// # Errors
     /// `Io` when a write or fsync fails: none of the records appended since the previous
     /// successful sync may be acknowledged, and the storage rolls its files back to that point.
+    /// `Unavailable` when the storage could not be reached (nothing was committed).
+    /// `OutcomeUnknown` when the commit may or may not have happened; the next `load` of each
+    /// document concerned must return what was really committed.
     fn sync(&mut self) -> Result<(), StorageError>;
 
     /// Atomically replaces the document's snapshot; the log it covers may then be reclaimed.
