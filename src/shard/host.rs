@@ -28,6 +28,7 @@
 //! Never touches a socket directly (the [`Net`] does) and never blocks on one.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
@@ -86,6 +87,9 @@ struct Held {
 /// One loaded document.
 struct RoomSlot {
     room: Room,
+    /// The room's document and epoch (fixed for its life), shared with each commit.
+    doc: Arc<str>,
+    epoch: Arc<str>,
     /// Tells this room apart from a later one at the same slab key.
     generation: u64,
     /// Whether the room is on `RoomHost::dirty` (has effects to drain this turn).
@@ -426,6 +430,8 @@ impl RoomHost {
                     let generation = self.next_generation;
                     self.next_generation += 1;
                     let idx = self.rooms.insert(RoomSlot {
+                        doc: Arc::from(room.doc_name()),
+                        epoch: Arc::from(room.epoch()),
                         room,
                         generation,
                         in_dirty: false,
@@ -846,8 +852,8 @@ impl Handler for RoomHost {
             }
             if !effects.records.is_empty() {
                 appends.push(DocAppend {
-                    doc: slot.room.doc_name().to_owned(),
-                    epoch: slot.room.epoch().to_owned(),
+                    doc: slot.doc.clone(),
+                    epoch: slot.epoch.clone(),
                     records: std::mem::take(&mut effects.records),
                 });
                 slot.held.push_back(Held {

@@ -47,10 +47,10 @@ pub struct BatchId(pub u64);
 /// The records of one document in one batch, in log order.
 #[derive(Debug)]
 pub struct DocAppend {
-    /// The document.
-    pub doc: String,
+    /// The document (shared with its room: no copy per turn).
+    pub doc: Arc<str>,
     /// Its epoch (persisted with its first record).
-    pub epoch: String,
+    pub epoch: Arc<str>,
     /// Its records of the turn, `server_seq` ascending.
     pub records: Vec<LogRecord>,
 }
@@ -301,7 +301,7 @@ struct Group {
     first: BatchId,
     last: BatchId,
     /// Documents with records in the group (fenced if it fails).
-    docs: Vec<String>,
+    docs: Vec<Arc<str>>,
     /// The first append error; the group then fails whatever the sync says.
     append_error: Option<StorageError>,
     started: Instant,
@@ -374,7 +374,7 @@ impl WorkerLoop {
 
     fn append(&mut self, group: &mut Group, appends: Vec<DocAppend>) {
         for append in appends {
-            if self.fenced.contains(&append.doc) {
+            if self.fenced.contains(&*append.doc) {
                 // Its room is being dropped by the shard; nothing of it may follow the gap.
                 continue;
             }
@@ -409,7 +409,8 @@ impl WorkerLoop {
                 "storage worker: sync of batches {}..={} failed: {e}",
                 group.first.0, group.last.0
             );
-            self.fenced.extend(group.docs.drain(..));
+            self.fenced
+                .extend(group.docs.drain(..).map(|doc| doc.to_string()));
         }
         let _ = self.completions.send(StorageCompletion::Synced {
             first: group.first,
