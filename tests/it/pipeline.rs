@@ -45,6 +45,8 @@ struct GateState {
     next: Vec<NextSync>,
     /// Unreachable: load, sync and probe return `Unavailable`.
     down: bool,
+    /// The next sync panics (a bug in a backend).
+    panic: bool,
 }
 
 /// What the test controls of its storage, shared with the storage worker's thread.
@@ -64,6 +66,7 @@ impl Gate {
                 n_appended: 0,
                 next: Vec::new(),
                 down: false,
+                panic: false,
             }),
             changed: Condvar::new(),
         })
@@ -134,6 +137,10 @@ impl Storage for Gated {
             }
             state.n_waiting -= 1;
             state.n_syncs += 1;
+            if state.panic {
+                drop(state);
+                panic!("test storage: a bug in the backend");
+            }
             let outcome = if state.next.is_empty() {
                 NextSync::Ok
             } else {
@@ -592,4 +599,33 @@ fn hello_waits_for_its_load_and_messages_behind_it_keep_their_order() {
     a.settle();
     assert_eq!(a.doc.text(), "ab");
     server.shutdown().expect("clean shutdown");
+}
+
+/// A storage worker that dies (its backend panicked) takes its shard down the way a handler
+/// panic does: the shard's clients are closed with 1011, nothing of the batch is echoed,
+/// `/health` reports the dead shard and new connections for its documents are refused.
+#[test]
+fn a_panicking_storage_backend_kills_its_shard_loudly() {
+    let _w = Watchdog::new("a_panicking_storage_backend_kills_its_shard_loudly", 60);
+    let gate = Gate::new();
+    let server = gated_server(&gate);
+    let addr = server.local_addr();
+    let mut a = Editor::join(addr, "/ws/panic-a", &hello("panic-a"));
+    a.edit(0, 0, "ok");
+    a.settle();
+    gate.with(|s| s.panic = true);
+    a.edit(2, 0, "!");
+    let (code, seen) = recv_until_close(&mut a.ws);
+    assert_eq!(code, Some(CloseCode::Error), "{seen:?}");
+    assert!(seen.iter().all(|m| m["type"] != "op_echo"), "{seen:?}");
+    let health = http_get(addr, "GET /health HTTP/1.1\r\n\r\n");
+    assert!(health.starts_with("HTTP/1.1 503"), "{health}");
+    assert!(health.contains("\"dead_shards\":1"), "{health}");
+    let mut late = connect(addr, "/ws/panic-a");
+    let (code, seen) = recv_until_close(&mut late);
+    assert_eq!(code, Some(CloseCode::Error), "{seen:?}");
+    assert!(
+        server.shutdown().is_err(),
+        "the shutdown reports the dead shard"
+    );
 }
