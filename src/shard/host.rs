@@ -39,11 +39,11 @@ use crate::config::{DOCS_PER_SHARD_MAX_DEFAULT, REFUSALS_BEFORE_CLOSE};
 use crate::ids::ConnToken;
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, ClientMessage, ErrorCode, Hello, ProtocolError};
-use crate::room::{Effects, Room, RoomConfig};
+use crate::room::{Effects, Room, RoomConfig, EFFECTS_RECYCLE_CAPACITY_MAX};
 use crate::storage::worker::{
     BatchId, DocAppend, StorageCompletion, StorageRequest, StorageWorker, WorkerGone,
 };
-use crate::storage::{StorageError, StoredDoc};
+use crate::storage::{LogRecord, StorageError, StoredDoc};
 
 use super::conn::Net;
 use super::event_loop::{Handler, OpenInfo};
@@ -53,6 +53,9 @@ use super::rate_limit::{op_message_cost, RateLimit, TokenBucket};
 /// Messages a connection may send between its `hello` and the end of its document's load;
 /// they are handled after the join, in order. One more closes it with 1013.
 pub const DEFERRED_MESSAGES_MAX: usize = 256;
+
+/// Spent vectors of each kind the host keeps for the next turns' commits.
+const SPENT_VECS_KEPT_MAX: usize = 64;
 
 /// Longest a shutdown waits for the storage worker to report what is in flight.
 const SHUTDOWN_STORAGE_WAIT: Duration = Duration::from_secs(5);
@@ -153,6 +156,11 @@ pub struct RoomHost {
     next_batch: u64,
     /// The next room's generation.
     next_generation: u64,
+    /// Empty vectors handed back by the worker (`Synced::spent`) and by finished batches,
+    /// reused by the next commits (at most [`SPENT_VECS_KEPT_MAX`] of each kind).
+    spent_appends: Vec<Vec<DocAppend>>,
+    spent_records: Vec<Vec<LogRecord>>,
+    spent_rooms: Vec<Vec<(usize, u64)>>,
     /// Indexed by connection slab key.
     sessions: Vec<Option<Session>>,
     /// Rooms with effects to drain at the end of this turn.
@@ -182,6 +190,9 @@ impl RoomHost {
             in_flight: VecDeque::new(),
             next_batch: 1,
             next_generation: 1,
+            spent_appends: Vec::new(),
+            spent_records: Vec::new(),
+            spent_rooms: Vec::new(),
             sessions: Vec::new(),
             dirty: Vec::new(),
             dirty_spare: Vec::new(),
@@ -513,7 +524,9 @@ impl RoomHost {
                 last,
                 result,
                 sync_time,
+                spent,
             } => {
+                self.keep_spent(spent);
                 ShardMetrics::record(&mut net.metrics.figures.histograms.fsync_us, sync_time);
                 let failure = match &result {
                     Ok(()) => None,
@@ -529,7 +542,7 @@ impl RoomHost {
                         break;
                     };
                     debug_assert!(done.batch >= first, "a completion skipped a batch");
-                    for (room_idx, generation) in done.rooms {
+                    for &(room_idx, generation) in &done.rooms {
                         if self
                             .rooms
                             .get(room_idx)
@@ -542,6 +555,11 @@ impl RoomHost {
                             Some(failure) => self.fail_room(net, room_idx, failure),
                         }
                     }
+                    let mut rooms = done.rooms;
+                    if self.spent_rooms.len() < SPENT_VECS_KEPT_MAX {
+                        rooms.clear();
+                        self.spent_rooms.push(rooms);
+                    }
                 }
             }
             StorageCompletion::Loaded { doc, result } => self.on_loaded(net, doc, result),
@@ -550,6 +568,27 @@ impl RoomHost {
                     net.metrics.figures.counters.storage_errors += 1;
                     warn!("shard: snapshot write failed (the log still covers it): {e}");
                 }
+            }
+        }
+    }
+
+    /// Keeps the worker's spent commit vectors for reuse, within bounds (a burst's large
+    /// vectors are freed, like a room's spent effects).
+    fn keep_spent(&mut self, spent: Vec<Vec<DocAppend>>) {
+        for mut appends in spent {
+            for append in appends.drain(..) {
+                let mut records = append.records;
+                if self.spent_records.len() < SPENT_VECS_KEPT_MAX
+                    && records.capacity() <= EFFECTS_RECYCLE_CAPACITY_MAX
+                {
+                    records.clear();
+                    self.spent_records.push(records);
+                }
+            }
+            if self.spent_appends.len() < SPENT_VECS_KEPT_MAX
+                && appends.capacity() <= SPENT_VECS_KEPT_MAX
+            {
+                self.spent_appends.push(appends);
             }
         }
     }
@@ -837,8 +876,8 @@ impl Handler for RoomHost {
             return;
         }
         let batch = BatchId(self.next_batch);
-        let mut appends = Vec::new();
-        let mut batch_rooms = Vec::new();
+        let mut appends = self.spent_appends.pop().unwrap_or_default();
+        let mut batch_rooms = self.spent_rooms.pop().unwrap_or_default();
         let mut dirty = std::mem::take(&mut self.dirty_spare);
         std::mem::swap(&mut dirty, &mut self.dirty);
         for room_idx in dirty.drain(..) {
@@ -854,7 +893,10 @@ impl Handler for RoomHost {
                 appends.push(DocAppend {
                     doc: slot.doc.clone(),
                     epoch: slot.epoch.clone(),
-                    records: std::mem::take(&mut effects.records),
+                    records: std::mem::replace(
+                        &mut effects.records,
+                        self.spent_records.pop().unwrap_or_default(),
+                    ),
                 });
                 slot.held.push_back(Held {
                     batch: Some(batch),
@@ -872,7 +914,10 @@ impl Handler for RoomHost {
             }
         }
         self.dirty_spare = dirty;
-        if !appends.is_empty() {
+        if appends.is_empty() {
+            self.spent_appends.push(appends);
+            self.spent_rooms.push(batch_rooms);
+        } else {
             self.next_batch += 1;
             self.request(StorageRequest::Commit { batch, appends });
             self.in_flight.push_back(InFlight {

@@ -101,6 +101,9 @@ pub enum StorageCompletion {
         result: Result<(), StorageError>,
         /// Time spent appending and syncing.
         sync_time: Duration,
+        /// The commits' vectors, records drained, for the shard to reuse (no allocation per
+        /// turn once the pools are warm).
+        spent: Vec<Vec<DocAppend>>,
     },
     /// The answer to [`StorageRequest::Load`].
     Loaded {
@@ -191,6 +194,7 @@ impl StorageWorker {
             available: available.clone(),
             fenced: HashSet::new(),
             queue: Vec::new(),
+            docs_spare: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name(name)
@@ -294,6 +298,8 @@ struct WorkerLoop {
     fenced: HashSet<String>,
     /// The requests taken in one wake-up, reused.
     queue: Vec<StorageRequest>,
+    /// A group's document list, reused from one sync to the next.
+    docs_spare: Vec<Arc<str>>,
 }
 
 /// A group of consecutive commits being gathered for one sync.
@@ -304,6 +310,8 @@ struct Group {
     docs: Vec<Arc<str>>,
     /// The first append error; the group then fails whatever the sync says.
     append_error: Option<StorageError>,
+    /// The commits' vectors, handed back with the completion.
+    spent: Vec<Vec<DocAppend>>,
     started: Instant,
 }
 
@@ -345,8 +353,9 @@ impl WorkerLoop {
                         let group = group.get_or_insert_with(|| Group {
                             first: batch,
                             last: batch,
-                            docs: Vec::new(),
+                            docs: std::mem::take(&mut self.docs_spare),
                             append_error: None,
+                            spent: Vec::new(),
                             started: Instant::now(),
                         });
                         debug_assert!(batch >= group.last, "batches in order");
@@ -372,8 +381,8 @@ impl WorkerLoop {
         // Dropping the storage here (DiskStorage checkpoints on drop), off the shard thread.
     }
 
-    fn append(&mut self, group: &mut Group, appends: Vec<DocAppend>) {
-        for append in appends {
+    fn append(&mut self, group: &mut Group, mut appends: Vec<DocAppend>) {
+        for append in appends.iter_mut() {
             if self.fenced.contains(&*append.doc) {
                 // Its room is being dropped by the shard; nothing of it may follow the gap.
                 continue;
@@ -386,8 +395,10 @@ impl WorkerLoop {
                     }
                 }
             }
-            group.docs.push(append.doc);
+            append.records.clear();
+            group.docs.push(append.doc.clone());
         }
+        group.spent.push(appends);
     }
 
     fn sync(&mut self, mut group: Group) {
@@ -412,11 +423,14 @@ impl WorkerLoop {
             self.fenced
                 .extend(group.docs.drain(..).map(|doc| doc.to_string()));
         }
+        group.docs.clear();
+        self.docs_spare = std::mem::take(&mut group.docs);
         let _ = self.completions.send(StorageCompletion::Synced {
             first: group.first,
             last: group.last,
             result,
             sync_time: group.started.elapsed(),
+            spent: std::mem::take(&mut group.spent),
         });
     }
 
