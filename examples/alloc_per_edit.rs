@@ -1,5 +1,6 @@
 //! Counts heap allocations per accepted edit on a shard's message path: `RoomHost` (session
-//! routing, the group commit) and `Room` (integration, the echo, effects), without sockets.
+//! routing, the group commit and its storage worker's requests) and `Room` (integration, the
+//! echo, effects), without sockets.
 //!
 //! A counting global allocator wraps the system one. Each turn hands the host one `op`
 //! message from each of two joined connections (so each edit fans out to both), then ends
@@ -16,6 +17,7 @@ use collab_engine::ids::ConnToken;
 use collab_engine::metrics::MetricsRegistry;
 use collab_engine::room::RoomConfig;
 use collab_engine::shard::{Handler, Net, NetLimits, OpenInfo, RoomHost};
+use collab_engine::storage::worker::{StorageAvailable, StorageWorker};
 use collab_engine::storage::{LogRecord, Storage, StorageError, StoredDoc, StoredSnapshot};
 use tungstenite::Message;
 
@@ -111,8 +113,18 @@ fn main() -> std::io::Result<()> {
         limits,
         MetricsRegistry::new(1).shard(0),
     );
-    let mut host = RoomHost::new(
+    let waker = std::sync::Arc::new(mio::Waker::new(
+        poll.registry(),
+        collab_engine::shard::WAKER_TOKEN,
+    )?);
+    let worker = StorageWorker::spawn(
+        "storage-0".to_owned(),
         Box::new(NoStorage),
+        waker,
+        StorageAvailable::new(),
+    )?;
+    let mut host = RoomHost::new(
+        worker,
         RoomConfig::from_config(&config),
         Duration::from_secs(3600),
     );
@@ -130,6 +142,8 @@ fn main() -> std::io::Result<()> {
         host.on_message(&mut net, ConnToken(conn), Message::text(hello));
     }
     host.end_turn(&mut net);
+    // The hellos wait for their document's load on the storage worker.
+    host.wait_for_storage(&mut net, Duration::from_secs(10));
     // Texts built up front: building them is the client's cost.
     let texts: Vec<[Message; 2]> = (0..turns)
         .map(|i| {
@@ -153,6 +167,8 @@ fn main() -> std::io::Result<()> {
         host.on_message(&mut net, ConnToken(0), m1);
         host.on_message(&mut net, ConnToken(1), m2);
         host.end_turn(&mut net);
+        // The shard never waits; this example does, to count one whole turn per edit pair.
+        host.wait_for_storage(&mut net, Duration::from_secs(10));
     }
     let (a2, r2) = counts();
     let edits = (2 * turns) as f64;

@@ -60,6 +60,8 @@ pub struct ShardCounters {
     pub conns_accepted: u64,
     /// Storage failures (append or sync).
     pub storage_errors: u64,
+    /// Batches handed to the storage worker and not yet reported (gauge).
+    pub storage_batches_in_flight: u64,
 }
 
 /// The latency histograms of one shard, in microseconds.
@@ -69,7 +71,8 @@ pub struct ShardHistograms {
     pub turn_us: Histogram<u64>,
     /// Validating and integrating one op message into the CRDT.
     pub integrate_us: Histogram<u64>,
-    /// One group-commit sync of the storage.
+    /// One group-commit sync of the storage (appends and sync, on the storage worker
+    /// thread, carrying every turn queued since the previous one).
     pub fsync_us: Histogram<u64>,
     /// Queuing one echo for every client of its document.
     pub fanout_us: Histogram<u64>,
@@ -241,6 +244,7 @@ impl MetricsRegistry {
             total.slow_consumer_drops += c.slow_consumer_drops;
             total.conns_accepted += c.conns_accepted;
             total.storage_errors += c.storage_errors;
+            total.storage_batches_in_flight += c.storage_batches_in_flight;
         }
         total
     }
@@ -254,7 +258,7 @@ impl MetricsRegistry {
     pub fn render_prometheus(&self) -> String {
         let shards: Vec<ShardFigures> = self.slots.iter().map(|slot| slot.lock().clone()).collect();
         let mut out = String::with_capacity(4096);
-        let counters: [CounterRow; 10] = [
+        let counters: [CounterRow; 11] = [
             (
                 "collab_connections",
                 "gauge",
@@ -315,6 +319,12 @@ impl MetricsRegistry {
                 "Failed storage appends or syncs.",
                 |c| c.storage_errors,
             ),
+            (
+                "collab_storage_batches_in_flight",
+                "gauge",
+                "Turns whose records the storage worker has not reported durable yet.",
+                |c| c.storage_batches_in_flight,
+            ),
         ];
         for (name, kind, help, get) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -339,7 +349,7 @@ impl MetricsRegistry {
             ),
             (
                 "collab_fsync_seconds",
-                "One group-commit storage sync.",
+                "One group-commit storage sync (on the shard's storage worker thread).",
                 |h| &h.fsync_us,
             ),
             (

@@ -23,6 +23,7 @@ use crate::metrics::MetricsRegistry;
 use crate::room::RoomConfig;
 use crate::shard::rate_limit::RateLimit;
 use crate::shard::{self, Handler, NetLimits, RoomHost, WAKER_TOKEN};
+use crate::storage::worker::{StorageAvailable, StorageWorker};
 use crate::storage::{DiskStorage, MemoryStorage, Storage};
 
 /// Each connection's initial read buffer, and the most tungstenite reads from a socket at once.
@@ -242,7 +243,8 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
 }
 
 /// Starts the collaboration server with one given storage per shard (tests use this to inject
-/// failing storage); the shard count is `storages.len()`.
+/// failing storage); the shard count is `storages.len()`. Each storage moves to its shard's
+/// storage worker thread ([`StorageWorker`]).
 ///
 /// # Errors
 /// When binding or thread creation fails.
@@ -251,23 +253,39 @@ pub fn start_with_storages(
     storages: Vec<Box<dyn Storage>>,
 ) -> anyhow::Result<ServerHandle> {
     let auth = open_auth(config).context("access control")?;
-    let hosts = storages
-        .into_iter()
-        .map(|storage| {
-            RoomHost::new(storage, RoomConfig::from_config(config), config.idle_unload)
-                .with_docs_max(config.docs_per_shard_max)
-                .with_rate_limit(RateLimit::new(
-                    config.msgs_per_second_max,
-                    config.msgs_burst_max,
-                ))
-                .with_auth(auth.clone())
-        })
-        .collect();
-    start_with_auth(config, PlainWs::AwaitHello, hosts, auth)
+    let n_shards = storages.len();
+    let mut storages = storages.into_iter();
+    start_with_seats(
+        config,
+        PlainWs::AwaitHello,
+        n_shards,
+        auth.clone(),
+        |seat| {
+            let storage = storages
+                .next()
+                .ok_or_else(|| anyhow!("one storage per shard"))?;
+            let worker = StorageWorker::spawn(
+                format!("storage-{}", seat.shard_idx),
+                storage,
+                seat.waker,
+                seat.storage_available,
+            )
+            .context("spawning a storage worker thread")?;
+            Ok(
+                RoomHost::new(worker, RoomConfig::from_config(config), config.idle_unload)
+                    .with_docs_max(config.docs_per_shard_max)
+                    .with_rate_limit(RateLimit::new(
+                        config.msgs_per_second_max,
+                        config.msgs_burst_max,
+                    ))
+                    .with_auth(auth.clone()),
+            )
+        },
+    )
 }
 
-/// Starts a server whose shards run the given handlers (one per shard): what [`start`] does
-/// with room hosts, and the echo example with its echo handler.
+/// Starts a server whose shards run the given handlers (one per shard): what the echo example
+/// does with its echo handler.
 ///
 /// # Errors
 /// When binding or thread creation fails.
@@ -290,6 +308,37 @@ pub fn start_with_auth<H: Handler + Send + 'static>(
     auth: Option<Arc<Auth>>,
 ) -> anyhow::Result<ServerHandle> {
     let n_shards = handlers.len();
+    let mut handlers = handlers.into_iter();
+    start_with_seats(config, plain_ws, n_shards, auth, |_seat| {
+        handlers
+            .next()
+            .ok_or_else(|| anyhow!("one handler per shard"))
+    })
+}
+
+/// What a shard's handler may hold of its shard before the shard starts.
+pub struct ShardSeat {
+    /// The shard's index.
+    pub shard_idx: usize,
+    /// Wakes the shard's `Poll` (its storage worker uses it after each completion).
+    pub waker: Arc<mio::Waker>,
+    /// The shard's storage availability flag, which `/health` reads.
+    pub storage_available: StorageAvailable,
+}
+
+/// Starts a server of `n_shards` shards whose handlers `make` builds, one per shard, given
+/// its [`ShardSeat`]; [`start`], [`start_with_storages`] and [`start_with`] go through it.
+/// `auth` (access control, `None` to run open) must be the one the handlers were given.
+///
+/// # Errors
+/// When `make` fails, or binding or thread creation fails.
+pub fn start_with_seats<H: Handler + Send + 'static>(
+    config: &Config,
+    plain_ws: PlainWs,
+    n_shards: usize,
+    auth: Option<Arc<Auth>>,
+    mut make: impl FnMut(ShardSeat) -> anyhow::Result<H>,
+) -> anyhow::Result<ServerHandle> {
     anyhow::ensure!(n_shards > 0, "at least one shard");
     tune_allocator();
     let metrics = MetricsRegistry::new(n_shards);
@@ -300,17 +349,23 @@ pub fn start_with_auth<H: Handler + Send + 'static>(
     };
     let mut shard_inboxes = Vec::with_capacity(n_shards);
     let mut parts = Vec::with_capacity(n_shards);
-    for handler in handlers {
+    for shard_idx in 0..n_shards {
         let poll = mio::Poll::new().context("creating a shard poll")?;
         let waker = Arc::new(
             mio::Waker::new(poll.registry(), WAKER_TOKEN).context("creating a shard waker")?,
         );
         let (inbox, receiver) = shard_channel(waker);
+        let handler = make(ShardSeat {
+            shard_idx,
+            waker: inbox.waker(),
+            storage_available: inbox.storage_available(),
+        })?;
         let alive = inbox.alive();
         shard_inboxes.push(inbox);
         parts.push((poll, receiver, alive, handler));
     }
-    // Bind before spawning anything, so a failure leaves no thread behind.
+    // Bind before spawning the shards (storage workers, already started, stop when their
+    // handlers are dropped).
     let options = AcceptorOptions {
         handshake_timeout: config.handshake_timeout,
         ws_config: ws_config(config),

@@ -574,10 +574,7 @@ fn send_op(ws: &mut Ws, replica: u64, client_seq: u64) -> serde_json::Value {
 
 #[test]
 fn disk_errors_are_never_acknowledged() {
-    use collab_engine::acceptor::PlainWs;
     use collab_engine::config::{Config, FsyncMode};
-    use collab_engine::room::RoomConfig;
-    use collab_engine::shard::RoomHost;
     use collab_engine::storage::fs::FaultyFs;
     use collab_engine::storage::DiskStorage;
 
@@ -587,13 +584,8 @@ fn disk_errors_are_never_acknowledged() {
     let mut config = Config::for_tests("127.0.0.1:0".parse().expect("address"));
     config.shards = 1;
     let storage = DiskStorage::with_fs(&dir, FsyncMode::Always, faults.clone()).expect("storage");
-    let host = RoomHost::new(
-        Box::new(storage),
-        RoomConfig::from_config(&config),
-        config.idle_unload,
-    );
-    let server =
-        collab_engine::server::start_with(&config, PlainWs::AwaitHello, vec![host]).expect("start");
+    let server = collab_engine::server::start_with_storages(&config, vec![Box::new(storage)])
+        .expect("start");
     let addr = server.local_addr();
 
     let mut b = connect(addr, "b").expect("connect");

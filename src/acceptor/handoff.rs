@@ -14,6 +14,7 @@ use tungstenite::WebSocket;
 
 use crate::auth::{Grant, Rule};
 use crate::protocol::Hello;
+use crate::storage::worker::StorageAvailable;
 
 use super::door::DoorRelease;
 
@@ -75,6 +76,8 @@ pub struct ShardInbox {
     sender: Sender<ShardMsg>,
     waker: Arc<mio::Waker>,
     alive: ShardAlive,
+    /// Whether the shard's storage answered its last attempt (set by its storage worker).
+    storage_available: StorageAvailable,
 }
 
 /// Whether a shard still serves connections: cleared, once and for good, by a shard whose
@@ -112,7 +115,18 @@ impl ShardInbox {
             sender,
             waker,
             alive,
+            storage_available: StorageAvailable::new(),
         }
+    }
+
+    /// Whether the shard's storage answered its last attempt (`/health` reads it).
+    pub fn storage_available(&self) -> StorageAvailable {
+        self.storage_available.clone()
+    }
+
+    /// The shard's waker, for its storage worker.
+    pub fn waker(&self) -> Arc<mio::Waker> {
+        self.waker.clone()
     }
 
     /// Whether the shard still serves connections (see [`ShardAlive`]).

@@ -109,24 +109,33 @@ pub enum Parsed {
 /// A head that cannot be complete within [`REQUEST_HEAD_BYTES_MAX`] or is malformed gets
 /// an error answer (`head_bytes` is then everything seen; the connection closes after it).
 pub fn parse_request(buf: &[u8], metrics: &MetricsRegistry) -> Parsed {
-    parse_request_with_dead(buf, metrics, 0)
+    parse_request_with_health(buf, metrics, ShardsHealth::default())
 }
 
-/// [`parse_request`] on a server where `dead_shards` shards died (their handler panicked):
-/// `/health` then answers 503 with `"status":"degraded"` and the count.
-pub fn parse_request_with_dead(
+/// What `/health` reports beyond the metrics: shards that are not fully serving.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShardsHealth {
+    /// Shards whose handler panicked.
+    pub dead: usize,
+    /// Shards whose storage did not answer its last attempt.
+    pub storage_unavailable: usize,
+}
+
+/// [`parse_request`] on a server where some shards died (their handler panicked) or cannot
+/// reach their storage: `/health` then answers 503 with `"status":"degraded"` and the counts.
+pub fn parse_request_with_health(
     buf: &[u8],
     metrics: &MetricsRegistry,
-    dead_shards: usize,
+    health: ShardsHealth,
 ) -> Parsed {
-    parse_request_gated(buf, metrics, dead_shards, HttpGate::default())
+    parse_request_gated(buf, metrics, health, HttpGate::default())
 }
 
-/// [`parse_request_with_dead`] on a listener that serves and guards what `gate` says.
+/// [`parse_request_with_health`] on a listener that serves and guards what `gate` says.
 pub fn parse_request_gated(
     buf: &[u8],
     metrics: &MetricsRegistry,
-    dead_shards: usize,
+    health: ShardsHealth,
     gate: HttpGate,
 ) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; REQUEST_HEADERS_MAX];
@@ -142,7 +151,7 @@ pub fn parse_request_gated(
         }
         Err(_) => return error_answer(buf.len(), 400, "malformed request"),
     };
-    let route = route(&request, metrics, dead_shards, gate);
+    let route = route(&request, metrics, health, gate);
     Parsed::Complete { head_bytes, route }
 }
 
@@ -156,7 +165,7 @@ fn error_answer(head_bytes: usize, status: u16, text: &str) -> Parsed {
 fn route(
     request: &httparse::Request<'_, '_>,
     metrics: &MetricsRegistry,
-    dead_shards: usize,
+    health: ShardsHealth,
     gate: HttpGate,
 ) -> Route {
     let (Some(method), Some(target)) = (request.method, request.path) else {
@@ -205,11 +214,22 @@ fn route(
     match path {
         "/health" => {
             let totals = metrics.totals();
-            let (status, state, dead) = if dead_shards == 0 {
-                (200, "ok", String::new())
+            let mut extra = String::new();
+            if health.dead > 0 {
+                extra.push_str(&format!(",\"dead_shards\":{}", health.dead));
+            }
+            if health.storage_unavailable > 0 {
+                extra.push_str(&format!(
+                    ",\"storage_unavailable_shards\":{}",
+                    health.storage_unavailable
+                ));
+            }
+            let (status, state) = if extra.is_empty() {
+                (200, "ok")
             } else {
-                (503, "degraded", format!(",\"dead_shards\":{dead_shards}"))
+                (503, "degraded")
             };
+            let dead = extra;
             let body = format!(
                 "{{\"status\":\"{state}\",\"shards\":{}{dead},\"connections\":{},\"documents\":{}}}",
                 metrics.n_shards(),
@@ -581,7 +601,14 @@ mod tests {
         let Parsed::Complete {
             route: Route::Answer(bytes),
             ..
-        } = parse_request_with_dead(b"GET /health HTTP/1.1\r\n\r\n", &metrics, 1)
+        } = parse_request_with_health(
+            b"GET /health HTTP/1.1\r\n\r\n",
+            &metrics,
+            ShardsHealth {
+                dead: 1,
+                storage_unavailable: 0,
+            },
+        )
         else {
             panic!("no answer")
         };
@@ -615,7 +642,7 @@ mod tests {
 
     fn gated(request: &str, gate: HttpGate) -> Route {
         let metrics = MetricsRegistry::new(1);
-        match parse_request_gated(request.as_bytes(), &metrics, 0, gate) {
+        match parse_request_gated(request.as_bytes(), &metrics, ShardsHealth::default(), gate) {
             Parsed::Complete { route, .. } => route,
             Parsed::Partial => panic!("partial: {request:?}"),
         }

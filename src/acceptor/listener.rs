@@ -170,7 +170,7 @@ struct Pending {
 struct Ctx<'a> {
     metrics: &'a MetricsRegistry,
     options: &'a AcceptorOptions,
-    dead_shards: usize,
+    health: http::ShardsHealth,
     admin_port: bool,
     /// Where a revocation goes, with this connection's job id.
     admin_jobs: Option<(&'a crossbeam_channel::Sender<AdminJob>, JobId)>,
@@ -524,11 +524,18 @@ impl Acceptor {
         let Some(stage) = pending.stage.take() else {
             return;
         };
-        let dead_shards = self.shards.iter().filter(|s| !s.is_alive()).count();
+        let health = http::ShardsHealth {
+            dead: self.shards.iter().filter(|s| !s.is_alive()).count(),
+            storage_unavailable: self
+                .shards
+                .iter()
+                .filter(|s| s.is_alive() && !s.storage_available().get())
+                .count(),
+        };
         let ctx = Ctx {
             metrics: &self.metrics,
             options: &self.options,
-            dead_shards,
+            health,
             admin_port,
             admin_jobs: self
                 .admin
@@ -790,7 +797,7 @@ fn refuse_auth(ws: WebSocket<TcpStream>, e: AuthError, peer: SocketAddr) -> Next
 }
 
 fn read_request(mut stream: TcpStream, peer: SocketAddr, ctx: &Ctx<'_>) -> Next {
-    let (metrics, options, dead_shards) = (ctx.metrics, ctx.options, ctx.dead_shards);
+    let (metrics, options) = (ctx.metrics, ctx.options);
     let mut buf = [0u8; REQUEST_HEAD_BYTES_MAX];
     // Peek, so that an upgrade leaves the request in the socket for tungstenite's handshake.
     let n = match stream.peek(&mut buf) {
@@ -801,12 +808,7 @@ fn read_request(mut stream: TcpStream, peer: SocketAddr, ctx: &Ctx<'_>) -> Next 
         }
         Err(_) => return Next::Drop,
     };
-    match http::parse_request_gated(
-        &buf[..n],
-        metrics,
-        dead_shards,
-        options.gate(ctx.admin_port),
-    ) {
+    match http::parse_request_gated(&buf[..n], metrics, ctx.health, options.gate(ctx.admin_port)) {
         Parsed::Partial => Next::Stay(Stage::Request(stream)),
         Parsed::Complete {
             head_bytes,

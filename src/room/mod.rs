@@ -9,4 +9,4 @@
 #[allow(clippy::module_inception)]
 mod room;
 
-pub use room::{Effects, JoinAuth, Room, RoomConfig, RoomError};
+pub use room::{Effects, JoinAuth, Room, RoomConfig, RoomError, EFFECTS_RECYCLE_CAPACITY_MAX};

@@ -2,8 +2,11 @@
 //! and a message [`Handler`] (the room host, or the echo example).
 //!
 //! A turn: wait for readiness -> take new connections -> read each ready connection within
-//! its budget, handing messages to the handler -> `Handler::end_turn` (group commit, frames
-//! released) -> one write + flush per connection with output -> timers.
+//! its budget, handing messages to the handler -> `Handler::end_turn` (the room host takes its
+//! storage worker's completions, releases the frames they made durable and hands this turn's
+//! records to the worker) -> one write + flush per connection with output -> timers.
+//! The waker token means the inbox or the storage worker has something; `end_turn` runs
+//! every turn, so a completion is acted on in the turn it wakes.
 //! The loop never blocks on a socket and takes no lock.
 //!
 //! A panic in the handler is a bug, but it must not take the shard's clients down silently:
@@ -57,6 +60,12 @@ pub trait Handler {
     /// A revocation is in force: close the live connections it matches; returns how many.
     fn on_revoke(&mut self, _net: &mut Net, _rule: &Rule) -> usize {
         0
+    }
+    /// The server is shutting down: release what can still be released (the room host waits,
+    /// a bounded time, for its storage worker's last answers); every connection is closed
+    /// with 1001 right after.
+    fn on_shutdown(&mut self, net: &mut Net) {
+        self.end_turn(net);
     }
 }
 
@@ -220,8 +229,8 @@ pub fn run<H: Handler>(
                         if shutdown_deadline.is_none() {
                             debug!("shard: shutting down with {} connections", net.len());
                             shutdown_deadline = Some(turn_start + SHUTDOWN_LINGER);
-                            // Release what the last turn produced, then say goodbye.
-                            handler.call(&mut net, |h, net| h.end_turn(net));
+                            // Release what the last turns produced, then say goodbye.
+                            handler.call(&mut net, |h, net| h.on_shutdown(net));
                             net.close_all(1001, "server shutting down");
                         }
                         break;

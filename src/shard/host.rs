@@ -1,11 +1,27 @@
 //! [`RoomHost`]: the shard's message handler. Routes each connection's messages to its
-//! document's [`Room`], runs the turn-level group commit, and unloads idle documents.
+//! document's [`Room`], hands each turn's records to the shard's storage worker, releases
+//! frames when their records are durable, and unloads idle documents.
 //!
-//! Owns the shard's rooms and its [`Storage`] outright, at most `--docs-per-shard-max` of
-//! them loaded (a document without clients makes room for a new one; otherwise the `hello`
-//! gets `overloaded` and a close 1013). Per turn: rooms produce
-//! [`Effects`]; every record is appended, storage syncs once, and only then are the frames
-//! released to the connections (no client ever sees a `server_seq` a crash could take back).
+//! Owns the shard's rooms outright, at most `--docs-per-shard-max` of them loaded or loading
+//! (a document without clients makes room for a new one; otherwise the `hello` gets
+//! `overloaded` and a close 1013), and the shard's end of its [`StorageWorker`]; it never
+//! calls a [`crate::storage::Storage`] itself, so the shard never waits on storage.
+//!
+//! The pipeline, per turn: rooms produce [`Effects`]; the records of every room go to the
+//! worker as one [`StorageRequest::Commit`] (the worker syncs every commit queued while its
+//! previous sync ran, together); each room's effects wait in its `held` queue, in order,
+//! until the sync carrying them is reported durable ([`StorageCompletion::Synced`]); then
+//! they are released, in turn order, so frames leave in `server_seq` order per document and
+//! no client ever sees a `server_seq` a crash could take back. A room with nothing held
+//! releases record-less effects (presence, refusals) at once.
+//! A failed sync drops every room it carried: each op origin gets `unavailable` with its
+//! `client_seq` (for that batch and every later one of the room, which the worker fenced and
+//! never wrote), every client `unavailable` and a close 1013. A sync whose outcome is
+//! unknown drops them the same way without any per-op answer; the document is reloaded from
+//! storage before it serves again.
+//! While storage is unavailable ([`StorageWorker::available`]) ops are refused with
+//! `unavailable` before anything is applied, and a hello for a document not in memory gets
+//! `unavailable` and a close 1013.
 //! Each connection's `op` and `presence` messages draw on a token bucket
 //! ([`super::rate_limit`], on the turn's clock); one over the budget gets `rate_limited`, is
 //! not applied, and counts as a refusal.
@@ -15,9 +31,11 @@
 //! a timer closes connections whose token expired (1008 `token expired`, within a tick of
 //! `exp`), and a revocation closes every connection it matches (1008 `revoked`).
 //! Never touches a socket directly (the [`Net`] does) and never blocks on one.
+//! The completion path (releasing held effects, failing rooms, opening loaded documents)
+//! lives in `host/completions.rs`.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,12 +50,25 @@ use crate::ids::ConnToken;
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, AuthRefresh, ClientMessage, ErrorCode, Hello, ProtocolError};
 use crate::room::{Effects, JoinAuth, Room, RoomConfig};
-use crate::storage::Storage;
+use crate::storage::worker::{BatchId, DocAppend, StorageRequest, StorageWorker, WorkerGone};
+use crate::storage::LogRecord;
 
 use super::conn::Net;
 use super::event_loop::{Handler, OpenInfo};
 use super::log_limit::LogLimit;
 use super::rate_limit::{op_message_cost, RateLimit, TokenBucket};
+
+mod completions;
+
+/// Messages a connection may send between its `hello` and the end of its document's load;
+/// they are handled after the join, in order. One more closes it with 1013.
+pub const DEFERRED_MESSAGES_MAX: usize = 256;
+
+/// Spent vectors of each kind the host keeps for the next turns' commits.
+const SPENT_VECS_KEPT_MAX: usize = 64;
+
+/// Longest a shutdown waits for the storage worker to report what is in flight.
+const SHUTDOWN_STORAGE_WAIT: Duration = Duration::from_secs(5);
 
 /// What the shard knows about one connection.
 #[derive(Debug)]
@@ -46,6 +77,12 @@ struct Session {
     path_doc: Option<String>,
     /// The room (key in `RoomHost::rooms`) once joined.
     room_idx: Option<usize>,
+    /// The document whose load this connection's hello waits for; set by `hello`, taken
+    /// when the load completes.
+    awaiting_load: Option<String>,
+    /// Messages that arrived while `awaiting_load`; handled after the join (at most
+    /// [`DEFERRED_MESSAGES_MAX`]).
+    deferred: Vec<Message>,
     /// Messages refused so far; at [`REFUSALS_BEFORE_CLOSE`] the connection is closed 1008.
     n_refused: u32,
     /// Its budget of `op` and `presence` messages (`RoomHost::rate_limit`).
@@ -69,11 +106,27 @@ struct Access {
     serial: u64,
 }
 
+/// One room's effects drained at the end of a turn and not released yet.
+#[derive(Debug)]
+struct Held {
+    /// The batch carrying its records (`None`: it had none, and goes with what precedes it).
+    batch: Option<BatchId>,
+    effects: Effects,
+}
+
 /// One loaded document.
 struct RoomSlot {
     room: Room,
+    /// The room's document and epoch (fixed for its life), shared with each commit.
+    doc: Arc<str>,
+    epoch: Arc<str>,
+    /// Tells this room apart from a later one at the same slab key.
+    generation: u64,
     /// Whether the room is on `RoomHost::dirty` (has effects to drain this turn).
     in_dirty: bool,
+    /// Effects waiting for their batch (or an earlier one) to be durable, oldest first.
+    /// Filled by `end_turn`, drained in order by `release_held` or dropped by `fail_room`.
+    held: VecDeque<Held>,
     /// When the last client left (`None` while it has clients).
     empty_since: Option<Instant>,
     /// Whether the room had effects since the last tick; a room without any for a whole tick
@@ -81,12 +134,37 @@ struct RoomSlot {
     busy_this_tick: bool,
 }
 
-/// The real shard handler: documents, sessions and the group commit.
+impl RoomSlot {
+    /// Whether the room can leave memory: no client, nothing to drain or release.
+    fn is_unloadable(&self) -> bool {
+        !self.in_dirty && self.held.is_empty() && self.room.n_clients() == 0
+    }
+}
+
+/// A batch handed to the worker whose sync has not been reported yet.
+#[derive(Debug)]
+struct InFlight {
+    batch: BatchId,
+    /// Rooms (slab key, generation) with records in it.
+    rooms: Vec<(usize, u64)>,
+}
+
+/// Why the rooms of a batch are dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    /// Nothing of the batch is durable: its ops' senders get `unavailable` with `client_seq`.
+    Failed,
+    /// The batch may or may not be durable: its ops' senders get no answer.
+    OutcomeUnknown,
+}
+
+/// The real shard handler: documents, sessions and the storage pipeline.
 pub struct RoomHost {
-    storage: Box<dyn Storage>,
+    /// The shard's storage, on its own thread.
+    worker: StorageWorker,
     room_config: RoomConfig,
     idle_unload: Duration,
-    /// Documents kept loaded at most.
+    /// Documents kept loaded (or loading) at most.
     docs_max: usize,
     /// Every connection's budget of `op` and `presence` messages.
     rate_limit: RateLimit,
@@ -97,16 +175,27 @@ pub struct RoomHost {
     docs_full_log: LogLimit,
     rooms: Slab<RoomSlot>,
     room_by_doc: HashMap<String, usize>,
+    /// Documents whose load was sent to the worker, with the connections waiting for it.
+    loading: HashMap<String, Vec<(ConnToken, Hello)>>,
+    /// Batches sent and not yet reported, oldest first (completions come in this order).
+    in_flight: VecDeque<InFlight>,
+    /// The next batch's id.
+    next_batch: u64,
+    /// The next room's generation.
+    next_generation: u64,
+    /// Empty vectors handed back by the worker (`Synced::spent`) and by finished batches,
+    /// reused by the next commits (at most [`SPENT_VECS_KEPT_MAX`] of each kind).
+    spent_appends: Vec<Vec<DocAppend>>,
+    spent_records: Vec<Vec<LogRecord>>,
+    spent_rooms: Vec<Vec<(usize, u64)>>,
     /// Indexed by connection slab key.
     sessions: Vec<Option<Session>>,
     /// Rooms with effects to drain at the end of this turn.
     dirty: Vec<usize>,
     /// Empty; swapped with `dirty` at the end of a turn so that neither allocates once grown.
     dirty_spare: Vec<usize>,
-    /// Empty between turns; the turn's drained effects, kept for its allocation.
-    batch: Vec<(usize, Effects)>,
-    /// Closes decided by the host (too many refusals) that must follow the frames the rooms
-    /// queued this turn.
+    /// Closes decided by the host (too many refusals) that must follow the frames released
+    /// this turn.
     closes_after_turn: Vec<(ConnToken, u16, &'static str)>,
     /// Access control; `None` runs open.
     auth: Option<Arc<Auth>>,
@@ -119,15 +208,11 @@ pub struct RoomHost {
 }
 
 impl RoomHost {
-    /// A host with no documents loaded, keeping them in `storage`, at most
+    /// A host with no documents loaded, keeping them through `worker`, at most
     /// [`DOCS_PER_SHARD_MAX_DEFAULT`] loaded at once (see [`RoomHost::with_docs_max`]).
-    pub fn new(
-        storage: Box<dyn Storage>,
-        room_config: RoomConfig,
-        idle_unload: Duration,
-    ) -> RoomHost {
+    pub fn new(worker: StorageWorker, room_config: RoomConfig, idle_unload: Duration) -> RoomHost {
         RoomHost {
-            storage,
+            worker,
             room_config,
             idle_unload,
             docs_max: DOCS_PER_SHARD_MAX_DEFAULT,
@@ -136,10 +221,16 @@ impl RoomHost {
             docs_full_log: LogLimit::per_second(),
             rooms: Slab::new(),
             room_by_doc: HashMap::new(),
+            loading: HashMap::new(),
+            in_flight: VecDeque::new(),
+            next_batch: 1,
+            next_generation: 1,
+            spent_appends: Vec::new(),
+            spent_records: Vec::new(),
+            spent_rooms: Vec::new(),
             sessions: Vec::new(),
             dirty: Vec::new(),
             dirty_spare: Vec::new(),
-            batch: Vec::new(),
             closes_after_turn: Vec::new(),
             auth: None,
             expiries: BinaryHeap::new(),
@@ -280,6 +371,30 @@ impl RoomHost {
         self
     }
 
+    /// Whether anything sent to the storage worker is still unanswered.
+    pub fn storage_pending(&self) -> bool {
+        !self.in_flight.is_empty() || !self.loading.is_empty()
+    }
+
+    /// Waits up to `timeout` for the storage worker's answers to everything in flight and
+    /// carries them out (shutdown, tools and benchmarks; the shard loop never waits).
+    pub fn wait_for_storage(&mut self, net: &mut Net, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.storage_pending() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                warn!("shard: storage did not answer within {timeout:?}; its batches stay unacknowledged");
+                return;
+            }
+            match self.worker.recv_timeout(left) {
+                Ok(Some(completion)) => self.complete(net, completion),
+                Ok(None) => {}
+                Err(WorkerGone) => worker_gone(),
+            }
+        }
+        self.end_turn(net);
+    }
+
     /// The time of this turn (read at most once per turn).
     fn turn_now(&mut self) -> Instant {
         *self.turn_now.get_or_insert_with(Instant::now)
@@ -299,14 +414,21 @@ impl RoomHost {
         }
     }
 
+    /// Queues a request for the storage worker.
+    fn request(&self, request: StorageRequest) {
+        if self.worker.send(request).is_err() {
+            worker_gone();
+        }
+    }
+
     /// Makes room for one more document: unloads the document without clients that has been
-    /// empty the longest. A room still holding effects of this turn is not unloadable (its
-    /// records are not durable yet). `false` when every loaded document has clients.
+    /// empty the longest. A room with effects not yet released is not unloadable (its
+    /// records may not be durable yet). `false` when every loaded document has clients.
     fn unload_one_empty(&mut self, net: &mut Net) -> bool {
         let victim = self
             .rooms
             .iter()
-            .filter(|(_, slot)| !slot.in_dirty && slot.room.n_clients() == 0)
+            .filter(|(_, slot)| slot.is_unloadable())
             .min_by_key(|(_, slot)| slot.empty_since)
             .map(|(idx, _)| idx);
         match victim {
@@ -356,7 +478,9 @@ impl RoomHost {
                 // Not joined: no room frame can be pending for it, so order holds.
                 net.metrics.figures.counters.msgs_refused += 1;
                 net.send(conn, protocol::encode_error(err));
-                self.count_refusal(conn);
+                if counts_as_refusal(err.code) {
+                    self.count_refusal(conn);
+                }
             }
         }
     }
@@ -397,50 +521,69 @@ impl RoomHost {
             }
         };
         // Decided before the document is looked up or loaded: a refused token costs the
-        // shard no document.
-        let grant = match self.admit(conn, &hello, &doc) {
-            Ok(grant) => grant,
+        // shard no document. The grant is kept at once, so its expiry also covers the wait
+        // for a load.
+        match self.admit(conn, &hello, &doc) {
+            Ok(Some(grant)) => self.keep_grant(conn, grant),
+            Ok(None) => {}
             Err(e) => {
                 debug!("shard: {:?} refused: {}", net.peer(conn), e.message());
                 return RoomHost::close_unauthorized(net, conn, e);
             }
-        };
-        let room_idx = match self.room_by_doc.get(&doc).copied() {
-            Some(idx) => idx,
-            None if self.rooms.len() >= self.docs_max && !self.unload_one_empty(net) => {
-                debug!(
-                    "shard: {} documents loaded, refusing {:?}",
-                    self.docs_max,
-                    net.peer(conn)
-                );
-                if let Some(n) = self.docs_full_log.hit(Instant::now()) {
-                    warn!(
-                        "shard: {} documents loaded, all with clients; refused {n} hello(s) for another one with overloaded",
-                        self.docs_max
-                    );
-                }
-                net.metrics.figures.counters.msgs_refused += 1;
-                let err = ProtocolError::new(
-                    ErrorCode::Overloaded,
-                    "too many documents open on this server; try again later",
-                );
-                net.send(conn, protocol::encode_error(&err));
-                net.close(conn, 1013, "too many documents open, try again later");
-                return;
-            }
-            None => match self.open_room(net, &doc) {
-                Some(idx) => idx,
-                None => {
-                    let err =
-                        ProtocolError::new(ErrorCode::Unavailable, "document could not be loaded");
-                    return self.refuse(net, conn, &err);
-                }
-            },
-        };
-        if let Some(session) = self.session_mut(conn) {
-            session.room_idx = Some(room_idx);
         }
-        let slot = &mut self.rooms[room_idx];
+        if let Some(room_idx) = self.room_by_doc.get(&doc).copied() {
+            return self.join(conn, room_idx, &hello);
+        }
+        if let Some(waiters) = self.loading.get_mut(&doc) {
+            waiters.push((conn, hello));
+            if let Some(session) = self.session_mut(conn) {
+                session.awaiting_load = Some(doc);
+            }
+            return;
+        }
+        if !self.worker.available() {
+            return refuse_storage_unavailable(net, conn);
+        }
+        if self.rooms.len() + self.loading.len() >= self.docs_max && !self.unload_one_empty(net) {
+            debug!(
+                "shard: {} documents loaded, refusing {:?}",
+                self.docs_max,
+                net.peer(conn)
+            );
+            if let Some(n) = self.docs_full_log.hit(Instant::now()) {
+                warn!(
+                    "shard: {} documents loaded, all with clients; refused {n} hello(s) for another one with overloaded",
+                    self.docs_max
+                );
+            }
+            net.metrics.figures.counters.msgs_refused += 1;
+            let err = ProtocolError::new(
+                ErrorCode::Overloaded,
+                "too many documents open on this server; try again later",
+            );
+            net.send(conn, protocol::encode_error(&err));
+            net.close(conn, 1013, "too many documents open, try again later");
+            return;
+        }
+        // Lazy load, through the worker: this hello is answered when it completes.
+        self.request(StorageRequest::Load { doc: doc.clone() });
+        self.loading.insert(doc.clone(), vec![(conn, hello)]);
+        if let Some(session) = self.session_mut(conn) {
+            session.awaiting_load = Some(doc);
+        }
+    }
+
+    /// `conn` joins the loaded room `room_idx`.
+    fn join(&mut self, conn: ConnToken, room_idx: usize, hello: &Hello) {
+        let Some(session) = self.session_mut(conn) else {
+            return;
+        };
+        session.room_idx = Some(room_idx);
+        // Who joins, with access control on (the grant `hello` admitted).
+        let grant = session.access.as_ref().and_then(|a| a.grant.clone());
+        let Some(slot) = self.rooms.get_mut(room_idx) else {
+            return;
+        };
         slot.empty_since = None;
         let join_auth = grant.as_ref().map(|grant| JoinAuth {
             user: &grant.user,
@@ -448,85 +591,21 @@ impl RoomHost {
             role: grant.role.as_str(),
             exp: grant.exp,
         });
-        slot.room.join_as(conn, &hello, join_auth);
-        if let Some(grant) = grant {
-            self.keep_grant(conn, grant);
-        }
+        slot.room.join_as(conn, hello, join_auth);
         self.mark_dirty(room_idx);
-    }
-
-    fn open_room(&mut self, net: &mut Net, doc: &str) -> Option<usize> {
-        let stored = match self.storage.load(doc) {
-            Ok(stored) => stored,
-            Err(e) => {
-                net.metrics.figures.counters.storage_errors += 1;
-                warn!("shard: loading a document failed: {e}");
-                return None;
-            }
-        };
-        match Room::open(doc.to_owned(), stored, self.room_config.clone()) {
-            Ok(room) => {
-                let idx = self.rooms.insert(RoomSlot {
-                    room,
-                    in_dirty: false,
-                    empty_since: None,
-                    busy_this_tick: false,
-                });
-                self.room_by_doc.insert(doc.to_owned(), idx);
-                net.metrics.figures.counters.docs_loaded = self.rooms.len() as u64;
-                debug!("shard: opened a document ({} loaded)", self.rooms.len());
-                Some(idx)
-            }
-            Err(e) => {
-                warn!("shard: opening a document failed: {e}");
-                self.storage.release(doc);
-                None
-            }
-        }
     }
 
     fn unload(&mut self, net: &mut Net, room_idx: usize) {
         if let Some(slot) = self.rooms.try_remove(room_idx) {
+            debug_assert!(slot.held.is_empty(), "unloaded with effects held");
             let doc = slot.room.doc_name().to_owned();
             self.room_by_doc.remove(&doc);
-            self.storage.release(&doc);
+            if slot.in_dirty {
+                self.dirty.retain(|&idx| idx != room_idx);
+            }
+            self.request(StorageRequest::Release { doc });
             net.metrics.figures.counters.docs_loaded = self.rooms.len() as u64;
             debug!("shard: unloaded a document ({} loaded)", self.rooms.len());
-        }
-    }
-
-    /// Storage failed for these rooms: their frames are discarded, every op origin gets
-    /// `unavailable` with its `client_seq`, every client gets `unavailable` and a close 1013,
-    /// and the room leaves memory without its state being used again (disk is the truth).
-    fn fail_rooms(&mut self, net: &mut Net, failed: Vec<(usize, Effects)>) {
-        for (room_idx, effects) in failed {
-            for (conn, client_seq) in effects.op_origins {
-                let err = ProtocolError::new(
-                    ErrorCode::Unavailable,
-                    "storage failed; reconnect with since and resend",
-                )
-                .with_client_seq(Some(client_seq));
-                net.send(conn, protocol::encode_error(&err));
-            }
-            let members: Vec<usize> = self
-                .sessions
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.as_ref().is_some_and(|s| s.room_idx == Some(room_idx)))
-                .map(|(key, _)| key)
-                .collect();
-            let err = protocol::encode_error(&ProtocolError::new(
-                ErrorCode::Unavailable,
-                "storage failed",
-            ));
-            for key in members {
-                if let Some(Some(session)) = self.sessions.get_mut(key) {
-                    session.room_idx = None;
-                }
-                net.send(ConnToken(key), err.clone());
-                net.close(ConnToken(key), 1013, "storage failed, reconnect");
-            }
-            self.unload(net, room_idx);
         }
     }
 }
@@ -534,9 +613,36 @@ impl RoomHost {
 /// The message of a `rate_limited` error.
 const RATE_LIMITED: &str = "too many messages; slow down and resend this one later";
 
+/// How every `unavailable` error frame starts (the encoder puts `type` and `code` first).
+const UNAVAILABLE_PREFIX: &str = "{\"type\":\"error\",\"code\":\"unavailable\"";
+
+/// Whether a refusal with `code` counts towards [`REFUSALS_BEFORE_CLOSE`]: the server's own
+/// unavailability is not the client's fault.
+fn counts_as_refusal(code: ErrorCode) -> bool {
+    code != ErrorCode::Unavailable
+}
+
 /// Whether a released frame is of `type` (the encoders always put `type` first).
 fn frame_is(frame: &Utf8Bytes, type_prefix: &str) -> bool {
     frame.as_str().starts_with(type_prefix)
+}
+
+/// A hello for a document not in memory while storage is unavailable: `unavailable` and a
+/// close 1013 (the client reconnects later).
+fn refuse_storage_unavailable(net: &mut Net, conn: ConnToken) {
+    net.metrics.figures.counters.msgs_refused += 1;
+    let err = ProtocolError::new(
+        ErrorCode::Unavailable,
+        "storage unavailable; try again later",
+    );
+    net.send(conn, protocol::encode_error(&err));
+    net.close(conn, 1013, "storage unavailable, try again later");
+}
+
+/// The storage worker exited while the shard still runs: a bug in a storage backend (it
+/// panicked). The shard dies with it (its handler panics), loudly, as any handler bug does.
+fn worker_gone() -> ! {
+    panic!("the shard's storage worker is gone (it panicked); its acknowledgements cannot continue")
 }
 
 impl Handler for RoomHost {
@@ -557,6 +663,8 @@ impl Handler for RoomHost {
         self.sessions[conn.0] = Some(Session {
             path_doc: info.doc,
             room_idx: None,
+            awaiting_load: None,
+            deferred: Vec::new(),
             n_refused: 0,
             bucket,
             can_write: true,
@@ -568,6 +676,18 @@ impl Handler for RoomHost {
     }
 
     fn on_message(&mut self, net: &mut Net, conn: ConnToken, message: Message) {
+        let Some(session) = self.session_mut(conn) else {
+            return;
+        };
+        if session.awaiting_load.is_some() {
+            // Its hello is not answered yet: keep the order, handle it after the join.
+            if session.deferred.len() < DEFERRED_MESSAGES_MAX {
+                session.deferred.push(message);
+            } else {
+                net.close(conn, 1013, "too many messages before hello_ack");
+            }
+            return;
+        }
         let text = match message {
             Message::Text(text) => text,
             _ => {
@@ -591,6 +711,15 @@ impl Handler for RoomHost {
                 let err = ProtocolError::new(
                     ErrorCode::Forbidden,
                     "read-only token: ops are not allowed",
+                )
+                .with_client_seq(Some(op.client_seq));
+                self.refuse(net, conn, &err);
+            }
+            (Ok(ClientMessage::Op(op)), Some(_)) if !self.worker.available() => {
+                // Before anything is applied: nothing of it reaches the room or the log.
+                let err = ProtocolError::new(
+                    ErrorCode::Unavailable,
+                    "storage unavailable; resend this op later",
                 )
                 .with_client_seq(Some(op.client_seq));
                 self.refuse(net, conn, &err);
@@ -642,8 +771,21 @@ impl Handler for RoomHost {
         let Some(session) = self.sessions.get_mut(conn.0).and_then(Option::take) else {
             return;
         };
+        if let Some(doc) = &session.awaiting_load {
+            // A later connection at the same slab key must not be answered with this hello.
+            if let Some(waiters) = self.loading.get_mut(doc) {
+                waiters.retain(|(waiter, _)| *waiter != conn);
+            }
+        }
         if let Some(idx) = session.room_idx {
             if let Some(slot) = self.rooms.get_mut(idx) {
+                // Its slab key may be reused before the held effects are released: nothing
+                // meant for it may reach the next connection.
+                for held in &mut slot.held {
+                    held.effects.frames.retain(|(to, _)| *to != conn);
+                    held.effects.closes.retain(|(to, _, _)| *to != conn);
+                    held.effects.op_origins.retain(|(from, _)| *from != conn);
+                }
                 slot.room.leave(conn);
                 if slot.room.n_clients() == 0 {
                     slot.empty_since = Some(Instant::now());
@@ -655,98 +797,62 @@ impl Handler for RoomHost {
 
     fn end_turn(&mut self, net: &mut Net) {
         self.turn_now = None;
+        self.take_completions(net);
+        net.metrics.figures.counters.storage_batches_in_flight = self.in_flight.len() as u64;
         if self.dirty.is_empty() && self.closes_after_turn.is_empty() {
             return;
         }
-        // Both lists keep their allocations from turn to turn.
-        let mut batch = std::mem::take(&mut self.batch);
+        let batch = BatchId(self.next_batch);
+        let mut appends = self.spent_appends.pop().unwrap_or_default();
+        let mut batch_rooms = self.spent_rooms.pop().unwrap_or_default();
         let mut dirty = std::mem::take(&mut self.dirty_spare);
         std::mem::swap(&mut dirty, &mut self.dirty);
         for room_idx in dirty.drain(..) {
-            if let Some(slot) = self.rooms.get_mut(room_idx) {
-                slot.in_dirty = false;
-                batch.push((room_idx, slot.room.take_effects()));
+            let Some(slot) = self.rooms.get_mut(room_idx) else {
+                continue;
+            };
+            slot.in_dirty = false;
+            let mut effects = slot.room.take_effects();
+            if effects.is_empty() {
+                continue;
+            }
+            if !effects.records.is_empty() {
+                appends.push(DocAppend {
+                    doc: slot.doc.clone(),
+                    epoch: slot.epoch.clone(),
+                    records: std::mem::replace(
+                        &mut effects.records,
+                        self.spent_records.pop().unwrap_or_default(),
+                    ),
+                });
+                slot.held.push_back(Held {
+                    batch: Some(batch),
+                    effects,
+                });
+                batch_rooms.push((room_idx, slot.generation));
+            } else if slot.held.is_empty() {
+                // Nothing of this room waits for storage: released now, in order.
+                self.release(net, room_idx, effects);
+            } else {
+                slot.held.push_back(Held {
+                    batch: None,
+                    effects,
+                });
             }
         }
         self.dirty_spare = dirty;
-        // Group commit: every record of the turn, then one sync.
-        let mut storage_ok = true;
-        let mut any_records = false;
-        'append: for (room_idx, effects) in &batch {
-            if effects.records.is_empty() {
-                continue;
-            }
-            any_records = true;
-            let room = &self.rooms[*room_idx].room;
-            for record in &effects.records {
-                if let Err(e) = self.storage.append(room.doc_name(), room.epoch(), record) {
-                    warn!("shard: storage append failed: {e}");
-                    storage_ok = false;
-                    break 'append;
-                }
-            }
+        if appends.is_empty() {
+            self.spent_appends.push(appends);
+            self.spent_rooms.push(batch_rooms);
+        } else {
+            self.next_batch += 1;
+            self.request(StorageRequest::Commit { batch, appends });
+            self.in_flight.push_back(InFlight {
+                batch,
+                rooms: batch_rooms,
+            });
         }
-        if any_records {
-            // Even after a failed append, sync: the storage settles (durable or rolled back)
-            // before any room is reloaded from it.
-            let started = Instant::now();
-            let synced = self.storage.sync();
-            ShardMetrics::record(
-                &mut net.metrics.figures.histograms.fsync_us,
-                started.elapsed(),
-            );
-            if let Err(e) = synced {
-                warn!("shard: storage sync failed: {e}");
-                storage_ok = false;
-            }
-            if !storage_ok {
-                net.metrics.figures.counters.storage_errors += 1;
-            }
-        }
-        let mut failed = Vec::new();
-        for (room_idx, mut effects) in batch.drain(..) {
-            if !storage_ok && !effects.records.is_empty() {
-                failed.push((room_idx, effects));
-                continue;
-            }
-            let started = Instant::now();
-            let counters = &mut net.metrics.figures.counters;
-            counters.ops_accepted += effects.op_origins.len() as u64;
-            for (conn, frame) in effects.frames.drain(..) {
-                if frame_is(&frame, "{\"type\":\"ack\"") {
-                    net.metrics.figures.counters.ops_unchanged += 1;
-                } else if frame_is(&frame, "{\"type\":\"error\"") {
-                    net.metrics.figures.counters.msgs_refused += 1;
-                    self.count_refusal(conn);
-                }
-                net.send(conn, frame);
-            }
-            if !effects.op_origins.is_empty() {
-                ShardMetrics::record(
-                    &mut net.metrics.figures.histograms.fanout_us,
-                    started.elapsed(),
-                );
-            }
-            if let Some(snapshot) = effects.snapshot.take() {
-                let doc = self.rooms[room_idx].room.doc_name();
-                if let Err(e) = self.storage.write_snapshot(doc, &snapshot) {
-                    net.metrics.figures.counters.storage_errors += 1;
-                    warn!("shard: snapshot write failed (the log still covers it): {e}");
-                }
-            }
-            for (conn, code, reason) in effects.closes.drain(..) {
-                net.close(conn, code, reason);
-            }
-            // Everything is released: the room may keep the vectors for its next turn.
-            if let Some(slot) = self.rooms.get_mut(room_idx) {
-                slot.room.recycle_effects(effects);
-                slot.busy_this_tick = true;
-            }
-        }
-        self.batch = batch;
-        if !failed.is_empty() {
-            self.fail_rooms(net, failed);
-        }
+        net.metrics.figures.counters.storage_batches_in_flight = self.in_flight.len() as u64;
         for (conn, code, reason) in std::mem::take(&mut self.closes_after_turn) {
             net.close(conn, code, reason);
         }
@@ -814,7 +920,7 @@ impl Handler for RoomHost {
             if !std::mem::take(&mut slot.busy_this_tick) {
                 slot.room.free_effects_buffers();
             }
-            if slot.in_dirty || slot.room.n_clients() > 0 {
+            if !slot.is_unloadable() {
                 slot.empty_since = None;
                 continue;
             }
@@ -827,5 +933,10 @@ impl Handler for RoomHost {
         for room_idx in idle {
             self.unload(net, room_idx);
         }
+    }
+
+    fn on_shutdown(&mut self, net: &mut Net) {
+        self.end_turn(net);
+        self.wait_for_storage(net, SHUTDOWN_STORAGE_WAIT);
     }
 }

@@ -1,8 +1,10 @@
 //! Durable state of documents: the op log and snapshots, behind the [`Storage`] trait.
 //!
-//! A shard owns one `Storage` value outright and calls it from its loop: rooms produce
-//! [`LogRecord`]s, the shard appends every record of a loop turn, calls [`Storage::sync`]
-//! once (group commit), and only then releases the echoes and acks that those records cover.
+//! Each shard's storage worker ([`worker::StorageWorker`]) owns one `Storage` value outright:
+//! rooms produce [`LogRecord`]s, the shard hands every record of a loop turn to the worker,
+//! which appends the records of every turn queued since its last sync and calls
+//! [`Storage::sync`] once (group commit); only when it reports success does the shard
+//! release the echoes and acks that those records cover.
 //! Storage never sees a socket, and rooms never see a file.
 //!
 //! - [`DiskStorage`] (`disk.rs`): the durable default; per-document log segments and snapshot
@@ -11,12 +13,15 @@
 //! - `format.rs`: CRC32C-checked record framing, bytes only.
 //! - [`fs`]: the file operations behind a trait, with a fault-injecting layer for tests.
 //! - [`MemoryStorage`] (`memory.rs`): nothing survives the process; tests and benchmarks.
+//! - [`worker`]: the storage pipeline: a thread per shard owns its `Storage` and runs every
+//!   call on it, so the shard never waits on storage.
 
 mod disk;
 mod format;
 pub mod fs;
 mod journal;
 mod memory;
+pub mod worker;
 
 pub use disk::{DiskStorage, CHECKPOINT_BYTES, CHECKPOINT_INTERVAL};
 pub use memory::MemoryStorage;
@@ -100,6 +105,23 @@ pub enum StorageError {
         /// What was wrong.
         detail: String,
     },
+    /// The storage could not be reached (a database down, restarting or refusing
+    /// connections): nothing was done. The shard refuses ops with `unavailable` before
+    /// applying them until an attempt (or [`Storage::probe`]) succeeds again.
+    #[error("storage unavailable: {reason}")]
+    Unavailable {
+        /// What failed, for the log.
+        reason: String,
+    },
+    /// A sync (commit) whose outcome is unknown: the connection was lost during it, or it
+    /// timed out and was cancelled. Its records may or may not be durable. The shard sends
+    /// their senders neither an echo nor an error, closes the document's clients with 1013 and
+    /// reloads the document from storage before serving it again.
+    #[error("storage outcome unknown: {reason}")]
+    OutcomeUnknown {
+        /// What happened, for the log.
+        reason: String,
+    },
 }
 
 /// The op log and snapshots of the documents of one shard.
@@ -111,7 +133,8 @@ pub trait Storage: Send {
     ///
     /// # Errors
     /// `Corrupt` when a checksum fails anywhere but a torn last record (which is cut off with
-    /// a warning); `Io` when reading fails.
+    /// a warning); `Io` when reading fails; `Unavailable` when the storage cannot be reached
+    /// (the hello waiting for it gets `unavailable` and a close 1013).
     fn load(&mut self, doc: &str) -> Result<Option<StoredDoc>, StorageError>;
 
     /// Buffers `record` for `doc`, durable after the next successful [`Storage::sync`].
@@ -123,9 +146,14 @@ pub trait Storage: Send {
 
     /// Makes every record appended so far durable (one fsync per touched file at most).
     ///
+    /// Runs on the shard's storage worker thread, never on the shard.
+    ///
     /// # Errors
     /// `Io` when a write or fsync fails: none of the records appended since the previous
     /// successful sync may be acknowledged, and the storage rolls its files back to that point.
+    /// `Unavailable` when the storage could not be reached (nothing was committed).
+    /// `OutcomeUnknown` when the commit may or may not have happened; the next `load` of each
+    /// document concerned must return what was really committed.
     fn sync(&mut self) -> Result<(), StorageError>;
 
     /// Atomically replaces the document's snapshot; the log it covers may then be reclaimed.
@@ -136,4 +164,14 @@ pub trait Storage: Send {
 
     /// The document left memory: release its file handles and caches.
     fn release(&mut self, doc: &str);
+
+    /// Checks whether the storage can be reached again; called by the storage worker every
+    /// [`worker::PROBE_INTERVAL`] while the last attempt returned `Unavailable` or
+    /// `OutcomeUnknown`. Backends that are never unreachable keep the default.
+    ///
+    /// # Errors
+    /// `Unavailable` while it still cannot be reached.
+    fn probe(&mut self) -> Result<(), StorageError> {
+        Ok(())
+    }
 }

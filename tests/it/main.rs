@@ -9,6 +9,7 @@ mod echo;
 mod hostile;
 mod http;
 mod interop;
+mod pipeline;
 mod rate;
 mod storage_failure;
 mod util;

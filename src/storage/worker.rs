@@ -1,0 +1,462 @@
+//! [`StorageWorker`]: the storage pipeline of one shard. A thread owns the shard's
+//! [`Storage`] (any backend: disk, memory, a database) and runs every call on it, so the
+//! shard thread never waits on a write, an fsync, a checkpoint, a snapshot or a load.
+//!
+//! The seam is two channels of typed values: the shard sends [`StorageRequest`]s in order,
+//! the worker answers with [`StorageCompletion`]s in the same order and wakes the shard's
+//! `mio::Waker` after each burst of them. The worker never sees a socket and decides
+//! nothing about clients; the shard never calls the storage.
+//!
+//! Group commit across turns: the worker takes every request already queued when it wakes;
+//! consecutive [`StorageRequest::Commit`]s (one per shard turn) are appended together and
+//! synced once, answered by one [`StorageCompletion::Synced`] naming the first and last batch
+//! it carried. While one sync is in flight the next turns' batches queue up in the channel and
+//! go to the next sync, so throughput never falls to one sync per turn.
+//!
+//! Fencing: when a sync fails (or its outcome is unknown), every document with records in it
+//! is fenced: records for it in later commits are not written (they would follow a gap in its
+//! log), until the shard's [`StorageRequest::Release`] for it, which the shard sends when it
+//! drops the room. The shard fails those later records too (their room is gone).
+//!
+//! Availability: after every attempt the worker stores whether storage answered in a
+//! [`StorageAvailable`] flag the shard (before applying an op) and `/health` read; while it is
+//! down the worker probes it every [`PROBE_INTERVAL`].
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use log::{debug, error, warn};
+
+use super::{LogRecord, Storage, StorageError, StoredDoc, StoredSnapshot};
+
+/// How often the worker probes a storage that is unavailable.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Longest a dropped [`StorageWorker`] waits for its thread to finish (a final disk
+/// checkpoint takes well under a second; a storage that hangs is left behind).
+const WORKER_EXIT_WAIT: Duration = Duration::from_secs(10);
+
+/// One shard turn's records, numbered in submission order (1, 2, ...), per shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BatchId(pub u64);
+
+/// The records of one document in one batch, in log order.
+#[derive(Debug)]
+pub struct DocAppend {
+    /// The document (shared with its room: no copy per turn).
+    pub doc: Arc<str>,
+    /// Its epoch (persisted with its first record).
+    pub epoch: Arc<str>,
+    /// Its records of the turn, `server_seq` ascending.
+    pub records: Vec<LogRecord>,
+}
+
+/// What the shard asks of its storage worker; carried out strictly in order.
+#[derive(Debug)]
+pub enum StorageRequest {
+    /// Append these records; they are durable once a [`StorageCompletion::Synced`] whose
+    /// range holds `batch` reports success.
+    Commit {
+        /// This turn's batch; strictly increasing from one commit to the next.
+        batch: BatchId,
+        /// Every document of the turn with records.
+        appends: Vec<DocAppend>,
+    },
+    /// Load a document (answered by [`StorageCompletion::Loaded`]).
+    Load {
+        /// The document.
+        doc: String,
+    },
+    /// Replace a document's snapshot (answered by [`StorageCompletion::SnapshotWritten`]).
+    /// Sent only once every record it covers was reported durable.
+    Snapshot {
+        /// The document.
+        doc: String,
+        /// The snapshot.
+        snapshot: StoredSnapshot,
+    },
+    /// The document left the shard's memory (also lifts its fence). Not answered.
+    Release {
+        /// The document.
+        doc: String,
+    },
+}
+
+/// What the worker reports back, in the order of the requests.
+#[derive(Debug)]
+pub enum StorageCompletion {
+    /// One sync carried the batches `first..=last` (every commit between them, none skipped).
+    Synced {
+        /// The first batch of the sync.
+        first: BatchId,
+        /// The last batch of the sync.
+        last: BatchId,
+        /// `Ok`: every record of those batches is durable, except records of documents
+        /// fenced by an earlier failure (never written; the shard dropped those rooms).
+        /// `Err(OutcomeUnknown)`: they may or may not be. Any other `Err`: none of them is.
+        result: Result<(), StorageError>,
+        /// Time spent appending and syncing.
+        sync_time: Duration,
+        /// The commits' vectors, records drained, for the shard to reuse (no allocation per
+        /// turn once the pools are warm).
+        spent: Vec<Vec<DocAppend>>,
+    },
+    /// The answer to [`StorageRequest::Load`].
+    Loaded {
+        /// The document.
+        doc: String,
+        /// What storage holds for it.
+        result: Result<Option<StoredDoc>, StorageError>,
+    },
+    /// The answer to [`StorageRequest::Snapshot`].
+    SnapshotWritten {
+        /// The document.
+        doc: String,
+        /// `Err` leaves the previous snapshot and the log valid.
+        result: Result<(), StorageError>,
+    },
+}
+
+/// Whether a shard's storage answered its last attempt: written by the storage worker, read
+/// by the shard (before applying an op or loading a document) and by `/health`.
+#[derive(Clone, Debug)]
+pub struct StorageAvailable(Arc<AtomicBool>);
+
+impl StorageAvailable {
+    /// Available until an attempt says otherwise.
+    pub fn new() -> StorageAvailable {
+        StorageAvailable(Arc::new(AtomicBool::new(true)))
+    }
+
+    /// Whether the last attempt reached the storage.
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Records the outcome of an attempt.
+    pub fn set(&self, available: bool) {
+        self.0.store(available, Ordering::Release);
+    }
+}
+
+impl Default for StorageAvailable {
+    fn default() -> StorageAvailable {
+        StorageAvailable::new()
+    }
+}
+
+/// Whether an attempt that ended with `result` found the storage reachable.
+fn reached<T>(result: &Result<T, StorageError>) -> bool {
+    !matches!(
+        result,
+        Err(StorageError::Unavailable { .. } | StorageError::OutcomeUnknown { .. })
+    )
+}
+
+/// The shard's end of the pipeline: sends requests, takes completions, and joins the worker
+/// thread when dropped (after it has finished every request sent).
+pub struct StorageWorker {
+    /// `None` only while dropping.
+    requests: Option<Sender<StorageRequest>>,
+    completions: Receiver<StorageCompletion>,
+    available: StorageAvailable,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The worker is gone (it panicked: a bug in a storage backend).
+#[derive(Debug, thiserror::Error)]
+#[error("the storage worker thread is gone")]
+pub struct WorkerGone;
+
+impl StorageWorker {
+    /// Starts the worker thread `name` owning `storage`; it wakes the shard through `waker`
+    /// after each burst of completions and keeps `available` up to date.
+    ///
+    /// # Errors
+    /// When the thread cannot be spawned.
+    pub fn spawn(
+        name: String,
+        storage: Box<dyn Storage>,
+        waker: Arc<mio::Waker>,
+        available: StorageAvailable,
+    ) -> std::io::Result<StorageWorker> {
+        let (request_tx, request_rx) = crossbeam_channel::unbounded();
+        let (completion_tx, completion_rx) = crossbeam_channel::unbounded();
+        let state = WorkerLoop {
+            storage,
+            requests: request_rx,
+            completions: completion_tx,
+            waker,
+            available: available.clone(),
+            fenced: HashSet::new(),
+            queue: Vec::new(),
+            docs_spare: Vec::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || state.run())?;
+        Ok(StorageWorker {
+            requests: Some(request_tx),
+            completions: completion_rx,
+            available,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a request.
+    ///
+    /// # Errors
+    /// [`WorkerGone`] when the worker thread has exited.
+    pub fn send(&self, request: StorageRequest) -> Result<(), WorkerGone> {
+        match &self.requests {
+            Some(requests) => requests.send(request).map_err(|_| WorkerGone)?,
+            None => return Err(WorkerGone),
+        }
+        // The worker parks when it has nothing to do (no spinning on a busy machine); an
+        // unpark of a thread that is not parked is one atomic operation, no system call.
+        if let Some(thread) = &self.thread {
+            thread.thread().unpark();
+        }
+        Ok(())
+    }
+
+    /// The next completion if one is ready (`Ok(None)` when none is).
+    ///
+    /// # Errors
+    /// [`WorkerGone`] when the worker exited with requests unanswered.
+    pub fn try_recv(&self) -> Result<Option<StorageCompletion>, WorkerGone> {
+        match self.completions.try_recv() {
+            Ok(completion) => Ok(Some(completion)),
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Disconnected) => Err(WorkerGone),
+        }
+    }
+
+    /// Waits up to `timeout` for the next completion (shutdown only: the shard never waits
+    /// on storage while it serves).
+    ///
+    /// # Errors
+    /// [`WorkerGone`] when the worker exited with requests unanswered.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<StorageCompletion>, WorkerGone> {
+        match self.completions.recv_timeout(timeout) {
+            Ok(completion) => Ok(Some(completion)),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err(WorkerGone),
+        }
+    }
+
+    /// Whether the storage answered its last attempt.
+    pub fn available(&self) -> bool {
+        self.available.get()
+    }
+}
+
+impl Drop for StorageWorker {
+    fn drop(&mut self) {
+        // Closing the channel ends the worker once it has done everything sent before.
+        self.requests = None;
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        thread.thread().unpark();
+        // The worker drops its end of the completions as it exits; a storage that hangs
+        // (a database that never answers) must not hang the shutdown with it.
+        let deadline = Instant::now() + WORKER_EXIT_WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.completions.recv_timeout(left) {
+                Ok(_) => continue, // Answers nobody waits for any more.
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    error!(
+                        "storage worker: still busy after {WORKER_EXIT_WAIT:?}; leaving it behind \
+                         (what it had not synced was never acknowledged)"
+                    );
+                    return;
+                }
+            }
+        }
+        if thread.join().is_err() {
+            error!("storage worker: the thread panicked");
+        }
+    }
+}
+
+/// The worker thread's state.
+struct WorkerLoop {
+    storage: Box<dyn Storage>,
+    requests: Receiver<StorageRequest>,
+    completions: Sender<StorageCompletion>,
+    waker: Arc<mio::Waker>,
+    available: StorageAvailable,
+    /// Documents whose records must not be written: an earlier sync holding some of their
+    /// records failed. Lifted by their `Release`.
+    fenced: HashSet<String>,
+    /// The requests taken in one wake-up, reused.
+    queue: Vec<StorageRequest>,
+    /// A group's document list, reused from one sync to the next.
+    docs_spare: Vec<Arc<str>>,
+}
+
+/// A group of consecutive commits being gathered for one sync.
+struct Group {
+    first: BatchId,
+    last: BatchId,
+    /// Documents with records in the group (fenced if it fails).
+    docs: Vec<Arc<str>>,
+    /// The first append error; the group then fails whatever the sync says.
+    append_error: Option<StorageError>,
+    /// The commits' vectors, handed back with the completion.
+    spent: Vec<Vec<DocAppend>>,
+    started: Instant,
+}
+
+impl WorkerLoop {
+    fn run(mut self) {
+        loop {
+            // Parked, not blocked in the channel: crossbeam's blocking receive spins and
+            // yields before it sleeps, several system calls per turn on a busy machine. The
+            // shard unparks the worker after each send (and when it drops its end).
+            let first = match self.requests.try_recv() {
+                Ok(request) => request,
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) if self.available.get() => {
+                    std::thread::park();
+                    continue;
+                }
+                Err(TryRecvError::Empty) => {
+                    let parked = Instant::now();
+                    std::thread::park_timeout(PROBE_INTERVAL);
+                    if parked.elapsed() >= PROBE_INTERVAL && self.requests.is_empty() {
+                        let probed = self.storage.probe();
+                        if let Err(e) = &probed {
+                            debug!("storage worker: still unavailable: {e}");
+                        }
+                        self.available.set(probed.is_ok());
+                    }
+                    continue;
+                }
+            };
+            let mut queue = std::mem::take(&mut self.queue);
+            queue.push(first);
+            while let Ok(request) = self.requests.try_recv() {
+                queue.push(request);
+            }
+            let mut group: Option<Group> = None;
+            for request in queue.drain(..) {
+                match request {
+                    StorageRequest::Commit { batch, appends } => {
+                        let group = group.get_or_insert_with(|| Group {
+                            first: batch,
+                            last: batch,
+                            docs: std::mem::take(&mut self.docs_spare),
+                            append_error: None,
+                            spent: Vec::new(),
+                            started: Instant::now(),
+                        });
+                        debug_assert!(batch >= group.last, "batches in order");
+                        group.last = batch;
+                        self.append(group, appends);
+                    }
+                    other => {
+                        if let Some(group) = group.take() {
+                            self.sync(group);
+                        }
+                        self.serve(other);
+                    }
+                }
+            }
+            if let Some(group) = group.take() {
+                self.sync(group);
+            }
+            self.queue = queue;
+            // One wake-up for the whole burst; a failed wake means the shard's Poll is gone.
+            let _ = self.waker.wake();
+        }
+        debug!("storage worker: stopped");
+        // Dropping the storage here (DiskStorage checkpoints on drop), off the shard thread.
+    }
+
+    fn append(&mut self, group: &mut Group, mut appends: Vec<DocAppend>) {
+        for append in appends.iter_mut() {
+            if self.fenced.contains(&*append.doc) {
+                // Its room is being dropped by the shard; nothing of it may follow the gap.
+                continue;
+            }
+            if group.append_error.is_none() {
+                for record in &append.records {
+                    if let Err(e) = self.storage.append(&append.doc, &append.epoch, record) {
+                        group.append_error = Some(e);
+                        break;
+                    }
+                }
+            }
+            append.records.clear();
+            group.docs.push(append.doc.clone());
+        }
+        group.spent.push(appends);
+    }
+
+    fn sync(&mut self, mut group: Group) {
+        // Even after a failed append: the storage settles (durable or rolled back) before
+        // anything is loaded from it again.
+        let synced = self.storage.sync();
+        let result = match group.append_error.take() {
+            Some(e) => {
+                if let Err(sync_error) = synced {
+                    debug!("storage worker: sync after a failed append: {sync_error}");
+                }
+                Err(e)
+            }
+            None => synced,
+        };
+        self.available.set(reached(&result));
+        if let Err(e) = &result {
+            warn!(
+                "storage worker: sync of batches {}..={} failed: {e}",
+                group.first.0, group.last.0
+            );
+            self.fenced
+                .extend(group.docs.drain(..).map(|doc| doc.to_string()));
+        }
+        group.docs.clear();
+        self.docs_spare = std::mem::take(&mut group.docs);
+        let _ = self.completions.send(StorageCompletion::Synced {
+            first: group.first,
+            last: group.last,
+            result,
+            sync_time: group.started.elapsed(),
+            spent: std::mem::take(&mut group.spent),
+        });
+    }
+
+    fn serve(&mut self, request: StorageRequest) {
+        let completion = match request {
+            StorageRequest::Commit { .. } => unreachable!("commits are grouped by the caller"),
+            StorageRequest::Load { doc } => {
+                debug_assert!(
+                    !self.fenced.contains(&doc),
+                    "a fenced doc is released first"
+                );
+                let result = self.storage.load(&doc);
+                self.available.set(reached(&result));
+                StorageCompletion::Loaded { doc, result }
+            }
+            StorageRequest::Snapshot { doc, snapshot } => {
+                let result = self.storage.write_snapshot(&doc, &snapshot);
+                self.available.set(reached(&result));
+                StorageCompletion::SnapshotWritten { doc, result }
+            }
+            StorageRequest::Release { doc } => {
+                self.fenced.remove(&doc);
+                self.storage.release(&doc);
+                return;
+            }
+        };
+        let _ = self.completions.send(completion);
+    }
+}
