@@ -12,6 +12,11 @@
 #       (the tests pass their own pid, so no server outlives them).
 #   scripts/pg-local.sh stop DIR
 #       Stops the server of DIR (fast shutdown) and removes DIR.
+#   scripts/pg-local.sh ctl DIR PG_CTL_ARGS...
+#       Runs pg_ctl on DIR's cluster as its owner, e.g. `ctl DIR restart -m immediate`,
+#       `ctl DIR stop -m fast`, `ctl DIR start` (the fault tests use it).
+#   scripts/pg-local.sh pid DIR
+#       Prints the postmaster's pid.
 #
 # Everything but the URL goes to stderr. Any failure exits non-zero with the reason and the
 # end of the server log: nothing is skipped silently.
@@ -127,9 +132,15 @@ start() {
   local attempt=0 chosen
   while :; do
     chosen=${port:-$(pick_port)}
-    if as_owner "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-      -o "-c listen_addresses=127.0.0.1 -p $chosen -c unix_socket_directories=$dir" \
-      start >&2; then
+    # In the configuration file, so that a plain `pg_ctl start` (ctl) finds them again.
+    as_owner tee "$dir/data/collab-local.conf" >/dev/null <<CONF
+listen_addresses = '127.0.0.1'
+port = $chosen
+unix_socket_directories = '$dir'
+CONF
+    grep -q "^include_if_exists = 'collab-local.conf'" "$dir/data/postgresql.conf" \
+      || echo "include_if_exists = 'collab-local.conf'" | as_owner tee -a "$dir/data/postgresql.conf" >/dev/null
+    if as_owner "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >&2; then
       break
     fi
     attempt=$((attempt + 1))
@@ -173,6 +184,16 @@ stop() {
   stop_dir "$(cd "$1" && pwd)"
 }
 
+ctl() {
+  [ $# -ge 2 ] || die "usage: $0 ctl DIR PG_CTL_ARGS..."
+  local dir=$1 bindir
+  shift
+  [ -d "$dir/data" ] || die "ctl: no cluster in $dir"
+  ensure_user
+  bindir=$(find_bindir)
+  as_owner "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 "$@" >&2
+}
+
 watch() {
   local dir=$1 owner_pid=$2
   while kill -0 "$owner_pid" 2>/dev/null; do
@@ -185,6 +206,8 @@ watch() {
 case "${1:-}" in
   start) shift; start "$@" ;;
   stop) shift; stop "$@" ;;
+  ctl) shift; ctl "$@" ;;
+  pid) [ -f "${2:-}/data/postmaster.pid" ] || die "pid: no running server in ${2:-?}"; head -n 1 "$2/data/postmaster.pid" ;;
   watch) shift; watch "$@" ;;
-  *) die "usage: $0 start [--dir DIR] [--port PORT] [--owner-pid PID] | stop DIR" ;;
+  *) die "usage: $0 start [--dir DIR] [--port PORT] [--owner-pid PID] | stop DIR | ctl DIR ARGS... | pid DIR" ;;
 esac

@@ -1,16 +1,26 @@
-//! DiskStorage behaviour against a real file system: round trips, restarts with other shard
-//! counts, torn tails, corruption, injected disk errors and compaction.
+//! Storage behaviour, one suite for both durable backends: DiskStorage against a real file
+//! system and PgStorage against a real PostgreSQL (`scripts/pg-local.sh`, started once for
+//! this test binary; see tests/support/pg.rs). Round trips, restarts with other shard counts,
+//! corruption of one document, failed commits, compaction and replay windows, unload and
+//! reload run for both (`mod disk` and `mod postgres` at the end); torn tails, the journal and
+//! power cuts are DiskStorage's own; lost connections, a paused server and the schema
+//! version are PgStorage's own.
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use collab_engine::config::FsyncMode;
 use collab_engine::ids::shard_for_doc;
 use collab_engine::storage::fs::FaultyFs;
 use collab_engine::storage::{
-    DiskStorage, LogRecord, Storage, StorageError, StoredDoc, StoredSnapshot,
+    DiskStorage, LogRecord, PgOptions, PgStorage, Storage, StorageError, StoredDoc,
+    StoredSnapshot,
 };
 use tungstenite::Utf8Bytes;
+
+#[path = "support/pg.rs"]
+mod pg;
 
 /// A fresh, empty directory under cargo's per-target temp dir.
 fn temp_dir(name: &str) -> PathBuf {
@@ -92,7 +102,7 @@ fn files_of(dir: &Path, suffix_start: &str) -> Vec<(String, u64)> {
         .collect()
 }
 
-fn write_doc(storage: &mut impl Storage, doc: &str, epoch: &str, n: u64) {
+fn write_doc(storage: &mut (impl Storage + ?Sized), doc: &str, epoch: &str, n: u64) {
     storage
         .append(doc, epoch, &LogRecord::ReplicasReserved { last: 16 })
         .expect("append");
@@ -100,71 +110,6 @@ fn write_doc(storage: &mut impl Storage, doc: &str, epoch: &str, n: u64) {
         storage.append(doc, epoch, &ops(seq)).expect("append");
     }
     storage.sync().expect("sync");
-}
-
-#[test]
-fn round_trip() {
-    let dir = temp_dir("round-trip");
-    let mut storage = open(&dir);
-    assert_eq!(storage.load("doc").expect("load"), None);
-    write_doc(&mut storage, "doc", "E1", 5);
-    let mut again = open(&dir);
-    let doc = again.load("doc").expect("load").expect("stored");
-    assert_eq!(doc.epoch, "E1");
-    assert_eq!(doc.snapshot, None);
-    let mut expected = vec![LogRecord::ReplicasReserved { last: 16 }];
-    expected.extend((1..=5).map(ops));
-    assert_eq!(doc.tail, expected);
-    // The reloading storage continues the same log.
-    again.append("doc", "E1", &ops(6)).expect("append");
-    again.sync().expect("sync");
-    assert_eq!(
-        seqs(&open(&dir).load("doc").expect("load").expect("stored")),
-        (1..=6).collect::<Vec<_>>()
-    );
-}
-
-#[test]
-fn restart_with_other_shard_counts_finds_every_doc() {
-    let dir = temp_dir("shards");
-    let long = "ü".repeat(256);
-    let mut names: Vec<String> = (0..40).map(|i| format!("doc-{i}")).collect();
-    names.extend(
-        [
-            "../../etc/passwd",
-            "a/b/c",
-            "",
-            ".",
-            "con",
-            "NUL\0x",
-            long.as_str(),
-        ]
-        .map(String::from),
-    );
-    // Written by 3 shards.
-    let mut shards: Vec<DiskStorage> = (0..3).map(|_| open(&dir)).collect();
-    for (i, name) in names.iter().enumerate() {
-        let shard = &mut shards[shard_for_doc(name, 3).0];
-        write_doc(shard, name, &format!("epoch-{i}"), i as u64 % 7 + 1);
-    }
-    drop(shards);
-    // Nothing escaped the data directory, and no raw name became a path.
-    for (file, _) in files(&dir) {
-        assert!(file.starts_with("docs/") || file == "LOCK", "{file}");
-        assert!(!file.contains("etc") && !file.contains("doc-"), "{file}");
-    }
-    // Read by 1 and by 2 shards.
-    for n_shards in [1, 2] {
-        let mut shards: Vec<DiskStorage> = (0..n_shards).map(|_| open(&dir)).collect();
-        for (i, name) in names.iter().enumerate() {
-            let doc = shards[shard_for_doc(name, n_shards).0]
-                .load(name)
-                .expect("load")
-                .expect("stored");
-            assert_eq!(doc.epoch, format!("epoch-{i}"));
-            assert_eq!(seqs(&doc), (1..=(i as u64 % 7 + 1)).collect::<Vec<_>>());
-        }
-    }
 }
 
 #[test]
@@ -333,57 +278,6 @@ fn flipped_byte_in_a_snapshot_is_corrupt() {
 }
 
 #[test]
-fn failed_writes_are_rolled_back() {
-    for fail_sync in [false, true] {
-        let dir = temp_dir(if fail_sync { "fail-sync" } else { "fail-write" });
-        let faults = FaultyFs::new();
-        let mut storage =
-            DiskStorage::with_fs(&dir, FsyncMode::Always, faults.clone()).expect("open");
-        write_doc(&mut storage, "a", "E", 3);
-        write_doc(&mut storage, "b", "E", 3);
-        // One turn touching both docs, plus a brand-new doc; the disk fails.
-        storage.append("a", "E", &ops(4)).expect("append");
-        storage.append("a", "E", &ops(5)).expect("append");
-        storage.append("b", "E", &ops(4)).expect("append");
-        storage
-            .append("new", "E-lost", &LogRecord::ReplicasReserved { last: 16 })
-            .expect("append");
-        if fail_sync {
-            faults.fail_syncs(1);
-        } else {
-            faults.fail_writes(1);
-        }
-        assert!(matches!(storage.sync(), Err(StorageError::Io { .. })));
-        // Disk is back to the last good sync.
-        let mut fresh = open(&dir);
-        assert_eq!(
-            seqs(&fresh.load("a").expect("load").expect("stored")),
-            vec![1, 2, 3]
-        );
-        assert_eq!(
-            seqs(&fresh.load("b").expect("load").expect("stored")),
-            vec![1, 2, 3]
-        );
-        assert_eq!(fresh.load("new").expect("load"), None);
-        // The same storage goes on: the shard reuses the sequence numbers that were refused.
-        storage.append("a", "E", &ops(4)).expect("append");
-        storage
-            .append("new", "E-new", &LogRecord::ReplicasReserved { last: 16 })
-            .expect("append");
-        storage.sync().expect("sync");
-        let a = open(&dir).load("a").expect("load").expect("stored");
-        assert_eq!(seqs(&a), vec![1, 2, 3, 4]);
-        assert_eq!(
-            storage.load("b").expect("load").map(|d| seqs(&d)),
-            Some(vec![1, 2, 3])
-        );
-        let new = open(&dir).load("new").expect("load").expect("stored");
-        assert_eq!(new.epoch, "E-new");
-        assert_eq!(new.tail, vec![LogRecord::ReplicasReserved { last: 16 }]);
-    }
-}
-
-#[test]
 fn failed_snapshot_keeps_the_previous_state() {
     let dir = temp_dir("fail-snapshot");
     let faults = FaultyFs::new();
@@ -402,77 +296,6 @@ fn failed_snapshot_keeps_the_previous_state() {
     assert_eq!(doc.epoch, "E");
     let head = doc.snapshot.as_ref().map_or(0, |s| s.head);
     assert_eq!(seqs(&doc), ((head + 1)..=6).collect::<Vec<_>>());
-}
-
-#[test]
-fn snapshot_reclaims_the_log_and_epoch_survives() {
-    let dir = temp_dir("compaction");
-    // Layout only: fsync would just slow the 15,000 syncs down.
-    let mut storage = DiskStorage::open(&dir, FsyncMode::Never).expect("open");
-    let echo_bytes = match ops(1) {
-        LogRecord::Ops { echo, .. } => echo.len() as u64,
-        LogRecord::ReplicasReserved { .. } => 0,
-    };
-    let mut seq = 0;
-    let rounds = 30;
-    let per_round = 500;
-    let mut bytes_max = 0;
-    for round in 0..rounds {
-        for _ in 0..per_round {
-            seq += 1;
-            storage.append("doc", "EPOCH", &ops(seq)).expect("append");
-            storage.sync().expect("sync");
-        }
-        storage
-            .append(
-                "doc",
-                "EPOCH",
-                &LogRecord::ReplicasReserved { last: round + 1 },
-            )
-            .expect("append");
-        storage.sync().expect("sync");
-        // Snapshot of a document that does not grow (runs_json of fixed size).
-        let snap = StoredSnapshot {
-            runs_json: Utf8Bytes::from_static(r#"{"runs":[]}"#),
-            ..snapshot("EPOCH", seq, round + 1)
-        };
-        storage.write_snapshot("doc", &snap).expect("snapshot");
-        // A few ops after the snapshot stay in the log.
-        seq += 1;
-        storage.append("doc", "EPOCH", &ops(seq)).expect("append");
-        storage.sync().expect("sync");
-        let total: u64 = files(&dir).iter().map(|(_, len)| len).sum();
-        bytes_max = bytes_max.max(total);
-    }
-    // Disk use tracks one window of log, never the whole history.
-    let history = seq * echo_bytes;
-    assert!(
-        bytes_max < (per_round + 10) * (echo_bytes + 40),
-        "{bytes_max} bytes on disk for {history} of history"
-    );
-    assert_eq!(files_of(&dir, "log-").len(), 1);
-    let doc = open(&dir).load("doc").expect("load").expect("stored");
-    assert_eq!(doc.epoch, "EPOCH");
-    assert_eq!(doc.snapshot.as_ref().map(|s| s.head), Some(seq - 1));
-    assert_eq!(seqs(&doc), vec![seq]);
-
-    // Snapshot only (the log fully covered): the epoch still comes back.
-    let mut storage = open(&dir);
-    let _ = storage.load("doc").expect("load");
-    let snap = StoredSnapshot {
-        runs_json: Utf8Bytes::from_static(r#"{"runs":[]}"#),
-        ..snapshot("EPOCH", seq, rounds)
-    };
-    storage.write_snapshot("doc", &snap).expect("snapshot");
-    assert_eq!(files_of(&dir, "log-").len(), 0);
-    let doc = open(&dir).load("doc").expect("load").expect("stored");
-    assert_eq!((doc.epoch.as_str(), doc.tail.len()), ("EPOCH", 0));
-    storage
-        .append("doc", "EPOCH", &ops(seq + 1))
-        .expect("append");
-    storage.sync().expect("sync");
-    let doc = open(&dir).load("doc").expect("load").expect("stored");
-    assert_eq!(seqs(&doc), vec![seq + 1]);
 }
 
 #[test]
@@ -499,78 +322,6 @@ fn crash_leftovers_of_a_compaction_are_harmless() {
     assert_eq!(seqs(&doc), vec![6]);
     assert!(!dir.join(&segment).exists(), "covered segment removed");
     assert!(!dir.join(&snapshot_dir).join("snapshot.tmp").exists());
-}
-
-#[test]
-fn release_then_load_and_fsync_never() {
-    let dir = temp_dir("release");
-    let mut storage = DiskStorage::open(&dir, FsyncMode::Never).expect("open");
-    write_doc(&mut storage, "doc", "E", 3);
-    storage.release("doc");
-    let doc = storage.load("doc").expect("load").expect("stored");
-    assert_eq!(seqs(&doc), vec![1, 2, 3]);
-    storage.append("doc", "E", &ops(4)).expect("append");
-    // Released with a record pending: it is still written by the next sync.
-    storage.release("doc");
-    storage.sync().expect("sync");
-    assert_eq!(
-        seqs(&open(&dir).load("doc").expect("load").expect("stored")),
-        vec![1, 2, 3, 4]
-    );
-}
-
-#[test]
-fn many_docs_per_sync_commit_or_roll_back_together() {
-    let dir = temp_dir("many-docs");
-    let faults = FaultyFs::new();
-    let mut storage = DiskStorage::with_fs(&dir, FsyncMode::Always, faults.clone()).expect("open");
-    let docs: Vec<String> = (0..40).map(|i| format!("doc-{i}")).collect();
-    // Enough touched files per sync to take the parallel fsync path.
-    for doc in &docs {
-        storage.append(doc, "E", &ops(1)).expect("append");
-    }
-    storage.sync().expect("sync");
-    for doc in &docs {
-        storage.append(doc, "E", &ops(2)).expect("append");
-    }
-    faults.fail_syncs(1);
-    assert!(storage.sync().is_err());
-    for doc in &docs {
-        storage.append(doc, "E", &ops(2)).expect("append");
-        storage.append(doc, "E", &ops(3)).expect("append");
-    }
-    storage.sync().expect("sync");
-    let mut fresh = open(&dir);
-    for doc in &docs {
-        assert_eq!(
-            seqs(&fresh.load(doc).expect("load").expect("stored")),
-            vec![1, 2, 3],
-            "{doc}"
-        );
-    }
-}
-
-#[test]
-fn more_docs_than_open_files_kept() {
-    let dir = temp_dir("many-files");
-    let mut storage = DiskStorage::open(&dir, FsyncMode::Never).expect("open");
-    let docs: Vec<String> = (0..600).map(|i| format!("doc-{i}")).collect();
-    for round in 1..=3 {
-        for doc in &docs {
-            storage.append(doc, "E", &ops(round)).expect("append");
-            if round == 2 {
-                storage.sync().expect("sync");
-            }
-        }
-        storage.sync().expect("sync");
-    }
-    let mut fresh = open(&dir);
-    for doc in &docs {
-        assert_eq!(
-            seqs(&fresh.load(doc).expect("load").expect("stored")),
-            vec![1, 2, 3]
-        );
-    }
 }
 
 /// A tiny deterministic generator for the randomized test below.
@@ -1026,3 +777,481 @@ fn failed_checkpoint_fsync_keeps_the_journal_and_fences_writes() {
         "acknowledged records survive, the refused one does not"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The suite both backends run.
+
+/// Where a test's documents live, and the backend-specific ways to look at or damage them.
+enum Backend {
+    /// A data directory; `faults` is the file layer of storages opened by `open_faulty`.
+    Disk { dir: PathBuf, faults: FaultyFs },
+    /// A database of its own on the test PostgreSQL.
+    Pg { url: String },
+}
+
+impl Backend {
+    fn disk(name: &str) -> Backend {
+        Backend::Disk {
+            dir: temp_dir(name),
+            faults: FaultyFs::new(),
+        }
+    }
+
+    fn postgres(name: &str) -> Backend {
+        Backend::Pg {
+            url: pg::fresh_database(name),
+        }
+    }
+
+    /// A new storage over the same documents (a restart, or another shard).
+    fn open(&self) -> Box<dyn Storage> {
+        self.open_with(FsyncMode::Always)
+    }
+
+    fn open_with(&self, fsync: FsyncMode) -> Box<dyn Storage> {
+        match self {
+            Backend::Disk { dir, .. } => Box::new(DiskStorage::open(dir, fsync).expect("open")),
+            Backend::Pg { url } => Box::new(open_pg(url, fsync, Duration::from_secs(5))),
+        }
+    }
+
+    /// A storage whose commits [`Backend::fail_next_commit`] can make fail.
+    fn open_faulty(&self) -> Box<dyn Storage> {
+        match self {
+            Backend::Disk { dir, faults } => Box::new(
+                DiskStorage::with_fs(dir, FsyncMode::Always, faults.clone()).expect("open"),
+            ),
+            Backend::Pg { .. } => self.open(),
+        }
+    }
+
+    /// The next commit of a faulty storage fails (disk: its fsync; PostgreSQL: a constraint
+    /// that every op row violates, until [`Backend::heal`]).
+    fn fail_next_commit(&self) {
+        match self {
+            Backend::Disk { faults, .. } => faults.fail_syncs(1),
+            Backend::Pg { url } => pg::client(url)
+                .batch_execute(
+                    "ALTER TABLE collab_ops ADD CONSTRAINT test_fault CHECK (server_seq < 0) NOT VALID",
+                )
+                .expect("add the fault"),
+        }
+    }
+
+    /// Undoes [`Backend::fail_next_commit`] where it does not wear off by itself.
+    fn heal(&self) {
+        if let Backend::Pg { url } = self {
+            pg::client(url)
+                .batch_execute("ALTER TABLE collab_ops DROP CONSTRAINT IF EXISTS test_fault")
+                .expect("drop the fault");
+        }
+    }
+
+    /// Damages one op record of `doc` in the middle of its log, as bit rot would.
+    fn damage_log(&self, doc: &str) {
+        match self {
+            Backend::Disk { dir, .. } => {
+                let segment = files_of(dir, "log-")
+                    .into_iter()
+                    .map(|(f, _)| f)
+                    .find(|f| {
+                        let bytes = fs::read(dir.join(f)).expect("read");
+                        bytes.windows(doc.len()).any(|w| w == doc.as_bytes())
+                    })
+                    .expect("the doc's segment");
+                let path = dir.join(&segment);
+                let mut bytes = fs::read(&path).expect("read");
+                let middle = bytes.len() / 2;
+                bytes[middle] ^= 0x01;
+                fs::write(&path, &bytes).expect("write");
+            }
+            Backend::Pg { url } => {
+                let n = pg::client(url)
+                    .execute(
+                        "UPDATE collab_ops SET echo = replace(echo, '\"x\"', '\"y\"') \
+                         WHERE doc_id = (SELECT id FROM collab_docs WHERE name = $1) \
+                         AND server_seq = 5",
+                        &[&doc.as_bytes()],
+                    )
+                    .expect("damage");
+                assert_eq!(n, 1);
+            }
+        }
+    }
+
+    /// How much log is stored: bytes of segments (disk), op rows (PostgreSQL).
+    fn log_size(&self) -> u64 {
+        match self {
+            Backend::Disk { dir, .. } => files_of(dir, "log-").iter().map(|(_, len)| len).sum(),
+            Backend::Pg { url } => {
+                let n: i64 = pg::client(url)
+                    .query_one("SELECT count(*) FROM collab_ops", &[])
+                    .expect("count")
+                    .get(0);
+                n as u64
+            }
+        }
+    }
+
+    /// The log size that `n` op records of [`ops`] take at most.
+    fn log_size_of(&self, n: u64) -> u64 {
+        match self {
+            Backend::Disk { .. } => {
+                let echo_bytes = match ops(1) {
+                    LogRecord::Ops { echo, .. } => echo.len() as u64,
+                    LogRecord::ReplicasReserved { .. } => 0,
+                };
+                n * (echo_bytes + 40)
+            }
+            Backend::Pg { .. } => n,
+        }
+    }
+}
+
+fn open_pg(url: &str, fsync: FsyncMode, timeout: Duration) -> PgStorage {
+    PgStorage::open(&PgOptions {
+        url: url.to_owned(),
+        timeout,
+        synchronous_commit: fsync == FsyncMode::Always,
+    })
+    .unwrap_or_else(|e| panic!("opening PgStorage: {e}"))
+}
+
+fn round_trip(b: &Backend) {
+    let mut storage = b.open();
+    assert_eq!(storage.load("doc").expect("load"), None);
+    write_doc(&mut *storage, "doc", "E1", 5);
+    let mut again = b.open();
+    let doc = again.load("doc").expect("load").expect("stored");
+    assert_eq!(doc.epoch, "E1");
+    assert_eq!(doc.snapshot, None);
+    let mut expected = vec![LogRecord::ReplicasReserved { last: 16 }];
+    expected.extend((1..=5).map(ops));
+    assert_eq!(doc.tail, expected);
+    // The reloading storage continues the same log.
+    again.append("doc", "E1", &ops(6)).expect("append");
+    again.sync().expect("sync");
+    assert_eq!(
+        seqs(&b.open().load("doc").expect("load").expect("stored")),
+        (1..=6).collect::<Vec<_>>()
+    );
+}
+
+fn restart_with_other_shard_counts_finds_every_doc(b: &Backend) {
+    let long = "ü".repeat(256);
+    let mut names: Vec<String> = (0..40).map(|i| format!("doc-{i}")).collect();
+    names.extend(
+        [
+            "../../etc/passwd",
+            "a/b/c",
+            "",
+            ".",
+            "con",
+            "NUL\0x",
+            "'); DROP TABLE collab_ops; --",
+            "$1",
+            long.as_str(),
+        ]
+        .map(String::from),
+    );
+    // Written by 3 shards.
+    let mut shards: Vec<Box<dyn Storage>> = (0..3).map(|_| b.open()).collect();
+    for (i, name) in names.iter().enumerate() {
+        let shard = &mut shards[shard_for_doc(name, 3).0];
+        write_doc(&mut **shard, name, &format!("epoch-{i}"), i as u64 % 7 + 1);
+    }
+    drop(shards);
+    match b {
+        Backend::Disk { dir, .. } => {
+            // Nothing escaped the data directory, and no raw name became a path.
+            for (file, _) in files(dir) {
+                assert!(file.starts_with("docs/") || file == "LOCK", "{file}");
+                assert!(!file.contains("etc") && !file.contains("doc-"), "{file}");
+            }
+        }
+        Backend::Pg { url } => {
+            // Names are data: every one stored exactly as given, the tables intact.
+            let stored: Vec<Vec<u8>> = pg::client(url)
+                .query("SELECT name FROM collab_docs ORDER BY name", &[])
+                .expect("names")
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            let mut expected: Vec<Vec<u8>> = names.iter().map(|n| n.as_bytes().to_vec()).collect();
+            expected.sort();
+            assert_eq!(stored, expected);
+        }
+    }
+    // Read by 1 and by 2 shards.
+    for n_shards in [1, 2] {
+        let mut shards: Vec<Box<dyn Storage>> = (0..n_shards).map(|_| b.open()).collect();
+        for (i, name) in names.iter().enumerate() {
+            let doc = shards[shard_for_doc(name, n_shards).0]
+                .load(name)
+                .expect("load")
+                .expect("stored");
+            assert_eq!(doc.epoch, format!("epoch-{i}"));
+            assert_eq!(seqs(&doc), (1..=(i as u64 % 7 + 1)).collect::<Vec<_>>());
+        }
+    }
+}
+
+fn one_corrupt_doc_is_refused_and_others_load(b: &Backend) {
+    let mut storage = b.open();
+    write_doc(&mut *storage, "bad", "E", 10);
+    write_doc(&mut *storage, "good", "E", 10);
+    drop(storage);
+    b.damage_log("bad");
+    for _ in 0..2 {
+        let mut storage = b.open();
+        match storage.load("bad") {
+            Err(StorageError::Corrupt { offset, .. }) => assert!(offset > 0, "names a record"),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        assert_eq!(
+            seqs(&storage.load("good").expect("load").expect("stored")),
+            (1..=10).collect::<Vec<_>>()
+        );
+    }
+    // The good document goes on being written beside the corrupt one.
+    let mut storage = b.open();
+    let _ = storage.load("good").expect("load");
+    storage.append("good", "E", &ops(11)).expect("append");
+    storage.sync().expect("sync");
+    assert!(matches!(
+        b.open().load("bad"),
+        Err(StorageError::Corrupt { .. })
+    ));
+    assert_eq!(
+        seqs(&b.open().load("good").expect("load").expect("stored")).len(),
+        11
+    );
+}
+
+fn failed_commits_are_rolled_back(b: &Backend) {
+    let mut storage = b.open_faulty();
+    write_doc(&mut *storage, "a", "E", 3);
+    write_doc(&mut *storage, "b", "E", 3);
+    // One turn touching both docs, plus a brand-new doc; the commit fails.
+    storage.append("a", "E", &ops(4)).expect("append");
+    storage.append("a", "E", &ops(5)).expect("append");
+    storage.append("b", "E", &ops(4)).expect("append");
+    storage
+        .append("new", "E-lost", &LogRecord::ReplicasReserved { last: 16 })
+        .expect("append");
+    b.fail_next_commit();
+    assert!(matches!(storage.sync(), Err(StorageError::Io { .. })));
+    b.heal();
+    // Storage is back to the last good sync.
+    let mut fresh = b.open();
+    assert_eq!(
+        seqs(&fresh.load("a").expect("load").expect("stored")),
+        vec![1, 2, 3]
+    );
+    assert_eq!(
+        seqs(&fresh.load("b").expect("load").expect("stored")),
+        vec![1, 2, 3]
+    );
+    assert_eq!(fresh.load("new").expect("load"), None);
+    // The same storage goes on: the shard reuses the sequence numbers that were refused.
+    storage.append("a", "E", &ops(4)).expect("append");
+    storage
+        .append("new", "E-new", &LogRecord::ReplicasReserved { last: 16 })
+        .expect("append");
+    storage.sync().expect("sync");
+    let a = b.open().load("a").expect("load").expect("stored");
+    assert_eq!(seqs(&a), vec![1, 2, 3, 4]);
+    assert_eq!(
+        storage.load("b").expect("load").map(|d| seqs(&d)),
+        Some(vec![1, 2, 3])
+    );
+    let new = b.open().load("new").expect("load").expect("stored");
+    assert_eq!(new.epoch, "E-new");
+    assert_eq!(new.tail, vec![LogRecord::ReplicasReserved { last: 16 }]);
+}
+
+fn many_docs_per_sync_commit_or_roll_back_together(b: &Backend) {
+    let mut storage = b.open_faulty();
+    let docs: Vec<String> = (0..40).map(|i| format!("doc-{i}")).collect();
+    // Enough touched files per sync to take the disk's parallel fsync path.
+    for doc in &docs {
+        storage.append(doc, "E", &ops(1)).expect("append");
+    }
+    storage.sync().expect("sync");
+    for doc in &docs {
+        storage.append(doc, "E", &ops(2)).expect("append");
+    }
+    b.fail_next_commit();
+    assert!(storage.sync().is_err());
+    b.heal();
+    for doc in &docs {
+        storage.append(doc, "E", &ops(2)).expect("append");
+        storage.append(doc, "E", &ops(3)).expect("append");
+    }
+    storage.sync().expect("sync");
+    let mut fresh = b.open();
+    for doc in &docs {
+        assert_eq!(
+            seqs(&fresh.load(doc).expect("load").expect("stored")),
+            vec![1, 2, 3],
+            "{doc}"
+        );
+    }
+}
+
+fn snapshot_compacts_the_log_and_keeps_the_replay_window(b: &Backend) {
+    // Layout only: fsync (synchronous_commit) would just slow the thousands of syncs down.
+    let mut storage = b.open_with(FsyncMode::Never);
+    let mut seq = 0;
+    let rounds = 12;
+    let per_round = 300;
+    let mut size_max = 0;
+    for round in 0..rounds {
+        for _ in 0..per_round {
+            seq += 1;
+            storage.append("doc", "EPOCH", &ops(seq)).expect("append");
+            storage.sync().expect("sync");
+        }
+        storage
+            .append(
+                "doc",
+                "EPOCH",
+                &LogRecord::ReplicasReserved { last: round + 1 },
+            )
+            .expect("append");
+        storage.sync().expect("sync");
+        // Snapshot of a document that does not grow (runs_json of fixed size).
+        let snap = StoredSnapshot {
+            runs_json: Utf8Bytes::from_static(r#"{"runs":[]}"#),
+            ..snapshot("EPOCH", seq, round + 1)
+        };
+        storage.write_snapshot("doc", &snap).expect("snapshot");
+        // A few ops after the snapshot stay in the log: the replay window after a restart.
+        seq += 1;
+        storage.append("doc", "EPOCH", &ops(seq)).expect("append");
+        storage.sync().expect("sync");
+        size_max = size_max.max(b.log_size());
+    }
+    // The store tracks one window of log, never the whole history.
+    assert!(
+        size_max <= b.log_size_of(per_round + 10),
+        "{size_max} of log stored for {seq} records of history"
+    );
+    let doc = b.open().load("doc").expect("load").expect("stored");
+    assert_eq!(doc.epoch, "EPOCH");
+    assert_eq!(doc.snapshot.as_ref().map(|s| s.head), Some(seq - 1));
+    assert_eq!(
+        doc.snapshot.as_ref().map(|s| s.replicas_reserved),
+        Some(rounds)
+    );
+    assert_eq!(doc.tail, vec![ops(seq)]);
+
+    // Snapshot only (the log fully covered): the epoch still comes back.
+    let mut storage = b.open();
+    let _ = storage.load("doc").expect("load");
+    let snap = StoredSnapshot {
+        runs_json: Utf8Bytes::from_static(r#"{"runs":[]}"#),
+        ..snapshot("EPOCH", seq, rounds)
+    };
+    storage.write_snapshot("doc", &snap).expect("snapshot");
+    assert_eq!(b.log_size(), 0);
+    let doc = b.open().load("doc").expect("load").expect("stored");
+    assert_eq!((doc.epoch.as_str(), doc.tail.len()), ("EPOCH", 0));
+    storage
+        .append("doc", "EPOCH", &ops(seq + 1))
+        .expect("append");
+    storage.sync().expect("sync");
+    let doc = b.open().load("doc").expect("load").expect("stored");
+    assert_eq!(seqs(&doc), vec![seq + 1]);
+}
+
+fn snapshot_of_a_new_document_and_reservations_after_it(b: &Backend) {
+    let mut storage = b.open();
+    // A document whose first durable state is a snapshot (as the copy tool writes them).
+    storage
+        .write_snapshot("fresh", &snapshot("EF", 3, 4))
+        .expect("snapshot");
+    storage
+        .append("fresh", "EF", &LogRecord::ReplicasReserved { last: 9 })
+        .expect("append");
+    storage.append("fresh", "EF", &ops(4)).expect("append");
+    storage.sync().expect("sync");
+    let doc = b.open().load("fresh").expect("load").expect("stored");
+    assert_eq!(doc.epoch, "EF");
+    assert_eq!(doc.snapshot, Some(snapshot("EF", 3, 4)));
+    assert_eq!(
+        doc.tail,
+        vec![LogRecord::ReplicasReserved { last: 9 }, ops(4)]
+    );
+}
+
+fn release_then_load(b: &Backend) {
+    let mut storage = b.open_with(FsyncMode::Never);
+    write_doc(&mut *storage, "doc", "E", 3);
+    storage.release("doc");
+    let doc = storage.load("doc").expect("load").expect("stored");
+    assert_eq!(seqs(&doc), vec![1, 2, 3]);
+    storage.append("doc", "E", &ops(4)).expect("append");
+    // Released with a record pending: it is still written by the next sync.
+    storage.release("doc");
+    storage.sync().expect("sync");
+    assert_eq!(
+        seqs(&b.open().load("doc").expect("load").expect("stored")),
+        vec![1, 2, 3, 4]
+    );
+}
+
+fn more_docs_than_open_files_kept(b: &Backend) {
+    let mut storage = b.open_with(FsyncMode::Never);
+    let docs: Vec<String> = (0..600).map(|i| format!("doc-{i}")).collect();
+    for round in 1..=3 {
+        for doc in &docs {
+            storage.append(doc, "E", &ops(round)).expect("append");
+            if round == 2 {
+                storage.sync().expect("sync");
+            }
+        }
+        storage.sync().expect("sync");
+    }
+    let mut fresh = b.open();
+    for doc in &docs {
+        assert_eq!(
+            seqs(&fresh.load(doc).expect("load").expect("stored")),
+            vec![1, 2, 3]
+        );
+    }
+}
+
+/// One `#[test]` per backend for each function of the suite.
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod disk {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(&super::Backend::disk(stringify!($name)));
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(&super::Backend::postgres(stringify!($name)));
+                }
+            )*
+        }
+    };
+}
+
+both_backends!(
+    round_trip,
+    restart_with_other_shard_counts_finds_every_doc,
+    one_corrupt_doc_is_refused_and_others_load,
+    failed_commits_are_rolled_back,
+    many_docs_per_sync_commit_or_roll_back_together,
+    snapshot_compacts_the_log_and_keeps_the_replay_window,
+    snapshot_of_a_new_document_and_reservations_after_it,
+    release_then_load,
+    more_docs_than_open_files_kept,
+);

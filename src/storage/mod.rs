@@ -10,6 +10,8 @@
 //! - `journal.rs`: the per-storage write-ahead journal (one fsync per turn) and its redo at open.
 //! - `format.rs`: CRC32C-checked record framing, bytes only.
 //! - [`fs`]: the file operations behind a trait, with a fault-injecting layer for tests.
+//! - [`PgStorage`] (`postgres/`): documents in PostgreSQL (`--database-url`), one connection
+//!   per shard, one autocommit statement per sync.
 //! - [`MemoryStorage`] (`memory.rs`): nothing survives the process; tests and benchmarks.
 
 mod disk;
@@ -17,9 +19,11 @@ mod format;
 pub mod fs;
 mod journal;
 mod memory;
+pub mod postgres;
 
 pub use disk::{DiskStorage, CHECKPOINT_BYTES, CHECKPOINT_INTERVAL};
 pub use memory::MemoryStorage;
+pub use postgres::{PgOptions, PgStorage};
 
 use tungstenite::Utf8Bytes;
 
@@ -87,6 +91,15 @@ pub enum StorageError {
         offset: u64,
         /// What was wrong.
         detail: String,
+    },
+    /// A commit was sent but its outcome is unknown: the connection was lost during COMMIT, or
+    /// it did not return within the deadline. Its records may or may not be durable: they must
+    /// be neither acknowledged nor refused, and the documents they touched must be reloaded
+    /// from storage before they serve again.
+    #[error("commit outcome unknown: {context}")]
+    OutcomeUnknown {
+        /// What was being committed and what happened.
+        context: String,
     },
 }
 
