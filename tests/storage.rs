@@ -14,8 +14,7 @@ use collab_engine::config::FsyncMode;
 use collab_engine::ids::shard_for_doc;
 use collab_engine::storage::fs::FaultyFs;
 use collab_engine::storage::{
-    DiskStorage, LogRecord, PgOptions, PgStorage, Storage, StorageError, StoredDoc,
-    StoredSnapshot,
+    DiskStorage, LogRecord, PgOptions, PgStorage, Storage, StorageError, StoredDoc, StoredSnapshot,
 };
 use tungstenite::Utf8Bytes;
 

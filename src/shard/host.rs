@@ -23,7 +23,7 @@ use crate::ids::ConnToken;
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, ClientMessage, ErrorCode, Hello, ProtocolError};
 use crate::room::{Effects, Room, RoomConfig};
-use crate::storage::Storage;
+use crate::storage::{Storage, StorageError};
 
 use super::conn::Net;
 use super::event_loop::{Handler, OpenInfo};
@@ -324,10 +324,18 @@ impl RoomHost {
 
     /// Storage failed for these rooms: their frames are discarded, every op origin gets
     /// `unavailable` with its `client_seq`, every client gets `unavailable` and a close 1013,
-    /// and the room leaves memory without its state being used again (disk is the truth).
-    fn fail_rooms(&mut self, net: &mut Net, failed: Vec<(usize, Effects)>) {
+    /// and the room leaves memory without its state being used again (storage is the truth).
+    /// When the commit's outcome is unknown (`outcome_unknown`), the op origins get no error
+    /// (their ops may be durable): they learn the outcome from a resend after reconnecting,
+    /// answered by `ack` or applied once by the room reloaded from storage.
+    fn fail_rooms(&mut self, net: &mut Net, failed: Vec<(usize, Effects)>, outcome_unknown: bool) {
         for (room_idx, effects) in failed {
-            for (conn, client_seq) in effects.op_origins {
+            let origins = if outcome_unknown {
+                Vec::new()
+            } else {
+                effects.op_origins
+            };
+            for (conn, client_seq) in origins {
                 let err = ProtocolError::new(
                     ErrorCode::Unavailable,
                     "storage failed; reconnect with since and resend",
@@ -479,6 +487,7 @@ impl Handler for RoomHost {
         self.dirty_spare = dirty;
         // Group commit: every record of the turn, then one sync.
         let mut storage_ok = true;
+        let mut outcome_unknown = false;
         let mut any_records = false;
         'append: for (room_idx, effects) in &batch {
             if effects.records.is_empty() {
@@ -505,6 +514,7 @@ impl Handler for RoomHost {
             );
             if let Err(e) = synced {
                 warn!("shard: storage sync failed: {e}");
+                outcome_unknown = matches!(e, StorageError::OutcomeUnknown { .. });
                 storage_ok = false;
             }
             if !storage_ok {
@@ -553,7 +563,7 @@ impl Handler for RoomHost {
         }
         self.batch = batch;
         if !failed.is_empty() {
-            self.fail_rooms(net, failed);
+            self.fail_rooms(net, failed, outcome_unknown);
         }
         for (conn, code, reason) in std::mem::take(&mut self.closes_after_turn) {
             net.close(conn, code, reason);

@@ -7,6 +7,8 @@ mod echo;
 mod hostile;
 mod http;
 mod interop;
+#[path = "../support/pg.rs"]
+mod pg;
 mod rate;
 mod storage_failure;
 mod util;

@@ -31,7 +31,10 @@ pub fn server_url() -> &'static str {
         );
         let stdout = String::from_utf8_lossy(&output.stdout);
         let url = stdout.lines().last().unwrap_or_default().trim().to_owned();
-        assert!(url.starts_with("postgres://"), "{script} printed {stdout:?}");
+        assert!(
+            url.starts_with("postgres://"),
+            "{script} printed {stdout:?}"
+        );
         url
     })
 }
@@ -67,7 +70,13 @@ pub fn fresh_database(tag: &str) -> String {
     let n = NEXT_DB.fetch_add(1, Ordering::Relaxed);
     let clean: String = tag
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
         .take(30)
         .collect();
     let name = format!("t_{clean}_{}_{n}", std::process::id());

@@ -219,7 +219,12 @@ impl PgStorage {
             match self.rt.block_on(with_deadline(self.timeout, connecting)) {
                 Some(Ok(pair)) => pair,
                 Some(Err(e)) => return Err(connect_error(e.to_string())),
-                None => return Err(connect_error(format!("no answer within {:?}", self.timeout))),
+                None => {
+                    return Err(connect_error(format!(
+                        "no answer within {:?}",
+                        self.timeout
+                    )))
+                }
             };
         let driver = self.rt.spawn(async move {
             if let Err(e) = connection.await {
@@ -242,7 +247,8 @@ impl PgStorage {
             }
             client
                 .batch_execute(&format!(
-                    "SET statement_timeout = {timeout_ms}; \
+                    "SET client_min_messages = warning; \
+                     SET statement_timeout = {timeout_ms}; \
                      SET lock_timeout = {timeout_ms}; \
                      SET idle_in_transaction_session_timeout = {}; \
                      SET synchronous_commit = {sync_commit}",
@@ -420,15 +426,15 @@ impl PgStorage {
             (Some(head), Some(runs)) => {
                 let head = non_negative(head, &doc_file, "snapshot_head")?;
                 let Some(snap_reserved) = snapshot_reserved else {
-                    return Err(corrupt(&doc_file, head, "snapshot without snapshot_reserved"));
-                };
-                let snap_reserved = non_negative(snap_reserved, &doc_file, "snapshot_reserved")?;
-                if snapshot_crc != Some(crc_snapshot(&runs)) {
                     return Err(corrupt(
                         &doc_file,
                         head,
-                        "snapshot_runs fails its checksum",
+                        "snapshot without snapshot_reserved",
                     ));
+                };
+                let snap_reserved = non_negative(snap_reserved, &doc_file, "snapshot_reserved")?;
+                if snapshot_crc != Some(crc_snapshot(&runs)) {
+                    return Err(corrupt(&doc_file, head, "snapshot_runs fails its checksum"));
                 }
                 Some(StoredSnapshot {
                     epoch: epoch.clone(),
