@@ -1254,3 +1254,265 @@ both_backends!(
     release_then_load,
     more_docs_than_open_files_kept,
 );
+
+// ---------------------------------------------------------------------------------------------
+// PgStorage's own: the schema version, lost connections, a paused server, a server down.
+
+/// The server processes of the storages connected to the database of `url`.
+fn storage_backends(url: &str) -> Vec<i32> {
+    pg::client(url)
+        .query(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'collab-engine'",
+            &[],
+        )
+        .expect("pg_stat_activity")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+fn signal(pid: i32, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {sig} {pid}");
+}
+
+/// What the shard does after a failed sync: reload the document, then go on from its head.
+/// Returns the head that storage holds.
+fn reload_head(storage: &mut dyn Storage, doc: &str) -> Option<u64> {
+    match storage.load(doc) {
+        Ok(Some(stored)) => Some(seqs(&stored).last().copied().unwrap_or(0)),
+        Ok(None) => Some(0),
+        Err(_) => None,
+    }
+}
+
+/// Appends ops `from..` one sync at a time until `until` is durable, reloading after every
+/// failure as the shard does; each op is appended again only after a reload showed that it
+/// is not there. Gives up (panics) after `attempts_max` failures.
+fn write_through_failures(
+    storage: &mut dyn Storage,
+    doc: &str,
+    until: u64,
+    attempts_max: u32,
+    mut between: impl FnMut(u64),
+) -> u32 {
+    let mut failures = 0;
+    let mut head = loop {
+        if let Some(head) = reload_head(storage, doc) {
+            break head;
+        }
+        failures += 1;
+        assert!(failures <= attempts_max, "the first load keeps failing");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    while head < until {
+        between(head);
+        let seq = head + 1;
+        storage.append(doc, "E", &ops(seq)).expect("append");
+        match storage.sync() {
+            Ok(()) => head = seq,
+            Err(e) => {
+                failures += 1;
+                assert!(failures <= attempts_max, "still failing: {e}");
+                eprintln!("sync of {seq} failed ({e}); reloading");
+                loop {
+                    if let Some(stored) = reload_head(storage, doc) {
+                        assert!(
+                            stored == seq - 1 || stored == seq,
+                            "head {stored} after {seq}"
+                        );
+                        head = stored;
+                        break;
+                    }
+                    failures += 1;
+                    assert!(failures <= attempts_max, "reload keeps failing");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+    failures
+}
+
+#[test]
+fn postgres_schema_is_recorded_and_a_newer_one_refused() {
+    let url = pg::fresh_database("schema");
+    drop(open_pg(&url, FsyncMode::Always, Duration::from_secs(5)));
+    // A second open (another shard, a restart) applies nothing again.
+    drop(open_pg(&url, FsyncMode::Always, Duration::from_secs(5)));
+    let mut client = pg::client(&url);
+    let versions: Vec<i32> = client
+        .query(
+            "SELECT version FROM collab_schema_version ORDER BY version",
+            &[],
+        )
+        .expect("versions")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let known: Vec<i32> = collab_engine::storage::postgres::MIGRATIONS
+        .iter()
+        .map(|m| m.0)
+        .collect();
+    assert_eq!(versions, known);
+    client
+        .execute(
+            "INSERT INTO collab_schema_version (version, name) VALUES (999, '0999_future.sql')",
+            &[],
+        )
+        .expect("insert");
+    let refused = PgStorage::open(&PgOptions {
+        url: url.clone(),
+        timeout: Duration::from_secs(5),
+        synchronous_commit: true,
+    });
+    match refused {
+        Err(e) => {
+            let text = e.to_string();
+            assert!(text.contains("999") && text.contains("newer"), "{text}");
+        }
+        Ok(_) => panic!("a newer schema was accepted"),
+    }
+}
+
+#[test]
+fn postgres_terminated_sessions_reconnect_and_lose_or_repeat_nothing() {
+    let url = pg::fresh_database("terminate");
+    let mut storage = open_pg(&url, FsyncMode::Always, Duration::from_secs(5));
+    write_doc(&mut storage, "doc", "E", 3);
+    let admin = std::cell::RefCell::new(pg::client(&url));
+    // Every few ops the storage's session is terminated, between syncs or during one.
+    let mut terminated_at = 0;
+    let failures = write_through_failures(&mut storage, "doc", 60, 40, |head| {
+        if head % 7 == 0 && head != terminated_at {
+            terminated_at = head;
+            for pid in storage_backends(&url) {
+                admin
+                    .borrow_mut()
+                    .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                    .expect("terminate");
+            }
+        }
+    });
+    eprintln!("{failures} failed syncs");
+    let doc = open_pg(&url, FsyncMode::Always, Duration::from_secs(5))
+        .load("doc")
+        .expect("load")
+        .expect("stored");
+    assert_eq!(seqs(&doc), (1..=60).collect::<Vec<_>>());
+}
+
+#[test]
+fn postgres_paused_session_is_an_unknown_outcome_then_settled() {
+    let url = pg::fresh_database("paused");
+    let mut storage = open_pg(&url, FsyncMode::Always, Duration::from_millis(500));
+    write_doc(&mut storage, "doc", "E", 3);
+    let pids = storage_backends(&url);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    // The session stops answering (as a frozen or overloaded server would).
+    signal(pids[0], "-STOP");
+    storage.append("doc", "E", &ops(4)).expect("append");
+    let result = storage.sync();
+    assert!(
+        matches!(result, Err(StorageError::OutcomeUnknown { .. })),
+        "{result:?}"
+    );
+    // While the old session may still commit, nothing is read: a reload now could miss ops 4.
+    assert!(storage.load("doc").is_err());
+    signal(pids[0], "-CONT");
+    // Once it is gone, the outcome is settled and the log goes on from whatever it holds.
+    let failures = write_through_failures(&mut storage, "doc", 10, 50, |_| {});
+    eprintln!("{failures} failed attempts after the pause");
+    let doc = open_pg(&url, FsyncMode::Always, Duration::from_secs(5))
+        .load("doc")
+        .expect("load")
+        .expect("stored");
+    assert_eq!(seqs(&doc), (1..=10).collect::<Vec<_>>());
+}
+
+/// A PostgreSQL of the test's own (it is stopped and restarted), stopped when dropped.
+struct OwnServer {
+    dir: PathBuf,
+    url: String,
+}
+
+impl OwnServer {
+    fn start(name: &str) -> OwnServer {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("pg-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let output =
+            std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg-local.sh"))
+                .args(["start", "--dir"])
+                .arg(&dir)
+                .args(["--owner-pid", &std::process::id().to_string()])
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .expect("pg-local.sh");
+        assert!(output.status.success(), "pg-local.sh start failed");
+        let url = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_owned();
+        OwnServer { dir, url }
+    }
+
+    fn ctl(&self, args: &[&str]) {
+        let status =
+            std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg-local.sh"))
+                .arg("ctl")
+                .arg(&self.dir)
+                .args(args)
+                .status()
+                .expect("pg-local.sh ctl");
+        assert!(status.success(), "pg_ctl {args:?} failed");
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let _ =
+            std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg-local.sh"))
+                .arg("stop")
+                .arg(&self.dir)
+                .status();
+    }
+}
+
+#[test]
+fn postgres_server_down_restarted_and_crashed_loses_and_repeats_nothing() {
+    let server = OwnServer::start("down");
+    let mut storage = open_pg(&server.url, FsyncMode::Always, Duration::from_secs(2));
+    write_doc(&mut storage, "doc", "E", 3);
+    write_doc(&mut storage, "other", "E", 3);
+    // Down: calls fail fast with errors, nothing panics, and the storage recovers after.
+    server.ctl(&["stop", "-m", "fast"]);
+    storage.append("doc", "E", &ops(4)).expect("append");
+    assert!(storage.sync().is_err());
+    assert!(storage.load("other").is_err());
+    server.ctl(&["start"]);
+    let mut restarted = Vec::new();
+    write_through_failures(&mut storage, "doc", 40, 60, |head| {
+        // Restarts under load, once each: a fast shutdown, then a crash (immediate: no
+        // checkpoint, WAL replay at start).
+        if restarted.contains(&head) {
+            return;
+        }
+        match head {
+            12 => server.ctl(&["restart", "-m", "fast"]),
+            25 => server.ctl(&["restart", "-m", "immediate"]),
+            _ => return,
+        }
+        restarted.push(head);
+    });
+    let mut fresh = open_pg(&server.url, FsyncMode::Always, Duration::from_secs(5));
+    let doc = fresh.load("doc").expect("load").expect("stored");
+    assert_eq!(seqs(&doc), (1..=40).collect::<Vec<_>>());
+    let other = fresh.load("other").expect("load").expect("stored");
+    assert_eq!(seqs(&other), vec![1, 2, 3]);
+}

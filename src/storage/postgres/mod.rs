@@ -102,6 +102,16 @@ struct Conn {
     client: Client,
     driver: JoinHandle<()>,
     stmts: Statements,
+    /// The server process of this session.
+    backend: Backend,
+}
+
+/// A server process, named so that a reused pid is never mistaken for it.
+#[derive(Clone, Debug, PartialEq)]
+struct Backend {
+    pid: i32,
+    /// `pg_stat_activity.backend_start`, as text (exact, and no date type needed).
+    started: String,
 }
 
 impl Drop for Conn {
@@ -153,6 +163,10 @@ pub struct PgStorage {
     backoff: Duration,
     /// Whether the last attempt failed (so a recovery is logged once).
     was_down: bool,
+    /// The session of a call whose answer never came. It may still be running (a paused
+    /// server, a slow COMMIT): nothing is read or written before it is gone, or a reload could
+    /// miss a commit that lands after it and the document would reuse its `server_seq`s.
+    zombie: Option<Backend>,
     docs: HashMap<String, DocState>,
     /// Documents with pending records, in first-append order; drained by `sync`.
     touched: Vec<String>,
@@ -190,6 +204,7 @@ impl PgStorage {
             next_attempt: Instant::now(),
             backoff: BACKOFF_MIN,
             was_down: false,
+            zombie: None,
             docs: HashMap::new(),
             touched: Vec::new(),
         };
@@ -218,7 +233,7 @@ impl PgStorage {
         let (mut client, connection) =
             match self.rt.block_on(with_deadline(self.timeout, connecting)) {
                 Some(Ok(pair)) => pair,
-                Some(Err(e)) => return Err(connect_error(e.to_string())),
+                Some(Err(e)) => return Err(connect_error(describe(&e))),
                 None => {
                     return Err(connect_error(format!(
                         "no answer within {:?}",
@@ -237,7 +252,7 @@ impl PgStorage {
             let encoding: String = client
                 .query_one("SHOW server_encoding", &[])
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| describe(&e))?
                 .get(0);
             if encoding != "UTF8" {
                 return Err(format!(
@@ -255,13 +270,51 @@ impl PgStorage {
                     timeout_ms * 2
                 ))
                 .await
-                .map_err(|e| e.to_string())?;
-            Ok(())
+                .map_err(|e| describe(&e))?;
+            let row = client
+                .query_one(
+                    "SELECT pid, backend_start::text FROM pg_stat_activity \
+                     WHERE pid = pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .map_err(|e| describe(&e))?;
+            Ok(Backend {
+                pid: row.get(0),
+                started: row.get(1),
+            })
         };
-        match self.rt.block_on(with_deadline(self.timeout, setup)) {
-            Some(Ok(())) => {}
+        let backend = match self.rt.block_on(with_deadline(self.timeout, setup)) {
+            Some(Ok(backend)) => backend,
             Some(Err(detail)) => return Err(connect_error(detail)),
             None => return Err(connect_error("session setup timed out".to_owned())),
+        };
+        if let Some(zombie) = self.zombie.clone() {
+            let ending = end_session(&client, zombie.clone(), self.timeout);
+            match self.rt.block_on(with_deadline(self.timeout, ending)) {
+                Some(Ok(())) => {
+                    log::info!(
+                        "database {}: the session {} of an unanswered call has ended",
+                        self.target,
+                        zombie.pid
+                    );
+                    self.zombie = None;
+                }
+                Some(Err(e)) => {
+                    return Err(connect_error(format!(
+                        "ending session {}: {}",
+                        zombie.pid,
+                        describe(&e)
+                    )))
+                }
+                None => {
+                    return Err(connect_error(format!(
+                        "the session {} of an unanswered call is still running; \
+                         waiting for it before using the database again",
+                        zombie.pid
+                    )))
+                }
+            }
         }
         match self
             .rt
@@ -293,13 +346,19 @@ impl PgStorage {
         };
         let stmts = match self.rt.block_on(with_deadline(self.timeout, prepare)) {
             Some(Ok(stmts)) => stmts,
-            Some(Err(e)) => return Err(connect_error(format!("preparing statements: {e}"))),
+            Some(Err(e)) => {
+                return Err(connect_error(format!(
+                    "preparing statements: {}",
+                    describe(&e)
+                )))
+            }
             None => return Err(connect_error("preparing statements timed out".to_owned())),
         };
         Ok(Conn {
             client,
             driver,
             stmts,
+            backend,
         })
     }
 
@@ -366,8 +425,12 @@ impl PgStorage {
                 self.conn = Some(conn);
                 Err(CallError::Refused(e))
             }
-            Some(Err(e)) => Err(CallError::Lost(e.to_string())),
+            Some(Err(e)) => {
+                self.zombie = Some(conn.backend.clone());
+                Err(CallError::Lost(describe(&e)))
+            }
             None => {
+                self.zombie = Some(conn.backend.clone());
                 let token = conn.client.cancel_token();
                 drop(conn);
                 let cancelled = self
@@ -562,7 +625,10 @@ impl PgStorage {
         let rows = match self.settle(conn, result) {
             Ok(rows) => rows,
             Err(CallError::Refused(e)) => {
-                return Err(unavailable(format!("commit refused by the database: {e}")))
+                return Err(unavailable(format!(
+                    "commit refused by the database: {}",
+                    describe(&e)
+                )))
             }
             Err(CallError::Lost(detail)) => {
                 return Err(StorageError::OutcomeUnknown {
@@ -737,9 +803,40 @@ WITH doc AS (
 )
 SELECT id FROM doc";
 
+/// Terminates the session `zombie` (only that exact one: pid and start time) and waits until
+/// it is gone, polling; the caller bounds the wait.
+async fn end_session(
+    client: &Client,
+    zombie: Backend,
+    poll: Duration,
+) -> Result<(), tokio_postgres::Error> {
+    let poll = (poll / 50).clamp(Duration::from_millis(10), Duration::from_millis(100));
+    loop {
+        let alive = client
+            .query_opt(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE pid = $1 AND backend_start::text = $2",
+                &[&zombie.pid, &zombie.started],
+            )
+            .await?;
+        if alive.is_none() {
+            return Ok(());
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
 /// Runs `future` to completion or gives up after `deadline` (`None`).
 async fn with_deadline<T>(deadline: Duration, future: impl Future<Output = T>) -> Option<T> {
     tokio::time::timeout(deadline, future).await.ok()
+}
+
+/// `e` with the server's message when there is one (tokio-postgres shows only "db error").
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
+        None => e.to_string(),
+    }
 }
 
 /// Whether `e` is an ERROR the server sent for a statement (which then had no effect and left
@@ -786,7 +883,9 @@ fn unavailable(context: String) -> StorageError {
 
 fn call_error(what: &str, e: CallError) -> StorageError {
     match e {
-        CallError::Refused(e) => unavailable(format!("{what}: refused by the database: {e}")),
+        CallError::Refused(e) => {
+            unavailable(format!("{what}: refused by the database: {}", describe(&e)))
+        }
         CallError::Lost(detail) => unavailable(format!("{what}: {detail}")),
     }
 }
