@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 
+#[path = "support/pg.rs"]
+mod pg;
+
 type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
 
 /// Pid of the running server, so the watchdog can kill it before aborting.
@@ -329,7 +332,33 @@ impl Rng {
 #[test]
 fn acknowledged_ops_survive_sigkill_and_other_shard_counts() {
     let _watchdog = Watchdog::new("crash test", 90 * crash_repeat() as u64);
-    let dir = temp_dir("sigkill");
+    sigkill_rounds(&temp_dir("sigkill"), None);
+}
+
+/// The same rounds with documents in PostgreSQL; some rounds also restart the database
+/// (`-m fast`, `-m immediate`), terminate the server's sessions, or freeze the whole database
+/// for longer than `--database-timeout` while the clients write.
+#[test]
+fn acknowledged_ops_survive_sigkill_and_database_faults_on_postgres() {
+    let _watchdog = Watchdog::new("crash test on PostgreSQL", 240 * crash_repeat() as u64);
+    let db = pg::OwnServer::start("crash");
+    sigkill_rounds(&temp_dir("sigkill-pg"), Some(&db));
+}
+
+/// A fault of the database in the middle of a round.
+fn database_fault(db: &pg::OwnServer, round: usize) {
+    match round % 4 {
+        0 => db.ctl(&["restart", "-m", "fast"]),
+        1 => {
+            db.terminate_sessions();
+        }
+        2 => db.ctl(&["restart", "-m", "immediate"]),
+        _ => db.pause(Duration::from_millis(1500)),
+    }
+}
+
+/// SIGKILL rounds under client load with `shards` varying; `db`: on PostgreSQL.
+fn sigkill_rounds(dir: &Path, db: Option<&pg::OwnServer>) {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64)
@@ -340,7 +369,10 @@ fn acknowledged_ops_survive_sigkill_and_other_shard_counts() {
         .map(String::from)
         .to_vec();
     // Small snapshot cadence so crashes also hit snapshot writes and log compaction.
-    let extra = ["--snapshot-every-ops", "25", "--fsync", "always"];
+    let mut extra = vec!["--snapshot-every-ops", "25", "--fsync", "always"];
+    if let Some(db) = db {
+        extra.extend(["--database-url", &db.url, "--database-timeout", "1s"]);
+    }
     let mut all = Seen::default();
     // Journals a kill left behind (with bytes in them), to check the next start redoes them.
     let mut left_journals: Vec<PathBuf> = Vec::new();
@@ -354,7 +386,7 @@ fn acknowledged_ops_survive_sigkill_and_other_shard_counts() {
         .take(pattern.len() * repeat)
         .enumerate()
     {
-        let server = Server::start(&dir, shards, &extra);
+        let server = Server::start(dir, shards, &extra);
         // Redo at startup (under another shard count than the one that wrote them) applied and
         // removed every journal the previous process left.
         for journal in left_journals.drain(..) {
@@ -376,8 +408,14 @@ fn acknowledged_ops_survive_sigkill_and_other_shard_counts() {
             .collect();
         // Some kills land during startup and the first hellos, most in full traffic.
         std::thread::sleep(Duration::from_millis(30 + rng.below(700)));
+        if let Some(db) = db.filter(|_| round % 3 == 1) {
+            // The database fails under the running server, which stays up; the kill comes
+            // while it recovers or after.
+            database_fault(db, round / 3);
+            std::thread::sleep(Duration::from_millis(rng.below(1500)));
+        }
         server.kill();
-        left_journals = journals_with_entries(&dir);
+        left_journals = journals_with_entries(dir);
         rounds_with_redo += usize::from(!left_journals.is_empty());
         stop.store(true, Ordering::Relaxed);
         for handle in handles {
@@ -394,7 +432,10 @@ fn acknowledged_ops_survive_sigkill_and_other_shard_counts() {
     }
     assert!(all.echoes.len() > 100, "the clients made progress");
     // Most kills land between a journal fsync and the next checkpoint.
-    assert!(rounds_with_redo > 0, "no kill left a journal to redo");
+    assert!(
+        db.is_some() || rounds_with_redo > 0,
+        "no kill left a journal to redo"
+    );
 
     // server_seq is never reused: one marker per (doc, seq), one seq per marker.
     let mut by_seq: HashMap<(String, u64), String> = HashMap::new();
@@ -422,7 +463,7 @@ fn acknowledged_ops_survive_sigkill_and_other_shard_counts() {
     }
 
     // Final restart: every echoed op is present exactly once, no op twice.
-    let server = Server::start(&dir, 3, &extra);
+    let server = Server::start(dir, 3, &extra);
     for doc in &docs {
         let mut ws = connect(server.addr, doc).expect("connect");
         let ack = hello(&mut ws, doc, Duration::from_secs(10)).expect("hello_ack");

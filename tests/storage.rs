@@ -1272,14 +1272,6 @@ fn storage_backends(url: &str) -> Vec<i32> {
         .collect()
 }
 
-fn signal(pid: i32, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill {sig} {pid}");
-}
-
 /// What the shard does after a failed sync: reload the document, then go on from its head.
 /// Returns the head that storage holds.
 fn reload_head(storage: &mut dyn Storage, doc: &str) -> Option<u64> {
@@ -1414,7 +1406,7 @@ fn postgres_paused_session_is_an_unknown_outcome_then_settled() {
     let pids = storage_backends(&url);
     assert_eq!(pids.len(), 1, "{pids:?}");
     // The session stops answering (as a frozen or overloaded server would).
-    signal(pids[0], "-STOP");
+    pg::signal(pids[0], "-STOP");
     storage.append("doc", "E", &ops(4)).expect("append");
     let result = storage.sync();
     assert!(
@@ -1423,7 +1415,7 @@ fn postgres_paused_session_is_an_unknown_outcome_then_settled() {
     );
     // While the old session may still commit, nothing is read: a reload now could miss ops 4.
     assert!(storage.load("doc").is_err());
-    signal(pids[0], "-CONT");
+    pg::signal(pids[0], "-CONT");
     // Once it is gone, the outcome is settled and the log goes on from whatever it holds.
     let failures = write_through_failures(&mut storage, "doc", 10, 50, |_| {});
     eprintln!("{failures} failed attempts after the pause");
@@ -1434,59 +1426,9 @@ fn postgres_paused_session_is_an_unknown_outcome_then_settled() {
     assert_eq!(seqs(&doc), (1..=10).collect::<Vec<_>>());
 }
 
-/// A PostgreSQL of the test's own (it is stopped and restarted), stopped when dropped.
-struct OwnServer {
-    dir: PathBuf,
-    url: String,
-}
-
-impl OwnServer {
-    fn start(name: &str) -> OwnServer {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("pg-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let output =
-            std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg-local.sh"))
-                .args(["start", "--dir"])
-                .arg(&dir)
-                .args(["--owner-pid", &std::process::id().to_string()])
-                .stderr(std::process::Stdio::inherit())
-                .output()
-                .expect("pg-local.sh");
-        assert!(output.status.success(), "pg-local.sh start failed");
-        let url = String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .last()
-            .unwrap_or_default()
-            .to_owned();
-        OwnServer { dir, url }
-    }
-
-    fn ctl(&self, args: &[&str]) {
-        let status =
-            std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg-local.sh"))
-                .arg("ctl")
-                .arg(&self.dir)
-                .args(args)
-                .status()
-                .expect("pg-local.sh ctl");
-        assert!(status.success(), "pg_ctl {args:?} failed");
-    }
-}
-
-impl Drop for OwnServer {
-    fn drop(&mut self) {
-        let _ =
-            std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg-local.sh"))
-                .arg("stop")
-                .arg(&self.dir)
-                .status();
-    }
-}
-
 #[test]
 fn postgres_server_down_restarted_and_crashed_loses_and_repeats_nothing() {
-    let server = OwnServer::start("down");
+    let server = pg::OwnServer::start("down");
     let mut storage = open_pg(&server.url, FsyncMode::Always, Duration::from_secs(2));
     write_doc(&mut storage, "doc", "E", 3);
     write_doc(&mut storage, "other", "E", 3);
