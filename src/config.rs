@@ -205,7 +205,10 @@ fn parse_at_least_one(text: &str) -> Result<usize, String> {
 }
 
 /// Parses `250ms`, `10s`, `5m` or a bare number of seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+///
+/// # Errors
+/// A message naming the text when it is not such a duration.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => text.split_at(i),
         None => (text, "s"),

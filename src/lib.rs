@@ -14,6 +14,7 @@
 pub mod acceptor;
 pub mod client;
 pub mod config;
+pub mod copy;
 pub mod crdt;
 pub mod ids;
 pub mod loadgen;

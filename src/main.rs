@@ -1,5 +1,6 @@
 //! The `collab-engine` binary: parse the configuration, start the server, print the bound
-//! address, wait for SIGINT or SIGTERM, shut down gracefully.
+//! address, wait for SIGINT or SIGTERM, shut down gracefully. `collab-engine copy ...` moves
+//! documents between the disk backend and PostgreSQL instead (`collab_engine::copy`).
 
 use std::io::Write;
 
@@ -11,6 +12,9 @@ use signal_hook::iterator::Signals;
 use collab_engine::config::Config;
 
 fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("copy") {
+        return copy();
+    }
     let config = Config::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     // Register before starting, so a signal that arrives early is not lost.
@@ -23,4 +27,16 @@ fn main() -> anyhow::Result<()> {
         log::info!("signal {signal}: shutting down");
     }
     server.shutdown()
+}
+
+/// `collab-engine copy ...`: see `collab_engine::copy`.
+fn copy() -> anyhow::Result<()> {
+    let args = collab_engine::copy::CopyArgs::parse_from(std::env::args().skip(1));
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let report = collab_engine::copy::run(&args)?;
+    println!(
+        "copied and verified {} documents ({} snapshots, {} op records)",
+        report.docs, report.snapshots, report.ops
+    );
+    Ok(())
 }

@@ -1458,3 +1458,129 @@ fn postgres_server_down_restarted_and_crashed_loses_and_repeats_nothing() {
     let other = fresh.load("other").expect("load").expect("stored");
     assert_eq!(seqs(&other), vec![1, 2, 3]);
 }
+
+/// `collab-engine copy` with the real binary.
+fn copy(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_collab-engine"))
+        .arg("copy")
+        .args(args)
+        .env_remove("COLLAB_DATABASE_URL")
+        .output()
+        .expect("run collab-engine copy")
+}
+
+/// What a document must keep through a copy.
+fn essence(doc: &StoredDoc) -> (String, Option<StoredSnapshot>, Vec<u64>, u64) {
+    let reserved = doc
+        .tail
+        .iter()
+        .filter_map(|r| match r {
+            LogRecord::ReplicasReserved { last } => Some(*last),
+            LogRecord::Ops { .. } => None,
+        })
+        .fold(
+            doc.snapshot.as_ref().map_or(0, |s| s.replicas_reserved),
+            u64::max,
+        );
+    (doc.epoch.clone(), doc.snapshot.clone(), seqs(doc), reserved)
+}
+
+#[test]
+fn copy_moves_every_document_to_postgres_and_back() {
+    let dir = temp_dir("copy-from");
+    let names = [
+        "with-snapshot",
+        "log-only",
+        "reservation/only ü",
+        "NUL\0name",
+    ];
+    {
+        let mut storage = open(&dir);
+        write_doc(&mut storage, names[0], "E0", 3);
+        storage
+            .write_snapshot(names[0], &snapshot("E0", 3, 16))
+            .expect("snapshot");
+        for seq in 4..=6 {
+            storage.append(names[0], "E0", &ops(seq)).expect("append");
+        }
+        storage
+            .append(names[0], "E0", &LogRecord::ReplicasReserved { last: 32 })
+            .expect("append");
+        storage.sync().expect("sync");
+        write_doc(&mut storage, names[1], "E1", 5);
+        storage
+            .append(names[2], "E2", &LogRecord::ReplicasReserved { last: 16 })
+            .expect("append");
+        storage.sync().expect("sync");
+        write_doc(&mut storage, names[3], "E3", 1);
+    }
+    let url = pg::fresh_database("copy");
+    let out = copy(&[
+        "--from-data-dir",
+        dir.to_str().expect("utf-8"),
+        "--to-database-url",
+        &url,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("copied and verified 4 documents"),
+        "{stdout}"
+    );
+
+    let mut disk = open(&dir);
+    let mut db = open_pg(&url, FsyncMode::Always, Duration::from_secs(5));
+    for name in names {
+        let a = disk.load(name).expect("load").expect("on disk");
+        let b = db.load(name).expect("load").expect("in the database");
+        assert_eq!(essence(&a), essence(&b), "{name:?}");
+    }
+    drop(disk);
+
+    // Never into a destination that already holds one of the documents.
+    let again = copy(&[
+        "--from-data-dir",
+        dir.to_str().expect("utf-8"),
+        "--to-database-url",
+        &url,
+    ]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already in the destination"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    // And back, into a new data directory.
+    let back = temp_dir("copy-back");
+    let out = copy(&[
+        "--from-database-url",
+        &url,
+        "--to-data-dir",
+        back.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut original = open(&dir);
+    let mut returned = open(&back);
+    for name in names {
+        let a = original.load(name).expect("load").expect("original");
+        let b = returned.load(name).expect("load").expect("copied back");
+        assert_eq!(essence(&a), essence(&b), "{name:?}");
+    }
+    // Two sides of one kind are refused.
+    let same = copy(&[
+        "--from-data-dir",
+        dir.to_str().expect("utf-8"),
+        "--to-data-dir",
+        back.to_str().expect("utf-8"),
+    ]);
+    assert!(!same.status.success());
+}

@@ -218,6 +218,36 @@ impl PgStorage {
         &self.target
     }
 
+    /// Every document stored, by name, sorted (for `collab-engine copy`).
+    ///
+    /// # Errors
+    /// `Io` when the database cannot be read; `Corrupt` for a name that is not UTF-8.
+    pub fn list_docs(&mut self) -> Result<Vec<String>, StorageError> {
+        self.conn()?;
+        let conn = self
+            .take_conn()
+            .map_err(|e| call_error("listing documents", e))?;
+        let result = self.rt.block_on(with_deadline(
+            self.timeout * 10,
+            conn.client
+                .query("SELECT id, name FROM collab_docs ORDER BY name", &[]),
+        ));
+        let rows = self
+            .settle(conn, result)
+            .map_err(|e| call_error("listing documents", e))?;
+        let mut names = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: i64 = row.get(0);
+            let name: Vec<u8> = row.get(1);
+            let name = String::from_utf8(name).map_err(|_| {
+                corrupt(&format!("collab_docs row id {id}"), 0, "name is not UTF-8")
+            })?;
+            names.push(name);
+        }
+        names.sort();
+        Ok(names)
+    }
+
     /// Whether a connection is open right now (it may still turn out to be dead).
     pub fn is_connected(&self) -> bool {
         self.conn.as_ref().is_some_and(|c| !c.client.is_closed())
