@@ -139,7 +139,9 @@ fn recovery(url: &str, docs: usize) {
     let write_s = started.elapsed().as_secs_f64();
     drop(storage);
     let mut client = postgres::Client::connect(url, postgres::NoTls).expect("client");
-    client.batch_execute("VACUUM ANALYZE collab_ops").expect("vacuum");
+    client
+        .batch_execute("VACUUM ANALYZE collab_ops")
+        .expect("vacuum");
     let row = client
         .query_one(
             "SELECT count(*), pg_total_relation_size('collab_ops'), pg_relation_size('collab_ops'), \
@@ -229,16 +231,14 @@ fn database() -> (String, Server) {
     }
     let dir = std::env::temp_dir().join(format!("collab-bench-pg-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let output = std::process::Command::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/scripts/pg-local.sh"
-    ))
-    .args(["start", "--dir"])
-    .arg(&dir)
-    .args(["--owner-pid", &std::process::id().to_string()])
-    .stderr(std::process::Stdio::inherit())
-    .output()
-    .expect("pg-local.sh");
+    let output =
+        std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg-local.sh"))
+            .args(["start", "--dir"])
+            .arg(&dir)
+            .args(["--owner-pid", &std::process::id().to_string()])
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("pg-local.sh");
     assert!(output.status.success(), "pg-local.sh start failed");
     let url = String::from_utf8_lossy(&output.stdout)
         .lines()
