@@ -803,3 +803,97 @@ fn a_second_server_cannot_use_the_same_data_dir() {
     );
     server.kill();
 }
+
+/// Reads frames until the server closes (or fails) the connection; returns the close code
+/// and every JSON frame seen.
+fn until_closed(ws: &mut Ws, timeout: Duration) -> (Option<u16>, Vec<serde_json::Value>) {
+    let deadline = Instant::now() + timeout;
+    let mut frames = Vec::new();
+    while Instant::now() < deadline {
+        match ws.read() {
+            Ok(Message::Text(text)) => {
+                if let Ok(v) = serde_json::from_str(&text) {
+                    frames.push(v);
+                }
+            }
+            Ok(Message::Close(frame)) => return (frame.map(|f| u16::from(f.code)), frames),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return (None, frames),
+        }
+    }
+    panic!("the connection was not closed within {timeout:?}");
+}
+
+/// What clients see while PostgreSQL is away: the server stays up; an op is refused with
+/// `unavailable` (with its `client_seq`, or its room closed with 1013 when the commit's
+/// outcome is unknown) and never echoed; a `hello` for a document not in memory gets
+/// `unavailable` and 1013; once the database is back, documents load and ops commit again,
+/// and the database holds exactly the echoed ops.
+#[test]
+fn database_away_refuses_then_recovers_with_the_real_binary() {
+    let _watchdog = Watchdog::new("database away test", 120);
+    let db = pg::OwnServer::start("away");
+    let dir = temp_dir("away");
+    let extra = [
+        "--database-url",
+        db.url.as_str(),
+        "--database-timeout",
+        "1s",
+    ];
+    let server = Server::start(&dir, 2, &extra);
+    let mut a = connect(server.addr, "kept").expect("connect");
+    let ra = hello(&mut a, "kept", Duration::from_secs(10)).expect("hello_ack")["replica"]
+        .as_u64()
+        .expect("replica");
+    assert_eq!(send_op(&mut a, ra, 0)["server_seq"].as_u64(), Some(1));
+
+    db.ctl(&["stop", "-m", "fast"]);
+    // The op is not acknowledged: refused with its client_seq, or (outcome unknown) the room
+    // is closed with 1013 before any echo.
+    let answer = send_op(&mut a, ra, 1);
+    assert_eq!(answer["type"], "error", "{answer}");
+    assert_eq!(answer["code"], "unavailable", "{answer}");
+    let (code, frames) = until_closed(&mut a, Duration::from_secs(10));
+    assert_eq!(code, Some(1013));
+    assert!(frames.iter().all(|f| f["type"] != "op_echo"), "{frames:?}");
+    // A document that is not in memory cannot be loaded meanwhile.
+    let mut b = connect(server.addr, "new-while-away").expect("connect");
+    assert!(hello(&mut b, "new-while-away", Duration::from_secs(10)).is_none());
+    let (code, _) = until_closed(&mut b, Duration::from_secs(10));
+    assert_eq!(code, Some(1013));
+    // The server itself is still up.
+    assert!(connect(server.addr, "kept").is_some());
+
+    db.ctl(&["start"]);
+    // Back: within a few seconds (the reconnect backoff is at most 2 s) it serves again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut a, ack) = loop {
+        assert!(Instant::now() < deadline, "the database never came back");
+        if let Some(mut ws) = connect(server.addr, "kept") {
+            if let Some(ack) = hello(&mut ws, "kept", Duration::from_secs(5)) {
+                break (ws, ack);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // The refused op is absent; the resend takes the next server_seq.
+    assert_eq!(ack["head"].as_u64(), Some(1), "{ack}");
+    let ra_new = ack["replica"].as_u64().expect("replica");
+    assert_ne!(ra_new, ra, "replica ids are never handed out twice");
+    assert_eq!(send_op(&mut a, ra_new, 1)["server_seq"].as_u64(), Some(2));
+    server.kill();
+
+    let server = Server::start(&dir, 3, &extra);
+    let mut ws = connect(server.addr, "kept").expect("connect");
+    let ack = hello(&mut ws, "kept", Duration::from_secs(10)).expect("hello_ack");
+    assert_eq!(
+        (ack["head"].as_u64(), snapshot_text(&ack)),
+        (Some(2), format!("{}{}", marker(ra_new, 1), marker(ra, 0)))
+    );
+    server.kill();
+}

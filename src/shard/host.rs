@@ -267,9 +267,13 @@ impl RoomHost {
             None => match self.open_room(net, &doc) {
                 Some(idx) => idx,
                 None => {
+                    // Storage is down or the document is corrupt: `unavailable`, then 1013
+                    // (try again later), as for every storage failure.
                     let err =
                         ProtocolError::new(ErrorCode::Unavailable, "document could not be loaded");
-                    return self.refuse(net, conn, &err);
+                    self.refuse(net, conn, &err);
+                    net.close(conn, 1013, "document unavailable, try again later");
+                    return;
                 }
             },
         };
