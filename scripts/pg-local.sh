@@ -122,6 +122,8 @@ start() {
   if [ "$(id -u)" = 0 ]; then
     chown "$PG_USER" "$dir"
   fi
+  as_owner test -w "$dir" \
+    || die "$dir is not reachable by the user $PG_USER (a parent directory without o+x?); use a directory under /tmp"
   mkdir -p "$dir/data"
   [ "$(id -u)" != 0 ] || chown "$PG_USER" "$dir/data"
   chmod 700 "$dir/data"

@@ -106,10 +106,10 @@ pub struct OwnServer {
 }
 
 impl OwnServer {
-    /// Starts one in a new directory named after `name`.
+    /// Starts one in a new directory named after `name`, under the system temp directory
+    /// (the server's unprivileged owner must reach it, which a checkout under /root is not).
     pub fn start(name: &str) -> OwnServer {
-        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("pg-{name}-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("collab-pg-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let output = std::process::Command::new(SCRIPT)
             .args(["start", "--dir"])
