@@ -20,7 +20,7 @@ use crate::metrics::MetricsRegistry;
 use crate::room::RoomConfig;
 use crate::shard::rate_limit::RateLimit;
 use crate::shard::{self, Handler, NetLimits, RoomHost, WAKER_TOKEN};
-use crate::storage::{DiskStorage, MemoryStorage, PgOptions, PgStorage, Storage};
+use crate::storage::{lock_data_dir, DiskStorage, MemoryStorage, PgOptions, PgStorage, Storage};
 
 /// Each connection's initial read buffer, and the most tungstenite reads from a socket at once.
 /// It is allocated (and zeroed, so resident) for every connection, idle or not, so it is sized
@@ -159,11 +159,16 @@ pub fn open_storage(config: &Config, shard_idx: usize) -> anyhow::Result<Box<dyn
             config.storage != StorageKind::Memory,
             "--database-url and --storage memory contradict each other"
         );
-        let storage = PgStorage::open(&PgOptions {
+        // The data directory keeps the server's local files (and its LOCK) beside the database.
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating {}", config.data_dir.display()))?;
+        let lock = lock_data_dir(&config.data_dir)?;
+        let mut storage = PgStorage::open(&PgOptions {
             url: url.clone(),
             timeout: config.database_timeout,
             synchronous_commit: config.fsync == FsyncMode::Always,
         })?;
+        storage.keep_lock(lock);
         if shard_idx == 0 {
             info!("documents are kept in PostgreSQL at {}", storage.target());
         }

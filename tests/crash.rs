@@ -846,6 +846,25 @@ fn database_away_refuses_then_recovers_with_the_real_binary() {
         "1s",
     ];
     let server = Server::start(&dir, 2, &extra);
+    // The data directory still belongs to one process (its LOCK), database or not.
+    let second = Command::new(env!("CARGO_BIN_EXE_collab-engine"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--pin-cores",
+            "false",
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run a second server");
+    assert!(
+        !second.success(),
+        "a second server shared the data directory"
+    );
     let mut a = connect(server.addr, "kept").expect("connect");
     let ra = hello(&mut a, "kept", Duration::from_secs(10)).expect("hello_ack")["replica"]
         .as_u64()

@@ -1016,7 +1016,10 @@ impl<F: Fs> DiskStorage<F> {
 /// POSIX record locks (`fcntl`) belong to the process, so every shard of one server can take
 /// it while another process gets an error. (They are dropped when the process closes any
 /// descriptor of the file, i.e. when a shard's storage is dropped at shutdown.)
-fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, StorageError> {
+///
+/// # Errors
+/// `Io` when the file cannot be opened or another process holds the lock.
+pub fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, StorageError> {
     use std::os::fd::AsRawFd;
     let path = data_dir.join("LOCK");
     let file = std::fs::OpenOptions::new()

@@ -21,7 +21,7 @@ mod journal;
 mod memory;
 pub mod postgres;
 
-pub use disk::{DiskStorage, CHECKPOINT_BYTES, CHECKPOINT_INTERVAL};
+pub use disk::{lock_data_dir, DiskStorage, CHECKPOINT_BYTES, CHECKPOINT_INTERVAL};
 pub use memory::MemoryStorage;
 pub use postgres::{PgOptions, PgStorage};
 

@@ -57,10 +57,21 @@ pub fn on_postgres() -> bool {
 pub fn test_config() -> Config {
     let mut config = Config::for_tests("127.0.0.1:0".parse().expect("valid address"));
     if on_postgres() {
+        let (url, data_dir) = postgres_store("it");
         config.storage = collab_engine::config::StorageKind::Disk;
-        config.database_url = Some(crate::pg::fresh_database("it"));
+        config.database_url = Some(url);
+        config.data_dir = data_dir;
     }
     config
+}
+
+/// A fresh database and a data directory of its own (the server keeps its LOCK there).
+fn postgres_store(tag: &str) -> (String, std::path::PathBuf) {
+    let url = crate::pg::fresh_database(tag);
+    let db = url.rsplit('/').next().unwrap_or(tag);
+    let data_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("it-{db}"));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    (url, data_dir)
 }
 
 /// The test binary's logger: env_logger (`RUST_LOG`) for people, plus every warning and error
@@ -401,7 +412,11 @@ pub fn spawn_server() -> (std::process::Child, SocketAddr) {
         "false",
     ]);
     if on_postgres() {
-        command.args(["--database-url", &crate::pg::fresh_database("it-binary")]);
+        let (url, data_dir) = postgres_store("it-binary");
+        command
+            .args(["--database-url", &url])
+            .arg("--data-dir")
+            .arg(data_dir);
     } else {
         command.args(["--storage", "memory"]);
     }

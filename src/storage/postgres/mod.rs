@@ -170,6 +170,9 @@ pub struct PgStorage {
     docs: HashMap<String, DocState>,
     /// Documents with pending records, in first-append order; drained by `sync`.
     touched: Vec<String>,
+    /// `<data_dir>/LOCK` when the server keeps local files beside the database
+    /// ([`PgStorage::keep_lock`]).
+    _lock: Option<std::fs::File>,
 }
 
 impl PgStorage {
@@ -207,10 +210,18 @@ impl PgStorage {
             zombie: None,
             docs: HashMap::new(),
             touched: Vec::new(),
+            _lock: None,
         };
         let conn = storage.try_connect()?;
         storage.conn = Some(conn);
         Ok(storage)
+    }
+
+    /// Holds `lock` (the data directory's LOCK, see [`super::lock_data_dir`]) as long as this
+    /// storage lives, as `DiskStorage` does: documents are in the database, but the data
+    /// directory still holds the server's local files and belongs to one process.
+    pub fn keep_lock(&mut self, lock: std::fs::File) {
+        self._lock = Some(lock);
     }
 
     /// `host:port/db` of the database (never the password).
