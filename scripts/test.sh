@@ -15,6 +15,11 @@ cargo clippy --all-targets -- -D warnings
 echo "== installing the interop clients and the Python venv when missing (tests/interop/setup.sh)"
 tests/interop/setup.sh
 
+echo "== starting a private PostgreSQL for the storage tests (scripts/pg-local.sh)"
+# One server for every test binary; its watcher stops it when this script exits.
+COLLAB_TEST_DATABASE_URL=$(scripts/pg-local.sh start --owner-pid $$)
+export COLLAB_TEST_DATABASE_URL
+
 echo "== cargo test"
 # The setup above installed every interop tool, so a missing one is a failure, not a skip.
 COLLAB_REQUIRE_INTEROP=1 cargo test
@@ -39,6 +44,9 @@ tests/autobahn/run.sh
 
 echo "== the demo bundle matches a fresh build (clients/demo/build.sh --check)"
 clients/demo/build.sh --check
+
+echo "== cargo test --test it on PostgreSQL (COLLAB_IT_POSTGRES=1)"
+COLLAB_IT_POSTGRES=1 cargo test --test it
 
 if [ -x tests/browser/run.sh ] && [ "${SKIP_BROWSER_TESTS:-0}" != "1" ]; then
   echo "== JavaScript client and browser tests (tests/browser/run.sh)"

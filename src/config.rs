@@ -73,9 +73,24 @@ pub struct Config {
     #[arg(long, value_enum, default_value = "disk")]
     pub storage: StorageKind,
 
-    /// Durability of acknowledged ops.
+    /// Durability of acknowledged ops. With `--database-url`, `never` sets the sessions'
+    /// `synchronous_commit` to `off`.
     #[arg(long, value_enum, default_value = "always")]
     pub fsync: FsyncMode,
+
+    /// Keep documents in PostgreSQL instead of `--data-dir`:
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DB` (or libpq `key=value` pairs). One connection
+    /// per shard; the schema is created or upgraded at start. No TLS: use a local socket
+    /// (`host=/run/postgresql`) or a trusted network. `--data-dir` still holds local files.
+    #[arg(long, env = "COLLAB_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Deadline of each database statement, COMMIT and connection attempt. A COMMIT without
+    /// an answer by then is cancelled and its outcome counts as unknown (its document is
+    /// reloaded before it serves again). 5 s rides out a checkpoint spike and still reports a
+    /// dead database quickly.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub database_timeout: Duration,
 
     /// Largest reassembled WebSocket message; bigger ones are closed with 1009.
     /// The contract allows 64KiB to 1MiB.
@@ -198,6 +213,7 @@ impl Config {
         let mut config = Config::parse_from(["collab-engine"]);
         config.listen = listen;
         config.storage = StorageKind::Memory;
+        config.database_url = None;
         config.shards = 2;
         config.no_pin_cores = true;
         config
@@ -261,6 +277,20 @@ mod tests {
         assert_eq!(config.fsync, FsyncMode::Always);
         assert_eq!(config.storage, StorageKind::Disk);
         assert_eq!(config.docs_per_shard_max, DOCS_PER_SHARD_MAX_DEFAULT);
+        assert_eq!(config.database_timeout, Duration::from_secs(5));
+        let pg = Config::try_parse_from([
+            "collab-engine",
+            "--database-url",
+            "postgres://u@127.0.0.1:5432/db",
+            "--database-timeout",
+            "250ms",
+        ])
+        .expect("database flags");
+        assert_eq!(
+            pg.database_url.as_deref(),
+            Some("postgres://u@127.0.0.1:5432/db")
+        );
+        assert_eq!(pg.database_timeout, Duration::from_millis(250));
         assert!(Config::try_parse_from(["collab-engine", "--docs-per-shard-max", "0"]).is_err());
         assert_eq!(
             (config.msgs_per_second_max, config.msgs_burst_max),

@@ -19,6 +19,7 @@ pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod copy;
 pub mod crdt;
 pub mod ids;
 pub mod loadgen;

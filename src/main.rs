@@ -1,6 +1,8 @@
 //! The `collab-engine` binary: parse the configuration, start the server, print the bound
 //! address, wait for SIGINT or SIGTERM, shut down gracefully; SIGHUP reloads the token keys.
-//! `collab-engine token ...` prints a signed token instead (`src/auth/mint.rs`).
+//! `collab-engine token ...` prints a signed token instead (`src/auth/mint.rs`), and
+//! `collab-engine copy ...` moves documents between the disk backend and PostgreSQL
+//! (`collab_engine::copy`).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -76,8 +78,10 @@ fn token_command(args: &[String]) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let argv: Vec<String> = std::env::args().collect();
-    if argv.get(1).map(String::as_str) == Some("token") {
-        return token_command(&argv[1..]);
+    match argv.get(1).map(String::as_str) {
+        Some("token") => return token_command(&argv[1..]),
+        Some("copy") => return copy(),
+        _ => {}
     }
     let config: Config = collab_engine::cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -104,4 +108,16 @@ fn main() -> anyhow::Result<()> {
         break;
     }
     server.shutdown()
+}
+
+/// `collab-engine copy ...`: see `collab_engine::copy`.
+fn copy() -> anyhow::Result<()> {
+    let args = collab_engine::copy::CopyArgs::parse_from(std::env::args().skip(1));
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let report = collab_engine::copy::run(&args)?;
+    println!(
+        "copied and verified {} documents ({} snapshots, {} op records)",
+        report.docs, report.snapshots, report.ops
+    );
+    Ok(())
 }

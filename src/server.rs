@@ -18,13 +18,13 @@ use crate::acceptor::{
     ShardMsg,
 };
 use crate::auth::{Auth, KeySet};
-use crate::config::{Config, StorageKind};
+use crate::config::{Config, FsyncMode, StorageKind};
 use crate::metrics::MetricsRegistry;
 use crate::room::RoomConfig;
 use crate::shard::rate_limit::RateLimit;
 use crate::shard::{self, Handler, NetLimits, RoomHost, WAKER_TOKEN};
 use crate::storage::worker::{StorageAvailable, StorageWorker};
-use crate::storage::{DiskStorage, MemoryStorage, Storage};
+use crate::storage::{lock_data_dir, DiskStorage, MemoryStorage, PgOptions, PgStorage, Storage};
 
 /// Each connection's initial read buffer, and the most tungstenite reads from a socket at once.
 /// It is allocated (and zeroed, so resident) for every connection, idle or not, so it is sized
@@ -180,12 +180,34 @@ pub fn net_limits(config: &Config) -> NetLimits {
     }
 }
 
-/// The storage of one shard. The one place that picks the backend.
+/// The storage of one shard. The one place that picks the backend:
+/// `--database-url` selects PostgreSQL (one connection per shard); it conflicts with
+/// `--storage memory`.
 ///
 /// # Errors
 /// When the backend cannot be opened.
 pub fn open_storage(config: &Config, shard_idx: usize) -> anyhow::Result<Box<dyn Storage>> {
     let _ = shard_idx;
+    if let Some(url) = &config.database_url {
+        anyhow::ensure!(
+            config.storage != StorageKind::Memory,
+            "--database-url and --storage memory contradict each other"
+        );
+        // The data directory keeps the server's local files (and its LOCK) beside the database.
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating {}", config.data_dir.display()))?;
+        let lock = lock_data_dir(&config.data_dir)?;
+        let mut storage = PgStorage::open(&PgOptions {
+            url: url.clone(),
+            timeout: config.database_timeout,
+            synchronous_commit: config.fsync == FsyncMode::Always,
+        })?;
+        storage.keep_lock(lock);
+        if shard_idx == 0 {
+            info!("documents are kept in PostgreSQL at {}", storage.target());
+        }
+        return Ok(Box::new(storage));
+    }
     match config.storage {
         StorageKind::Memory => Ok(Box::new(MemoryStorage::new())),
         StorageKind::Disk => Ok(Box::new(DiskStorage::open(&config.data_dir, config.fsync)?)),

@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 
+#[path = "support/pg.rs"]
+mod pg;
+
 type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
 
 /// Pid of the running server, so the watchdog can kill it before aborting.
@@ -323,7 +326,33 @@ impl Rng {
 #[test]
 fn acknowledged_ops_survive_sigkill_and_other_shard_counts() {
     let _watchdog = Watchdog::new("crash test", 90 * crash_repeat() as u64);
-    let dir = temp_dir("sigkill");
+    sigkill_rounds(&temp_dir("sigkill"), None);
+}
+
+/// The same rounds with documents in PostgreSQL; some rounds also restart the database
+/// (`-m fast`, `-m immediate`), terminate the server's sessions, or freeze the whole database
+/// for longer than `--database-timeout` while the clients write.
+#[test]
+fn acknowledged_ops_survive_sigkill_and_database_faults_on_postgres() {
+    let _watchdog = Watchdog::new("crash test on PostgreSQL", 240 * crash_repeat() as u64);
+    let db = pg::OwnServer::start("crash");
+    sigkill_rounds(&temp_dir("sigkill-pg"), Some(&db));
+}
+
+/// A fault of the database in the middle of a round.
+fn database_fault(db: &pg::OwnServer, round: usize) {
+    match round % 4 {
+        0 => db.ctl(&["restart", "-m", "fast"]),
+        1 => {
+            db.terminate_sessions();
+        }
+        2 => db.ctl(&["restart", "-m", "immediate"]),
+        _ => db.pause(Duration::from_millis(1500)),
+    }
+}
+
+/// SIGKILL rounds under client load with `shards` varying; `db`: on PostgreSQL.
+fn sigkill_rounds(dir: &Path, db: Option<&pg::OwnServer>) {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64)
@@ -334,7 +363,10 @@ fn acknowledged_ops_survive_sigkill_and_other_shard_counts() {
         .map(String::from)
         .to_vec();
     // Small snapshot cadence so crashes also hit snapshot writes and log compaction.
-    let extra = ["--snapshot-every-ops", "25", "--fsync", "always"];
+    let mut extra = vec!["--snapshot-every-ops", "25", "--fsync", "always"];
+    if let Some(db) = db {
+        extra.extend(["--database-url", &db.url, "--database-timeout", "1s"]);
+    }
     let mut all = Seen::default();
     // Journals a kill left behind (with bytes in them), to check the next start redoes them.
     let mut left_journals: Vec<PathBuf> = Vec::new();
@@ -348,7 +380,7 @@ fn acknowledged_ops_survive_sigkill_and_other_shard_counts() {
         .take(pattern.len() * repeat)
         .enumerate()
     {
-        let server = Server::start(&dir, shards, &extra);
+        let server = Server::start(dir, shards, &extra);
         // Redo at startup (under another shard count than the one that wrote them) applied and
         // removed every journal the previous process left.
         for journal in left_journals.drain(..) {
@@ -370,8 +402,14 @@ fn acknowledged_ops_survive_sigkill_and_other_shard_counts() {
             .collect();
         // Some kills land during startup and the first hellos, most in full traffic.
         std::thread::sleep(Duration::from_millis(30 + rng.below(700)));
+        if let Some(db) = db.filter(|_| round % 3 == 1) {
+            // The database fails under the running server, which stays up; the kill comes
+            // while it recovers or after.
+            database_fault(db, round / 3);
+            std::thread::sleep(Duration::from_millis(rng.below(1500)));
+        }
         server.kill();
-        left_journals = journals_with_entries(&dir);
+        left_journals = journals_with_entries(dir);
         rounds_with_redo += usize::from(!left_journals.is_empty());
         stop.store(true, Ordering::Relaxed);
         for handle in handles {
@@ -388,7 +426,10 @@ fn acknowledged_ops_survive_sigkill_and_other_shard_counts() {
     }
     assert!(all.echoes.len() > 100, "the clients made progress");
     // Most kills land between a journal fsync and the next checkpoint.
-    assert!(rounds_with_redo > 0, "no kill left a journal to redo");
+    assert!(
+        db.is_some() || rounds_with_redo > 0,
+        "no kill left a journal to redo"
+    );
 
     // server_seq is never reused: one marker per (doc, seq), one seq per marker.
     let mut by_seq: HashMap<(String, u64), String> = HashMap::new();
@@ -416,7 +457,7 @@ fn acknowledged_ops_survive_sigkill_and_other_shard_counts() {
     }
 
     // Final restart: every echoed op is present exactly once, no op twice.
-    let server = Server::start(&dir, 3, &extra);
+    let server = Server::start(dir, 3, &extra);
     for doc in &docs {
         let mut ws = connect(server.addr, doc).expect("connect");
         let ack = hello(&mut ws, doc, Duration::from_secs(10)).expect("hello_ack");
@@ -739,6 +780,113 @@ fn a_second_server_cannot_use_the_same_data_dir() {
     assert!(
         !second.success(),
         "a second server started on a data dir in use"
+    );
+    server.kill();
+}
+
+/// Reads frames until the server closes (or fails) the connection; returns the close code
+/// and every JSON frame seen.
+fn until_closed(ws: &mut Ws, timeout: Duration) -> (Option<u16>, Vec<serde_json::Value>) {
+    let deadline = Instant::now() + timeout;
+    let mut frames = Vec::new();
+    while Instant::now() < deadline {
+        match ws.read() {
+            Ok(Message::Text(text)) => {
+                if let Ok(v) = serde_json::from_str(&text) {
+                    frames.push(v);
+                }
+            }
+            Ok(Message::Close(frame)) => return (frame.map(|f| u16::from(f.code)), frames),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return (None, frames),
+        }
+    }
+    panic!("the connection was not closed within {timeout:?}");
+}
+
+/// What clients see while PostgreSQL is away: the server stays up; an op is refused with
+/// `unavailable` (with its `client_seq`, or its room closed with 1013 when the commit's
+/// outcome is unknown) and never echoed; a `hello` for a document not in memory gets
+/// `unavailable` and 1013; once the database is back, documents load and ops commit again,
+/// and the database holds exactly the echoed ops.
+#[test]
+fn database_away_refuses_then_recovers_with_the_real_binary() {
+    let _watchdog = Watchdog::new("database away test", 120);
+    let db = pg::OwnServer::start("away");
+    let dir = temp_dir("away");
+    let extra = [
+        "--database-url",
+        db.url.as_str(),
+        "--database-timeout",
+        "1s",
+    ];
+    let server = Server::start(&dir, 2, &extra);
+    // The data directory still belongs to one process (its LOCK), database or not.
+    let second = Command::new(env!("CARGO_BIN_EXE_collab-engine"))
+        .args(["--listen", "127.0.0.1:0", "--no-pin-cores", "--data-dir"])
+        .arg(&dir)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run a second server");
+    assert!(
+        !second.success(),
+        "a second server shared the data directory"
+    );
+    let mut a = connect(server.addr, "kept").expect("connect");
+    let ra = hello(&mut a, "kept", Duration::from_secs(10)).expect("hello_ack")["replica"]
+        .as_u64()
+        .expect("replica");
+    assert_eq!(send_op(&mut a, ra, 0)["server_seq"].as_u64(), Some(1));
+
+    db.ctl(&["stop", "-m", "fast"]);
+    // The op is not acknowledged: refused with its client_seq, or (outcome unknown) the room
+    // is closed with 1013 before any echo.
+    let answer = send_op(&mut a, ra, 1);
+    assert_eq!(answer["type"], "error", "{answer}");
+    assert_eq!(answer["code"], "unavailable", "{answer}");
+    let (code, frames) = until_closed(&mut a, Duration::from_secs(10));
+    assert_eq!(code, Some(1013));
+    assert!(frames.iter().all(|f| f["type"] != "op_echo"), "{frames:?}");
+    // A document that is not in memory cannot be loaded meanwhile.
+    let mut b = connect(server.addr, "new-while-away").expect("connect");
+    assert!(hello(&mut b, "new-while-away", Duration::from_secs(10)).is_none());
+    let (code, _) = until_closed(&mut b, Duration::from_secs(10));
+    assert_eq!(code, Some(1013));
+    // The server itself is still up.
+    assert!(connect(server.addr, "kept").is_some());
+
+    db.ctl(&["start"]);
+    // Back: within a few seconds (the reconnect backoff is at most 2 s) it serves again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut a, ack) = loop {
+        assert!(Instant::now() < deadline, "the database never came back");
+        if let Some(mut ws) = connect(server.addr, "kept") {
+            if let Some(ack) = hello(&mut ws, "kept", Duration::from_secs(5)) {
+                break (ws, ack);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // The refused op is absent; the resend takes the next server_seq.
+    assert_eq!(ack["head"].as_u64(), Some(1), "{ack}");
+    let ra_new = ack["replica"].as_u64().expect("replica");
+    assert_ne!(ra_new, ra, "replica ids are never handed out twice");
+    assert_eq!(send_op(&mut a, ra_new, 1)["server_seq"].as_u64(), Some(2));
+    server.kill();
+
+    let server = Server::start(&dir, 3, &extra);
+    let mut ws = connect(server.addr, "kept").expect("connect");
+    let ack = hello(&mut ws, "kept", Duration::from_secs(10)).expect("hello_ack");
+    assert_eq!(
+        (ack["head"].as_u64(), snapshot_text(&ack)),
+        (Some(2), format!("{}{}", marker(ra_new, 1), marker(ra, 0)))
     );
     server.kill();
 }

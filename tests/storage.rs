@@ -1,16 +1,25 @@
-//! DiskStorage behaviour against a real file system: round trips, restarts with other shard
-//! counts, torn tails, corruption, injected disk errors and compaction.
+//! Storage behaviour, one suite for both durable backends: DiskStorage against a real file
+//! system and PgStorage against a real PostgreSQL (`scripts/pg-local.sh`, started once for
+//! this test binary; see tests/support/pg.rs). Round trips, restarts with other shard counts,
+//! corruption of one document, failed commits, compaction and replay windows, unload and
+//! reload run for both (`mod disk` and `mod postgres` at the end); torn tails, the journal and
+//! power cuts are DiskStorage's own; lost connections, a paused server and the schema
+//! version are PgStorage's own.
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use collab_engine::config::FsyncMode;
 use collab_engine::ids::shard_for_doc;
 use collab_engine::storage::fs::FaultyFs;
 use collab_engine::storage::{
-    DiskStorage, LogRecord, Storage, StorageError, StoredDoc, StoredSnapshot,
+    DiskStorage, LogRecord, PgOptions, PgStorage, Storage, StorageError, StoredDoc, StoredSnapshot,
 };
 use tungstenite::Utf8Bytes;
+
+#[path = "support/pg.rs"]
+mod pg;
 
 /// A fresh, empty directory under cargo's per-target temp dir.
 fn temp_dir(name: &str) -> PathBuf {
@@ -93,7 +102,7 @@ fn files_of(dir: &Path, suffix_start: &str) -> Vec<(String, u64)> {
         .collect()
 }
 
-fn write_doc(storage: &mut impl Storage, doc: &str, epoch: &str, n: u64) {
+fn write_doc(storage: &mut (impl Storage + ?Sized), doc: &str, epoch: &str, n: u64) {
     storage
         .append(doc, epoch, &LogRecord::ReplicasReserved { last: 16 })
         .expect("append");
@@ -101,71 +110,6 @@ fn write_doc(storage: &mut impl Storage, doc: &str, epoch: &str, n: u64) {
         storage.append(doc, epoch, &ops(seq)).expect("append");
     }
     storage.sync().expect("sync");
-}
-
-#[test]
-fn round_trip() {
-    let dir = temp_dir("round-trip");
-    let mut storage = open(&dir);
-    assert_eq!(storage.load("doc").expect("load"), None);
-    write_doc(&mut storage, "doc", "E1", 5);
-    let mut again = open(&dir);
-    let doc = again.load("doc").expect("load").expect("stored");
-    assert_eq!(doc.epoch, "E1");
-    assert_eq!(doc.snapshot, None);
-    let mut expected = vec![LogRecord::ReplicasReserved { last: 16 }];
-    expected.extend((1..=5).map(ops));
-    assert_eq!(doc.tail, expected);
-    // The reloading storage continues the same log.
-    again.append("doc", "E1", &ops(6)).expect("append");
-    again.sync().expect("sync");
-    assert_eq!(
-        seqs(&open(&dir).load("doc").expect("load").expect("stored")),
-        (1..=6).collect::<Vec<_>>()
-    );
-}
-
-#[test]
-fn restart_with_other_shard_counts_finds_every_doc() {
-    let dir = temp_dir("shards");
-    let long = "ü".repeat(256);
-    let mut names: Vec<String> = (0..40).map(|i| format!("doc-{i}")).collect();
-    names.extend(
-        [
-            "../../etc/passwd",
-            "a/b/c",
-            "",
-            ".",
-            "con",
-            "NUL\0x",
-            long.as_str(),
-        ]
-        .map(String::from),
-    );
-    // Written by 3 shards.
-    let mut shards: Vec<DiskStorage> = (0..3).map(|_| open(&dir)).collect();
-    for (i, name) in names.iter().enumerate() {
-        let shard = &mut shards[shard_for_doc(name, 3).0];
-        write_doc(shard, name, &format!("epoch-{i}"), i as u64 % 7 + 1);
-    }
-    drop(shards);
-    // Nothing escaped the data directory, and no raw name became a path.
-    for (file, _) in files(&dir) {
-        assert!(file.starts_with("docs/") || file == "LOCK", "{file}");
-        assert!(!file.contains("etc") && !file.contains("doc-"), "{file}");
-    }
-    // Read by 1 and by 2 shards.
-    for n_shards in [1, 2] {
-        let mut shards: Vec<DiskStorage> = (0..n_shards).map(|_| open(&dir)).collect();
-        for (i, name) in names.iter().enumerate() {
-            let doc = shards[shard_for_doc(name, n_shards).0]
-                .load(name)
-                .expect("load")
-                .expect("stored");
-            assert_eq!(doc.epoch, format!("epoch-{i}"));
-            assert_eq!(seqs(&doc), (1..=(i as u64 % 7 + 1)).collect::<Vec<_>>());
-        }
-    }
 }
 
 #[test]
@@ -334,57 +278,6 @@ fn flipped_byte_in_a_snapshot_is_corrupt() {
 }
 
 #[test]
-fn failed_writes_are_rolled_back() {
-    for fail_sync in [false, true] {
-        let dir = temp_dir(if fail_sync { "fail-sync" } else { "fail-write" });
-        let faults = FaultyFs::new();
-        let mut storage =
-            DiskStorage::with_fs(&dir, FsyncMode::Always, faults.clone()).expect("open");
-        write_doc(&mut storage, "a", "E", 3);
-        write_doc(&mut storage, "b", "E", 3);
-        // One turn touching both docs, plus a brand-new doc; the disk fails.
-        storage.append("a", "E", &ops(4)).expect("append");
-        storage.append("a", "E", &ops(5)).expect("append");
-        storage.append("b", "E", &ops(4)).expect("append");
-        storage
-            .append("new", "E-lost", &LogRecord::ReplicasReserved { last: 16 })
-            .expect("append");
-        if fail_sync {
-            faults.fail_syncs(1);
-        } else {
-            faults.fail_writes(1);
-        }
-        assert!(matches!(storage.sync(), Err(StorageError::Io { .. })));
-        // Disk is back to the last good sync.
-        let mut fresh = open(&dir);
-        assert_eq!(
-            seqs(&fresh.load("a").expect("load").expect("stored")),
-            vec![1, 2, 3]
-        );
-        assert_eq!(
-            seqs(&fresh.load("b").expect("load").expect("stored")),
-            vec![1, 2, 3]
-        );
-        assert_eq!(fresh.load("new").expect("load"), None);
-        // The same storage goes on: the shard reuses the sequence numbers that were refused.
-        storage.append("a", "E", &ops(4)).expect("append");
-        storage
-            .append("new", "E-new", &LogRecord::ReplicasReserved { last: 16 })
-            .expect("append");
-        storage.sync().expect("sync");
-        let a = open(&dir).load("a").expect("load").expect("stored");
-        assert_eq!(seqs(&a), vec![1, 2, 3, 4]);
-        assert_eq!(
-            storage.load("b").expect("load").map(|d| seqs(&d)),
-            Some(vec![1, 2, 3])
-        );
-        let new = open(&dir).load("new").expect("load").expect("stored");
-        assert_eq!(new.epoch, "E-new");
-        assert_eq!(new.tail, vec![LogRecord::ReplicasReserved { last: 16 }]);
-    }
-}
-
-#[test]
 fn failed_snapshot_keeps_the_previous_state() {
     let dir = temp_dir("fail-snapshot");
     let faults = FaultyFs::new();
@@ -403,77 +296,6 @@ fn failed_snapshot_keeps_the_previous_state() {
     assert_eq!(doc.epoch, "E");
     let head = doc.snapshot.as_ref().map_or(0, |s| s.head);
     assert_eq!(seqs(&doc), ((head + 1)..=6).collect::<Vec<_>>());
-}
-
-#[test]
-fn snapshot_reclaims_the_log_and_epoch_survives() {
-    let dir = temp_dir("compaction");
-    // Layout only: fsync would just slow the 15,000 syncs down.
-    let mut storage = DiskStorage::open(&dir, FsyncMode::Never).expect("open");
-    let echo_bytes = match ops(1) {
-        LogRecord::Ops { echo, .. } => echo.len() as u64,
-        LogRecord::ReplicasReserved { .. } | LogRecord::ReplicaOwner { .. } => 0,
-    };
-    let mut seq = 0;
-    let rounds = 30;
-    let per_round = 500;
-    let mut bytes_max = 0;
-    for round in 0..rounds {
-        for _ in 0..per_round {
-            seq += 1;
-            storage.append("doc", "EPOCH", &ops(seq)).expect("append");
-            storage.sync().expect("sync");
-        }
-        storage
-            .append(
-                "doc",
-                "EPOCH",
-                &LogRecord::ReplicasReserved { last: round + 1 },
-            )
-            .expect("append");
-        storage.sync().expect("sync");
-        // Snapshot of a document that does not grow (runs_json of fixed size).
-        let snap = StoredSnapshot {
-            runs_json: Utf8Bytes::from_static(r#"{"runs":[]}"#),
-            ..snapshot("EPOCH", seq, round + 1)
-        };
-        storage.write_snapshot("doc", &snap).expect("snapshot");
-        // A few ops after the snapshot stay in the log.
-        seq += 1;
-        storage.append("doc", "EPOCH", &ops(seq)).expect("append");
-        storage.sync().expect("sync");
-        let total: u64 = files(&dir).iter().map(|(_, len)| len).sum();
-        bytes_max = bytes_max.max(total);
-    }
-    // Disk use tracks one window of log, never the whole history.
-    let history = seq * echo_bytes;
-    assert!(
-        bytes_max < (per_round + 10) * (echo_bytes + 40),
-        "{bytes_max} bytes on disk for {history} of history"
-    );
-    assert_eq!(files_of(&dir, "log-").len(), 1);
-    let doc = open(&dir).load("doc").expect("load").expect("stored");
-    assert_eq!(doc.epoch, "EPOCH");
-    assert_eq!(doc.snapshot.as_ref().map(|s| s.head), Some(seq - 1));
-    assert_eq!(seqs(&doc), vec![seq]);
-
-    // Snapshot only (the log fully covered): the epoch still comes back.
-    let mut storage = open(&dir);
-    let _ = storage.load("doc").expect("load");
-    let snap = StoredSnapshot {
-        runs_json: Utf8Bytes::from_static(r#"{"runs":[]}"#),
-        ..snapshot("EPOCH", seq, rounds)
-    };
-    storage.write_snapshot("doc", &snap).expect("snapshot");
-    assert_eq!(files_of(&dir, "log-").len(), 0);
-    let doc = open(&dir).load("doc").expect("load").expect("stored");
-    assert_eq!((doc.epoch.as_str(), doc.tail.len()), ("EPOCH", 0));
-    storage
-        .append("doc", "EPOCH", &ops(seq + 1))
-        .expect("append");
-    storage.sync().expect("sync");
-    let doc = open(&dir).load("doc").expect("load").expect("stored");
-    assert_eq!(seqs(&doc), vec![seq + 1]);
 }
 
 #[test]
@@ -500,78 +322,6 @@ fn crash_leftovers_of_a_compaction_are_harmless() {
     assert_eq!(seqs(&doc), vec![6]);
     assert!(!dir.join(&segment).exists(), "covered segment removed");
     assert!(!dir.join(&snapshot_dir).join("snapshot.tmp").exists());
-}
-
-#[test]
-fn release_then_load_and_fsync_never() {
-    let dir = temp_dir("release");
-    let mut storage = DiskStorage::open(&dir, FsyncMode::Never).expect("open");
-    write_doc(&mut storage, "doc", "E", 3);
-    storage.release("doc");
-    let doc = storage.load("doc").expect("load").expect("stored");
-    assert_eq!(seqs(&doc), vec![1, 2, 3]);
-    storage.append("doc", "E", &ops(4)).expect("append");
-    // Released with a record pending: it is still written by the next sync.
-    storage.release("doc");
-    storage.sync().expect("sync");
-    assert_eq!(
-        seqs(&open(&dir).load("doc").expect("load").expect("stored")),
-        vec![1, 2, 3, 4]
-    );
-}
-
-#[test]
-fn many_docs_per_sync_commit_or_roll_back_together() {
-    let dir = temp_dir("many-docs");
-    let faults = FaultyFs::new();
-    let mut storage = DiskStorage::with_fs(&dir, FsyncMode::Always, faults.clone()).expect("open");
-    let docs: Vec<String> = (0..40).map(|i| format!("doc-{i}")).collect();
-    // Enough touched files per sync to take the parallel fsync path.
-    for doc in &docs {
-        storage.append(doc, "E", &ops(1)).expect("append");
-    }
-    storage.sync().expect("sync");
-    for doc in &docs {
-        storage.append(doc, "E", &ops(2)).expect("append");
-    }
-    faults.fail_syncs(1);
-    assert!(storage.sync().is_err());
-    for doc in &docs {
-        storage.append(doc, "E", &ops(2)).expect("append");
-        storage.append(doc, "E", &ops(3)).expect("append");
-    }
-    storage.sync().expect("sync");
-    let mut fresh = open(&dir);
-    for doc in &docs {
-        assert_eq!(
-            seqs(&fresh.load(doc).expect("load").expect("stored")),
-            vec![1, 2, 3],
-            "{doc}"
-        );
-    }
-}
-
-#[test]
-fn more_docs_than_open_files_kept() {
-    let dir = temp_dir("many-files");
-    let mut storage = DiskStorage::open(&dir, FsyncMode::Never).expect("open");
-    let docs: Vec<String> = (0..600).map(|i| format!("doc-{i}")).collect();
-    for round in 1..=3 {
-        for doc in &docs {
-            storage.append(doc, "E", &ops(round)).expect("append");
-            if round == 2 {
-                storage.sync().expect("sync");
-            }
-        }
-        storage.sync().expect("sync");
-    }
-    let mut fresh = open(&dir);
-    for doc in &docs {
-        assert_eq!(
-            seqs(&fresh.load(doc).expect("load").expect("stored")),
-            vec![1, 2, 3]
-        );
-    }
 }
 
 /// A tiny deterministic generator for the randomized test below.
@@ -1026,4 +776,866 @@ fn failed_checkpoint_fsync_keeps_the_journal_and_fences_writes() {
         vec![1, 2, 3],
         "acknowledged records survive, the refused one does not"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The suite both backends run.
+
+/// Where a test's documents live, and the backend-specific ways to look at or damage them.
+enum Backend {
+    /// A data directory; `faults` is the file layer of storages opened by `open_faulty`.
+    Disk { dir: PathBuf, faults: FaultyFs },
+    /// A database of its own on the test PostgreSQL.
+    Pg { url: String },
+}
+
+impl Backend {
+    fn disk(name: &str) -> Backend {
+        Backend::Disk {
+            dir: temp_dir(name),
+            faults: FaultyFs::new(),
+        }
+    }
+
+    fn postgres(name: &str) -> Backend {
+        Backend::Pg {
+            url: pg::fresh_database(name),
+        }
+    }
+
+    /// A new storage over the same documents (a restart, or another shard).
+    fn open(&self) -> Box<dyn Storage> {
+        self.open_with(FsyncMode::Always)
+    }
+
+    fn open_with(&self, fsync: FsyncMode) -> Box<dyn Storage> {
+        match self {
+            Backend::Disk { dir, .. } => Box::new(DiskStorage::open(dir, fsync).expect("open")),
+            Backend::Pg { url } => Box::new(open_pg(url, fsync, Duration::from_secs(5))),
+        }
+    }
+
+    /// A storage whose commits [`Backend::fail_next_commit`] can make fail.
+    fn open_faulty(&self) -> Box<dyn Storage> {
+        match self {
+            Backend::Disk { dir, faults } => Box::new(
+                DiskStorage::with_fs(dir, FsyncMode::Always, faults.clone()).expect("open"),
+            ),
+            Backend::Pg { .. } => self.open(),
+        }
+    }
+
+    /// The next commit of a faulty storage fails (disk: its fsync; PostgreSQL: a constraint
+    /// that every op row violates, until [`Backend::heal`]).
+    fn fail_next_commit(&self) {
+        match self {
+            Backend::Disk { faults, .. } => faults.fail_syncs(1),
+            Backend::Pg { url } => pg::client(url)
+                .batch_execute(
+                    "ALTER TABLE collab_ops ADD CONSTRAINT test_fault CHECK (server_seq < 0) NOT VALID",
+                )
+                .expect("add the fault"),
+        }
+    }
+
+    /// Undoes [`Backend::fail_next_commit`] where it does not wear off by itself.
+    fn heal(&self) {
+        if let Backend::Pg { url } = self {
+            pg::client(url)
+                .batch_execute("ALTER TABLE collab_ops DROP CONSTRAINT IF EXISTS test_fault")
+                .expect("drop the fault");
+        }
+    }
+
+    /// Damages one op record of `doc` in the middle of its log, as bit rot would.
+    fn damage_log(&self, doc: &str) {
+        match self {
+            Backend::Disk { dir, .. } => {
+                let segment = files_of(dir, "log-")
+                    .into_iter()
+                    .map(|(f, _)| f)
+                    .find(|f| {
+                        let bytes = fs::read(dir.join(f)).expect("read");
+                        bytes.windows(doc.len()).any(|w| w == doc.as_bytes())
+                    })
+                    .expect("the doc's segment");
+                let path = dir.join(&segment);
+                let mut bytes = fs::read(&path).expect("read");
+                let middle = bytes.len() / 2;
+                bytes[middle] ^= 0x01;
+                fs::write(&path, &bytes).expect("write");
+            }
+            Backend::Pg { url } => {
+                let n = pg::client(url)
+                    .execute(
+                        "UPDATE collab_ops SET echo = replace(echo, '\"x\"', '\"y\"') \
+                         WHERE doc_id = (SELECT id FROM collab_docs WHERE name = $1) \
+                         AND server_seq = 5",
+                        &[&doc.as_bytes()],
+                    )
+                    .expect("damage");
+                assert_eq!(n, 1);
+            }
+        }
+    }
+
+    /// How much log is stored: bytes of segments (disk), op rows (PostgreSQL).
+    fn log_size(&self) -> u64 {
+        match self {
+            Backend::Disk { dir, .. } => files_of(dir, "log-").iter().map(|(_, len)| len).sum(),
+            Backend::Pg { url } => {
+                let n: i64 = pg::client(url)
+                    .query_one("SELECT count(*) FROM collab_ops", &[])
+                    .expect("count")
+                    .get(0);
+                n as u64
+            }
+        }
+    }
+
+    /// The log size that `n` op records of [`ops`] take at most.
+    fn log_size_of(&self, n: u64) -> u64 {
+        match self {
+            Backend::Disk { .. } => {
+                let echo_bytes = match ops(1) {
+                    LogRecord::Ops { echo, .. } => echo.len() as u64,
+                    LogRecord::ReplicasReserved { .. } | LogRecord::ReplicaOwner { .. } => 0,
+                };
+                n * (echo_bytes + 40)
+            }
+            Backend::Pg { .. } => n,
+        }
+    }
+}
+
+fn open_pg(url: &str, fsync: FsyncMode, timeout: Duration) -> PgStorage {
+    PgStorage::open(&PgOptions {
+        url: url.to_owned(),
+        timeout,
+        synchronous_commit: fsync == FsyncMode::Always,
+    })
+    .unwrap_or_else(|e| panic!("opening PgStorage: {e}"))
+}
+
+fn round_trip(b: &Backend) {
+    let mut storage = b.open();
+    assert_eq!(storage.load("doc").expect("load"), None);
+    write_doc(&mut *storage, "doc", "E1", 5);
+    let mut again = b.open();
+    let doc = again.load("doc").expect("load").expect("stored");
+    assert_eq!(doc.epoch, "E1");
+    assert_eq!(doc.snapshot, None);
+    let mut expected = vec![LogRecord::ReplicasReserved { last: 16 }];
+    expected.extend((1..=5).map(ops));
+    assert_eq!(doc.tail, expected);
+    // The reloading storage continues the same log.
+    again.append("doc", "E1", &ops(6)).expect("append");
+    again.sync().expect("sync");
+    assert_eq!(
+        seqs(&b.open().load("doc").expect("load").expect("stored")),
+        (1..=6).collect::<Vec<_>>()
+    );
+}
+
+fn restart_with_other_shard_counts_finds_every_doc(b: &Backend) {
+    let long = "ü".repeat(256);
+    let mut names: Vec<String> = (0..40).map(|i| format!("doc-{i}")).collect();
+    names.extend(
+        [
+            "../../etc/passwd",
+            "a/b/c",
+            "",
+            ".",
+            "con",
+            "NUL\0x",
+            "'); DROP TABLE collab_ops; --",
+            "$1",
+            long.as_str(),
+        ]
+        .map(String::from),
+    );
+    // Written by 3 shards.
+    let mut shards: Vec<Box<dyn Storage>> = (0..3).map(|_| b.open()).collect();
+    for (i, name) in names.iter().enumerate() {
+        let shard = &mut shards[shard_for_doc(name, 3).0];
+        write_doc(&mut **shard, name, &format!("epoch-{i}"), i as u64 % 7 + 1);
+    }
+    drop(shards);
+    match b {
+        Backend::Disk { dir, .. } => {
+            // Nothing escaped the data directory, and no raw name became a path.
+            for (file, _) in files(dir) {
+                assert!(file.starts_with("docs/") || file == "LOCK", "{file}");
+                assert!(!file.contains("etc") && !file.contains("doc-"), "{file}");
+            }
+        }
+        Backend::Pg { url } => {
+            // Names are data: every one stored exactly as given, the tables intact.
+            let stored: Vec<Vec<u8>> = pg::client(url)
+                .query("SELECT name FROM collab_docs ORDER BY name", &[])
+                .expect("names")
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            let mut expected: Vec<Vec<u8>> = names.iter().map(|n| n.as_bytes().to_vec()).collect();
+            expected.sort();
+            assert_eq!(stored, expected);
+        }
+    }
+    // Read by 1 and by 2 shards.
+    for n_shards in [1, 2] {
+        let mut shards: Vec<Box<dyn Storage>> = (0..n_shards).map(|_| b.open()).collect();
+        for (i, name) in names.iter().enumerate() {
+            let doc = shards[shard_for_doc(name, n_shards).0]
+                .load(name)
+                .expect("load")
+                .expect("stored");
+            assert_eq!(doc.epoch, format!("epoch-{i}"));
+            assert_eq!(seqs(&doc), (1..=(i as u64 % 7 + 1)).collect::<Vec<_>>());
+        }
+    }
+}
+
+fn one_corrupt_doc_is_refused_and_others_load(b: &Backend) {
+    let mut storage = b.open();
+    write_doc(&mut *storage, "bad", "E", 10);
+    write_doc(&mut *storage, "good", "E", 10);
+    drop(storage);
+    b.damage_log("bad");
+    for _ in 0..2 {
+        let mut storage = b.open();
+        match storage.load("bad") {
+            Err(StorageError::Corrupt { offset, .. }) => assert!(offset > 0, "names a record"),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        assert_eq!(
+            seqs(&storage.load("good").expect("load").expect("stored")),
+            (1..=10).collect::<Vec<_>>()
+        );
+    }
+    // The good document goes on being written beside the corrupt one.
+    let mut storage = b.open();
+    let _ = storage.load("good").expect("load");
+    storage.append("good", "E", &ops(11)).expect("append");
+    storage.sync().expect("sync");
+    assert!(matches!(
+        b.open().load("bad"),
+        Err(StorageError::Corrupt { .. })
+    ));
+    assert_eq!(
+        seqs(&b.open().load("good").expect("load").expect("stored")).len(),
+        11
+    );
+}
+
+fn failed_commits_are_rolled_back(b: &Backend) {
+    let mut storage = b.open_faulty();
+    write_doc(&mut *storage, "a", "E", 3);
+    write_doc(&mut *storage, "b", "E", 3);
+    // One turn touching both docs, plus a brand-new doc; the commit fails.
+    storage.append("a", "E", &ops(4)).expect("append");
+    storage.append("a", "E", &ops(5)).expect("append");
+    storage.append("b", "E", &ops(4)).expect("append");
+    storage
+        .append("new", "E-lost", &LogRecord::ReplicasReserved { last: 16 })
+        .expect("append");
+    b.fail_next_commit();
+    assert!(matches!(storage.sync(), Err(StorageError::Io { .. })));
+    b.heal();
+    // Storage is back to the last good sync.
+    let mut fresh = b.open();
+    assert_eq!(
+        seqs(&fresh.load("a").expect("load").expect("stored")),
+        vec![1, 2, 3]
+    );
+    assert_eq!(
+        seqs(&fresh.load("b").expect("load").expect("stored")),
+        vec![1, 2, 3]
+    );
+    assert_eq!(fresh.load("new").expect("load"), None);
+    // The same storage goes on: the shard reuses the sequence numbers that were refused.
+    storage.append("a", "E", &ops(4)).expect("append");
+    storage
+        .append("new", "E-new", &LogRecord::ReplicasReserved { last: 16 })
+        .expect("append");
+    storage.sync().expect("sync");
+    let a = b.open().load("a").expect("load").expect("stored");
+    assert_eq!(seqs(&a), vec![1, 2, 3, 4]);
+    assert_eq!(
+        storage.load("b").expect("load").map(|d| seqs(&d)),
+        Some(vec![1, 2, 3])
+    );
+    let new = b.open().load("new").expect("load").expect("stored");
+    assert_eq!(new.epoch, "E-new");
+    assert_eq!(new.tail, vec![LogRecord::ReplicasReserved { last: 16 }]);
+}
+
+fn many_docs_per_sync_commit_or_roll_back_together(b: &Backend) {
+    let mut storage = b.open_faulty();
+    let docs: Vec<String> = (0..40).map(|i| format!("doc-{i}")).collect();
+    // Enough touched files per sync to take the disk's parallel fsync path.
+    for doc in &docs {
+        storage.append(doc, "E", &ops(1)).expect("append");
+    }
+    storage.sync().expect("sync");
+    for doc in &docs {
+        storage.append(doc, "E", &ops(2)).expect("append");
+    }
+    b.fail_next_commit();
+    assert!(storage.sync().is_err());
+    b.heal();
+    for doc in &docs {
+        storage.append(doc, "E", &ops(2)).expect("append");
+        storage.append(doc, "E", &ops(3)).expect("append");
+    }
+    storage.sync().expect("sync");
+    let mut fresh = b.open();
+    for doc in &docs {
+        assert_eq!(
+            seqs(&fresh.load(doc).expect("load").expect("stored")),
+            vec![1, 2, 3],
+            "{doc}"
+        );
+    }
+}
+
+fn snapshot_compacts_the_log_and_keeps_the_replay_window(b: &Backend) {
+    // Layout only: fsync (synchronous_commit) would just slow the thousands of syncs down.
+    let mut storage = b.open_with(FsyncMode::Never);
+    let mut seq = 0;
+    let rounds = 12;
+    let per_round = 300;
+    let mut size_max = 0;
+    for round in 0..rounds {
+        for _ in 0..per_round {
+            seq += 1;
+            storage.append("doc", "EPOCH", &ops(seq)).expect("append");
+            storage.sync().expect("sync");
+        }
+        storage
+            .append(
+                "doc",
+                "EPOCH",
+                &LogRecord::ReplicasReserved { last: round + 1 },
+            )
+            .expect("append");
+        storage.sync().expect("sync");
+        // Snapshot of a document that does not grow (runs_json of fixed size).
+        let snap = StoredSnapshot {
+            runs_json: Utf8Bytes::from_static(r#"{"runs":[]}"#),
+            ..snapshot("EPOCH", seq, round + 1)
+        };
+        storage.write_snapshot("doc", &snap).expect("snapshot");
+        // A few ops after the snapshot stay in the log: the replay window after a restart.
+        seq += 1;
+        storage.append("doc", "EPOCH", &ops(seq)).expect("append");
+        storage.sync().expect("sync");
+        size_max = size_max.max(b.log_size());
+    }
+    // The store tracks one window of log, never the whole history.
+    assert!(
+        size_max <= b.log_size_of(per_round + 10),
+        "{size_max} of log stored for {seq} records of history"
+    );
+    let doc = b.open().load("doc").expect("load").expect("stored");
+    assert_eq!(doc.epoch, "EPOCH");
+    assert_eq!(doc.snapshot.as_ref().map(|s| s.head), Some(seq - 1));
+    assert_eq!(
+        doc.snapshot.as_ref().map(|s| s.replicas_reserved),
+        Some(rounds)
+    );
+    assert_eq!(doc.tail, vec![ops(seq)]);
+
+    // Snapshot only (the log fully covered): the epoch still comes back.
+    let mut storage = b.open();
+    let _ = storage.load("doc").expect("load");
+    let snap = StoredSnapshot {
+        runs_json: Utf8Bytes::from_static(r#"{"runs":[]}"#),
+        ..snapshot("EPOCH", seq, rounds)
+    };
+    storage.write_snapshot("doc", &snap).expect("snapshot");
+    assert_eq!(b.log_size(), 0);
+    let doc = b.open().load("doc").expect("load").expect("stored");
+    assert_eq!((doc.epoch.as_str(), doc.tail.len()), ("EPOCH", 0));
+    storage
+        .append("doc", "EPOCH", &ops(seq + 1))
+        .expect("append");
+    storage.sync().expect("sync");
+    let doc = b.open().load("doc").expect("load").expect("stored");
+    assert_eq!(seqs(&doc), vec![seq + 1]);
+}
+
+fn snapshot_of_a_new_document_and_reservations_after_it(b: &Backend) {
+    let mut storage = b.open();
+    // A document whose first durable state is a snapshot (as the copy tool writes them).
+    storage
+        .write_snapshot("fresh", &snapshot("EF", 3, 4))
+        .expect("snapshot");
+    storage
+        .append("fresh", "EF", &LogRecord::ReplicasReserved { last: 9 })
+        .expect("append");
+    storage.append("fresh", "EF", &ops(4)).expect("append");
+    storage.sync().expect("sync");
+    let doc = b.open().load("fresh").expect("load").expect("stored");
+    assert_eq!(doc.epoch, "EF");
+    assert_eq!(doc.snapshot, Some(snapshot("EF", 3, 4)));
+    assert_eq!(
+        doc.tail,
+        vec![LogRecord::ReplicasReserved { last: 9 }, ops(4)]
+    );
+}
+
+fn release_then_load(b: &Backend) {
+    let mut storage = b.open_with(FsyncMode::Never);
+    write_doc(&mut *storage, "doc", "E", 3);
+    storage.release("doc");
+    let doc = storage.load("doc").expect("load").expect("stored");
+    assert_eq!(seqs(&doc), vec![1, 2, 3]);
+    storage.append("doc", "E", &ops(4)).expect("append");
+    // Released with a record pending: it is still written by the next sync.
+    storage.release("doc");
+    storage.sync().expect("sync");
+    assert_eq!(
+        seqs(&b.open().load("doc").expect("load").expect("stored")),
+        vec![1, 2, 3, 4]
+    );
+}
+
+fn more_docs_than_open_files_kept(b: &Backend) {
+    let mut storage = b.open_with(FsyncMode::Never);
+    let docs: Vec<String> = (0..600).map(|i| format!("doc-{i}")).collect();
+    for round in 1..=3 {
+        for doc in &docs {
+            storage.append(doc, "E", &ops(round)).expect("append");
+            if round == 2 {
+                storage.sync().expect("sync");
+            }
+        }
+        storage.sync().expect("sync");
+    }
+    let mut fresh = b.open();
+    for doc in &docs {
+        assert_eq!(
+            seqs(&fresh.load(doc).expect("load").expect("stored")),
+            vec![1, 2, 3]
+        );
+    }
+}
+
+/// Which user owns each replica, as a room rebuilds it: the snapshot's owners, then the
+/// tail's `ReplicaOwner` records.
+fn owners_of(doc: &StoredDoc) -> Vec<(u64, String)> {
+    let mut owners: std::collections::BTreeMap<u64, String> = doc
+        .snapshot
+        .iter()
+        .flat_map(|s| s.owners.iter().cloned())
+        .collect();
+    for record in &doc.tail {
+        if let LogRecord::ReplicaOwner { replica, user } = record {
+            owners.entry(*replica).or_insert_with(|| user.clone());
+        }
+    }
+    owners.into_iter().collect()
+}
+
+fn replica_owners_survive_restarts_and_snapshots(b: &Backend) {
+    let owner = |replica: u64, user: &str| LogRecord::ReplicaOwner {
+        replica,
+        user: user.to_owned(),
+    };
+    let mut storage = b.open();
+    storage
+        .append("doc", "E", &owner(1, "alice"))
+        .expect("append");
+    storage.append("doc", "E", &ops(1)).expect("append");
+    storage
+        .append("doc", "E", &owner(2, "bob"))
+        .expect("append");
+    storage.append("doc", "E", &ops(2)).expect("append");
+    storage.sync().expect("sync");
+    let expected = vec![(1, "alice".to_owned()), (2, "bob".to_owned())];
+    let doc = b.open().load("doc").expect("load").expect("stored");
+    assert_eq!(owners_of(&doc), expected);
+    assert_eq!(seqs(&doc), vec![1, 2]);
+    // A snapshot covering everything carries the owners; the log it covers may go.
+    let snap = StoredSnapshot {
+        owners: expected.clone(),
+        ..snapshot("E", 2, 0)
+    };
+    storage.write_snapshot("doc", &snap).expect("snapshot");
+    storage
+        .append("doc", "E", &owner(3, "carol"))
+        .expect("append");
+    storage.append("doc", "E", &ops(3)).expect("append");
+    storage.sync().expect("sync");
+    let doc = b.open().load("doc").expect("load").expect("stored");
+    let mut all = expected;
+    all.push((3, "carol".to_owned()));
+    assert_eq!(owners_of(&doc), all);
+    assert_eq!(seqs(&doc), vec![3]);
+}
+
+/// One `#[test]` per backend for each function of the suite.
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod disk {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(&super::Backend::disk(stringify!($name)));
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(&super::Backend::postgres(stringify!($name)));
+                }
+            )*
+        }
+    };
+}
+
+both_backends!(
+    round_trip,
+    restart_with_other_shard_counts_finds_every_doc,
+    one_corrupt_doc_is_refused_and_others_load,
+    failed_commits_are_rolled_back,
+    many_docs_per_sync_commit_or_roll_back_together,
+    snapshot_compacts_the_log_and_keeps_the_replay_window,
+    snapshot_of_a_new_document_and_reservations_after_it,
+    release_then_load,
+    more_docs_than_open_files_kept,
+    replica_owners_survive_restarts_and_snapshots,
+);
+
+// ---------------------------------------------------------------------------------------------
+// PgStorage's own: the schema version, lost connections, a paused server, a server down.
+
+/// The server processes of the storages connected to the database of `url`.
+fn storage_backends(url: &str) -> Vec<i32> {
+    pg::client(url)
+        .query(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'collab-engine'",
+            &[],
+        )
+        .expect("pg_stat_activity")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// What the shard does after a failed sync: reload the document, then go on from its head.
+/// Returns the head that storage holds.
+fn reload_head(storage: &mut dyn Storage, doc: &str) -> Option<u64> {
+    match storage.load(doc) {
+        Ok(Some(stored)) => Some(seqs(&stored).last().copied().unwrap_or(0)),
+        Ok(None) => Some(0),
+        Err(_) => None,
+    }
+}
+
+/// Appends ops `from..` one sync at a time until `until` is durable, reloading after every
+/// failure as the shard does; each op is appended again only after a reload showed that it
+/// is not there. Gives up (panics) after `attempts_max` failures.
+fn write_through_failures(
+    storage: &mut dyn Storage,
+    doc: &str,
+    until: u64,
+    attempts_max: u32,
+    mut between: impl FnMut(u64),
+) -> u32 {
+    let mut failures = 0;
+    let mut head = loop {
+        if let Some(head) = reload_head(storage, doc) {
+            break head;
+        }
+        failures += 1;
+        assert!(failures <= attempts_max, "the first load keeps failing");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    while head < until {
+        between(head);
+        let seq = head + 1;
+        storage.append(doc, "E", &ops(seq)).expect("append");
+        match storage.sync() {
+            Ok(()) => head = seq,
+            Err(e) => {
+                failures += 1;
+                assert!(failures <= attempts_max, "still failing: {e}");
+                eprintln!("sync of {seq} failed ({e}); reloading");
+                loop {
+                    if let Some(stored) = reload_head(storage, doc) {
+                        assert!(
+                            stored == seq - 1 || stored == seq,
+                            "head {stored} after {seq}"
+                        );
+                        head = stored;
+                        break;
+                    }
+                    failures += 1;
+                    assert!(failures <= attempts_max, "reload keeps failing");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+    failures
+}
+
+#[test]
+fn postgres_schema_is_recorded_and_a_newer_one_refused() {
+    let url = pg::fresh_database("schema");
+    drop(open_pg(&url, FsyncMode::Always, Duration::from_secs(5)));
+    // A second open (another shard, a restart) applies nothing again.
+    drop(open_pg(&url, FsyncMode::Always, Duration::from_secs(5)));
+    let mut client = pg::client(&url);
+    let versions: Vec<i32> = client
+        .query(
+            "SELECT version FROM collab_schema_version ORDER BY version",
+            &[],
+        )
+        .expect("versions")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let known: Vec<i32> = collab_engine::storage::postgres::MIGRATIONS
+        .iter()
+        .map(|m| m.0)
+        .collect();
+    assert_eq!(versions, known);
+    client
+        .execute(
+            "INSERT INTO collab_schema_version (version, name) VALUES (999, '0999_future.sql')",
+            &[],
+        )
+        .expect("insert");
+    let refused = PgStorage::open(&PgOptions {
+        url: url.clone(),
+        timeout: Duration::from_secs(5),
+        synchronous_commit: true,
+    });
+    match refused {
+        Err(e) => {
+            let text = e.to_string();
+            assert!(text.contains("999") && text.contains("newer"), "{text}");
+        }
+        Ok(_) => panic!("a newer schema was accepted"),
+    }
+}
+
+#[test]
+fn postgres_terminated_sessions_reconnect_and_lose_or_repeat_nothing() {
+    let url = pg::fresh_database("terminate");
+    let mut storage = open_pg(&url, FsyncMode::Always, Duration::from_secs(5));
+    write_doc(&mut storage, "doc", "E", 3);
+    let admin = std::cell::RefCell::new(pg::client(&url));
+    // Every few ops the storage's session is terminated, between syncs or during one.
+    let mut terminated_at = 0;
+    let failures = write_through_failures(&mut storage, "doc", 60, 40, |head| {
+        if head % 7 == 0 && head != terminated_at {
+            terminated_at = head;
+            for pid in storage_backends(&url) {
+                admin
+                    .borrow_mut()
+                    .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                    .expect("terminate");
+            }
+        }
+    });
+    eprintln!("{failures} failed syncs");
+    let doc = open_pg(&url, FsyncMode::Always, Duration::from_secs(5))
+        .load("doc")
+        .expect("load")
+        .expect("stored");
+    assert_eq!(seqs(&doc), (1..=60).collect::<Vec<_>>());
+}
+
+#[test]
+fn postgres_paused_session_is_an_unknown_outcome_then_settled() {
+    let url = pg::fresh_database("paused");
+    let mut storage = open_pg(&url, FsyncMode::Always, Duration::from_millis(500));
+    write_doc(&mut storage, "doc", "E", 3);
+    let pids = storage_backends(&url);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    // The session stops answering (as a frozen or overloaded server would).
+    pg::signal(pids[0], "-STOP");
+    storage.append("doc", "E", &ops(4)).expect("append");
+    let result = storage.sync();
+    assert!(
+        matches!(result, Err(StorageError::OutcomeUnknown { .. })),
+        "{result:?}"
+    );
+    // While the old session may still commit, nothing is read: a reload now could miss ops 4.
+    assert!(storage.load("doc").is_err());
+    pg::signal(pids[0], "-CONT");
+    // Once it is gone, the outcome is settled and the log goes on from whatever it holds.
+    let failures = write_through_failures(&mut storage, "doc", 10, 50, |_| {});
+    eprintln!("{failures} failed attempts after the pause");
+    let doc = open_pg(&url, FsyncMode::Always, Duration::from_secs(5))
+        .load("doc")
+        .expect("load")
+        .expect("stored");
+    assert_eq!(seqs(&doc), (1..=10).collect::<Vec<_>>());
+}
+
+#[test]
+fn postgres_server_down_restarted_and_crashed_loses_and_repeats_nothing() {
+    let server = pg::OwnServer::start("down");
+    let mut storage = open_pg(&server.url, FsyncMode::Always, Duration::from_secs(2));
+    write_doc(&mut storage, "doc", "E", 3);
+    write_doc(&mut storage, "other", "E", 3);
+    // Down: calls fail fast with errors, nothing panics, and the storage recovers after.
+    server.ctl(&["stop", "-m", "fast"]);
+    storage.append("doc", "E", &ops(4)).expect("append");
+    assert!(storage.sync().is_err());
+    assert!(storage.load("other").is_err());
+    server.ctl(&["start"]);
+    let mut restarted = Vec::new();
+    write_through_failures(&mut storage, "doc", 40, 60, |head| {
+        // Restarts under load, once each: a fast shutdown, then a crash (immediate: no
+        // checkpoint, WAL replay at start).
+        if restarted.contains(&head) {
+            return;
+        }
+        match head {
+            12 => server.ctl(&["restart", "-m", "fast"]),
+            25 => server.ctl(&["restart", "-m", "immediate"]),
+            _ => return,
+        }
+        restarted.push(head);
+    });
+    let mut fresh = open_pg(&server.url, FsyncMode::Always, Duration::from_secs(5));
+    let doc = fresh.load("doc").expect("load").expect("stored");
+    assert_eq!(seqs(&doc), (1..=40).collect::<Vec<_>>());
+    let other = fresh.load("other").expect("load").expect("stored");
+    assert_eq!(seqs(&other), vec![1, 2, 3]);
+}
+
+/// `collab-engine copy` with the real binary.
+fn copy(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_collab-engine"))
+        .arg("copy")
+        .args(args)
+        .env_remove("COLLAB_DATABASE_URL")
+        .output()
+        .expect("run collab-engine copy")
+}
+
+/// What a document must keep through a copy.
+fn essence(doc: &StoredDoc) -> (String, Option<StoredSnapshot>, Vec<u64>, u64) {
+    let reserved = doc
+        .tail
+        .iter()
+        .filter_map(|r| match r {
+            LogRecord::ReplicasReserved { last } => Some(*last),
+            LogRecord::Ops { .. } | LogRecord::ReplicaOwner { .. } => None,
+        })
+        .fold(
+            doc.snapshot.as_ref().map_or(0, |s| s.replicas_reserved),
+            u64::max,
+        );
+    (doc.epoch.clone(), doc.snapshot.clone(), seqs(doc), reserved)
+}
+
+#[test]
+fn copy_moves_every_document_to_postgres_and_back() {
+    let dir = temp_dir("copy-from");
+    let names = [
+        "with-snapshot",
+        "log-only",
+        "reservation/only ü",
+        "NUL\0name",
+    ];
+    {
+        let mut storage = open(&dir);
+        write_doc(&mut storage, names[0], "E0", 3);
+        storage
+            .write_snapshot(names[0], &snapshot("E0", 3, 16))
+            .expect("snapshot");
+        for seq in 4..=6 {
+            storage.append(names[0], "E0", &ops(seq)).expect("append");
+        }
+        storage
+            .append(names[0], "E0", &LogRecord::ReplicasReserved { last: 32 })
+            .expect("append");
+        storage.sync().expect("sync");
+        write_doc(&mut storage, names[1], "E1", 5);
+        storage
+            .append(names[2], "E2", &LogRecord::ReplicasReserved { last: 16 })
+            .expect("append");
+        storage.sync().expect("sync");
+        write_doc(&mut storage, names[3], "E3", 1);
+    }
+    let url = pg::fresh_database("copy");
+    let out = copy(&[
+        "--from-data-dir",
+        dir.to_str().expect("utf-8"),
+        "--to-database-url",
+        &url,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("copied and verified 4 documents"),
+        "{stdout}"
+    );
+
+    let mut disk = open(&dir);
+    let mut db = open_pg(&url, FsyncMode::Always, Duration::from_secs(5));
+    for name in names {
+        let a = disk.load(name).expect("load").expect("on disk");
+        let b = db.load(name).expect("load").expect("in the database");
+        assert_eq!(essence(&a), essence(&b), "{name:?}");
+    }
+    drop(disk);
+
+    // Never into a destination that already holds one of the documents.
+    let again = copy(&[
+        "--from-data-dir",
+        dir.to_str().expect("utf-8"),
+        "--to-database-url",
+        &url,
+    ]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already in the destination"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    // And back, into a new data directory.
+    let back = temp_dir("copy-back");
+    let out = copy(&[
+        "--from-database-url",
+        &url,
+        "--to-data-dir",
+        back.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut original = open(&dir);
+    let mut returned = open(&back);
+    for name in names {
+        let a = original.load(name).expect("load").expect("original");
+        let b = returned.load(name).expect("load").expect("copied back");
+        assert_eq!(essence(&a), essence(&b), "{name:?}");
+    }
+    // Two sides of one kind are refused.
+    let same = copy(&[
+        "--from-data-dir",
+        dir.to_str().expect("utf-8"),
+        "--to-data-dir",
+        back.to_str().expect("utf-8"),
+    ]);
+    assert!(!same.status.success());
 }

@@ -286,6 +286,86 @@ impl<F: Fs> DiskStorage<F> {
         Ok(())
     }
 
+    /// Every document stored in the data directory, by name, sorted (for `collab-engine
+    /// copy`). A document directory whose snapshot and first segment name no document is
+    /// skipped with a warning (a crash before its first record was complete).
+    ///
+    /// # Errors
+    /// `Io` when listing or reading fails; `Corrupt` when a record naming the document is
+    /// damaged or names a document that does not belong in its directory.
+    pub fn list_docs(&self) -> Result<Vec<String>, StorageError> {
+        let mut names = Vec::new();
+        let docs = self.root.join("docs");
+        let outer = self
+            .fs
+            .list_dir(&docs)
+            .map_err(|e| io_error("listing docs".to_owned(), e))?
+            .unwrap_or_default();
+        for h2 in outer {
+            let rel_h2 = format!("docs/{h2}");
+            let inner = self
+                .fs
+                .list_dir(&self.root.join(&rel_h2))
+                .map_err(|e| io_error(format!("listing {rel_h2}"), e))?
+                .unwrap_or_default();
+            for h32 in inner {
+                let rel_dir = format!("{rel_h2}/{h32}");
+                match self.doc_name_in(&rel_dir)? {
+                    Some(name) if format!("{:032x}", format::name_hash(&name)) == h32 => {
+                        names.push(name)
+                    }
+                    Some(_) => {
+                        return Err(corrupt(&rel_dir, 0, "holds another document's records"))
+                    }
+                    None => log::warn!("{rel_dir}: no record names a document; skipped"),
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// The name in a document directory's snapshot, else in its first segment's header.
+    fn doc_name_in(&self, rel_dir: &str) -> Result<Option<String>, StorageError> {
+        let files = self
+            .fs
+            .list_dir(&self.root.join(rel_dir))
+            .map_err(|e| io_error(format!("listing {rel_dir}"), e))?
+            .unwrap_or_default();
+        let mut segments: Vec<&String> = files
+            .iter()
+            .filter(|n| n.starts_with(SEGMENT_PREFIX))
+            .collect();
+        segments.sort();
+        let candidates = files
+            .iter()
+            .filter(|n| *n == SNAPSHOT_FILE)
+            .chain(segments.into_iter().take(1));
+        for file in candidates {
+            let rel = format!("{rel_dir}/{file}");
+            let Some(data) = self
+                .fs
+                .read_file(&self.root.join(&rel))
+                .map_err(|e| io_error(format!("reading {rel}"), e))?
+            else {
+                continue;
+            };
+            if data.is_empty() {
+                continue;
+            }
+            let body = match format::read_frame(&data, 0) {
+                Frame::Ok { body, .. } => body,
+                Frame::Bad { detail, .. } => return Err(corrupt(&rel, 0, detail)),
+            };
+            if let Some(name) =
+                format::decode_name(body).map_err(|detail| corrupt(&rel, 0, detail))?
+            {
+                return Ok(Some(name));
+            }
+        }
+        Ok(None)
+    }
+
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         &self.root
@@ -955,7 +1035,10 @@ impl<F: Fs> DiskStorage<F> {
 /// POSIX record locks (`fcntl`) belong to the process, so every shard of one server can take
 /// it while another process gets an error. (They are dropped when the process closes any
 /// descriptor of the file, i.e. when a shard's storage is dropped at shutdown.)
-fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, StorageError> {
+///
+/// # Errors
+/// `Io` when the file cannot be opened or another process holds the lock.
+pub fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, StorageError> {
     use std::os::fd::AsRawFd;
     let path = data_dir.join("LOCK");
     let file = std::fs::OpenOptions::new()

@@ -272,6 +272,32 @@ pub(crate) fn read_frame(data: &[u8], offset: usize) -> Frame<'_> {
 }
 
 /// Decodes a body whose checksum already matched, checking it belongs to `doc`.
+/// The document name a segment header or snapshot record carries, without knowing the
+/// document beforehand (listing a data directory); `None` for other records.
+pub(crate) fn decode_name(body: &[u8]) -> Result<Option<String>, String> {
+    let mut reader = Reader { data: body };
+    let kind = reader.u8()?;
+    let key = reader.u64()?;
+    let name = match kind {
+        KIND_HEADER => {
+            let _epoch = reader.str()?;
+            reader.str()?
+        }
+        KIND_SNAPSHOT => {
+            for _ in 0..3 {
+                reader.u64()?;
+            }
+            let _epoch = reader.str()?;
+            reader.str()?
+        }
+        _ => return Ok(None),
+    };
+    if key != doc_key(&name) {
+        return Err(format!("record key {key:016x} does not match its name"));
+    }
+    Ok(Some(name))
+}
+
 pub(crate) fn decode_body(body: &[u8], doc: &str) -> Result<Body, String> {
     let mut reader = Reader { data: body };
     let kind = reader.u8()?;

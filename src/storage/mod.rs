@@ -12,6 +12,8 @@
 //! - `journal.rs`: the per-storage write-ahead journal (one fsync per turn) and its redo at open.
 //! - `format.rs`: CRC32C-checked record framing, bytes only.
 //! - [`fs`]: the file operations behind a trait, with a fault-injecting layer for tests.
+//! - [`PgStorage`] (`postgres/`): documents in PostgreSQL (`--database-url`), one connection
+//!   per shard, one autocommit statement per sync.
 //! - [`MemoryStorage`] (`memory.rs`): nothing survives the process; tests and benchmarks.
 //! - [`worker`]: the storage pipeline: a thread per shard owns its `Storage` and runs every
 //!   call on it, so the shard never waits on storage.
@@ -21,10 +23,12 @@ mod format;
 pub mod fs;
 mod journal;
 mod memory;
+pub mod postgres;
 pub mod worker;
 
-pub use disk::{DiskStorage, CHECKPOINT_BYTES, CHECKPOINT_INTERVAL};
+pub use disk::{lock_data_dir, DiskStorage, CHECKPOINT_BYTES, CHECKPOINT_INTERVAL};
 pub use memory::MemoryStorage;
+pub use postgres::{PgOptions, PgStorage};
 
 use tungstenite::Utf8Bytes;
 

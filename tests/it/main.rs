@@ -9,6 +9,8 @@ mod echo;
 mod hostile;
 mod http;
 mod interop;
+#[path = "../support/pg.rs"]
+mod pg;
 mod pipeline;
 mod rate;
 mod storage_failure;

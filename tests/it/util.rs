@@ -45,9 +45,33 @@ impl Drop for Watchdog {
     }
 }
 
-/// The test configuration: memory storage, 2 shards, port 0.
+/// Whether this run keeps documents in PostgreSQL: `COLLAB_IT_POSTGRES=1` (scripts/test.sh
+/// runs the suite a second time so), each server with a fresh database of its own on the test
+/// PostgreSQL (tests/support/pg.rs).
+pub fn on_postgres() -> bool {
+    std::env::var("COLLAB_IT_POSTGRES").is_ok_and(|v| v == "1")
+}
+
+/// The test configuration: memory storage (a fresh PostgreSQL database when [`on_postgres`]),
+/// 2 shards, port 0.
 pub fn test_config() -> Config {
-    Config::for_tests("127.0.0.1:0".parse().expect("valid address"))
+    let mut config = Config::for_tests("127.0.0.1:0".parse().expect("valid address"));
+    if on_postgres() {
+        let (url, data_dir) = postgres_store("it");
+        config.storage = collab_engine::config::StorageKind::Disk;
+        config.database_url = Some(url);
+        config.data_dir = data_dir;
+    }
+    config
+}
+
+/// A fresh database and a data directory of its own (the server keeps its LOCK there).
+fn postgres_store(tag: &str) -> (String, std::path::PathBuf) {
+    let url = crate::pg::fresh_database(tag);
+    let db = url.rsplit('/').next().unwrap_or(tag);
+    let data_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("it-{db}"));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    (url, data_dir)
 }
 
 /// The test binary's logger: env_logger (`RUST_LOG`) for people, plus every warning and error
@@ -374,7 +398,8 @@ impl Editor {
     }
 }
 
-/// The real binary on an ephemeral port (memory storage, 2 shards) and the address it printed
+/// The real binary on an ephemeral port (memory storage, or a fresh PostgreSQL database when
+/// [`on_postgres`]; 2 shards) and the address it printed
 /// (`listening on http://ADDR`).
 pub fn spawn_server() -> (std::process::Child, SocketAddr) {
     spawn_server_with(&[])
@@ -382,16 +407,19 @@ pub fn spawn_server() -> (std::process::Child, SocketAddr) {
 
 /// [`spawn_server`] with more flags.
 pub fn spawn_server_with(extra: &[&str]) -> (std::process::Child, SocketAddr) {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_collab-engine"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--storage",
-            "memory",
-            "--shards",
-            "2",
-            "--no-pin-cores",
-        ])
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_collab-engine"));
+    command.args(["--listen", "127.0.0.1:0", "--shards", "2", "--no-pin-cores"]);
+    if on_postgres() {
+        let (url, data_dir) = postgres_store("it-binary");
+        command
+            .args(["--database-url", &url])
+            .arg("--data-dir")
+            .arg(data_dir);
+    } else {
+        command.args(["--storage", "memory"]);
+    }
+    command.env_remove("COLLAB_DATABASE_URL");
+    let mut child = command
         .args(extra)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
