@@ -176,3 +176,18 @@ export async function startFakeServer({ port = 0, rooms = new Map() } = {}) {
 export function loseHistory(rooms, name) {
   rooms.set(name, new Room(name));
 }
+
+/**
+ * Makes the room forget its last ops (a restore from an older backup): same epoch, the log cut
+ * to its first `head` entries and the text rebuilt from them, so `head` drops below what
+ * clients saw.
+ */
+export function truncateHistory(rooms, name, head) {
+  const old = rooms.get(name);
+  const r = new Room(name);
+  r.epoch = old.epoch;
+  r.nextReplica = old.nextReplica;
+  r.log = old.log.slice(0, head);
+  for (const e of r.log) r.rga.applyOps(e.ops);
+  rooms.set(name, r);
+}
