@@ -771,6 +771,19 @@ function batchOps(ops) {
  */
 const HISTORY_MAX_DEFAULT = 100000;
 
+/** Error codes after which a refused `op` stays pending and is sent again after a reconnect. */
+const RETRY_CODES = new Set(['rate_limited', 'overloaded', 'unavailable']);
+
+/**
+ * The server's rate-limit cost of an `op` message (docs/protocol.md, "Rate limits"): 1 plus 1
+ * per 100 items, one item per op and, for a `del`, its `len` up to 100,000.
+ */
+export function opMessageCost(ops) {
+  let items = 0;
+  for (const op of ops) items += op.kind === 'del' ? 1 + Math.min(op.len, 100000) : 1;
+  return 1 + Math.floor(items / 100);
+}
+
 /** A tiny event emitter: `on(type, fn)` returns a function that unsubscribes. */
 class Emitter {
   constructor() { this._handlers = new Map(); }
@@ -826,6 +839,10 @@ export class CollabClient extends Emitter {
    * @param {number} [opts.backoffMinMs=250]  first reconnect delay
    * @param {number} [opts.backoffMaxMs=5000]  reconnect delay cap
    * @param {boolean} [opts.autoConnect=true]  connect in the constructor
+   * @param {number} [opts.sendRate=1000]  `op` message cost (see `opMessageCost`) sent per
+   *   second at most once `sendBurst` is spent; half the server's default rate limit, so that
+   *   a resend of many messages after a reconnect is not refused as `rate_limited`
+   * @param {number} [opts.sendBurst=2000]  cost sent at once on a new connection
    * @param {number} [opts.historyMax=100000]  acknowledged messages kept to send again if the
    *   server loses history (docs/protocol.md, "Lost history"); older ones are forgotten
    */
@@ -860,6 +877,15 @@ export class CollabClient extends Emitter {
     this.backoffMinMs = opts.backoffMinMs ?? 250;
     this.backoffMaxMs = opts.backoffMaxMs ?? 5000;
     this.historyMax = opts.historyMax ?? HISTORY_MAX_DEFAULT;
+    this.sendRate = opts.sendRate ?? 1000;
+    this.sendBurst = opts.sendBurst ?? 2000;
+    if (!(this.sendRate > 0) || !(this.sendBurst >= 1)) throw new RangeError('CollabClient: sendRate must be > 0 and sendBurst >= 1');
+    /** `op` messages waiting for send budget, and the budget (a token bucket per connection). */
+    this._opQueue = [];
+    this._opQueueHead = 0;
+    this._sendTokens = 0;
+    this._sendTokensAt = 0;
+    this._pumpTimer = null;
     if (!Number.isSafeInteger(this.historyMax) || this.historyMax < 0) throw new RangeError('CollabClient: historyMax must be an integer >= 0');
     this.doc = new RgaDoc(opts.replica ?? null);
     /** Old id -> new id of the edits last re-issued with a new replica (see resolveId). */
@@ -1025,7 +1051,7 @@ export class CollabClient extends Emitter {
     for (const ops of batches) {
       const msg = { client_seq: this._nextSeq++, ops };
       this._unacked.push(msg);
-      if (this._joined) this._send({ type: 'op', client_seq: msg.client_seq, ops });
+      if (this._joined) this._sendOp(msg);
     }
   }
 
@@ -1042,8 +1068,10 @@ export class CollabClient extends Emitter {
 
   _sendPresence() {
     if (!this._joined || !this._presenceDirty) return;
-    // Send edits first so that ids named in the presence state are known to the peers.
+    // Send edits first so that ids named in the presence state are known to the peers
+    // (edits waiting for send budget first too: `_pumpOps` sends the presence after them).
     this._flushNow();
+    if (this._opQueue.length > this._opQueueHead || !this._presenceDirty) return;
     this._presenceDirty = false;
     this._send({ type: 'presence', state: this._presenceState });
   }
@@ -1124,6 +1152,8 @@ export class CollabClient extends Emitter {
       if (this.doc.replica !== null) hello.replica = this.doc.replica;
       if (this._currentToken !== null) hello.token = this._currentToken;
       if (this.since !== null && !this._resync) { hello.since = this.since; hello.epoch = this.epoch; }
+      this._sendTokens = this.sendBurst;
+      this._sendTokensAt = Date.now();
       this._send(hello);
     };
     ws.onmessage = (ev) => {
@@ -1175,6 +1205,11 @@ export class CollabClient extends Emitter {
     this._ws = null;
     clearTimeout(this._refreshTimer);
     this._refreshTimer = null;
+    // Every pending message is sent again after the next hello_ack.
+    this._opQueue = [];
+    this._opQueueHead = 0;
+    clearTimeout(this._pumpTimer);
+    this._pumpTimer = null;
     // Offline we do not know who is there; the next hello_ack says.
     this.peerUsers.clear();
     if (this.peers.size) {
@@ -1183,14 +1218,45 @@ export class CollabClient extends Emitter {
     }
   }
 
-  _dropSocket() {
+  /** Closes the socket and reconnects: at once, or after the backoff delay with `backoff`. */
+  _dropSocket({ backoff = false } = {}) {
     const ws = this._ws;
     if (!ws) return;
     this._detach();
     this._joined = false;
     try { ws.close(1000); } catch { /* ignore */ }
     this._setStatus('offline');
-    this._scheduleReconnect(0);
+    this._scheduleReconnect(backoff ? undefined : 0);
+  }
+
+  /** Sends an `op` message when the send budget allows, else queues it (order kept). */
+  _sendOp(m) {
+    this._opQueue.push(m);
+    if (this._opQueue.length - this._opQueueHead === 1) this._pumpOps();
+  }
+
+  _pumpOps() {
+    this._pumpTimer = null;
+    if (!this._joined) return;
+    const now = Date.now();
+    this._sendTokens = Math.min(this.sendBurst, this._sendTokens + (now - this._sendTokensAt) * this.sendRate / 1000);
+    this._sendTokensAt = now;
+    while (this._opQueueHead < this._opQueue.length) {
+      const m = this._opQueue[this._opQueueHead];
+      // Like the server: a cost above the burst needs a full bucket, no more.
+      const cost = Math.min(opMessageCost(m.ops), this.sendBurst);
+      if (this._sendTokens < cost) {
+        const waitMs = Math.ceil((cost - this._sendTokens) * 1000 / this.sendRate);
+        this._pumpTimer = setTimeout(() => this._pumpOps(), waitMs);
+        return;
+      }
+      this._sendTokens -= cost;
+      this._opQueue[this._opQueueHead++] = undefined;
+      this._send({ type: 'op', client_seq: m.client_seq, ops: m.ops });
+    }
+    this._opQueue = [];
+    this._opQueueHead = 0;
+    if (this._presenceDirty) this._sendPresence();
   }
 
   _scheduleReconnect(delayMs) {
@@ -1292,6 +1358,13 @@ export class CollabClient extends Emitter {
       this._deny(typeof msg.message === 'string' && msg.message ? msg.message : 'unauthorized');
       return;
     }
+    if (RETRY_CODES.has(msg.code) && typeof msg.client_seq === 'number' && this._unacked.some((m) => m.client_seq === msg.client_seq)) {
+      // Not refused for what it is: keep it pending and send it again after a reconnect,
+      // after the backoff delay (the messages sent after it are refused the same way).
+      this._attempt = Math.max(this._attempt, 1);
+      this._dropSocket({ backoff: true });
+      return;
+    }
     if (typeof msg.client_seq === 'number' && this._unacked.some((m) => m.client_seq === msg.client_seq)) {
       // The server refused one of our edits, so our replica holds text nobody else has.
       // Forget that edit (it is not kept as acknowledged either: a loss of history must not
@@ -1360,7 +1433,7 @@ export class CollabClient extends Emitter {
       }
     }
     this.emit('presence', { replica: null, state: null, reset: true });
-    for (const m of this._unacked) this._send({ type: 'op', client_seq: m.client_seq, ops: m.ops });
+    for (const m of this._unacked) this._sendOp(m);
     this._flushNow();
     if (this._presenceState !== null) { this._presenceDirty = true; this._sendPresence(); }
     this._setStatus('online');
