@@ -498,9 +498,17 @@ export class RgaDoc {
     }
   }
 
-  /** Deletes ids [lamport .. lamport+len-1] of `replica`; tombstones stay tombstones. */
+  /**
+   * Deletes ids [lamport .. lamport+len-1] of `replica`; tombstones stay tombstones. All or
+   * nothing: an unknown id anywhere in the range throws before anything changes.
+   */
   _integrateDel(lamport, replica, len, changes) {
     if (!(len >= 1)) throw new OpError('invalid_op', 'delete of len < 1');
+    for (let j = 0; j < len;) {
+      const r = this._find(lamport + j, replica);
+      if (!r) throw new OpError('unknown_id', `unknown delete target [${lamport + j},${replica}]`);
+      j += r.lamport + r.len - (lamport + j);
+    }
     let k = 0;
     while (k < len) {
       let r = this._find(lamport + k, replica);
@@ -757,8 +765,24 @@ function batchOps(ops) {
 // The connection
 // ---------------------------------------------------------------------------------------
 
-/** Acknowledged messages kept for re-issuing after the server lost history. */
-const ACKED_KEPT_MAX = 2000;
+/**
+ * Acknowledged messages kept by default for the lost-history rule (docs/protocol.md, "Lost
+ * history"); the `historyMax` option changes it. A keystroke message costs a few hundred bytes.
+ */
+const HISTORY_MAX_DEFAULT = 100000;
+
+/** Error codes after which a refused `op` stays pending and is sent again after a reconnect. */
+const RETRY_CODES = new Set(['rate_limited', 'overloaded', 'unavailable']);
+
+/**
+ * The server's rate-limit cost of an `op` message (docs/protocol.md, "Rate limits"): 1 plus 1
+ * per 100 items, one item per op and, for a `del`, its `len` up to 100,000.
+ */
+export function opMessageCost(ops) {
+  let items = 0;
+  for (const op of ops) items += op.kind === 'del' ? 1 + Math.min(op.len, 100000) : 1;
+  return 1 + Math.floor(items / 100);
+}
 
 /** A tiny event emitter: `on(type, fn)` returns a function that unsubscribes. */
 class Emitter {
@@ -815,6 +839,12 @@ export class CollabClient extends Emitter {
    * @param {number} [opts.backoffMinMs=250]  first reconnect delay
    * @param {number} [opts.backoffMaxMs=5000]  reconnect delay cap
    * @param {boolean} [opts.autoConnect=true]  connect in the constructor
+   * @param {number} [opts.sendRate=1000]  `op` message cost (see `opMessageCost`) sent per
+   *   second at most once `sendBurst` is spent; half the server's default rate limit, so that
+   *   a resend of many messages after a reconnect is not refused as `rate_limited`
+   * @param {number} [opts.sendBurst=2000]  cost sent at once on a new connection
+   * @param {number} [opts.historyMax=100000]  acknowledged messages kept to send again if the
+   *   server loses history (docs/protocol.md, "Lost history"); older ones are forgotten
    */
   constructor(opts) {
     super();
@@ -846,8 +876,19 @@ export class CollabClient extends Emitter {
     this.flushDelayMs = opts.flushDelayMs ?? 16;
     this.backoffMinMs = opts.backoffMinMs ?? 250;
     this.backoffMaxMs = opts.backoffMaxMs ?? 5000;
+    this.historyMax = opts.historyMax ?? HISTORY_MAX_DEFAULT;
+    this.sendRate = opts.sendRate ?? 1000;
+    this.sendBurst = opts.sendBurst ?? 2000;
+    if (!(this.sendRate > 0) || !(this.sendBurst >= 1)) throw new RangeError('CollabClient: sendRate must be > 0 and sendBurst >= 1');
+    /** `op` messages waiting for send budget, and the budget (a token bucket per connection). */
+    this._opQueue = [];
+    this._opQueueHead = 0;
+    this._sendTokens = 0;
+    this._sendTokensAt = 0;
+    this._pumpTimer = null;
+    if (!Number.isSafeInteger(this.historyMax) || this.historyMax < 0) throw new RangeError('CollabClient: historyMax must be an integer >= 0');
     this.doc = new RgaDoc(opts.replica ?? null);
-    /** Old id -> new id of the edits last re-issued after a loss of history (see resolveId). */
+    /** Old id -> new id of the edits last re-issued with a new replica (see resolveId). */
     this._remap = null;
     /** Last server_seq applied, and the epoch it belongs to (null before the first join). */
     this.since = null;
@@ -858,8 +899,12 @@ export class CollabClient extends Emitter {
     this._outbox = [];
     /** Sent (or to be sent) messages awaiting their echo or ack, in client_seq order. */
     this._unacked = [];
-    /** Our latest acknowledged messages (bounded), re-issued if the server loses history. */
+    /**
+     * Our latest acknowledged messages, sent again if the server loses history: the live ones
+     * are `_acked[_ackedHead..]`, at most `historyMax` of them (older slots hold undefined).
+     */
     this._acked = [];
+    this._ackedHead = 0;
     this._nextSeq = 0;
     this._ws = null;
     this._joined = false;
@@ -1006,7 +1051,7 @@ export class CollabClient extends Emitter {
     for (const ops of batches) {
       const msg = { client_seq: this._nextSeq++, ops };
       this._unacked.push(msg);
-      if (this._joined) this._send({ type: 'op', client_seq: msg.client_seq, ops });
+      if (this._joined) this._sendOp(msg);
     }
   }
 
@@ -1023,8 +1068,10 @@ export class CollabClient extends Emitter {
 
   _sendPresence() {
     if (!this._joined || !this._presenceDirty) return;
-    // Send edits first so that ids named in the presence state are known to the peers.
+    // Send edits first so that ids named in the presence state are known to the peers
+    // (edits waiting for send budget first too: `_pumpOps` sends the presence after them).
     this._flushNow();
+    if (this._opQueue.length > this._opQueueHead || !this._presenceDirty) return;
     this._presenceDirty = false;
     this._send({ type: 'presence', state: this._presenceState });
   }
@@ -1105,6 +1152,8 @@ export class CollabClient extends Emitter {
       if (this.doc.replica !== null) hello.replica = this.doc.replica;
       if (this._currentToken !== null) hello.token = this._currentToken;
       if (this.since !== null && !this._resync) { hello.since = this.since; hello.epoch = this.epoch; }
+      this._sendTokens = this.sendBurst;
+      this._sendTokensAt = Date.now();
       this._send(hello);
     };
     ws.onmessage = (ev) => {
@@ -1156,6 +1205,11 @@ export class CollabClient extends Emitter {
     this._ws = null;
     clearTimeout(this._refreshTimer);
     this._refreshTimer = null;
+    // Every pending message is sent again after the next hello_ack.
+    this._opQueue = [];
+    this._opQueueHead = 0;
+    clearTimeout(this._pumpTimer);
+    this._pumpTimer = null;
     // Offline we do not know who is there; the next hello_ack says.
     this.peerUsers.clear();
     if (this.peers.size) {
@@ -1164,14 +1218,45 @@ export class CollabClient extends Emitter {
     }
   }
 
-  _dropSocket() {
+  /** Closes the socket and reconnects: at once, or after the backoff delay with `backoff`. */
+  _dropSocket({ backoff = false } = {}) {
     const ws = this._ws;
     if (!ws) return;
     this._detach();
     this._joined = false;
     try { ws.close(1000); } catch { /* ignore */ }
     this._setStatus('offline');
-    this._scheduleReconnect(0);
+    this._scheduleReconnect(backoff ? undefined : 0);
+  }
+
+  /** Sends an `op` message when the send budget allows, else queues it (order kept). */
+  _sendOp(m) {
+    this._opQueue.push(m);
+    if (this._opQueue.length - this._opQueueHead === 1) this._pumpOps();
+  }
+
+  _pumpOps() {
+    this._pumpTimer = null;
+    if (!this._joined) return;
+    const now = Date.now();
+    this._sendTokens = Math.min(this.sendBurst, this._sendTokens + (now - this._sendTokensAt) * this.sendRate / 1000);
+    this._sendTokensAt = now;
+    while (this._opQueueHead < this._opQueue.length) {
+      const m = this._opQueue[this._opQueueHead];
+      // Like the server: a cost above the burst needs a full bucket, no more.
+      const cost = Math.min(opMessageCost(m.ops), this.sendBurst);
+      if (this._sendTokens < cost) {
+        const waitMs = Math.ceil((cost - this._sendTokens) * 1000 / this.sendRate);
+        this._pumpTimer = setTimeout(() => this._pumpOps(), waitMs);
+        return;
+      }
+      this._sendTokens -= cost;
+      this._opQueue[this._opQueueHead++] = undefined;
+      this._send({ type: 'op', client_seq: m.client_seq, ops: m.ops });
+    }
+    this._opQueue = [];
+    this._opQueueHead = 0;
+    if (this._presenceDirty) this._sendPresence();
   }
 
   _scheduleReconnect(delayMs) {
@@ -1213,9 +1298,27 @@ export class CollabClient extends Emitter {
   _ackSeq(seq) {
     const i = this._unacked.findIndex((m) => m.client_seq === seq);
     if (i < 0) return;
-    this._acked.push(this._unacked[i]);
-    if (this._acked.length > ACKED_KEPT_MAX) this._acked.splice(0, this._acked.length - ACKED_KEPT_MAX);
+    this._keepAcked(this._unacked[i]);
     this._unacked.splice(i, 1);
+  }
+
+  /** Keeps an acknowledged message, forgetting the oldest past `historyMax` (O(1) amortised). */
+  _keepAcked(m) {
+    if (this.historyMax === 0) return;
+    this._acked.push(m);
+    if (this._acked.length - this._ackedHead > this.historyMax) this._acked[this._ackedHead++] = undefined;
+    if (this._ackedHead > 1024 && this._ackedHead * 2 > this._acked.length) {
+      this._acked = this._acked.slice(this._ackedHead);
+      this._ackedHead = 0;
+    }
+  }
+
+  /** The kept acknowledged messages, oldest first, and forgets them. */
+  _takeAcked() {
+    const kept = this._acked.slice(this._ackedHead);
+    this._acked = [];
+    this._ackedHead = 0;
+    return kept;
   }
 
   _onEcho(e) {
@@ -1255,10 +1358,18 @@ export class CollabClient extends Emitter {
       this._deny(typeof msg.message === 'string' && msg.message ? msg.message : 'unauthorized');
       return;
     }
+    if (RETRY_CODES.has(msg.code) && typeof msg.client_seq === 'number' && this._unacked.some((m) => m.client_seq === msg.client_seq)) {
+      // Not refused for what it is: keep it pending and send it again after a reconnect,
+      // after the backoff delay (the messages sent after it are refused the same way).
+      this._attempt = Math.max(this._attempt, 1);
+      this._dropSocket({ backoff: true });
+      return;
+    }
     if (typeof msg.client_seq === 'number' && this._unacked.some((m) => m.client_seq === msg.client_seq)) {
       // The server refused one of our edits, so our replica holds text nobody else has.
-      // Forget that edit and reload the document; the other pending edits are resent.
-      this._ackSeq(msg.client_seq);
+      // Forget that edit (it is not kept as acknowledged either: a loss of history must not
+      // send it again) and reload the document; the other pending edits are resent.
+      this._unacked = this._unacked.filter((m) => m.client_seq !== msg.client_seq);
       this._resync = true;
       this._dropSocket();
     }
@@ -1282,12 +1393,17 @@ export class CollabClient extends Emitter {
       const oldLen16 = this.doc.length16;
       const pending = this._unacked;
       this.doc.loadSnapshot((ack.snapshot && ack.snapshot.runs) || []);
-      if (lostHistory || reissue) {
-        // The server lacks history we saw (or our replica changed): our edits that the
-        // snapshot lacks, acknowledged or not, are new edits now, with fresh ids.
+      if (reissue) {
+        // Our replica changed: the old ids cannot be sent under the new one, so our edits the
+        // snapshot lacks (acknowledged ones too when history was lost) become new edits with
+        // fresh ids.
         this._unacked = [];
-        this._reissue(lostHistory ? this._acked.concat(pending) : pending);
-        this._acked = [];
+        const acked = this._takeAcked();
+        this._reissue(lostHistory ? acked.concat(pending) : pending);
+      } else if (lostHistory) {
+        // The server lacks history we saw: the lost-history rule, original ids and client_seq.
+        this._remap = null;
+        this._resendLost(pending);
       } else {
         // Re-apply pending edits; the server will integrate their resends idempotently.
         for (const m of pending) {
@@ -1317,7 +1433,7 @@ export class CollabClient extends Emitter {
       }
     }
     this.emit('presence', { replica: null, state: null, reset: true });
-    for (const m of this._unacked) this._send({ type: 'op', client_seq: m.client_seq, ops: m.ops });
+    for (const m of this._unacked) this._sendOp(m);
     this._flushNow();
     if (this._presenceState !== null) { this._presenceDirty = true; this._sendPresence(); }
     this._setStatus('online');
@@ -1363,15 +1479,45 @@ export class CollabClient extends Emitter {
   }
 
   /**
-   * The id an item has now: the same id, unless the item was re-issued with a fresh id after
-   * the server lost history (then the new one). For anchors kept across a `reset` change.
+   * The id an item has now: the same id, unless the item was re-issued with a fresh id because
+   * the server gave this client another replica (then the new one). For anchors kept across a
+   * `reset` change; after a loss of history our edits keep their ids, so this is the identity.
    */
   resolveId(id) {
     if (!id || !this._remap) return id;
     return this._remap.get(`${id[0]},${id[1]}`) || id;
   }
 
-  /** Re-creates lost local edits on the current document with fresh ids. */
+  /**
+   * The lost-history rule (docs/protocol.md, "Lost history"), on the snapshot just loaded: our
+   * messages, the kept acknowledged ones and `pending`, in client_seq order, are applied again
+   * op by op with their original ids. An op that changes the document is kept; one that changes
+   * nothing (the server kept it, or deletes tombstones) or cannot apply (its target is another
+   * client's edit the server lost) is dropped. Every message that kept an op becomes pending
+   * again with only those ops and its original client_seq, to be sent before any newer edit;
+   * the others are forgotten.
+   */
+  _resendLost(pending) {
+    const own = this._takeAcked().concat(pending);
+    own.sort((x, y) => x.client_seq - y.client_seq);
+    const kept = [];
+    for (const m of own) {
+      const ops = [];
+      for (const op of m.ops) {
+        let changes;
+        try {
+          changes = this.doc.applyOps([op]);
+        } catch {
+          continue; // Its target is not in the snapshot (applyOps changed nothing).
+        }
+        if (changes.length) ops.push(op);
+      }
+      if (ops.length) kept.push({ client_seq: m.client_seq, ops });
+    }
+    this._unacked = kept;
+  }
+
+  /** Re-creates local edits with fresh ids of a new replica on the current document. */
   _reissue(messages) {
     const remap = new Map();
     this._remap = remap;

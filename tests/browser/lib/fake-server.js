@@ -49,14 +49,16 @@ function changesNothing(rga, ops) {
 
 /** Starts a fake server on 127.0.0.1 (port 0 = any). */
 export async function startFakeServer({ port = 0, rooms = new Map() } = {}) {
-  const stats = { opMessages: 0, hellos: [], received: [] };
+  const stats = { opMessages: 0, hellos: [], received: [], rateLimited: 0 };
   /**
    * Test knobs: `snapshotOnly` answers every hello with a snapshot (as after log truncation);
    * `tokens` (a Map token -> {role, user, name}) turns on access control as docs/protocol.md
    * describes it: an unknown token gets `unauthorized` and a close 1008, a `read` role's ops
    * get `forbidden`, and hello_ack and presence carry role, user and name.
+   * `rateLimit` ({perSecond, burst}) gives every connection a token bucket for its `op` and
+   * `presence` messages, as docs/protocol.md ("Rate limits") says: over it, `rate_limited`.
    */
-  const knobs = { snapshotOnly: false, tokens: null };
+  const knobs = { snapshotOnly: false, tokens: null, rateLimit: null };
   const sockets = new Set();
   const server = http.createServer((req, res) => {
     const path = req.url.split('?')[0];
@@ -86,6 +88,20 @@ export async function startFakeServer({ port = 0, rooms = new Map() } = {}) {
     let r = null;
     let replica = null;
     let grant = null;
+    let bucket = null;
+    /** Takes `cost` tokens from this connection's bucket (full when it opened). */
+    const withinRate = (cost) => {
+      const lim = knobs.rateLimit;
+      if (!lim) return true;
+      const now = Date.now();
+      if (!bucket) bucket = { tokens: lim.burst, at: now };
+      bucket.tokens = Math.min(lim.burst, bucket.tokens + (now - bucket.at) * lim.perSecond / 1000);
+      bucket.at = now;
+      const c = Math.min(cost, lim.burst);
+      if (bucket.tokens < c) return false;
+      bucket.tokens -= c;
+      return true;
+    };
     const send = (m) => { if (ws.readyState === 1) ws.send(JSON.stringify(m)); };
     const error = (code, message, client_seq) => send({ type: 'error', code, message, ...(client_seq !== undefined ? { client_seq } : {}) });
     ws.on('close', () => {
@@ -129,6 +145,7 @@ export async function startFakeServer({ port = 0, rooms = new Map() } = {}) {
       }
       if (!r) { error('not_joined', 'hello first'); return; }
       if (msg.type === 'presence') {
+        if (!withinRate(1)) { error('rate_limited', 'too many messages'); return; }
         r.conns.get(replica).state = msg.state ?? null;
         const extra = grant ? { user: grant.user, name: grant.name } : {};
         for (const [k, c] of r.conns) if (k !== replica) c.ws.send(JSON.stringify({ type: 'presence', replica, state: msg.state ?? null, ...extra }));
@@ -139,6 +156,9 @@ export async function startFakeServer({ port = 0, rooms = new Map() } = {}) {
       const seq = msg.client_seq;
       if (grant && grant.role === 'read') { error('forbidden', 'this token allows reading only', seq); return; }
       if (!Array.isArray(msg.ops) || msg.ops.length === 0) { error('bad_message', 'ops', seq); return; }
+      let items = 0;
+      for (const op of msg.ops) items += op.kind === 'del' ? 1 + Math.min(op.len, 100000) : 1;
+      if (!withinRate(1 + Math.floor(items / 100))) { stats.rateLimited++; error('rate_limited', 'too many messages', seq); return; }
       for (const op of msg.ops) {
         if (op.kind === 'ins' && op.id?.[1] !== replica) { error('invalid_op', 'foreign replica', seq); return; }
       }
@@ -175,4 +195,19 @@ export async function startFakeServer({ port = 0, rooms = new Map() } = {}) {
 /** Makes the room forget everything (a data loss): new epoch, empty log and text. */
 export function loseHistory(rooms, name) {
   rooms.set(name, new Room(name));
+}
+
+/**
+ * Makes the room forget its last ops (a restore from an older backup): same epoch, the log cut
+ * to its first `head` entries and the text rebuilt from them, so `head` drops below what
+ * clients saw.
+ */
+export function truncateHistory(rooms, name, head) {
+  const old = rooms.get(name);
+  const r = new Room(name);
+  r.epoch = old.epoch;
+  r.nextReplica = old.nextReplica;
+  r.log = old.log.slice(0, head);
+  for (const e of r.log) r.rga.applyOps(e.ops);
+  rooms.set(name, r);
 }

@@ -142,3 +142,14 @@ test('a keystroke in a 200k-character document stays cheap', () => {
   d.check();
   console.log(`# ${usPerOp.toFixed(1)} us per keystroke with ${d.nRuns} runs in ${d.chunks.length} chunks`);
 });
+
+test('a delete whose range reaches an unknown id changes nothing', () => {
+  const d = new RgaDoc(1);
+  d.applyOps([{ kind: 'ins', id: [0, 1], after: null, text: 'abc' }]);
+  // [0..2] exist, [3,1] does not: the whole op is refused and "abc" stays.
+  assert.throws(() => d.applyOps([{ kind: 'del', id: [0, 1], len: 4 }]), (e) => e.code === 'unknown_id');
+  assert.equal(d.text(), 'abc');
+  d.check();
+  assert.deepEqual(d.applyOps([{ kind: 'del', id: [1, 1], len: 2 }]).map((c) => c.length), [2]);
+  assert.equal(d.text(), 'a');
+});
