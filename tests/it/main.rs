@@ -8,6 +8,7 @@ mod echo;
 mod hostile;
 mod http;
 mod interop;
+mod metrics;
 mod rate;
 mod storage_failure;
 mod util;
