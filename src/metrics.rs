@@ -146,6 +146,8 @@ pub struct ShardCounters {
     pub conns_accepted: u64,
     /// Storage failures (append or sync).
     pub storage_errors: u64,
+    /// Bytes of echoes in the rooms' replay windows (gauge, set on the shard's tick).
+    pub replay_window_bytes: u64,
 }
 
 /// The latency histograms of one shard (the `_us` suffixes are historical: the histograms hold
@@ -396,6 +398,7 @@ impl MetricsRegistry {
             total.slow_consumer_drops += c.slow_consumer_drops;
             total.conns_accepted += c.conns_accepted;
             total.storage_errors += c.storage_errors;
+            total.replay_window_bytes += c.replay_window_bytes;
         }
         total
     }
@@ -414,7 +417,7 @@ impl MetricsRegistry {
         let mut out = Exposition {
             out: String::with_capacity(16 * 1024),
         };
-        let counters: [CounterRow; 10] = [
+        let counters: [CounterRow; 11] = [
             (
                 "collab_connections",
                 "gauge",
@@ -474,6 +477,12 @@ impl MetricsRegistry {
                 "counter",
                 "Failed storage appends or syncs.",
                 |c| c.storage_errors,
+            ),
+            (
+                "collab_replay_window_bytes",
+                "gauge",
+                "Bytes of echoes kept in memory for replay (--replay-window-shard-bytes).",
+                |c| c.replay_window_bytes,
             ),
         ];
         for (name, kind, help, get) in counters {
