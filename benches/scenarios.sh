@@ -140,8 +140,8 @@ TABLE="$OUT/table.md"
   echo
   echo "Run $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), server and generator on the same machine, open-file limit $FD_LIMIT, measured ${DURATION} after ${WARMUP} warm-up."
   echo
-  echo "| scenario | conns joined/failed/lost | edits/s offered | msgs/s delivered | delivery p50 / p99 / p99.9 / max (ms) | echo p99 (ms) | join all (ms) | server CPU cores / run-queue wait | server RSS/conn | host load | converged |"
-  echo "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|"
+  echo "| scenario | conns joined/failed/lost | edits/s offered | msgs/s delivered | delivery p50 / p99 / p99.9 / max (ms) | echo p99 (ms) | join all (ms) | server CPU cores / run-queue wait | server CPU µs/delivery | server RSS/conn | host load | converged |"
+  echo "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"
   cat "$OUT/rows.md"
   echo "<!-- load-scenarios:end -->"
 } >"$TABLE"

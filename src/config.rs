@@ -21,6 +21,10 @@ pub const DOC_NAME_BYTES_MAX: usize = 512;
 pub const PRESENCE_BYTES_MAX: usize = 4096;
 /// Default of `--docs-per-shard-max`.
 pub const DOCS_PER_SHARD_MAX_DEFAULT: usize = 100_000;
+/// Default of `--replay-window-shard-bytes` (8 MiB): with 100 busy documents on a shard, about
+/// 80 KiB of recent echoes each, hundreds of op messages, enough for a client that reconnects
+/// within seconds; one further behind gets a snapshot.
+pub const REPLAY_WINDOW_SHARD_BYTES_DEFAULT: usize = 8 * 1024 * 1024;
 /// Refused messages after which a connection may be closed with 1008 (contract).
 pub const REFUSALS_BEFORE_CLOSE: u32 = 100;
 
@@ -141,6 +145,14 @@ pub struct Config {
     /// Op messages kept in memory per room to serve `replay` to reconnecting clients.
     #[arg(long, default_value_t = 10_000)]
     pub replay_window_ops: usize,
+
+    /// Bytes of replay-window echoes one shard keeps in memory over all its documents. Above
+    /// it, every room's window loses its oldest echoes in proportion to its size on the shard's
+    /// tick, down to three quarters of this: a shard's memory stays bounded however many busy
+    /// documents it has. A client whose `since` fell out of its window gets a snapshot, as the
+    /// contract allows.
+    #[arg(long, value_name = "SIZE", default_value = "8MiB", value_parser = parse_bytes_usize)]
+    pub replay_window_shard_bytes: usize,
 
     /// Incoming WebSocket messages handled per connection per loop turn, so one busy
     /// client cannot starve the others.
@@ -291,6 +303,10 @@ mod tests {
             Some("postgres://u@127.0.0.1:5432/db")
         );
         assert_eq!(pg.database_timeout, Duration::from_millis(250));
+        assert_eq!(
+            config.replay_window_shard_bytes,
+            REPLAY_WINDOW_SHARD_BYTES_DEFAULT
+        );
         assert!(Config::try_parse_from(["collab-engine", "--docs-per-shard-max", "0"]).is_err());
         assert_eq!(
             (config.msgs_per_second_max, config.msgs_burst_max),

@@ -296,6 +296,7 @@ pub fn start_with_storages(
             Ok(
                 RoomHost::new(worker, RoomConfig::from_config(config), config.idle_unload)
                     .with_docs_max(config.docs_per_shard_max)
+                    .with_replay_window_bytes_max(config.replay_window_shard_bytes)
                     .with_rate_limit(RateLimit::new(
                         config.msgs_per_second_max,
                         config.msgs_burst_max,

@@ -25,6 +25,7 @@ fn a_short_run_converges_with_non_empty_histograms() {
         collab_engine::server::start(Config::for_tests("127.0.0.1:0".parse().expect("addr")))
             .expect("server starts");
     let url = format!("ws://{}", server.local_addr());
+    let pid = std::process::id().to_string();
     let config = LoadConfig::parse_from([
         "collab-load",
         "--url",
@@ -53,10 +54,15 @@ fn a_short_run_converges_with_non_empty_histograms() {
         "10s",
         "--drain-timeout",
         "5s",
+        // The server runs in this process: its CPU figures include the generator's, which
+        // is enough to check that they are filled.
+        "--server-pid",
+        &pid,
     ]);
     let RunOutput {
         summary,
         histograms,
+        server_metrics,
     } = with_watchdog(Duration::from_secs(60), move || loadgen::run(config))
         .expect("run completes");
     let text = summary.to_text();
@@ -80,6 +86,17 @@ fn a_short_run_converges_with_non_empty_histograms() {
             .any(|k| k.starts_with("client_")),
         "replicas integrated every message: {text}"
     );
+
+    let per_delivery = summary.server_cpu_us_per_delivery;
+    assert!(
+        per_delivery.is_some_and(|us| us.is_finite() && us >= 0.0),
+        "{per_delivery:?}"
+    );
+    assert!(text.contains("server CPU per delivery:"), "{text}");
+    let metrics = server_metrics.expect("the server answered /metrics");
+    collab_engine::loadgen::prom::parse(&metrics).expect("a valid exposition");
+    let integrate = &summary.server_latency_ms["collab_op_integrate_seconds"];
+    assert!(integrate.count > 0 && integrate.p99 > 0.0, "{integrate:?}");
 
     let dir = std::env::temp_dir().join(format!("collab-load-smoke-{}", std::process::id()));
     summary

@@ -15,7 +15,6 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let out = config.out.clone();
-    let addr = config.target().map_err(anyhow::Error::msg)?.addr;
     let output = loadgen::run(config).context("load run failed")?;
     print!("{}", output.summary.to_text());
     if let Some(dir) = out {
@@ -23,7 +22,7 @@ fn main() -> anyhow::Result<()> {
             .summary
             .write_files(&dir, &output.histograms)
             .with_context(|| format!("writing reports to {}", dir.display()))?;
-        if let Some(metrics) = loadgen::scrape_metrics(addr) {
+        if let Some(metrics) = &output.server_metrics {
             std::fs::write(dir.join("server-metrics.prom"), metrics)
                 .context("writing server-metrics.prom")?;
         }

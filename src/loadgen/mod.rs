@@ -16,6 +16,7 @@ pub mod arrival;
 pub mod config;
 pub mod net;
 pub mod procfs;
+pub mod prom;
 pub mod report;
 pub mod session;
 pub mod stats;
@@ -62,6 +63,8 @@ pub struct RunOutput {
     pub summary: Summary,
     /// Merged histograms of every worker.
     pub histograms: LatencyHistograms,
+    /// The server's `GET /metrics` text at the end of the run (`None` if it did not answer).
+    pub server_metrics: Option<String>,
 }
 
 /// Reads a trace (`.json.gz` or `.json`) and returns its `endContent`.
@@ -315,6 +318,10 @@ pub fn run(config: LoadConfig) -> Result<RunOutput, LoadError> {
         })
     };
     let server = figures(server_start, server_window_start, server_window_end);
+    let server_cpu_us_per_delivery = server
+        .as_ref()
+        .filter(|_| counters.echoes_received > 0)
+        .map(|s| s.cpu_seconds * 1e6 / counters.echoes_received as f64);
     let generator = figures(
         generator_start,
         generator_window_start,
@@ -335,15 +342,25 @@ pub fn run(config: LoadConfig) -> Result<RunOutput, LoadError> {
         delivered_messages_per_s: counters.echoes_received as f64 / measured_seconds,
         counters,
         latency_ms: BTreeMap::new(),
+        server_latency_ms: BTreeMap::new(),
         convergence,
         server,
+        server_cpu_us_per_delivery,
         generator,
         host_load_1m,
     };
     summary.set_latencies(&histograms);
+    let server_metrics = scrape_metrics(target.addr);
+    if let Some(text) = &server_metrics {
+        match prom::parse(text) {
+            Ok(families) => summary.set_server_latencies(&families),
+            Err(e) => log::warn!("the server's /metrics is not a valid exposition: {e}"),
+        }
+    }
     Ok(RunOutput {
         summary,
         histograms,
+        server_metrics,
     })
 }
 

@@ -11,6 +11,7 @@ use std::path::Path;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use super::prom;
 use super::stats::{Convergence, Counters, LatencyHistograms};
 
 /// Percentiles of one histogram, in milliseconds.
@@ -49,6 +50,20 @@ impl Percentiles {
             mean: h.mean() / 1e3,
         }
     }
+}
+
+/// Percentiles of one of the server's Prometheus histograms, interpolated within its buckets as
+/// PromQL's `histogram_quantile` does (so only as fine as the buckets), in milliseconds.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct ServerPercentiles {
+    /// Samples (the `+Inf` bucket).
+    pub count: u64,
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Mean (`_sum` / `_count`).
+    pub mean: f64,
 }
 
 /// CPU and memory of a process over the measured window.
@@ -91,10 +106,18 @@ pub struct Summary {
     pub delivered_messages_per_s: f64,
     /// Latency percentiles by histogram name, ms.
     pub latency_ms: BTreeMap<String, Percentiles>,
+    /// The server's own latency histograms from its `GET /metrics` at the end of the run
+    /// (buckets summed over shards; since the server started, so warm-up and joins included),
+    /// by family name, ms.
+    pub server_latency_ms: BTreeMap<String, ServerPercentiles>,
     /// End-of-run convergence check.
     pub convergence: Convergence,
     /// The server (with `--server-pid`).
     pub server: Option<ProcessFigures>,
+    /// Server CPU time over the measured window divided by the `op_echo` messages the clients
+    /// integrated in it, microseconds (with `--server-pid` and at least one delivery): what one
+    /// delivery costs the server, whatever the offered load.
+    pub server_cpu_us_per_delivery: Option<f64>,
     /// The generator itself.
     pub generator: ProcessFigures,
     /// The host's 1-minute load average when the measured window started (other work on a
@@ -112,6 +135,34 @@ impl Summary {
             .collect();
     }
 
+    /// Fills [`Summary::server_latency_ms`] from a parsed `/metrics`: every histogram family
+    /// named `*_seconds`.
+    pub fn set_server_latencies(&mut self, families: &[prom::Family]) {
+        self.server_latency_ms = families
+            .iter()
+            .filter(|f| f.kind == prom::Kind::Histogram && f.name.ends_with("_seconds"))
+            .map(|f| {
+                let total = |suffix: &str| -> f64 {
+                    f.samples
+                        .iter()
+                        .filter(|s| s.name.strip_suffix(suffix) == Some(f.name.as_str()))
+                        .map(|s| s.value)
+                        .sum()
+                };
+                let (count, sum) = (total("_count"), total("_sum"));
+                let ms =
+                    |q: f64| prom::histogram_quantile(families, &f.name, q).unwrap_or(0.0) * 1e3;
+                let figures = ServerPercentiles {
+                    count: count as u64,
+                    p50: ms(0.5),
+                    p99: ms(0.99),
+                    mean: if count > 0.0 { sum / count * 1e3 } else { 0.0 },
+                };
+                (f.name.clone(), figures)
+            })
+            .collect();
+    }
+
     /// Whether every room converged and no joined client was lost.
     pub fn is_clean(&self) -> bool {
         self.convergence.rooms_converged == self.convergence.rooms_checked
@@ -121,8 +172,8 @@ impl Summary {
 
     /// The header of the table [`Summary::markdown_row`] fills.
     pub fn markdown_header() -> &'static str {
-        "| scenario | conns joined/failed/lost | edits/s offered | msgs/s delivered | delivery p50 / p99 / p99.9 / max (ms) | echo p99 (ms) | join all (ms) | server CPU cores / run-queue wait | server RSS/conn | host load | converged |\n\
-         |---|---|---:|---:|---|---:|---:|---:|---:|---:|---|"
+        "| scenario | conns joined/failed/lost | edits/s offered | msgs/s delivered | delivery p50 / p99 / p99.9 / max (ms) | echo p99 (ms) | join all (ms) | server CPU cores / run-queue wait | server CPU µs/delivery | server RSS/conn | host load | converged |\n\
+         |---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"
     }
 
     /// One row of the scenario table in docs/benchmarks.md.
@@ -148,7 +199,7 @@ impl Summary {
             format!("{:.2}", e.p99)
         };
         format!(
-            "| {} | {}/{}/{} | {:.0} | {:.0} | {} | {} | {:.0} | {} | {} | {} | {}/{}{} |",
+            "| {} | {}/{}/{} | {:.0} | {:.0} | {} | {} | {:.0} | {} | {} | {} | {} | {}/{}{} |",
             self.label,
             c.conns_joined,
             c.conns_failed,
@@ -159,6 +210,8 @@ impl Summary {
             echo,
             self.join_all_ms,
             cpu,
+            self.server_cpu_us_per_delivery
+                .map_or("-".to_owned(), |us| format!("{us:.2}")),
             rss,
             self.host_load_1m
                 .map_or("-".to_owned(), |l| format!("{l:.1}")),
@@ -212,6 +265,13 @@ impl Summary {
                 name, p.count, p.p50, p.p90, p.p99, p.p999, p.max
             );
         }
+        for (name, p) in &self.server_latency_ms {
+            let _ = writeln!(
+                out,
+                "server {name} (ms, whole run, from buckets): {} samples, p50 {:.3}, p99 {:.3}, mean {:.3}",
+                p.count, p.p50, p.p99, p.mean
+            );
+        }
         if !c.errors.is_empty() {
             let _ = writeln!(out, "errors: {:?}", c.errors);
         }
@@ -246,6 +306,9 @@ impl Summary {
                     f.rss_bytes_per_conn
                 );
             }
+        }
+        if let Some(us) = self.server_cpu_us_per_delivery {
+            let _ = writeln!(out, "server CPU per delivery: {us:.2} µs");
         }
         out
     }
@@ -509,8 +572,10 @@ mod tests {
             offered_edits_per_s: 0.0,
             delivered_messages_per_s: 0.0,
             latency_ms: BTreeMap::new(),
+            server_latency_ms: BTreeMap::new(),
             convergence: Convergence::default(),
             server: None,
+            server_cpu_us_per_delivery: Some(2.5),
             generator: ProcessFigures::default(),
             host_load_1m: Some(0.5),
         };
@@ -521,9 +586,10 @@ mod tests {
             header.lines().all(|line| columns(line) == columns(&row)),
             "{header}\n{row}"
         );
-        assert!(summary
-            .to_text()
-            .contains("host load average (1 min) at window start: 0.50"));
+        assert!(row.contains("| 2.50 |"), "{row}");
+        let text = summary.to_text();
+        assert!(text.contains("host load average (1 min) at window start: 0.50"));
+        assert!(text.contains("server CPU per delivery: 2.50 µs"), "{text}");
     }
 
     #[test]

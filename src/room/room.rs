@@ -303,6 +303,25 @@ impl Room {
         }
     }
 
+    /// Bytes of echoes in the replay window.
+    pub fn window_bytes(&self) -> usize {
+        self.window_bytes
+    }
+
+    /// Drops the oldest echoes of the replay window until it holds at most `bytes_max` bytes
+    /// (the shard's memory budget, `RoomHost`); joiners whose `since` is older then get a
+    /// snapshot. Returns the bytes dropped.
+    pub fn shrink_window(&mut self, bytes_max: usize) -> usize {
+        let before = self.window_bytes;
+        while self.window_bytes > bytes_max {
+            let Some(old) = self.window.pop_front() else {
+                break;
+            };
+            self.window_bytes -= old.len();
+        }
+        before - self.window_bytes
+    }
+
     /// A connection joins with a validated hello (doc already matched by the shard): token check,
     /// replica assignment or takeover, then `hello_ack` with replay or snapshot and presence.
     pub fn join(&mut self, conn: ConnToken, hello: &Hello) {
@@ -940,6 +959,47 @@ mod tests {
         h.send(2, r#"{"type":"hello","since":41}"#);
         let frame = h.room.take_effects().frames.pop().expect("hello_ack").1;
         assert!(frame.contains(r#""strategy":"replay""#));
+    }
+
+    #[test]
+    fn shrinking_the_window_drops_the_oldest_echoes_only() {
+        let mut h = Harness::new(config());
+        h.send(1, r#"{"type":"hello"}"#);
+        for k in 0..10u64 {
+            h.send(
+                1,
+                &format!(r#"{{"type":"op","client_seq":{},"ops":[{{"kind":"ins","id":[{},1],"after":null,"text":"abc"}}]}}"#, k + 1, 3 * k + 1),
+            );
+            h.room.take_effects();
+        }
+        assert_eq!((h.room.head(), h.room.window.len()), (10, 10));
+        let one = h.room.window_bytes() / 10;
+        let before = h.room.window_bytes();
+        let cap = before - one - 1;
+        let dropped = h.room.shrink_window(cap);
+        assert_eq!(
+            h.room.window.len(),
+            8,
+            "whole echoes, oldest first, until under the cap"
+        );
+        assert_eq!(before - dropped, h.room.window_bytes());
+        assert!(h.room.window_bytes() <= cap);
+        assert_eq!(h.room.shrink_window(usize::MAX), 0, "nothing to drop");
+        // The window still holds every echo after server_seq 2: replay after it, snapshot before.
+        h.send(2, r#"{"type":"hello","since":2}"#);
+        let frame = h.room.take_effects().frames.pop().expect("hello_ack").1;
+        assert!(frame.contains(r#""strategy":"replay""#), "{frame}");
+        h.room.leave(ConnToken(2));
+        h.send(2, r#"{"type":"hello","since":1}"#);
+        let frame = h.room.take_effects().frames.pop().expect("hello_ack").1;
+        assert!(frame.contains(r#""strategy":"snapshot""#), "{frame}");
+        h.room.leave(ConnToken(2));
+        let left = h.room.window_bytes();
+        assert_eq!(h.room.shrink_window(0), left);
+        assert_eq!((h.room.window_bytes(), h.room.window.len()), (0, 0));
+        h.send(2, r#"{"type":"hello","since":9}"#);
+        let frame = h.room.take_effects().frames.pop().expect("hello_ack").1;
+        assert!(frame.contains(r#""strategy":"snapshot""#), "{frame}");
     }
 
     #[test]

@@ -45,7 +45,9 @@ use tungstenite::{Message, Utf8Bytes};
 
 use crate::acceptor::handoff::Admitted;
 use crate::auth::{now_unix, Auth, AuthError, Grant, Rule};
-use crate::config::{DOCS_PER_SHARD_MAX_DEFAULT, REFUSALS_BEFORE_CLOSE};
+use crate::config::{
+    DOCS_PER_SHARD_MAX_DEFAULT, REFUSALS_BEFORE_CLOSE, REPLAY_WINDOW_SHARD_BYTES_DEFAULT,
+};
 use crate::ids::ConnToken;
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, AuthRefresh, ClientMessage, ErrorCode, Hello, ProtocolError};
@@ -166,6 +168,8 @@ pub struct RoomHost {
     idle_unload: Duration,
     /// Documents kept loaded (or loading) at most.
     docs_max: usize,
+    /// Bytes of replay-window echoes over all rooms kept at most (checked on every tick).
+    window_bytes_max: usize,
     /// Every connection's budget of `op` and `presence` messages.
     rate_limit: RateLimit,
     /// The shard's clock for this turn: read once, at the first message of a turn that needs
@@ -216,6 +220,7 @@ impl RoomHost {
             room_config,
             idle_unload,
             docs_max: DOCS_PER_SHARD_MAX_DEFAULT,
+            window_bytes_max: REPLAY_WINDOW_SHARD_BYTES_DEFAULT,
             rate_limit: RateLimit::disabled(),
             turn_now: None,
             docs_full_log: LogLimit::per_second(),
@@ -354,6 +359,29 @@ impl RoomHost {
         let err = ProtocolError::new(ErrorCode::Unauthorized, e.message());
         net.send(conn, protocol::encode_error(&err));
         net.close(conn, 1008, e.close_reason());
+    }
+
+    /// Keeps at most `bytes_max` bytes of replay-window echoes over all rooms (see
+    /// `Config::replay_window_shard_bytes`; default [`REPLAY_WINDOW_SHARD_BYTES_DEFAULT`]).
+    pub fn with_replay_window_bytes_max(mut self, bytes_max: usize) -> RoomHost {
+        self.window_bytes_max = bytes_max;
+        self
+    }
+
+    /// Cuts every room's replay window in proportion to its size so that together they hold
+    /// at most three quarters of the budget (the slack keeps the next ticks from cutting again
+    /// at once). The oldest echoes go first; a room's window only ever loses its oldest end, so
+    /// what remains is still every echo after some `server_seq`.
+    fn shed_windows(&mut self, window_bytes: usize) -> usize {
+        let target = self.window_bytes_max / 4 * 3;
+        let mut kept = 0;
+        for (_, slot) in self.rooms.iter_mut() {
+            let bytes = slot.room.window_bytes();
+            let keep = (bytes as u128 * target as u128 / window_bytes.max(1) as u128) as usize;
+            slot.room.shrink_window(keep);
+            kept += slot.room.window_bytes();
+        }
+        kept
     }
 
     /// Keeps at most `docs_max` documents loaded (at least one): a `hello` for another one
@@ -916,7 +944,9 @@ impl Handler for RoomHost {
             }
         }
         let mut idle = Vec::new();
+        let mut window_bytes = 0;
         for (idx, slot) in self.rooms.iter_mut() {
+            window_bytes += slot.room.window_bytes();
             if !std::mem::take(&mut slot.busy_this_tick) {
                 slot.room.free_effects_buffers();
             }
@@ -933,6 +963,10 @@ impl Handler for RoomHost {
         for room_idx in idle {
             self.unload(net, room_idx);
         }
+        if window_bytes > self.window_bytes_max {
+            window_bytes = self.shed_windows(window_bytes);
+        }
+        net.metrics.figures.counters.replay_window_bytes = window_bytes as u64;
     }
 
     fn on_shutdown(&mut self, net: &mut Net) {

@@ -9,6 +9,7 @@ mod echo;
 mod hostile;
 mod http;
 mod interop;
+mod metrics;
 #[path = "../support/pg.rs"]
 mod pg;
 mod pipeline;

@@ -683,3 +683,63 @@ fn ws_snapshot_larger_than_one_send_and_the_outbound_limit_reaches_a_joiner() {
     assert_eq!(joiner.doc.text(), writer.doc.text());
     server.shutdown().expect("clean shutdown");
 }
+
+#[test]
+fn ws_replay_windows_stay_within_the_shard_budget() {
+    let _w = Watchdog::new("ws_replay_windows_stay_within_the_shard_budget", 60);
+    let budget = 4096;
+    let mut config = test_config();
+    config.shards = 1;
+    config.replay_window_shard_bytes = budget;
+    let server = server(config);
+    let addr = server.local_addr();
+    let mut editors: Vec<Editor> = ["budget-a", "budget-b", "budget-c"]
+        .iter()
+        .map(|doc| Editor::join(addr, &format!("/ws/{doc}"), &hello(doc)))
+        .collect();
+    // 3 rooms x 60 echoes of well over 24 bytes each: more than the budget together.
+    for editor in &mut editors {
+        for i in 0..60 {
+            editor.edit(i, 0, "w");
+        }
+        editor.settle();
+    }
+    let a = &editors[0];
+    let (epoch, head) = (a.epoch.clone(), a.head);
+    let strategy = |since: u64| -> String {
+        let mut ws = connect(addr, "/ws/budget-a");
+        let hello_back = collab_engine::protocol::encode_hello(
+            Some("budget-a"),
+            None,
+            Some(since),
+            Some(&epoch),
+            None,
+        );
+        send(&mut ws, &hello_back);
+        let ack = recv_json(&mut ws);
+        ack["strategy"].as_str().unwrap_or("").to_owned()
+    };
+    // The shard trims on its tick (the watchdog bounds the wait): then a client from the start
+    // gets a snapshot, which nothing else here would give it (60 echoes are far inside the
+    // per-room window of 10,000 ops and 16 MiB).
+    while strategy(1) != "snapshot" {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The oldest echoes went, the newest stayed: one just behind head gets a replay.
+    assert_eq!(strategy(head - 1), "replay");
+    let window_bytes = |text: &str| -> Option<u64> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("collab_replay_window_bytes{shard=\"0\"} "))
+            .find_map(|v| v.trim().parse().ok())
+    };
+    loop {
+        let text = http_get(addr, "GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n");
+        let bytes = window_bytes(&text).expect("the gauge is exported");
+        if bytes > 0 && bytes <= budget as u64 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(editors);
+    server.shutdown().expect("clean shutdown");
+}
