@@ -656,6 +656,50 @@ impl Tree {
         self.seg = None;
     }
 
+    /// Re-points ids `start .. end` of `replica`, all known and all in leaf `from` until now, to leaf `to` (a split
+    /// moved them): cheaper than `assign`, since every key inside the range maps to `from` and what covers `end` stays.
+    /// Two or three map operations instead of about eight.
+    fn repoint(&mut self, replica: u32, start: u64, end: u64, from: u32, to: u32) {
+        self.seg = None;
+        // Keys inside the range map to `from` (their ids are known and were in `from`): drop them; usually there are none.
+        let at_end = loop {
+            match self.index.range((replica, start + 1)..).next() {
+                Some((&(r, k), &l)) if r == replica && k < end => {
+                    debug_assert_eq!(l, from, "index key inside a moved span");
+                    self.index.remove(&(r, k));
+                }
+                Some((&(r, k), &l)) if r == replica && k == end => break Some(l),
+                _ => break None,
+            }
+        };
+        match at_end {
+            // Ids from `end` on were covered by a key at or before `start`, which maps to `from`.
+            None if end < self.lamport_end => {
+                self.index.insert((replica, end), from);
+            }
+            Some(l) if l == to => {
+                self.index.remove(&(replica, end));
+            }
+            _ => {}
+        }
+        let mut before = self.index.range(..=(replica, start)).rev();
+        match before.next() {
+            Some((&(r, k), _)) if r == replica && k == start => {
+                let merges_left = before
+                    .next()
+                    .is_some_and(|(&(r, _), &l)| r == replica && l == to);
+                if merges_left {
+                    self.index.remove(&(replica, start));
+                } else {
+                    self.index.insert((replica, start), to);
+                }
+            }
+            _ => {
+                self.index.insert((replica, start), to);
+            }
+        }
+    }
+
     /// Inserts `span` (new ids) right after item `after`, or at the document start; returns where its first item is.
     pub(crate) fn insert_after(&mut self, after: Option<Loc>, span: Span) -> Loc {
         self.version += 1;
@@ -790,7 +834,7 @@ impl Tree {
                 end = moved[j].end();
                 j += 1;
             }
-            self.assign(r, start, end, new_idx);
+            self.repoint(r, start, end, leaf, new_idx);
             i = j;
         }
         let left_visible = self.leaves[leaf as usize].visible;
