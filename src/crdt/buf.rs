@@ -124,6 +124,7 @@ impl OpBuf {
         }
     }
 
+    #[inline]
     pub(crate) fn push_insert(&mut self, id: OpId, after: Option<OpId>, text: &str) {
         let start = self.text.len();
         self.text.push_str(text);
