@@ -728,6 +728,8 @@ impl Tree {
     /// Inserts `span` (new ids) right after item `after`, or at the document start; returns where its first item is.
     pub(crate) fn insert_after(&mut self, after: Option<Loc>, span: Span) -> Loc {
         self.version += 1;
+        // Whether a span was split here, the only way the append path below can grow the leaf.
+        let mut split = false;
         let (leaf, idx) = match after {
             None => (0u32, 0usize),
             Some(loc) => {
@@ -736,6 +738,7 @@ impl Tree {
                 if loc.off + 1 < s.len() {
                     let right = s.split_off(loc.off + 1);
                     l.insert(loc.idx + 1, right);
+                    split = true;
                 }
                 (loc.leaf, loc.idx + 1)
             }
@@ -753,7 +756,8 @@ impl Tree {
                 idx: idx - 1,
                 off,
             };
-            let loc = self.fix_overflow(loc);
+            // Extending a span adds none to the leaf: it can be over capacity only if a split added one above.
+            let loc = if split { self.fix_overflow(loc) } else { loc };
             self.hints[span.replica as usize % N_HINTS] = (loc.leaf, loc.idx as u32);
             return loc;
         }
