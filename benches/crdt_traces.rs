@@ -7,7 +7,7 @@ use std::io::Read;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
-use collab_engine::crdt::{Doc, Op};
+use collab_engine::crdt::{Doc, Op, OpBuf};
 
 /// Counts live heap bytes; everything else is the system allocator.
 struct Counting;
@@ -81,6 +81,23 @@ fn replay_local(trace: &Trace, mut ops: Option<&mut Vec<Op>>) -> Doc {
     doc
 }
 
+/// Local replay through `OpBuf`: one buffer, cleared per patch (a client sends each edit's ops, then reuses it).
+fn replay_buffered(trace: &Trace) -> Doc {
+    let mut doc = Doc::new();
+    let mut buf = OpBuf::new();
+    for (pos, del, ins) in &trace.patches {
+        buf.clear();
+        if *del > 0 {
+            doc.delete_local_into(*pos, *del, &mut buf);
+        }
+        if !ins.is_empty() {
+            doc.insert_local_into(1, *pos, ins, &mut buf);
+        }
+        std::hint::black_box(&buf);
+    }
+    doc
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort_unstable();
     v[v.len() / 2]
@@ -101,7 +118,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(11);
-    // For profiling: `CRDT_BENCH_ONLY=local` (or `remote`) loops that part of one trace (`CRDT_BENCH_TRACE`,
+    // For profiling: `CRDT_BENCH_ONLY=local` (or `local-ops`, through the `Op`-returning API, or `remote`) loops that part of one trace (`CRDT_BENCH_TRACE`,
     // default automerge-paper) and prints nothing.
     if let Ok(only) = std::env::var("CRDT_BENCH_ONLY") {
         let name = std::env::var("CRDT_BENCH_TRACE").unwrap_or_else(|_| "automerge-paper".into());
@@ -110,6 +127,8 @@ fn main() {
         replay_local(&trace, Some(&mut ops));
         for _ in 0..runs {
             if only == "local" {
+                replay_buffered(&trace);
+            } else if only == "local-ops" {
                 replay_local(&trace, None);
             } else {
                 let mut doc = Doc::new();
@@ -129,7 +148,7 @@ fn main() {
         let mut local = Vec::new();
         for _ in 0..runs {
             let start = Instant::now();
-            let doc = replay_local(&trace, None);
+            let doc = replay_buffered(&trace);
             local.push(start.elapsed());
             assert_eq!(doc.len(), trace.end_content.chars().count());
         }
@@ -161,7 +180,7 @@ fn main() {
         drop(reference);
 
         let before = LIVE_BYTES.load(Ordering::Relaxed);
-        let doc = replay_local(&trace, None);
+        let doc = replay_buffered(&trace);
         let heap = LIVE_BYTES.load(Ordering::Relaxed) - before;
         let stats = doc.stats();
         assert_eq!(doc.text(), trace.end_content);
@@ -178,5 +197,5 @@ fn main() {
             stats.n_index_keys,
         );
     }
-    println!("\ntimes: median (min) of {runs} runs each; local replay = delete_local/insert_local per patch (ops dropped); remote = apply_remote per op on a fresh Doc.");
+    println!("\ntimes: median (min) of {runs} runs each; local replay = delete_local_into/insert_local_into per patch into one reused OpBuf; remote = apply_remote per op on a fresh Doc.");
 }

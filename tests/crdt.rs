@@ -931,3 +931,111 @@ fn hostile_message_shapes_match_the_reference() {
     rebuilt.dbg_check();
     assert_eq!(rebuilt.text(), doc.text());
 }
+
+/// One local edit for the buffer-API proptest: insert or delete by replica `replica` at a fraction of the length,
+/// then maybe clear the buffer (so deletes of consecutive ids in separate edits meet in one buffer too).
+#[derive(Clone, Debug)]
+enum BufEdit {
+    Insert {
+        replica: u64,
+        at: f64,
+        text: String,
+    },
+    Delete {
+        at: f64,
+        len: usize,
+    },
+    /// A remote insert from another replica, applied to both docs, so that local edits land in mixed spans.
+    Remote {
+        at: f64,
+        text: String,
+    },
+    Clear,
+}
+
+fn buf_edit() -> impl Strategy<Value = BufEdit> {
+    prop_oneof![
+        4 => (1..3u64, 0.0..=1.0f64, "[a-cé😀]{1,5}").prop_map(|(replica, at, text)| BufEdit::Insert { replica, at, text }),
+        3 => (0.0..=1.0f64, 0..6usize).prop_map(|(at, len)| BufEdit::Delete { at, len }),
+        1 => (0.0..=1.0f64, "[xy]{1,3}").prop_map(|(at, text)| BufEdit::Remote { at, text }),
+        1 => Just(BufEdit::Clear),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases(300)))]
+
+    /// `insert_local_into` / `delete_local_into` write exactly the ops `insert_local` / `delete_local` return, in order,
+    /// and leave the document exactly as they do; a reused buffer never merges ops of separate edits.
+    #[test]
+    fn buffer_api_writes_the_same_ops(edits in prop::collection::vec(buf_edit(), 1..200)) {
+        let mut old = Doc::new();
+        let mut new = Doc::new();
+        let mut buf = collab_engine::crdt::OpBuf::new();
+        // Ops of the old API since the last clear, to compare with the buffer's.
+        let mut expected: Vec<Op> = Vec::new();
+        for e in edits {
+            match e {
+                BufEdit::Insert { replica, at, text } => {
+                    let pos = ((at * old.len() as f64) as usize).min(old.len());
+                    expected.push(old.insert_local(replica, pos, &text));
+                    new.insert_local_into(replica, pos, &text, &mut buf);
+                }
+                BufEdit::Delete { at, len } => {
+                    let n = old.len();
+                    let pos = ((at * n as f64) as usize).min(n);
+                    let len = len.min(n - pos);
+                    expected.extend(old.delete_local(pos, len));
+                    new.delete_local_into(pos, len, &mut buf);
+                }
+                BufEdit::Remote { at, text } => {
+                    // `remote` mirrors `old` through its ops, then types as replica 9.
+                    let mut remote = Doc::from_snapshot(&old.snapshot()).expect("rebuild");
+                    let pos = ((at * remote.len() as f64) as usize).min(remote.len());
+                    let op = remote.insert_local(9, pos, &text);
+                    prop_assert_eq!(old.apply_remote(Some(9), std::slice::from_ref(&op)), Ok(Applied::Changed));
+                    prop_assert_eq!(new.apply_remote(Some(9), std::slice::from_ref(&op)), Ok(Applied::Changed));
+                }
+                BufEdit::Clear => {
+                    prop_assert_eq!(buf.to_ops(), std::mem::take(&mut expected));
+                    buf.clear();
+                    prop_assert!(buf.is_empty());
+                }
+            }
+            prop_assert_eq!(buf.len(), expected.len());
+            prop_assert_eq!(new.len(), old.len());
+        }
+        prop_assert_eq!(buf.to_ops(), expected.clone());
+        let mut extended = Vec::new();
+        buf.extend_ops(&mut extended);
+        prop_assert_eq!(&extended, &expected);
+        for (i, op) in buf.iter().enumerate() {
+            prop_assert_eq!(buf.get(i), Some(op));
+            prop_assert_eq!(&op.to_op(), &expected[i]);
+        }
+        prop_assert_eq!(buf.get(expected.len()), None);
+        prop_assert_eq!(new.snapshot(), old.snapshot());
+        prop_assert_eq!(new.text(), old.text());
+        new.dbg_check();
+    }
+}
+
+#[test]
+fn buffer_api_keeps_separate_edits_separate() {
+    let mut doc = Doc::new();
+    let mut buf = collab_engine::crdt::OpBuf::new();
+    doc.insert_local_into(1, 0, "abcd", &mut buf);
+    // Two backspaces at the same place delete consecutive ids: two edits, two ops, as `delete_local` gives.
+    doc.delete_local_into(1, 1, &mut buf);
+    doc.delete_local_into(1, 1, &mut buf);
+    doc.delete_local_into(0, 0, &mut buf);
+    assert_eq!(
+        buf.to_ops(),
+        vec![ins(0, 1, None, "abcd"), del(1, 1, 1), del(2, 1, 1)]
+    );
+    assert_eq!(doc.text(), "ad");
+    let cap = buf.heap_bytes();
+    buf.clear();
+    assert!(buf.is_empty());
+    assert_eq!(buf.heap_bytes(), cap, "clear keeps the allocations");
+}

@@ -4,7 +4,7 @@
 
 use std::io::Read;
 
-use collab_engine::crdt::{Applied, Doc, Op};
+use collab_engine::crdt::{Applied, Doc, Op, OpBuf};
 
 struct Trace {
     end_content: String,
@@ -58,6 +58,32 @@ fn check_trace(name: &str) {
     assert_eq!(local.text(), expected, "{name}: local replay");
     assert_eq!(local.len(), expected.chars().count());
     local.dbg_check();
+
+    // The buffer API writes exactly the same ops, patch by patch, into one reused buffer, and builds the same doc.
+    let mut buffered = Doc::new();
+    let mut buf = OpBuf::new();
+    let mut from_buf = Vec::with_capacity(ops.len());
+    for (pos, del, ins) in &trace.patches {
+        buf.clear();
+        if *del > 0 {
+            buffered.delete_local_into(*pos, *del, &mut buf);
+        }
+        if !ins.is_empty() {
+            buffered.insert_local_into(1, *pos, ins, &mut buf);
+        }
+        buf.extend_ops(&mut from_buf);
+    }
+    assert!(
+        from_buf == ops,
+        "{name}: OpBuf ops differ from insert_local/delete_local ops"
+    );
+    assert_eq!(
+        buffered.snapshot(),
+        local.snapshot(),
+        "{name}: OpBuf replay"
+    );
+    buffered.dbg_check();
+    drop(buffered);
 
     let mut remote = Doc::new();
     for (i, op) in ops.iter().enumerate() {

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use super::buf::OpBuf;
 use super::error::{CrdtError, InvalidOpReason};
 use super::id::{Applied, Op, OpId, Run, RunContent, MAX_ID_COMPONENT};
 use super::text::TextArena;
@@ -187,6 +188,8 @@ impl Doc {
         let mut pending = PendingSet::default();
         let mut covered = Covered::default();
         let mut changed = false;
+        // Where the `after` of a one-op message's insert was found: nothing changes the tree before it is applied.
+        let mut found_after: Option<Loc> = None;
         for (op_index, op) in ops.iter().enumerate() {
             match op {
                 Op::Insert { id, after, text } => {
@@ -208,8 +211,10 @@ impl Doc {
                         if p.lamport >= id.lamport {
                             return Err(invalid(op_index, InvalidOpReason::LamportNotAboveParent));
                         }
-                        if self.find_mut(p).is_none() && !pending.contains(p) {
-                            return Err(CrdtError::UnknownId { op_index, id: p });
+                        match self.find_mut(p) {
+                            Some(loc) => found_after = Some(loc),
+                            None if pending.contains(p) => {}
+                            None => return Err(CrdtError::UnknownId { op_index, id: p }),
                         }
                     }
                     match self.usage(id, n, text, *after, &mut pending) {
@@ -277,7 +282,10 @@ impl Doc {
                     {
                         continue;
                     }
-                    let at = after.map(|p| self.find_mut(p).expect("validated: after is known"));
+                    let at = match (ops.len(), found_after) {
+                        (1, Some(loc)) => Some(loc),
+                        _ => after.map(|p| self.find_mut(p).expect("validated: after is known")),
+                    };
                     let at = self.skip_greater(at, *id);
                     self.insert_run(at, *id, text);
                 }
@@ -451,8 +459,8 @@ impl Doc {
     }
 
     /// Inserts new items `id..` with `text` right after `at` (no skipping).
-    /// Returns where the last new item is.
-    fn insert_run(&mut self, mut at: Option<Loc>, id: OpId, text: &str) -> Loc {
+    /// Returns where the last new item is and the number of new items.
+    fn insert_run(&mut self, mut at: Option<Loc>, id: OpId, text: &str) -> (Loc, usize) {
         let r = self.intern_replica(id.replica);
         let arena = self.arena.push_str(text);
         let n = self.arena.len() - arena;
@@ -474,7 +482,7 @@ impl Doc {
         let last = id.lamport + n as u64 - 1;
         self.max_lamport = Some(self.max_lamport.map_or(last, |m| m.max(last)));
         self.max_replica = self.max_replica.max(id.replica);
-        at.expect("text is not empty")
+        (at.expect("text is not empty"), n)
     }
 
     /// Marks the known items `id .. id+len` deleted, skipping the ranges earlier deletes of the message covered.
@@ -549,10 +557,31 @@ impl Doc {
 
     /// Local edit: inserts `text` at code-point position `pos` and returns the op to send.
     /// Its lamport is one above the highest lamport seen (0 for an empty history).
+    /// `insert_local_into` does the same without allocating the op.
     ///
     /// # Panics
     /// If `pos > len()`, `text` is empty, or `replica` or the new ids are past 2^53 - 1 (caller bugs).
     pub fn insert_local(&mut self, replica: u64, pos: usize, text: &str) -> Op {
+        let (id, after) = self.insert_local_ids(replica, pos, text);
+        Op::Insert {
+            id,
+            after,
+            text: text.to_owned(),
+        }
+    }
+
+    /// Local edit like `insert_local`, writing the op into `out` instead of returning it: with a buffer that is
+    /// cleared and reused, typing allocates nothing per edit.
+    ///
+    /// # Panics
+    /// As `insert_local`; nothing is written then.
+    pub fn insert_local_into(&mut self, replica: u64, pos: usize, text: &str, out: &mut OpBuf) {
+        let (id, after) = self.insert_local_ids(replica, pos, text);
+        out.push_insert(id, after, text);
+    }
+
+    /// The work of `insert_local`: returns the new first id and the item it went after.
+    fn insert_local_ids(&mut self, replica: u64, pos: usize, text: &str) -> (OpId, Option<OpId>) {
         assert!(
             pos <= self.len(),
             "insert position {pos} past the end ({})",
@@ -574,32 +603,60 @@ impl Doc {
         };
         let after = at.map(|loc| self.id_of(loc));
         let id = OpId::new(lamport, replica);
-        let last = self.insert_run(at, id, text);
+        let (last, n) = self.insert_run(at, id, text);
         // The last new char is at `pos + n - 1`, `last.off` chars into its (visible) span.
-        let n = text.chars().count();
         let span_start = (pos + n - 1) as u64 - last.off as u64;
         self.tree.set_span_cursor(last.leaf, last.idx, span_start);
-        Op::Insert {
-            id,
-            after,
-            text: text.to_owned(),
-        }
+        (id, after)
     }
 
     /// Local edit: deletes visible code points `pos .. pos+len`; returns one `Delete` per run of consecutive ids.
+    /// `delete_local_into` does the same without allocating.
     ///
     /// # Panics
     /// If `pos + len > len()`.
     pub fn delete_local(&mut self, pos: usize, len: usize) -> Vec<Op> {
-        assert!(
-            pos.checked_add(len).is_some_and(|end| end <= self.len()),
-            "delete range past the end"
-        );
         if len == 0 {
+            self.check_delete_range(pos, len);
             return Vec::new();
         }
         // Usually one op: no room for more until needed.
         let mut ops: Vec<Op> = Vec::with_capacity(1);
+        self.delete_local_ids(pos, len, |id, k| {
+            if let Some(Op::Delete {
+                id: last,
+                len: last_len,
+            }) = ops.last_mut()
+            {
+                if last.replica == id.replica && last.lamport + *last_len == id.lamport {
+                    *last_len += k;
+                    return;
+                }
+            }
+            ops.push(Op::Delete { id, len: k });
+        });
+        ops
+    }
+
+    /// Local edit like `delete_local`, appending its ops to `out` (the same ops, in the same order).
+    ///
+    /// # Panics
+    /// As `delete_local`; nothing is written then.
+    pub fn delete_local_into(&mut self, pos: usize, len: usize, out: &mut OpBuf) {
+        let mark = out.len();
+        self.delete_local_ids(pos, len, |id, k| out.push_delete(id, k, mark));
+    }
+
+    fn check_delete_range(&self, pos: usize, len: usize) {
+        assert!(
+            pos.checked_add(len).is_some_and(|end| end <= self.len()),
+            "delete range past the end"
+        );
+    }
+
+    /// The work of `delete_local`: calls `emit(first id, count)` for each run of consecutive ids deleted, in order.
+    fn delete_local_ids(&mut self, pos: usize, len: usize, mut emit: impl FnMut(OpId, u64)) {
+        self.check_delete_range(pos, len);
         let mut rest = len as u64;
         while rest > 0 {
             let loc = self.tree.locate_visible(pos as u64);
@@ -608,19 +665,8 @@ impl Doc {
             let id = self.id_of(loc);
             self.tree.delete_in_span(loc, k as u32);
             rest -= k;
-            if let Some(Op::Delete {
-                id: last,
-                len: last_len,
-            }) = ops.last_mut()
-            {
-                if last.replica == id.replica && last.lamport + *last_len == id.lamport {
-                    *last_len += k;
-                    continue;
-                }
-            }
-            ops.push(Op::Delete { id, len: k });
+            emit(id, k);
         }
-        ops
     }
 
     /// Spans in document order, leaf by leaf.

@@ -35,6 +35,7 @@ impl TextArena {
     }
 
     /// Appends `s`; returns the arena offset of its first char.
+    #[inline]
     pub(crate) fn push_str(&mut self, s: &str) -> usize {
         let start = self.len();
         if let TextArena::Narrow(v) = self {

@@ -85,14 +85,17 @@ impl Span {
     pub(crate) fn contains(&self, replica: u32, lamport: u64) -> bool {
         self.replica == replica && lamport >= self.lamport && lamport < self.end()
     }
+    #[inline]
     fn set_len(&mut self, len: u32) {
         debug_assert!((1..=SPAN_MAX).contains(&len));
         self.len_del = (self.len_del & DEL_BIT) | len;
     }
+    #[inline]
     fn set_deleted(&mut self) {
         self.len_del |= DEL_BIT;
     }
     /// Keeps items `0..at` and returns the rest.
+    #[inline]
     fn split_off(&mut self, at: u32) -> Span {
         debug_assert!(at > 0 && at < self.len());
         let mut right = *self;
@@ -103,6 +106,7 @@ impl Span {
         right
     }
     /// Whether `next` continues this span: same replica, next lamport, same state, and for text the next arena slot.
+    #[inline]
     fn can_append(&self, next: &Span) -> bool {
         self.replica == next.replica
             && self.end() == next.lamport
@@ -142,6 +146,7 @@ impl Leaf {
     pub(crate) fn spans(&self) -> &[Span] {
         &self.spans[..self.n as usize]
     }
+    #[inline]
     fn insert(&mut self, idx: usize, span: Span) {
         let n = self.n as usize;
         debug_assert!(n < LEAF_CAP + 2 && idx <= n);
@@ -282,6 +287,7 @@ impl Tree {
     }
 
     /// Adds `delta` visible chars to `leaf` and its ancestors.
+    #[inline]
     fn add_count(&mut self, leaf: u32, delta: i64) {
         if delta == 0 {
             return;
@@ -320,6 +326,7 @@ impl Tree {
     }
 
     /// Records a new item `id` in `leaf`: lowers the smallest id of its ancestors where needed.
+    #[inline]
     fn lower_min(&mut self, leaf: u32, id: OpId) {
         let l = &self.leaves[leaf as usize];
         let mut slot = l.slot as usize;
@@ -432,6 +439,7 @@ impl Tree {
     }
 
     /// Location of visible char `pos` (`pos < total`), through the cursor when it covers `pos`.
+    #[inline]
     pub(crate) fn locate_visible(&mut self, pos: u64) -> Loc {
         if let Some((leaf, idx, start, version)) = self.span_cursor {
             if version == self.version {
@@ -453,6 +461,7 @@ impl Tree {
     }
 
     /// Remembers that the visible span at `leaf`, `idx` starts at position `start` (see `span_cursor`).
+    #[inline]
     pub(crate) fn set_span_cursor(&mut self, leaf: u32, idx: usize, start: u64) {
         self.span_cursor = Some((leaf, idx, start, self.version));
     }
@@ -465,6 +474,7 @@ impl Tree {
     }
 
     /// Location of visible char `rest` within `leaf`.
+    #[inline]
     pub(crate) fn loc_in_leaf(&self, leaf: u32, mut rest: u64) -> Loc {
         let l = &self.leaves[leaf as usize];
         for (idx, s) in l.spans().iter().enumerate() {
@@ -589,6 +599,7 @@ impl Tree {
     }
 
     /// Makes the index map ids `start .. end` of `replica` to `leaf`.
+    #[inline]
     fn assign(&mut self, replica: u32, start: u64, end: u64, leaf: u32) {
         let lamport_end_before = self.lamport_end;
         self.lamport_end = self.lamport_end.max(end);
@@ -598,6 +609,20 @@ impl Tree {
             self.seg = seg;
             return;
         }
+        self.assign_slow(replica, start, end, leaf, seg, lamport_end_before);
+    }
+
+    /// `assign` when the cached or looked-up segment does not already map the range to `leaf`.
+    #[inline(never)]
+    fn assign_slow(
+        &mut self,
+        replica: u32,
+        start: u64,
+        end: u64,
+        leaf: u32,
+        seg: Option<Seg>,
+        lamport_end_before: u64,
+    ) {
         self.seg = None;
         if let Some(s) = seg.filter(|s| end <= s.hi) {
             // One segment holds the whole range, mapped to another leaf: re-point just the range.
@@ -656,9 +681,55 @@ impl Tree {
         self.seg = None;
     }
 
+    /// Re-points ids `start .. end` of `replica`, all known and all in leaf `from` until now, to leaf `to` (a split
+    /// moved them): cheaper than `assign`, since every key inside the range maps to `from` and what covers `end` stays.
+    /// Two or three map operations instead of about eight.
+    fn repoint(&mut self, replica: u32, start: u64, end: u64, from: u32, to: u32) {
+        self.seg = None;
+        // Keys inside the range map to `from` (their ids are known and were in `from`): drop them; usually there are none.
+        let at_end = loop {
+            match self.index.range((replica, start + 1)..).next() {
+                Some((&(r, k), &l)) if r == replica && k < end => {
+                    debug_assert_eq!(l, from, "index key inside a moved span");
+                    self.index.remove(&(r, k));
+                }
+                Some((&(r, k), &l)) if r == replica && k == end => break Some(l),
+                _ => break None,
+            }
+        };
+        match at_end {
+            // Ids from `end` on were covered by a key at or before `start`, which maps to `from`.
+            None if end < self.lamport_end => {
+                self.index.insert((replica, end), from);
+            }
+            Some(l) if l == to => {
+                self.index.remove(&(replica, end));
+            }
+            _ => {}
+        }
+        let mut before = self.index.range(..=(replica, start)).rev();
+        match before.next() {
+            Some((&(r, k), _)) if r == replica && k == start => {
+                let merges_left = before
+                    .next()
+                    .is_some_and(|(&(r, _), &l)| r == replica && l == to);
+                if merges_left {
+                    self.index.remove(&(replica, start));
+                } else {
+                    self.index.insert((replica, start), to);
+                }
+            }
+            _ => {
+                self.index.insert((replica, start), to);
+            }
+        }
+    }
+
     /// Inserts `span` (new ids) right after item `after`, or at the document start; returns where its first item is.
     pub(crate) fn insert_after(&mut self, after: Option<Loc>, span: Span) -> Loc {
         self.version += 1;
+        // Whether a span was split here, the only way the append path below can grow the leaf.
+        let mut split = false;
         let (leaf, idx) = match after {
             None => (0u32, 0usize),
             Some(loc) => {
@@ -667,6 +738,7 @@ impl Tree {
                 if loc.off + 1 < s.len() {
                     let right = s.split_off(loc.off + 1);
                     l.insert(loc.idx + 1, right);
+                    split = true;
                 }
                 (loc.leaf, loc.idx + 1)
             }
@@ -684,7 +756,8 @@ impl Tree {
                 idx: idx - 1,
                 off,
             };
-            let loc = self.fix_overflow(loc);
+            // Extending a span adds none to the leaf: it can be over capacity only if a split added one above.
+            let loc = if split { self.fix_overflow(loc) } else { loc };
             self.hints[span.replica as usize % N_HINTS] = (loc.leaf, loc.idx as u32);
             return loc;
         }
@@ -739,11 +812,19 @@ impl Tree {
     }
 
     /// Splits `loc.leaf` if it is over `LEAF_CAP`; returns where `loc` is afterwards.
+    /// Inlined: the check runs on every edit, the split (`split_at`) about once per `LEAF_CAP / 2` new spans.
+    #[inline]
     fn fix_overflow(&mut self, loc: Loc) -> Loc {
         let n = self.leaves[loc.leaf as usize].n as usize;
         if n <= LEAF_CAP {
             return loc;
         }
+        self.split_at(loc, n)
+    }
+
+    /// The split of `fix_overflow`, for a leaf of `n > LEAF_CAP` spans.
+    #[inline(never)]
+    fn split_at(&mut self, loc: Loc, n: usize) -> Loc {
         // Appending at the end of the document: keep the left leaf full.
         let at_end = self.leaves[loc.leaf as usize].next == NONE && loc.idx + 2 >= n;
         let mid = if at_end { LEAF_CAP - 1 } else { n / 2 };
@@ -790,7 +871,7 @@ impl Tree {
                 end = moved[j].end();
                 j += 1;
             }
-            self.assign(r, start, end, new_idx);
+            self.repoint(r, start, end, leaf, new_idx);
             i = j;
         }
         let left_visible = self.leaves[leaf as usize].visible;
