@@ -5,12 +5,16 @@
 //! - [`cli`]: where a setting comes from: flag, `COLLAB_*` environment variable, `--config` file.
 //! - [`units`]: the duration and size syntax of every flag.
 //! - [`ids`]: newtypes for shard, connection, replica and sequence ids; doc -> shard hashing.
-//! - [`storage`]: the op log and snapshots behind the `Storage` trait.
-//! - [`metrics`]: per-shard counters and histograms, merged on scrape.
+//! - [`storage`]: the op log and snapshots behind the `Storage` trait (disk, PostgreSQL, memory)
+//!   and the storage worker that runs it off the shard thread.
+//! - [`copy`]: `collab-engine copy`, documents between a data directory and PostgreSQL.
+//! - [`metrics`]: per-shard counters and histograms, rendered as Prometheus text on scrape.
 //! - [`auth`]: tokens (JWT), roles, keys and revocations; what a token grants, decided once.
 //! - [`acceptor`]: TCP accept, plain HTTP, WebSocket handshake, handoff to shards.
 //! - [`shard`]: per-core event loops owning connections and documents.
 //! - [`server`]: starting and stopping it all in-process.
+//! - [`client`]: the Rust client (`Replica`, transport-free, and the blocking `Client`).
+//! - [`crdt`], [`room`], [`protocol`]: the RGA, one document's rules, the wire format.
 //! - [`loadgen`]: the `collab-load` load generator (real WebSocket clients, HDR latency reports).
 #![warn(missing_docs)]
 
