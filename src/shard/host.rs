@@ -10,7 +10,7 @@
 //! The pipeline, per turn: rooms produce [`Effects`]; the records of every room go to the
 //! worker as one [`StorageRequest::Commit`] (the worker syncs every commit queued while its
 //! previous sync ran, together); each room's effects wait in its `held` queue, in order,
-//! until the sync carrying them is reported durable ([`StorageCompletion::Synced`]); then
+//! until the sync carrying them is reported durable (`StorageCompletion::Synced`); then
 //! they are released, in turn order, so frames leave in `server_seq` order per document and
 //! no client ever sees a `server_seq` a crash could take back. A room with nothing held
 //! releases record-less effects (presence, refusals) at once.
