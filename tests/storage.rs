@@ -1710,6 +1710,7 @@ fn postgres_tls_is_verified_against_the_ca_file_and_refusals_are_clear() {
     assert!(status.success(), "openssl req failed");
     let refused = open_pg_tls(&url, Some(&wrong.join("ca.pem"))).err();
     let text = refused.expect("a foreign CA was accepted");
+    eprintln!("refusal of a foreign CA: {text}");
     assert!(
         text.contains("connecting to the database") && text.contains("certificate"),
         "{text}"

@@ -134,10 +134,10 @@ where
     type Error = io::Error;
 
     fn make_tls_connect(&mut self, domain: &str) -> Result<PgTlsConnect, io::Error> {
+        // tokio-postgres asks for a connector even with sslmode=disable (it then never uses
+        // it): hand out one that can only refuse.
         let Some(client) = &self.client else {
-            // Unreachable by construction (sslmode is `disable` then); refuse rather than
-            // connect unencrypted behind the policy's back.
-            return Err(io::Error::other("TLS is not configured for this database"));
+            return Ok(PgTlsConnect { tls: None });
         };
         let name = ServerName::try_from(domain.to_owned()).map_err(|e| {
             io::Error::new(
@@ -146,16 +146,15 @@ where
             )
         })?;
         Ok(PgTlsConnect {
-            connector: tokio_rustls::TlsConnector::from(Arc::clone(client)),
-            name,
+            tls: Some((tokio_rustls::TlsConnector::from(Arc::clone(client)), name)),
         })
     }
 }
 
-/// One TLS handshake to come, to the host it must be verified against.
+/// One TLS handshake to come, to the host it must be verified against (`None`: TLS is off,
+/// and a handshake is refused rather than done unverified).
 pub struct PgTlsConnect {
-    connector: tokio_rustls::TlsConnector,
-    name: ServerName<'static>,
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
 }
 
 impl<S> TlsConnect<S> for PgTlsConnect
@@ -168,7 +167,10 @@ where
 
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
-            let stream = self.connector.connect(self.name, stream).await?;
+            let Some((connector, name)) = self.tls else {
+                return Err(io::Error::other("TLS is not configured for this database"));
+            };
+            let stream = connector.connect(name, stream).await?;
             Ok(PgTlsStream(stream))
         })
     }
