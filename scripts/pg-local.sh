@@ -185,6 +185,13 @@ CONF
 # as PostgreSQL demands).
 make_certs() {
   local dir=$1
+  # Debian's postgresql depends on it (through ssl-cert), but a server installed otherwise may not.
+  if ! command -v openssl >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "pg-local.sh: installing openssl from Debian packages" >&2
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssl \
+      || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssl; }; } >&2 \
+      || die "apt-get install openssl failed"
+  fi
   command -v openssl >/dev/null || die "--tls needs the openssl command (apt-get install openssl)"
   local log="$dir/openssl.log"
   {
