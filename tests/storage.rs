@@ -1688,6 +1688,32 @@ fn postgres_tls_is_verified_against_the_ca_file_and_refusals_are_clear() {
         .expect("load")
         .expect("stored");
     assert_eq!(seqs(&doc), (1..=5).collect::<Vec<_>>());
+    // `collab-engine copy` takes the same flag; without it, sslmode=require is refused.
+    let from = temp_dir("tls-copy");
+    write_doc(&mut open(&from), "copied", "E", 2);
+    let args = [
+        "--from-data-dir",
+        from.to_str().expect("utf-8"),
+        "--to-database-url",
+        &url,
+    ];
+    let out = copy(&args);
+    assert!(!out.status.success(), "copy without a CA file succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("needs --database-ca-file"), "{stderr}");
+    let ca_arg = ca.to_str().expect("utf-8");
+    let out = copy(&[&args[..], &["--database-ca-file", ca_arg]].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("copied and verified 1 documents"),
+        "{stdout}"
+    );
+    fs::remove_dir_all(&from).expect("cleanup");
 
     // A CA that did not sign the server's certificate: refused at start, with the reason.
     let wrong = temp_dir("wrong-ca");
