@@ -195,6 +195,7 @@ fn open_pg(url: &str) -> PgStorage {
         url: url.to_owned(),
         timeout: Duration::from_secs(30),
         synchronous_commit: true,
+        ca_file: None,
     })
     .expect("PgStorage")
 }

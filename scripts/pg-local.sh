@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A private, throw-away PostgreSQL server for the tests and for trying `--database-url`.
 #
-#   scripts/pg-local.sh start [--dir DIR] [--port PORT] [--owner-pid PID]
+#   scripts/pg-local.sh start [--dir DIR] [--port PORT] [--owner-pid PID] [--tls]
 #       Installs PostgreSQL from Debian packages when it is missing, initialises a cluster in
 #       DIR (default: a new directory under ${TMPDIR:-/tmp}) as an unprivileged user (root is
 #       refused by PostgreSQL: the system user `collabpg` is created when needed), starts it
@@ -10,6 +10,10 @@
 #           postgres://collabpg@127.0.0.1:PORT/collab
 #       With --owner-pid, a watcher stops the server and removes DIR once that process exits
 #       (the tests pass their own pid, so no server outlives them).
+#       With --tls, the server also accepts TLS (ssl = on) with a certificate for 127.0.0.1 and
+#       localhost signed by a throw-away CA made with the openssl CLI; clients verify it with
+#       DIR/ca.pem (`--database-ca-file DIR/ca.pem`, URL `...?sslmode=require`). Plain
+#       connections are still accepted.
 #   scripts/pg-local.sh stop DIR
 #       Stops the server of DIR (fast shutdown) and removes DIR.
 #   scripts/pg-local.sh ctl DIR PG_CTL_ARGS...
@@ -97,12 +101,13 @@ pick_port() {
 }
 
 start() {
-  local dir="" port="" owner_pid=""
+  local dir="" port="" owner_pid="" tls=0
   while [ $# -gt 0 ]; do
     case "$1" in
       --dir) dir=$2; shift 2 ;;
       --port) port=$2; shift 2 ;;
       --owner-pid) owner_pid=$2; shift 2 ;;
+      --tls) tls=1; shift ;;
       *) die "start: unknown argument $1" ;;
     esac
   done
@@ -131,6 +136,13 @@ start() {
   as_owner "$bindir/initdb" -D "$dir/data" -U "$PG_USER" -E UTF8 --locale=C.UTF-8 \
     --auth=trust --data-checksums >"$dir/initdb.log" 2>&1 \
     || { cat "$dir/initdb.log" >&2; die "initdb failed in $dir/data"; }
+  local ssl_conf=""
+  if [ "$tls" = 1 ]; then
+    make_certs "$dir"
+    ssl_conf="ssl = on
+ssl_cert_file = '$dir/data/server.crt'
+ssl_key_file = '$dir/data/server.key'"
+  fi
   local attempt=0 chosen
   while :; do
     chosen=${port:-$(pick_port)}
@@ -139,6 +151,7 @@ start() {
 listen_addresses = '127.0.0.1'
 port = $chosen
 unix_socket_directories = '$dir'
+$ssl_conf
 CONF
     grep -q "^include_if_exists = 'collab-local.conf'" "$dir/data/postgresql.conf" \
       || echo "include_if_exists = 'collab-local.conf'" | as_owner tee -a "$dir/data/postgresql.conf" >/dev/null
@@ -161,7 +174,42 @@ CONF
   fi
   echo "pg-local.sh: PostgreSQL $("$bindir/postgres" --version | awk '{print $3}') running in $dir" \
     "(stop it with: $0 stop $dir)" >&2
+  if [ "$tls" = 1 ]; then
+    echo "pg-local.sh: TLS on; CA certificate: $dir/ca.pem" >&2
+  fi
   echo "postgres://$PG_USER@127.0.0.1:$chosen/$DB_NAME"
+}
+
+# A throw-away CA (DIR/ca.pem, its key DIR/ca.key) and a server certificate it signs for
+# 127.0.0.1 and localhost (DIR/data/server.crt and .key, owned by the cluster owner, mode 0600
+# as PostgreSQL demands).
+make_certs() {
+  local dir=$1
+  # Debian's postgresql depends on it (through ssl-cert), but a server installed otherwise may not.
+  if ! command -v openssl >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "pg-local.sh: installing openssl from Debian packages" >&2
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssl \
+      || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssl; }; } >&2 \
+      || die "apt-get install openssl failed"
+  fi
+  command -v openssl >/dev/null || die "--tls needs the openssl command (apt-get install openssl)"
+  local log="$dir/openssl.log"
+  {
+    openssl req -x509 -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:P-256 \
+      -keyout "$dir/ca.key" -out "$dir/ca.pem" -days 2 -subj "/CN=collab-engine test CA" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" &&
+    openssl req -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:P-256 \
+      -keyout "$dir/data/server.key" -out "$dir/server.csr" -subj "/CN=127.0.0.1" &&
+    printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
+      "extendedKeyUsage=serverAuth" "subjectAltName=IP:127.0.0.1,DNS:localhost" >"$dir/server.ext" &&
+    openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
+      -CAcreateserial -days 2 -extfile "$dir/server.ext" -out "$dir/data/server.crt"
+  } >"$log" 2>&1 || { cat "$log" >&2; die "making the TLS certificates failed"; }
+  chmod 600 "$dir/data/server.key" "$dir/ca.key"
+  chmod 644 "$dir/ca.pem" "$dir/data/server.crt"
+  if [ "$(id -u)" = 0 ]; then
+    chown "$PG_USER" "$dir/data/server.key" "$dir/data/server.crt"
+  fi
 }
 
 stop_dir() {
@@ -211,5 +259,5 @@ case "${1:-}" in
   ctl) shift; ctl "$@" ;;
   pid) [ -f "${2:-}/data/postmaster.pid" ] || die "pid: no running server in ${2:-?}"; head -n 1 "$2/data/postmaster.pid" ;;
   watch) shift; watch "$@" ;;
-  *) die "usage: $0 start [--dir DIR] [--port PORT] [--owner-pid PID] | stop DIR | ctl DIR ARGS... | pid DIR" ;;
+  *) die "usage: $0 start [--dir DIR] [--port PORT] [--owner-pid PID] [--tls] | stop DIR | ctl DIR ARGS... | pid DIR" ;;
 esac

@@ -84,10 +84,18 @@ pub struct Config {
 
     /// Keep documents in PostgreSQL instead of `--data-dir`:
     /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DB` (or libpq `key=value` pairs). One connection
-    /// per shard; the schema is created or upgraded at start. No TLS: use a local socket
-    /// (`host=/run/postgresql`) or a trusted network. `--data-dir` still holds local files.
+    /// per shard; the schema is created or upgraded at start. The URL's `sslmode` (`disable`,
+    /// `prefer`, `require`) and `--database-ca-file` select TLS. `--data-dir` still holds local
+    /// files.
     #[arg(long, env = "COLLAB_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+
+    /// PEM file of the CA that signed the database server's certificate. With it, TLS is used
+    /// (`sslmode=prefer`: when the server offers it; `require`: always) and the certificate must
+    /// chain to this CA and name the URL's host. `sslmode=require` without it is refused;
+    /// `prefer` without it connects unencrypted.
+    #[arg(long, value_name = "PATH")]
+    pub database_ca_file: Option<PathBuf>,
 
     /// Deadline of each database statement, COMMIT and connection attempt. A COMMIT without
     /// an answer by then is cancelled and its outcome counts as unknown (its document is
@@ -226,6 +234,7 @@ impl Config {
         config.listen = listen;
         config.storage = StorageKind::Memory;
         config.database_url = None;
+        config.database_ca_file = None;
         config.shards = 2;
         config.no_pin_cores = true;
         config

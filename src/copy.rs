@@ -40,6 +40,10 @@ pub struct CopyArgs {
     /// Deadline of each database statement.
     #[arg(long, default_value = "30s", value_parser = crate::units::parse_duration)]
     pub database_timeout: Duration,
+    /// PEM CA the database servers' certificates must chain to (both sides); see the server's
+    /// `--database-ca-file` for how it combines with the URL's `sslmode`.
+    #[arg(long, value_name = "PATH", env = "COLLAB_DATABASE_CA_FILE")]
+    pub database_ca_file: Option<PathBuf>,
 }
 
 /// What a copy did.
@@ -66,11 +70,12 @@ impl Store {
         Ok(Store::Disk(Box::new(storage)))
     }
 
-    fn open_pg(url: &str, timeout: Duration) -> anyhow::Result<Store> {
+    fn open_pg(url: &str, timeout: Duration, ca_file: Option<&PathBuf>) -> anyhow::Result<Store> {
         let storage = PgStorage::open(&PgOptions {
             url: url.to_owned(),
             timeout,
             synchronous_commit: true,
+            ca_file: ca_file.cloned(),
         })?;
         Ok(Store::Pg(Box::new(storage)))
     }
@@ -98,15 +103,19 @@ impl Store {
 /// copied document does not verify.
 pub fn run(args: &CopyArgs) -> anyhow::Result<CopyReport> {
     let timeout = args.database_timeout;
+    let ca_file = args.database_ca_file.as_ref();
     let (mut from, from_label) = match (&args.from_data_dir, &args.from_database_url) {
         (Some(dir), None) => (Store::open_disk(dir)?, format!("{}", dir.display())),
-        (None, Some(url)) => (Store::open_pg(url, timeout)?, "the database".to_owned()),
+        (None, Some(url)) => (
+            Store::open_pg(url, timeout, ca_file)?,
+            "the database".to_owned(),
+        ),
         _ => bail!("give one of --from-data-dir and --from-database-url"),
     };
     let open_to = || -> anyhow::Result<Store> {
         match (&args.to_data_dir, &args.to_database_url) {
             (Some(dir), None) => Store::open_disk(dir),
-            (None, Some(url)) => Store::open_pg(url, timeout),
+            (None, Some(url)) => Store::open_pg(url, timeout, ca_file),
             _ => bail!("give one of --to-data-dir and --to-database-url"),
         }
     };

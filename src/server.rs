@@ -201,6 +201,7 @@ pub fn open_storage(config: &Config, shard_idx: usize) -> anyhow::Result<Box<dyn
             url: url.clone(),
             timeout: config.database_timeout,
             synchronous_commit: config.fsync == FsyncMode::Always,
+            ca_file: config.database_ca_file.clone(),
         })?;
         storage.keep_lock(lock);
         if shard_idx == 0 {

@@ -913,6 +913,7 @@ fn open_pg(url: &str, fsync: FsyncMode, timeout: Duration) -> PgStorage {
         url: url.to_owned(),
         timeout,
         synchronous_commit: fsync == FsyncMode::Always,
+        ca_file: None,
     })
     .unwrap_or_else(|e| panic!("opening PgStorage: {e}"))
 }
@@ -1416,6 +1417,7 @@ fn postgres_schema_is_recorded_and_a_newer_one_refused() {
         url: url.clone(),
         timeout: Duration::from_secs(5),
         synchronous_commit: true,
+        ca_file: None,
     });
     match refused {
         Err(e) => {
@@ -1638,4 +1640,133 @@ fn copy_moves_every_document_to_postgres_and_back() {
         back.to_str().expect("utf-8"),
     ]);
     assert!(!same.status.success());
+}
+
+/// `url` with `sslmode=MODE` added.
+fn with_sslmode(url: &str, mode: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}sslmode={mode}")
+}
+
+fn open_pg_tls(url: &str, ca_file: Option<&Path>) -> Result<PgStorage, String> {
+    PgStorage::open(&PgOptions {
+        url: url.to_owned(),
+        timeout: Duration::from_secs(5),
+        synchronous_commit: true,
+        ca_file: ca_file.map(Path::to_path_buf),
+    })
+    .map_err(|e| e.to_string())
+}
+
+#[test]
+fn postgres_tls_is_verified_against_the_ca_file_and_refusals_are_clear() {
+    let server = pg::OwnServer::start_tls("tls");
+    let ca = server.ca_file();
+    let url = with_sslmode(&server.url, "require");
+    let mut storage = open_pg_tls(&url, Some(&ca)).expect("open over TLS");
+    write_doc(&mut storage, "doc", "E", 5);
+    // On the server's side: the storage's session is encrypted.
+    let sessions: Vec<(bool, String)> = pg::client(&server.url)
+        .query(
+            "SELECT s.ssl, coalesce(s.version, '') FROM pg_stat_ssl s \
+             JOIN pg_stat_activity a USING (pid) \
+             WHERE a.datname = current_database() AND a.application_name = 'collab-engine'",
+            &[],
+        )
+        .expect("pg_stat_ssl")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    assert!(sessions[0].0, "storage session not encrypted: {sessions:?}");
+    assert!(sessions[0].1.starts_with("TLSv1."), "{sessions:?}");
+    drop(storage);
+    // A fresh storage over TLS reads back what was written.
+    let doc = open_pg_tls(&url, Some(&ca))
+        .expect("reopen over TLS")
+        .load("doc")
+        .expect("load")
+        .expect("stored");
+    assert_eq!(seqs(&doc), (1..=5).collect::<Vec<_>>());
+    // `collab-engine copy` takes the same flag; without it, sslmode=require is refused.
+    let from = temp_dir("tls-copy");
+    write_doc(&mut open(&from), "copied", "E", 2);
+    let args = [
+        "--from-data-dir",
+        from.to_str().expect("utf-8"),
+        "--to-database-url",
+        &url,
+    ];
+    let out = copy(&args);
+    assert!(!out.status.success(), "copy without a CA file succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("needs --database-ca-file"), "{stderr}");
+    let ca_arg = ca.to_str().expect("utf-8");
+    let out = copy(&[&args[..], &["--database-ca-file", ca_arg]].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("copied and verified 1 documents"),
+        "{stdout}"
+    );
+    fs::remove_dir_all(&from).expect("cleanup");
+
+    // A CA that did not sign the server's certificate: refused at start, with the reason.
+    let wrong = temp_dir("wrong-ca");
+    let status = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-new", "-nodes", "-newkey", "ec"])
+        .args(["-pkeyopt", "ec_paramgen_curve:P-256", "-days", "1"])
+        .args([
+            "-subj",
+            "/CN=some other CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+        ])
+        .arg("-keyout")
+        .arg(wrong.join("ca.key"))
+        .arg("-out")
+        .arg(wrong.join("ca.pem"))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("running openssl");
+    assert!(status.success(), "openssl req failed");
+    let refused = open_pg_tls(&url, Some(&wrong.join("ca.pem"))).err();
+    let text = refused.expect("a foreign CA was accepted");
+    eprintln!("refusal of a foreign CA: {text}");
+    assert!(
+        text.contains("connecting to the database") && text.contains("certificate"),
+        "{text}"
+    );
+    // The same foreign CA with sslmode=prefer: still refused (TLS is offered, so it is used
+    // and verified; never a silent fallback to an unverified or plain session).
+    let prefer = open_pg_tls(
+        &with_sslmode(&server.url, "prefer"),
+        Some(&wrong.join("ca.pem")),
+    );
+    assert!(prefer.is_err(), "prefer accepted an unverifiable server");
+    // A CA file that is not a certificate.
+    let text = open_pg_tls(&url, Some(&wrong.join("ca.key")))
+        .err()
+        .expect("a key file was accepted as CA");
+    assert!(text.contains("--database-ca-file"), "{text}");
+    // sslmode=require without a CA file: refused before connecting.
+    let text = open_pg_tls(&url, None)
+        .err()
+        .expect("require without a CA file was accepted");
+    assert!(
+        text.contains("sslmode=require needs --database-ca-file"),
+        "{text}"
+    );
+    // sslmode=require against a server without TLS (the shared test server has ssl off).
+    let plain = with_sslmode(pg::server_url(), "require");
+    let text = open_pg_tls(&plain, Some(&ca))
+        .err()
+        .expect("require connected to a server without TLS");
+    assert!(text.contains("connecting to the database"), "{text}");
+    eprintln!("refusal against a server without TLS: {text}");
+    fs::remove_dir_all(&wrong).expect("cleanup");
 }

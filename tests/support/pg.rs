@@ -109,12 +109,28 @@ impl OwnServer {
     /// Starts one in a new directory named after `name`, under the system temp directory
     /// (the server's unprivileged owner must reach it, which a checkout under /root is not).
     pub fn start(name: &str) -> OwnServer {
+        OwnServer::start_with(name, &[])
+    }
+
+    /// Like [`OwnServer::start`], with TLS on (`pg-local.sh start --tls`): the CA that signed
+    /// its certificate is [`OwnServer::ca_file`].
+    pub fn start_tls(name: &str) -> OwnServer {
+        OwnServer::start_with(name, &["--tls"])
+    }
+
+    /// The CA certificate of a server started with [`OwnServer::start_tls`].
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    fn start_with(name: &str, extra: &[&str]) -> OwnServer {
         let dir = std::env::temp_dir().join(format!("collab-pg-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let output = std::process::Command::new(SCRIPT)
             .args(["start", "--dir"])
             .arg(&dir)
             .args(["--owner-pid", &std::process::id().to_string()])
+            .args(extra)
             .stderr(std::process::Stdio::inherit())
             .output()
             .unwrap_or_else(|e| panic!("running {SCRIPT}: {e}"));

@@ -28,6 +28,7 @@
 //! not have committed, and the documents it touched must be reloaded before they serve again.
 
 mod migrate;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -35,10 +36,11 @@ use std::time::{Duration, Instant};
 
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 use tungstenite::Utf8Bytes;
 
 pub use migrate::{migrate, MigrateError, MIGRATIONS, SCHEMA_VERSION};
+pub use tls::{PgTls, TlsConfigError};
 
 use super::{LogRecord, Storage, StorageError, StoredDoc, StoredSnapshot};
 
@@ -60,6 +62,9 @@ pub struct PgOptions {
     pub timeout: Duration,
     /// `synchronous_commit` of the session: `on` unless `--fsync never`.
     pub synchronous_commit: bool,
+    /// PEM CA the server's certificate must chain to (`--database-ca-file`); TLS is used only
+    /// with one (see [`tls`] for how it combines with the URL's `sslmode`).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// Why the database could not be used at all (bad URL, unreachable at start, schema refused).
@@ -68,6 +73,9 @@ pub enum PgOpenError {
     /// The URL did not parse.
     #[error("invalid --database-url: {0}")]
     Url(tokio_postgres::Error),
+    /// The TLS settings (`sslmode`, `--database-ca-file`) cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsConfigError),
     /// Connecting or preparing the session failed.
     #[error("connecting to the database {target}: {detail}")]
     Connect {
@@ -155,6 +163,8 @@ enum CallError {
 pub struct PgStorage {
     rt: Runtime,
     config: tokio_postgres::Config,
+    /// TLS policy of every connection and cancel request.
+    tls: PgTls,
     /// `host:port/db` for messages (never the password).
     target: String,
     timeout: Duration,
@@ -194,6 +204,7 @@ impl PgStorage {
         if config.get_application_name().is_none() {
             config.application_name("collab-engine");
         }
+        let tls = PgTls::new(&mut config, options.ca_file.as_deref())?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
@@ -203,6 +214,7 @@ impl PgStorage {
         let mut storage = PgStorage {
             rt,
             config,
+            tls,
             target,
             timeout: options.timeout,
             synchronous_commit: options.synchronous_commit,
@@ -273,7 +285,7 @@ impl PgStorage {
             target: self.target.clone(),
             detail,
         };
-        let connecting = self.config.connect(NoTls);
+        let connecting = self.config.connect(self.tls.clone());
         let (mut client, connection) =
             match self.rt.block_on(with_deadline(self.timeout, connecting)) {
                 Some(Ok(pair)) => pair,
@@ -478,9 +490,10 @@ impl PgStorage {
                 self.zombie = Some(conn.backend.clone());
                 let token = conn.client.cancel_token();
                 drop(conn);
-                let cancelled = self
-                    .rt
-                    .block_on(with_deadline(CANCEL_WAIT_MAX, token.cancel_query(NoTls)));
+                let cancelled = self.rt.block_on(with_deadline(
+                    CANCEL_WAIT_MAX,
+                    token.cancel_query(self.tls.clone()),
+                ));
                 if !matches!(cancelled, Some(Ok(()))) {
                     log::warn!("database {}: cancel request not delivered", self.target);
                 }
@@ -965,7 +978,18 @@ async fn with_deadline<T>(deadline: Duration, future: impl Future<Output = T>) -
 fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
-        None => e.to_string(),
+        None => {
+            // With its causes: "error performing TLS handshake" alone does not say that the
+            // certificate did not verify.
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            text
+        }
     }
 }
 
