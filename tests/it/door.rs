@@ -16,7 +16,9 @@ use tungstenite::http::HeaderValue;
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::Message;
 
-use crate::util::{recv_json, recv_until_close, send, server, test_config, Watchdog, Ws};
+use crate::util::{
+    recv_json, recv_until_close, send, server, spawn_command, test_config, Watchdog, Ws,
+};
 
 /// The address the scrapes come from.
 const SCRAPER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -308,24 +310,8 @@ fn door_connect_rate_refuses_with_429_then_recovers() {
 /// Starts the real binary with `args` and `envs`; returns it and the address it printed.
 fn spawn_binary(args: &[&str], envs: &[(&str, &str)]) -> (std::process::Child, SocketAddr) {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_collab-engine"));
-    command
-        .args(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null());
-    for (key, value) in envs {
-        command.env(key, value);
-    }
-    let mut child = command.spawn().expect("spawn the server");
-    let mut line = String::new();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-    std::io::BufRead::read_line(&mut stdout, &mut line).expect("first line");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected line {line:?}"))
-        .parse()
-        .expect("an address");
-    (child, addr)
+    command.args(args).envs(envs.iter().copied());
+    spawn_command(command)
 }
 
 #[test]

@@ -419,8 +419,14 @@ pub fn spawn_server_with(extra: &[&str]) -> (std::process::Child, SocketAddr) {
         command.args(["--storage", "memory"]);
     }
     command.env_remove("COLLAB_DATABASE_URL");
+    command.args(extra);
+    spawn_command(command)
+}
+
+/// Spawns `command` (the real binary with its flags) with stdout piped and returns it with the
+/// address it printed first (`listening on http://ADDR`).
+pub fn spawn_command(mut command: std::process::Command) -> (std::process::Child, SocketAddr) {
     let mut child = command
-        .args(extra)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
