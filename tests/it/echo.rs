@@ -5,9 +5,6 @@
 //! and the close-code rules of RFC 6455.
 
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
-use std::time::Duration;
 
 use collab_engine::acceptor::PlainWs;
 use collab_engine::ids::ConnToken;
@@ -18,7 +15,7 @@ use tungstenite::protocol::frame::{CloseFrame, Frame, FrameHeader};
 use tungstenite::protocol::Role;
 use tungstenite::{Bytes, Message, WebSocket};
 
-use crate::util::{connect, empty_frames, flood, test_config, Watchdog, Ws, READ_TIMEOUT};
+use crate::util::{connect, during_control_floods, test_config, Watchdog, Ws, READ_TIMEOUT};
 
 /// Sends every text or binary message back as a message of the same kind.
 struct Echo;
@@ -385,23 +382,14 @@ fn echo_ping_and_pong_floods_do_not_starve_the_shard() {
     let server = start_with(&test_config(), PlainWs::RoundRobin, vec![Echo]).expect("echo server");
     let addr = server.local_addr();
     // Unsolicited pongs (which the RFC allows), and pings whose pongs the flooder never reads.
-    for (what, head) in [("pongs", 0x8a), ("pings", 0x89)] {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (started_tx, started_rx) = mpsc::channel();
-        let flooder = flood(
-            addr,
-            empty_frames(head, 1 << 16),
-            started_tx,
-            stop.clone(),
-            Duration::from_secs(15),
-        );
-        started_rx.recv().expect("the flood started");
+    let outcomes = during_control_floods(addr, |_| {
         let mut ws = connect(addr, "/ws");
         ws.send(Message::text("still served")).expect("send");
         assert_eq!(next(&mut ws), Message::text("still served"));
-        stop.store(true, Ordering::Relaxed);
+    });
+    for (what, during) in outcomes {
         assert!(
-            flooder.join().expect("flooder"),
+            during,
             "{what}: the echo came only after the flood ended: one connection starved the shard"
         );
     }

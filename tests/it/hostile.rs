@@ -2,8 +2,6 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
@@ -11,8 +9,8 @@ use tungstenite::protocol::frame::Frame;
 use tungstenite::Message;
 
 use crate::util::{
-    connect, empty_frames, flood, http_get, recv_json, recv_until_close, send, server, test_config,
-    Watchdog,
+    connect, during_control_floods, http_get, recv_json, recv_until_close, send, server,
+    test_config, Watchdog,
 };
 
 #[test]
@@ -442,25 +440,16 @@ fn hostile_ping_and_pong_floods_before_hello_do_not_stall_the_acceptor() {
     );
     let server = server(test_config());
     let addr = server.local_addr();
-    for (what, head) in [("pongs", 0x8a), ("pings", 0x89)] {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (started_tx, started_rx) = mpsc::channel();
-        let flooder = flood(
-            addr,
-            empty_frames(head, 1 << 16),
-            started_tx,
-            stop.clone(),
-            Duration::from_secs(15),
-        );
-        started_rx.recv().expect("the flood started");
+    let outcomes = during_control_floods(addr, |what| {
         let health = http_get(addr, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(health.starts_with("HTTP/1.1 200"), "{what}: {health}");
         let mut ws = connect(addr, "/ws");
         send(&mut ws, r#"{"type":"hello","doc":"flooded"}"#);
         assert_eq!(recv_json(&mut ws)["type"], "hello_ack", "{what}");
-        stop.store(true, Ordering::Relaxed);
+    });
+    for (what, during) in outcomes {
         assert!(
-            flooder.join().expect("flooder"),
+            during,
             "{what}: served only after the flood ended: one connection stalled the acceptor"
         );
     }

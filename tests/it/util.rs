@@ -453,6 +453,33 @@ pub fn empty_frames(head: u8, n: usize) -> Vec<u8> {
     bytes
 }
 
+/// Streams unsolicited pongs, then pings whose pongs are never read, from one connection to
+/// `addr` (up to 15 s each), and calls `serve` with `"pongs"` or `"pings"` while each flood runs.
+/// Returns, per flood, whether the flood was still running when `serve` returned (`true`:
+/// served during it, not after it).
+pub fn during_control_floods(
+    addr: SocketAddr,
+    mut serve: impl FnMut(&'static str),
+) -> Vec<(&'static str, bool)> {
+    let mut outcomes = Vec::new();
+    for (what, head) in [("pongs", 0x8a), ("pings", 0x89)] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let flooder = flood(
+            addr,
+            empty_frames(head, 1 << 16),
+            started_tx,
+            stop.clone(),
+            Duration::from_secs(15),
+        );
+        started_rx.recv().expect("the flood started");
+        serve(what);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        outcomes.push((what, flooder.join().expect("flooder")));
+    }
+    outcomes
+}
+
 /// Sends `frames` over and over on one connection until `stop` is set or `bound` passes;
 /// returns whether it was stopped (true) or ran out of time (false). A server that stops
 /// reading (backpressure) only slows it down: each frame stays whole across partial writes.
