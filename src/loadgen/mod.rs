@@ -209,7 +209,9 @@ pub fn run(config: LoadConfig) -> Result<RunOutput, LoadError> {
         n_writers,
         slots_per_writer(&config),
     ));
-    let server_start = procfs::sample(config.server_pid);
+    // Only with --server-pid: `procfs::sample(None)` reads this process, which is not the server.
+    let sample_server = || config.server_pid.and_then(|pid| procfs::sample(Some(pid)));
+    let server_start = sample_server();
     let generator_start = procfs::sample(None);
 
     let mut wakers = Vec::new();
@@ -251,13 +253,13 @@ pub fn run(config: LoadConfig) -> Result<RunOutput, LoadError> {
                 >= rooms
         });
     }
-    let server_join_start = procfs::sample(config.server_pid);
+    let server_join_start = sample_server();
     let join_start = Instant::now();
     set_phase(Phase::Join);
     let total = config.total_clients() as u64;
     wait_until(join_start + config.join_timeout, || settled(total));
     let join_all = join_start.elapsed();
-    let server_join_end = procfs::sample(config.server_pid);
+    let server_join_end = sample_server();
 
     let window_start = Instant::now() + config.warmup;
     let window_end = window_start + config.duration;
@@ -265,10 +267,10 @@ pub fn run(config: LoadConfig) -> Result<RunOutput, LoadError> {
     set_phase(Phase::Edit);
     std::thread::sleep(window_start.saturating_duration_since(Instant::now()));
     let host_load_1m = procfs::load_average_1m();
-    let server_window_start = procfs::sample(config.server_pid);
+    let server_window_start = sample_server();
     let generator_window_start = procfs::sample(None);
     std::thread::sleep(window_end.saturating_duration_since(Instant::now()));
-    let server_window_end = procfs::sample(config.server_pid);
+    let server_window_end = sample_server();
     let generator_window_end = procfs::sample(None);
 
     set_phase(Phase::Drain);
