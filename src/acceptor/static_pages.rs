@@ -18,7 +18,8 @@ const JS: &str = "text/javascript; charset=utf-8";
 
 /// Request paths and their files. `/` is the CodeMirror demo, whose `/app.js` is the bundle
 /// `clients/demo/build.sh` makes (checked in; the test command checks it is fresh). `/textarea`
-/// is the zero-dependency demo on the plain `<textarea>` binding. `/collab.js` is the client
+/// is the zero-dependency demo on the plain `<textarea>` binding; `/page.js` is what both demo
+/// pages share (bundled into `/app.js` too, imported by `/textarea.js`). `/collab.js` is the client
 /// library itself, so that any page served from here (or a user's own) can `import` it.
 const PAGES: &[(&str, &str, &[u8])] = &[
     ("/", HTML, include_bytes!("../../clients/demo/index.html")),
@@ -47,6 +48,7 @@ const PAGES: &[(&str, &str, &[u8])] = &[
         JS,
         include_bytes!("../../clients/demo/textarea.js"),
     ),
+    ("/page.js", JS, include_bytes!("../../clients/demo/page.js")),
     (
         "/collab.js",
         JS,
@@ -103,6 +105,7 @@ mod tests {
                 "import { CollabClient, TextareaBinding } from '/collab.js'",
             )),
         );
+        check("/page.js", Some((super::JS, "export function setUpPage()")));
         check("/collab.js", Some((super::JS, "export class CollabClient")));
         check("/missing", None);
         check("/app.js?v=1", None);

@@ -16,6 +16,7 @@ const PAGES = {
   '/app.js': ['text/javascript; charset=utf-8', 'demo/dist/app.js'],
   '/textarea': ['text/html; charset=utf-8', 'demo/textarea.html'],
   '/textarea.js': ['text/javascript; charset=utf-8', 'demo/textarea.js'],
+  '/page.js': ['text/javascript; charset=utf-8', 'demo/page.js'],
   '/collab.js': ['text/javascript; charset=utf-8', 'js/collab.js'],
 };
 
