@@ -3,11 +3,11 @@
 //! of the finished document (measured by a counting global allocator).
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::io::Read;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use collab_engine::crdt::{Doc, Op, OpBuf};
+use collab_engine::trace::{EditingTrace, Patch};
 
 /// Counts live heap bytes; everything else is the system allocator.
 struct Counting;
@@ -35,36 +35,18 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-struct Trace {
-    end_content: String,
-    patches: Vec<(usize, usize, String)>,
+fn load(name: &str) -> EditingTrace {
+    EditingTrace::bundled(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn load(name: &str) -> Trace {
-    let path = format!("{}/tests/data/{name}.json.gz", env!("CARGO_MANIFEST_DIR"));
-    let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let mut json = String::new();
-    flate2::read::GzDecoder::new(file)
-        .read_to_string(&mut json)
-        .expect("gunzip trace");
-    let v: serde_json::Value = serde_json::from_str(&json).expect("trace json");
-    let mut patches = Vec::new();
-    for txn in v["txns"].as_array().expect("txns") {
-        for p in txn["patches"].as_array().expect("patches") {
-            let pos = p[0].as_u64().expect("pos") as usize;
-            let del = p[1].as_u64().expect("del") as usize;
-            patches.push((pos, del, p[2].as_str().expect("ins").to_owned()));
-        }
-    }
-    Trace {
-        end_content: v["endContent"].as_str().expect("endContent").to_owned(),
-        patches,
-    }
-}
-
-fn replay_local(trace: &Trace, mut ops: Option<&mut Vec<Op>>) -> Doc {
+fn replay_local(trace: &EditingTrace, mut ops: Option<&mut Vec<Op>>) -> Doc {
     let mut doc = Doc::new();
-    for (pos, del, ins) in &trace.patches {
+    for Patch {
+        pos,
+        delete: del,
+        insert: ins,
+    } in &trace.patches
+    {
         if *del > 0 {
             let d = doc.delete_local(*pos, *del);
             if let Some(ops) = ops.as_deref_mut() {
@@ -82,10 +64,15 @@ fn replay_local(trace: &Trace, mut ops: Option<&mut Vec<Op>>) -> Doc {
 }
 
 /// Local replay through `OpBuf`: one buffer, cleared per patch (a client sends each edit's ops, then reuses it).
-fn replay_buffered(trace: &Trace) -> Doc {
+fn replay_buffered(trace: &EditingTrace) -> Doc {
     let mut doc = Doc::new();
     let mut buf = OpBuf::new();
-    for (pos, del, ins) in &trace.patches {
+    for Patch {
+        pos,
+        delete: del,
+        insert: ins,
+    } in &trace.patches
+    {
         buf.clear();
         if *del > 0 {
             doc.delete_local_into(*pos, *del, &mut buf);

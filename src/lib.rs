@@ -16,6 +16,7 @@
 //! - [`client`]: the Rust client (`Replica`, transport-free, and the blocking `Client`).
 //! - [`crdt`], [`room`], [`protocol`]: the RGA, one document's rules, the wire format.
 //! - [`loadgen`]: the `collab-load` load generator (real WebSocket clients, HDR latency reports).
+//! - [`trace`]: real editing traces (`tests/data`), read for the load generator, tests and benches.
 #![warn(missing_docs)]
 
 pub mod acceptor;
@@ -33,4 +34,5 @@ pub mod room;
 pub mod server;
 pub mod shard;
 pub mod storage;
+pub mod trace;
 pub mod units;

@@ -2,43 +2,22 @@
 //! through a snapshot round trip; then checks that the original and the rebuilt replica integrate later concurrent ops alike.
 //! The whole traces take a few seconds in a debug build.
 
-use std::io::Read;
-
 use collab_engine::crdt::{Applied, Doc, Op, OpBuf};
+use collab_engine::trace::{EditingTrace, Patch};
 
-struct Trace {
-    end_content: String,
-    /// `(pos, del, ins)` in code points.
-    patches: Vec<(usize, usize, String)>,
+fn load(name: &str) -> EditingTrace {
+    EditingTrace::bundled(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn load(name: &str) -> Trace {
-    let path = format!("{}/tests/data/{name}.json.gz", env!("CARGO_MANIFEST_DIR"));
-    let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let mut json = String::new();
-    flate2::read::GzDecoder::new(file)
-        .read_to_string(&mut json)
-        .expect("gunzip trace");
-    let v: serde_json::Value = serde_json::from_str(&json).expect("trace json");
-    let mut patches = Vec::new();
-    for txn in v["txns"].as_array().expect("txns") {
-        for p in txn["patches"].as_array().expect("patches") {
-            let pos = p[0].as_u64().expect("pos") as usize;
-            let del = p[1].as_u64().expect("del") as usize;
-            let ins = p[2].as_str().expect("ins").to_owned();
-            patches.push((pos, del, ins));
-        }
-    }
-    Trace {
-        end_content: v["endContent"].as_str().expect("endContent").to_owned(),
-        patches,
-    }
-}
-
-fn replay_local(trace: &Trace, n: usize) -> (Doc, Vec<Op>) {
+fn replay_local(trace: &EditingTrace, n: usize) -> (Doc, Vec<Op>) {
     let mut doc = Doc::new();
     let mut ops = Vec::new();
-    for (pos, del, ins) in &trace.patches[..n] {
+    for Patch {
+        pos,
+        delete: del,
+        insert: ins,
+    } in &trace.patches[..n]
+    {
         if *del > 0 {
             ops.extend(doc.delete_local(*pos, *del));
         }
@@ -63,7 +42,12 @@ fn check_trace(name: &str) {
     let mut buffered = Doc::new();
     let mut buf = OpBuf::new();
     let mut from_buf = Vec::with_capacity(ops.len());
-    for (pos, del, ins) in &trace.patches {
+    for Patch {
+        pos,
+        delete: del,
+        insert: ins,
+    } in &trace.patches
+    {
         buf.clear();
         if *del > 0 {
             buffered.delete_local_into(*pos, *del, &mut buf);

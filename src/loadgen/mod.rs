@@ -72,30 +72,10 @@ pub struct RunOutput {
 /// # Errors
 /// The file is missing, not gzip (when named `.gz`) or has no string `endContent`.
 pub fn read_trace_final_text(path: &Path) -> Result<String, LoadError> {
-    #[derive(serde::Deserialize)]
-    struct Trace {
-        #[serde(rename = "endContent")]
-        end_content: String,
-    }
-    let err = |reason: String| LoadError::Preload {
-        path: path.display().to_string(),
-        reason,
-    };
-    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
-    let mut text = String::new();
-    let reader = std::io::BufReader::new(file);
-    if path.extension().is_some_and(|ext| ext == "gz") {
-        flate2::read::GzDecoder::new(reader)
-            .read_to_string(&mut text)
-            .map_err(|e| err(e.to_string()))?;
-    } else {
-        let mut reader = reader;
-        reader
-            .read_to_string(&mut text)
-            .map_err(|e| err(e.to_string()))?;
-    }
-    let trace: Trace = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-    Ok(trace.end_content)
+    crate::trace::EditingTrace::read_end_content(path).map_err(|e| LoadError::Preload {
+        path: e.path.display().to_string(),
+        reason: e.reason,
+    })
 }
 
 /// Raises this process's open-file soft limit to its hard limit; returns the new soft limit.

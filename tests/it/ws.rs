@@ -1,7 +1,6 @@
 //! The contract end to end over real sockets: every message type, routing over shards,
 //! concurrent editing, reconnects, takeover, slow consumers.
 
-use std::io::Read;
 use std::time::Duration;
 
 use collab_engine::protocol::ServerMessage;
@@ -183,29 +182,13 @@ fn ws_many_docs_over_several_shards() {
 
 /// `(pos, del, ins)` patches: from a real trace when `tests/data` has one, else generated.
 fn patches(n: usize) -> Vec<(usize, usize, String)> {
-    let path = format!(
-        "{}/tests/data/seph-blog1.json.gz",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    if let Ok(file) = std::fs::File::open(&path) {
-        let mut json = String::new();
-        flate2::read::GzDecoder::new(file)
-            .read_to_string(&mut json)
-            .expect("gunzip trace");
-        let v: serde_json::Value = serde_json::from_str(&json).expect("trace json");
-        let mut out = Vec::new();
-        'txns: for txn in v["txns"].as_array().expect("txns") {
-            for p in txn["patches"].as_array().expect("patches") {
-                let pos = p[0].as_u64().expect("pos") as usize;
-                let del = p[1].as_u64().expect("del") as usize;
-                let ins = p[2].as_str().expect("ins").to_owned();
-                out.push((pos, del, ins));
-                if out.len() == n {
-                    break 'txns;
-                }
-            }
-        }
-        return out;
+    if let Ok(trace) = collab_engine::trace::EditingTrace::bundled("seph-blog1") {
+        return trace
+            .patches
+            .into_iter()
+            .take(n)
+            .map(|p| (p.pos, p.delete, p.insert))
+            .collect();
     }
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next = move || {
