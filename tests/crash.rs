@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -17,48 +17,12 @@ use tungstenite::{Message, WebSocket};
 
 #[path = "support/pg.rs"]
 mod pg;
+#[path = "support/watchdog.rs"]
+mod watchdog;
+
+use watchdog::Watchdog;
 
 type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
-
-/// Pid of the running server, so the watchdog can kill it before aborting.
-static SERVER_PID: AtomicU32 = AtomicU32::new(0);
-
-/// Aborts the test process (killing the server first) if a test runs past `seconds`.
-struct Watchdog {
-    done: Arc<AtomicBool>,
-}
-
-impl Watchdog {
-    fn new(name: &'static str, seconds: u64) -> Watchdog {
-        let done = Arc::new(AtomicBool::new(false));
-        let flag = done.clone();
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(seconds);
-            while Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-                if flag.load(Ordering::Relaxed) {
-                    return;
-                }
-            }
-            eprintln!("watchdog: {name} still running after {seconds}s; aborting");
-            let pid = SERVER_PID.load(Ordering::SeqCst);
-            if pid != 0 {
-                // SAFETY: sending a signal to the child process this test started.
-                unsafe {
-                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
-                }
-            }
-            std::process::abort();
-        });
-        Watchdog { done }
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.done.store(true, Ordering::Relaxed);
-    }
-}
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir =
@@ -87,7 +51,7 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn collab-engine");
-        SERVER_PID.store(child.id(), Ordering::SeqCst);
+        watchdog::kill_on_abort(child.id());
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -111,7 +75,7 @@ impl Server {
     fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        SERVER_PID.store(0, Ordering::SeqCst);
+        watchdog::forget_child(self.child.id());
     }
 }
 

@@ -1,26 +1,16 @@
 //! Smoke test of `collab-load` against an in-process server: a few clients edit for about a
 //! second; the run must join everyone, converge and fill the histograms. No timing assertions.
 
-use std::sync::mpsc;
-use std::time::Duration;
-
 use clap::Parser as _;
 use collab_engine::config::Config;
 use collab_engine::loadgen::{self, LoadConfig, RunOutput};
 
-/// Runs `f` on a thread and fails the test if it takes longer than `limit` (a hung socket must
-/// never hang CI).
-fn with_watchdog<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(limit)
-        .expect("watchdog: the load run did not finish in time")
-}
+#[path = "support/watchdog.rs"]
+mod watchdog;
 
 #[test]
 fn a_short_run_converges_with_non_empty_histograms() {
+    let _watchdog = watchdog::Watchdog::new("a_short_run_converges_with_non_empty_histograms", 60);
     let server =
         collab_engine::server::start(Config::for_tests("127.0.0.1:0".parse().expect("addr")))
             .expect("server starts");
@@ -63,8 +53,7 @@ fn a_short_run_converges_with_non_empty_histograms() {
         summary,
         histograms,
         server_metrics,
-    } = with_watchdog(Duration::from_secs(60), move || loadgen::run(config))
-        .expect("run completes");
+    } = loadgen::run(config).expect("run completes");
     let text = summary.to_text();
     assert_eq!(summary.counters.conns_joined, 9, "{text}");
     assert_eq!(

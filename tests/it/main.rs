@@ -16,4 +16,6 @@ mod pipeline;
 mod rate;
 mod storage_failure;
 mod util;
+#[path = "../support/watchdog.rs"]
+mod watchdog;
 mod ws;

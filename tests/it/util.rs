@@ -1,4 +1,4 @@
-//! Shared helpers: a watchdog, servers in-process, blocking WebSocket clients with timeouts.
+//! Shared helpers: the watchdog (tests/support/watchdog.rs), servers in-process, blocking WebSocket clients with timeouts.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -15,35 +15,7 @@ use tungstenite::{Message, WebSocket};
 /// How long any single client read may wait before the test fails instead of hanging.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Aborts the whole test process if the test is still running after `seconds`: a hang must
-/// fail CI, never stall it.
-pub struct Watchdog {
-    done: Arc<AtomicBool>,
-}
-
-impl Watchdog {
-    pub fn new(name: &'static str, seconds: u64) -> Watchdog {
-        let done = Arc::new(AtomicBool::new(false));
-        let flag = done.clone();
-        std::thread::spawn(move || {
-            for _ in 0..seconds * 10 {
-                std::thread::sleep(Duration::from_millis(100));
-                if flag.load(Ordering::Relaxed) {
-                    return;
-                }
-            }
-            eprintln!("watchdog: test {name} still running after {seconds}s; aborting");
-            std::process::abort();
-        });
-        Watchdog { done }
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.done.store(true, Ordering::Relaxed);
-    }
-}
+pub use crate::watchdog::Watchdog;
 
 /// Whether this run keeps documents in PostgreSQL: `COLLAB_IT_POSTGRES=1` (scripts/test.sh
 /// runs the suite a second time so), each server with a fresh database of its own on the test
@@ -431,6 +403,7 @@ pub fn spawn_command(mut command: std::process::Command) -> (std::process::Child
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn the server");
+    crate::watchdog::kill_on_abort(child.id());
     let mut line = String::new();
     let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
     std::io::BufRead::read_line(&mut stdout, &mut line).expect("first line");
