@@ -80,4 +80,15 @@ export function ensureOutDir() {
   return OUT_DIR;
 }
 
+/** A seeded xorshift generator of numbers in [0, 1), so that a failure replays from its seed. */
+export function rng(seed) {
+  let s = seed >>> 0 || 1;
+  return () => {
+    s ^= s << 13; s >>>= 0;
+    s ^= s >>> 17;
+    s ^= s << 5; s >>>= 0;
+    return s / 2 ** 32;
+  };
+}
+
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));

@@ -6,8 +6,8 @@ import assert from 'node:assert/strict';
 import WebSocket from 'ws';
 import { CollabClient, diffAroundCaret } from '../../../clients/js/collab.js';
 import { startFakeServer, loseHistory, truncateHistory } from '../lib/fake-server.js';
+import { rng, sleep } from '../lib/harness.js';
 
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 async function until(what, pred, timeoutMs = 10000) {
   const t0 = Date.now();
@@ -19,17 +19,6 @@ async function until(what, pred, timeoutMs = 10000) {
 
 function client(url, doc, extra = {}) {
   return new CollabClient({ url, doc, WebSocket, backoffMinMs: 20, backoffMaxMs: 200, ...extra });
-}
-
-/** A seeded xorshift generator so failures replay. */
-function rng(seed) {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13; s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5; s >>>= 0;
-    return s / 2 ** 32;
-  };
 }
 
 function randomEdit(c, rand, alphabet = 'abcdefghij \n😀é') {

@@ -7,19 +7,9 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import WebSocket from 'ws';
 import { CollabClient } from '../../../clients/js/collab.js';
-import { REPO, startServer, tempDir, sleep } from '../lib/harness.js';
+import { REPO, startServer, tempDir, sleep, rng } from '../lib/harness.js';
 
 const BIN = join(process.env.CARGO_TARGET_DIR || join(REPO, 'target'), 'release', 'examples', 'mixed_client');
-
-function rng(seed) {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13; s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5; s >>>= 0;
-    return s / 2 ** 32;
-  };
-}
 
 /** Spawns the Rust participant; `next()` resolves with its next stdout line. */
 function rustClient(url, doc, nEdits, seed) {

@@ -5,6 +5,7 @@ import { readFileSync } from 'node:fs';
 import { gunzipSync } from 'node:zlib';
 import { fileURLToPath } from 'node:url';
 import { RgaDoc, cpLength } from '../../../clients/js/collab.js';
+import { rng } from '../lib/harness.js';
 
 const DATA = fileURLToPath(new URL('../../data/', import.meta.url));
 
@@ -47,17 +48,6 @@ for (const name of ['automerge-paper.json.gz', 'seph-blog1.json.gz']) {
     assert.equal(copy.nItems, local.nItems);
     console.log(`# ${name}: ${ms} ms for both replicas, ${local.nRuns} runs, ${local.chunks.length} chunks`);
   });
-}
-
-/** A seeded xorshift generator so failures replay. */
-function rng(seed) {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13; s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5; s >>>= 0;
-    return s / 2 ** 32;
-  };
 }
 
 test('random concurrent edits converge in every causal delivery order', () => {
