@@ -15,6 +15,7 @@
 //! - [`server`]: starting and stopping it all in-process.
 //! - [`client`]: the Rust client (`Replica`, transport-free, and the blocking `Client`).
 //! - [`crdt`], [`room`], [`protocol`]: the RGA, one document's rules, the wire format.
+//! - [`webhooks`]: the change feed: signed `changed`/`deleted` POSTs, debounced, retried, persisted.
 //! - [`loadgen`]: the `collab-load` load generator (real WebSocket clients, HDR latency reports).
 #![warn(missing_docs)]
 
@@ -34,3 +35,4 @@ pub mod server;
 pub mod shard;
 pub mod storage;
 pub mod units;
+pub mod webhooks;
