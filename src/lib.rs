@@ -8,6 +8,8 @@
 //! - [`storage`]: the op log and snapshots behind the `Storage` trait (disk, PostgreSQL, memory)
 //!   and the storage worker that runs it off the shard thread.
 //! - [`copy`]: `collab-engine copy`, documents between a data directory and PostgreSQL.
+//! - [`offline`]: a stopped server's documents for the offline tools (open, write one, verify).
+//! - [`export`]: `collab-engine export` and `import`, one document to and from a JSON file.
 //! - [`metrics`]: per-shard counters and histograms, rendered as Prometheus text on scrape.
 //! - [`auth`]: tokens (JWT), roles, keys and revocations; what a token grants, decided once.
 //! - [`acceptor`]: TCP accept, plain HTTP, WebSocket handshake, handoff to shards.
@@ -26,9 +28,11 @@ pub mod client;
 pub mod config;
 pub mod copy;
 pub mod crdt;
+pub mod export;
 pub mod ids;
 pub mod loadgen;
 pub mod metrics;
+pub mod offline;
 pub mod protocol;
 pub mod room;
 pub mod server;

@@ -46,7 +46,9 @@ impl WebhookUrl {
             return Err(format!("{text:?} is not an http:// URL"));
         }
         if text.bytes().any(|b| b <= b' ' || b == 0x7f) {
-            return Err(format!("{text:?}: spaces and control characters are not allowed"));
+            return Err(format!(
+                "{text:?}: spaces and control characters are not allowed"
+            ));
         }
         let rest = &text["http://".len()..];
         let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
@@ -211,7 +213,11 @@ fn left(deadline: Instant, step: &'static str) -> Result<Duration, PostError> {
     Ok(left)
 }
 
-fn set_timeouts(stream: &TcpStream, deadline: Instant, step: &'static str) -> Result<(), PostError> {
+fn set_timeouts(
+    stream: &TcpStream,
+    deadline: Instant,
+    step: &'static str,
+) -> Result<(), PostError> {
     let left = left(deadline, step)?;
     let io = |source| PostError::Io { step, source };
     stream.set_write_timeout(Some(left)).map_err(io)?;
@@ -348,7 +354,10 @@ mod tests {
 
     #[test]
     fn status_lines() {
-        assert_eq!(parse_status(b"HTTP/1.1 204 No Content\r\n\r\n", false).ok(), Some(204));
+        assert_eq!(
+            parse_status(b"HTTP/1.1 204 No Content\r\n\r\n", false).ok(),
+            Some(204)
+        );
         assert_eq!(parse_status(b"HTTP/1.0 500 Oops\r\n", true).ok(), Some(500));
         // The status line is enough: the headers are never needed.
         assert_eq!(parse_status(b"HTTP/1.1 200 OK\r\n", false).ok(), Some(200));

@@ -241,9 +241,17 @@ impl WebhookCounters {
             out.sample(name, &[], value.load(Ordering::Relaxed));
         }
         let name = "collab_webhook_pending";
-        out.family(name, "gauge", "Webhook deliveries pending, by URL (index of --webhook-url).");
+        out.family(
+            name,
+            "gauge",
+            "Webhook deliveries pending, by URL (index of --webhook-url).",
+        );
         for (idx, pending) in self.pending.iter().enumerate() {
-            out.sample(name, &[("url", &idx.to_string())], pending.load(Ordering::Relaxed));
+            out.sample(
+                name,
+                &[("url", &idx.to_string())],
+                pending.load(Ordering::Relaxed),
+            );
         }
     }
 }
@@ -284,7 +292,11 @@ impl WebhookSink {
     /// `doc` (of `epoch`) has its records up to `head` durable.
     pub fn changed(&self, doc: &str, epoch: &str, head: u64) {
         if self.inner.is_some() {
-            self.send(Arc::from(doc), Arc::from(epoch), EventKind::Changed { head });
+            self.send(
+                Arc::from(doc),
+                Arc::from(epoch),
+                EventKind::Changed { head },
+            );
         }
     }
 
@@ -591,8 +603,10 @@ mod tests {
         feed.changed(&b, &e, 9);
         assert!(rx.try_recv().is_err(), "nothing before the flush");
         feed.flush();
-        let mut got: Vec<(String, EventKind)> =
-            rx.try_iter().map(|ev| (ev.doc.to_string(), ev.kind)).collect();
+        let mut got: Vec<(String, EventKind)> = rx
+            .try_iter()
+            .map(|ev| (ev.doc.to_string(), ev.kind))
+            .collect();
         got.sort_by(|x, y| x.0.cmp(&y.0));
         assert_eq!(
             got,
@@ -610,8 +624,16 @@ mod tests {
         let (sink, rx, inner) = sink_with(1);
         sink.changed("a", "e", 1);
         sink.deleted("a", "e");
-        assert_eq!(rx.try_recv().map(|e| e.kind), Ok(EventKind::Changed { head: 1 }));
-        let overflow: Vec<EventKind> = inner.lanes[0].overflow.lock().iter().map(|e| e.kind).collect();
+        assert_eq!(
+            rx.try_recv().map(|e| e.kind),
+            Ok(EventKind::Changed { head: 1 })
+        );
+        let overflow: Vec<EventKind> = inner.lanes[0]
+            .overflow
+            .lock()
+            .iter()
+            .map(|e| e.kind)
+            .collect();
         assert_eq!(overflow, [EventKind::Deleted]);
         for head in 0..(OVERFLOW_EVENTS_MAX as u64 + 10) {
             sink.changed("b", "e", head);
@@ -634,7 +656,10 @@ mod tests {
             webhook_pending_max: 10,
         };
         let err = Webhooks::start(&config, None).expect_err("no secret");
-        assert!(err.to_string().contains("needs --webhook-secret-file"), "{err}");
+        assert!(
+            err.to_string().contains("needs --webhook-secret-file"),
+            "{err}"
+        );
         let dir = std::env::temp_dir().join(format!("collab-hook-start-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("short");

@@ -538,10 +538,16 @@ mod tests {
                 panic!("attempt {attempt} retried");
             };
             delays.push(at - now);
-            assert!(q.take_due(now, &mut new_id).is_none(), "not before its time");
+            assert!(
+                q.take_due(now, &mut new_id).is_none(),
+                "not before its time"
+            );
             now = at;
             let (_, again) = q.take_due(now, &mut new_id).expect("retry due");
-            assert_eq!((again.id.as_str(), again.body.as_str()), (d.id.as_str(), d.body.as_str()));
+            assert_eq!(
+                (again.id.as_str(), again.body.as_str()),
+                (d.id.as_str(), d.body.as_str())
+            );
             assert_eq!(again.attempts, attempt);
         }
         assert_eq!(
@@ -595,7 +601,10 @@ mod tests {
             .take_due(t0 + Duration::from_secs(1), &mut new_id)
             .expect("due after the window");
         let v: serde_json::Value = serde_json::from_str(&again.body).expect("json");
-        assert_eq!((v["epoch"].as_str(), v["head"].as_u64()), (Some("e2"), Some(2)));
+        assert_eq!(
+            (v["epoch"].as_str(), v["head"].as_u64()),
+            (Some("e2"), Some(2))
+        );
     }
 
     #[test]
@@ -644,9 +653,15 @@ mod tests {
             assert!(restored.delivered(&doc, &delivery.id));
             seen.push((doc.to_string(), delivery));
         }
-        let ours = &seen.iter().find(|(doc, _)| doc == "d\"1").expect("restored").1;
+        let ours = &seen
+            .iter()
+            .find(|(doc, _)| doc == "d\"1")
+            .expect("restored")
+            .1;
         assert_eq!((ours.id.as_str(), ours.attempts), (sealed.id.as_str(), 1));
-        assert!(seen.iter().any(|(doc, d)| doc == "x" && d.event == "deleted"));
+        assert!(seen
+            .iter()
+            .any(|(doc, d)| doc == "x" && d.event == "deleted"));
         let mut bad = state.clone();
         bad.version = 99;
         assert!(Queue::new(policy()).restore(bad, t1).is_err());

@@ -135,7 +135,10 @@ mod tests {
     fn short_and_empty_secrets_are_refused() {
         for len in [0, 1, SECRET_BYTES_MIN - 1] {
             let err = Secret::from_bytes(vec![7; len], "s").expect_err("short");
-            assert!(err.to_string().contains(&format!("holds {len} bytes")), "{err}");
+            assert!(
+                err.to_string().contains(&format!("holds {len} bytes")),
+                "{err}"
+            );
         }
         assert!(Secret::from_bytes(vec![7; SECRET_BYTES_MIN], "s").is_ok());
         let dir = std::env::temp_dir().join(format!("collab-secret-{}", std::process::id()));

@@ -78,7 +78,10 @@ impl UrlWorker {
                 }
             }
         }
-        setup.sink.counters.set_pending(setup.url_idx, queue.pending());
+        setup
+            .sink
+            .counters
+            .set_pending(setup.url_idx, queue.pending());
         Ok(UrlWorker {
             setup,
             queue,
@@ -125,7 +128,8 @@ impl UrlWorker {
         while let Ok(event) = self.setup.events.try_recv() {
             self.offer(event);
         }
-        let overflow = std::mem::take(&mut *self.setup.sink.lanes[self.setup.url_idx].overflow.lock());
+        let overflow =
+            std::mem::take(&mut *self.setup.sink.lanes[self.setup.url_idx].overflow.lock());
         for event in overflow {
             self.offer(event);
         }
@@ -174,7 +178,9 @@ impl UrlWorker {
                 Err(e) => {
                     counters.failed.fetch_add(1, Ordering::Relaxed);
                     let jitter = self.rng.unit();
-                    let outcome = self.queue.failed(&doc, &delivery.id, Instant::now(), jitter);
+                    let outcome = self
+                        .queue
+                        .failed(&doc, &delivery.id, Instant::now(), jitter);
                     if outcome == Failed::GaveUp {
                         counters.drop_n(1);
                         log::warn!(
@@ -253,8 +259,8 @@ fn read_state(path: &Path) -> anyhow::Result<Option<QueueState>> {
 fn write_state(path: &Path, state: &QueueState) -> anyhow::Result<()> {
     let tmp = path.with_extension("json.tmp");
     let text = serde_json::to_vec(state).context("encoding the webhook queue")?;
-    let mut file = std::fs::File::create(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
+    let mut file =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     file.write_all(&text)
         .and_then(|()| file.sync_all())
         .with_context(|| format!("writing {}", tmp.display()))?;
@@ -313,7 +319,9 @@ mod tests {
         let ids: std::collections::HashSet<String> = (0..1000).map(|_| rng.hex128()).collect();
         assert_eq!(ids.len(), 1000);
         assert!(ids.iter().all(|id| id.len() == 32));
-        assert!((0..1000).map(|_| rng.unit()).all(|u| (0.0..1.0).contains(&u)));
+        assert!((0..1000)
+            .map(|_| rng.unit())
+            .all(|u| (0.0..1.0).contains(&u)));
     }
 
     #[test]
@@ -332,7 +340,10 @@ mod tests {
         assert!(!path.with_extension("json.tmp").exists());
         std::fs::write(&path, b"{not json").expect("damage");
         let err = read_state(&path).expect_err("damaged");
-        assert!(format!("{err:#}").contains("not a webhook queue state"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("not a webhook queue state"),
+            "{err:#}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
