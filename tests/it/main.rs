@@ -16,4 +16,5 @@ mod pipeline;
 mod rate;
 mod storage_failure;
 mod util;
+mod webhooks;
 mod ws;
