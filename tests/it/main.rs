@@ -6,6 +6,7 @@ mod client;
 mod contract;
 mod door;
 mod echo;
+mod export;
 mod hostile;
 mod http;
 mod interop;
