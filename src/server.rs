@@ -315,7 +315,9 @@ pub fn start_with_storages(
             )
         },
     )?;
-    handle.metrics.set_webhooks(webhooks.counters());
+    if sink.is_enabled() {
+        handle.metrics.set_webhooks(webhooks.counters());
+    }
     handle.webhooks = Some(webhooks);
     Ok(handle)
 }

@@ -68,7 +68,7 @@ pub struct WebhookConfig {
     pub webhook_timeout: Duration,
 
     /// Attempts of one delivery at most (the first included) before it is dropped (counted in
-    /// collab_webhook_dropped_total). With the default backoff, 15 attempts span about an hour.
+    /// collab_webhook_dropped_total). With the default backoff, 15 attempts span half an hour to an hour.
     #[arg(long, value_name = "N", default_value_t = 15, value_parser = parse_attempts)]
     pub webhook_attempts_max: u32,
 
