@@ -17,6 +17,7 @@
 //! - [`server`]: starting and stopping it all in-process.
 //! - [`client`]: the Rust client (`Replica`, transport-free, and the blocking `Client`).
 //! - [`crdt`], [`room`], [`protocol`]: the RGA, one document's rules, the wire format.
+//! - [`tls`]: the TLS client settings of outgoing connections (PostgreSQL, webhooks).
 //! - [`webhooks`]: the change feed: signed `changed`/`deleted` POSTs, debounced, retried, persisted.
 //! - [`loadgen`]: the `collab-load` load generator (real WebSocket clients, HDR latency reports).
 #![warn(missing_docs)]
@@ -38,5 +39,6 @@ pub mod room;
 pub mod server;
 pub mod shard;
 pub mod storage;
+pub mod tls;
 pub mod units;
 pub mod webhooks;

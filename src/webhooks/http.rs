@@ -1,27 +1,33 @@
 //! The webhook URL and the small HTTP/1.1 client that POSTs one delivery.
 //!
 //! One request per connection (`Connection: close`), every step under one deadline
-//! (`--webhook-timeout`): name resolution aside, connect, write and reading the status line
-//! cannot take longer. Only the status matters: 2xx is delivered, anything else (or no
-//! answer) is a failure to retry. The response body is never read past the headers.
-//! `http://` only: `https://` is refused when the flag is parsed (put a TLS-terminating proxy
-//! on the receiver's side, or on this host, in front of an https receiver).
+//! (`--webhook-timeout`): name resolution aside, connect, the TLS handshake, write and reading
+//! the status line cannot take longer. Only the status matters: 2xx is delivered, anything
+//! else (or no answer) is a failure to retry. The response body is never read past the status
+//! line. `https://` goes over rustls (`crate::tls`), the receiver's certificate verified
+//! against `--webhook-ca-file` (chain and host name).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
 
 /// Longest response head read (status line and headers); a bigger one is a failure.
 pub const RESPONSE_HEAD_BYTES_MAX: usize = 16 * 1024;
 
-/// A parsed `http://host[:port][/path][?query]`.
+/// A parsed `http[s]://host[:port][/path][?query]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WebhookUrl {
     /// The URL as given (for logs and the persisted state's name).
     pub text: String,
+    /// `https://`: TLS, verified against `--webhook-ca-file`.
+    pub tls: bool,
     /// The host as written (a name, an IPv4 address or `[v6]`), for the `Host` header.
     pub host: String,
-    /// The port (80 by default).
+    /// The port (80, or 443 for `https://`, by default).
     pub port: u16,
     /// Path and query, at least `/`.
     pub target: String,
@@ -31,26 +37,23 @@ impl WebhookUrl {
     /// Parses and checks a `--webhook-url`.
     ///
     /// # Errors
-    /// A message saying what is wrong: another scheme (`https` included), no host, user info,
-    /// a bad port, spaces or control characters.
+    /// A message saying what is wrong: another scheme, no host, user info, a bad port, spaces
+    /// or control characters.
     pub fn parse(text: &str) -> Result<WebhookUrl, String> {
         let lower = text.to_ascii_lowercase();
-        if lower.starts_with("https://") {
-            return Err(format!(
-                "{text:?}: https:// webhook URLs are not supported; use http:// (to the receiver \
-                 on a private network, or to a TLS-terminating proxy such as a local nginx or \
-                 stunnel in front of an https receiver)"
-            ));
-        }
-        if !lower.starts_with("http://") {
-            return Err(format!("{text:?} is not an http:// URL"));
-        }
+        let (tls, scheme_len) = if lower.starts_with("https://") {
+            (true, "https://".len())
+        } else if lower.starts_with("http://") {
+            (false, "http://".len())
+        } else {
+            return Err(format!("{text:?} is not an http:// or https:// URL"));
+        };
         if text.bytes().any(|b| b <= b' ' || b == 0x7f) {
             return Err(format!(
                 "{text:?}: spaces and control characters are not allowed"
             ));
         }
-        let rest = &text["http://".len()..];
+        let rest = &text[scheme_len..];
         let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
         let (authority, mut target) = rest.split_at(end);
         if let Some(hash) = target.find('#') {
@@ -59,8 +62,9 @@ impl WebhookUrl {
         if authority.contains('@') {
             return Err(format!("{text:?}: user info in the URL is not supported"));
         }
-        let (host, port) = split_host_port(authority)
-            .ok_or_else(|| format!("{text:?}: expected http://host[:port]/path"))?;
+        let default_port = if tls { 443 } else { 80 };
+        let (host, port) = split_host_port(authority, default_port)
+            .ok_or_else(|| format!("{text:?}: expected http[s]://host[:port]/path"))?;
         let target = if target.is_empty() {
             "/".to_owned()
         } else if target.starts_with('?') {
@@ -70,6 +74,7 @@ impl WebhookUrl {
         };
         Ok(WebhookUrl {
             text: text.to_owned(),
+            tls,
             host: host.to_owned(),
             port,
             target,
@@ -78,7 +83,7 @@ impl WebhookUrl {
 
     /// The `Host` header's value.
     fn host_header(&self) -> String {
-        if self.port == 80 {
+        if self.port == if self.tls { 443 } else { 80 } {
             self.host.clone()
         } else {
             format!("{}:{}", self.host, self.port)
@@ -91,7 +96,7 @@ impl WebhookUrl {
     }
 }
 
-fn split_host_port(authority: &str) -> Option<(&str, u16)> {
+fn split_host_port(authority: &str, default_port: u16) -> Option<(&str, u16)> {
     let (host, port) = if authority.starts_with('[') {
         let v6_end = authority.find(']')?;
         let host = &authority[..=v6_end];
@@ -109,7 +114,7 @@ fn split_host_port(authority: &str) -> Option<(&str, u16)> {
         return None;
     }
     let port = match port {
-        None => 80,
+        None => default_port,
         Some(port) => match port.parse::<u16>() {
             Ok(0) | Err(_) => return None,
             Ok(port) => port,
@@ -153,17 +158,93 @@ pub enum PostError {
     /// The receiver answered with something other than an HTTP/1.x response.
     #[error("the receiver's answer is not an HTTP response")]
     BadResponse,
+    /// The TLS session could not be set up (a certificate that does not verify, a host name
+    /// that cannot be one, a failed handshake).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The receiver answered with a status other than 2xx.
     #[error("HTTP {0}")]
     Status(u16),
 }
 
-/// POSTs `request` to `url`, all within `timeout` once the name is resolved; returns the
-/// 2xx status.
+/// One connection to a receiver, plain or TLS.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Conn {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(stream) => stream,
+            Conn::Tls(tls) => &tls.sock,
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(stream) => stream.read(buf),
+            Conn::Tls(tls) => tls.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(stream) => stream.write(buf),
+            Conn::Tls(tls) => tls.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(stream) => stream.flush(),
+            Conn::Tls(tls) => tls.flush(),
+        }
+    }
+}
+
+/// Sets up TLS over `stream` and completes the handshake before `deadline`.
+fn start_tls(
+    url: &WebhookUrl,
+    config: &Arc<ClientConfig>,
+    stream: TcpStream,
+    deadline: Instant,
+) -> Result<Conn, PostError> {
+    let name = ServerName::try_from(url.bare_host().to_owned())
+        .map_err(|e| PostError::Tls(format!("{:?} is not a server name: {e}", url.host)))?;
+    let session =
+        ClientConnection::new(config.clone(), name).map_err(|e| PostError::Tls(e.to_string()))?;
+    let mut tls = StreamOwned::new(session, stream);
+    while tls.conn.is_handshaking() {
+        set_timeouts(&tls.sock, deadline, "the TLS handshake")?;
+        if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
+            return Err(match e.kind() {
+                std::io::ErrorKind::InvalidData => PostError::Tls(e.to_string()),
+                _ => PostError::Io {
+                    step: "the TLS handshake",
+                    source: e,
+                },
+            });
+        }
+    }
+    Ok(Conn::Tls(Box::new(tls)))
+}
+
+/// POSTs `request` to `url` (over TLS with `tls` for `https://`), all within `timeout` once
+/// the name is resolved; returns the 2xx status.
 ///
 /// # Errors
-/// See [`PostError`].
-pub fn post(url: &WebhookUrl, request: Request<'_>, timeout: Duration) -> Result<u16, PostError> {
+/// See [`PostError`]; an `https://` URL without `tls` is a `Tls` error.
+pub fn post(
+    url: &WebhookUrl,
+    tls: Option<&Arc<ClientConfig>>,
+    request: Request<'_>,
+    timeout: Duration,
+) -> Result<u16, PostError> {
     let addrs: Vec<SocketAddr> = (url.bare_host(), url.port)
         .to_socket_addrs()
         .map_err(|e| PostError::Resolve {
@@ -172,7 +253,12 @@ pub fn post(url: &WebhookUrl, request: Request<'_>, timeout: Duration) -> Result
         })?
         .collect();
     let deadline = Instant::now() + timeout;
-    let mut stream = connect(&addrs, deadline)?;
+    let stream = connect(&addrs, deadline)?;
+    let mut stream = match (url.tls, tls) {
+        (false, _) => Conn::Plain(stream),
+        (true, Some(config)) => start_tls(url, config, stream, deadline)?,
+        (true, None) => return Err(PostError::Tls("no --webhook-ca-file".to_owned())),
+    };
     let head = format!(
         "POST {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: collab-engine/{version}\r\n\
          Content-Type: application/json\r\nContent-Length: {len}\r\n\
@@ -189,11 +275,14 @@ pub fn post(url: &WebhookUrl, request: Request<'_>, timeout: Duration) -> Result
     let mut bytes = Vec::with_capacity(head.len() + request.body.len());
     bytes.extend_from_slice(head.as_bytes());
     bytes.extend_from_slice(request.body);
-    set_timeouts(&stream, deadline, "writing the request")?;
-    stream.write_all(&bytes).map_err(|source| PostError::Io {
-        step: "writing the request",
-        source,
-    })?;
+    set_timeouts(stream.tcp(), deadline, "writing the request")?;
+    stream
+        .write_all(&bytes)
+        .and_then(|()| stream.flush())
+        .map_err(|source| PostError::Io {
+            step: "writing the request",
+            source,
+        })?;
     let status = read_status(&mut stream, deadline)?;
     if (200..300).contains(&status) {
         Ok(status)
@@ -243,11 +332,11 @@ fn connect(addrs: &[SocketAddr], deadline: Instant) -> Result<TcpStream, PostErr
 }
 
 /// Reads the response head and returns its status.
-fn read_status(stream: &mut TcpStream, deadline: Instant) -> Result<u16, PostError> {
+fn read_status(stream: &mut Conn, deadline: Instant) -> Result<u16, PostError> {
     let mut buf = vec![0u8; 1024];
     let mut len = 0;
     loop {
-        set_timeouts(stream, deadline, "reading the response")?;
+        set_timeouts(stream.tcp(), deadline, "reading the response")?;
         if len == buf.len() {
             if buf.len() >= RESPONSE_HEAD_BYTES_MAX {
                 return Err(PostError::BadResponse);
@@ -332,8 +421,17 @@ mod tests {
         ok("http://h/p#frag", "h", 80, "/p");
         ok("http://[::1]:8080/x", "[::1]", 8080, "/x");
         ok("http://[::1]", "[::1]", 80, "/");
+        ok(
+            "https://hooks.example.com/x",
+            "hooks.example.com",
+            443,
+            "/x",
+        );
+        ok("https://127.0.0.1:8443", "127.0.0.1", 8443, "/");
+        assert!(WebhookUrl::parse("https://h/").expect("https").tls);
+        assert!(!WebhookUrl::parse("http://h/").expect("http").tls);
         for bad in [
-            "https://example.com/hook",
+            "https://",
             "ftp://h/",
             "example.com",
             "http://",
@@ -347,9 +445,6 @@ mod tests {
         ] {
             assert!(WebhookUrl::parse(bad).is_err(), "{bad}");
         }
-        assert!(WebhookUrl::parse("https://h/")
-            .expect_err("https")
-            .contains("not supported"));
     }
 
     #[test]

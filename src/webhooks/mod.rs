@@ -47,9 +47,9 @@ pub const FEED_DOCS_MAX: usize = 64 * 1024;
 /// The webhook flags (`--webhook-*`), a section of the server's configuration.
 #[derive(Clone, Debug, clap::Args)]
 pub struct WebhookConfig {
-    /// POST a signed JSON event to this `http://` URL after a document changes (at most once
-    /// per --webhook-debounce per document) or is deleted; repeatable. `https://` is refused:
-    /// put a TLS-terminating proxy in front of an https receiver (docs/webhooks.md).
+    /// POST a signed JSON event to this `http://` or `https://` URL after a document changes
+    /// (at most once per --webhook-debounce per document) or is deleted; repeatable.
+    /// `https://` needs --webhook-ca-file.
     #[arg(long = "webhook-url", value_name = "URL", value_parser = parse_webhook_url)]
     pub webhook_urls: Vec<WebhookUrl>,
 
@@ -57,6 +57,12 @@ pub struct WebhookConfig {
     /// 32 bytes. Required with --webhook-url.
     #[arg(long, value_name = "FILE")]
     pub webhook_secret_file: Option<PathBuf>,
+
+    /// PEM CA certificates an `https://` receiver's certificate must chain to (and name the
+    /// URL's host); for public receivers, the system bundle
+    /// (`/etc/ssl/certs/ca-certificates.crt` on Debian).
+    #[arg(long, value_name = "PATH")]
+    pub webhook_ca_file: Option<PathBuf>,
 
     /// Least time between two `changed` events of one document to one URL; the latest head
     /// goes out at the end of the window. 1s keeps a busy document at one request a second.
@@ -430,6 +436,24 @@ impl Webhooks {
             );
         };
         let secret = Secret::from_file(secret_path)?;
+        let tls = match (
+            &config.webhook_ca_file,
+            config.webhook_urls.iter().find(|u| u.tls),
+        ) {
+            (Some(path), _) => {
+                let ca_error = |detail: String| {
+                    anyhow::anyhow!("--webhook-ca-file {}: {detail}", path.display())
+                };
+                let roots = crate::tls::load_roots(path).map_err(ca_error)?;
+                Some(crate::tls::client_config(roots).map_err(ca_error)?)
+            }
+            (None, Some(url)) => anyhow::bail!(
+                "--webhook-url {} needs --webhook-ca-file (the PEM CA certificates its \
+                 certificate must chain to, e.g. /etc/ssl/certs/ca-certificates.crt)",
+                url.text
+            ),
+            (None, None) => None,
+        };
         let state_dir = match state_dir {
             Some(dir) => {
                 let dir = dir.join("webhooks");
@@ -481,6 +505,7 @@ impl Webhooks {
                 secret: secret.clone(),
                 policy,
                 timeout: config.webhook_timeout,
+                tls: tls.clone(),
                 state_dir: state_dir.clone(),
                 events,
                 sink: inner.clone(),
@@ -648,6 +673,7 @@ mod tests {
         let mut config = WebhookConfig {
             webhook_urls: vec![url],
             webhook_secret_file: None,
+            webhook_ca_file: None,
             webhook_debounce: Duration::from_secs(1),
             webhook_timeout: Duration::from_secs(1),
             webhook_attempts_max: 3,

@@ -34,6 +34,8 @@ pub(super) struct UrlSetup {
     pub secret: Secret,
     pub policy: Policy,
     pub timeout: Duration,
+    /// For `https://` URLs.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     pub state_dir: Option<PathBuf>,
     pub events: Receiver<Event>,
     pub sink: Arc<SinkInner>,
@@ -170,7 +172,8 @@ impl UrlWorker {
                 event: delivery.event,
             };
             let counters = &self.setup.sink.counters;
-            match http::post(&self.setup.url, request, self.setup.timeout) {
+            let tls = self.setup.tls.as_ref();
+            match http::post(&self.setup.url, tls, request, self.setup.timeout) {
                 Ok(_) => {
                     counters.sent.fetch_add(1, Ordering::Relaxed);
                     self.queue.delivered(&doc, &delivery.id);

@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 use collab_engine::loadgen::prom::{self, Kind};
 use collab_engine::webhooks::{WebhookUrl, Webhooks};
 use hmac::{Hmac, KeyInit, Mac};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use sha2::Sha256;
 
 use crate::util::{server, spawn_command, test_config, Editor, Watchdog};
@@ -77,6 +80,11 @@ struct Receiver {
 
 impl Receiver {
     fn start(port: u16, status: u16) -> Receiver {
+        Receiver::start_with(port, status, None)
+    }
+
+    /// A receiver speaking TLS with `tls`'s certificate.
+    fn start_with(port: u16, status: u16, tls: Option<Arc<ServerConfig>>) -> Receiver {
         let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind the receiver");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("addr");
@@ -88,7 +96,22 @@ impl Receiver {
             while !done.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        if let Some(got) = serve(stream, answer.load(Ordering::Relaxed)) {
+                        let status = answer.load(Ordering::Relaxed);
+                        if stream.set_nonblocking(false).is_err()
+                            || stream
+                                .set_read_timeout(Some(Duration::from_secs(10)))
+                                .is_err()
+                        {
+                            continue;
+                        }
+                        let got = match &tls {
+                            None => serve(stream, status),
+                            Some(config) => match ServerConnection::new(config.clone()) {
+                                Ok(session) => serve(StreamOwned::new(session, stream), status),
+                                Err(_) => None,
+                            },
+                        };
+                        if let Some(got) = got {
                             let _ = tx.send(got);
                         }
                     }
@@ -143,11 +166,7 @@ impl Drop for Receiver {
 }
 
 /// Reads one request and answers `status`.
-fn serve(mut stream: TcpStream, status: u16) -> Option<Got> {
-    stream.set_nonblocking(false).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
+fn serve(mut stream: impl Read + Write, status: u16) -> Option<Got> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let (head_len, headers) = loop {
@@ -187,6 +206,7 @@ fn serve(mut stream: TcpStream, status: u16) -> Option<Got> {
     }
     let answer = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     let _ = stream.write_all(answer.as_bytes());
+    let _ = stream.flush();
     Some(Got {
         headers,
         body: buf[head_len..head_len + length].to_vec(),
@@ -517,10 +537,18 @@ fn bad_webhook_flags_stop_the_server_at_startup() {
         "--webhook-secret-file",
         good,
     ]);
-    assert!(
-        err.contains("https:// webhook URLs are not supported"),
-        "{err}"
-    );
+    assert!(err.contains("needs --webhook-ca-file"), "{err}");
+    let err = run(&[
+        "--webhook-url",
+        "https://example.com/h",
+        "--webhook-secret-file",
+        good,
+        "--webhook-ca-file",
+        good,
+    ]);
+    assert!(err.contains("no CERTIFICATE block"), "{err}");
+    let err = run(&["--webhook-url", "ftp://example.com/h"]);
+    assert!(err.contains("not an http:// or https:// URL"), "{err}");
     let err = run(&["--webhook-url", "http://127.0.0.1:9/h"]);
     assert!(err.contains("needs --webhook-secret-file"), "{err}");
     let err = run(&[
@@ -606,4 +634,142 @@ fn the_documented_python_receiver_verifies_deliveries() {
     assert_eq!(metric(&text, "collab_webhook_failed_total"), 0, "{text}");
     python.kill().expect("stop python");
     python.wait().expect("reaped");
+}
+
+/// A throw-away CA in `dir` and a certificate it signs for 127.0.0.1, made with the openssl
+/// command (as `scripts/pg-local.sh --tls` does); returns the CA file and the receiver's TLS
+/// settings.
+fn make_certs(dir: &Path) -> (PathBuf, Arc<ServerConfig>) {
+    std::fs::create_dir_all(dir).expect("cert dir");
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the openssl command (apt-get install openssl) makes the test certificates");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-new"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=webhook test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    openssl(&ca);
+    let mut csr = vec!["req", "-new"];
+    csr.extend(ec);
+    csr.extend([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    openssl(&csr);
+    std::fs::write(
+        dir.join("server.ext"),
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+         extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .expect("write server.ext");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "server.crt",
+    ]);
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.crt"))
+        .expect("server.crt")
+        .collect::<Result<_, _>>()
+        .expect("PEM");
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).expect("server.key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("the receiver's certificate");
+    (dir.join("ca.pem"), Arc::new(config))
+}
+
+#[test]
+fn https_receivers_are_verified_against_the_ca_file() {
+    let _watchdog = Watchdog::new("webhooks_https", 120);
+    let dir = temp_dir("https");
+    let (ca, tls) = make_certs(&dir.join("a"));
+    let (other_ca, _) = make_certs(&dir.join("b"));
+    let receiver = Receiver::start_with(0, 200, Some(tls));
+    let url = format!(
+        "https://127.0.0.1:{}/hooks/collab?src=test",
+        receiver.addr.port()
+    );
+    let mut config = hooked_config(&url, &dir, Duration::from_millis(200));
+    config.webhooks.webhook_ca_file = Some(ca);
+    let server = server(config.clone());
+    let mut editor = Editor::join(server.local_addr(), "/ws/tls-doc", r#"{"type":"hello"}"#);
+    editor.edit(0, 0, "secure");
+    editor.settle();
+    let got = receiver.next();
+    got.assert_signed();
+    assert_eq!(got.json()["head"], 1);
+    assert_eq!(
+        got.header("host"),
+        format!("127.0.0.1:{}", receiver.addr.port())
+    );
+    server.shutdown().expect("clean shutdown");
+
+    // A certificate from another CA does not verify: attempts fail, nothing is delivered.
+    config.webhooks.webhook_ca_file = Some(other_ca);
+    let server = crate::util::server(config);
+    let mut editor = Editor::join(server.local_addr(), "/ws/tls-doc-2", r#"{"type":"hello"}"#);
+    editor.edit(0, 0, "x");
+    editor.settle();
+    while metric(
+        &server.metrics().render_prometheus(),
+        "collab_webhook_failed_total",
+    ) < 2
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = server.metrics().render_prometheus();
+    assert_eq!(metric(&text, "collab_webhook_sent_total"), 0, "{text}");
+    assert!(
+        receiver.got.try_recv().is_err(),
+        "nothing reached the receiver"
+    );
+    server.shutdown().expect("clean shutdown");
 }
