@@ -8,16 +8,18 @@
 //! records are durable and [`ShardFeed::flush`] once per turn, so each document is offered
 //! at most once per shard turn with its latest durable head.
 //!
-//! Delivery is at least once: each URL's pending deliveries are persisted (atomically, with
-//! fsync) in `<data-dir>/webhooks/` after every change of its queue, so a restart (even
-//! `kill -9`) delivers what was pending, with the same delivery ids. An event accepted by the
-//! sink but not yet persisted when the process dies is lost (a window of one queue write).
+//! Delivery is at least once: each URL's pending deliveries are persisted (appended and
+//! fsynced per batch of changes, compacted now and then, `state.rs`) in `<data-dir>/webhooks/`,
+//! so a restart (even `kill -9`) delivers what was pending, with the same delivery ids. An
+//! event accepted by the sink but not yet persisted when the process dies is lost (a window
+//! of one append).
 //! With `--storage memory` nothing is persisted. Never on the shard's path: no lock, file or
 //! socket is touched there (the overflow's mutex only when the channel is full).
 
 pub mod http;
 pub mod queue;
 pub mod sign;
+mod state;
 mod worker;
 
 use std::collections::{HashMap, VecDeque};

@@ -11,7 +11,7 @@
 //! by documents: at most `--webhook-pending-max` of them; an event for one more is dropped
 //! (and counted).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,6 +54,8 @@ pub struct Delivery {
     pub attempts: u32,
     /// When the next attempt is due.
     pub next_at: Instant,
+    /// Handed out by [`Queue::take_due`] and not reported yet.
+    pub in_flight: bool,
 }
 
 /// What became of an offered event.
@@ -85,6 +87,10 @@ struct Slot {
     queued: VecDeque<Event>,
     /// When the document's last `changed` was sealed (debounce); not persisted.
     last_changed: Option<Instant>,
+    /// Its key in `Queue::due`, while something of it is due (and not being attempted).
+    due_key: Option<(Instant, u64)>,
+    /// What it adds to `Queue::n_pending`.
+    n_counted: usize,
 }
 
 impl Slot {
@@ -92,17 +98,34 @@ impl Slot {
         self.sealed.is_none() && self.queued.is_empty()
     }
 
-    /// When something of this slot is due, if anything is pending.
+    fn n_pending(&self) -> usize {
+        usize::from(self.sealed.is_some()) + self.queued.len()
+    }
+
+    /// When something of this slot is due; `None` with nothing pending or while its
+    /// delivery is being attempted.
     fn due(&self, debounce: Duration) -> Option<Instant> {
         if let Some(sealed) = &self.sealed {
-            return Some(sealed.next_at);
+            return (!sealed.in_flight).then_some(sealed.next_at);
         }
         let front = self.queued.front()?;
         Some(match (&front.kind, self.last_changed) {
-            (EventKind::Changed { .. }, Some(last)) => last + debounce,
-            // Due at once: the earliest instant there is.
+            (EventKind::Changed { .. }, Some(last)) => (last + debounce).max(front.queued_at),
             _ => front.queued_at,
         })
+    }
+
+    fn state(&self, doc: &str) -> DocState {
+        DocState {
+            doc: doc.to_owned(),
+            sealed: self.sealed.as_ref().map(|d| SealedState {
+                id: d.id.clone(),
+                event: d.event.to_owned(),
+                body: d.body.clone(),
+                attempts: d.attempts,
+            }),
+            queued: self.queued.iter().map(EventState::of).collect(),
+        }
     }
 }
 
@@ -111,8 +134,14 @@ impl Slot {
 pub struct Queue {
     policy: Policy,
     slots: HashMap<Arc<str>, Slot>,
-    /// Something changed since the last [`Queue::take_dirty`]: the state must be persisted.
-    dirty: bool,
+    /// Every slot with something due, by when (and a sequence number, so keys are unique):
+    /// the next delivery is the first entry, found without a scan.
+    due: BTreeMap<(Instant, u64), Arc<str>>,
+    next_seq: u64,
+    /// Documents whose persisted state is out of date; drained by [`Queue::take_changes`].
+    changed: HashSet<Arc<str>>,
+    /// Deliveries and events pending over every slot.
+    n_pending: usize,
 }
 
 impl Queue {
@@ -121,13 +150,41 @@ impl Queue {
         Queue {
             policy,
             slots: HashMap::new(),
-            dirty: false,
+            due: BTreeMap::new(),
+            next_seq: 0,
+            changed: HashSet::new(),
+            n_pending: 0,
         }
     }
 
     /// The pacing rules.
     pub fn policy(&self) -> Policy {
         self.policy
+    }
+
+    /// After any change to `doc`'s slot: its place in `due`, the pending count, and a note
+    /// that its persisted state is out of date.
+    fn touched(&mut self, doc: &Arc<str>) {
+        let debounce = self.policy.debounce;
+        let Some(slot) = self.slots.get_mut(doc) else {
+            return;
+        };
+        let due = slot.due(debounce);
+        if slot.due_key.map(|(at, _)| at) != due {
+            if let Some(key) = slot.due_key.take() {
+                self.due.remove(&key);
+            }
+            if let Some(at) = due {
+                let key = (at, self.next_seq);
+                self.next_seq += 1;
+                self.due.insert(key, doc.clone());
+                slot.due_key = Some(key);
+            }
+        }
+        let n = slot.n_pending();
+        self.n_pending = self.n_pending + n - slot.n_counted;
+        slot.n_counted = n;
+        self.changed.insert(doc.clone());
     }
 
     /// Takes `event` in, coalescing it with what its document has pending.
@@ -138,34 +195,30 @@ impl Queue {
                 return Offered::Dropped;
             }
         }
-        let slot = self.slots.entry(event.doc.clone()).or_default();
+        let doc = event.doc.clone();
+        let slot = self.slots.entry(doc.clone()).or_default();
         let outcome = coalesce(slot, event);
-        if outcome != Offered::Coalesced {
-            self.dirty = true;
-        }
+        self.touched(&doc);
         outcome
     }
 
-    /// When the next delivery is due (possibly already), `None` with nothing pending.
+    /// When the next delivery is due (possibly already), `None` with nothing due.
     pub fn next_due(&self) -> Option<Instant> {
-        let debounce = self.policy.debounce;
-        self.slots.values().filter_map(|s| s.due(debounce)).min()
+        self.due.keys().next().map(|(at, _)| *at)
     }
 
     /// The delivery due soonest if it is due at `now`, sealed first if needed (its id from
-    /// `new_id`); the caller attempts it and reports [`Queue::delivered`] or [`Queue::failed`].
+    /// `new_id`), and marked as being attempted until the caller reports
+    /// [`Queue::delivered`] or [`Queue::failed`].
     pub fn take_due(
         &mut self,
         now: Instant,
         new_id: &mut dyn FnMut() -> String,
     ) -> Option<(Arc<str>, Delivery)> {
-        let debounce = self.policy.debounce;
-        let (doc, _) = self
-            .slots
-            .iter()
-            .filter_map(|(doc, slot)| Some((doc, slot.due(debounce)?)))
-            .filter(|(_, due)| *due <= now)
-            .min_by_key(|(_, due)| *due)?;
+        let (&(at, _), doc) = self.due.iter().next()?;
+        if at > now {
+            return None;
+        }
         let doc = doc.clone();
         let slot = self.slots.get_mut(&doc)?;
         if slot.sealed.is_none() {
@@ -179,29 +232,32 @@ impl Queue {
                 body: event.body(),
                 attempts: 0,
                 next_at: now,
+                in_flight: false,
             });
-            self.dirty = true;
         }
-        let delivery = slot.sealed.clone()?;
+        let sealed = slot.sealed.as_mut()?;
+        sealed.in_flight = true;
+        let delivery = sealed.clone();
+        self.touched(&doc);
         Some((doc, delivery))
     }
 
     /// Delivery `id` of `doc` was answered 2xx: it is done.
-    pub fn delivered(&mut self, doc: &str, id: &str) -> bool {
+    pub fn delivered(&mut self, doc: &Arc<str>, id: &str) -> bool {
         let Some(slot) = self.slots.get_mut(doc) else {
             return false;
         };
-        if slot.sealed.as_ref().is_some_and(|d| d.id == id) {
-            slot.sealed = None;
-            self.dirty = true;
-            return true;
+        if !slot.sealed.as_ref().is_some_and(|d| d.id == id) {
+            return false;
         }
-        false
+        slot.sealed = None;
+        self.touched(doc);
+        true
     }
 
     /// Delivery `id` of `doc` failed at `now`; `jitter` in `0.0..1.0` spreads the retry over
     /// the upper half of the backoff delay.
-    pub fn failed(&mut self, doc: &str, id: &str, now: Instant, jitter: f64) -> Failed {
+    pub fn failed(&mut self, doc: &Arc<str>, id: &str, now: Instant, jitter: f64) -> Failed {
         let policy = self.policy;
         let Some(slot) = self.slots.get_mut(doc) else {
             return Failed::Unknown;
@@ -210,17 +266,20 @@ impl Queue {
             return Failed::Unknown;
         };
         sealed.attempts += 1;
-        self.dirty = true;
-        if sealed.attempts >= policy.attempts_max {
+        sealed.in_flight = false;
+        let outcome = if sealed.attempts >= policy.attempts_max {
             slot.sealed = None;
-            return Failed::GaveUp;
-        }
-        let delay = backoff(&policy, sealed.attempts, jitter);
-        sealed.next_at = now + delay;
-        Failed::RetryAt(sealed.next_at)
+            Failed::GaveUp
+        } else {
+            sealed.next_at = now + backoff(&policy, sealed.attempts, jitter);
+            Failed::RetryAt(sealed.next_at)
+        };
+        self.touched(doc);
+        outcome
     }
 
-    /// Forgets documents with nothing pending whose debounce window is over.
+    /// Forgets documents with nothing pending whose debounce window is over (a scan: call it
+    /// now and then, not per event).
     pub fn prune(&mut self, now: Instant) {
         let debounce = self.policy.debounce;
         self.slots.retain(|_, slot| {
@@ -230,61 +289,48 @@ impl Queue {
 
     /// Deliveries and events pending (sealed plus queued).
     pub fn pending(&self) -> usize {
-        self.slots
-            .values()
-            .map(|s| usize::from(s.sealed.is_some()) + s.queued.len())
-            .sum()
+        self.n_pending
     }
 
-    /// Whether the state changed since the last call (and clears the flag).
-    pub fn take_dirty(&mut self) -> bool {
-        std::mem::take(&mut self.dirty)
+    /// The persisted state of every document that changed since the last call (one with
+    /// nothing pending has no `sealed` and no `queued`: it is to be forgotten).
+    pub fn take_changes(&mut self) -> Vec<DocState> {
+        let changed = std::mem::take(&mut self.changed);
+        let mut states: Vec<DocState> = changed
+            .iter()
+            .map(|doc| match self.slots.get(doc) {
+                Some(slot) => slot.state(doc),
+                None => DocState {
+                    doc: doc.to_string(),
+                    sealed: None,
+                    queued: Vec::new(),
+                },
+            })
+            .collect();
+        states.sort_by(|a, b| a.doc.cmp(&b.doc));
+        states
     }
 
-    /// Marks the state as changed (a write of it failed and must be tried again).
-    pub fn mark_dirty(&mut self) {
-        self.dirty = true;
-    }
-
-    /// Everything pending, to persist.
-    pub fn state(&self, url: &str) -> QueueState {
+    /// The persisted state of every document with something pending, by name.
+    pub fn state(&self) -> Vec<DocState> {
         let mut docs: Vec<DocState> = self
             .slots
             .iter()
             .filter(|(_, slot)| !slot.is_idle())
-            .map(|(doc, slot)| DocState {
-                doc: doc.to_string(),
-                sealed: slot.sealed.as_ref().map(|d| SealedState {
-                    id: d.id.clone(),
-                    event: d.event.to_owned(),
-                    body: d.body.clone(),
-                    attempts: d.attempts,
-                }),
-                queued: slot.queued.iter().map(EventState::of).collect(),
-            })
+            .map(|(doc, slot)| slot.state(doc))
             .collect();
         docs.sort_by(|a, b| a.doc.cmp(&b.doc));
-        QueueState {
-            version: STATE_VERSION,
-            url: url.to_owned(),
-            docs,
-        }
+        docs
     }
 
     /// Takes in what a previous process persisted: every sealed delivery is due at `now`
-    /// (with its id and attempts), queued events behind it as they were.
+    /// (with its id and attempts), queued events behind it as they were. A document without
+    /// anything pending is skipped.
     ///
     /// # Errors
-    /// A message when the state is of another version or an entry does not make sense.
-    pub fn restore(&mut self, state: QueueState, now: Instant) -> Result<usize, String> {
-        if state.version != STATE_VERSION {
-            return Err(format!(
-                "state version {} (this server reads {STATE_VERSION})",
-                state.version
-            ));
-        }
-        let mut n = 0;
-        for entry in state.docs {
+    /// A message when an entry does not make sense.
+    pub fn restore(&mut self, docs: Vec<DocState>, now: Instant) -> Result<usize, String> {
+        for entry in docs {
             let doc: Arc<str> = Arc::from(entry.doc.as_str());
             let sealed = match entry.sealed {
                 Some(s) => Some(Delivery {
@@ -294,6 +340,7 @@ impl Queue {
                     body: s.body,
                     attempts: s.attempts,
                     next_at: now,
+                    in_flight: false,
                 }),
                 None => None,
             };
@@ -301,17 +348,22 @@ impl Queue {
             for event in entry.queued {
                 queued.push_back(event.into_event(&doc, now)?);
             }
-            n += usize::from(sealed.is_some()) + queued.len();
+            if sealed.is_none() && queued.is_empty() {
+                continue;
+            }
             self.slots.insert(
-                doc,
+                doc.clone(),
                 Slot {
                     sealed,
                     queued,
-                    last_changed: None,
+                    ..Slot::default()
                 },
             );
+            self.touched(&doc);
         }
-        Ok(n)
+        // Just read: nothing to write back.
+        self.changed.clear();
+        Ok(self.n_pending)
     }
 }
 
@@ -376,18 +428,17 @@ fn covers(body: &str, epoch: &str, head: u64) -> bool {
     serde_json::from_str::<Fields>(body).is_ok_and(|f| f.epoch == epoch && f.head >= head)
 }
 
-/// One URL's pending state as persisted (`<data-dir>/webhooks/<url hash>.json`).
+/// The first line of a URL's state file (`<data-dir>/webhooks/<url hash>.jsonl`); each
+/// further line is a [`DocState`], the last line of a document winning.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QueueState {
+pub struct StateHeader {
     /// [`STATE_VERSION`].
     pub version: u32,
     /// The URL the deliveries go to.
     pub url: String,
-    /// Documents with something pending, by name.
-    pub docs: Vec<DocState>,
 }
 
-/// One document's pending deliveries.
+/// One document's pending deliveries (none: forget the document).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DocState {
     /// The document.
@@ -509,7 +560,7 @@ mod tests {
         // The first change after a quiet window goes out at once.
         let (doc, first) = q.take_due(t0, &mut new_id).expect("due");
         assert_eq!((&*doc, head_of(&first.body)), ("d", Some(1)));
-        assert!(q.delivered("d", &first.id));
+        assert!(q.delivered(&Arc::from("d"), &first.id));
         for head in 2..=50 {
             let at = t0 + Duration::from_millis(head * 10);
             assert_ne!(q.offer(changed("d", "e", head, at), at), Offered::Dropped);
@@ -534,7 +585,7 @@ mod tests {
         let mut now = t0;
         let mut delays = Vec::new();
         for attempt in 1..4 {
-            let Failed::RetryAt(at) = q.failed("d", &d.id, now, 1.0) else {
+            let Failed::RetryAt(at) = q.failed(&Arc::from("d"), &d.id, now, 1.0) else {
                 panic!("attempt {attempt} retried");
             };
             delays.push(at - now);
@@ -558,8 +609,8 @@ mod tests {
         // A newer change waits behind the retrying delivery.
         q.offer(changed("d", "e", 9, now), now);
         assert_eq!(q.pending(), 2);
-        assert_eq!(q.failed("d", &d.id, now, 0.0), Failed::GaveUp);
-        assert_eq!(q.failed("d", &d.id, now, 0.0), Failed::Unknown);
+        assert_eq!(q.failed(&Arc::from("d"), &d.id, now, 0.0), Failed::GaveUp);
+        assert_eq!(q.failed(&Arc::from("d"), &d.id, now, 0.0), Failed::Unknown);
         let later = now + Duration::from_secs(1);
         let (_, next) = q.take_due(later, &mut new_id).expect("the newer one");
         assert_eq!(head_of(&next.body), Some(9));
@@ -588,14 +639,14 @@ mod tests {
         assert_eq!(q.offer(changed("d", "e2", 1, t0), t0), Offered::Queued);
         assert_eq!(q.offer(changed("d", "e2", 2, t0), t0), Offered::Coalesced);
         assert_eq!(q.pending(), 3);
-        assert!(q.delivered("d", &first.id));
+        assert!(q.delivered(&Arc::from("d"), &first.id));
         // The delete is not debounced; the change of the new epoch is.
         let (_, del) = q.take_due(t0, &mut new_id).expect("delete due at once");
         assert_eq!(del.event, "deleted");
         let v: serde_json::Value = serde_json::from_str(&del.body).expect("json");
         assert_eq!(v["epoch"], "e1");
         assert!(v.get("head").is_none());
-        assert!(q.delivered("d", &del.id));
+        assert!(q.delivered(&Arc::from("d"), &del.id));
         assert!(q.take_due(t0, &mut new_id).is_none());
         let (_, again) = q
             .take_due(t0 + Duration::from_secs(1), &mut new_id)
@@ -629,25 +680,40 @@ mod tests {
     }
 
     #[test]
-    fn state_round_trips_and_restores_due_at_once() {
+    fn changes_and_state_round_trip_and_restore_due_at_once() {
         let t0 = Instant::now();
         let mut q = Queue::new(policy());
         let mut new_id = ids();
-        q.offer(changed("d\"1", "e", 4, t0), t0);
+        let d1: Arc<str> = Arc::from("d\"1");
+        q.offer(changed(&d1, "e", 4, t0), t0);
         let (_, sealed) = q.take_due(t0, &mut new_id).expect("due");
-        q.failed("d\"1", &sealed.id, t0, 0.5);
-        q.offer(changed("d\"1", "e", 6, t0), t0);
+        assert!(
+            q.take_due(t0, &mut new_id).is_none(),
+            "being attempted: not due again"
+        );
+        q.failed(&d1, &sealed.id, t0, 0.5);
+        q.offer(changed(&d1, "e", 6, t0), t0);
         q.offer(deleted("x", "e9", t0), t0);
-        assert!(q.take_dirty());
-        assert!(!q.take_dirty());
-        let state = q.state("http://h/");
+        let changes = q.take_changes();
+        assert_eq!(
+            changes.iter().map(|c| c.doc.as_str()).collect::<Vec<_>>(),
+            ["d\"1", "x"]
+        );
+        assert!(q.take_changes().is_empty(), "drained");
+        // A coalesced head is a change too (the persisted event must carry it).
+        q.offer(changed(&d1, "e", 7, t0), t0);
+        let changes = q.take_changes();
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].queued[0].head, Some(7));
+        let state = q.state();
         let text = serde_json::to_string(&state).expect("serialize");
-        let back: QueueState = serde_json::from_str(&text).expect("deserialize");
+        let back: Vec<DocState> = serde_json::from_str(&text).expect("deserialize");
         assert_eq!(back, state);
         let t1 = t0 + Duration::from_secs(3600);
         let mut restored = Queue::new(policy());
         assert_eq!(restored.restore(back, t1), Ok(3));
-        assert_eq!(restored.state("http://h/"), state);
+        assert_eq!(restored.state(), state);
+        assert!(restored.take_changes().is_empty(), "nothing to write back");
         let mut seen = Vec::new();
         while let Some((doc, delivery)) = restored.take_due(t1, &mut new_id) {
             assert!(restored.delivered(&doc, &delivery.id));
@@ -662,8 +728,49 @@ mod tests {
         assert!(seen
             .iter()
             .any(|(doc, d)| doc == "x" && d.event == "deleted"));
-        let mut bad = state.clone();
-        bad.version = 99;
+        assert_eq!(restored.pending(), 0);
+        // Forgotten documents are written as empty entries.
+        let gone = restored.take_changes();
+        assert!(
+            gone.iter()
+                .all(|g| g.sealed.is_none() && g.queued.is_empty()),
+            "{gone:?}"
+        );
+        let bad = vec![DocState {
+            doc: "y".to_owned(),
+            sealed: None,
+            queued: vec![EventState {
+                event: "exploded".to_owned(),
+                epoch: "e".to_owned(),
+                head: None,
+                time_ms: 0,
+            }],
+        }];
         assert!(Queue::new(policy()).restore(bad, t1).is_err());
+    }
+
+    #[test]
+    fn the_due_index_orders_many_documents_without_a_scan() {
+        let t0 = Instant::now();
+        let mut q = Queue::new(Policy {
+            docs_max: 10_000,
+            ..policy()
+        });
+        let mut new_id = ids();
+        for n in 0..1000u64 {
+            let at = t0 + Duration::from_millis(n);
+            q.offer(changed(&format!("doc{n}"), "e", 1, at), at);
+        }
+        assert_eq!(q.pending(), 1000);
+        assert_eq!(q.next_due(), Some(t0));
+        let mut order = Vec::new();
+        while let Some((doc, d)) = q.take_due(t0 + Duration::from_secs(2), &mut new_id) {
+            order.push(doc.to_string());
+            assert!(q.delivered(&doc, &d.id));
+        }
+        let expected: Vec<String> = (0..1000).map(|n| format!("doc{n}")).collect();
+        assert_eq!(order, expected, "oldest first");
+        assert_eq!(q.pending(), 0);
+        assert_eq!(q.next_due(), None);
     }
 }

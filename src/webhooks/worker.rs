@@ -7,25 +7,26 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::http::{self, WebhookUrl};
-use super::queue::{Failed, Offered, Policy, Queue, QueueState};
+use super::queue::{Delivery, Failed, Offered, Policy, Queue};
 use super::sign::Secret;
+use super::state::StateFile;
 use super::{Event, SinkInner};
 use crate::shard::log_limit::LogLimit;
 
+/// Deliveries sealed (and persisted) together before their attempts.
+const DELIVERY_BATCH_MAX: usize = 32;
+/// How often documents with nothing pending are forgotten.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest wait for an event before the stop flag is looked at again.
 const STOP_POLL: Duration = Duration::from_millis(100);
-/// Largest state file read at start.
-const STATE_BYTES_MAX: u64 = 1 << 30;
 
 /// What a delivery thread is given.
 pub(super) struct UrlSetup {
@@ -46,8 +47,10 @@ pub(super) struct UrlSetup {
 pub(super) struct UrlWorker {
     setup: UrlSetup,
     queue: Queue,
-    /// `<data-dir>/webhooks/<hash>.json`, when persisted.
-    state_path: Option<PathBuf>,
+    /// `<data-dir>/webhooks/<hash>.jsonl`, when persisted.
+    state: Option<StateFile>,
+    /// The last write of the state failed: write it whole at the next chance.
+    state_failed: bool,
     rng: Rng,
     /// Failures to persist or deliver: one log line a second.
     log: LogLimit,
@@ -59,25 +62,16 @@ impl UrlWorker {
     /// Loads what a previous process left pending for this URL.
     pub(super) fn new(setup: UrlSetup) -> anyhow::Result<UrlWorker> {
         let mut queue = Queue::new(setup.policy);
-        let state_path = setup
+        let state = setup
             .state_dir
             .as_ref()
-            .map(|dir| dir.join(format!("{:016x}.json", fnv64(setup.url.text.as_bytes()))));
-        if let Some(path) = &state_path {
-            if let Some(state) = read_state(path)? {
-                anyhow::ensure!(
-                    state.url == setup.url.text,
-                    "{} belongs to {:?}, not {:?} (a hash collision; move it away)",
-                    path.display(),
-                    state.url,
-                    setup.url.text
-                );
-                let n = queue
-                    .restore(state, Instant::now())
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-                if n > 0 {
-                    log::info!("webhooks: {n} deliveries pending for {}", setup.url.text);
-                }
+            .map(|dir| StateFile::new(dir, &setup.url.text));
+        if let Some(file) = &state {
+            let n = queue
+                .restore(file.load()?, Instant::now())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.path().display()))?;
+            if n > 0 {
+                log::info!("webhooks: {n} deliveries pending for {}", setup.url.text);
             }
         }
         setup
@@ -87,7 +81,8 @@ impl UrlWorker {
         Ok(UrlWorker {
             setup,
             queue,
-            state_path,
+            state,
+            state_failed: false,
             rng: Rng::new(),
             log: LogLimit::per_second(),
             disconnected: false,
@@ -96,6 +91,7 @@ impl UrlWorker {
 
     /// Runs until the stop flag is set.
     pub(super) fn run(&mut self) {
+        let mut last_prune = Instant::now();
         while !self.setup.stop.load(Ordering::Acquire) {
             let now = Instant::now();
             let wait = self
@@ -107,7 +103,10 @@ impl UrlWorker {
             self.take_events();
             self.persist();
             self.deliver_due();
-            self.queue.prune(Instant::now());
+            if last_prune.elapsed() >= PRUNE_INTERVAL {
+                self.queue.prune(Instant::now());
+                last_prune = Instant::now();
+            }
         }
         self.take_events();
         self.persist();
@@ -152,129 +151,100 @@ impl UrlWorker {
         }
     }
 
-    /// Attempts every delivery that is due, one at a time.
+    /// Attempts every delivery that is due, one at a time, sealing up to
+    /// [`DELIVERY_BATCH_MAX`] of them (persisted together) before the first attempt.
     fn deliver_due(&mut self) {
         loop {
-            if self.setup.stop.load(Ordering::Acquire) {
+            let mut batch = Vec::new();
+            while batch.len() < DELIVERY_BATCH_MAX {
+                let rng = &mut self.rng;
+                let mut new_id = || rng.hex128();
+                match self.queue.take_due(Instant::now(), &mut new_id) {
+                    Some(due) => batch.push(due),
+                    None => break,
+                }
+            }
+            if batch.is_empty() {
                 return;
             }
-            let rng = &mut self.rng;
-            let mut new_id = || rng.hex128();
-            let Some((doc, delivery)) = self.queue.take_due(Instant::now(), &mut new_id) else {
-                return;
-            };
-            // Sealed (id and body fixed) before the first attempt leaves.
+            // Sealed (ids and bodies fixed) before the first attempt leaves.
             self.persist();
-            let request = http::Request {
-                body: delivery.body.as_bytes(),
-                signature: &self.setup.secret.signature(delivery.body.as_bytes()),
-                delivery_id: &delivery.id,
-                event: delivery.event,
-            };
-            let counters = &self.setup.sink.counters;
-            let tls = self.setup.tls.as_ref();
-            match http::post(&self.setup.url, tls, request, self.setup.timeout) {
-                Ok(_) => {
-                    counters.sent.fetch_add(1, Ordering::Relaxed);
-                    self.queue.delivered(&doc, &delivery.id);
+            for (doc, delivery) in batch {
+                if self.setup.stop.load(Ordering::Acquire) {
+                    // Unattempted: still sealed in the state, due at the next start.
+                    return;
                 }
-                Err(e) => {
-                    counters.failed.fetch_add(1, Ordering::Relaxed);
-                    let jitter = self.rng.unit();
-                    let outcome = self
-                        .queue
-                        .failed(&doc, &delivery.id, Instant::now(), jitter);
-                    if outcome == Failed::GaveUp {
-                        counters.drop_n(1);
-                        log::warn!(
-                            "webhooks: {}: delivery {} given up after {} attempts: {e}",
-                            self.setup.url.text,
-                            delivery.id,
-                            delivery.attempts + 1
-                        );
-                    } else if self.log.hit(Instant::now()).is_some() {
-                        log::warn!(
-                            "webhooks: {}: delivery {} failed (attempt {}): {e}",
-                            self.setup.url.text,
-                            delivery.id,
-                            delivery.attempts + 1
-                        );
-                    }
-                }
+                self.attempt(&doc, &delivery);
+                self.take_events();
             }
-            self.take_events();
             self.persist();
         }
     }
 
-    /// Writes the queue's state if it changed; a failure is logged and retried next time.
+    /// One attempt of `delivery`, and its outcome reported to the queue.
+    fn attempt(&mut self, doc: &Arc<str>, delivery: &Delivery) {
+        let request = http::Request {
+            body: delivery.body.as_bytes(),
+            signature: &self.setup.secret.signature(delivery.body.as_bytes()),
+            delivery_id: &delivery.id,
+            event: delivery.event,
+        };
+        let counters = &self.setup.sink.counters;
+        let tls = self.setup.tls.as_ref();
+        match http::post(&self.setup.url, tls, request, self.setup.timeout) {
+            Ok(_) => {
+                counters.sent.fetch_add(1, Ordering::Relaxed);
+                self.queue.delivered(doc, &delivery.id);
+            }
+            Err(e) => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                let jitter = self.rng.unit();
+                let outcome = self.queue.failed(doc, &delivery.id, Instant::now(), jitter);
+                if outcome == Failed::GaveUp {
+                    counters.drop_n(1);
+                    log::warn!(
+                        "webhooks: {}: delivery {} given up after {} attempts: {e}",
+                        self.setup.url.text,
+                        delivery.id,
+                        delivery.attempts + 1
+                    );
+                } else if self.log.hit(Instant::now()).is_some() {
+                    log::warn!(
+                        "webhooks: {}: delivery {} failed (attempt {}): {e}",
+                        self.setup.url.text,
+                        delivery.id,
+                        delivery.attempts + 1
+                    );
+                }
+            }
+        }
+    }
+
+    /// Writes what changed in the queue; a failure is logged, and the next call writes the
+    /// whole state.
     fn persist(&mut self) {
-        if !self.queue.take_dirty() {
+        let changes = self.queue.take_changes();
+        if changes.is_empty() && !self.state_failed {
             return;
         }
         self.setup
             .sink
             .counters
             .set_pending(self.setup.url_idx, self.queue.pending());
-        let Some(path) = &self.state_path else {
+        let Some(file) = &mut self.state else {
             return;
         };
-        let state = self.queue.state(&self.setup.url.text);
-        if let Err(e) = write_state(path, &state) {
-            if self.log.hit(Instant::now()).is_some() {
-                log::error!("webhooks: cannot persist the pending deliveries: {e:#}");
+        let queue = &self.queue;
+        match file.write(&changes, || queue.state()) {
+            Ok(()) => self.state_failed = false,
+            Err(e) => {
+                self.state_failed = true;
+                if self.log.hit(Instant::now()).is_some() {
+                    log::error!("webhooks: cannot persist the pending deliveries: {e:#}");
+                }
             }
-            // Stay dirty: tried again after the next event or attempt.
-            self.queue.mark_dirty();
         }
     }
-}
-
-/// FNV-1a, 64 bits: the state file's name for a URL (the URL never becomes a path).
-fn fnv64(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
-}
-
-fn read_state(path: &Path) -> anyhow::Result<Option<QueueState>> {
-    let file = match std::fs::File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut std::io::Read::take(file, STATE_BYTES_MAX), &mut text)
-        .with_context(|| format!("reading {}", path.display()))?;
-    let state = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "{} is not a webhook queue state (remove it to drop its pending deliveries)",
-            path.display()
-        )
-    })?;
-    Ok(Some(state))
-}
-
-/// Replaces `path` atomically: a temporary file, fsynced, renamed over it, the folder fsynced.
-fn write_state(path: &Path, state: &QueueState) -> anyhow::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    let text = serde_json::to_vec(state).context("encoding the webhook queue")?;
-    let mut file =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(&text)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    drop(file);
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("syncing {}", dir.display()))?;
-    }
-    Ok(())
 }
 
 /// Delivery ids and jitter: xorshift64* seeded from std's randomly keyed hasher (unique ids,
@@ -325,28 +295,5 @@ mod tests {
         assert!((0..1000)
             .map(|_| rng.unit())
             .all(|u| (0.0..1.0).contains(&u)));
-    }
-
-    #[test]
-    fn state_files_are_replaced_whole() {
-        let dir = std::env::temp_dir().join(format!("collab-hook-state-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("x.json");
-        assert!(read_state(&path).expect("missing is fine").is_none());
-        let state = QueueState {
-            version: super::super::queue::STATE_VERSION,
-            url: "http://h/".to_owned(),
-            docs: Vec::new(),
-        };
-        write_state(&path, &state).expect("write");
-        assert_eq!(read_state(&path).expect("read"), Some(state));
-        assert!(!path.with_extension("json.tmp").exists());
-        std::fs::write(&path, b"{not json").expect("damage");
-        let err = read_state(&path).expect_err("damaged");
-        assert!(
-            format!("{err:#}").contains("not a webhook queue state"),
-            "{err:#}"
-        );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
