@@ -404,6 +404,8 @@ pub fn run_import(args: &ImportArgs) -> anyhow::Result<Imported> {
         .storage()
         .load(&name)
         .with_context(|| format!("looking for document {name:?} in {label}"))?;
+    // A `--replace` flag would delete the existing document here first, through the document
+    // API's `Storage::delete` (issue 12, another branch); until then an import never overwrites.
     if existing.is_some() {
         bail!("document {name:?} already exists in {label}; import into a new name (--doc)");
     }

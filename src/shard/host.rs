@@ -32,7 +32,9 @@
 //! `exp`), and a revocation closes every connection it matches (1008 `revoked`).
 //! Never touches a socket directly (the [`Net`] does) and never blocks on one.
 //! The completion path (releasing held effects, failing rooms, opening loaded documents)
-//! lives in `host/completions.rs`.
+//! lives in `host/completions.rs`; it also tells the change feed ([`ShardFeed`], webhooks)
+//! each room's durable head as its held effects are released, and `end_turn` flushes the
+//! feed once per turn (a map and a `try_send` per document; never a wait).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};

@@ -670,6 +670,62 @@ mod tests {
     }
 
     #[test]
+    fn flags_environment_and_config_file_set_the_webhooks() {
+        use crate::config::Config;
+        let config = crate::cli::try_parse_from::<Config, _, _>([
+            "collab-engine",
+            "--webhook-url",
+            "http://127.0.0.1:9000/a",
+            "--webhook-url",
+            "https://hooks.example.com/b",
+            "--webhook-debounce",
+            "250ms",
+        ])
+        .expect("flags");
+        let urls: Vec<&str> = config
+            .webhooks
+            .webhook_urls
+            .iter()
+            .map(|u| u.text.as_str())
+            .collect();
+        assert_eq!(
+            urls,
+            ["http://127.0.0.1:9000/a", "https://hooks.example.com/b"]
+        );
+        assert_eq!(config.webhooks.webhook_debounce, Duration::from_millis(250));
+        let defaults = crate::cli::try_parse_from::<Config, _, _>(["collab-engine"]).expect("none");
+        assert!(defaults.webhooks.webhook_urls.is_empty());
+        assert_eq!(defaults.webhooks.webhook_debounce, Duration::from_secs(1));
+        assert_eq!(defaults.webhooks.webhook_attempts_max, 15);
+        let dir = std::env::temp_dir().join(format!("collab-hook-toml-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("collab.toml");
+        std::fs::write(
+            &file,
+            "webhook-url = [\"http://a/\", \"http://b/\"]\nwebhook-attempts-max = 3\n",
+        )
+        .expect("write");
+        let path = file.to_str().expect("utf-8");
+        let config =
+            crate::cli::try_parse_from::<Config, _, _>(["collab-engine", "--config", path])
+                .expect("file");
+        assert_eq!(config.webhooks.webhook_urls.len(), 2);
+        assert_eq!(config.webhooks.webhook_attempts_max, 3);
+        std::fs::write(&file, "webhook-url = \"ftp://a/\"\n").expect("write");
+        let err = crate::cli::try_parse_from::<Config, _, _>(["collab-engine", "--config", path])
+            .expect_err("bad scheme")
+            .to_string();
+        assert!(err.contains("setting `webhook-url`"), "{err}");
+        assert!(crate::cli::try_parse_from::<Config, _, _>([
+            "collab-engine",
+            "--webhook-attempts-max",
+            "0"
+        ])
+        .is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn start_refuses_a_url_without_a_usable_secret() {
         let url = WebhookUrl::parse("http://127.0.0.1:1/hook").expect("url");
         let mut config = WebhookConfig {
