@@ -382,6 +382,18 @@ impl ShardFeed {
         self.changed.insert(doc.clone(), (epoch.clone(), head));
     }
 
+    /// `doc` (of `epoch`) was deleted: its change not flushed yet goes first, then the delete
+    /// (so a receiver never sees a change of a deleted epoch after its `deleted`).
+    pub fn deleted(&mut self, doc: &str, epoch: &str) {
+        if !self.sink.is_enabled() {
+            return;
+        }
+        if let Some((old_epoch, head)) = self.changed.remove(doc) {
+            self.sink.changed(doc, &old_epoch, head);
+        }
+        self.sink.deleted(doc, epoch);
+    }
+
     /// Offers every document changed since the last flush to the sink.
     pub fn flush(&mut self) {
         if self.changed.is_empty() {
@@ -644,6 +656,16 @@ mod tests {
         );
         feed.flush();
         assert!(rx.try_recv().is_err(), "an empty flush sends nothing");
+        // A delete sends the document's unflushed change first, then itself.
+        feed.changed(&a, &e, 6);
+        feed.deleted("a", "e");
+        let got: Vec<EventKind> = rx.try_iter().map(|ev| ev.kind).collect();
+        assert_eq!(got, [EventKind::Changed { head: 6 }, EventKind::Deleted]);
+        feed.flush();
+        assert!(
+            rx.try_recv().is_err(),
+            "nothing left for the deleted document"
+        );
     }
 
     #[test]

@@ -404,9 +404,9 @@ fn coalesce(slot: &mut Slot, event: Event) -> Offered {
                     back.time_ms = event.time_ms;
                     return Offered::Coalesced;
                 }
-                (Deleted, Deleted) => return Offered::Coalesced,
-                // A change after a delete with the same epoch would be a bug upstream; keep it.
-                (Deleted, Changed { .. }) => {}
+                // A deleted epoch never changes again (a new document gets a new epoch): a
+                // change of it arriving after its delete is older than the delete.
+                (Deleted, Deleted) | (Deleted, Changed { .. }) => return Offered::Coalesced,
             }
         }
     }
@@ -636,6 +636,11 @@ mod tests {
         let (_, first) = q.take_due(t0, &mut new_id).expect("due");
         assert_eq!(q.offer(changed("d", "e1", 3, t0), t0), Offered::Queued);
         assert_eq!(q.offer(deleted("d", "e1", t0), t0), Offered::Coalesced);
+        assert_eq!(
+            q.offer(changed("d", "e1", 4, t0), t0),
+            Offered::Coalesced,
+            "stale"
+        );
         assert_eq!(q.offer(changed("d", "e2", 1, t0), t0), Offered::Queued);
         assert_eq!(q.offer(changed("d", "e2", 2, t0), t0), Offered::Coalesced);
         assert_eq!(q.pending(), 3);
