@@ -773,3 +773,72 @@ fn https_receivers_are_verified_against_the_ca_file() {
     );
     server.shutdown().expect("clean shutdown");
 }
+
+#[test]
+fn a_stalled_receiver_never_blocks_the_shards_and_the_queue_stays_bounded() {
+    let _watchdog = Watchdog::new("webhooks_stalled_receiver", 120);
+    let dir = temp_dir("stalled");
+    // Accepts connections and never answers: every attempt runs into the deadline.
+    let stall = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = stall.local_addr().expect("addr").port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let held = {
+        let stop = stop.clone();
+        stall.set_nonblocking(true).expect("nonblocking");
+        std::thread::spawn(move || {
+            let mut open = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match stall.accept() {
+                    Ok((stream, _)) => open.push(stream),
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            open.len()
+        })
+    };
+    let url = format!("http://127.0.0.1:{port}/hooks/collab?src=test");
+    let mut config = hooked_config(&url, &dir, Duration::from_millis(100));
+    config.webhooks.webhook_timeout = Duration::from_millis(500);
+    config.webhooks.webhook_pending_max = 5;
+    let server = server(config);
+    // Every document's edits are acknowledged while the receiver hangs.
+    let n_docs = 20;
+    for n in 0..n_docs {
+        let mut editor = Editor::join(
+            server.local_addr(),
+            &format!("/ws/stalled-{n}"),
+            r#"{"type":"hello"}"#,
+        );
+        // One op message per document: one event each, so the counts below are exact.
+        editor.edit(0, 0, "zz");
+        editor.settle();
+        assert_eq!(editor.head, 1);
+    }
+    // Five documents are queued; the events of the fifteen others are dropped and counted.
+    let text = loop {
+        let text = server.metrics().render_prometheus();
+        if metric(&text, "collab_webhook_dropped_total") >= n_docs - 5 {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        metric(&text, "collab_webhook_dropped_total"),
+        n_docs - 5,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "collab_webhook_pending{url=\"0\"}"),
+        5,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "collab_webhook_sent_total"), 0);
+    server
+        .shutdown()
+        .expect("a clean shutdown despite the hanging receiver");
+    stop.store(true, Ordering::Relaxed);
+    assert!(
+        held.join().expect("stall thread") >= 1,
+        "attempts reached the receiver"
+    );
+}
