@@ -497,6 +497,9 @@ impl Webhooks {
             attempts_max: config.webhook_attempts_max,
             docs_max: config.webhook_pending_max.max(1),
         };
+        if let Some(dir) = &state_dir {
+            warn_about_other_state_files(dir, &config.webhook_urls);
+        }
         let mut lanes = Vec::with_capacity(n_urls);
         let mut receivers: Vec<Receiver<Event>> = Vec::with_capacity(n_urls);
         for _ in 0..n_urls {
@@ -570,6 +573,28 @@ impl Webhooks {
 impl Drop for Webhooks {
     fn drop(&mut self) {
         self.stop_and_join();
+    }
+}
+
+/// State files in `dir` of URLs no longer configured: their pending deliveries are not sent
+/// (they are kept, for when the URL comes back).
+fn warn_about_other_state_files(dir: &std::path::Path, urls: &[WebhookUrl]) {
+    let ours: Vec<PathBuf> = urls
+        .iter()
+        .map(|url| state::StateFile::new(dir, &url.text).path().to_path_buf())
+        .collect();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "jsonl") && !ours.contains(&path) {
+            log::warn!(
+                "webhooks: {} holds deliveries for a URL no longer given with --webhook-url; \
+                 they are kept but not sent (remove the file to drop them)",
+                path.display()
+            );
+        }
     }
 }
 
