@@ -224,6 +224,11 @@ pub struct Config {
     /// Do not pin each shard thread to a core (pinning is the default).
     #[arg(long)]
     pub no_pin_cores: bool,
+
+    // Webhooks (the change feed, `src/webhooks`).
+    /// The change feed: `--webhook-url`, `--webhook-secret-file` and their limits.
+    #[command(flatten)]
+    pub webhooks: crate::webhooks::WebhookConfig,
 }
 
 impl Config {

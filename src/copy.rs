@@ -14,9 +14,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
 
-use crate::config::{Config, FsyncMode};
-use crate::room::{Room, RoomConfig};
-use crate::storage::{DiskStorage, PgOptions, PgStorage, Storage, StoredDoc};
+use crate::offline::{default_room_config, verify, write_doc, Store};
 
 /// Arguments of `collab-engine copy`.
 #[derive(Clone, Debug, Parser)]
@@ -57,44 +55,6 @@ pub struct CopyReport {
     pub snapshots: usize,
 }
 
-/// One side of a copy (boxed: one of each lives for the whole copy).
-enum Store {
-    Disk(Box<DiskStorage>),
-    Pg(Box<PgStorage>),
-}
-
-impl Store {
-    fn open_disk(dir: &std::path::Path) -> anyhow::Result<Store> {
-        let storage = DiskStorage::open(dir, FsyncMode::Always)
-            .with_context(|| format!("opening the data directory {}", dir.display()))?;
-        Ok(Store::Disk(Box::new(storage)))
-    }
-
-    fn open_pg(url: &str, timeout: Duration, ca_file: Option<&PathBuf>) -> anyhow::Result<Store> {
-        let storage = PgStorage::open(&PgOptions {
-            url: url.to_owned(),
-            timeout,
-            synchronous_commit: true,
-            ca_file: ca_file.cloned(),
-        })?;
-        Ok(Store::Pg(Box::new(storage)))
-    }
-
-    fn list_docs(&mut self) -> anyhow::Result<Vec<String>> {
-        Ok(match self {
-            Store::Disk(storage) => storage.list_docs()?,
-            Store::Pg(storage) => storage.list_docs()?,
-        })
-    }
-
-    fn storage(&mut self) -> &mut dyn Storage {
-        match self {
-            Store::Disk(storage) => &mut **storage,
-            Store::Pg(storage) => &mut **storage,
-        }
-    }
-}
-
 /// Runs a copy.
 ///
 /// # Errors
@@ -132,7 +92,7 @@ pub fn run(args: &CopyArgs) -> anyhow::Result<CopyReport> {
             existing.len()
         );
     }
-    let room_config = RoomConfig::from_config(&Config::parse_from(["collab-engine"]));
+    let room_config = default_room_config();
     let mut report = CopyReport::default();
     let mut sources = Vec::with_capacity(names.len());
     for name in &names {
@@ -170,81 +130,4 @@ pub fn run(args: &CopyArgs) -> anyhow::Result<CopyReport> {
         check.storage().release(name);
     }
     Ok(report)
-}
-
-/// Writes one document: its snapshot, then its log tail in one sync.
-fn write_doc(to: &mut dyn Storage, name: &str, stored: &StoredDoc) -> anyhow::Result<()> {
-    if let Some(snapshot) = &stored.snapshot {
-        to.write_snapshot(name, snapshot)?;
-    }
-    for record in &stored.tail {
-        to.append(name, &stored.epoch, record)?;
-    }
-    to.sync()?;
-    Ok(())
-}
-
-/// The copy replays to the same document as the source.
-fn verify(
-    name: &str,
-    source: StoredDoc,
-    copied: StoredDoc,
-    config: &RoomConfig,
-) -> anyhow::Result<()> {
-    if reserved(&source) != reserved(&copied) {
-        bail!("document {name:?}: replica reservations differ after the copy");
-    }
-    if owners(&source) != owners(&copied) {
-        bail!("document {name:?}: replica owners differ after the copy");
-    }
-    let open = |stored: StoredDoc, side: &str| {
-        Room::open(name.to_owned(), Some(stored), config.clone())
-            .map_err(|e| anyhow!("document {name:?}: the {side} does not replay: {e}"))
-    };
-    let source = open(source, "source")?;
-    let copied = open(copied, "copy")?;
-    if source.epoch() != copied.epoch() {
-        bail!("document {name:?}: epoch differs after the copy");
-    }
-    if source.head() != copied.head() {
-        bail!(
-            "document {name:?}: head {} in the source, {} in the copy",
-            source.head(),
-            copied.head()
-        );
-    }
-    if source.text() != copied.text() {
-        bail!("document {name:?}: the copy's text differs from the source's");
-    }
-    Ok(())
-}
-
-/// Highest replica reservation a stored document holds.
-fn reserved(stored: &StoredDoc) -> u64 {
-    let in_snapshot = stored.snapshot.as_ref().map_or(0, |s| s.replicas_reserved);
-    stored
-        .tail
-        .iter()
-        .filter_map(|r| match r {
-            crate::storage::LogRecord::ReplicasReserved { last } => Some(*last),
-            crate::storage::LogRecord::Ops { .. }
-            | crate::storage::LogRecord::ReplicaOwner { .. } => None,
-        })
-        .fold(in_snapshot, u64::max)
-}
-
-/// Which user owns each replica of a stored document (access control's replica binding), from
-/// its snapshot and its log tail.
-fn owners(stored: &StoredDoc) -> std::collections::BTreeMap<u64, String> {
-    let mut owners: std::collections::BTreeMap<u64, String> = stored
-        .snapshot
-        .iter()
-        .flat_map(|s| s.owners.iter().cloned())
-        .collect();
-    for record in &stored.tail {
-        if let crate::storage::LogRecord::ReplicaOwner { replica, user } = record {
-            owners.entry(*replica).or_insert_with(|| user.clone());
-        }
-    }
-    owners
 }

@@ -2,7 +2,8 @@
 //! address, wait for SIGINT or SIGTERM, shut down gracefully; SIGHUP reloads the token keys.
 //! `collab-engine token ...` prints a signed token instead (`src/auth/mint.rs`), and
 //! `collab-engine copy ...` moves documents between the disk backend and PostgreSQL
-//! (`collab_engine::copy`).
+//! (`collab_engine::copy`), and `collab-engine export ...` / `import ...` write one document
+//! to a JSON file and back (`collab_engine::export`).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -81,6 +82,8 @@ fn main() -> anyhow::Result<()> {
     match argv.get(1).map(String::as_str) {
         Some("token") => return token_command(&argv[1..]),
         Some("copy") => return copy(),
+        Some("export") => return export(),
+        Some("import") => return import(),
         _ => {}
     }
     let config: Config = collab_engine::cli::parse();
@@ -118,6 +121,35 @@ fn copy() -> anyhow::Result<()> {
     println!(
         "copied and verified {} documents ({} snapshots, {} op records)",
         report.docs, report.snapshots, report.ops
+    );
+    Ok(())
+}
+
+/// `collab-engine export ...`: see `collab_engine::export`.
+fn export() -> anyhow::Result<()> {
+    let args = collab_engine::export::ExportArgs::parse_from(std::env::args().skip(1));
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let file = collab_engine::export::run_export(&args)?;
+    if let Some(out) = &args.out {
+        eprintln!(
+            "exported document {:?} (head {}, {} op messages) to {}",
+            file.doc,
+            file.head,
+            file.log.len(),
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// `collab-engine import ...`: see `collab_engine::export`.
+fn import() -> anyhow::Result<()> {
+    let args = collab_engine::export::ImportArgs::parse_from(std::env::args().skip(1));
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let imported = collab_engine::export::run_import(&args)?;
+    println!(
+        "imported and verified document {:?} (head {}, {} op messages)",
+        imported.doc, imported.head, imported.ops
     );
     Ok(())
 }

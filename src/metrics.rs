@@ -354,6 +354,8 @@ impl DoorCounters {
 pub struct MetricsRegistry {
     slots: Arc<[Mutex<ShardFigures>]>,
     door: Arc<DoorCounters>,
+    /// The webhook delivery figures, set once at start when webhooks are configured.
+    webhooks: Arc<std::sync::OnceLock<Arc<crate::webhooks::WebhookCounters>>>,
 }
 
 impl MetricsRegistry {
@@ -364,7 +366,13 @@ impl MetricsRegistry {
                 .map(|_| Mutex::new(ShardFigures::default()))
                 .collect(),
             door: Arc::new(DoorCounters::default()),
+            webhooks: Arc::new(std::sync::OnceLock::new()),
         }
+    }
+
+    /// Adds the webhook figures to the scrape (once; a second call is ignored).
+    pub fn set_webhooks(&self, counters: Arc<crate::webhooks::WebhookCounters>) {
+        let _ = self.webhooks.set(counters);
     }
 
     /// The door's counters, for the acceptor to write.
@@ -530,6 +538,9 @@ impl MetricsRegistry {
             }
         }
         self.door.render(&mut out);
+        if let Some(webhooks) = self.webhooks.get() {
+            webhooks.render(&mut out);
+        }
         if let Some(process) = ProcessFigures::read() {
             process.render(&mut out);
         }

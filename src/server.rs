@@ -25,6 +25,7 @@ use crate::shard::rate_limit::RateLimit;
 use crate::shard::{self, Handler, NetLimits, RoomHost, WAKER_TOKEN};
 use crate::storage::worker::{StorageAvailable, StorageWorker};
 use crate::storage::{lock_data_dir, DiskStorage, MemoryStorage, PgOptions, PgStorage, Storage};
+use crate::webhooks::Webhooks;
 
 /// Each connection's initial read buffer, and the most tungstenite reads from a socket at once.
 /// It is allocated (and zeroed, so resident) for every connection, idle or not, so it is sized
@@ -52,6 +53,8 @@ pub struct ServerHandle {
     auth: Option<Arc<Auth>>,
     admin_addr: Option<SocketAddr>,
     admin_worker: Option<JoinHandle<()>>,
+    /// The webhook delivery threads, stopped after the shards (their last changes go in first).
+    webhooks: Option<Webhooks>,
 }
 
 impl ServerHandle {
@@ -120,6 +123,9 @@ impl ServerHandle {
                 Ok(Err(e)) => result = Err(anyhow!(e).context(format!("shard {shard_idx} failed"))),
                 Err(_) => result = Err(anyhow!("shard {shard_idx} panicked")),
             }
+        }
+        if let Some(webhooks) = self.webhooks.take() {
+            webhooks.shutdown();
         }
         debug!("server stopped");
         result
@@ -276,9 +282,11 @@ pub fn start_with_storages(
     storages: Vec<Box<dyn Storage>>,
 ) -> anyhow::Result<ServerHandle> {
     let auth = open_auth(config).context("access control")?;
+    let webhooks = open_webhooks(config).context("webhooks")?;
+    let sink = webhooks.sink();
     let n_shards = storages.len();
     let mut storages = storages.into_iter();
-    start_with_seats(
+    let mut handle = start_with_seats(
         config,
         PlainWs::AwaitHello,
         n_shards,
@@ -302,10 +310,30 @@ pub fn start_with_storages(
                         config.msgs_per_second_max,
                         config.msgs_burst_max,
                     ))
-                    .with_auth(auth.clone()),
+                    .with_auth(auth.clone())
+                    .with_webhooks(sink.clone()),
             )
         },
-    )
+    )?;
+    if sink.is_enabled() {
+        handle.metrics.set_webhooks(webhooks.counters());
+    }
+    handle.webhooks = Some(webhooks);
+    Ok(handle)
+}
+
+/// The webhook delivery threads of a configuration (none without `--webhook-url`). Pending
+/// deliveries persist in `--data-dir` (also with `--database-url`, whose server keeps its local
+/// files there), not with `--storage memory`.
+///
+/// # Errors
+/// When the secret or the persisted state cannot be used.
+pub fn open_webhooks(config: &Config) -> anyhow::Result<Webhooks> {
+    let state_dir = match (config.storage, &config.database_url) {
+        (StorageKind::Memory, None) => None,
+        _ => Some(config.data_dir.clone()),
+    };
+    Webhooks::start(&config.webhooks, state_dir)
 }
 
 /// Starts a server whose shards run the given handlers (one per shard): what the echo example
@@ -464,5 +492,6 @@ pub fn start_with_seats<H: Handler + Send + 'static>(
         auth,
         admin_addr,
         admin_worker,
+        webhooks: None,
     })
 }

@@ -32,7 +32,9 @@
 //! `exp`), and a revocation closes every connection it matches (1008 `revoked`).
 //! Never touches a socket directly (the [`Net`] does) and never blocks on one.
 //! The completion path (releasing held effects, failing rooms, opening loaded documents)
-//! lives in `host/completions.rs`.
+//! lives in `host/completions.rs`; it also tells the change feed ([`ShardFeed`], webhooks)
+//! each room's durable head as its held effects are released, and `end_turn` flushes the
+//! feed once per turn (a map and a `try_send` per document; never a wait).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -54,6 +56,7 @@ use crate::protocol::{self, AuthRefresh, ClientMessage, ErrorCode, Hello, Protoc
 use crate::room::{Effects, JoinAuth, Room, RoomConfig};
 use crate::storage::worker::{BatchId, DocAppend, StorageRequest, StorageWorker, WorkerGone};
 use crate::storage::LogRecord;
+use crate::webhooks::{ShardFeed, WebhookSink};
 
 use super::conn::Net;
 use super::event_loop::{Handler, OpenInfo};
@@ -114,6 +117,9 @@ struct Held {
     /// The batch carrying its records (`None`: it had none, and goes with what precedes it).
     batch: Option<BatchId>,
     effects: Effects,
+    /// The last `server_seq` its records carry (0 for none): the head the change feed reports
+    /// once they are durable.
+    head: u64,
 }
 
 /// One loaded document.
@@ -209,6 +215,8 @@ pub struct RoomHost {
     expiries: BinaryHeap<Reverse<(u64, usize, u64)>>,
     /// The next session serial.
     next_serial: u64,
+    /// The change feed (webhooks): told each document's durable head, flushed once per turn.
+    feed: ShardFeed,
 }
 
 impl RoomHost {
@@ -240,7 +248,14 @@ impl RoomHost {
             auth: None,
             expiries: BinaryHeap::new(),
             next_serial: 0,
+            feed: ShardFeed::default(),
         }
+    }
+
+    /// Reports durable changes to `sink` (the change feed; a disabled sink by default).
+    pub fn with_webhooks(mut self, sink: WebhookSink) -> RoomHost {
+        self.feed = ShardFeed::new(sink);
+        self
     }
 
     /// Admits connections by token (`None`: open, the default).
@@ -638,6 +653,18 @@ impl RoomHost {
     }
 }
 
+/// The `server_seq` of the last op record among `records` (0 for none).
+fn last_server_seq(records: &[LogRecord]) -> u64 {
+    records
+        .iter()
+        .rev()
+        .find_map(|record| match record {
+            LogRecord::Ops { server_seq, .. } => Some(*server_seq),
+            LogRecord::ReplicasReserved { .. } | LogRecord::ReplicaOwner { .. } => None,
+        })
+        .unwrap_or(0)
+}
+
 /// The message of a `rate_limited` error.
 const RATE_LIMITED: &str = "too many messages; slow down and resend this one later";
 
@@ -826,6 +853,7 @@ impl Handler for RoomHost {
     fn end_turn(&mut self, net: &mut Net) {
         self.turn_now = None;
         self.take_completions(net);
+        self.feed.flush();
         net.metrics.figures.counters.storage_batches_in_flight = self.in_flight.len() as u64;
         if self.dirty.is_empty() && self.closes_after_turn.is_empty() {
             return;
@@ -845,6 +873,7 @@ impl Handler for RoomHost {
                 continue;
             }
             if !effects.records.is_empty() {
+                let head = last_server_seq(&effects.records);
                 appends.push(DocAppend {
                     doc: slot.doc.clone(),
                     epoch: slot.epoch.clone(),
@@ -856,6 +885,7 @@ impl Handler for RoomHost {
                 slot.held.push_back(Held {
                     batch: Some(batch),
                     effects,
+                    head,
                 });
                 batch_rooms.push((room_idx, slot.generation));
             } else if slot.held.is_empty() {
@@ -865,6 +895,7 @@ impl Handler for RoomHost {
                 slot.held.push_back(Held {
                     batch: None,
                     effects,
+                    head: 0,
                 });
             }
         }

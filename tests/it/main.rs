@@ -6,6 +6,7 @@ mod client;
 mod contract;
 mod door;
 mod echo;
+mod export;
 mod hostile;
 mod http;
 mod interop;
@@ -18,4 +19,5 @@ mod storage_failure;
 mod util;
 #[path = "../support/watchdog.rs"]
 mod watchdog;
+mod webhooks;
 mod ws;

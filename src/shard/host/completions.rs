@@ -201,6 +201,9 @@ impl RoomHost {
             let Some(held) = slot.held.pop_front() else {
                 return;
             };
+            if held.head > 0 {
+                self.feed.changed(&slot.doc, &slot.epoch, held.head);
+            }
             self.release(net, room_idx, held.effects);
         }
     }

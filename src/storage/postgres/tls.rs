@@ -20,9 +20,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, RootCertStore};
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
@@ -81,18 +80,14 @@ impl PgTls {
             }
             (SslMode::Require, None) => Err(TlsConfigError::RequireWithoutCa),
             (SslMode::Prefer | SslMode::Require, Some(path)) => {
-                let roots = load_ca(path)?;
-                let provider = Arc::new(rustls::crypto::ring::default_provider());
-                let client = ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| TlsConfigError::CaFile {
-                        path: path.to_owned(),
-                        detail: format!("TLS setup: {e}"),
-                    })?
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
+                let ca_error = |detail: String| TlsConfigError::CaFile {
+                    path: path.to_owned(),
+                    detail,
+                };
+                let roots = crate::tls::load_roots(path).map_err(ca_error)?;
+                let client = crate::tls::client_config(roots).map_err(ca_error)?;
                 Ok(PgTls {
-                    client: Some(Arc::new(client)),
+                    client: Some(client),
                 })
             }
             (other, _) => Err(TlsConfigError::UnsupportedMode(format!("{other:?}"))),
@@ -103,26 +98,6 @@ impl PgTls {
     pub fn enabled(&self) -> bool {
         self.client.is_some()
     }
-}
-
-/// The certificates of a PEM file, as trust anchors.
-fn load_ca(path: &Path) -> Result<RootCertStore, TlsConfigError> {
-    let ca_error = |detail: String| TlsConfigError::CaFile {
-        path: path.to_owned(),
-        detail,
-    };
-    let pem = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| ca_error(format!("not PEM: {e}")))?;
-        roots
-            .add(cert)
-            .map_err(|e| ca_error(format!("not a usable CA certificate: {e}")))?;
-    }
-    if roots.is_empty() {
-        return Err(ca_error("no CERTIFICATE block in the file".to_owned()));
-    }
-    Ok(roots)
 }
 
 impl<S> MakeTlsConnect<S> for PgTls
