@@ -278,6 +278,21 @@ impl Queue {
         outcome
     }
 
+    /// Delivery `id` of `doc`, handed out by [`Queue::take_due`], was not attempted after all:
+    /// due again at once (no attempt counted).
+    pub fn unclaim(&mut self, doc: &Arc<str>, id: &str) {
+        let Some(sealed) = self
+            .slots
+            .get_mut(doc)
+            .and_then(|slot| slot.sealed.as_mut())
+            .filter(|d| d.id == id)
+        else {
+            return;
+        };
+        sealed.in_flight = false;
+        self.touched(doc);
+    }
+
     /// Forgets documents with nothing pending whose debounce window is over (a scan: call it
     /// now and then, not per event).
     pub fn prune(&mut self, now: Instant) {
@@ -609,6 +624,15 @@ mod tests {
         // A newer change waits behind the retrying delivery.
         q.offer(changed("d", "e", 9, now), now);
         assert_eq!(q.pending(), 2);
+        // Handed out and given back unattempted: due again, no attempt counted.
+        let later = now + Duration::from_secs(60);
+        assert!(
+            q.take_due(later, &mut new_id).is_none(),
+            "still being attempted"
+        );
+        q.unclaim(&Arc::from("d"), &d.id);
+        let (_, same) = q.take_due(later, &mut new_id).expect("due again");
+        assert_eq!((same.id.as_str(), same.attempts), (d.id.as_str(), 3));
         assert_eq!(q.failed(&Arc::from("d"), &d.id, now, 0.0), Failed::GaveUp);
         assert_eq!(q.failed(&Arc::from("d"), &d.id, now, 0.0), Failed::Unknown);
         let later = now + Duration::from_secs(1);

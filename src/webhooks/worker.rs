@@ -56,6 +56,12 @@ pub(super) struct UrlWorker {
     log: LogLimit,
     /// The channel's senders are gone (every sink dropped).
     disconnected: bool,
+    /// Attempts in a row that failed, over every document.
+    failures_in_a_row: u32,
+    /// After two failures in a row the whole URL waits (the receiver is down, not one
+    /// delivery bad): no attempt before this, so a dead receiver costs one attempt per
+    /// backoff delay, not one per document.
+    paused_until: Option<Instant>,
 }
 
 impl UrlWorker {
@@ -86,6 +92,8 @@ impl UrlWorker {
             rng: Rng::new(),
             log: LogLimit::per_second(),
             disconnected: false,
+            failures_in_a_row: 0,
+            paused_until: None,
         })
     }
 
@@ -94,9 +102,11 @@ impl UrlWorker {
         let mut last_prune = Instant::now();
         while !self.setup.stop.load(Ordering::Acquire) {
             let now = Instant::now();
-            let wait = self
-                .queue
-                .next_due()
+            let next = match self.paused_until {
+                Some(until) if until > now => Some(until),
+                _ => self.queue.next_due(),
+            };
+            let wait = next
                 .map_or(STOP_POLL, |due| due.saturating_duration_since(now))
                 .min(STOP_POLL);
             self.wait_for_events(wait);
@@ -155,6 +165,9 @@ impl UrlWorker {
     /// [`DELIVERY_BATCH_MAX`] of them (persisted together) before the first attempt.
     fn deliver_due(&mut self) {
         loop {
+            if self.paused() {
+                return;
+            }
             let mut batch = Vec::new();
             while batch.len() < DELIVERY_BATCH_MAX {
                 let rng = &mut self.rng;
@@ -174,11 +187,22 @@ impl UrlWorker {
                     // Unattempted: still sealed in the state, due at the next start.
                     return;
                 }
+                if self.paused() {
+                    // The receiver is down: back in the queue, due when the pause ends.
+                    self.queue.unclaim(&doc, &delivery.id);
+                    continue;
+                }
                 self.attempt(&doc, &delivery);
                 self.take_events();
             }
             self.persist();
         }
+    }
+
+    /// Whether the URL is in a pause after failures in a row.
+    fn paused(&self) -> bool {
+        self.paused_until
+            .is_some_and(|until| until > Instant::now())
     }
 
     /// One attempt of `delivery`, and its outcome reported to the queue.
@@ -195,11 +219,23 @@ impl UrlWorker {
             Ok(_) => {
                 counters.sent.fetch_add(1, Ordering::Relaxed);
                 self.queue.delivered(doc, &delivery.id);
+                self.failures_in_a_row = 0;
+                self.paused_until = None;
             }
             Err(e) => {
                 counters.failed.fetch_add(1, Ordering::Relaxed);
                 let jitter = self.rng.unit();
-                let outcome = self.queue.failed(doc, &delivery.id, Instant::now(), jitter);
+                let now = Instant::now();
+                let outcome = self.queue.failed(doc, &delivery.id, now, jitter);
+                self.failures_in_a_row = self.failures_in_a_row.saturating_add(1);
+                if self.failures_in_a_row >= 2 {
+                    let pause = super::queue::backoff(
+                        &self.setup.policy,
+                        self.failures_in_a_row - 1,
+                        jitter,
+                    );
+                    self.paused_until = Some(now + pause);
+                }
                 if outcome == Failed::GaveUp {
                     counters.drop_n(1);
                     log::warn!(

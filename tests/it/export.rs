@@ -208,6 +208,19 @@ fn export_and_import_round_trip_on_disk_and_refuse_a_held_data_dir() {
         served(original.local_addr(), "/ws/renamed"),
         (text.clone(), head, epoch.clone())
     );
+    // Import refuses a held data directory too.
+    refused(
+        &cli(&[
+            "import",
+            "--in",
+            out_s,
+            "--data-dir",
+            data_s,
+            "--doc",
+            "while-held",
+        ]),
+        "another collab-engine",
+    );
     original.shutdown().expect("clean shutdown");
     let copied = server(disk_config(&copy));
     assert_eq!(
