@@ -12,6 +12,7 @@ impl Doc {
     /// On the first broken invariant, naming it.
     pub fn dbg_check(&self) {
         let t = &self.tree;
+        t.index.dbg_check();
         let mut leaves_in_order = Vec::new();
         let (total, _) = check_subtree(t, t.root, t.height, NONE, &mut leaves_in_order);
         assert_eq!(total, t.total, "tree total");
@@ -77,10 +78,7 @@ impl Doc {
                 Some(leaf),
                 "index cover of {id:?}"
             );
-            for (_, &l) in t
-                .index
-                .range((s.replica, s.lamport + 1)..(s.replica, s.end()))
-            {
+            for (_, l) in t.index.range(s.replica, s.lamport + 1, s.end()) {
                 assert_eq!(l, leaf, "index key inside span {id:?}");
             }
             let found = self.find(id).expect("span first id is findable");

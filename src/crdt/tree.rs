@@ -4,9 +4,8 @@
 //! The id index maps id ranges to the leaf that holds them, so id lookups and position lookups are O(log n).
 //! This module knows nothing of ops, validation or text; `doc.rs` drives it.
 
-use std::collections::BTreeMap;
-
 use super::id::OpId;
+use super::index::IdIndex;
 
 /// Most spans in a leaf; an edit may push a leaf to `LEAF_CAP + 2` for a moment, then it splits.
 pub(crate) const LEAF_CAP: usize = 32;
@@ -232,7 +231,7 @@ pub(crate) struct Tree {
     /// Id index: key `(replica, lamport)` maps the ids of that replica from `lamport` up to the
     /// next key to the leaf that holds them. Ids that are not known may map anywhere; a lookup
     /// confirms by scanning the leaf.
-    pub index: BTreeMap<(u32, u64), u32>,
+    pub index: IdIndex,
     /// Local-edit cursor: a leaf and the visible chars before it.
     /// Set by position lookups; cleared when the visible count of another leaf changes (its start may move).
     pub cursor: Option<(u32, u64)>,
@@ -269,7 +268,7 @@ impl Default for Tree {
             height: 0,
             total: 0,
             replicas: Vec::new(),
-            index: BTreeMap::new(),
+            index: IdIndex::default(),
             cursor: None,
             seg: None,
             hints: [(0, u32::MAX); N_HINTS],
@@ -513,14 +512,7 @@ impl Tree {
                 return Some(seg);
             }
         }
-        let (lo, leaf) = match self.index.range(..=(replica, lamport)).next_back() {
-            Some((&(r, lo), &leaf)) if r == replica => (lo, leaf),
-            _ => return None,
-        };
-        let hi = match self.index.range((replica, lamport + 1)..).next() {
-            Some((&(r, hi), _)) if r == replica => hi,
-            _ => u64::MAX,
-        };
+        let (lo, hi, leaf) = self.index.cover(replica, lamport)?;
         let seg = Seg {
             replica,
             lo,
@@ -532,10 +524,7 @@ impl Tree {
 
     /// Leaf the index maps `(replica, lamport)` to, bypassing the cache.
     fn cover_raw(&self, replica: u32, lamport: u64) -> Option<u32> {
-        match self.index.range(..=(replica, lamport)).next_back() {
-            Some((&(r, _), &leaf)) if r == replica => Some(leaf),
-            _ => None,
-        }
+        self.index.cover(replica, lamport).map(|c| c.2)
     }
 
     /// Leaf the index maps `(replica, lamport)` to, if any.
@@ -594,8 +583,8 @@ impl Tree {
             return true;
         }
         self.index
-            .range((replica, start + 1)..(replica, end))
-            .any(|(_, &leaf)| overlaps(leaf))
+            .range(replica, start + 1, end)
+            .any(|(_, leaf)| overlaps(leaf))
     }
 
     /// Makes the index map ids `start .. end` of `replica` to `leaf`.
@@ -629,16 +618,15 @@ impl Tree {
             let merges_left = s.lo == start
                 && self
                     .index
-                    .range(..(replica, start))
-                    .next_back()
-                    .is_some_and(|(&(r, _), &l)| r == replica && l == leaf);
+                    .before(replica, start)
+                    .is_some_and(|(_, l)| l == leaf);
             if merges_left {
-                self.index.remove(&(replica, start));
+                self.index.remove(replica, start);
             } else {
-                self.index.insert((replica, start), leaf);
+                self.index.insert(replica, start, leaf);
             }
             if end < s.hi && end < lamport_end_before {
-                self.index.insert((replica, end), s.leaf);
+                self.index.insert(replica, end, s.leaf);
             }
             return;
         }
@@ -648,13 +636,10 @@ impl Tree {
         } else {
             self.cover_raw(replica, end)
         };
-        while let Some(k) = self
-            .index
-            .range((replica, start)..(replica, end))
-            .next()
-            .map(|(&k, _)| k)
-        {
-            self.index.remove(&k);
+        loop {
+            let inside = self.index.range(replica, start, end).next();
+            let Some((k, _)) = inside else { break };
+            self.index.remove(replica, k);
         }
         let before = if start > 0 {
             self.cover_raw(replica, start - 1)
@@ -662,18 +647,18 @@ impl Tree {
             None
         };
         if before != Some(leaf) {
-            self.index.insert((replica, start), leaf);
+            self.index.insert(replica, start, leaf);
         }
-        match self.index.get(&(replica, end)) {
-            Some(&at_end) => {
+        match self.index.get(replica, end) {
+            Some(at_end) => {
                 if at_end == leaf {
-                    self.index.remove(&(replica, end));
+                    self.index.remove(replica, end);
                 }
             }
             None => {
                 if let Some(c) = end_cover {
                     if c != leaf {
-                        self.index.insert((replica, end), c);
+                        self.index.insert(replica, end, c);
                     }
                 }
             }
@@ -688,39 +673,39 @@ impl Tree {
         self.seg = None;
         // Keys inside the range map to `from` (their ids are known and were in `from`): drop them; usually there are none.
         let at_end = loop {
-            match self.index.range((replica, start + 1)..).next() {
-                Some((&(r, k), &l)) if r == replica && k < end => {
+            match self.index.at_or_after(replica, start + 1) {
+                Some((k, l)) if k < end => {
                     debug_assert_eq!(l, from, "index key inside a moved span");
-                    self.index.remove(&(r, k));
+                    self.index.remove(replica, k);
                 }
-                Some((&(r, k), &l)) if r == replica && k == end => break Some(l),
+                Some((k, l)) if k == end => break Some(l),
                 _ => break None,
             }
         };
         match at_end {
             // Ids from `end` on were covered by a key at or before `start`, which maps to `from`.
             None if end < self.lamport_end => {
-                self.index.insert((replica, end), from);
+                self.index.insert(replica, end, from);
             }
             Some(l) if l == to => {
-                self.index.remove(&(replica, end));
+                self.index.remove(replica, end);
             }
             _ => {}
         }
-        let mut before = self.index.range(..=(replica, start)).rev();
-        match before.next() {
-            Some((&(r, k), _)) if r == replica && k == start => {
-                let merges_left = before
-                    .next()
-                    .is_some_and(|(&(r, _), &l)| r == replica && l == to);
+        match self.index.cover(replica, start) {
+            Some((k, _, _)) if k == start => {
+                let merges_left = self
+                    .index
+                    .before(replica, start)
+                    .is_some_and(|(_, l)| l == to);
                 if merges_left {
-                    self.index.remove(&(replica, start));
+                    self.index.remove(replica, start);
                 } else {
-                    self.index.insert((replica, start), to);
+                    self.index.insert(replica, start, to);
                 }
             }
             _ => {
-                self.index.insert((replica, start), to);
+                self.index.insert(replica, start, to);
             }
         }
     }
@@ -1009,11 +994,11 @@ impl Tree {
         cur
     }
 
-    /// Heap bytes held by the tree and the index (the index estimated per entry).
+    /// Heap bytes held by the tree and the index.
     pub(crate) fn heap_bytes(&self) -> usize {
         self.leaves.capacity() * std::mem::size_of::<Box<Leaf>>()
             + self.leaves.len() * std::mem::size_of::<Leaf>()
             + self.nodes.capacity() * std::mem::size_of::<Node>()
-            + self.index.len() * 32
+            + self.index.heap_bytes()
     }
 }
