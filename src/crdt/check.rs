@@ -59,7 +59,7 @@ impl Doc {
                 "span replica index"
             );
             let replica = self.tree.replicas[s.replica as usize];
-            let id = OpId::new(s.lamport, replica);
+            let id = OpId::new(s.lamport(), replica);
             assert!(s.len() >= 1, "empty span");
             assert!(
                 s.end() - 1 <= self.max_lamport.unwrap_or(0),
@@ -68,17 +68,17 @@ impl Doc {
             assert!(replica <= self.max_replica, "replica past max_replica");
             if !s.deleted() {
                 assert!(
-                    s.arena as usize + s.len() as usize <= self.arena.len(),
+                    s.arena() as usize + s.len() as usize <= self.arena.len(),
                     "span text past the arena"
                 );
             }
             // The index maps every id of the span to its leaf.
             assert_eq!(
-                t.cover(s.replica, s.lamport),
+                t.cover(s.replica, s.lamport()),
                 Some(leaf),
                 "index cover of {id:?}"
             );
-            for (_, l) in t.index.range(s.replica, s.lamport + 1, s.end()) {
+            for (_, l) in t.index.range(s.replica, s.lamport() + 1, s.end()) {
                 assert_eq!(l, leaf, "index key inside span {id:?}");
             }
             let found = self.find(id).expect("span first id is findable");
@@ -91,7 +91,7 @@ impl Doc {
                 origin_rule_holds(&mut stack, id, s.len() as u64),
                 "RGA order: origin of {id:?} has no smaller lamport"
             );
-            ids.push((replica, s.lamport, s.end()));
+            ids.push((replica, s.lamport(), s.end()));
         }
         ids.sort_unstable();
         for w in ids.windows(2) {
@@ -128,7 +128,7 @@ fn check_subtree(
         let min = l
             .spans()
             .iter()
-            .map(|s| OpId::new(s.lamport, t.replicas[s.replica as usize]))
+            .map(|s| OpId::new(s.lamport(), t.replicas[s.replica as usize]))
             .min();
         return (visible, min);
     }

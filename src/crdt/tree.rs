@@ -15,31 +15,37 @@ pub(crate) const NODE_CAP: usize = 16;
 const N_HINTS: usize = 4;
 /// "No node" in `parent`, `prev`, `next`.
 pub(crate) const NONE: u32 = u32::MAX;
-const DEL_BIT: u32 = 1 << 31;
-/// Longest span; longer runs are stored as several spans.
-pub(crate) const SPAN_MAX: u32 = DEL_BIT - 1;
+/// Bits of `Span::word` below the visible length: the lamport (at most 2^53 - 1, the contract's limit).
+const LAMPORT_BITS: u32 = 53;
+const LAMPORT_MASK: u64 = (1 << LAMPORT_BITS) - 1;
+/// Longest visible span (the length shares a word with the lamport); longer runs are stored as several spans.
+pub(crate) const SPAN_MAX: u32 = (1 << (64 - LAMPORT_BITS)) - 1;
+/// Longest tombstone span (its length takes the place of the arena offset).
+pub(crate) const TOMB_MAX: u32 = (1 << 31) - 1;
 
 const _: () = assert!(LEAF_CAP >= 4 && LEAF_CAP + 2 <= u8::MAX as usize);
 const _: () = assert!(NODE_CAP >= 4);
+const _: () = assert!(super::id::MAX_ID_COMPONENT == LAMPORT_MASK);
+const _: () = assert!(std::mem::size_of::<Span>() == 16);
 
 /// Items `lamport .. lamport+len` of one replica, adjacent in the document, all visible or all deleted.
-/// Packed to 20 bytes: spans are most of the memory of a document.
+/// Packed to 16 bytes, since spans are most of the memory of a document: the lamport and a visible span's length
+/// share a word (53 + 11 bits, so a visible span holds at most `SPAN_MAX` items), and a tombstone, which has no text,
+/// keeps its length where a visible span keeps its arena offset.
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
 #[repr(C, packed(4))]
 pub(crate) struct Span {
-    /// Lamport of the first item.
-    pub lamport: u64,
+    /// Lamport of the first item (low 53 bits) and the length of a visible span (high 11 bits; 0 for a tombstone).
+    word: u64,
     /// Index into `Doc::replicas`.
     pub replica: u32,
-    /// Length, with `DEL_BIT` set for tombstones.
-    len_del: u32,
-    /// Arena offset of the first char (meaningless for tombstones).
-    pub arena: u32,
+    /// Visible: arena offset of the first char. Tombstone: the length.
+    arena_or_len: u32,
 }
 
 impl std::fmt::Debug for Span {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (lamport, replica) = (self.lamport, self.replica);
+        let (lamport, replica) = (self.lamport(), self.replica);
         write!(
             f,
             "[{lamport},r{replica}]x{}{}",
@@ -51,56 +57,101 @@ impl std::fmt::Debug for Span {
 
 impl Span {
     pub(crate) fn new(lamport: u64, replica: u32, len: u32, arena: u32, deleted: bool) -> Span {
-        debug_assert!((1..=SPAN_MAX).contains(&len));
-        Span {
-            lamport,
-            replica,
-            len_del: len | if deleted { DEL_BIT } else { 0 },
-            arena,
+        debug_assert!(lamport <= LAMPORT_MASK);
+        if deleted {
+            debug_assert!((1..=TOMB_MAX).contains(&len));
+            Span {
+                word: lamport,
+                replica,
+                arena_or_len: len,
+            }
+        } else {
+            debug_assert!((1..=SPAN_MAX).contains(&len));
+            Span {
+                word: lamport | (len as u64) << LAMPORT_BITS,
+                replica,
+                arena_or_len: arena,
+            }
         }
+    }
+    /// Lamport of the first item.
+    #[inline]
+    pub(crate) fn lamport(&self) -> u64 {
+        self.word & LAMPORT_MASK
+    }
+    #[inline]
+    fn visible_bits(&self) -> u32 {
+        (self.word >> LAMPORT_BITS) as u32
     }
     #[inline]
     pub(crate) fn len(&self) -> u32 {
-        self.len_del & !DEL_BIT
+        match self.visible_bits() {
+            0 => self.arena_or_len,
+            n => n,
+        }
     }
     #[inline]
     pub(crate) fn deleted(&self) -> bool {
-        self.len_del & DEL_BIT != 0
+        self.visible_bits() == 0
     }
     #[inline]
     pub(crate) fn visible_len(&self) -> u32 {
+        self.visible_bits()
+    }
+    /// Arena offset of the first char (meaningless for tombstones).
+    #[inline]
+    pub(crate) fn arena(&self) -> u32 {
+        self.arena_or_len
+    }
+    /// Longest span of this one's kind.
+    #[inline]
+    fn max_len(&self) -> u32 {
         if self.deleted() {
-            0
+            TOMB_MAX
         } else {
-            self.len()
+            SPAN_MAX
         }
     }
     /// Lamport one past the last item.
     #[inline]
     pub(crate) fn end(&self) -> u64 {
-        self.lamport + self.len() as u64
+        self.lamport() + self.len() as u64
     }
     #[inline]
     pub(crate) fn contains(&self, replica: u32, lamport: u64) -> bool {
-        self.replica == replica && lamport >= self.lamport && lamport < self.end()
+        self.replica == replica && lamport >= self.lamport() && lamport < self.end()
     }
     #[inline]
     fn set_len(&mut self, len: u32) {
-        debug_assert!((1..=SPAN_MAX).contains(&len));
-        self.len_del = (self.len_del & DEL_BIT) | len;
+        debug_assert!((1..=self.max_len()).contains(&len));
+        if self.deleted() {
+            self.arena_or_len = len;
+        } else {
+            self.word = self.lamport() | (len as u64) << LAMPORT_BITS;
+        }
     }
     #[inline]
     fn set_deleted(&mut self) {
-        self.len_del |= DEL_BIT;
+        self.arena_or_len = self.len();
+        self.word = self.lamport();
     }
     /// Keeps items `0..at` and returns the rest.
     #[inline]
     fn split_off(&mut self, at: u32) -> Span {
-        debug_assert!(at > 0 && at < self.len());
-        let mut right = *self;
-        right.lamport = self.lamport + at as u64;
-        right.arena = self.arena.wrapping_add(at);
-        right.set_len(self.len() - at);
+        let len = self.len();
+        debug_assert!(at > 0 && at < len);
+        let lamport = self.lamport() + at as u64;
+        let right = if self.deleted() {
+            Span::new(lamport, self.replica, len - at, 0, true)
+        } else {
+            Span::new(
+                lamport,
+                self.replica,
+                len - at,
+                self.arena_or_len.wrapping_add(at),
+                false,
+            )
+        };
         self.set_len(at);
         right
     }
@@ -108,10 +159,10 @@ impl Span {
     #[inline]
     fn can_append(&self, next: &Span) -> bool {
         self.replica == next.replica
-            && self.end() == next.lamport
+            && self.end() == next.lamport()
             && self.deleted() == next.deleted()
-            && (self.deleted() || self.arena.wrapping_add(self.len()) == next.arena)
-            && self.len() as u64 + next.len() as u64 <= SPAN_MAX as u64
+            && (self.deleted() || self.arena().wrapping_add(self.len()) == next.arena())
+            && self.len() as u64 + next.len() as u64 <= self.max_len() as u64
     }
 }
 
@@ -311,7 +362,7 @@ impl Tree {
     /// Id of the first (and smallest) item of `span`.
     #[inline]
     pub(crate) fn first_id(&self, span: &Span) -> OpId {
-        OpId::new(span.lamport, self.replicas[span.replica as usize])
+        OpId::new(span.lamport(), self.replicas[span.replica as usize])
     }
 
     /// Smallest id in `leaf` (`NO_MIN` if empty); lamports rise along a span, so its first item is its smallest.
@@ -547,7 +598,7 @@ impl Tree {
         let l = &self.leaves[leaf as usize];
         let idx = idx as usize;
         if idx < l.n as usize && l.spans[idx].contains(replica, lamport) {
-            let off = (lamport - l.spans[idx].lamport) as u32;
+            let off = (lamport - l.spans[idx].lamport()) as u32;
             return Some(Loc { leaf, idx, off });
         }
         let seg = self.segment(replica, lamport)?;
@@ -567,7 +618,7 @@ impl Tree {
         Some(Loc {
             leaf,
             idx,
-            off: (lamport - l.spans[idx].lamport) as u32,
+            off: (lamport - l.spans[idx].lamport()) as u32,
         })
     }
 
@@ -577,7 +628,7 @@ impl Tree {
             self.leaves[leaf as usize]
                 .spans()
                 .iter()
-                .any(|s| s.replica == replica && s.lamport < end && start < s.end())
+                .any(|s| s.replica == replica && s.lamport() < end && start < s.end())
         };
         if self.cover(replica, start).is_some_and(overlaps) {
             return true;
@@ -722,7 +773,7 @@ impl Tree {
         self.leaves[leaf as usize]
             .spans()
             .iter()
-            .any(|s| s.replica == replica && s.lamport < hi && s.end() > lo)
+            .any(|s| s.replica == replica && s.lamport() < hi && s.end() > lo)
     }
 
     /// Inserts `span` (new ids) right after item `after`, or at the document start; returns where its first item is.
@@ -750,7 +801,7 @@ impl Tree {
             let off = prev.len();
             prev.set_len(off + span.len());
             self.add_count(leaf, vis);
-            self.assign(span.replica, span.lamport, span.end(), leaf);
+            self.assign(span.replica, span.lamport(), span.end(), leaf);
             let loc = Loc {
                 leaf,
                 idx: idx - 1,
@@ -764,7 +815,7 @@ impl Tree {
         l.insert(idx, span);
         self.add_count(leaf, vis);
         self.lower_min(leaf, self.first_id(&span));
-        self.assign(span.replica, span.lamport, span.end(), leaf);
+        self.assign(span.replica, span.lamport(), span.end(), leaf);
         let loc = self.fix_overflow(Loc { leaf, idx, off: 0 });
         self.hints[span.replica as usize % N_HINTS] = (loc.leaf, loc.idx as u32);
         loc
@@ -864,10 +915,10 @@ impl Tree {
         // Re-point the index at the moved spans, merging runs of consecutive ids.
         let mut i = 0;
         while i < moved.len() {
-            let (r, start) = (moved[i].replica, moved[i].lamport);
+            let (r, start) = (moved[i].replica, moved[i].lamport());
             let mut end = moved[i].end();
             let mut j = i + 1;
-            while j < moved.len() && moved[j].replica == r && moved[j].lamport == end {
+            while j < moved.len() && moved[j].replica == r && moved[j].lamport() == end {
                 end = moved[j].end();
                 j += 1;
             }
