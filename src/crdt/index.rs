@@ -117,6 +117,33 @@ impl Runs {
             ents.insert(ent, (off, leaf));
             return true;
         }
+        // Full: pass an entry to a neighbour with room, so that chunks stay nearly full (and the index small).
+        if !last_chunk && self.chunks[chunk + 1].len() < CHUNK {
+            if ent == CHUNK {
+                if self.push_front(chunk + 1, k, leaf) {
+                    return true;
+                }
+            } else {
+                let (last_off, last_leaf) = self.chunks[chunk][CHUNK - 1];
+                if self.push_front(chunk + 1, first + last_off as u64, last_leaf) {
+                    let ents = &mut self.chunks[chunk];
+                    ents.pop();
+                    ents.insert(ent, (off, leaf));
+                    return true;
+                }
+            }
+        }
+        // The chunk's first key moves back; `k` stays in this chunk, above its new first key, when `ent >= 2`.
+        if chunk > 0 && ent >= 2 && self.chunks[chunk - 1].len() < CHUNK {
+            let first_leaf = self.chunks[chunk][0].1;
+            if let Ok(prev_off) = u32::try_from(first - self.firsts[chunk - 1]) {
+                self.chunks[chunk - 1].push((prev_off, first_leaf));
+                self.remove_at(At { chunk, ent: 0 });
+                let off = (k - self.firsts[chunk]) as u32;
+                self.chunks[chunk].insert(ent - 1, (off, leaf));
+                return true;
+            }
+        }
         if ent == CHUNK && last_chunk {
             // Appending at the end of the last chunk (new ids): keep the full chunk full.
             self.new_chunk(chunk + 1, k, leaf);
@@ -124,7 +151,7 @@ impl Runs {
         }
         // Split the full chunk in half, then insert into the half that holds the place.
         let mid = CHUNK / 2;
-        let mut right = ents.split_off(mid);
+        let mut right = self.chunks[chunk].split_off(mid);
         let base = right[0].0;
         for e in &mut right {
             e.0 -= base;
@@ -141,21 +168,27 @@ impl Runs {
 
     /// Inserts `k`, below every key, at the front of the first chunk (or a new chunk when that one is full or too wide).
     fn insert_front(&mut self, k: u64, leaf: u32) -> bool {
-        let fits = self.chunks.first().is_some_and(|ents| {
-            ents.len() < CHUNK
-                && self.firsts[0] + ents[ents.len() - 1].0 as u64 - k <= u32::MAX as u64
-        });
-        if !fits {
+        let full = self.chunks.first().map_or(true, |ents| ents.len() == CHUNK);
+        if full || !self.push_front(0, k, leaf) {
             self.new_chunk(0, k, leaf);
-            return true;
         }
-        let shift = (self.firsts[0] - k) as u32;
-        let ents = &mut self.chunks[0];
+        true
+    }
+
+    /// Puts `k` (below every key of chunk `chunk`, above every key of the chunk before) at the front of chunk `chunk`,
+    /// which has room; returns false, changing nothing, when the chunk's keys would then span 2^32 or more.
+    fn push_front(&mut self, chunk: usize, k: u64, leaf: u32) -> bool {
+        let ents = &mut self.chunks[chunk];
+        debug_assert!(ents.len() < CHUNK && k < self.firsts[chunk]);
+        let shift = self.firsts[chunk] - k;
+        if shift + ents[ents.len() - 1].0 as u64 > u32::MAX as u64 {
+            return false;
+        }
         for e in ents.iter_mut() {
-            e.0 += shift;
+            e.0 += shift as u32;
         }
         ents.insert(0, (0, leaf));
-        self.firsts[0] = k;
+        self.firsts[chunk] = k;
         true
     }
 
