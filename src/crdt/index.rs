@@ -8,6 +8,18 @@
 /// Most entries of a chunk; a full chunk splits in two, or starts a new one when the key goes at the very end.
 const CHUNK: usize = 64;
 
+/// Makes room for one more entry in a chunk that is not full, growing it by at most `GROW` entries (not doubling):
+/// chunks are small and many, so the slack of doubling would be about a sixth of the index.
+#[inline]
+fn grow(ents: &mut Vec<(u32, u32)>) {
+    if ents.len() == ents.capacity() {
+        ents.reserve_exact(GROW.min(CHUNK - ents.len()));
+    }
+}
+
+/// Entries a chunk grows by when it is full below `CHUNK`.
+const GROW: usize = 8;
+
 /// Keys of one replica: chunks in key order, each non-empty, each holding keys `first .. first + 2^32`.
 #[derive(Clone, Default)]
 struct Runs {
@@ -114,6 +126,7 @@ impl Runs {
         let last_chunk = chunk + 1 == self.chunks.len();
         let ents = &mut self.chunks[chunk];
         if ents.len() < CHUNK {
+            grow(ents);
             ents.insert(ent, (off, leaf));
             return true;
         }
@@ -137,6 +150,7 @@ impl Runs {
         if chunk > 0 && ent >= 2 && self.chunks[chunk - 1].len() < CHUNK {
             let first_leaf = self.chunks[chunk][0].1;
             if let Ok(prev_off) = u32::try_from(first - self.firsts[chunk - 1]) {
+                grow(&mut self.chunks[chunk - 1]);
                 self.chunks[chunk - 1].push((prev_off, first_leaf));
                 self.remove_at(At { chunk, ent: 0 });
                 let off = (k - self.firsts[chunk]) as u32;
@@ -152,6 +166,8 @@ impl Runs {
         // Split the full chunk in half, then insert into the half that holds the place.
         let mid = CHUNK / 2;
         let mut right = self.chunks[chunk].split_off(mid);
+        self.chunks[chunk].shrink_to(mid + GROW);
+        right.reserve_exact(GROW);
         let base = right[0].0;
         for e in &mut right {
             e.0 -= base;
@@ -187,6 +203,7 @@ impl Runs {
         for e in ents.iter_mut() {
             e.0 += shift as u32;
         }
+        grow(ents);
         ents.insert(0, (0, leaf));
         self.firsts[chunk] = k;
         true
