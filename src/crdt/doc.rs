@@ -460,7 +460,7 @@ impl Doc {
 
     /// Inserts new items `id..` with `text` right after `at` (no skipping).
     /// Returns where the last new item is and the number of new items.
-    fn insert_run(&mut self, mut at: Option<Loc>, id: OpId, text: &str) -> (Loc, usize) {
+    fn insert_run(&mut self, at: Option<Loc>, id: OpId, text: &str) -> (Loc, usize) {
         let r = self.intern_replica(id.replica);
         let arena = self.arena.push_str(text);
         let n = self.arena.len() - arena;
@@ -468,21 +468,30 @@ impl Doc {
             self.arena.len() <= u32::MAX as usize,
             "text arena over 4 GiB chars"
         );
-        let mut done = 0usize;
-        while done < n {
-            let k = (n - done).min(SPAN_MAX as usize) as u32;
-            let span = Span::new(id.lamport + done as u64, r, k, (arena + done) as u32, false);
-            let loc = self.tree.insert_after(at, span);
-            at = Some(Loc {
-                off: loc.off + k - 1,
-                ..loc
-            });
-            done += k as usize;
-        }
         let last = id.lamport + n as u64 - 1;
         self.max_lamport = Some(self.max_lamport.map_or(last, |m| m.max(last)));
         self.max_replica = self.max_replica.max(id.replica);
-        (at.expect("text is not empty"), n)
+        // One span, the common case, with the location kept in registers (no `Option<Loc>` through memory).
+        let k = n.min(SPAN_MAX as usize) as u32;
+        let loc = self
+            .tree
+            .insert_after(at, Span::new(id.lamport, r, k, arena as u32, false));
+        let mut last = Loc {
+            off: loc.off + k - 1,
+            ..loc
+        };
+        let mut done = k as usize;
+        while done < n {
+            let k = (n - done).min(SPAN_MAX as usize) as u32;
+            let span = Span::new(id.lamport + done as u64, r, k, (arena + done) as u32, false);
+            let loc = self.tree.insert_after(Some(last), span);
+            last = Loc {
+                off: loc.off + k - 1,
+                ..loc
+            };
+            done += k as usize;
+        }
+        (last, n)
     }
 
     /// Marks the known items `id .. id+len` deleted, skipping the ranges earlier deletes of the message covered.
