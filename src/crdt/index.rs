@@ -339,6 +339,64 @@ impl IdIndex {
         Some(runs.remove_at(at))
     }
 
+    /// Re-points ids `start .. end` of `replica`, all known and all in leaf `from` until now, to leaf `to` (a leaf
+    /// split moved them), with one search in the common case: keys inside the range (which can only map to `from`) go,
+    /// the key covering `start` is re-pointed in place (or merged into the key before it when that maps to `to`, or a
+    /// key is added at `start`, unless the covering key maps to `to` already), and ids from `end` on keep their leaf:
+    /// a key at `end` mapping to `to` goes, and where no key is at `end`, one to `from` is added if `from_holds(end,
+    /// next key)` says `from` still holds an id there (unknown ids may map anywhere; none is known at or above
+    /// `lamport_end`).
+    pub(crate) fn repoint(
+        &mut self,
+        replica: u32,
+        [start, end]: [u64; 2],
+        [from, to]: [u32; 2],
+        lamport_end: u64,
+        from_holds: impl FnOnce(u64, u64) -> bool,
+    ) {
+        let Some(runs) = self.replicas.get_mut(replica as usize) else {
+            // Unreachable for known ids; mapping them is still right.
+            self.insert(replica, start, to);
+            return;
+        };
+        let Some(at) = runs.last_at_or_below(start) else {
+            self.insert(replica, start, to);
+            return;
+        };
+        while let Some(n) = runs.next(at) {
+            if runs.key(n) >= end {
+                break;
+            }
+            debug_assert_eq!(runs.leaf(n), from, "index key inside a moved span");
+            runs.remove_at(n);
+            self.len -= 1;
+        }
+        let next = runs.next(at).map(|n| (runs.key(n), runs.leaf(n)));
+        if runs.key(at) == start {
+            let merges_left = runs.prev(at).is_some_and(|p| runs.leaf(p) == to);
+            if merges_left {
+                runs.remove_at(at);
+                self.len -= 1;
+            } else {
+                runs.chunks[at.chunk][at.ent].1 = to;
+            }
+        } else if runs.leaf(at) != to {
+            // Covered by a key at or before `start` that maps to `from`.
+            self.insert(replica, start, to);
+        }
+        match next {
+            Some((k, l)) if k == end => {
+                if l == to {
+                    self.remove(replica, end);
+                }
+            }
+            _ if end < lamport_end && from_holds(end, next.map_or(u64::MAX, |n| n.0)) => {
+                self.insert(replica, end, from);
+            }
+            _ => {}
+        }
+    }
+
     /// Heap bytes held.
     pub(crate) fn heap_bytes(&self) -> usize {
         self.replicas.capacity() * std::mem::size_of::<Runs>()

@@ -718,62 +718,21 @@ impl Tree {
     }
 
     /// Re-points ids `start .. end` of `replica`, all known and all in leaf `from` until now, to leaf `to` (a split
-    /// moved them): cheaper than `assign`, since every key inside the range maps to `from` and what covers `end` stays.
-    /// Two or three index operations instead of about eight, and no key where none is needed: ids from `end` on get a
-    /// key of their own only if `from` still holds one of them (unknown ids may map anywhere), and a run already
-    /// covered by a key to `to` (set for an earlier run of this split) gets none.
+    /// moved them): cheaper than `assign`, since every key inside the range maps to `from` and what covers `end` stays
+    /// (`IdIndex::repoint`: one index search in the common case instead of about eight operations).
+    /// Ids from `end` on get a key of their own only if `from` still holds one of them, and a run already covered by a
+    /// key to `to` (set for an earlier run of this split) gets none.
     /// Called once per moved run, after the spans have moved (so `from` holds only what stays).
     fn repoint(&mut self, replica: u32, start: u64, end: u64, from: u32, to: u32) {
         self.seg = None;
-        // Keys inside the range map to `from` (their ids are known and were in `from`): drop them; usually there are none.
-        let next = loop {
-            match self.index.at_or_after(replica, start + 1) {
-                Some((k, l)) if k < end => {
-                    debug_assert_eq!(l, from, "index key inside a moved span");
-                    self.index.remove(replica, k);
-                }
-                other => break other,
-            }
-        };
-        match next {
-            Some((k, l)) if k == end => {
-                if l == to {
-                    self.index.remove(replica, end);
-                }
-            }
-            // Ids from `end` up to the next key were covered by a key at or before `start`, which maps to `from`.
-            _ if end < self.lamport_end => {
-                let hi = next.map_or(u64::MAX, |(k, _)| k);
-                if self.leaf_holds(from, replica, end, hi) {
-                    self.index.insert(replica, end, from);
-                }
-            }
-            _ => {}
-        }
-        match self.index.cover(replica, start) {
-            Some((k, _, _)) if k == start => {
-                let merges_left = self
-                    .index
-                    .before(replica, start)
-                    .is_some_and(|(_, l)| l == to);
-                if merges_left {
-                    self.index.remove(replica, start);
-                } else {
-                    self.index.insert(replica, start, to);
-                }
-            }
-            // Covered by a key an earlier run of this split pointed at `to`: every known id under it is in `to`.
-            Some((_, _, l)) if l == to => {}
-            _ => self.index.insert(replica, start, to),
-        }
-    }
-
-    /// Whether `leaf` holds an id of `replica` in `lo .. hi`.
-    fn leaf_holds(&self, leaf: u32, replica: u32, lo: u64, hi: u64) -> bool {
-        self.leaves[leaf as usize]
-            .spans()
-            .iter()
-            .any(|s| s.replica == replica && s.lamport() < hi && s.end() > lo)
+        let from_leaf = &self.leaves[from as usize];
+        self.index.repoint(
+            replica,
+            [start, end],
+            [from, to],
+            self.lamport_end,
+            |lo, hi| leaf_holds(from_leaf, replica, lo, hi),
+        );
     }
 
     /// Inserts `span` (new ids) right after item `after`, or at the document start; returns where its first item is.
@@ -1067,4 +1026,11 @@ impl Tree {
             + self.nodes.capacity() * std::mem::size_of::<Node>()
             + self.index.heap_bytes()
     }
+}
+
+/// Whether `leaf` holds an id of `replica` in `lo .. hi`.
+fn leaf_holds(leaf: &Leaf, replica: u32, lo: u64, hi: u64) -> bool {
+    leaf.spans()
+        .iter()
+        .any(|s| s.replica == replica && s.lamport() < hi && s.end() > lo)
 }
