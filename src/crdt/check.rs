@@ -272,4 +272,29 @@ mod tests {
             every_id_found(&rebuilt, &known, &mut rng);
         }
     }
+
+    /// The document of the s2 load (ten replicas, one-char inserts at random positions: a span per char) stays under
+    /// 40 heap bytes per char (it was 84 with a `BTreeMap` index and 20-byte spans); a guard against layout regressions.
+    #[test]
+    fn fragmented_document_heap_per_char() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut doc = Doc::new();
+        let n = 6_200;
+        for i in 0..n {
+            let pos = rng.below(doc.len() as u64 + 1) as usize;
+            doc.insert_local(1 + (i % 10) as u64, pos, "x");
+        }
+        doc.dbg_check();
+        let stats = doc.stats();
+        assert_eq!(stats.n_spans, n as usize);
+        assert!(
+            stats.n_index_keys <= n as usize * 101 / 100,
+            "about one index key per span: {stats:?}"
+        );
+        let per_char = doc.heap_bytes() as f64 / n as f64;
+        assert!(
+            per_char < 40.0,
+            "{per_char:.1} heap bytes per char, {stats:?}"
+        );
+    }
 }
