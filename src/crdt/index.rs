@@ -289,6 +289,7 @@ impl IdIndex {
     }
 
     /// The first key of `replica` at or above `lamport`, with its leaf.
+    #[cfg(test)]
     pub(crate) fn at_or_after(&self, replica: u32, lamport: u64) -> Option<(u64, u32)> {
         let runs = self.runs(replica)?;
         let at = runs.first_at_or_above(lamport)?;
