@@ -386,11 +386,10 @@ impl IdIndex {
             self.insert(replica, start, to);
         }
         match next {
-            Some((k, l)) if k == end => {
-                if l == to {
-                    self.remove(replica, end);
-                }
+            Some((k, l)) if k == end && l == to => {
+                self.remove(replica, end);
             }
+            Some((k, _)) if k == end => {}
             _ if end < lamport_end && from_holds(end, next.map_or(u64::MAX, |n| n.0)) => {
                 self.insert(replica, end, from);
             }
