@@ -5,7 +5,8 @@
 //! That is about a third of the memory of a `BTreeMap<(u32, u64), u32>` per key and one or two cache misses per lookup.
 //! This module knows nothing of spans or leaves beyond their numbers; `tree.rs` keeps the keys right.
 
-/// Most entries of a chunk; a full chunk splits in two, or starts a new one when the key goes at the very end.
+/// Most entries of a chunk; a full chunk passes an entry to a neighbour with room, else splits in two, or starts a new
+/// chunk when the key goes after the last one.
 const CHUNK: usize = 64;
 
 /// Makes room for one more entry in a chunk that is not full, growing it by at most `GROW` entries (not doubling):
