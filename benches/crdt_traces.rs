@@ -185,4 +185,41 @@ fn main() {
         );
     }
     println!("\ntimes: median (min) of {runs} runs each; local replay = delete_local_into/insert_local_into per patch into one reused OpBuf; remote = apply_remote per op on a fresh Doc.");
+    fragmented();
+}
+
+/// The document shape of the s2 load (`collab-load --clients-per-room 10`): ten replicas inserting single chars at
+/// random positions, so every char is a span of its own; prints its heap per char (the server's memory per document).
+fn fragmented() {
+    println!("\n| fragmented document (10 replicas, 1-char inserts at random positions) | chars | heap_bytes | live heap | bytes per char | spans / leaves / nodes / index keys |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for n in [1_000usize, 6_200, 50_000] {
+        let before = LIVE_BYTES.load(Ordering::Relaxed);
+        let doc = fragmented_doc(n);
+        let live = LIVE_BYTES.load(Ordering::Relaxed) - before;
+        let s = doc.stats();
+        println!(
+            "| xorshift seed 0x9E3779B97F4A7C15 | {n} | {} | {live} | {:.1} | {} / {} / {} / {} |",
+            doc.heap_bytes(),
+            doc.heap_bytes() as f64 / n as f64,
+            s.n_spans,
+            s.n_leaves,
+            s.n_nodes,
+            s.n_index_keys,
+        );
+    }
+}
+
+/// `n` single-char inserts by replicas 1..=10 in turn at xorshift-random positions.
+fn fragmented_doc(n: usize) -> Doc {
+    let mut doc = Doc::new();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for i in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let pos = (x % (doc.len() as u64 + 1)) as usize;
+        doc.insert_local(1 + (i % 10) as u64, pos, "x");
+    }
+    doc
 }

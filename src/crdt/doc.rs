@@ -8,7 +8,7 @@ use super::buf::OpBuf;
 use super::error::{CrdtError, InvalidOpReason};
 use super::id::{Applied, Op, OpId, Run, RunContent, MAX_ID_COMPONENT};
 use super::text::TextArena;
-use super::tree::{Loc, Span, Tree, NONE, SPAN_MAX};
+use super::tree::{Loc, Span, Tree, NONE, SPAN_MAX, TOMB_MAX};
 
 /// The replicated document: an RGA sequence of characters with tombstones.
 #[derive(Clone, Default)]
@@ -349,7 +349,7 @@ impl Doc {
                     // Tombstone text is not kept (a snapshot does not carry it), so only ids and `after` are compared.
                     chars.by_ref().take(k as usize).for_each(drop);
                 } else {
-                    let base = s.arena as usize + loc.off as usize;
+                    let base = s.arena() as usize + loc.off as usize;
                     for j in 0..k as usize {
                         if chars.next() != Some(self.arena.get(base + j)) {
                             return Usage::Conflict;
@@ -409,7 +409,7 @@ impl Doc {
                 if l.off + 1 < s.len() {
                     // Lamports rise along a span: if the next item is greater, the rest of the span is too.
                     let next = OpId::new(
-                        s.lamport + l.off as u64 + 1,
+                        s.lamport() + l.off as u64 + 1,
                         self.tree.replicas[s.replica as usize],
                     );
                     if next < id {
@@ -460,7 +460,7 @@ impl Doc {
 
     /// Inserts new items `id..` with `text` right after `at` (no skipping).
     /// Returns where the last new item is and the number of new items.
-    fn insert_run(&mut self, mut at: Option<Loc>, id: OpId, text: &str) -> (Loc, usize) {
+    fn insert_run(&mut self, at: Option<Loc>, id: OpId, text: &str) -> (Loc, usize) {
         let r = self.intern_replica(id.replica);
         let arena = self.arena.push_str(text);
         let n = self.arena.len() - arena;
@@ -468,21 +468,30 @@ impl Doc {
             self.arena.len() <= u32::MAX as usize,
             "text arena over 4 GiB chars"
         );
-        let mut done = 0usize;
-        while done < n {
-            let k = (n - done).min(SPAN_MAX as usize) as u32;
-            let span = Span::new(id.lamport + done as u64, r, k, (arena + done) as u32, false);
-            let loc = self.tree.insert_after(at, span);
-            at = Some(Loc {
-                off: loc.off + k - 1,
-                ..loc
-            });
-            done += k as usize;
-        }
         let last = id.lamport + n as u64 - 1;
         self.max_lamport = Some(self.max_lamport.map_or(last, |m| m.max(last)));
         self.max_replica = self.max_replica.max(id.replica);
-        (at.expect("text is not empty"), n)
+        // One span, the common case, with the location kept in registers (no `Option<Loc>` through memory).
+        let k = n.min(SPAN_MAX as usize) as u32;
+        let loc = self
+            .tree
+            .insert_after(at, Span::new(id.lamport, r, k, arena as u32, false));
+        let mut last = Loc {
+            off: loc.off + k - 1,
+            ..loc
+        };
+        let mut done = k as usize;
+        while done < n {
+            let k = (n - done).min(SPAN_MAX as usize) as u32;
+            let span = Span::new(id.lamport + done as u64, r, k, (arena + done) as u32, false);
+            let loc = self.tree.insert_after(Some(last), span);
+            last = Loc {
+                off: loc.off + k - 1,
+                ..loc
+            };
+            done += k as usize;
+        }
+        (last, n)
     }
 
     /// Marks the known items `id .. id+len` deleted, skipping the ranges earlier deletes of the message covered.
@@ -550,7 +559,7 @@ impl Doc {
     pub(crate) fn id_of(&self, loc: Loc) -> OpId {
         let s = self.tree.span(loc.leaf, loc.idx);
         OpId::new(
-            s.lamport + loc.off as u64,
+            s.lamport() + loc.off as u64,
             self.tree.replicas[s.replica as usize],
         )
     }
@@ -694,7 +703,7 @@ impl Doc {
         let mut last_end: Option<(u64, u64)> = None;
         for (_, _, s) in self.spans() {
             let replica = self.tree.replicas[s.replica as usize];
-            let mergeable = last_end == Some((replica, s.lamport));
+            let mergeable = last_end == Some((replica, s.lamport()));
             match runs.last_mut() {
                 Some(Run {
                     content: RunContent::Deleted(n),
@@ -704,7 +713,7 @@ impl Doc {
                     content: RunContent::Text(t),
                     ..
                 }) if mergeable && !s.deleted() => {
-                    self.arena.write_to(t, s.arena as usize, s.len() as usize)
+                    self.arena.write_to(t, s.arena() as usize, s.len() as usize)
                 }
                 _ => {
                     let content = if s.deleted() {
@@ -712,11 +721,11 @@ impl Doc {
                     } else {
                         let mut t = String::new();
                         self.arena
-                            .write_to(&mut t, s.arena as usize, s.len() as usize);
+                            .write_to(&mut t, s.arena() as usize, s.len() as usize);
                         RunContent::Text(t)
                     };
                     runs.push(Run {
-                        id: OpId::new(s.lamport, replica),
+                        id: OpId::new(s.lamport(), replica),
                         content,
                     });
                 }
@@ -786,7 +795,7 @@ impl Doc {
         for (_, _, s) in self.spans() {
             if !s.deleted() {
                 self.arena
-                    .write_to(&mut out, s.arena as usize, s.len() as usize);
+                    .write_to(&mut out, s.arena() as usize, s.len() as usize);
             }
         }
         out
@@ -846,11 +855,13 @@ impl Doc {
     }
 }
 
-/// Appends items `lamport .. lamport+n` at the end of the document, as spans of at most `SPAN_MAX`.
+/// Appends items `lamport .. lamport+n` at the end of the document, as spans of at most `SPAN_MAX` (`TOMB_MAX` for
+/// tombstones, `arena` = `None`).
 fn push_spans(tree: &mut Tree, lamport: u64, r: u32, n: u64, arena: Option<u32>) {
+    let max = if arena.is_some() { SPAN_MAX } else { TOMB_MAX };
     let mut done = 0u64;
     while done < n {
-        let k = (n - done).min(SPAN_MAX as u64) as u32;
+        let k = (n - done).min(max as u64) as u32;
         let a = arena.map_or(0, |a| a + done as u32);
         tree.push_back(Span::new(lamport + done, r, k, a, arena.is_none()));
         done += k as u64;

@@ -7,6 +7,7 @@
 //! - `doc.rs`: `Doc`: validation, integration (the skip rule), local edits, snapshots.
 //! - `buf.rs`: `OpBuf`, the caller's buffer that local edits write their ops into.
 //! - `tree.rs`: the B-tree of spans counted by visible length, and the id index.
+//! - `index.rs`: `IdIndex`, the id index: per replica, sorted chunks of (lamport, leaf) keys.
 //! - `text.rs`: the append-only text arena the spans point into.
 //! - `check.rs`: `Doc::dbg_check`, the deep invariant walk.
 
@@ -15,6 +16,7 @@ mod check;
 mod doc;
 mod error;
 mod id;
+mod index;
 mod text;
 mod tree;
 

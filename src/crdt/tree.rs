@@ -4,9 +4,8 @@
 //! The id index maps id ranges to the leaf that holds them, so id lookups and position lookups are O(log n).
 //! This module knows nothing of ops, validation or text; `doc.rs` drives it.
 
-use std::collections::BTreeMap;
-
 use super::id::OpId;
+use super::index::IdIndex;
 
 /// Most spans in a leaf; an edit may push a leaf to `LEAF_CAP + 2` for a moment, then it splits.
 pub(crate) const LEAF_CAP: usize = 32;
@@ -16,31 +15,37 @@ pub(crate) const NODE_CAP: usize = 16;
 const N_HINTS: usize = 4;
 /// "No node" in `parent`, `prev`, `next`.
 pub(crate) const NONE: u32 = u32::MAX;
-const DEL_BIT: u32 = 1 << 31;
-/// Longest span; longer runs are stored as several spans.
-pub(crate) const SPAN_MAX: u32 = DEL_BIT - 1;
+/// Bits of `Span::word` below the visible length: the lamport (at most 2^53 - 1, the contract's limit).
+const LAMPORT_BITS: u32 = 53;
+const LAMPORT_MASK: u64 = (1 << LAMPORT_BITS) - 1;
+/// Longest visible span (the length shares a word with the lamport); longer runs are stored as several spans.
+pub(crate) const SPAN_MAX: u32 = (1 << (64 - LAMPORT_BITS)) - 1;
+/// Longest tombstone span (its length takes the place of the arena offset).
+pub(crate) const TOMB_MAX: u32 = (1 << 31) - 1;
 
 const _: () = assert!(LEAF_CAP >= 4 && LEAF_CAP + 2 <= u8::MAX as usize);
 const _: () = assert!(NODE_CAP >= 4);
+const _: () = assert!(super::id::MAX_ID_COMPONENT == LAMPORT_MASK);
+const _: () = assert!(std::mem::size_of::<Span>() == 16);
 
 /// Items `lamport .. lamport+len` of one replica, adjacent in the document, all visible or all deleted.
-/// Packed to 20 bytes: spans are most of the memory of a document.
+/// Packed to 16 bytes, since spans are most of the memory of a document: the lamport and a visible span's length
+/// share a word (53 + 11 bits, so a visible span holds at most `SPAN_MAX` items), and a tombstone, which has no text,
+/// keeps its length where a visible span keeps its arena offset.
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
 #[repr(C, packed(4))]
 pub(crate) struct Span {
-    /// Lamport of the first item.
-    pub lamport: u64,
+    /// Lamport of the first item (low 53 bits) and the length of a visible span (high 11 bits; 0 for a tombstone).
+    word: u64,
     /// Index into `Doc::replicas`.
     pub replica: u32,
-    /// Length, with `DEL_BIT` set for tombstones.
-    len_del: u32,
-    /// Arena offset of the first char (meaningless for tombstones).
-    pub arena: u32,
+    /// Visible: arena offset of the first char. Tombstone: the length.
+    arena_or_len: u32,
 }
 
 impl std::fmt::Debug for Span {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (lamport, replica) = (self.lamport, self.replica);
+        let (lamport, replica) = (self.lamport(), self.replica);
         write!(
             f,
             "[{lamport},r{replica}]x{}{}",
@@ -52,56 +57,101 @@ impl std::fmt::Debug for Span {
 
 impl Span {
     pub(crate) fn new(lamport: u64, replica: u32, len: u32, arena: u32, deleted: bool) -> Span {
-        debug_assert!((1..=SPAN_MAX).contains(&len));
-        Span {
-            lamport,
-            replica,
-            len_del: len | if deleted { DEL_BIT } else { 0 },
-            arena,
+        debug_assert!(lamport <= LAMPORT_MASK);
+        if deleted {
+            debug_assert!((1..=TOMB_MAX).contains(&len));
+            Span {
+                word: lamport,
+                replica,
+                arena_or_len: len,
+            }
+        } else {
+            debug_assert!((1..=SPAN_MAX).contains(&len));
+            Span {
+                word: lamport | (len as u64) << LAMPORT_BITS,
+                replica,
+                arena_or_len: arena,
+            }
         }
+    }
+    /// Lamport of the first item.
+    #[inline]
+    pub(crate) fn lamport(&self) -> u64 {
+        self.word & LAMPORT_MASK
+    }
+    #[inline]
+    fn visible_bits(&self) -> u32 {
+        (self.word >> LAMPORT_BITS) as u32
     }
     #[inline]
     pub(crate) fn len(&self) -> u32 {
-        self.len_del & !DEL_BIT
+        match self.visible_bits() {
+            0 => self.arena_or_len,
+            n => n,
+        }
     }
     #[inline]
     pub(crate) fn deleted(&self) -> bool {
-        self.len_del & DEL_BIT != 0
+        self.visible_bits() == 0
     }
     #[inline]
     pub(crate) fn visible_len(&self) -> u32 {
+        self.visible_bits()
+    }
+    /// Arena offset of the first char (meaningless for tombstones).
+    #[inline]
+    pub(crate) fn arena(&self) -> u32 {
+        self.arena_or_len
+    }
+    /// Longest span of this one's kind.
+    #[inline]
+    fn max_len(&self) -> u32 {
         if self.deleted() {
-            0
+            TOMB_MAX
         } else {
-            self.len()
+            SPAN_MAX
         }
     }
     /// Lamport one past the last item.
     #[inline]
     pub(crate) fn end(&self) -> u64 {
-        self.lamport + self.len() as u64
+        self.lamport() + self.len() as u64
     }
     #[inline]
     pub(crate) fn contains(&self, replica: u32, lamport: u64) -> bool {
-        self.replica == replica && lamport >= self.lamport && lamport < self.end()
+        self.replica == replica && lamport >= self.lamport() && lamport < self.end()
     }
     #[inline]
     fn set_len(&mut self, len: u32) {
-        debug_assert!((1..=SPAN_MAX).contains(&len));
-        self.len_del = (self.len_del & DEL_BIT) | len;
+        debug_assert!((1..=self.max_len()).contains(&len));
+        if self.deleted() {
+            self.arena_or_len = len;
+        } else {
+            self.word = self.lamport() | (len as u64) << LAMPORT_BITS;
+        }
     }
     #[inline]
     fn set_deleted(&mut self) {
-        self.len_del |= DEL_BIT;
+        self.arena_or_len = self.len();
+        self.word = self.lamport();
     }
     /// Keeps items `0..at` and returns the rest.
     #[inline]
     fn split_off(&mut self, at: u32) -> Span {
-        debug_assert!(at > 0 && at < self.len());
-        let mut right = *self;
-        right.lamport = self.lamport + at as u64;
-        right.arena = self.arena.wrapping_add(at);
-        right.set_len(self.len() - at);
+        let len = self.len();
+        debug_assert!(at > 0 && at < len);
+        let lamport = self.lamport() + at as u64;
+        let right = if self.deleted() {
+            Span::new(lamport, self.replica, len - at, 0, true)
+        } else {
+            Span::new(
+                lamport,
+                self.replica,
+                len - at,
+                self.arena_or_len.wrapping_add(at),
+                false,
+            )
+        };
         self.set_len(at);
         right
     }
@@ -109,10 +159,10 @@ impl Span {
     #[inline]
     fn can_append(&self, next: &Span) -> bool {
         self.replica == next.replica
-            && self.end() == next.lamport
+            && self.end() == next.lamport()
             && self.deleted() == next.deleted()
-            && (self.deleted() || self.arena.wrapping_add(self.len()) == next.arena)
-            && self.len() as u64 + next.len() as u64 <= SPAN_MAX as u64
+            && (self.deleted() || self.arena().wrapping_add(self.len()) == next.arena())
+            && self.len() as u64 + next.len() as u64 <= self.max_len() as u64
     }
 }
 
@@ -232,7 +282,7 @@ pub(crate) struct Tree {
     /// Id index: key `(replica, lamport)` maps the ids of that replica from `lamport` up to the
     /// next key to the leaf that holds them. Ids that are not known may map anywhere; a lookup
     /// confirms by scanning the leaf.
-    pub index: BTreeMap<(u32, u64), u32>,
+    pub index: IdIndex,
     /// Local-edit cursor: a leaf and the visible chars before it.
     /// Set by position lookups; cleared when the visible count of another leaf changes (its start may move).
     pub cursor: Option<(u32, u64)>,
@@ -269,7 +319,7 @@ impl Default for Tree {
             height: 0,
             total: 0,
             replicas: Vec::new(),
-            index: BTreeMap::new(),
+            index: IdIndex::default(),
             cursor: None,
             seg: None,
             hints: [(0, u32::MAX); N_HINTS],
@@ -312,7 +362,7 @@ impl Tree {
     /// Id of the first (and smallest) item of `span`.
     #[inline]
     pub(crate) fn first_id(&self, span: &Span) -> OpId {
-        OpId::new(span.lamport, self.replicas[span.replica as usize])
+        OpId::new(span.lamport(), self.replicas[span.replica as usize])
     }
 
     /// Smallest id in `leaf` (`NO_MIN` if empty); lamports rise along a span, so its first item is its smallest.
@@ -513,14 +563,7 @@ impl Tree {
                 return Some(seg);
             }
         }
-        let (lo, leaf) = match self.index.range(..=(replica, lamport)).next_back() {
-            Some((&(r, lo), &leaf)) if r == replica => (lo, leaf),
-            _ => return None,
-        };
-        let hi = match self.index.range((replica, lamport + 1)..).next() {
-            Some((&(r, hi), _)) if r == replica => hi,
-            _ => u64::MAX,
-        };
+        let (lo, hi, leaf) = self.index.cover(replica, lamport)?;
         let seg = Seg {
             replica,
             lo,
@@ -532,10 +575,7 @@ impl Tree {
 
     /// Leaf the index maps `(replica, lamport)` to, bypassing the cache.
     fn cover_raw(&self, replica: u32, lamport: u64) -> Option<u32> {
-        match self.index.range(..=(replica, lamport)).next_back() {
-            Some((&(r, _), &leaf)) if r == replica => Some(leaf),
-            _ => None,
-        }
+        self.index.cover(replica, lamport).map(|c| c.2)
     }
 
     /// Leaf the index maps `(replica, lamport)` to, if any.
@@ -558,7 +598,7 @@ impl Tree {
         let l = &self.leaves[leaf as usize];
         let idx = idx as usize;
         if idx < l.n as usize && l.spans[idx].contains(replica, lamport) {
-            let off = (lamport - l.spans[idx].lamport) as u32;
+            let off = (lamport - l.spans[idx].lamport()) as u32;
             return Some(Loc { leaf, idx, off });
         }
         let seg = self.segment(replica, lamport)?;
@@ -578,7 +618,7 @@ impl Tree {
         Some(Loc {
             leaf,
             idx,
-            off: (lamport - l.spans[idx].lamport) as u32,
+            off: (lamport - l.spans[idx].lamport()) as u32,
         })
     }
 
@@ -588,14 +628,14 @@ impl Tree {
             self.leaves[leaf as usize]
                 .spans()
                 .iter()
-                .any(|s| s.replica == replica && s.lamport < end && start < s.end())
+                .any(|s| s.replica == replica && s.lamport() < end && start < s.end())
         };
         if self.cover(replica, start).is_some_and(overlaps) {
             return true;
         }
         self.index
-            .range((replica, start + 1)..(replica, end))
-            .any(|(_, &leaf)| overlaps(leaf))
+            .range(replica, start + 1, end)
+            .any(|(_, leaf)| overlaps(leaf))
     }
 
     /// Makes the index map ids `start .. end` of `replica` to `leaf`.
@@ -629,16 +669,15 @@ impl Tree {
             let merges_left = s.lo == start
                 && self
                     .index
-                    .range(..(replica, start))
-                    .next_back()
-                    .is_some_and(|(&(r, _), &l)| r == replica && l == leaf);
+                    .before(replica, start)
+                    .is_some_and(|(_, l)| l == leaf);
             if merges_left {
-                self.index.remove(&(replica, start));
+                self.index.remove(replica, start);
             } else {
-                self.index.insert((replica, start), leaf);
+                self.index.insert(replica, start, leaf);
             }
             if end < s.hi && end < lamport_end_before {
-                self.index.insert((replica, end), s.leaf);
+                self.index.insert(replica, end, s.leaf);
             }
             return;
         }
@@ -648,13 +687,10 @@ impl Tree {
         } else {
             self.cover_raw(replica, end)
         };
-        while let Some(k) = self
-            .index
-            .range((replica, start)..(replica, end))
-            .next()
-            .map(|(&k, _)| k)
-        {
-            self.index.remove(&k);
+        loop {
+            let inside = self.index.range(replica, start, end).next();
+            let Some((k, _)) = inside else { break };
+            self.index.remove(replica, k);
         }
         let before = if start > 0 {
             self.cover_raw(replica, start - 1)
@@ -662,18 +698,18 @@ impl Tree {
             None
         };
         if before != Some(leaf) {
-            self.index.insert((replica, start), leaf);
+            self.index.insert(replica, start, leaf);
         }
-        match self.index.get(&(replica, end)) {
-            Some(&at_end) => {
+        match self.index.get(replica, end) {
+            Some(at_end) => {
                 if at_end == leaf {
-                    self.index.remove(&(replica, end));
+                    self.index.remove(replica, end);
                 }
             }
             None => {
                 if let Some(c) = end_cover {
                     if c != leaf {
-                        self.index.insert((replica, end), c);
+                        self.index.insert(replica, end, c);
                     }
                 }
             }
@@ -682,47 +718,21 @@ impl Tree {
     }
 
     /// Re-points ids `start .. end` of `replica`, all known and all in leaf `from` until now, to leaf `to` (a split
-    /// moved them): cheaper than `assign`, since every key inside the range maps to `from` and what covers `end` stays.
-    /// Two or three map operations instead of about eight.
+    /// moved them): cheaper than `assign`, since every key inside the range maps to `from` and what covers `end` stays
+    /// (`IdIndex::repoint`: one index search in the common case instead of about eight operations).
+    /// Ids from `end` on get a key of their own only if `from` still holds one of them, and a run already covered by a
+    /// key to `to` (set for an earlier run of this split) gets none.
+    /// Called once per moved run, after the spans have moved (so `from` holds only what stays).
     fn repoint(&mut self, replica: u32, start: u64, end: u64, from: u32, to: u32) {
         self.seg = None;
-        // Keys inside the range map to `from` (their ids are known and were in `from`): drop them; usually there are none.
-        let at_end = loop {
-            match self.index.range((replica, start + 1)..).next() {
-                Some((&(r, k), &l)) if r == replica && k < end => {
-                    debug_assert_eq!(l, from, "index key inside a moved span");
-                    self.index.remove(&(r, k));
-                }
-                Some((&(r, k), &l)) if r == replica && k == end => break Some(l),
-                _ => break None,
-            }
-        };
-        match at_end {
-            // Ids from `end` on were covered by a key at or before `start`, which maps to `from`.
-            None if end < self.lamport_end => {
-                self.index.insert((replica, end), from);
-            }
-            Some(l) if l == to => {
-                self.index.remove(&(replica, end));
-            }
-            _ => {}
-        }
-        let mut before = self.index.range(..=(replica, start)).rev();
-        match before.next() {
-            Some((&(r, k), _)) if r == replica && k == start => {
-                let merges_left = before
-                    .next()
-                    .is_some_and(|(&(r, _), &l)| r == replica && l == to);
-                if merges_left {
-                    self.index.remove(&(replica, start));
-                } else {
-                    self.index.insert((replica, start), to);
-                }
-            }
-            _ => {
-                self.index.insert((replica, start), to);
-            }
-        }
+        let from_leaf = &self.leaves[from as usize];
+        self.index.repoint(
+            replica,
+            [start, end],
+            [from, to],
+            self.lamport_end,
+            |lo, hi| leaf_holds(from_leaf, replica, lo, hi),
+        );
     }
 
     /// Inserts `span` (new ids) right after item `after`, or at the document start; returns where its first item is.
@@ -750,7 +760,7 @@ impl Tree {
             let off = prev.len();
             prev.set_len(off + span.len());
             self.add_count(leaf, vis);
-            self.assign(span.replica, span.lamport, span.end(), leaf);
+            self.assign(span.replica, span.lamport(), span.end(), leaf);
             let loc = Loc {
                 leaf,
                 idx: idx - 1,
@@ -764,7 +774,7 @@ impl Tree {
         l.insert(idx, span);
         self.add_count(leaf, vis);
         self.lower_min(leaf, self.first_id(&span));
-        self.assign(span.replica, span.lamport, span.end(), leaf);
+        self.assign(span.replica, span.lamport(), span.end(), leaf);
         let loc = self.fix_overflow(Loc { leaf, idx, off: 0 });
         self.hints[span.replica as usize % N_HINTS] = (loc.leaf, loc.idx as u32);
         loc
@@ -864,10 +874,10 @@ impl Tree {
         // Re-point the index at the moved spans, merging runs of consecutive ids.
         let mut i = 0;
         while i < moved.len() {
-            let (r, start) = (moved[i].replica, moved[i].lamport);
+            let (r, start) = (moved[i].replica, moved[i].lamport());
             let mut end = moved[i].end();
             let mut j = i + 1;
-            while j < moved.len() && moved[j].replica == r && moved[j].lamport == end {
+            while j < moved.len() && moved[j].replica == r && moved[j].lamport() == end {
                 end = moved[j].end();
                 j += 1;
             }
@@ -1009,11 +1019,18 @@ impl Tree {
         cur
     }
 
-    /// Heap bytes held by the tree and the index (the index estimated per entry).
+    /// Heap bytes held by the tree and the index.
     pub(crate) fn heap_bytes(&self) -> usize {
         self.leaves.capacity() * std::mem::size_of::<Box<Leaf>>()
             + self.leaves.len() * std::mem::size_of::<Leaf>()
             + self.nodes.capacity() * std::mem::size_of::<Node>()
-            + self.index.len() * 32
+            + self.index.heap_bytes()
     }
+}
+
+/// Whether `leaf` holds an id of `replica` in `lo .. hi`.
+fn leaf_holds(leaf: &Leaf, replica: u32, lo: u64, hi: u64) -> bool {
+    leaf.spans()
+        .iter()
+        .any(|s| s.replica == replica && s.lamport() < hi && s.end() > lo)
 }
