@@ -224,6 +224,11 @@ pub struct Config {
     /// Do not pin each shard thread to a core (pinning is the default).
     #[arg(long)]
     pub no_pin_cores: bool,
+
+    // Cluster (issue 11): membership, leases and fencing over --database-url (src/cluster/).
+    /// Cluster flags: `--cluster-node`, `--advertise`, `--lease-ttl`.
+    #[command(flatten)]
+    pub cluster: crate::cluster::ClusterConfig,
 }
 
 impl Config {

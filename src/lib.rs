@@ -22,6 +22,7 @@ pub mod acceptor;
 pub mod auth;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod copy;
 pub mod crdt;

@@ -354,6 +354,9 @@ impl DoorCounters {
 pub struct MetricsRegistry {
     slots: Arc<[Mutex<ShardFigures>]>,
     door: Arc<DoorCounters>,
+    /// Cluster mode: the node's router, for `/cluster` and the cluster's metrics (set once,
+    /// right after the server started).
+    cluster: Arc<std::sync::OnceLock<crate::cluster::ClusterRouter>>,
 }
 
 impl MetricsRegistry {
@@ -364,6 +367,7 @@ impl MetricsRegistry {
                 .map(|_| Mutex::new(ShardFigures::default()))
                 .collect(),
             door: Arc::new(DoorCounters::default()),
+            cluster: Arc::new(std::sync::OnceLock::new()),
         }
     }
 
@@ -412,9 +416,21 @@ impl MetricsRegistry {
         self.slots.len()
     }
 
+    /// Makes `/cluster`, `/cluster/owner` and the cluster's metrics answer from `router`
+    /// (once; later calls are ignored).
+    pub fn attach_cluster(&self, router: crate::cluster::ClusterRouter) {
+        let _ = self.cluster.set(router);
+    }
+
+    /// The cluster's router, in cluster mode.
+    pub fn cluster(&self) -> Option<&crate::cluster::ClusterRouter> {
+        self.cluster.get()
+    }
+
     /// Renders every figure in the Prometheus text exposition format (version 0.0.4): the
     /// shards' counters and histograms (label `shard`), the door's counters, the process's
-    /// figures from `/proc/self` (absent where `/proc` is not) and `collab_build_info`.
+    /// figures from `/proc/self` (absent where `/proc` is not) `collab_build_info`, and
+    /// the cluster's counters in cluster mode.
     pub fn render_prometheus(&self) -> String {
         let shards: Vec<ShardFigures> = self.slots.iter().map(|slot| slot.lock().clone()).collect();
         let shard_labels: Vec<String> = (0..shards.len()).map(|idx| idx.to_string()).collect();
@@ -530,6 +546,9 @@ impl MetricsRegistry {
             }
         }
         self.door.render(&mut out);
+        if let Some(cluster) = self.cluster.get() {
+            cluster.render_prometheus(&mut out.out);
+        }
         if let Some(process) = ProcessFigures::read() {
             process.render(&mut out);
         }

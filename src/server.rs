@@ -18,6 +18,7 @@ use crate::acceptor::{
     ShardMsg,
 };
 use crate::auth::{Auth, KeySet};
+use crate::cluster::Cluster;
 use crate::config::{Config, FsyncMode, StorageKind};
 use crate::metrics::MetricsRegistry;
 use crate::room::RoomConfig;
@@ -52,6 +53,8 @@ pub struct ServerHandle {
     auth: Option<Arc<Auth>>,
     admin_addr: Option<SocketAddr>,
     admin_worker: Option<JoinHandle<()>>,
+    /// Cluster mode: this node's membership (drained and left on shutdown).
+    cluster: Option<Cluster>,
 }
 
 impl ServerHandle {
@@ -86,6 +89,11 @@ impl ServerHandle {
         &self.metrics
     }
 
+    /// Cluster mode: this node's membership.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.as_ref()
+    }
+
     /// Graceful shutdown: stop accepting, close every client with 1001, finish pending
     /// writes, join every thread.
     ///
@@ -97,6 +105,13 @@ impl ServerHandle {
 
     fn stop_and_join(&mut self) -> anyhow::Result<()> {
         let mut result = Ok(());
+        // A cluster node drains first: it takes no new document and the other nodes route
+        // around it, then its shards commit and close their clients with 1001, then every
+        // lease is released at once so the clients are served elsewhere without waiting for
+        // the TTL.
+        if let Some(cluster) = &self.cluster {
+            cluster.drain(cluster.lease_ttl());
+        }
         self.acceptor_stop.stop();
         if let Some(acceptor) = self.acceptor.take() {
             match acceptor.join() {
@@ -120,6 +135,10 @@ impl ServerHandle {
                 Ok(Err(e)) => result = Err(anyhow!(e).context(format!("shard {shard_idx} failed"))),
                 Err(_) => result = Err(anyhow!("shard {shard_idx} panicked")),
             }
+        }
+        if let Some(cluster) = self.cluster.take() {
+            let ttl = cluster.lease_ttl();
+            cluster.leave(ttl);
         }
         debug!("server stopped");
         result
@@ -187,7 +206,19 @@ pub fn net_limits(config: &Config) -> NetLimits {
 /// # Errors
 /// When the backend cannot be opened.
 pub fn open_storage(config: &Config, shard_idx: usize) -> anyhow::Result<Box<dyn Storage>> {
-    let _ = shard_idx;
+    open_storage_in(config, shard_idx, None)
+}
+
+/// [`open_storage`] for a cluster node: PostgreSQL under `cluster`'s leases (every load
+/// acquires its document's lease, every commit checks its fence).
+///
+/// # Errors
+/// When the backend cannot be opened.
+pub fn open_storage_in(
+    config: &Config,
+    shard_idx: usize,
+    cluster: Option<&Cluster>,
+) -> anyhow::Result<Box<dyn Storage>> {
     if let Some(url) = &config.database_url {
         anyhow::ensure!(
             config.storage != StorageKind::Memory,
@@ -207,7 +238,14 @@ pub fn open_storage(config: &Config, shard_idx: usize) -> anyhow::Result<Box<dyn
         if shard_idx == 0 {
             info!("documents are kept in PostgreSQL at {}", storage.target());
         }
+        if let Some(cluster) = cluster {
+            storage =
+                storage.with_leases(cluster.incarnation(), cluster.lease_ttl(), cluster.book());
+        }
         return Ok(Box::new(storage));
+    }
+    if cluster.is_some() {
+        anyhow::bail!("cluster mode needs --database-url");
     }
     match config.storage {
         StorageKind::Memory => Ok(Box::new(MemoryStorage::new())),
@@ -254,15 +292,22 @@ pub fn open_auth(config: &Config) -> anyhow::Result<Option<Arc<Auth>>> {
 /// # Errors
 /// When binding, storage or thread creation fails.
 pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
+    let cluster = Cluster::join(&config)?;
     let n_shards = config.shard_count();
     let mut storages = Vec::with_capacity(n_shards);
     for shard_idx in 0..n_shards {
         storages.push(
-            open_storage(&config, shard_idx)
+            open_storage_in(&config, shard_idx, cluster.as_ref())
                 .with_context(|| format!("opening storage of shard {shard_idx}"))?,
         );
     }
-    start_with_storages(&config, storages)
+    let mut server = start_with_storages(&config, storages)?;
+    if let Some(cluster) = cluster {
+        cluster.attach(server.shard_inboxes.clone());
+        server.metrics.attach_cluster(cluster.router());
+        server.cluster = Some(cluster);
+    }
+    Ok(server)
 }
 
 /// Starts the collaboration server with one given storage per shard (tests use this to inject
@@ -464,5 +509,6 @@ pub fn start_with_seats<H: Handler + Send + 'static>(
         auth,
         admin_addr,
         admin_worker,
+        cluster: None,
     })
 }

@@ -696,6 +696,11 @@ fn admin_start(stream: TcpStream, request: AdminRequest, ctx: &Ctx<'_>) -> Next 
     }
     match request.path {
         AdminPath::Metrics => write_answer(stream, http::metrics_answer(ctx.metrics), 0),
+        AdminPath::Cluster => write_answer(
+            stream,
+            http::cluster_answer(ctx.metrics, &request.target),
+            0,
+        ),
         AdminPath::Revoke => admin_body(
             stream,
             Vec::with_capacity(request.body_bytes),
