@@ -3,6 +3,7 @@
 mod auth;
 mod binary;
 mod client;
+mod cluster;
 mod contract;
 mod door;
 mod echo;
