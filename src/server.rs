@@ -303,7 +303,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     }
     let mut server = start_with_storages(&config, storages)?;
     if let Some(cluster) = cluster {
-        cluster.attach(server.shard_inboxes.clone());
+        cluster.attach(server.shard_inboxes.clone(), server.auth.clone());
         server.metrics.attach_cluster(cluster.router());
         server.cluster = Some(cluster);
     }

@@ -26,6 +26,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{debug, error, info, warn};
 
 use super::placement;
+use super::revocations;
 use super::route::Route;
 use super::view::{Cached, DirectoryMsg, NodeView, Shared, CACHED_ROUTES_MAX};
 use crate::acceptor::{ShardInbox, ShardMsg};
@@ -125,6 +126,13 @@ pub(crate) struct Directory {
     pub draining: bool,
     /// `--advertise` values resolved so far.
     pub resolved: HashMap<String, Option<SocketAddr>>,
+    /// Access control, to share revocations (`None`: off, nothing to share).
+    pub auth: Option<Arc<crate::auth::Auth>>,
+    /// Published forms of the rules known to be both in the database and in force here.
+    pub revocations_seen: std::collections::HashSet<String>,
+    /// Highest `collab_revocations.id` read.
+    pub revocations_after: i64,
+    pub next_revocation_poll: Instant,
 }
 
 /// What a lookup found about one document's lease.
@@ -218,6 +226,9 @@ impl Directory {
             let now = Instant::now();
             self.check_stop(now);
             let mut wake_at = self.next_round;
+            if self.auth.is_some() {
+                wake_at = wake_at.min(self.next_revocation_poll);
+            }
             if let Some((at, _)) = self.rechecks.iter().min_by_key(|(at, _)| *at) {
                 wake_at = wake_at.min(*at);
             }
@@ -236,7 +247,10 @@ impl Directory {
             for msg in msgs {
                 match msg {
                     DirectoryMsg::Lookup(doc) => self.lookups.push(doc),
-                    DirectoryMsg::Attach(shards) => self.shards = shards,
+                    DirectoryMsg::Attach(shards, auth) => {
+                        self.shards = shards;
+                        self.auth = auth;
+                    }
                     DirectoryMsg::Drain(reply) => {
                         self.drain();
                         let _ = reply.send(());
@@ -252,6 +266,9 @@ impl Directory {
             self.check_stop(now);
             if now >= self.next_round {
                 self.round();
+            }
+            if self.auth.is_some() && Instant::now() >= self.next_revocation_poll {
+                self.share_revocations();
             }
             let now = Instant::now();
             let mut due = Vec::new();
@@ -559,6 +576,76 @@ impl Directory {
         }
         self.resolved.insert(advertise.to_owned(), addr);
         addr
+    }
+
+    /// Puts in force the revocations other nodes published, then publishes this node's new
+    /// ones (`revocations.rs`).
+    fn share_revocations(&mut self) {
+        self.next_revocation_poll = Instant::now() + revocations::POLL_INTERVAL;
+        let Some(auth) = self.auth.clone() else {
+            return;
+        };
+        let rows = match self.db.query(
+            "SELECT id, rule FROM collab_revocations WHERE id > $1 ORDER BY id",
+            &[&self.revocations_after],
+        ) {
+            Ok(rows) => rows,
+            Err(e) => {
+                warn!("cluster: reading revocations failed: {e}");
+                return;
+            }
+        };
+        for row in rows {
+            let id: i64 = row.get(0);
+            let text: String = row.get(1);
+            if self.revocations_seen.contains(&text) {
+                self.revocations_after = self.revocations_after.max(id);
+                continue;
+            }
+            let Some(rule) = revocations::from_json(&text) else {
+                warn!("cluster: revocation {id} does not parse; ignored: {text:?}");
+                self.revocations_after = self.revocations_after.max(id);
+                continue;
+            };
+            match auth.adopt(rule.clone()) {
+                Ok(_) => {
+                    info!("cluster: revocation from another node in force: {rule:?}");
+                    let rule = Arc::new(rule);
+                    for shard in self.shards.iter().filter(|s| s.is_alive()) {
+                        // Nobody waits for the count here.
+                        let (reply, _) = crossbeam_channel::bounded(1);
+                        let _ = shard.send(ShardMsg::Revoke {
+                            rule: rule.clone(),
+                            reply,
+                        });
+                    }
+                    self.revocations_seen.insert(text);
+                    self.revocations_after = self.revocations_after.max(id);
+                }
+                Err(e) => {
+                    warn!("cluster: revocation {id} not saved here (retried): {e}");
+                    return;
+                }
+            }
+        }
+        for rule in auth.revocations().rules() {
+            let text = revocations::to_json(rule);
+            if self.revocations_seen.contains(&text) {
+                continue;
+            }
+            match self.db.query(
+                "INSERT INTO collab_revocations (rule) VALUES ($1) RETURNING id",
+                &[&text],
+            ) {
+                Ok(_) => {
+                    self.revocations_seen.insert(text);
+                }
+                Err(e) => {
+                    warn!("cluster: publishing a revocation failed (retried): {e}");
+                    return;
+                }
+            }
+        }
     }
 
     fn drain(&mut self) {

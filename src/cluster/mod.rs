@@ -16,6 +16,7 @@
 mod config;
 mod directory;
 pub mod placement;
+mod revocations;
 pub mod route;
 mod view;
 
@@ -150,6 +151,10 @@ impl Cluster {
             rechecks: Vec::new(),
             draining: false,
             resolved: Default::default(),
+            auth: None,
+            revocations_seen: Default::default(),
+            revocations_after: 0,
+            next_revocation_poll: Instant::now(),
         };
         let thread = std::thread::Builder::new()
             .name("cluster-directory".to_owned())
@@ -181,9 +186,13 @@ impl Cluster {
         ClusterRouter(self.shared.clone())
     }
 
-    /// Gives the directory the shards' inboxes (to drop documents whose lease is lost).
-    pub fn attach(&self, shards: Vec<ShardInbox>) {
-        let _ = self.shared.requests.send(DirectoryMsg::Attach(shards));
+    /// Gives the directory the shards' inboxes (to drop documents whose lease is lost) and
+    /// access control (to share revocations with the other nodes).
+    pub fn attach(&self, shards: Vec<ShardInbox>, auth: Option<Arc<crate::auth::Auth>>) {
+        let _ = self
+            .shared
+            .requests
+            .send(DirectoryMsg::Attach(shards, auth));
     }
 
     /// Marks this node draining (no new documents; routes go elsewhere), waiting at most

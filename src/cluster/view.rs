@@ -82,8 +82,12 @@ pub(crate) struct RouterState {
 pub(crate) enum DirectoryMsg {
     /// Find where `doc` is served (from `route`).
     Lookup(String),
-    /// The shards' inboxes, to tell them about lost leases (sent once, after they start).
-    Attach(Vec<crate::acceptor::ShardInbox>),
+    /// The shards' inboxes, to tell them about lost leases and revocations, and access
+    /// control when it is on (sent once, after they start).
+    Attach(
+        Vec<crate::acceptor::ShardInbox>,
+        Option<Arc<crate::auth::Auth>>,
+    ),
     /// Mark this node draining; answered when the database has it.
     Drain(Sender<()>),
     /// Release every lease at once and leave; answered when done, then the thread exits.

@@ -34,6 +34,10 @@ struct Node {
     db: String,
     data_dir: PathBuf,
     child: Option<Child>,
+    /// More flags for every start.
+    extra: Vec<String>,
+    /// An admin token for `/cluster` and `/metrics` when access control is on.
+    bearer: Option<String>,
 }
 
 /// A port free right now (the node binds it a moment later; --advertise must name it first).
@@ -44,6 +48,10 @@ fn free_port() -> u16 {
 
 impl Node {
     fn start(db: &str, name: &str) -> Node {
+        Node::start_with(db, name, Vec::new(), None)
+    }
+
+    fn start_with(db: &str, name: &str, extra: Vec<String>, bearer: Option<String>) -> Node {
         let data_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
             "cluster-{}-{name}",
             db.rsplit('/').next().unwrap_or("db")
@@ -55,6 +63,8 @@ impl Node {
             db: db.to_owned(),
             data_dir,
             child: None,
+            extra,
+            bearer,
         };
         node.restart();
         node
@@ -76,6 +86,7 @@ impl Node {
                 "--no-pin-cores",
             ])
             .args(["--idle-unload", "60s"])
+            .args(&self.extra)
             .arg("--data-dir")
             .arg(&self.data_dir)
             .env_remove("COLLAB_DATABASE_URL")
@@ -132,17 +143,29 @@ impl Node {
     fn get(&self, target: &str) -> serde_json::Value {
         let response = util::http_get(
             self.addr(),
-            &format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+            &format!(
+                "GET {target} HTTP/1.1\r\nHost: x\r\n{}Connection: close\r\n\r\n",
+                self.authorization()
+            ),
         );
         let (head, body) = response.split_once("\r\n\r\n").expect("a response");
         assert!(head.starts_with("HTTP/1.1 200"), "{target}: {response}");
         serde_json::from_str(body).expect("JSON")
     }
 
+    fn authorization(&self) -> String {
+        self.bearer
+            .as_ref()
+            .map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"))
+    }
+
     fn metric(&self, name: &str) -> u64 {
         let response = util::http_get(
             self.addr(),
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            &format!(
+                "GET /metrics HTTP/1.1\r\nHost: x\r\n{}Connection: close\r\n\r\n",
+                self.authorization()
+            ),
         );
         response
             .lines()
@@ -185,10 +208,15 @@ fn server_of(nodes: &[Node], doc: &str) -> Option<usize> {
 /// Joins `doc` through the node that serves it, retrying (wrong node, failover in progress,
 /// node restarting) until [`REACH_DEADLINE`].
 fn reach(nodes: &[Node], doc: &str) -> Client {
+    reach_as(nodes, doc, options())
+}
+
+/// [`reach`] with these client options (a token).
+fn reach_as(nodes: &[Node], doc: &str, options: ClientOptions) -> Client {
     let deadline = Instant::now() + REACH_DEADLINE;
     loop {
         if let Some(idx) = server_of(nodes, doc) {
-            match Client::connect(&nodes[idx].url(doc), doc, options()) {
+            match Client::connect(&nodes[idx].url(doc), doc, options.clone()) {
                 Ok(client) => return client,
                 Err(e) => assert!(Instant::now() < deadline, "{doc}: {e}"),
             }
@@ -777,4 +805,65 @@ fn a_stale_fence_commit_is_refused_and_changes_nothing() {
     let mut other = fenced_storage(&db, a, &LeaseBook::new());
     let fine = other.load("other").expect("load").expect("stored");
     assert_eq!(fine.tail, vec![op(1, "fine")]);
+}
+
+#[test]
+fn a_revocation_on_one_node_closes_connections_on_another() {
+    use collab_engine::auth::mint::{MintClaims, MintKey};
+    use collab_engine::auth::{now_unix, Role};
+    let _watchdog = Watchdog::new("cluster_revoke", 60);
+    let db = pg::fresh_database("cluster_revoke");
+    let secret = b"cluster revocation test secret, 32+ bytes";
+    let key_file = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cluster-revoke-hs.key");
+    std::fs::write(&key_file, secret).expect("key file");
+    let key = MintKey::hs256(secret).expect("key");
+    let token = |sub: &str, role: Role| {
+        key.sign(&MintClaims::new(sub, "*", role, now_unix(), 3600), None)
+            .expect("sign")
+    };
+    let admin = token("root", Role::Admin);
+    let flags = vec!["--auth-key-file".to_owned(), key_file.display().to_string()];
+    let nodes = vec![
+        Node::start_with(&db, "n1", flags.clone(), Some(admin.clone())),
+        Node::start_with(&db, "n2", flags, Some(admin.clone())),
+    ];
+    wait_members(&nodes, 2);
+    let doc = "guarded";
+    let mallory = ClientOptions {
+        token: Some(token("mallory", Role::Write)),
+        ..options()
+    };
+    let mut client = reach_as(&nodes, doc, mallory.clone());
+    let owner = server_of(&nodes, doc).expect("owner");
+    let other = 1 - owner;
+    let body = r#"{"sub":"mallory"}"#;
+    let response = util::http_get(
+        nodes[other].addr(),
+        &format!(
+            "POST /admin/revoke HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin}\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    // The owner learns it through the database and closes the connection.
+    let closed = loop {
+        if let Err(e) = client.poll(util::READ_TIMEOUT) {
+            break e;
+        }
+    };
+    assert_eq!(
+        client.close_reason(),
+        Some((Some(1008), "revoked")),
+        "{closed}"
+    );
+    let refused = Client::connect(&nodes[owner].url(doc), doc, mallory)
+        .expect_err("revoked on the owner too");
+    assert!(refused.to_string().contains("unauthorized"), "{refused}");
+    // Without the admin token, /cluster is refused.
+    let response = util::http_get(
+        nodes[0].addr(),
+        "GET /cluster HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(response.starts_with("HTTP/1.1 401"), "{response}");
 }
