@@ -354,6 +354,8 @@ impl DoorCounters {
 pub struct MetricsRegistry {
     slots: Arc<[Mutex<ShardFigures>]>,
     door: Arc<DoorCounters>,
+    /// The relay's counters (`cluster::relay`), written by the relay thread.
+    relay: Arc<crate::cluster::relay::RelayCounters>,
 }
 
 impl MetricsRegistry {
@@ -364,12 +366,19 @@ impl MetricsRegistry {
                 .map(|_| Mutex::new(ShardFigures::default()))
                 .collect(),
             door: Arc::new(DoorCounters::default()),
+            relay: Arc::default(),
         }
     }
 
     /// The door's counters, for the acceptor to write.
     pub fn door(&self) -> Arc<DoorCounters> {
         self.door.clone()
+    }
+
+    /// The relay's counters: what this node relays to owners (`/cluster`'s `relayed` is
+    /// [`RelayCounters::active`](crate::cluster::relay::RelayCounters::active)).
+    pub fn relay(&self) -> Arc<crate::cluster::relay::RelayCounters> {
+        self.relay.clone()
     }
 
     /// The recorder for shard `shard_idx`, to be moved into that shard's thread.
@@ -530,6 +539,7 @@ impl MetricsRegistry {
             }
         }
         self.door.render(&mut out);
+        self.relay.render(&mut out);
         if let Some(process) = ProcessFigures::read() {
             process.render(&mut out);
         }
