@@ -357,6 +357,8 @@ pub struct MetricsRegistry {
     /// Cluster mode: the node's router, for `/cluster` and the cluster's metrics (set once,
     /// right after the server started).
     cluster: Arc<std::sync::OnceLock<crate::cluster::ClusterRouter>>,
+    /// The relay's counters (`cluster::relay`), written by the relay thread.
+    relay: Arc<crate::cluster::relay::RelayCounters>,
 }
 
 impl MetricsRegistry {
@@ -368,12 +370,19 @@ impl MetricsRegistry {
                 .collect(),
             door: Arc::new(DoorCounters::default()),
             cluster: Arc::new(std::sync::OnceLock::new()),
+            relay: Arc::default(),
         }
     }
 
     /// The door's counters, for the acceptor to write.
     pub fn door(&self) -> Arc<DoorCounters> {
         self.door.clone()
+    }
+
+    /// The relay's counters: what this node relays to owners (`/cluster`'s `relayed` is
+    /// [`RelayCounters::active`](crate::cluster::relay::RelayCounters::active)).
+    pub fn relay(&self) -> Arc<crate::cluster::relay::RelayCounters> {
+        self.relay.clone()
     }
 
     /// The recorder for shard `shard_idx`, to be moved into that shard's thread.
@@ -549,6 +558,7 @@ impl MetricsRegistry {
         if let Some(cluster) = self.cluster.get() {
             cluster.render_prometheus(&mut out.out);
         }
+        self.relay.render(&mut out);
         if let Some(process) = ProcessFigures::read() {
             process.render(&mut out);
         }

@@ -19,21 +19,25 @@ use tungstenite::handshake::server::{NoCallback, ServerHandshake};
 use tungstenite::handshake::{HandshakeError, MidHandshake};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::frame::CloseFrame;
-use tungstenite::protocol::WebSocketConfig;
+use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
 use crate::auth::{now_unix, pick_token, AdminRefusal, Auth, AuthError, RevokeRequest};
+use crate::cluster::forwarded::{self, ClusterSecret};
+use crate::cluster::relay::{self, RelayJob, RelayKind};
 use crate::config::REFUSALS_BEFORE_CLOSE;
 use crate::ids::shard_for_doc;
 use crate::metrics::MetricsRegistry;
-use crate::protocol::{self, ClientMessage, ErrorCode, ProtocolError};
+use crate::protocol::{self, ClientMessage, ErrorCode, Hello, ProtocolError};
 
 use super::admin::{json_error, AdminDone, AdminJob, JobId};
 use super::door::{self, Door, DoorLimits, DoorRefusal, HeadRead};
 use super::handoff::{Admitted, Handoff, ShardInbox, ShardMsg};
 use super::http::{
-    self, AdminPath, AdminRequest, DoorTokens, HttpGate, Parsed, Route, REQUEST_HEAD_BYTES_MAX,
+    self, AdminPath, AdminRequest, DoorTokens, HttpGate, Parsed, Route, REQUEST_HEADERS_MAX,
+    REQUEST_HEAD_BYTES_MAX,
 };
+use super::routing::{self, ClientFrame, ClusterRouting, Decision};
 
 /// Connections in the HTTP/handshake stage at once; past it new ones are dropped at once,
 /// so a connection flood cannot exhaust memory in the acceptor.
@@ -78,6 +82,12 @@ pub struct AcceptorOptions {
     pub metrics_public: bool,
     /// `--admin-listen`: `/metrics` and `/admin/*` move to this address.
     pub admin_listen: Option<SocketAddr>,
+    /// Cluster routing (any-node entry): `None` on a single node, where every document is
+    /// served here.
+    pub cluster: Option<ClusterRouting>,
+    /// `--cluster-secret-file`: signs the client address this node relays and checks the one a
+    /// peer relays here (`cluster::forwarded`).
+    pub cluster_secret: Option<ClusterSecret>,
 }
 
 impl AcceptorOptions {
@@ -133,6 +143,9 @@ enum Stage {
         ws: WebSocket<TcpStream>,
         n_refused: u32,
         tokens: DoorTokens,
+        /// Cluster node whose raw reader left this connection to tungstenite (a fragmented or
+        /// unusual first message): its `hello` is served only when the document is local.
+        check_route: bool,
     },
     /// An authenticated `POST /admin/revoke`: reading its body (the head is consumed).
     AdminBody {
@@ -150,6 +163,31 @@ enum Stage {
         stream: TcpStream,
         refusal: DoorRefusal,
     },
+    /// Cluster node: the router has no answer yet for the document the request head names
+    /// (`/ws/<doc>`, `/api/docs/<doc>`); the head is still in the socket, peeked, not consumed.
+    Routing(TcpStream),
+    /// Cluster node, plain `/ws`: the acceptor answered the handshake itself and reads the raw
+    /// frames up to the `hello`, keeping their bytes for the owner.
+    PlainHello(Box<PlainHello>),
+}
+
+/// A plain `/ws` connection on a cluster node, before its `hello` is routed.
+struct PlainHello {
+    stream: TcpStream,
+    /// The client's request head as it came (relayed to the owner, who answers it again).
+    head: Vec<u8>,
+    /// Bytes owed to the client: the `101`, pongs, refusals.
+    out: Vec<u8>,
+    out_written: usize,
+    /// Raw bytes read after the head, from the first frame not handled yet; once the `hello` is
+    /// read, from the `hello`'s frame on.
+    buf: Vec<u8>,
+    n_refused: u32,
+    tokens: DoorTokens,
+    /// The `hello`'s document, once read (the connection then waits for its route).
+    doc: Option<String>,
+    /// Relayed here by a peer (never relayed again).
+    from_peer: bool,
 }
 
 struct Pending {
@@ -164,6 +202,10 @@ struct Pending {
     admin_port: bool,
     /// Unique per accepted connection (slab keys are reused): names its admin job.
     serial: u64,
+    /// Cluster node: the connection waits for its route; `deadline` is then the route's.
+    routing: bool,
+    /// The route's deadline passed: the next drive refuses it `unavailable`.
+    route_expired: bool,
 }
 
 /// What one step of a pending connection may use besides its stage.
@@ -174,6 +216,8 @@ struct Ctx<'a> {
     admin_port: bool,
     /// Where a revocation goes, with this connection's job id.
     admin_jobs: Option<(&'a crossbeam_channel::Sender<AdminJob>, JobId)>,
+    /// The connection's route wait is over (cluster nodes).
+    route_expired: bool,
 }
 
 /// What a pending connection does next.
@@ -188,6 +232,17 @@ enum Next {
     Again(Stage),
     Drop,
     HandOff(Box<Handoff>),
+    /// Wait for the router (cluster nodes); the first time, the route's deadline replaces the
+    /// handshake's.
+    Route(Stage),
+    /// Relay the connection to its document's owner.
+    Relay(Box<RelayJob>),
+    /// A peer vouched that the request comes from `client` (`cluster::forwarded`): count it
+    /// against that address instead of the peer's, then read the request again.
+    Reattribute {
+        stream: TcpStream,
+        client: SocketAddr,
+    },
 }
 
 /// The acceptor: a listener, its pending connections and the shards' inboxes.
@@ -394,7 +449,10 @@ impl Acceptor {
                 match event.token() {
                     LISTENER => self.accept_all(false),
                     ADMIN_LISTENER => self.accept_all(true),
-                    WAKER => self.collect_admin_answers(),
+                    WAKER => {
+                        self.collect_admin_answers();
+                        self.reroute();
+                    }
                     Token(t) => self.drive(t - FIRST_CONN),
                 }
             }
@@ -407,6 +465,7 @@ impl Acceptor {
             if now >= next_scan {
                 next_scan = now + tick;
                 self.expire(now);
+                self.reroute();
                 self.door.on_tick(now);
                 if self.accept_retry {
                     self.accept_all(false);
@@ -479,6 +538,8 @@ impl Acceptor {
                         counted,
                         admin_port,
                         serial: self.next_serial,
+                        routing: false,
+                        route_expired: false,
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -502,9 +563,37 @@ impl Acceptor {
             .map(|(key, _)| key)
             .collect();
         for key in expired {
+            let Some(pending) = self.pending.get_mut(key) else {
+                continue;
+            };
+            if pending.routing && !pending.route_expired {
+                // No route in time: the client gets `unavailable` and 1013 (or a 503), with a
+                // handshake deadline to take it.
+                pending.route_expired = true;
+                pending.deadline = now + self.options.handshake_timeout;
+                self.drive(key);
+                continue;
+            }
             let pending = self.pending.remove(key);
             debug!("acceptor: {} missed the handshake deadline", pending.peer);
             self.forget(&pending);
+        }
+    }
+
+    /// Asks the router again for every connection that waits for a route (on the router's
+    /// wake-up and on every tick).
+    fn reroute(&mut self) {
+        if self.options.cluster.is_none() {
+            return;
+        }
+        let waiting: Vec<usize> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.routing && !p.route_expired)
+            .map(|(key, _)| key)
+            .collect();
+        for key in waiting {
+            self.drive(key);
         }
     }
 
@@ -521,6 +610,7 @@ impl Acceptor {
         };
         let peer = pending.peer;
         let (admin_port, serial) = (pending.admin_port, pending.serial);
+        let route_expired = pending.route_expired;
         let Some(stage) = pending.stage.take() else {
             return;
         };
@@ -541,6 +631,7 @@ impl Acceptor {
                 .admin
                 .as_ref()
                 .map(|(jobs, _)| (jobs, JobId { key, serial })),
+            route_expired,
         };
         let next = advance(stage, peer, &ctx);
         match next {
@@ -559,6 +650,18 @@ impl Acceptor {
                 let pending = self.pending.remove(key);
                 self.forget(&pending);
             }
+            Next::Route(stage) => {
+                if let Some(pending) = self.pending.get_mut(key) {
+                    pending.stage = Some(stage);
+                    if !pending.routing {
+                        pending.routing = true;
+                        let wait = self.options.cluster.as_ref().map(|c| c.route_wait);
+                        pending.deadline = Instant::now() + wait.unwrap_or_default();
+                    }
+                }
+            }
+            Next::Reattribute { stream, client } => self.reattribute(key, stream, client),
+            Next::Relay(job) => self.relay(key, job),
             Next::HandOff(mut handoff) => {
                 let pending = self.pending.remove(key);
                 if let Err(e) = self.poll.registry().deregister(handoff.ws.get_mut()) {
@@ -581,6 +684,69 @@ impl Acceptor {
                     self.refuse_dead_shard(handoff);
                 }
             }
+        }
+    }
+
+    /// A peer vouched for the connection's real client: the door counts it against that
+    /// address (and may refuse it), then the request is read again.
+    fn reattribute(&mut self, key: usize, stream: TcpStream, client: SocketAddr) {
+        let Some(pending) = self.pending.get_mut(key) else {
+            return;
+        };
+        let (was_counted, relay_addr) = (pending.counted, pending.peer);
+        pending.peer = client;
+        if was_counted {
+            self.door.release(relay_addr);
+        }
+        let stage = match self.door.admit(client, Instant::now()) {
+            Ok(()) => {
+                debug!("acceptor: {relay_addr} relays {client}");
+                Stage::Request(stream)
+            }
+            Err(refusal) => {
+                debug!(
+                    "acceptor: {client} (relayed by {relay_addr}) refused at the door: {refusal:?}"
+                );
+                Stage::Deny { stream, refusal }
+            }
+        };
+        let counted = matches!(stage, Stage::Request(_)) && self.door.limits().counts_conns();
+        if let Some(pending) = self.pending.get_mut(key) {
+            pending.counted = counted;
+            pending.stage = Some(stage);
+            self.again.push(key);
+        }
+    }
+
+    /// Hands a connection to the relay thread; its door count travels with it.
+    // The job stays boxed: it came boxed in `Next` and goes on to the relay's channel.
+    #[allow(clippy::boxed_local)]
+    fn relay(&mut self, key: usize, mut job: Box<RelayJob>) {
+        let pending = self.pending.remove(key);
+        if let Err(e) = self.poll.registry().deregister(&mut job.client) {
+            warn!("acceptor: deregister {}: {e}", pending.peer);
+            self.forget(&pending);
+            return;
+        }
+        job.peer = pending.peer;
+        job.release = if pending.counted {
+            self.door.release_handle()
+        } else {
+            None
+        };
+        let Some(cluster) = &self.options.cluster else {
+            self.forget(&pending);
+            return;
+        };
+        debug!("acceptor: relaying {} to {}", job.peer, job.upstream);
+        if let Err(refused) = cluster.relay.submit(*job) {
+            let mut job = refused.into_job();
+            debug!("acceptor: relay refused {}", job.peer);
+            // One write of a short answer into a fresh socket's buffer; what does not fit is lost
+            // with the connection, which is being refused anyway.
+            let _ = job.client.write(&routing::refusal_bytes(&job.kind));
+            let _ = job.client.shutdown(Shutdown::Write);
+            self.forget(&pending);
         }
     }
 
@@ -628,6 +794,8 @@ impl Acceptor {
                     counted: self.door.limits().counts_conns(),
                     admin_port: false,
                     serial: self.next_serial,
+                    routing: false,
+                    route_expired: false,
                 });
             }
             _ => self.release_counted(peer),
@@ -652,21 +820,31 @@ fn advance(stage: Stage, peer: SocketAddr, ctx: &Ctx<'_>) -> Next {
             bytes,
             written,
         } => write_answer(stream, bytes, written),
-        Stage::Handshake { mid, doc, tokens } => handshake_resume(mid, doc, tokens, peer, options),
+        Stage::Handshake { mid, doc, tokens } => handshake_resume(mid, doc, tokens, peer, ctx),
         Stage::AwaitHello {
             ws,
             n_refused,
             tokens,
-        } => await_hello(ws, n_refused, tokens, peer, options),
+            check_route,
+        } => await_hello(ws, n_refused, tokens, check_route, peer, ctx),
         Stage::Refuse(ws) => refuse(ws),
         Stage::Deny {
             mut stream,
             refusal,
-        } => match door::consume_request_head(&mut stream) {
-            HeadRead::More => Next::Stay(Stage::Deny { stream, refusal }),
-            HeadRead::Complete => write_answer(stream, refusal.answer(), 0),
-            HeadRead::Gone => Next::Drop,
-        },
+        } => {
+            // A peer's relayed request counts against its real client, not the peer.
+            if let Some(client) = peeked_vouch(&stream, options).filter(|&c| c != peer) {
+                return Next::Reattribute { stream, client };
+            }
+            match door::consume_request_head(&mut stream) {
+                HeadRead::More => Next::Stay(Stage::Deny { stream, refusal }),
+                HeadRead::Complete => write_answer(stream, refusal.answer(), 0),
+                HeadRead::Gone => Next::Drop,
+            }
+        }
+        // Asked again on every wake-up and tick (and on the deadline, then refused).
+        Stage::Routing(stream) => read_request(stream, peer, ctx),
+        Stage::PlainHello(plain) => plain_hello(plain, peer, ctx),
         Stage::AdminBody {
             stream,
             body,
@@ -804,7 +982,8 @@ fn refuse_auth(ws: WebSocket<TcpStream>, e: AuthError, peer: SocketAddr) -> Next
 fn read_request(mut stream: TcpStream, peer: SocketAddr, ctx: &Ctx<'_>) -> Next {
     let (metrics, options) = (ctx.metrics, ctx.options);
     let mut buf = [0u8; REQUEST_HEAD_BYTES_MAX];
-    // Peek, so that an upgrade leaves the request in the socket for tungstenite's handshake.
+    // Peek, so that an upgrade leaves the request in the socket for tungstenite's handshake
+    // (or, on a cluster node, for the owner).
     let n = match stream.peek(&mut buf) {
         Ok(0) => return Next::Drop,
         Ok(n) => n,
@@ -813,43 +992,359 @@ fn read_request(mut stream: TcpStream, peer: SocketAddr, ctx: &Ctx<'_>) -> Next 
         }
         Err(_) => return Next::Drop,
     };
-    match http::parse_request_gated(&buf[..n], metrics, ctx.health, options.gate(ctx.admin_port)) {
-        Parsed::Partial => Next::Stay(Stage::Request(stream)),
-        Parsed::Complete {
-            head_bytes,
-            route: Route::Answer(bytes),
-        } => {
+    let (head_bytes, route) = match http::parse_request_gated(
+        &buf[..n],
+        metrics,
+        ctx.health,
+        options.gate(ctx.admin_port),
+    ) {
+        Parsed::Partial => return Next::Stay(Stage::Request(stream)),
+        Parsed::Complete { head_bytes, route } => (head_bytes, route),
+    };
+    let head = &buf[..head_bytes];
+    // Cluster: a request a peer relayed counts against its real client, and is never relayed on.
+    let mut from_peer = false;
+    if let Some(client) = options
+        .cluster_secret
+        .as_ref()
+        .and_then(|secret| head_vouch(head, secret))
+    {
+        if client != peer {
+            return Next::Reattribute { stream, client };
+        }
+        from_peer = true;
+    }
+    if let (Some(cluster), false) = (&options.cluster, matches!(route, Route::Upgrade { .. })) {
+        if let Some(doc) = routing::api_doc(head) {
+            match cluster.decide(&doc, from_peer, ctx.route_expired) {
+                Decision::Local => {}
+                Decision::Relay(owner) => {
+                    return relay_request(stream, head, owner, RelayKind::Http, peer, options)
+                }
+                Decision::Wait => return Next::Route(Stage::Routing(stream)),
+                Decision::Unavailable => {
+                    if !consume_head(&mut stream, head_bytes) {
+                        return Next::Drop;
+                    }
+                    return write_answer(stream, routing::unavailable_http(), 0);
+                }
+            }
+        }
+    }
+    match route {
+        Route::Answer(bytes) => {
             // Consume the head so closing after the answer does not reset the connection.
-            if stream.read(&mut buf[..head_bytes]).is_err() {
+            if !consume_head(&mut stream, head_bytes) {
                 return Next::Drop;
             }
             write_answer(stream, bytes, 0)
         }
-        Parsed::Complete {
-            head_bytes,
-            route: Route::Admin(request),
-        } => {
-            if stream.read(&mut buf[..head_bytes]).is_err() {
+        Route::Admin(request) => {
+            if !consume_head(&mut stream, head_bytes) {
                 return Next::Drop;
             }
             admin_start(stream, request, ctx)
         }
-        Parsed::Complete {
-            head_bytes,
-            route: Route::Upgrade { doc, tokens },
-        } => {
-            if let Err(refusal) = options.door.check_origin(&buf[..head_bytes]) {
+        Route::Upgrade { doc, tokens } => {
+            if let Err(refusal) = options.door.check_origin(head) {
                 debug!("acceptor: {peer} refused at the door: {refusal:?}");
                 metrics.door().refused(refusal);
-                if stream.read(&mut buf[..head_bytes]).is_err() {
+                if !consume_head(&mut stream, head_bytes) {
                     return Next::Drop;
                 }
                 return write_answer(stream, refusal.answer(), 0);
             }
+            if let Some(cluster) = &options.cluster {
+                let Some(key) = routing::upgrade_key(head) else {
+                    return Next::Drop; // The router checked the key is there.
+                };
+                match &doc {
+                    None => return plain_ws_start(stream, head, key, tokens, from_peer, peer, ctx),
+                    Some(name) => match cluster.decide(name, from_peer, ctx.route_expired) {
+                        Decision::Local => {}
+                        Decision::Relay(owner) => {
+                            let kind = RelayKind::WsUpgrade { key };
+                            return relay_request(stream, head, owner, kind, peer, options);
+                        }
+                        Decision::Wait => return Next::Route(Stage::Routing(stream)),
+                        Decision::Unavailable => {
+                            if !consume_head(&mut stream, head_bytes) {
+                                return Next::Drop;
+                            }
+                            return upgrade_and_refuse(stream, &key, options);
+                        }
+                    },
+                }
+            }
             debug!("acceptor: {peer} upgrades for {doc:?}");
             let mid = ServerHandshake::start(stream, NoCallback, Some(options.ws_config));
             // Run the first round at once: the request is already in the socket.
-            handshake_resume(mid, doc, tokens, peer, options)
+            handshake_resume(mid, doc, tokens, peer, ctx)
+        }
+    }
+}
+
+/// Reads (consumes) the `n` bytes of a request head that were peeked.
+fn consume_head(stream: &mut TcpStream, n: usize) -> bool {
+    let mut scratch = [0u8; 1024];
+    let mut left = n;
+    while left > 0 {
+        let want = left.min(scratch.len());
+        match stream.read(&mut scratch[..want]) {
+            Ok(0) => return false,
+            Ok(got) => left -= got,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// The client a peer vouches for in a complete request head (`cluster::forwarded`).
+fn head_vouch(head: &[u8], secret: &ClusterSecret) -> Option<SocketAddr> {
+    let mut headers = [httparse::EMPTY_HEADER; REQUEST_HEADERS_MAX];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {
+            forwarded::vouched_client(request.headers, secret, now_unix())
+        }
+        _ => None,
+    }
+}
+
+/// [`head_vouch`] on the head waiting in a socket (peeked, not consumed).
+fn peeked_vouch(stream: &TcpStream, options: &AcceptorOptions) -> Option<SocketAddr> {
+    let secret = options.cluster_secret.as_ref()?;
+    let mut buf = [0u8; REQUEST_HEAD_BYTES_MAX];
+    let n = stream.peek(&mut buf).ok()?;
+    head_vouch(&buf[..n], secret)
+}
+
+/// Consumes the request head and hands the connection to the relay: the owner gets the head
+/// (with this node's forwarded-for header) and then every byte the client sends.
+fn relay_request(
+    mut stream: TcpStream,
+    head: &[u8],
+    owner: SocketAddr,
+    kind: RelayKind,
+    peer: SocketAddr,
+    options: &AcceptorOptions,
+) -> Next {
+    if !consume_head(&mut stream, head.len()) {
+        return Next::Drop;
+    }
+    let stamp = options
+        .cluster_secret
+        .as_ref()
+        .map(|secret| secret.stamp(peer, now_unix()));
+    let close = kind == RelayKind::Http;
+    let Some(to_upstream) = forwarded::rewrite_head(head, stamp.as_deref(), close) else {
+        return Next::Drop;
+    };
+    Next::Relay(Box::new(RelayJob {
+        client: stream,
+        peer,
+        upstream: owner,
+        to_upstream,
+        frames: Vec::new(),
+        kind,
+        release: None,
+    }))
+}
+
+/// The `unavailable` refusal of a cluster node: the error, then close 1013 (try again later).
+fn refuse_unavailable(ws: WebSocket<TcpStream>) -> Next {
+    let err = ProtocolError::new(
+        ErrorCode::Unavailable,
+        "the document's owner is unavailable; try again",
+    );
+    refuse_with(ws, &err, CloseCode::Again, relay::RELAY_CLOSE_REASON)
+}
+
+/// Answers an upgrade whose head is consumed with the acceptor's own `101`, then refuses it
+/// `unavailable` with 1013.
+fn upgrade_and_refuse(mut stream: TcpStream, key: &str, options: &AcceptorOptions) -> Next {
+    // A fresh connection's send buffer takes the short answer in one write.
+    match stream.write(&relay::switching_protocols(key)) {
+        Ok(n) if n == relay::switching_protocols(key).len() => {}
+        _ => return Next::Drop,
+    }
+    let ws = WebSocket::from_raw_socket(stream, Role::Server, Some(options.ws_config));
+    refuse_unavailable(ws)
+}
+
+/// Plain `/ws` on a cluster node: consume the head, answer the handshake (the same `101` the
+/// owner will answer, which the relay drops), then read the raw frames up to the `hello`.
+fn plain_ws_start(
+    mut stream: TcpStream,
+    head: &[u8],
+    key: String,
+    tokens: DoorTokens,
+    from_peer: bool,
+    peer: SocketAddr,
+    ctx: &Ctx<'_>,
+) -> Next {
+    if !consume_head(&mut stream, head.len()) {
+        return Next::Drop;
+    }
+    debug!("acceptor: {peer} upgrades on plain /ws (cluster)");
+    let plain = PlainHello {
+        stream,
+        head: head.to_vec(),
+        out: relay::switching_protocols(&key),
+        out_written: 0,
+        buf: Vec::new(),
+        n_refused: 0,
+        tokens,
+        doc: None,
+        from_peer,
+    };
+    plain_hello(Box::new(plain), peer, ctx)
+}
+
+/// Reads raw frames up to the `hello` (answering pings and refusing other messages as the
+/// shard would), then routes it.
+fn plain_hello(mut plain: Box<PlainHello>, peer: SocketAddr, ctx: &Ctx<'_>) -> Next {
+    let options = ctx.options;
+    let payload_max = options.ws_config.max_message_size.unwrap_or(usize::MAX);
+    for _ in 0..FRAMES_PER_DRIVE_MAX {
+        while plain.out_written < plain.out.len() {
+            match plain.stream.write(&plain.out[plain.out_written..]) {
+                Ok(0) => return Next::Drop,
+                Ok(n) => plain.out_written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Next::Stay(Stage::PlainHello(plain))
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Next::Drop,
+            }
+        }
+        plain.out.clear();
+        plain.out_written = 0;
+        if let Some(doc) = plain.doc.clone() {
+            return route_plain(plain, &doc, peer, ctx);
+        }
+        let (len, refusal) = match routing::client_frame(&plain.buf, payload_max) {
+            ClientFrame::Incomplete => {
+                let mut chunk = [0u8; 4096];
+                match plain.stream.read(&mut chunk) {
+                    Ok(0) => return Next::Drop,
+                    Ok(n) => plain.buf.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Next::Stay(Stage::PlainHello(plain))
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return Next::Drop,
+                }
+                continue;
+            }
+            ClientFrame::Other => return plain_fallback(plain, peer, ctx),
+            ClientFrame::Complete {
+                len,
+                fin,
+                opcode,
+                payload,
+            } => match (opcode, fin) {
+                (0x9, _) => {
+                    plain.out = relay::server_frame(0xA, &payload);
+                    plain.buf.drain(..len);
+                    continue;
+                }
+                (0xA, _) => {
+                    plain.buf.drain(..len);
+                    continue;
+                }
+                (0x1, true) => match std::str::from_utf8(&payload) {
+                    Ok(text) => match hello_or_refusal(text) {
+                        Ok(hello) => {
+                            // The hello's frame stays in `buf`: it is the first thing relayed.
+                            plain.doc = hello.doc;
+                            continue;
+                        }
+                        Err(refusal) => (len, refusal),
+                    },
+                    Err(_) => return plain_fallback(plain, peer, ctx),
+                },
+                (0x2, true) => (len, ProtocolError::bad("binary frames are not allowed")),
+                // A close, a fragmented message: tungstenite's to read.
+                _ => return plain_fallback(plain, peer, ctx),
+            },
+        };
+        plain.buf.drain(..len);
+        plain.n_refused += 1;
+        if plain.n_refused >= REFUSALS_BEFORE_CLOSE {
+            let PlainHello { stream, buf, .. } = *plain;
+            let ws =
+                WebSocket::from_partially_read(stream, buf, Role::Server, Some(options.ws_config));
+            return refuse_start(ws, &refusal, "too many refused messages");
+        }
+        plain.out = relay::server_frame(0x1, protocol::encode_error(&refusal).as_bytes());
+    }
+    Next::Again(Stage::PlainHello(plain))
+}
+
+/// A plain `/ws` connection the raw reader leaves to tungstenite, with every byte it read.
+// Boxed as the stage holds it.
+#[allow(clippy::boxed_local)]
+fn plain_fallback(plain: Box<PlainHello>, peer: SocketAddr, ctx: &Ctx<'_>) -> Next {
+    let PlainHello {
+        stream,
+        buf,
+        n_refused,
+        tokens,
+        ..
+    } = *plain;
+    let ws = WebSocket::from_partially_read(stream, buf, Role::Server, Some(ctx.options.ws_config));
+    await_hello(ws, n_refused, tokens, true, peer, ctx)
+}
+
+/// Routes a plain `/ws` connection whose `hello` (at the start of `buf`) names `doc`.
+fn route_plain(plain: Box<PlainHello>, doc: &str, peer: SocketAddr, ctx: &Ctx<'_>) -> Next {
+    let options = ctx.options;
+    let Some(cluster) = &options.cluster else {
+        return plain_fallback(plain, peer, ctx);
+    };
+    match cluster.decide(doc, plain.from_peer, ctx.route_expired) {
+        Decision::Local => {
+            // tungstenite reads the hello again from the same bytes; nothing is lost.
+            let PlainHello {
+                stream,
+                buf,
+                n_refused,
+                tokens,
+                ..
+            } = *plain;
+            let ws =
+                WebSocket::from_partially_read(stream, buf, Role::Server, Some(options.ws_config));
+            await_hello(ws, n_refused, tokens, false, peer, ctx)
+        }
+        Decision::Relay(owner) => {
+            let stamp = options
+                .cluster_secret
+                .as_ref()
+                .map(|secret| secret.stamp(peer, now_unix()));
+            let PlainHello {
+                stream, head, buf, ..
+            } = *plain;
+            let Some(to_upstream) = forwarded::rewrite_head(&head, stamp.as_deref(), false) else {
+                return Next::Drop;
+            };
+            Next::Relay(Box::new(RelayJob {
+                client: stream,
+                peer,
+                upstream: owner,
+                to_upstream,
+                frames: buf,
+                kind: RelayKind::WsUpgraded,
+                release: None,
+            }))
+        }
+        Decision::Wait => Next::Route(Stage::PlainHello(plain)),
+        Decision::Unavailable => {
+            let PlainHello { stream, buf, .. } = *plain;
+            let ws =
+                WebSocket::from_partially_read(stream, buf, Role::Server, Some(options.ws_config));
+            refuse_unavailable(ws)
         }
     }
 }
@@ -879,8 +1374,9 @@ fn handshake_resume(
     doc: Option<String>,
     tokens: DoorTokens,
     peer: SocketAddr,
-    options: &AcceptorOptions,
+    ctx: &Ctx<'_>,
 ) -> Next {
+    let options = ctx.options;
     match mid.handshake() {
         Ok(ws) => match doc {
             Some(doc) => admit_at_door(ws, doc, tokens, None, peer, options),
@@ -891,7 +1387,7 @@ fn handshake_resume(
                 peer,
                 admitted: None,
             })),
-            None => await_hello(ws, 0, tokens, peer, options),
+            None => await_hello(ws, 0, tokens, false, peer, ctx),
         },
         Err(HandshakeError::Interrupted(mid)) => Next::Stay(Stage::Handshake { mid, doc, tokens }),
         Err(HandshakeError::Failure(e)) => {
@@ -901,13 +1397,34 @@ fn handshake_resume(
     }
 }
 
+/// The `hello` a plain `/ws` connection must send first, or the refusal of what it sent (the
+/// same rules in the raw reader of a cluster node and in tungstenite's).
+fn hello_or_refusal(text: &str) -> Result<Hello, ProtocolError> {
+    match protocol::parse_client_message(text) {
+        Ok(ClientMessage::Hello(hello)) if hello.doc.is_some() => Ok(hello),
+        Ok(ClientMessage::Hello(_)) => {
+            Err(ProtocolError::bad("hello on plain /ws must name a doc"))
+        }
+        Ok(ClientMessage::Op(op)) => {
+            Err(ProtocolError::new(ErrorCode::NotJoined, "send hello first")
+                .with_client_seq(Some(op.client_seq)))
+        }
+        Ok(ClientMessage::Presence(_) | ClientMessage::Auth(_)) => {
+            Err(ProtocolError::new(ErrorCode::NotJoined, "send hello first"))
+        }
+        Err(err) => Err(err),
+    }
+}
+
 fn await_hello(
     mut ws: WebSocket<TcpStream>,
     mut n_refused: u32,
     tokens: DoorTokens,
+    check_route: bool,
     peer: SocketAddr,
-    options: &AcceptorOptions,
+    ctx: &Ctx<'_>,
 ) -> Next {
+    let options = ctx.options;
     // Push out earlier refusals (read() alone only flushes control replies); what does not
     // fit now stays in tungstenite's buffer for the next writable event, or the shard.
     if let Err(e) = ws.flush() {
@@ -917,20 +1434,20 @@ fn await_hello(
     }
     for _ in 0..FRAMES_PER_DRIVE_MAX {
         let refusal = match ws.read() {
-            Ok(Message::Text(text)) => match protocol::parse_client_message(&text) {
-                Ok(ClientMessage::Hello(hello)) if hello.doc.is_some() => {
+            Ok(Message::Text(text)) => match hello_or_refusal(&text) {
+                Ok(hello) => {
                     let doc = hello.doc.clone().unwrap_or_default();
+                    let local = match (&options.cluster, check_route) {
+                        (Some(cluster), true) => {
+                            cluster.decide(&doc, false, true) == Decision::Local
+                        }
+                        _ => true,
+                    };
+                    if !local {
+                        // The raw reader could not keep this hello's bytes for the owner.
+                        return refuse_unavailable(ws);
+                    }
                     return admit_at_door(ws, doc, tokens, Some(hello), peer, options);
-                }
-                Ok(ClientMessage::Hello(_)) => {
-                    ProtocolError::bad("hello on plain /ws must name a doc")
-                }
-                Ok(ClientMessage::Op(op)) => {
-                    ProtocolError::new(ErrorCode::NotJoined, "send hello first")
-                        .with_client_seq(Some(op.client_seq))
-                }
-                Ok(ClientMessage::Presence(_) | ClientMessage::Auth(_)) => {
-                    ProtocolError::new(ErrorCode::NotJoined, "send hello first")
                 }
                 Err(err) => err,
             },
@@ -942,6 +1459,7 @@ fn await_hello(
                     ws,
                     n_refused,
                     tokens,
+                    check_route,
                 });
             }
             Err(e) => {
@@ -969,6 +1487,7 @@ fn await_hello(
         ws,
         n_refused,
         tokens,
+        check_route,
     })
 }
 
@@ -989,11 +1508,21 @@ fn close_on_error(mut ws: WebSocket<TcpStream>, e: &tungstenite::Error) -> Next 
     Next::Drop
 }
 
-fn refuse_start(mut ws: WebSocket<TcpStream>, err: &ProtocolError, reason: &'static str) -> Next {
+fn refuse_start(ws: WebSocket<TcpStream>, err: &ProtocolError, reason: &'static str) -> Next {
+    refuse_with(ws, err, CloseCode::Policy, reason)
+}
+
+/// Sends `err`, then a close with `code` and `reason`, then waits for the client's close.
+fn refuse_with(
+    mut ws: WebSocket<TcpStream>,
+    err: &ProtocolError,
+    code: CloseCode,
+    reason: &'static str,
+) -> Next {
     // WouldBlock still queues the frame in tungstenite's buffer; refuse() flushes it.
     let _ = ws.write(Message::Text(protocol::encode_error(err)));
     let _ = ws.close(Some(CloseFrame {
-        code: CloseCode::Policy,
+        code,
         reason: reason.into(),
     }));
     refuse(ws)

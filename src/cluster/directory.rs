@@ -96,6 +96,24 @@ FROM unnest($1::bytea[]) AS f (name)
 LEFT JOIN collab_leases l ON l.name = f.name
 LEFT JOIN collab_nodes n ON n.incarnation = l.holder";
 
+/// Writes the leases of the free documents `$1` for the live, non-draining incarnations `$2`
+/// (for `$3` ms): placement decided once, in the database. A row that is held meanwhile is
+/// left alone. Returns the documents placed, with holder and fence.
+const SQL_PLACE: &str = "
+INSERT INTO collab_leases AS l (name, holder, fence, expires_at)
+SELECT p.name, p.holder, 1, now() + $3::bigint * interval '1 millisecond'
+FROM unnest($1::bytea[], $2::bigint[]) AS p (name, holder)
+JOIN collab_nodes n ON n.incarnation = p.holder AND NOT n.draining
+    AND n.heartbeat > now() - n.lease_ttl_ms * interval '1 millisecond'
+ON CONFLICT (name) DO UPDATE SET
+    holder = EXCLUDED.holder, fence = l.fence + 1, expires_at = EXCLUDED.expires_at
+WHERE l.holder IS NULL OR l.expires_at < now()
+    OR NOT EXISTS (SELECT 1 FROM collab_nodes o WHERE o.incarnation = l.holder)
+RETURNING l.name, l.holder, l.fence";
+
+/// One lookup's answer being built: document, route, owner, recheck delay, to be placed.
+type Answer = (String, Route, Option<(String, i64)>, Option<Duration>, bool);
+
 /// Marks node `$1` incarnation `$2` draining.
 const SQL_DRAIN: &str =
     "UPDATE collab_nodes SET draining = true WHERE name = $1 AND incarnation = $2";
@@ -340,7 +358,11 @@ impl Directory {
         let names: Vec<&[u8]> = held.iter().map(|(doc, _)| doc.as_bytes()).collect();
         let fences: Vec<i64> = held.iter().map(|(_, fence)| *fence).collect();
         let ttl_ms = i64::try_from(self.shared.ttl.as_millis()).unwrap_or(i64::MAX);
-        let relayed = i64::try_from(self.shared.relayed.load(Ordering::Relaxed)).unwrap_or(0);
+        let relayed = self
+            .shared
+            .relay
+            .get()
+            .map_or(0, |relay| i64::try_from(relay.active()).unwrap_or(i64::MAX));
         let me = self.shared.me.clone();
         let incarnation = self.shared.incarnation.0;
         let rows = match self.db.query(
@@ -533,10 +555,14 @@ impl Directory {
                     .flatten()
                     .or_else(|| a.parse().ok())
             });
-            answers.push((doc, route, owner, recheck));
+            let placing = seen == LeaseSeen::Free
+                && matches!(route, Route::Local | Route::Relay(_))
+                && recheck.is_none();
+            answers.push((doc, route, owner, recheck, placing));
         }
+        self.place(&mut answers, &nodes);
         let mut state = self.shared.state.lock();
-        for (doc, route, owner, recheck) in answers {
+        for (doc, route, owner, recheck, _) in answers {
             match recheck {
                 Some(after) => self.rechecks.push((now + after, doc)),
                 None => {
@@ -560,6 +586,66 @@ impl Directory {
         }
         drop(state);
         self.shared.wake();
+    }
+
+    /// Places the free documents of `answers` (`placing`) on the nodes their route names, in
+    /// one statement: the lease row is written for the chosen node's incarnation, so every
+    /// node then sees the same owner and no two nodes relay a document to each other on
+    /// differing views of the membership. A document someone else took meanwhile (or whose
+    /// chosen node is no longer live) is looked up again shortly.
+    fn place(&mut self, answers: &mut [Answer], nodes: &[NodeView]) {
+        let mut names: Vec<&[u8]> = Vec::new();
+        let mut holders: Vec<i64> = Vec::new();
+        for (doc, route, _, _, placing) in answers.iter() {
+            if !*placing {
+                continue;
+            }
+            let holder = match route {
+                Route::Local => Some(self.shared.incarnation.0),
+                Route::Relay(addr) => nodes
+                    .iter()
+                    .find(|n| n.addr == Some(*addr) && n.alive && !n.draining)
+                    .map(|n| n.incarnation),
+                _ => None,
+            };
+            if let Some(holder) = holder {
+                names.push(doc.as_bytes());
+                holders.push(holder);
+            }
+        }
+        if names.is_empty() {
+            return;
+        }
+        let ttl_ms = i64::try_from(self.shared.ttl.as_millis()).unwrap_or(i64::MAX);
+        let placed = match self.db.query(SQL_PLACE, &[&names, &holders, &ttl_ms]) {
+            Ok(rows) => rows,
+            Err(e) => {
+                warn!("cluster: placing documents failed: {e}");
+                Vec::new()
+            }
+        };
+        let placed: HashMap<Vec<u8>, (i64, i64)> = placed
+            .iter()
+            .map(|row| (row.get::<_, Vec<u8>>(0), (row.get(1), row.get(2))))
+            .collect();
+        for (doc, route, owner, recheck, placing) in answers.iter_mut() {
+            if !*placing {
+                continue;
+            }
+            match placed.get(doc.as_bytes()) {
+                Some(&(holder, fence)) => {
+                    let name = nodes
+                        .iter()
+                        .find(|n| n.incarnation == holder)
+                        .map_or_else(|| self.shared.me.clone(), |n| n.name.clone());
+                    *owner = Some((name, fence));
+                }
+                None => {
+                    *route = Route::Pending;
+                    *recheck = Some(RECHECK_INTERVAL);
+                }
+            }
+        }
     }
 
     /// `--advertise` to an address, resolved once (by name when it is not an IP).

@@ -7,6 +7,8 @@
 //! - `view.rs`: what the directory publishes (membership, owners, lookup answers) and
 //!   [`ClusterRouter`], the router over it, with the `/cluster` answers.
 //! - `directory.rs`: the directory thread: heartbeat, renewal, the self-stop, lookups, drain.
+//! - [`relay`]: the data plane of any-node entry, a byte relay to the owner on its own thread.
+//! - [`forwarded`]: the client's real address passed to the owner, authenticated between peers.
 //! - The storage's half (acquire on load, the fence check in every commit and snapshot) is
 //!   `storage/postgres/lease.rs`.
 //!
@@ -15,7 +17,9 @@
 
 mod config;
 mod directory;
+pub mod forwarded;
 pub mod placement;
+pub mod relay;
 mod revocations;
 pub mod route;
 mod view;
@@ -29,6 +33,7 @@ use parking_lot::Mutex;
 
 pub use config::{ClusterConfig, LEASE_TTL_MIN};
 pub use directory::{OWNERS_PUBLISHED_MAX, ROUNDS_PER_TTL, STOP_AFTER_TTL_FRACTION};
+pub use route::{Route, Router};
 pub use view::{ClusterRouter, NodeView};
 
 use crate::acceptor::ShardInbox;
@@ -138,7 +143,7 @@ impl Cluster {
             }),
             waker: Mutex::new(None),
             requests,
-            relayed: Default::default(),
+            relay: Default::default(),
         });
         let directory = Directory {
             shared: shared.clone(),
@@ -188,7 +193,13 @@ impl Cluster {
 
     /// Gives the directory the shards' inboxes (to drop documents whose lease is lost) and
     /// access control (to share revocations with the other nodes).
-    pub fn attach(&self, shards: Vec<ShardInbox>, auth: Option<Arc<crate::auth::Auth>>) {
+    pub fn attach(
+        &self,
+        shards: Vec<ShardInbox>,
+        auth: Option<Arc<crate::auth::Auth>>,
+        relay: Arc<relay::RelayCounters>,
+    ) {
+        let _ = self.shared.relay.set(relay);
         let _ = self
             .shared
             .requests

@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -104,8 +104,9 @@ pub(crate) struct Shared {
     pub state: Mutex<RouterState>,
     pub waker: Mutex<Option<Arc<mio::Waker>>>,
     pub requests: Sender<DirectoryMsg>,
-    /// Connections this node relayed (the relay counts them; the heartbeat reports them).
-    pub relayed: AtomicU64,
+    /// The relay's counters (its open relayed connections are `/cluster`'s `relayed`, which
+    /// the heartbeat reports); set when the server started.
+    pub relay: std::sync::OnceLock<Arc<crate::cluster::relay::RelayCounters>>,
 }
 
 impl Shared {
@@ -187,11 +188,6 @@ impl Router for ClusterRouter {
 }
 
 impl ClusterRouter {
-    /// Counts one connection relayed to another node (reported in `/cluster`).
-    pub fn count_relayed(&self) {
-        self.0.relayed.fetch_add(1, Ordering::Relaxed);
-    }
-
     /// `GET /cluster`: `{"nodes":[{"name","advertise","alive","heartbeat_age_ms","documents",
     /// "relayed"}]}` from the last heartbeat round (plus `"draining"`, `"self"`).
     pub fn nodes_json(&self) -> String {
@@ -271,11 +267,6 @@ impl ClusterRouter {
                 "collab_cluster_fencing_refusals_total",
                 "Commits and snapshots refused by their document's fence (nothing written).",
                 counters.fencing_refusals.load(Ordering::Relaxed),
-            ),
-            (
-                "collab_cluster_relayed_connections_total",
-                "Connections relayed to the owning node.",
-                self.0.relayed.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, value) in rows {

@@ -15,6 +15,11 @@ mod metrics;
 mod pg;
 mod pipeline;
 mod rate;
+mod relay;
+mod relay_contract;
 mod storage_failure;
 mod util;
 mod ws;
+
+/// What `contract.rs` tests against here: one node.
+use util::server as contract_server;
