@@ -227,12 +227,22 @@ fn reach_as(nodes: &[Node], doc: &str, options: ClientOptions) -> Client {
     }
 }
 
+/// The node a client of `doc` enters through: the one that serves it, or with `relayed` a
+/// running node that does not (any-node entry, relayed to the owner).
+fn entry_of(nodes: &[Node], doc: &str, relayed: bool) -> Option<usize> {
+    let server = server_of(nodes, doc)?;
+    if !relayed {
+        return Some(server);
+    }
+    (0..nodes.len()).find(|&idx| idx != server && nodes[idx].running())
+}
+
 /// [`reach`] for a client that was connected before: joins again with `since`, resending
-/// what was not acknowledged.
-fn reach_again(nodes: &[Node], doc: &str, client: &mut Client) {
+/// what was not acknowledged (through another node than the owner with `relayed`).
+fn reach_again(nodes: &[Node], doc: &str, client: &mut Client, relayed: bool) {
     let deadline = Instant::now() + REACH_DEADLINE;
     loop {
-        if let Some(idx) = server_of(nodes, doc) {
+        if let Some(idx) = entry_of(nodes, doc, relayed) {
             match client.reconnect_to(&nodes[idx].url(doc)) {
                 Ok(()) => return,
                 Err(e) => assert!(Instant::now() < deadline, "{doc}: {e}"),
@@ -403,9 +413,14 @@ fn writer(
     doc: String,
     tag: String,
     stop: Arc<AtomicBool>,
+    relayed: bool,
 ) -> std::thread::JoinHandle<(Vec<String>, String)> {
     std::thread::spawn(move || {
-        let mut client = reach(&nodes.lock(), &doc);
+        let mut client = {
+            let nodes = nodes.lock();
+            let entry = entry_of(&nodes, &doc, relayed).expect("an entry node");
+            Client::connect(&nodes[entry].url(&doc), &doc, options()).expect("join")
+        };
         let epoch = client.epoch().to_owned();
         let mut sent = Vec::new();
         let mut n = 0;
@@ -427,7 +442,7 @@ fn writer(
                 Err(_) => {
                     // Closed (1013 failover, 1001 drain) or refused: follow the document.
                     let nodes = nodes.lock();
-                    reach_again(&nodes, &doc, &mut client);
+                    reach_again(&nodes, &doc, &mut client, relayed);
                 }
             }
             if !stopping {
@@ -453,7 +468,16 @@ fn kill_9_of_an_owner_mid_load_loses_no_acknowledged_op() {
     let writers: Vec<_> = docs
         .iter()
         .flat_map(|doc| {
-            (0..2).map(|w| writer(nodes.clone(), doc.clone(), format!("{w}"), stop.clone()))
+            // One writer on the owner, one relayed through another node.
+            (0..2).map(|w| {
+                writer(
+                    nodes.clone(),
+                    doc.clone(),
+                    format!("{w}"),
+                    stop.clone(),
+                    w == 1,
+                )
+            })
         })
         .collect();
     std::thread::sleep(Duration::from_millis(1500));
@@ -597,7 +621,16 @@ fn rolling_restart_drains_one_node_at_a_time_and_loses_nothing() {
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = docs
         .iter()
-        .map(|doc| writer(nodes.clone(), doc.clone(), "w".to_owned(), stop.clone()))
+        .enumerate()
+        .map(|(i, doc)| {
+            writer(
+                nodes.clone(),
+                doc.clone(),
+                "w".to_owned(),
+                stop.clone(),
+                i % 2 == 1,
+            )
+        })
         .collect();
     std::thread::sleep(Duration::from_millis(800));
     for idx in 0..3 {
