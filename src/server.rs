@@ -282,8 +282,7 @@ pub fn open_storage_in(
             info!("documents are kept in PostgreSQL at {}", storage.target());
         }
         if let Some(cluster) = cluster {
-            storage =
-                storage.with_leases(cluster.incarnation(), cluster.lease_ttl(), cluster.book());
+            storage = storage.with_leases(cluster.incarnation(), cluster.book());
         }
         return Ok(Box::new(storage));
     }

@@ -5,9 +5,10 @@
 //! [`PgStorage::query`], so reconnects, deadlines and TLS are the storage's); it never runs
 //! on a shard or on the acceptor thread, and nothing waits for it but a shutdown.
 //!
-//! Timing, by this process's monotonic clock only: a round (heartbeat plus the renewal of
-//! every lease in the [`LeaseBook`], one statement) runs every `ttl / 5`, each statement
-//! bounded by `ttl / 5`. When no round has succeeded for [`STOP_AFTER_TTL_FRACTION`] of the
+//! Timing, by this process's monotonic clock only: a round (the heartbeat, which renews every
+//! lease of the node at once, since a lease is valid while its holder's heartbeat is younger
+//! than the holder's TTL; one statement, one row written) runs every `ttl / 5`, each
+//! statement bounded by `ttl / 5`. When no round has succeeded for [`STOP_AFTER_TTL_FRACTION`] of the
 //! TTL, measured from the moment the last successful one was *sent* (its leases expire no
 //! earlier than a TTL after that by the database's clock), the node stops serving every
 //! document: loads may no longer acquire, and every shard drops its documents and closes
@@ -55,61 +56,93 @@ ON CONFLICT (name) DO UPDATE SET incarnation = EXCLUDED.incarnation,
     draining = false, started_at = now(), relayed = 0
 RETURNING incarnation";
 
-/// One round: heartbeat of node `$1` incarnation `$2` (draining `$3`, relayed `$4`) and, only
-/// if that incarnation is still the node's current one, the renewal for `$5` ms of the leases
-/// `$6` it holds with fences `$7`. Rows: `(true, NULL)` when the heartbeat landed, then
-/// `(false, name)` per lease renewed.
+/// One round: the heartbeat of node `$1` incarnation `$2` (draining `$3`, relayed `$4`), which
+/// is also the renewal of every lease it holds (a lease is valid while its holder's heartbeat
+/// is younger than the holder's TTL, so a round writes one row whatever the number of
+/// documents), and, only if that incarnation is still the node's current one, which of the
+/// leases `$5` with fences `$6` it still holds (read by primary key, nothing written). Rows:
+/// `(true, NULL)` when the heartbeat landed, then `(false, name)` per lease still held.
 const SQL_ROUND: &str = "
 WITH me AS (
     UPDATE collab_nodes SET heartbeat = now(), draining = $3, relayed = $4
     WHERE name = $1 AND incarnation = $2 RETURNING name
-), renewed AS (
-    UPDATE collab_leases l SET expires_at = now() + $5::bigint * interval '1 millisecond'
-    FROM unnest($6::bytea[], $7::bigint[]) AS f (name, fence)
-    WHERE l.name = f.name AND l.fence = f.fence AND l.holder = $2 AND EXISTS (SELECT 1 FROM me)
-    RETURNING l.name
 )
-SELECT true, NULL::bytea FROM me UNION ALL SELECT false, name FROM renewed";
+SELECT true, NULL::bytea FROM me
+UNION ALL
+SELECT false, l.name FROM collab_leases l
+JOIN unnest($5::bytea[], $6::bigint[]) AS f (name, fence) ON l.name = f.name
+WHERE l.holder = $2 AND l.fence = f.fence AND EXISTS (SELECT 1 FROM me)";
 
-/// The membership, with each node's unexpired leases.
-const SQL_NODES: &str = "
-SELECT n.name, n.incarnation, n.advertise, n.draining,
-    GREATEST(0, extract(epoch FROM (now() - n.heartbeat)) * 1000)::bigint,
-    n.lease_ttl_ms, n.relayed,
-    (SELECT count(*) FROM collab_leases l WHERE l.holder = n.incarnation AND l.expires_at > now())
-FROM collab_nodes n ORDER BY n.name";
+/// Whether node row `n` is alive: a heartbeat within its TTL, by the database's clock.
+macro_rules! live {
+    ($n:literal) => {
+        concat!(
+            $n,
+            ".heartbeat > now() - ",
+            $n,
+            ".lease_ttl_ms * interval '1 millisecond'"
+        )
+    };
+}
 
-/// Owners of unexpired leases (at most `$1`).
-const SQL_OWNERS: &str = "
-SELECT l.name, n.name, l.fence FROM collab_leases l
-JOIN collab_nodes n ON n.incarnation = l.holder
-WHERE l.expires_at > now() LIMIT $1";
+/// The membership, with each node's valid leases.
+const SQL_NODES: &str = concat!(
+    "SELECT n.name, n.incarnation, n.advertise, n.draining,
+        GREATEST(0, extract(epoch FROM (now() - n.heartbeat)) * 1000)::bigint,
+        n.lease_ttl_ms, n.relayed,
+        (SELECT count(*) FROM collab_leases l
+         WHERE l.holder = n.incarnation AND l.expires_at > now() AND ",
+    live!("n"),
+    ")
+    FROM collab_nodes n ORDER BY n.name"
+);
 
-/// The leases of documents `$1`: holder, fence, whether unexpired, ms until expiry, and the
-/// holder's node (when the holder is a node's current incarnation) with its liveness.
-const SQL_LOOKUP: &str = "
-SELECT f.name, l.holder, l.fence, coalesce(l.expires_at > now(), false),
-    GREATEST(0, extract(epoch FROM (l.expires_at - now())) * 1000)::bigint,
-    n.name, n.advertise, n.draining,
-    coalesce(n.heartbeat > now() - n.lease_ttl_ms * interval '1 millisecond', false)
-FROM unnest($1::bytea[]) AS f (name)
-LEFT JOIN collab_leases l ON l.name = f.name
-LEFT JOIN collab_nodes n ON n.incarnation = l.holder";
+/// Owners of valid leases (unexpired, holder alive), at most `$1`.
+const SQL_OWNERS: &str = concat!(
+    "SELECT l.name, n.name, l.fence FROM collab_leases l
+    JOIN collab_nodes n ON n.incarnation = l.holder
+    WHERE l.expires_at > now() AND ",
+    live!("n"),
+    " LIMIT $1"
+);
 
-/// Writes the leases of the free documents `$1` for the live, non-draining incarnations `$2`
-/// (for `$3` ms): placement decided once, in the database. A row that is held meanwhile is
-/// left alone. Returns the documents placed, with holder and fence.
-const SQL_PLACE: &str = "
-INSERT INTO collab_leases AS l (name, holder, fence, expires_at)
-SELECT p.name, p.holder, 1, now() + $3::bigint * interval '1 millisecond'
-FROM unnest($1::bytea[], $2::bigint[]) AS p (name, holder)
-JOIN collab_nodes n ON n.incarnation = p.holder AND NOT n.draining
-    AND n.heartbeat > now() - n.lease_ttl_ms * interval '1 millisecond'
-ON CONFLICT (name) DO UPDATE SET
-    holder = EXCLUDED.holder, fence = l.fence + 1, expires_at = EXCLUDED.expires_at
-WHERE l.holder IS NULL OR l.expires_at < now()
-    OR NOT EXISTS (SELECT 1 FROM collab_nodes o WHERE o.incarnation = l.holder)
-RETURNING l.name, l.holder, l.fence";
+/// The leases of documents `$1`: holder, fence, whether valid (unexpired, holder alive), ms
+/// until expiry, and the holder's node (when the holder is a node's current incarnation)
+/// with whether it drains and whether it is alive.
+const SQL_LOOKUP: &str = concat!(
+    "SELECT f.name, l.holder, l.fence, coalesce(l.expires_at > now() AND ",
+    live!("n"),
+    ", false),
+        CASE WHEN isfinite(l.expires_at)
+            THEN GREATEST(0, least(extract(epoch FROM (l.expires_at - now())), 3600) * 1000)
+            ELSE 3600000 END::bigint,
+        n.name, n.advertise, n.draining, coalesce(",
+    live!("n"),
+    ", false)
+    FROM unnest($1::bytea[]) AS f (name)
+    LEFT JOIN collab_leases l ON l.name = f.name
+    LEFT JOIN collab_nodes n ON n.incarnation = l.holder"
+);
+
+/// Writes the leases of the free documents `$1` for the live, non-draining incarnations `$2`,
+/// expiring in `$3` ms unless the node loads them (its load makes the lease last as long as
+/// its heartbeat): placement decided once, in the database. A row that is validly held
+/// meanwhile is left alone. Returns the documents placed, with holder and fence.
+const SQL_PLACE: &str = concat!(
+    "INSERT INTO collab_leases AS l (name, holder, fence, expires_at)
+    SELECT p.name, p.holder, 1, now() + $3::bigint * interval '1 millisecond'
+    FROM unnest($1::bytea[], $2::bigint[]) AS p (name, holder)
+    JOIN collab_nodes n ON n.incarnation = p.holder AND NOT n.draining AND ",
+    live!("n"),
+    "
+    ON CONFLICT (name) DO UPDATE SET
+        holder = EXCLUDED.holder, fence = l.fence + 1, expires_at = EXCLUDED.expires_at
+    WHERE l.holder IS NULL OR l.expires_at < now()
+        OR NOT EXISTS (SELECT 1 FROM collab_nodes o WHERE o.incarnation = l.holder AND ",
+    live!("o"),
+    ")
+    RETURNING l.name, l.holder, l.fence"
+);
 
 /// One lookup's answer being built: document, route, owner, recheck delay, to be placed.
 type Answer = (String, Route, Option<(String, i64)>, Option<Duration>, bool);
@@ -357,7 +390,6 @@ impl Directory {
         let held = self.shared.book.held();
         let names: Vec<&[u8]> = held.iter().map(|(doc, _)| doc.as_bytes()).collect();
         let fences: Vec<i64> = held.iter().map(|(_, fence)| *fence).collect();
-        let ttl_ms = i64::try_from(self.shared.ttl.as_millis()).unwrap_or(i64::MAX);
         let relayed = self
             .shared
             .relay
@@ -367,15 +399,7 @@ impl Directory {
         let incarnation = self.shared.incarnation.0;
         let rows = match self.db.query(
             SQL_ROUND,
-            &[
-                &me,
-                &incarnation,
-                &self.draining,
-                &relayed,
-                &ttl_ms,
-                &names,
-                &fences,
-            ],
+            &[&me, &incarnation, &self.draining, &relayed, &names, &fences],
         ) {
             Ok(rows) => rows,
             Err(e) => {

@@ -121,8 +121,6 @@ impl LeaseBook {
 pub(super) struct LeaseMode {
     /// This process's incarnation.
     pub holder: Incarnation,
-    /// Lease length of an acquisition, in milliseconds (`--lease-ttl`).
-    pub ttl_ms: i64,
     /// Shared with the directory thread.
     pub book: LeaseBook,
     /// Documents this storage holds, with their fence (a subset of `book`).
@@ -131,20 +129,23 @@ pub(super) struct LeaseMode {
     pub fenced: Vec<String>,
 }
 
-/// Takes `$1`'s lease for incarnation `$2` for `$3` ms, when this incarnation is its node's
-/// current one and not draining, and the lease is free, expired, held by an incarnation that
-/// is no node's current one, or already ours. Another holder's lease is taken with the fence
-/// incremented; ours keeps its fence. No row: someone else holds it (or we may not take any).
+/// Takes `$1`'s lease for incarnation `$2`, when this incarnation is its node's current one
+/// and not draining, and the lease is free, expired, held by an incarnation that is not a
+/// live node's current one (no heartbeat within its TTL), or already ours. Another holder's
+/// lease is taken with the fence incremented; ours keeps its fence. A loaded document's lease
+/// does not expire by itself (`infinity`): it lasts as long as its holder's heartbeat, which
+/// renews every lease of a node at once. No row: someone else holds it (or we may take none).
 pub(super) const SQL_ACQUIRE: &str = "
 INSERT INTO collab_leases AS l (name, holder, fence, expires_at)
-SELECT $1::bytea, $2::bigint, 1, now() + $3::bigint * interval '1 millisecond'
+SELECT $1::bytea, $2::bigint, 1, 'infinity'
 WHERE EXISTS (SELECT 1 FROM collab_nodes WHERE incarnation = $2 AND NOT draining)
 ON CONFLICT (name) DO UPDATE SET
     holder = EXCLUDED.holder,
     fence = CASE WHEN l.holder = EXCLUDED.holder THEN l.fence ELSE l.fence + 1 END,
     expires_at = EXCLUDED.expires_at
 WHERE l.holder = EXCLUDED.holder OR l.holder IS NULL OR l.expires_at < now()
-    OR NOT EXISTS (SELECT 1 FROM collab_nodes n WHERE n.incarnation = l.holder)
+    OR NOT EXISTS (SELECT 1 FROM collab_nodes n WHERE n.incarnation = l.holder
+        AND n.heartbeat > now() - n.lease_ttl_ms * interval '1 millisecond')
 RETURNING fence";
 
 /// Gives `$1`'s lease up when incarnation `$2` holds it (its fence stays, so the next holder's

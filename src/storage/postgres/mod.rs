@@ -113,6 +113,9 @@ struct Conn {
     client: Client,
     driver: JoinHandle<()>,
     stmts: Statements,
+    /// Statements of [`PgStorage::query`], prepared on first use (the cluster's directory
+    /// runs the same few every round).
+    prepared: HashMap<&'static str, Statement>,
     /// The server process of this session.
     backend: Backend,
 }
@@ -245,13 +248,12 @@ impl PgStorage {
     }
 
     /// Cluster mode: this storage serves a document only under its lease, held by incarnation
-    /// `holder` (acquired by `load` for `ttl`, renewed by the node's directory thread), and
-    /// every commit and snapshot checks the lease's fence in its own transaction
-    /// (`lease.rs`). Leases held are recorded in `book`.
-    pub fn with_leases(mut self, holder: Incarnation, ttl: Duration, book: LeaseBook) -> PgStorage {
+    /// `holder` (acquired by `load`, valid while the node's heartbeat is), and every commit
+    /// and snapshot checks the lease's fence in its own transaction (`lease.rs`). Leases held
+    /// are recorded in `book`.
+    pub fn with_leases(mut self, holder: Incarnation, book: LeaseBook) -> PgStorage {
         self.leases = Some(lease::LeaseMode {
             holder,
-            ttl_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1),
             book,
             fences: HashMap::new(),
             fenced: Vec::new(),
@@ -268,16 +270,24 @@ impl PgStorage {
     /// statement may or may not have taken effect); `Io` when the server refused it.
     pub fn query(
         &mut self,
-        sql: &str,
+        sql: &'static str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>, StorageError> {
         self.conn()?;
-        let conn = self
+        let mut conn = self
             .take_conn()
             .map_err(|e| call_error("a cluster statement", e))?;
-        let result = self
-            .rt
-            .block_on(with_deadline(self.timeout, conn.client.query(sql, params)));
+        let result = self.rt.block_on(with_deadline(self.timeout, async {
+            let statement = match conn.prepared.get(sql) {
+                Some(statement) => statement.clone(),
+                None => {
+                    let statement = conn.client.prepare(sql).await?;
+                    conn.prepared.insert(sql, statement.clone());
+                    statement
+                }
+            };
+            conn.client.query(&statement, params).await
+        }));
         self.settle(conn, result)
             .map_err(|e| call_error("a cluster statement", e))
     }
@@ -292,9 +302,9 @@ impl PgStorage {
                 reason: "this node cannot renew its leases; it takes no document".to_owned(),
             });
         }
-        let (holder, ttl_ms) = (mode.holder.0, mode.ttl_ms);
+        let holder = mode.holder.0;
         let name = doc.as_bytes();
-        let rows = self.query(lease::SQL_ACQUIRE, &[&name, &holder, &ttl_ms])?;
+        let rows = self.query(lease::SQL_ACQUIRE, &[&name, &holder])?;
         let Some(mode) = self.leases.as_mut() else {
             return Ok(0);
         };
@@ -506,6 +516,7 @@ impl PgStorage {
             client,
             driver,
             stmts,
+            prepared: HashMap::new(),
             backend,
         })
     }
