@@ -22,8 +22,11 @@ CREATE TABLE collab_nodes (
 
 -- One row per document ever owned: the incarnation holding it (NULL when released), its
 -- fencing token (incremented by every acquisition by another incarnation, never decreased)
--- and when the lease runs out (the database's clock). A commit of the document's records
--- checks, in its own transaction, that holder and fence are still the committer's.
+-- and when the lease runs out (the database's clock; 'infinity' once the holder loaded the
+-- document: it then lasts as long as the holder's heartbeat, which renews all of a node's
+-- leases at once). A lease is valid while unexpired and held by a live node's current
+-- incarnation. A commit of the document's records checks, in its own transaction, that
+-- holder and fence are still the committer's.
 CREATE TABLE collab_leases (
     name bytea PRIMARY KEY,
     holder bigint,
