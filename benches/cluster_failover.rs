@@ -45,7 +45,12 @@ fn start(node: &mut Node, db: &str, ttl: &str, data: &std::path::Path) {
         .args(["--cluster-node", &node.name, "--lease-ttl", ttl])
         .args(["--database-url", db, "--shards", "1", "--no-pin-cores"])
         // Every client comes from 127.0.0.1: no per-address limits.
-        .args(["--conns-per-ip-max", "0", "--connects-per-ip-per-second", "0"])
+        .args([
+            "--conns-per-ip-max",
+            "0",
+            "--connects-per-ip-per-second",
+            "0",
+        ])
         .arg("--data-dir")
         .arg(data.join(&node.name))
         .env_remove("COLLAB_DATABASE_URL")

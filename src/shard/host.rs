@@ -188,6 +188,9 @@ pub struct RoomHost {
     room_by_doc: HashMap<String, usize>,
     /// Documents whose load was sent to the worker, with the connections waiting for it.
     loading: HashMap<String, Vec<(ConnToken, Hello)>>,
+    /// Cluster mode: documents being loaded when their lease was lost (`on_leases_lost`);
+    /// their load is not used when it completes (a subset of `loading`'s keys).
+    lost_while_loading: std::collections::HashSet<String>,
     /// Batches sent and not yet reported, oldest first (completions come in this order).
     in_flight: VecDeque<InFlight>,
     /// The next batch's id.
@@ -234,6 +237,7 @@ impl RoomHost {
             rooms: Slab::new(),
             room_by_doc: HashMap::new(),
             loading: HashMap::new(),
+            lost_while_loading: Default::default(),
             in_flight: VecDeque::new(),
             next_batch: 1,
             next_generation: 1,
@@ -997,6 +1001,16 @@ impl Handler for RoomHost {
                 .collect(),
             None => self.rooms.iter().map(|(idx, _)| idx).collect(),
         };
+        // A load in flight may have acquired the lease just before it was lost: its result
+        // must not open a room.
+        match docs {
+            Some(docs) => self.lost_while_loading.extend(
+                docs.iter()
+                    .filter(|doc| self.loading.contains_key(*doc))
+                    .cloned(),
+            ),
+            None => self.lost_while_loading.extend(self.loading.keys().cloned()),
+        }
         if !lost.is_empty() {
             warn!(
                 "shard: lease lost for {} document(s); dropping them",

@@ -37,6 +37,17 @@ impl RoomHost {
             warn!("shard: a load completed that was not asked for");
             return;
         };
+        let result = if self.lost_while_loading.remove(&doc) {
+            if result.is_ok() {
+                // Its lease went while it loaded: the storage releases what it acquired.
+                self.request(StorageRequest::Release { doc: doc.clone() });
+            }
+            Err(StorageError::Fenced {
+                reason: "the lease was lost while the document loaded".to_owned(),
+            })
+        } else {
+            result
+        };
         let unreachable = matches!(
             result,
             Err(StorageError::Unavailable { .. } | StorageError::OutcomeUnknown { .. })
