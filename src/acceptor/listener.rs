@@ -655,6 +655,7 @@ impl Acceptor {
                     pending.stage = Some(stage);
                     if !pending.routing {
                         pending.routing = true;
+                        self.metrics.relay().route_wait_started();
                         let wait = self.options.cluster.as_ref().map(|c| c.route_wait);
                         pending.deadline = Instant::now() + wait.unwrap_or_default();
                     }

@@ -110,6 +110,8 @@ pub struct RelayCounters {
     started: AtomicU64,
     /// Connections refused because `conns_max` were relayed already.
     refused_full: AtomicU64,
+    /// Connections that waited for a route (`Route::Pending`), counted by the acceptor.
+    route_waits: AtomicU64,
     /// Relayed connections whose owner failed, closed first or could not be reached.
     upstream_failures: AtomicU64,
     /// Bytes written to owners.
@@ -131,6 +133,16 @@ impl RelayCounters {
     /// Relayed connections started since the process started.
     pub fn started(&self) -> u64 {
         self.started.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection that starts waiting for its route (the acceptor calls it).
+    pub fn route_wait_started(&self) {
+        self.route_waits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections that waited for a route so far.
+    pub fn route_waits(&self) -> u64 {
+        self.route_waits.load(Ordering::Relaxed)
     }
 
     /// Connections refused because the relay was full.
@@ -165,7 +177,7 @@ impl RelayCounters {
 
     /// The `collab_relay_*` families of `/metrics`.
     pub fn render(&self, out: &mut Exposition) {
-        let rows: [(&str, &str, &str, u64); 8] = [
+        let rows: [(&str, &str, &str, u64); 9] = [
             (
                 "collab_relay_connections",
                 "gauge",
@@ -177,6 +189,12 @@ impl RelayCounters {
                 "counter",
                 "Connections this node relayed to their documents' owners.",
                 self.started(),
+            ),
+            (
+                "collab_relay_route_waits_total",
+                "counter",
+                "Connections that waited for the router to find their document's owner.",
+                self.route_waits(),
             ),
             (
                 "collab_relay_refused_total",

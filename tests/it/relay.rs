@@ -349,9 +349,15 @@ fn relay_waits_for_a_pending_route_and_then_serves() {
         (ws, ack)
     });
     let plain = std::thread::spawn(move || join(a, "/ws", r#"{"type":"hello","doc":"later"}"#));
-    // Both are waiting in the acceptor once it counts them as pending routes; the test router
-    // answers Pending until told otherwise, so there is no race with the answer below.
-    std::thread::sleep(Duration::from_millis(200));
+    // Both wait in the acceptor (it counts them) until the router answers.
+    while entry.metrics().relay().route_waits() < 2 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        entry.metrics().relay().started(),
+        0,
+        "nothing relayed before the answer"
+    );
     router.set_default(Route::Relay(owner.local_addr()));
     let (_doc_ws, ack) = doc.join().expect("doc client");
     assert_eq!(ack["doc"], "later");
@@ -518,4 +524,43 @@ pub fn contract_pair(config: Config) -> Pair {
     let owner = server(config);
     let (entry, _router) = entry_node_with(entry_config, Route::Relay(owner.local_addr()));
     Pair { entry, owner }
+}
+
+#[test]
+fn relay_carries_api_requests_and_ends_both_sides_on_a_half_close() {
+    let _w = Watchdog::new("relay_carries_api_requests", 60);
+    let owner = server(test_config());
+    let (entry, _router) = entry_node(owner.local_addr());
+    let a = entry.local_addr();
+    // An HTTP request naming a document under /api/docs goes to the owner and its answer comes
+    // back byte for byte (whatever the owner serves there).
+    let request = "GET /api/docs/some%2Fdoc HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n";
+    let direct = crate::util::http_get(owner.local_addr(), request);
+    let relayed = crate::util::http_get(a, request);
+    let status = |text: &str| text.lines().next().unwrap_or("").to_owned();
+    assert_eq!(status(&relayed), status(&direct), "{relayed}");
+    assert_eq!(entry.metrics().relay().started(), 1);
+    // Other HTTP is answered by the entry node itself.
+    let health = crate::util::http_get(a, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert_eq!(entry.metrics().relay().started(), 1);
+    // A client that half-closes a relayed session ends it on both sides.
+    let mut bytes = upgrade_head("/ws/half", "").into_bytes();
+    bytes.extend_from_slice(&client_text_frame(r#"{"type":"hello"}"#));
+    let (mut ws, head) = raw_upgrade(a, &bytes);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(recv_json(&mut ws)["type"], "hello_ack");
+    let MaybeTlsStream::Plain(stream) = ws.get_mut() else {
+        panic!("plain TCP");
+    };
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest); // EOF (or a reset) ends it; a hang fails the watchdog.
+    while entry.metrics().relay().active() > 0 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    entry.shutdown().expect("entry shuts down");
+    owner.shutdown().expect("owner shuts down");
 }
