@@ -741,13 +741,55 @@ impl Acceptor {
         };
         debug!("acceptor: relaying {} to {}", job.peer, job.upstream);
         if let Err(refused) = cluster.relay.submit(*job) {
-            let mut job = refused.into_job();
-            debug!("acceptor: relay refused {}", job.peer);
-            // One write of a short answer into a fresh socket's buffer; what does not fit is lost
-            // with the connection, which is being refused anyway.
-            let _ = job.client.write(&routing::refusal_bytes(&job.kind));
-            let _ = job.client.shutdown(Shutdown::Write);
+            self.refuse_relay(refused.into_job(), pending);
+        }
+    }
+
+    /// The relay is full (or gone): the client gets `unavailable` and 1013 (HTTP: 503) from the
+    /// acceptor, in a new pending entry that keeps the connection's door count.
+    fn refuse_relay(&mut self, job: Box<RelayJob>, pending: Pending) {
+        let RelayJob {
+            mut client,
+            peer,
+            kind,
+            ..
+        } = *job;
+        debug!("acceptor: the relay refused {peer}");
+        let entry = self.pending.vacant_entry();
+        let token = Token(entry.key() + FIRST_CONN);
+        if let Err(e) = self.poll.registry().register(
+            &mut client,
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            warn!("acceptor: register {peer}: {e}");
             self.forget(&pending);
+            return;
+        }
+        let next = match kind {
+            RelayKind::WsUpgrade { key } => upgrade_and_refuse(client, &key, &self.options),
+            RelayKind::WsUpgraded => refuse_unavailable(WebSocket::from_raw_socket(
+                client,
+                Role::Server,
+                Some(self.options.ws_config),
+            )),
+            RelayKind::Http => write_answer(client, routing::unavailable_http(), 0),
+        };
+        match next {
+            Next::Stay(stage) | Next::Again(stage) => {
+                self.next_serial += 1;
+                entry.insert(Pending {
+                    stage: Some(stage),
+                    peer,
+                    deadline: Instant::now() + self.options.handshake_timeout,
+                    counted: pending.counted,
+                    admin_port: false,
+                    serial: self.next_serial,
+                    routing: false,
+                    route_expired: false,
+                });
+            }
+            _ => self.forget(&pending),
         }
     }
 

@@ -496,6 +496,29 @@ fn relay_buffers_stay_bounded_for_a_client_that_does_not_read() {
     owner.shutdown().expect("owner shuts down");
 }
 
+#[test]
+fn relay_refuses_past_relay_conns_max() {
+    let _w = Watchdog::new("relay_refuses_past_relay_conns_max", 60);
+    let owner = server(test_config());
+    let mut config = test_config();
+    config.relay_conns_max = 1;
+    let (entry, _router) = entry_node_with(config, Route::Relay(owner.local_addr()));
+    let a = entry.local_addr();
+    let (_first, _) = join(a, "/ws/full", r#"{"type":"hello"}"#);
+    for path in ["/ws/full", "/ws"] {
+        let mut ws = connect(a, path);
+        send(&mut ws, r#"{"type":"hello","doc":"full"}"#);
+        let (code, seen) = recv_until_close(&mut ws);
+        assert_eq!(code, Some(CloseCode::Again), "{path}");
+        assert_eq!(seen[0]["code"], "unavailable", "{path}");
+    }
+    assert_eq!(entry.metrics().relay().refused_full(), 2);
+    assert_eq!(metric(a, "collab_relay_refused_total"), 2);
+    drop(_first);
+    entry.shutdown().expect("entry shuts down");
+    owner.shutdown().expect("owner shuts down");
+}
+
 /// An owner and an entry node that relays every document to it: what `relay_contract.rs` runs
 /// the contract's tests against.
 pub struct Pair {
