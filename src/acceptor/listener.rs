@@ -747,6 +747,8 @@ impl Acceptor {
 
     /// The relay is full (or gone): the client gets `unavailable` and 1013 (HTTP: 503) from the
     /// acceptor, in a new pending entry that keeps the connection's door count.
+    // The job comes boxed from the relay's refusal.
+    #[allow(clippy::boxed_local)]
     fn refuse_relay(&mut self, job: Box<RelayJob>, pending: Pending) {
         let RelayJob {
             mut client,
@@ -1057,7 +1059,8 @@ fn read_request(mut stream: TcpStream, peer: SocketAddr, ctx: &Ctx<'_>) -> Next 
             match cluster.decide(&doc, from_peer, ctx.route_expired) {
                 Decision::Local => {}
                 Decision::Relay(owner) => {
-                    return relay_request(stream, head, owner, RelayKind::Http, peer, options)
+                    let kind = RelayKind::Http;
+                    return relay_request(stream, head, &doc, owner, kind, peer, options);
                 }
                 Decision::Wait => return Next::Route(Stage::Routing(stream)),
                 Decision::Unavailable => {
@@ -1102,7 +1105,7 @@ fn read_request(mut stream: TcpStream, peer: SocketAddr, ctx: &Ctx<'_>) -> Next 
                         Decision::Local => {}
                         Decision::Relay(owner) => {
                             let kind = RelayKind::WsUpgrade { key };
-                            return relay_request(stream, head, owner, kind, peer, options);
+                            return relay_request(stream, head, name, owner, kind, peer, options);
                         }
                         Decision::Wait => return Next::Route(Stage::Routing(stream)),
                         Decision::Unavailable => {
@@ -1163,6 +1166,7 @@ fn peeked_vouch(stream: &TcpStream, options: &AcceptorOptions) -> Option<SocketA
 fn relay_request(
     mut stream: TcpStream,
     head: &[u8],
+    doc: &str,
     owner: SocketAddr,
     kind: RelayKind,
     peer: SocketAddr,
@@ -1187,6 +1191,7 @@ fn relay_request(
         frames: Vec::new(),
         kind,
         release: None,
+        doc: Some(doc.to_owned()),
     }))
 }
 
@@ -1375,6 +1380,7 @@ fn route_plain(plain: Box<PlainHello>, doc: &str, peer: SocketAddr, ctx: &Ctx<'_
                 frames: buf,
                 kind: RelayKind::WsUpgraded,
                 release: None,
+                doc: Some(doc.to_owned()),
             }))
         }
         Decision::Wait => Next::Route(Stage::PlainHello(plain)),

@@ -30,6 +30,7 @@ use slab::Slab;
 
 use crate::acceptor::door::DoorRelease;
 use crate::acceptor::http::REQUEST_HEAD_BYTES_MAX;
+use crate::cluster::{Route, Router};
 use crate::metrics::Exposition;
 use crate::protocol::{self, ErrorCode, ProtocolError};
 
@@ -99,6 +100,10 @@ pub struct RelayJob {
     /// Where the connection is released from the door's per-address count when it ends
     /// (`Some` when the door counted it).
     pub release: Option<DoorRelease>,
+    /// The document, to ask the router again when the owner cannot be reached (its lease may
+    /// be moving to another node): until the route's wait is over the relay keeps the client
+    /// and dials whatever owner the router names next. `None`: no second attempt.
+    pub doc: Option<String>,
 }
 
 /// The relay's figures, shared by its thread (writer) and `/metrics`, `/cluster` (readers).
@@ -112,6 +117,8 @@ pub struct RelayCounters {
     refused_full: AtomicU64,
     /// Connections that waited for a route (`Route::Pending`), counted by the acceptor.
     route_waits: AtomicU64,
+    /// Dials of an owner that failed while the relay could still ask the router again.
+    owner_retries: AtomicU64,
     /// Relayed connections whose owner failed, closed first or could not be reached.
     upstream_failures: AtomicU64,
     /// Bytes written to owners.
@@ -143,6 +150,11 @@ impl RelayCounters {
     /// Connections that waited for a route so far.
     pub fn route_waits(&self) -> u64 {
         self.route_waits.load(Ordering::Relaxed)
+    }
+
+    /// Failed dials of an owner after which the relay asked the router again.
+    pub fn owner_retries(&self) -> u64 {
+        self.owner_retries.load(Ordering::Relaxed)
     }
 
     /// Connections refused because the relay was full.
@@ -177,7 +189,7 @@ impl RelayCounters {
 
     /// The `collab_relay_*` families of `/metrics`.
     pub fn render(&self, out: &mut Exposition) {
-        let rows: [(&str, &str, &str, u64); 9] = [
+        let rows: [(&str, &str, &str, u64); 10] = [
             (
                 "collab_relay_connections",
                 "gauge",
@@ -195,6 +207,12 @@ impl RelayCounters {
                 "counter",
                 "Connections that waited for the router to find their document's owner.",
                 self.route_waits(),
+            ),
+            (
+                "collab_relay_owner_retries_total",
+                "counter",
+                "Failed dials of an owner after which the relay asked the router again.",
+                self.owner_retries(),
             ),
             (
                 "collab_relay_refused_total",
@@ -276,12 +294,16 @@ impl RelayRefused {
 }
 
 /// Starts the relay thread: at most `conns_max` relayed connections, figures in `counters`.
+/// When an owner cannot be reached, the relay asks `router` again (every 100 ms) for up to
+/// `route_wait` from the connection's start.
 ///
 /// # Errors
 /// When its `Poll` or the thread cannot be created.
 pub fn spawn_relay(
     conns_max: usize,
     counters: Arc<RelayCounters>,
+    router: Arc<dyn Router>,
+    route_wait: Duration,
 ) -> io::Result<(RelaySender, RelayThread)> {
     let poll = Poll::new()?;
     let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
@@ -294,6 +316,8 @@ pub fn spawn_relay(
         counters: counters.clone(),
         stop: stop.clone(),
         again: Vec::new(),
+        router,
+        route_wait,
     };
     let thread = std::thread::Builder::new()
         .name("relay".to_owned())
@@ -569,6 +593,12 @@ struct Link {
     linger_deadline: Option<Instant>,
     /// Client bytes read and dropped since the owner's side ended.
     discarded_bytes: usize,
+    /// The document, while the router may still be asked for another owner.
+    doc: Option<String>,
+    /// Until when a failed dial sends the link back to the router.
+    retry_deadline: Instant,
+    /// The last dial failed: the link waits for the router to name an owner (on the tick).
+    waiting_route: bool,
 }
 
 /// How one drive of a link ended.
@@ -650,6 +680,22 @@ impl Link {
         self.linger_deadline.get_or_insert(now + RELAY_CLOSE_LINGER);
     }
 
+    /// Dialling the owner failed (refused, reset, timed out) before it accepted: ask the router
+    /// again if the link may still wait, else tell the client.
+    fn connect_failed(&mut self, counters: &RelayCounters, now: Instant) {
+        if self.doc.is_some() && now < self.retry_deadline && !self.upstream_over {
+            debug!(
+                "relay: owner {} of {} unreachable; asking the router again",
+                self.upstream_addr, self.peer
+            );
+            counters.owner_retries.fetch_add(1, Ordering::Relaxed);
+            self.upstream = None;
+            self.waiting_route = true;
+        } else {
+            self.upstream_ended(true, counters, now);
+        }
+    }
+
     /// The owner's response head is complete at `head_bytes`: decide how to pass it on.
     fn head_complete(&mut self, head_bytes: usize, counters: &RelayCounters, now: Instant) {
         let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -710,16 +756,21 @@ impl Link {
         {
             // mio's connect is non-blocking: writable, no pending error and a peer address
             // mean connected.
-            match upstream.take_error() {
+            let dialled = match upstream.take_error() {
                 Ok(None) => match upstream.peer_addr() {
-                    Ok(_) => {
-                        self.connected = true;
-                        let _ = upstream.set_nodelay(true);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
-                    Err(_) => self.upstream_ended(true, counters, now),
+                    Ok(_) => Some(true),
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => None,
+                    Err(_) => Some(false),
                 },
-                Ok(Some(_)) | Err(_) => self.upstream_ended(true, counters, now),
+                Ok(Some(_)) | Err(_) => Some(false),
+            };
+            match dialled {
+                Some(true) => {
+                    let _ = upstream.set_nodelay(true);
+                    self.connected = true;
+                }
+                Some(false) => self.connect_failed(counters, now),
+                None => {}
             }
         }
         let mut rounds = 0;
@@ -897,12 +948,16 @@ impl Link {
         if self.linger_deadline.is_some_and(|at| at <= now) {
             return LinkState::Done;
         }
-        if !self.connected && !self.upstream_over && self.connect_deadline <= now {
+        if !self.connected
+            && !self.upstream_over
+            && !self.waiting_route
+            && self.connect_deadline <= now
+        {
             debug!(
                 "relay: owner {} did not accept within {RELAY_CONNECT_TIMEOUT:?}",
                 self.upstream_addr
             );
-            self.upstream_ended(true, counters, now);
+            self.connect_failed(counters, now);
             return self.pump(counters, now);
         }
         LinkState::Open
@@ -930,6 +985,10 @@ struct RelayLoop {
     /// Links that spent their budget ([`LinkState::Again`]): driven again after this round's
     /// events, and the poll does not sleep while any is listed.
     again: Vec<usize>,
+    /// Asked again when an owner cannot be reached.
+    router: Arc<dyn Router>,
+    /// How long after its start a link may wait for a reachable owner.
+    route_wait: Duration,
 }
 
 /// Tokens: the waker, then two per link (client, owner).
@@ -986,6 +1045,12 @@ impl RelayLoop {
                         Some(link) => link.on_tick(&self.counters, now),
                         None => continue,
                     };
+                    if state != LinkState::Done
+                        && self.links.get(key).is_some_and(|l| l.waiting_route)
+                    {
+                        self.retry(key, now);
+                        continue;
+                    }
                     match state {
                         LinkState::Done => self.finish(key),
                         LinkState::Again => self.again.push(key),
@@ -1014,6 +1079,7 @@ impl RelayLoop {
             frames,
             kind,
             release,
+            doc,
         } = job;
         self.counters.started.fetch_add(1, Ordering::Relaxed);
         let entry = self.links.vacant_entry();
@@ -1074,11 +1140,60 @@ impl RelayLoop {
             client_write_shut: false,
             linger_deadline: None,
             discarded_bytes: 0,
+            doc,
+            retry_deadline: now + self.route_wait,
+            waiting_route: false,
         };
         if connect_failed {
-            link.upstream_ended(true, &self.counters, now);
+            link.connect_failed(&self.counters, now);
         }
         entry.insert(link);
+        self.drive(key, now);
+    }
+
+    /// A link whose owner could not be reached: dial the owner the router names now, wait
+    /// while it has none, or give up (its wait is over, or the document became local).
+    fn retry(&mut self, key: usize, now: Instant) {
+        let Some(link) = self.links.get_mut(key) else {
+            return;
+        };
+        let route = match (&link.doc, now < link.retry_deadline) {
+            (Some(doc), true) => self.router.route(doc),
+            _ => Route::Unavailable("no reachable owner before the deadline".to_owned()),
+        };
+        match route {
+            Route::Pending => return,
+            Route::Relay(owner) => {
+                let dialled = TcpStream::connect(owner).and_then(|mut upstream| {
+                    self.poll
+                        .registry()
+                        .register(
+                            &mut upstream,
+                            link_token(key, true),
+                            Interest::READABLE | Interest::WRITABLE,
+                        )
+                        .map(|()| upstream)
+                });
+                match dialled {
+                    Ok(upstream) => {
+                        link.upstream = Some(upstream);
+                        link.upstream_addr = owner;
+                        link.connect_deadline = now + RELAY_CONNECT_TIMEOUT;
+                        link.waiting_route = false;
+                    }
+                    Err(e) => {
+                        debug!("relay: connect to owner {owner}: {e}");
+                        return;
+                    }
+                }
+            }
+            // Served here now (the client reconnects to this node and is served locally), or
+            // by nobody: the client is told.
+            Route::Local | Route::Unavailable(_) => {
+                link.waiting_route = false;
+                link.upstream_ended(true, &self.counters, now);
+            }
+        }
         self.drive(key, now);
     }
 

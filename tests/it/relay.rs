@@ -497,6 +497,42 @@ fn relay_buffers_stay_bounded_for_a_client_that_does_not_read() {
 }
 
 #[test]
+fn relay_dials_the_next_owner_when_the_first_is_unreachable() {
+    let _w = Watchdog::new("relay_dials_the_next_owner", 60);
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_addr = dead.local_addr().expect("addr");
+    drop(dead);
+    let owner = server(test_config());
+    let mut config = test_config();
+    config.handshake_timeout = Duration::from_secs(20);
+    init_logging();
+    let router = TestRouter::new(Route::Relay(dead_addr));
+    let options = RouterOptions {
+        router: router.clone(),
+        // Long enough for the test to change the route while both clients wait.
+        route_wait: Duration::from_secs(20),
+    };
+    let entry = start_routed(config, Some(options)).expect("entry node starts");
+    let a = entry.local_addr();
+    // The router names a dead owner; the relay keeps both clients and asks again.
+    let doc = std::thread::spawn(move || join(a, "/ws/moved", r#"{"type":"hello"}"#));
+    let plain = std::thread::spawn(move || join(a, "/ws", r#"{"type":"hello","doc":"moved"}"#));
+    while entry.metrics().relay().owner_retries() < 2 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The lease moved: the next answer names the live owner, and both are served there.
+    router.set_default(Route::Relay(owner.local_addr()));
+    let (doc_ws, ack) = doc.join().expect("doc client");
+    assert_eq!(ack["doc"], "moved");
+    let (plain_ws, ack) = plain.join().expect("plain client");
+    assert_eq!(ack["doc"], "moved");
+    assert_eq!(entry.metrics().relay().upstream_failures(), 0);
+    drop((doc_ws, plain_ws));
+    entry.shutdown().expect("entry shuts down");
+    owner.shutdown().expect("owner shuts down");
+}
+
+#[test]
 fn relay_refuses_past_relay_conns_max() {
     let _w = Watchdog::new("relay_refuses_past_relay_conns_max", 60);
     let owner = server(test_config());
