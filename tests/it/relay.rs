@@ -297,6 +297,20 @@ fn relay_closes_1013_when_the_owner_is_killed() {
 }
 
 #[test]
+fn relay_passes_the_owners_own_close_through() {
+    let _w = Watchdog::new("relay_passes_the_owners_own_close_through", 60);
+    let owner = server(test_config());
+    let (entry, _router) = entry_node(owner.local_addr());
+    let (mut ws, _) = join(entry.local_addr(), "/ws/drained", r#"{"type":"hello"}"#);
+    // A drained owner closes its clients with 1001; relayed ones see exactly that.
+    owner.shutdown().expect("owner shuts down");
+    let (code, _) = recv_until_close(&mut ws);
+    assert_eq!(code, Some(CloseCode::Away));
+    assert_eq!(entry.metrics().relay().upstream_failures(), 0);
+    entry.shutdown().expect("entry shuts down");
+}
+
+#[test]
 fn relay_to_an_unreachable_owner_answers_unavailable_1013() {
     let _w = Watchdog::new("relay_to_an_unreachable_owner", 60);
     // A port nobody listens on.
@@ -430,6 +444,11 @@ fn relay_forwarded_for_is_trusted_only_when_signed_by_a_peer() {
     entry_config.cluster_secret_file = Some(path);
     let (entry, _router) = entry_node_with(entry_config, Route::Relay(b));
     let relayed = crate::util::http_get(entry.local_addr(), &upgrade_head("/ws/ip", ""));
+    assert!(relayed.starts_with("HTTP/1.1 429"), "{relayed}");
+    // A forged header sent to the relaying node does not reach the owner: the relay's own
+    // replaces it, and the owner still counts 127.0.0.1.
+    let forged_line = format!("X-Collab-Forwarded-For: {}\r\n", forged[1]);
+    let relayed = crate::util::http_get(entry.local_addr(), &upgrade_head("/ws/ip", &forged_line));
     assert!(relayed.starts_with("HTTP/1.1 429"), "{relayed}");
     entry.shutdown().expect("entry shuts down");
     owner.shutdown().expect("owner shuts down");
