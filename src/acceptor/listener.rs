@@ -634,6 +634,13 @@ impl Acceptor {
             route_expired,
         };
         let next = advance(stage, peer, &ctx);
+        if !matches!(next, Next::Route(_)) {
+            // Routed (or refused): back to a handshake's deadline, and no more re-asking.
+            if let Some(pending) = self.pending.get_mut(key).filter(|p| p.routing) {
+                pending.routing = false;
+                pending.deadline = Instant::now() + self.options.handshake_timeout;
+            }
+        }
         match next {
             Next::Stay(stage) => {
                 if let Some(pending) = self.pending.get_mut(key) {
@@ -1256,7 +1263,11 @@ fn plain_hello(mut plain: Box<PlainHello>, peer: SocketAddr, ctx: &Ctx<'_>) -> N
                 Ok(0) => return Next::Drop,
                 Ok(n) => plain.out_written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Next::Stay(Stage::PlainHello(plain))
+                    // A connection waiting for its route keeps waiting while it flushes.
+                    return match plain.doc {
+                        Some(_) => Next::Route(Stage::PlainHello(plain)),
+                        None => Next::Stay(Stage::PlainHello(plain)),
+                    };
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return Next::Drop,
