@@ -119,6 +119,8 @@ pub struct RelayCounters {
     route_waits: AtomicU64,
     /// Dials of an owner that failed while the relay could still ask the router again.
     owner_retries: AtomicU64,
+    /// Relayed connections closed because the router named another owner for their document.
+    owner_moves: AtomicU64,
     /// Relayed connections whose owner failed, closed first or could not be reached.
     upstream_failures: AtomicU64,
     /// Bytes written to owners.
@@ -157,6 +159,11 @@ impl RelayCounters {
         self.owner_retries.load(Ordering::Relaxed)
     }
 
+    /// Relayed connections closed because their document moved to another owner.
+    pub fn owner_moves(&self) -> u64 {
+        self.owner_moves.load(Ordering::Relaxed)
+    }
+
     /// Connections refused because the relay was full.
     pub fn refused_full(&self) -> u64 {
         self.refused_full.load(Ordering::Relaxed)
@@ -189,7 +196,7 @@ impl RelayCounters {
 
     /// The `collab_relay_*` families of `/metrics`.
     pub fn render(&self, out: &mut Exposition) {
-        let rows: [(&str, &str, &str, u64); 10] = [
+        let rows: [(&str, &str, &str, u64); 11] = [
             (
                 "collab_relay_connections",
                 "gauge",
@@ -213,6 +220,12 @@ impl RelayCounters {
                 "counter",
                 "Failed dials of an owner after which the relay asked the router again.",
                 self.owner_retries(),
+            ),
+            (
+                "collab_relay_owner_moves_total",
+                "counter",
+                "Relayed connections closed with 1013 because the router named another owner.",
+                self.owner_moves(),
             ),
             (
                 "collab_relay_refused_total",
@@ -599,6 +612,8 @@ struct Link {
     retry_deadline: Instant,
     /// The last dial failed: the link waits for the router to name an owner (on the tick).
     waiting_route: bool,
+    /// When the router is next asked whether the document still lives on `upstream_addr`.
+    next_route_check: Instant,
 }
 
 /// How one drive of a link ended.
@@ -614,6 +629,10 @@ enum LinkState {
 /// Rounds one drive of a link may take (each moves up to a buffer per direction) before the
 /// other links get their turn: a fast pair of peers cannot hold the relay thread.
 const ROUNDS_PER_DRIVE_MAX: usize = 16;
+
+/// How often the relay asks the router whether a relayed session's document still lives on
+/// the owner it relays to (an owner that is paused or cut off sends no close of its own).
+pub const ROUTE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Bytes a client may send after its owner is gone (read and dropped while the relay waits for
 /// its close) before the relay stops waiting.
@@ -1051,6 +1070,9 @@ impl RelayLoop {
                         self.retry(key, now);
                         continue;
                     }
+                    if state == LinkState::Open {
+                        self.check_route(key, now);
+                    }
                     match state {
                         LinkState::Done => self.finish(key),
                         LinkState::Again => self.again.push(key),
@@ -1143,6 +1165,7 @@ impl RelayLoop {
             doc,
             retry_deadline: now + self.route_wait,
             waiting_route: false,
+            next_route_check: now + ROUTE_CHECK_INTERVAL,
         };
         if connect_failed {
             link.connect_failed(&self.counters, now);
@@ -1195,6 +1218,42 @@ impl RelayLoop {
             }
         }
         self.drive(key, now);
+    }
+
+    /// Asks the router whether a relayed session's document still lives on its owner; when
+    /// the router names another node (or this one), the session is over: the client gets 1013
+    /// (at a frame boundary) and comes back through the new route.
+    fn check_route(&mut self, key: usize, now: Instant) {
+        let Some(link) = self.links.get_mut(key) else {
+            return;
+        };
+        if now < link.next_route_check || !link.connected || link.upstream_over {
+            return;
+        }
+        link.next_route_check = now + ROUTE_CHECK_INTERVAL;
+        let Some(doc) = &link.doc else {
+            return;
+        };
+        let moved = match self.router.route(doc) {
+            Route::Relay(owner) => owner != link.upstream_addr,
+            Route::Local => true,
+            // In transition, or nobody: the owner itself decides (it closes 1013 when it loses
+            // the lease).
+            Route::Pending | Route::Unavailable(_) => false,
+        };
+        if moved {
+            debug!(
+                "relay: {doc:?} moved away from {}; closing {} with 1013",
+                link.upstream_addr, link.peer
+            );
+            self.counters.owner_moves.fetch_add(1, Ordering::Relaxed);
+            link.upstream_ended(true, &self.counters, now);
+            // The old owner learns it from the closed socket.
+            if let Some(mut upstream) = link.upstream.take() {
+                let _ = self.poll.registry().deregister(&mut upstream);
+            }
+            self.drive(key, now);
+        }
     }
 
     fn drive(&mut self, key: usize, now: Instant) {

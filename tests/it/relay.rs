@@ -311,6 +311,27 @@ fn relay_passes_the_owners_own_close_through() {
 }
 
 #[test]
+fn relay_closes_1013_when_the_document_moves_to_another_owner() {
+    let _w = Watchdog::new("relay_closes_1013_when_the_document_moves", 60);
+    let (old, new) = (server(test_config()), server(test_config()));
+    let (entry, router) = entry_node(old.local_addr());
+    let a = entry.local_addr();
+    let (mut ws, _) = join(a, "/ws/moving", r#"{"type":"hello"}"#);
+    // The old owner says nothing (as if paused or cut off); the router names the new one.
+    router.set_default(Route::Relay(new.local_addr()));
+    let (code, _) = recv_until_close(&mut ws);
+    assert_eq!(code, Some(CloseCode::Again));
+    assert_eq!(entry.metrics().relay().owner_moves(), 1);
+    // Coming back, the client reaches the new owner.
+    let (_ws, ack) = join(a, "/ws/moving", r#"{"type":"hello"}"#);
+    assert_eq!(ack["head"], 0, "a fresh document on the new owner: {ack}");
+    drop(_ws);
+    entry.shutdown().expect("entry shuts down");
+    old.shutdown().expect("old owner shuts down");
+    new.shutdown().expect("new owner shuts down");
+}
+
+#[test]
 fn relay_to_an_unreachable_owner_answers_unavailable_1013() {
     let _w = Watchdog::new("relay_to_an_unreachable_owner", 60);
     // A port nobody listens on.
