@@ -492,6 +492,7 @@ pub fn start_with_seats_routed<H: Handler + Send + 'static>(
                 router: router.router.clone(),
                 route_wait: router.route_wait,
                 relay: sender,
+                self_addr: None,
             };
             (Some(routing), Some(thread))
         }

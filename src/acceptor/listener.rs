@@ -41,8 +41,8 @@ use super::routing::{self, ClusterRouting, Decision};
 
 mod cluster;
 use cluster::{
-    head_vouch, peeked_vouch, plain_hello, plain_ws_start, refuse_unavailable, relay_request,
-    upgrade_and_refuse, PlainHello,
+    head_relayed, head_vouch, peeked_vouch, plain_hello, plain_ws_start, refuse_unavailable,
+    relay_request, upgrade_and_refuse, PlainHello,
 };
 
 /// Connections in the HTTP/handshake stage at once; past it new ones are dropped at once,
@@ -302,6 +302,10 @@ impl Acceptor {
         let mut listener = TcpListener::bind(addr)?;
         raise_backlog(&listener)?;
         let local_addr = listener.local_addr()?;
+        let mut options = options;
+        if let Some(cluster) = options.cluster.as_mut() {
+            cluster.self_addr = Some(local_addr);
+        }
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
@@ -1037,7 +1041,7 @@ fn read_request(mut stream: TcpStream, peer: SocketAddr, ctx: &Ctx<'_>) -> Next 
     };
     let head = &buf[..head_bytes];
     // Cluster: a request a peer relayed counts against its real client, and is never relayed on.
-    let mut from_peer = false;
+    let mut from_peer = options.cluster.is_some() && head_relayed(head);
     if let Some(client) = options
         .cluster_secret
         .as_ref()

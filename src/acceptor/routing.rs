@@ -28,6 +28,9 @@ pub struct ClusterRouting {
     pub route_wait: Duration,
     /// The relay thread's inbox.
     pub relay: RelaySender,
+    /// This node's own listening address (set by the acceptor when it binds): a router that
+    /// names it is taken to mean `Local`, never a relay to itself.
+    pub self_addr: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for ClusterRouting {
@@ -58,6 +61,10 @@ impl ClusterRouting {
     pub fn decide(&self, doc: &str, from_peer: bool, expired: bool) -> Decision {
         match self.router.route(doc) {
             Route::Local => Decision::Local,
+            Route::Relay(owner) if Some(owner) == self.self_addr => {
+                debug!("acceptor: the router names this node for {doc:?}; serving it here");
+                Decision::Local
+            }
             Route::Relay(owner) if from_peer => {
                 debug!("acceptor: {doc:?} moved to {owner} while relayed here; refusing");
                 Decision::Unavailable

@@ -466,11 +466,20 @@ fn relay_forwarded_for_is_trusted_only_when_signed_by_a_peer() {
     let (entry, _router) = entry_node_with(entry_config, Route::Relay(b));
     let relayed = crate::util::http_get(entry.local_addr(), &upgrade_head("/ws/ip", ""));
     assert!(relayed.starts_with("HTTP/1.1 429"), "{relayed}");
-    // A forged header sent to the relaying node does not reach the owner: the relay's own
-    // replaces it, and the owner still counts 127.0.0.1.
+    // A client that sends the header to a relaying node itself is not trusted and not relayed
+    // (a request that claims to come through a relay is never relayed again): it gets
+    // `unavailable` and 1013 from the relaying node.
+    let relayed_before = entry.metrics().relay().started();
     let forged_line = format!("X-Collab-Forwarded-For: {}\r\n", forged[1]);
-    let relayed = crate::util::http_get(entry.local_addr(), &upgrade_head("/ws/ip", &forged_line));
-    assert!(relayed.starts_with("HTTP/1.1 429"), "{relayed}");
+    let mut ws = raw_upgrade(
+        entry.local_addr(),
+        upgrade_head("/ws/ip", &forged_line).as_bytes(),
+    )
+    .0;
+    let (code, seen) = recv_until_close(&mut ws);
+    assert_eq!(code, Some(CloseCode::Again));
+    assert_eq!(seen[0]["code"], "unavailable");
+    assert_eq!(entry.metrics().relay().started(), relayed_before);
     entry.shutdown().expect("entry shuts down");
     owner.shutdown().expect("owner shuts down");
 }
@@ -570,6 +579,20 @@ fn relay_dials_the_next_owner_when_the_first_is_unreachable() {
     drop((doc_ws, plain_ws));
     entry.shutdown().expect("entry shuts down");
     owner.shutdown().expect("owner shuts down");
+}
+
+#[test]
+fn relay_serves_here_when_the_router_names_this_node() {
+    let _w = Watchdog::new("relay_serves_here_when_the_router_names_this_node", 60);
+    let (entry, router) = entry_node_with(test_config(), Route::Pending);
+    let a = entry.local_addr();
+    // A router that answers with this node's own address means "local", never a relay loop.
+    router.set_default(Route::Relay(a));
+    let (_ws, ack) = join(a, "/ws/self", r#"{"type":"hello"}"#);
+    assert_eq!(ack["doc"], "self");
+    assert_eq!(entry.metrics().relay().started(), 0);
+    drop(_ws);
+    entry.shutdown().expect("entry shuts down");
 }
 
 #[test]

@@ -39,6 +39,29 @@ pub(super) fn head_vouch(head: &[u8], secret: &ClusterSecret) -> Option<SocketAd
     }
 }
 
+/// Whether a complete request head carries `X-Collab-Forwarded-For` at all, genuine or not:
+/// such a request came through a relay (or pretends to), so it is never relayed again. A client
+/// that sends the header itself only gets `unavailable` from nodes that do not own its
+/// document; its address is still not trusted without a valid mac.
+pub(super) fn head_relayed(head: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; REQUEST_HEADERS_MAX];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(head) {
+        Ok(httparse::Status::Complete(_)) => forwarded::claims_forwarded(request.headers),
+        _ => false,
+    }
+}
+
+/// The `X-Collab-Forwarded-For` value this node sends for `peer`: signed with the cluster
+/// secret, or the bare address without one (which owners do not trust, but which still marks
+/// the request as relayed, so that two nodes never bounce it between them).
+fn forwarded_value(peer: SocketAddr, options: &AcceptorOptions) -> String {
+    match &options.cluster_secret {
+        Some(secret) => secret.stamp(peer, now_unix()),
+        None => peer.to_string(),
+    }
+}
+
 /// [`head_vouch`] on the head waiting in a socket (peeked, not consumed).
 pub(super) fn peeked_vouch(stream: &TcpStream, options: &AcceptorOptions) -> Option<SocketAddr> {
     let secret = options.cluster_secret.as_ref()?;
@@ -61,12 +84,9 @@ pub(super) fn relay_request(
     if !consume_head(&mut stream, head.len()) {
         return Next::Drop;
     }
-    let stamp = options
-        .cluster_secret
-        .as_ref()
-        .map(|secret| secret.stamp(peer, now_unix()));
+    let stamp = forwarded_value(peer, options);
     let close = kind == RelayKind::Http;
-    let Some(to_upstream) = forwarded::rewrite_head(head, stamp.as_deref(), close) else {
+    let Some(to_upstream) = forwarded::rewrite_head(head, Some(&stamp), close) else {
         return Next::Drop;
     };
     Next::Relay(Box::new(RelayJob {
@@ -256,14 +276,11 @@ fn route_plain(plain: Box<PlainHello>, doc: &str, peer: SocketAddr, ctx: &Ctx<'_
             await_hello(ws, n_refused, tokens, false, peer, ctx)
         }
         Decision::Relay(owner) => {
-            let stamp = options
-                .cluster_secret
-                .as_ref()
-                .map(|secret| secret.stamp(peer, now_unix()));
+            let stamp = forwarded_value(peer, options);
             let PlainHello {
                 stream, head, buf, ..
             } = *plain;
-            let Some(to_upstream) = forwarded::rewrite_head(&head, stamp.as_deref(), false) else {
+            let Some(to_upstream) = forwarded::rewrite_head(&head, Some(&stamp), false) else {
                 return Next::Drop;
             };
             Next::Relay(Box::new(RelayJob {
