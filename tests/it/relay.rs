@@ -404,7 +404,7 @@ fn relay_waits_for_a_pending_route_and_then_serves() {
     owner.shutdown().expect("owner shuts down");
 }
 
-/// A 4-byte secret file for both nodes' `--cluster-secret-file`.
+/// A secret file for both nodes' `--cluster-secret-file`.
 fn secret_file(tag: &str, text: &str) -> std::path::PathBuf {
     let path =
         std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("relay-secret-{tag}"));
@@ -593,6 +593,36 @@ fn relay_serves_here_when_the_router_names_this_node() {
     assert_eq!(entry.metrics().relay().started(), 0);
     drop(_ws);
     entry.shutdown().expect("entry shuts down");
+}
+
+#[test]
+fn relay_to_an_owner_that_is_itself_a_cluster_node() {
+    let _w = Watchdog::new("relay_to_an_owner_that_is_itself_a_cluster_node", 60);
+    let path = secret_file("both", "a-secret-both-nodes-share");
+    let mut owner_config = test_config();
+    owner_config.cluster_secret_file = Some(path.clone());
+    // As in a real cluster: the owner routes too (every document is local to it).
+    let (owner, _owner_router) = entry_node_with(owner_config, Route::Local);
+    let mut entry_config = test_config();
+    entry_config.cluster_secret_file = Some(path);
+    let (entry, _router) = entry_node_with(entry_config, Route::Relay(owner.local_addr()));
+    let a = entry.local_addr();
+    let (mut doc_ws, ack) = join(a, "/ws/both", r#"{"type":"hello"}"#);
+    let replica = ack["replica"].as_u64().expect("replica");
+    let (mut plain_ws, _) = join(a, "/ws", r#"{"type":"hello","doc":"both"}"#);
+    send(&mut doc_ws, &ins(1, 1, replica, "null", "z"));
+    assert_eq!(recv_json(&mut doc_ws)["type"], "op_echo");
+    let seen = recv_json(&mut plain_ws);
+    assert_eq!(seen["type"], "op_echo", "{seen}");
+    assert_eq!(
+        owner.metrics().relay().started(),
+        0,
+        "the owner relays nothing on"
+    );
+    assert_eq!(entry.metrics().relay().started(), 2);
+    drop((doc_ws, plain_ws));
+    entry.shutdown().expect("entry shuts down");
+    owner.shutdown().expect("owner shuts down");
 }
 
 #[test]
