@@ -626,6 +626,66 @@ fn relay_to_an_owner_that_is_itself_a_cluster_node() {
 }
 
 #[test]
+fn relay_carries_tokens_and_their_refusals() {
+    use collab_engine::auth::mint::{MintClaims, MintKey};
+    use collab_engine::auth::{now_unix as auth_now, Role};
+    let _w = Watchdog::new("relay_carries_tokens_and_their_refusals", 60);
+    let secret = b"an HS256 secret for the relay tests, 32+ bytes\n";
+    let key_file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("relay-hs.key");
+    std::fs::write(&key_file, secret).expect("write the key");
+    let key = MintKey::hs256(secret).expect("key");
+    let token = |doc: &str| {
+        key.sign(
+            &MintClaims::new("alice", doc, Role::Write, auth_now(), 3600),
+            None,
+        )
+        .expect("sign")
+    };
+    // Every node has the same keys; the owner decides, the relaying node only relays.
+    let mut owner_config = test_config();
+    owner_config.auth.key_files = vec![key_file.clone()];
+    let owner = server(owner_config);
+    let mut entry_config = test_config();
+    entry_config.auth.key_files = vec![key_file];
+    let (entry, _router) = entry_node_with(entry_config, Route::Relay(owner.local_addr()));
+    let a = entry.local_addr();
+    let (_q, ack) = join(
+        a,
+        &format!("/ws/tok?token={}", token("tok")),
+        r#"{"type":"hello"}"#,
+    );
+    assert_eq!(
+        (ack["role"].as_str(), ack["user"].as_str()),
+        (Some("write"), Some("alice"))
+    );
+    let hello = format!(
+        r#"{{"type":"hello","doc":"tok","token":"{}"}}"#,
+        token("tok")
+    );
+    let (_h, ack) = join(a, "/ws", &hello);
+    assert_eq!(ack["role"], "write", "{ack}");
+    // A token for another document: the owner's refusal reaches the client unchanged.
+    for path in [
+        format!("/ws/tok?token={}", token("other")),
+        "/ws".to_owned(),
+    ] {
+        let mut ws = connect(a, &path);
+        let hello = format!(
+            r#"{{"type":"hello","doc":"tok","token":"{}"}}"#,
+            token("other")
+        );
+        send(&mut ws, &hello);
+        let (code, seen) = recv_until_close(&mut ws);
+        assert_eq!(code, Some(CloseCode::Policy), "{path}");
+        assert_eq!(seen[0]["code"], "unauthorized", "{path}: {seen:?}");
+    }
+    assert_eq!(entry.metrics().totals().docs_loaded, 0);
+    drop((_q, _h));
+    entry.shutdown().expect("entry shuts down");
+    owner.shutdown().expect("owner shuts down");
+}
+
+#[test]
 fn relay_refuses_past_relay_conns_max() {
     let _w = Watchdog::new("relay_refuses_past_relay_conns_max", 60);
     let owner = server(test_config());
