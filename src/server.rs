@@ -541,12 +541,18 @@ pub fn start_with_seats_routed<H: Handler + Send + 'static>(
             if cluster_secret.is_none() {
                 warn!("no --cluster-secret-file: owners count the clients this node relays against its address");
             }
-            let (sender, thread) = spawn_relay(config.relay_conns_max.max(1), metrics.relay())
-                .context("spawning the relay thread")?;
+            let (sender, thread) = spawn_relay(
+                config.relay_conns_max.max(1),
+                metrics.relay(),
+                router.router.clone(),
+                router.route_wait,
+            )
+            .context("spawning the relay thread")?;
             let routing = ClusterRouting {
                 router: router.router.clone(),
                 route_wait: router.route_wait,
                 relay: sender,
+                self_addr: None,
             };
             (Some(routing), Some(thread))
         }

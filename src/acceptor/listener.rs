@@ -37,7 +37,13 @@ use super::http::{
     self, AdminPath, AdminRequest, DoorTokens, HttpGate, Parsed, Route, REQUEST_HEADERS_MAX,
     REQUEST_HEAD_BYTES_MAX,
 };
-use super::routing::{self, ClientFrame, ClusterRouting, Decision};
+use super::routing::{self, ClusterRouting, Decision};
+
+mod cluster;
+use cluster::{
+    head_relayed, head_vouch, peeked_vouch, plain_hello, plain_ws_start, refuse_unavailable,
+    relay_request, upgrade_and_refuse, PlainHello,
+};
 
 /// Connections in the HTTP/handshake stage at once; past it new ones are dropped at once,
 /// so a connection flood cannot exhaust memory in the acceptor.
@@ -171,25 +177,6 @@ enum Stage {
     PlainHello(Box<PlainHello>),
 }
 
-/// A plain `/ws` connection on a cluster node, before its `hello` is routed.
-struct PlainHello {
-    stream: TcpStream,
-    /// The client's request head as it came (relayed to the owner, who answers it again).
-    head: Vec<u8>,
-    /// Bytes owed to the client: the `101`, pongs, refusals.
-    out: Vec<u8>,
-    out_written: usize,
-    /// Raw bytes read after the head, from the first frame not handled yet; once the `hello` is
-    /// read, from the `hello`'s frame on.
-    buf: Vec<u8>,
-    n_refused: u32,
-    tokens: DoorTokens,
-    /// The `hello`'s document, once read (the connection then waits for its route).
-    doc: Option<String>,
-    /// Relayed here by a peer (never relayed again).
-    from_peer: bool,
-}
-
 struct Pending {
     /// `None` only while [`Acceptor::drive`] moves the stage through [`advance`].
     stage: Option<Stage>,
@@ -315,6 +302,10 @@ impl Acceptor {
         let mut listener = TcpListener::bind(addr)?;
         raise_backlog(&listener)?;
         let local_addr = listener.local_addr()?;
+        let mut options = options;
+        if let Some(cluster) = options.cluster.as_mut() {
+            cluster.self_addr = Some(local_addr);
+        }
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
@@ -634,6 +625,13 @@ impl Acceptor {
             route_expired,
         };
         let next = advance(stage, peer, &ctx);
+        if !matches!(next, Next::Route(_)) {
+            // Routed (or refused): back to a handshake's deadline, and no more re-asking.
+            if let Some(pending) = self.pending.get_mut(key).filter(|p| p.routing) {
+                pending.routing = false;
+                pending.deadline = Instant::now() + self.options.handshake_timeout;
+            }
+        }
         match next {
             Next::Stay(stage) => {
                 if let Some(pending) = self.pending.get_mut(key) {
@@ -655,6 +653,7 @@ impl Acceptor {
                     pending.stage = Some(stage);
                     if !pending.routing {
                         pending.routing = true;
+                        self.metrics.relay().route_wait_started();
                         let wait = self.options.cluster.as_ref().map(|c| c.route_wait);
                         pending.deadline = Instant::now() + wait.unwrap_or_default();
                     }
@@ -740,13 +739,57 @@ impl Acceptor {
         };
         debug!("acceptor: relaying {} to {}", job.peer, job.upstream);
         if let Err(refused) = cluster.relay.submit(*job) {
-            let mut job = refused.into_job();
-            debug!("acceptor: relay refused {}", job.peer);
-            // One write of a short answer into a fresh socket's buffer; what does not fit is lost
-            // with the connection, which is being refused anyway.
-            let _ = job.client.write(&routing::refusal_bytes(&job.kind));
-            let _ = job.client.shutdown(Shutdown::Write);
+            self.refuse_relay(refused.into_job(), pending);
+        }
+    }
+
+    /// The relay is full (or gone): the client gets `unavailable` and 1013 (HTTP: 503) from the
+    /// acceptor, in a new pending entry that keeps the connection's door count.
+    // The job comes boxed from the relay's refusal.
+    #[allow(clippy::boxed_local)]
+    fn refuse_relay(&mut self, job: Box<RelayJob>, pending: Pending) {
+        let RelayJob {
+            mut client,
+            peer,
+            kind,
+            ..
+        } = *job;
+        debug!("acceptor: the relay refused {peer}");
+        let entry = self.pending.vacant_entry();
+        let token = Token(entry.key() + FIRST_CONN);
+        if let Err(e) = self.poll.registry().register(
+            &mut client,
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            warn!("acceptor: register {peer}: {e}");
             self.forget(&pending);
+            return;
+        }
+        let next = match kind {
+            RelayKind::WsUpgrade { key } => upgrade_and_refuse(client, &key, &self.options),
+            RelayKind::WsUpgraded => refuse_unavailable(WebSocket::from_raw_socket(
+                client,
+                Role::Server,
+                Some(self.options.ws_config),
+            )),
+            RelayKind::Http => write_answer(client, routing::unavailable_http(), 0),
+        };
+        match next {
+            Next::Stay(stage) | Next::Again(stage) => {
+                self.next_serial += 1;
+                entry.insert(Pending {
+                    stage: Some(stage),
+                    peer,
+                    deadline: Instant::now() + self.options.handshake_timeout,
+                    counted: pending.counted,
+                    admin_port: false,
+                    serial: self.next_serial,
+                    routing: false,
+                    route_expired: false,
+                });
+            }
+            _ => self.forget(&pending),
         }
     }
 
@@ -1003,7 +1046,7 @@ fn read_request(mut stream: TcpStream, peer: SocketAddr, ctx: &Ctx<'_>) -> Next 
     };
     let head = &buf[..head_bytes];
     // Cluster: a request a peer relayed counts against its real client, and is never relayed on.
-    let mut from_peer = false;
+    let mut from_peer = options.cluster.is_some() && head_relayed(head);
     if let Some(client) = options
         .cluster_secret
         .as_ref()
@@ -1019,7 +1062,8 @@ fn read_request(mut stream: TcpStream, peer: SocketAddr, ctx: &Ctx<'_>) -> Next 
             match cluster.decide(&doc, from_peer, ctx.route_expired) {
                 Decision::Local => {}
                 Decision::Relay(owner) => {
-                    return relay_request(stream, head, owner, RelayKind::Http, peer, options)
+                    let kind = RelayKind::Http;
+                    return relay_request(stream, head, &doc, owner, kind, peer, options);
                 }
                 Decision::Wait => return Next::Route(Stage::Routing(stream)),
                 Decision::Unavailable => {
@@ -1064,7 +1108,7 @@ fn read_request(mut stream: TcpStream, peer: SocketAddr, ctx: &Ctx<'_>) -> Next 
                         Decision::Local => {}
                         Decision::Relay(owner) => {
                             let kind = RelayKind::WsUpgrade { key };
-                            return relay_request(stream, head, owner, kind, peer, options);
+                            return relay_request(stream, head, name, owner, kind, peer, options);
                         }
                         Decision::Wait => return Next::Route(Stage::Routing(stream)),
                         Decision::Unavailable => {
@@ -1098,255 +1142,6 @@ fn consume_head(stream: &mut TcpStream, n: usize) -> bool {
         }
     }
     true
-}
-
-/// The client a peer vouches for in a complete request head (`cluster::forwarded`).
-fn head_vouch(head: &[u8], secret: &ClusterSecret) -> Option<SocketAddr> {
-    let mut headers = [httparse::EMPTY_HEADER; REQUEST_HEADERS_MAX];
-    let mut request = httparse::Request::new(&mut headers);
-    match request.parse(head) {
-        Ok(httparse::Status::Complete(_)) => {
-            forwarded::vouched_client(request.headers, secret, now_unix())
-        }
-        _ => None,
-    }
-}
-
-/// [`head_vouch`] on the head waiting in a socket (peeked, not consumed).
-fn peeked_vouch(stream: &TcpStream, options: &AcceptorOptions) -> Option<SocketAddr> {
-    let secret = options.cluster_secret.as_ref()?;
-    let mut buf = [0u8; REQUEST_HEAD_BYTES_MAX];
-    let n = stream.peek(&mut buf).ok()?;
-    head_vouch(&buf[..n], secret)
-}
-
-/// Consumes the request head and hands the connection to the relay: the owner gets the head
-/// (with this node's forwarded-for header) and then every byte the client sends.
-fn relay_request(
-    mut stream: TcpStream,
-    head: &[u8],
-    owner: SocketAddr,
-    kind: RelayKind,
-    peer: SocketAddr,
-    options: &AcceptorOptions,
-) -> Next {
-    if !consume_head(&mut stream, head.len()) {
-        return Next::Drop;
-    }
-    let stamp = options
-        .cluster_secret
-        .as_ref()
-        .map(|secret| secret.stamp(peer, now_unix()));
-    let close = kind == RelayKind::Http;
-    let Some(to_upstream) = forwarded::rewrite_head(head, stamp.as_deref(), close) else {
-        return Next::Drop;
-    };
-    Next::Relay(Box::new(RelayJob {
-        client: stream,
-        peer,
-        upstream: owner,
-        to_upstream,
-        frames: Vec::new(),
-        kind,
-        release: None,
-    }))
-}
-
-/// The `unavailable` refusal of a cluster node: the error, then close 1013 (try again later).
-fn refuse_unavailable(ws: WebSocket<TcpStream>) -> Next {
-    let err = ProtocolError::new(
-        ErrorCode::Unavailable,
-        "the document's owner is unavailable; try again",
-    );
-    refuse_with(ws, &err, CloseCode::Again, relay::RELAY_CLOSE_REASON)
-}
-
-/// Answers an upgrade whose head is consumed with the acceptor's own `101`, then refuses it
-/// `unavailable` with 1013.
-fn upgrade_and_refuse(mut stream: TcpStream, key: &str, options: &AcceptorOptions) -> Next {
-    // A fresh connection's send buffer takes the short answer in one write.
-    match stream.write(&relay::switching_protocols(key)) {
-        Ok(n) if n == relay::switching_protocols(key).len() => {}
-        _ => return Next::Drop,
-    }
-    let ws = WebSocket::from_raw_socket(stream, Role::Server, Some(options.ws_config));
-    refuse_unavailable(ws)
-}
-
-/// Plain `/ws` on a cluster node: consume the head, answer the handshake (the same `101` the
-/// owner will answer, which the relay drops), then read the raw frames up to the `hello`.
-fn plain_ws_start(
-    mut stream: TcpStream,
-    head: &[u8],
-    key: String,
-    tokens: DoorTokens,
-    from_peer: bool,
-    peer: SocketAddr,
-    ctx: &Ctx<'_>,
-) -> Next {
-    if !consume_head(&mut stream, head.len()) {
-        return Next::Drop;
-    }
-    debug!("acceptor: {peer} upgrades on plain /ws (cluster)");
-    let plain = PlainHello {
-        stream,
-        head: head.to_vec(),
-        out: relay::switching_protocols(&key),
-        out_written: 0,
-        buf: Vec::new(),
-        n_refused: 0,
-        tokens,
-        doc: None,
-        from_peer,
-    };
-    plain_hello(Box::new(plain), peer, ctx)
-}
-
-/// Reads raw frames up to the `hello` (answering pings and refusing other messages as the
-/// shard would), then routes it.
-fn plain_hello(mut plain: Box<PlainHello>, peer: SocketAddr, ctx: &Ctx<'_>) -> Next {
-    let options = ctx.options;
-    let payload_max = options.ws_config.max_message_size.unwrap_or(usize::MAX);
-    for _ in 0..FRAMES_PER_DRIVE_MAX {
-        while plain.out_written < plain.out.len() {
-            match plain.stream.write(&plain.out[plain.out_written..]) {
-                Ok(0) => return Next::Drop,
-                Ok(n) => plain.out_written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Next::Stay(Stage::PlainHello(plain))
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return Next::Drop,
-            }
-        }
-        plain.out.clear();
-        plain.out_written = 0;
-        if let Some(doc) = plain.doc.clone() {
-            return route_plain(plain, &doc, peer, ctx);
-        }
-        let (len, refusal) = match routing::client_frame(&plain.buf, payload_max) {
-            ClientFrame::Incomplete => {
-                let mut chunk = [0u8; 4096];
-                match plain.stream.read(&mut chunk) {
-                    Ok(0) => return Next::Drop,
-                    Ok(n) => plain.buf.extend_from_slice(&chunk[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        return Next::Stay(Stage::PlainHello(plain))
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => return Next::Drop,
-                }
-                continue;
-            }
-            ClientFrame::Other => return plain_fallback(plain, peer, ctx),
-            ClientFrame::Complete {
-                len,
-                fin,
-                opcode,
-                payload,
-            } => match (opcode, fin) {
-                (0x9, _) => {
-                    plain.out = relay::server_frame(0xA, &payload);
-                    plain.buf.drain(..len);
-                    continue;
-                }
-                (0xA, _) => {
-                    plain.buf.drain(..len);
-                    continue;
-                }
-                (0x1, true) => match std::str::from_utf8(&payload) {
-                    Ok(text) => match hello_or_refusal(text) {
-                        Ok(hello) => {
-                            // The hello's frame stays in `buf`: it is the first thing relayed.
-                            plain.doc = hello.doc;
-                            continue;
-                        }
-                        Err(refusal) => (len, refusal),
-                    },
-                    Err(_) => return plain_fallback(plain, peer, ctx),
-                },
-                (0x2, true) => (len, ProtocolError::bad("binary frames are not allowed")),
-                // A close, a fragmented message: tungstenite's to read.
-                _ => return plain_fallback(plain, peer, ctx),
-            },
-        };
-        plain.buf.drain(..len);
-        plain.n_refused += 1;
-        if plain.n_refused >= REFUSALS_BEFORE_CLOSE {
-            let PlainHello { stream, buf, .. } = *plain;
-            let ws =
-                WebSocket::from_partially_read(stream, buf, Role::Server, Some(options.ws_config));
-            return refuse_start(ws, &refusal, "too many refused messages");
-        }
-        plain.out = relay::server_frame(0x1, protocol::encode_error(&refusal).as_bytes());
-    }
-    Next::Again(Stage::PlainHello(plain))
-}
-
-/// A plain `/ws` connection the raw reader leaves to tungstenite, with every byte it read.
-// Boxed as the stage holds it.
-#[allow(clippy::boxed_local)]
-fn plain_fallback(plain: Box<PlainHello>, peer: SocketAddr, ctx: &Ctx<'_>) -> Next {
-    let PlainHello {
-        stream,
-        buf,
-        n_refused,
-        tokens,
-        ..
-    } = *plain;
-    let ws = WebSocket::from_partially_read(stream, buf, Role::Server, Some(ctx.options.ws_config));
-    await_hello(ws, n_refused, tokens, true, peer, ctx)
-}
-
-/// Routes a plain `/ws` connection whose `hello` (at the start of `buf`) names `doc`.
-fn route_plain(plain: Box<PlainHello>, doc: &str, peer: SocketAddr, ctx: &Ctx<'_>) -> Next {
-    let options = ctx.options;
-    let Some(cluster) = &options.cluster else {
-        return plain_fallback(plain, peer, ctx);
-    };
-    match cluster.decide(doc, plain.from_peer, ctx.route_expired) {
-        Decision::Local => {
-            // tungstenite reads the hello again from the same bytes; nothing is lost.
-            let PlainHello {
-                stream,
-                buf,
-                n_refused,
-                tokens,
-                ..
-            } = *plain;
-            let ws =
-                WebSocket::from_partially_read(stream, buf, Role::Server, Some(options.ws_config));
-            await_hello(ws, n_refused, tokens, false, peer, ctx)
-        }
-        Decision::Relay(owner) => {
-            let stamp = options
-                .cluster_secret
-                .as_ref()
-                .map(|secret| secret.stamp(peer, now_unix()));
-            let PlainHello {
-                stream, head, buf, ..
-            } = *plain;
-            let Some(to_upstream) = forwarded::rewrite_head(&head, stamp.as_deref(), false) else {
-                return Next::Drop;
-            };
-            Next::Relay(Box::new(RelayJob {
-                client: stream,
-                peer,
-                upstream: owner,
-                to_upstream,
-                frames: buf,
-                kind: RelayKind::WsUpgraded,
-                release: None,
-            }))
-        }
-        Decision::Wait => Next::Route(Stage::PlainHello(plain)),
-        Decision::Unavailable => {
-            let PlainHello { stream, buf, .. } = *plain;
-            let ws =
-                WebSocket::from_partially_read(stream, buf, Role::Server, Some(options.ws_config));
-            refuse_unavailable(ws)
-        }
-    }
 }
 
 fn write_answer(mut stream: TcpStream, bytes: Vec<u8>, mut written: usize) -> Next {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use log::debug;
 
-use crate::cluster::relay::{self, RelayKind, RelaySender};
+use crate::cluster::relay::RelaySender;
 use crate::cluster::{Route, Router};
 
 use super::http::{self, REQUEST_HEADERS_MAX};
@@ -28,6 +28,9 @@ pub struct ClusterRouting {
     pub route_wait: Duration,
     /// The relay thread's inbox.
     pub relay: RelaySender,
+    /// This node's own listening address (set by the acceptor when it binds): a router that
+    /// names it is taken to mean `Local`, never a relay to itself.
+    pub self_addr: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for ClusterRouting {
@@ -58,6 +61,10 @@ impl ClusterRouting {
     pub fn decide(&self, doc: &str, from_peer: bool, expired: bool) -> Decision {
         match self.router.route(doc) {
             Route::Local => Decision::Local,
+            Route::Relay(owner) if Some(owner) == self.self_addr => {
+                debug!("acceptor: the router names this node for {doc:?}; serving it here");
+                Decision::Local
+            }
             Route::Relay(owner) if from_peer => {
                 debug!("acceptor: {doc:?} moved to {owner} while relayed here; refusing");
                 Decision::Unavailable
@@ -182,21 +189,6 @@ pub fn api_doc(head: &[u8]) -> Option<String> {
     let rest = path.strip_prefix("/api/docs/")?;
     let segment = rest.split('/').next().unwrap_or(rest);
     http::decode_doc_name(segment).ok().flatten()
-}
-
-/// The client's answer when its connection cannot be served or relayed, written in one go by
-/// the caller: the handshake (when not done) plus `unavailable` and close 1013, or HTTP 503.
-pub fn refusal_bytes(kind: &RelayKind) -> Vec<u8> {
-    const WHY: &str = "the document's owner is unavailable; try again";
-    match kind {
-        RelayKind::WsUpgrade { key } => {
-            let mut out = relay::switching_protocols(key);
-            out.extend_from_slice(&relay::unavailable_frames(WHY));
-            out
-        }
-        RelayKind::WsUpgraded => relay::unavailable_frames(WHY),
-        RelayKind::Http => unavailable_http(),
-    }
 }
 
 /// HTTP 503 for an API request whose document has no reachable owner.

@@ -30,8 +30,8 @@ use slab::Slab;
 
 use crate::acceptor::door::DoorRelease;
 use crate::acceptor::http::REQUEST_HEAD_BYTES_MAX;
+use crate::cluster::{Route, Router};
 use crate::metrics::Exposition;
-use crate::protocol::{self, ErrorCode, ProtocolError};
 
 /// Bytes buffered per direction per relayed connection. A full buffer stops reading the side
 /// that fills it, so a relayed connection never holds more than twice this (plus a close
@@ -59,6 +59,10 @@ const RESPONSE_HEAD_BYTES_MAX: usize = REQUEST_HEAD_BYTES_MAX;
 const _: () = assert!(RESPONSE_HEAD_BYTES_MAX <= RELAY_BUFFER_BYTES);
 
 const WAKER: Token = Token(0);
+
+mod wire;
+pub use wire::{close_frame, server_frame, switching_protocols, unavailable_frames};
+use wire::{Buf, FrameTracker};
 
 /// What the client's connection is when the relay takes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,6 +103,10 @@ pub struct RelayJob {
     /// Where the connection is released from the door's per-address count when it ends
     /// (`Some` when the door counted it).
     pub release: Option<DoorRelease>,
+    /// The document, to ask the router again when the owner cannot be reached (its lease may
+    /// be moving to another node): until the route's wait is over the relay keeps the client
+    /// and dials whatever owner the router names next. `None`: no second attempt.
+    pub doc: Option<String>,
 }
 
 /// The relay's figures, shared by its thread (writer) and `/metrics`, `/cluster` (readers).
@@ -110,6 +118,12 @@ pub struct RelayCounters {
     started: AtomicU64,
     /// Connections refused because `conns_max` were relayed already.
     refused_full: AtomicU64,
+    /// Connections that waited for a route (`Route::Pending`), counted by the acceptor.
+    route_waits: AtomicU64,
+    /// Dials of an owner that failed while the relay could still ask the router again.
+    owner_retries: AtomicU64,
+    /// Relayed connections closed because the router named another owner for their document.
+    owner_moves: AtomicU64,
     /// Relayed connections whose owner failed, closed first or could not be reached.
     upstream_failures: AtomicU64,
     /// Bytes written to owners.
@@ -131,6 +145,26 @@ impl RelayCounters {
     /// Relayed connections started since the process started.
     pub fn started(&self) -> u64 {
         self.started.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection that starts waiting for its route (the acceptor calls it).
+    pub fn route_wait_started(&self) {
+        self.route_waits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections that waited for a route so far.
+    pub fn route_waits(&self) -> u64 {
+        self.route_waits.load(Ordering::Relaxed)
+    }
+
+    /// Failed dials of an owner after which the relay asked the router again.
+    pub fn owner_retries(&self) -> u64 {
+        self.owner_retries.load(Ordering::Relaxed)
+    }
+
+    /// Relayed connections closed because their document moved to another owner.
+    pub fn owner_moves(&self) -> u64 {
+        self.owner_moves.load(Ordering::Relaxed)
     }
 
     /// Connections refused because the relay was full.
@@ -165,7 +199,7 @@ impl RelayCounters {
 
     /// The `collab_relay_*` families of `/metrics`.
     pub fn render(&self, out: &mut Exposition) {
-        let rows: [(&str, &str, &str, u64); 8] = [
+        let rows: [(&str, &str, &str, u64); 11] = [
             (
                 "collab_relay_connections",
                 "gauge",
@@ -177,6 +211,24 @@ impl RelayCounters {
                 "counter",
                 "Connections this node relayed to their documents' owners.",
                 self.started(),
+            ),
+            (
+                "collab_relay_route_waits_total",
+                "counter",
+                "Connections that waited for the router to find their document's owner.",
+                self.route_waits(),
+            ),
+            (
+                "collab_relay_owner_retries_total",
+                "counter",
+                "Failed dials of an owner after which the relay asked the router again.",
+                self.owner_retries(),
+            ),
+            (
+                "collab_relay_owner_moves_total",
+                "counter",
+                "Relayed connections closed with 1013 because the router named another owner.",
+                self.owner_moves(),
             ),
             (
                 "collab_relay_refused_total",
@@ -258,12 +310,16 @@ impl RelayRefused {
 }
 
 /// Starts the relay thread: at most `conns_max` relayed connections, figures in `counters`.
+/// When an owner cannot be reached, the relay asks `router` again (every 100 ms) for up to
+/// `route_wait` from the connection's start.
 ///
 /// # Errors
 /// When its `Poll` or the thread cannot be created.
 pub fn spawn_relay(
     conns_max: usize,
     counters: Arc<RelayCounters>,
+    router: Arc<dyn Router>,
+    route_wait: Duration,
 ) -> io::Result<(RelaySender, RelayThread)> {
     let poll = Poll::new()?;
     let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
@@ -276,6 +332,8 @@ pub fn spawn_relay(
         counters: counters.clone(),
         stop: stop.clone(),
         again: Vec::new(),
+        router,
+        route_wait,
     };
     let thread = std::thread::Builder::new()
         .name("relay".to_owned())
@@ -346,121 +404,6 @@ impl Drop for RelayThread {
     }
 }
 
-/// A fixed-capacity byte queue: bytes are appended at `end` and taken from `start`.
-struct Buf {
-    data: Box<[u8]>,
-    start: usize,
-    end: usize,
-}
-
-impl Buf {
-    fn new() -> Buf {
-        Buf {
-            data: vec![0; RELAY_BUFFER_BYTES].into_boxed_slice(),
-            start: 0,
-            end: 0,
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.end - self.start
-    }
-
-    fn is_empty(&self) -> bool {
-        self.start == self.end
-    }
-
-    /// Room to read into, moving the held bytes to the front first when that makes room.
-    fn spare(&mut self) -> &mut [u8] {
-        if self.end == self.data.len() && self.start > 0 {
-            self.data.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        &mut self.data[self.end..]
-    }
-
-    fn filled(&mut self, n: usize) {
-        self.end += n;
-        debug_assert!(self.end <= self.data.len());
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.data[self.start..self.end]
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.start += n;
-        debug_assert!(self.start <= self.end);
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-    }
-}
-
-/// The boundaries of the WebSocket frames the owner sends, from their headers alone.
-#[derive(Debug, Default)]
-struct FrameTracker {
-    header: [u8; 14],
-    header_len: usize,
-    payload_left: u64,
-    /// The owner sent a close frame: its end of the session is orderly.
-    close_seen: bool,
-}
-
-impl FrameTracker {
-    /// Bytes of the header starting `header[..2]` (base, extended length, mask key).
-    fn header_bytes(first_two: [u8; 2]) -> usize {
-        let ext = match first_two[1] & 0x7f {
-            126 => 2,
-            127 => 8,
-            _ => 0,
-        };
-        let mask = if first_two[1] & 0x80 != 0 { 4 } else { 0 };
-        2 + ext + mask
-    }
-
-    fn feed(&mut self, mut bytes: &[u8]) {
-        while !bytes.is_empty() {
-            if self.payload_left > 0 {
-                let n = (bytes.len() as u64).min(self.payload_left);
-                self.payload_left -= n;
-                bytes = &bytes[n as usize..];
-                continue;
-            }
-            self.header[self.header_len] = bytes[0];
-            self.header_len += 1;
-            bytes = &bytes[1..];
-            if self.header_len < 2 {
-                continue;
-            }
-            let need = Self::header_bytes([self.header[0], self.header[1]]);
-            if self.header_len < need {
-                continue;
-            }
-            let payload = match self.header[1] & 0x7f {
-                126 => u64::from(u16::from_be_bytes([self.header[2], self.header[3]])),
-                127 => {
-                    let mut len = [0u8; 8];
-                    len.copy_from_slice(&self.header[2..10]);
-                    u64::from_be_bytes(len)
-                }
-                n => u64::from(n),
-            };
-            if self.header[0] & 0x0f == 0x8 {
-                self.close_seen = true;
-            }
-            self.payload_left = payload;
-            self.header_len = 0;
-        }
-    }
-
-    fn at_boundary(&self) -> bool {
-        self.header_len == 0 && self.payload_left == 0
-    }
-}
-
 /// What the relay knows of the owner-to-client stream.
 enum Downstream {
     /// The owner's response head is not complete yet (held, not written to the client).
@@ -469,49 +412,6 @@ enum Downstream {
     Frames(FrameTracker),
     /// Anything else: an HTTP answer, or a refused upgrade's answer.
     Opaque,
-}
-
-/// A server-to-client WebSocket frame: FIN, `opcode`, unmasked.
-pub fn server_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(payload.len() + 10);
-    frame.push(0x80 | opcode);
-    match payload.len() {
-        n if n < 126 => frame.push(n as u8),
-        n if n <= usize::from(u16::MAX) => {
-            frame.push(126);
-            frame.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            frame.push(127);
-            frame.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    frame.extend_from_slice(payload);
-    frame
-}
-
-/// A close frame with `code` and `reason` (at most 123 bytes).
-pub fn close_frame(code: u16, reason: &str) -> Vec<u8> {
-    let mut payload = code.to_be_bytes().to_vec();
-    payload.extend_from_slice(&reason.as_bytes()[..reason.len().min(123)]);
-    server_frame(0x8, &payload)
-}
-
-/// The frames of a refusal after the upgrade: `unavailable` with `message`, then close 1013.
-pub fn unavailable_frames(message: &'static str) -> Vec<u8> {
-    let err = ProtocolError::new(ErrorCode::Unavailable, message);
-    let mut out = server_frame(0x1, protocol::encode_error(&err).as_bytes());
-    out.extend_from_slice(&close_frame(1013, RELAY_CLOSE_REASON));
-    out
-}
-
-/// The `101` answering a WebSocket upgrade whose key is `key`.
-pub fn switching_protocols(key: &str) -> Vec<u8> {
-    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
-    format!(
-        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-    )
-    .into_bytes()
 }
 
 /// One relayed connection.
@@ -551,6 +451,14 @@ struct Link {
     linger_deadline: Option<Instant>,
     /// Client bytes read and dropped since the owner's side ended.
     discarded_bytes: usize,
+    /// The document, while the router may still be asked for another owner.
+    doc: Option<String>,
+    /// Until when a failed dial sends the link back to the router.
+    retry_deadline: Instant,
+    /// The last dial failed: the link waits for the router to name an owner (on the tick).
+    waiting_route: bool,
+    /// When the router is next asked whether the document still lives on `upstream_addr`.
+    next_route_check: Instant,
 }
 
 /// How one drive of a link ended.
@@ -566,6 +474,10 @@ enum LinkState {
 /// Rounds one drive of a link may take (each moves up to a buffer per direction) before the
 /// other links get their turn: a fast pair of peers cannot hold the relay thread.
 const ROUNDS_PER_DRIVE_MAX: usize = 16;
+
+/// How often the relay asks the router whether a relayed session's document still lives on
+/// the owner it relays to (an owner that is paused or cut off sends no close of its own).
+pub const ROUTE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Bytes a client may send after its owner is gone (read and dropped while the relay waits for
 /// its close) before the relay stops waiting.
@@ -632,6 +544,22 @@ impl Link {
         self.linger_deadline.get_or_insert(now + RELAY_CLOSE_LINGER);
     }
 
+    /// Dialling the owner failed (refused, reset, timed out) before it accepted: ask the router
+    /// again if the link may still wait, else tell the client.
+    fn connect_failed(&mut self, counters: &RelayCounters, now: Instant) {
+        if self.doc.is_some() && now < self.retry_deadline && !self.upstream_over {
+            debug!(
+                "relay: owner {} of {} unreachable; asking the router again",
+                self.upstream_addr, self.peer
+            );
+            counters.owner_retries.fetch_add(1, Ordering::Relaxed);
+            self.upstream = None;
+            self.waiting_route = true;
+        } else {
+            self.upstream_ended(true, counters, now);
+        }
+    }
+
     /// The owner's response head is complete at `head_bytes`: decide how to pass it on.
     fn head_complete(&mut self, head_bytes: usize, counters: &RelayCounters, now: Instant) {
         let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -692,16 +620,21 @@ impl Link {
         {
             // mio's connect is non-blocking: writable, no pending error and a peer address
             // mean connected.
-            match upstream.take_error() {
+            let dialled = match upstream.take_error() {
                 Ok(None) => match upstream.peer_addr() {
-                    Ok(_) => {
-                        self.connected = true;
-                        let _ = upstream.set_nodelay(true);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
-                    Err(_) => self.upstream_ended(true, counters, now),
+                    Ok(_) => Some(true),
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => None,
+                    Err(_) => Some(false),
                 },
-                Ok(Some(_)) | Err(_) => self.upstream_ended(true, counters, now),
+                Ok(Some(_)) | Err(_) => Some(false),
+            };
+            match dialled {
+                Some(true) => {
+                    let _ = upstream.set_nodelay(true);
+                    self.connected = true;
+                }
+                Some(false) => self.connect_failed(counters, now),
+                None => {}
             }
         }
         let mut rounds = 0;
@@ -879,12 +812,16 @@ impl Link {
         if self.linger_deadline.is_some_and(|at| at <= now) {
             return LinkState::Done;
         }
-        if !self.connected && !self.upstream_over && self.connect_deadline <= now {
+        if !self.connected
+            && !self.upstream_over
+            && !self.waiting_route
+            && self.connect_deadline <= now
+        {
             debug!(
                 "relay: owner {} did not accept within {RELAY_CONNECT_TIMEOUT:?}",
                 self.upstream_addr
             );
-            self.upstream_ended(true, counters, now);
+            self.connect_failed(counters, now);
             return self.pump(counters, now);
         }
         LinkState::Open
@@ -912,6 +849,10 @@ struct RelayLoop {
     /// Links that spent their budget ([`LinkState::Again`]): driven again after this round's
     /// events, and the poll does not sleep while any is listed.
     again: Vec<usize>,
+    /// Asked again when an owner cannot be reached.
+    router: Arc<dyn Router>,
+    /// How long after its start a link may wait for a reachable owner.
+    route_wait: Duration,
 }
 
 /// Tokens: the waker, then two per link (client, owner).
@@ -968,6 +909,15 @@ impl RelayLoop {
                         Some(link) => link.on_tick(&self.counters, now),
                         None => continue,
                     };
+                    if state != LinkState::Done
+                        && self.links.get(key).is_some_and(|l| l.waiting_route)
+                    {
+                        self.retry(key, now);
+                        continue;
+                    }
+                    if state == LinkState::Open {
+                        self.check_route(key, now);
+                    }
                     match state {
                         LinkState::Done => self.finish(key),
                         LinkState::Again => self.again.push(key),
@@ -996,6 +946,7 @@ impl RelayLoop {
             frames,
             kind,
             release,
+            doc,
         } = job;
         self.counters.started.fetch_add(1, Ordering::Relaxed);
         let entry = self.links.vacant_entry();
@@ -1056,12 +1007,98 @@ impl RelayLoop {
             client_write_shut: false,
             linger_deadline: None,
             discarded_bytes: 0,
+            doc,
+            retry_deadline: now + self.route_wait,
+            waiting_route: false,
+            next_route_check: now + ROUTE_CHECK_INTERVAL,
         };
         if connect_failed {
-            link.upstream_ended(true, &self.counters, now);
+            link.connect_failed(&self.counters, now);
         }
         entry.insert(link);
         self.drive(key, now);
+    }
+
+    /// A link whose owner could not be reached: dial the owner the router names now, wait
+    /// while it has none, or give up (its wait is over, or the document became local).
+    fn retry(&mut self, key: usize, now: Instant) {
+        let Some(link) = self.links.get_mut(key) else {
+            return;
+        };
+        let route = match (&link.doc, now < link.retry_deadline) {
+            (Some(doc), true) => self.router.route(doc),
+            _ => Route::Unavailable("no reachable owner before the deadline".to_owned()),
+        };
+        match route {
+            Route::Pending => return,
+            Route::Relay(owner) => {
+                let dialled = TcpStream::connect(owner).and_then(|mut upstream| {
+                    self.poll
+                        .registry()
+                        .register(
+                            &mut upstream,
+                            link_token(key, true),
+                            Interest::READABLE | Interest::WRITABLE,
+                        )
+                        .map(|()| upstream)
+                });
+                match dialled {
+                    Ok(upstream) => {
+                        link.upstream = Some(upstream);
+                        link.upstream_addr = owner;
+                        link.connect_deadline = now + RELAY_CONNECT_TIMEOUT;
+                        link.waiting_route = false;
+                    }
+                    Err(e) => {
+                        debug!("relay: connect to owner {owner}: {e}");
+                        return;
+                    }
+                }
+            }
+            // Served here now (the client reconnects to this node and is served locally), or
+            // by nobody: the client is told.
+            Route::Local | Route::Unavailable(_) => {
+                link.waiting_route = false;
+                link.upstream_ended(true, &self.counters, now);
+            }
+        }
+        self.drive(key, now);
+    }
+
+    /// Asks the router whether a relayed session's document still lives on its owner; when
+    /// the router names another node (or this one), the session is over: the client gets 1013
+    /// (at a frame boundary) and comes back through the new route.
+    fn check_route(&mut self, key: usize, now: Instant) {
+        let Some(link) = self.links.get_mut(key) else {
+            return;
+        };
+        if now < link.next_route_check || !link.connected || link.upstream_over {
+            return;
+        }
+        link.next_route_check = now + ROUTE_CHECK_INTERVAL;
+        let Some(doc) = &link.doc else {
+            return;
+        };
+        let moved = match self.router.route(doc) {
+            Route::Relay(owner) => owner != link.upstream_addr,
+            Route::Local => true,
+            // In transition, or nobody: the owner itself decides (it closes 1013 when it loses
+            // the lease).
+            Route::Pending | Route::Unavailable(_) => false,
+        };
+        if moved {
+            debug!(
+                "relay: {doc:?} moved away from {}; closing {} with 1013",
+                link.upstream_addr, link.peer
+            );
+            self.counters.owner_moves.fetch_add(1, Ordering::Relaxed);
+            link.upstream_ended(true, &self.counters, now);
+            // The old owner learns it from the closed socket.
+            if let Some(mut upstream) = link.upstream.take() {
+                let _ = self.poll.registry().deregister(&mut upstream);
+            }
+            self.drive(key, now);
+        }
     }
 
     fn drive(&mut self, key: usize, now: Instant) {
@@ -1086,70 +1123,5 @@ impl RelayLoop {
             release.release(link.peer);
         }
         debug!("relay: {} to {} done", link.peer, link.upstream_addr);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn tracked(bytes: &[u8]) -> FrameTracker {
-        let mut tracker = FrameTracker::default();
-        tracker.feed(bytes);
-        tracker
-    }
-
-    #[test]
-    fn frame_tracker_finds_boundaries_in_any_split() {
-        let mut stream = server_frame(0x1, b"hello");
-        stream.extend_from_slice(&server_frame(0x2, &[7u8; 300]));
-        stream.extend_from_slice(&server_frame(0x1, &vec![b'x'; 70_000]));
-        let boundaries = [0, 7, 7 + 4 + 300, stream.len()];
-        for split in 0..stream.len().min(400) {
-            let mut tracker = FrameTracker::default();
-            tracker.feed(&stream[..split]);
-            assert_eq!(
-                tracker.at_boundary(),
-                boundaries.contains(&split),
-                "split {split}"
-            );
-            tracker.feed(&stream[split..]);
-            assert!(tracker.at_boundary());
-            assert!(!tracker.close_seen);
-        }
-    }
-
-    #[test]
-    fn frame_tracker_sees_a_close_and_a_masked_header() {
-        assert!(tracked(&close_frame(1000, "bye")).close_seen);
-        // A masked frame (as a client sends): 4 mask bytes after the length.
-        let masked = [0x81, 0x83, 1, 2, 3, 4, b'a', b'b', b'c'];
-        let tracker = tracked(&masked);
-        assert!(tracker.at_boundary());
-        assert!(!tracked(&masked[..8]).at_boundary());
-    }
-
-    #[test]
-    fn buf_moves_its_bytes_to_make_room() {
-        let mut buf = Buf::new();
-        let n = buf.spare().len();
-        assert_eq!(n, RELAY_BUFFER_BYTES);
-        buf.filled(n);
-        assert!(buf.spare().is_empty());
-        buf.consume(10);
-        assert_eq!(buf.spare().len(), 10);
-        assert_eq!(buf.len(), RELAY_BUFFER_BYTES - 10);
-        buf.consume(buf.len());
-        assert!(buf.is_empty());
-        assert_eq!(buf.spare().len(), RELAY_BUFFER_BYTES);
-    }
-
-    #[test]
-    fn the_relay_answers_a_handshake_with_the_clients_accept_key() {
-        let answer = String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==")).unwrap();
-        assert!(answer.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
-        let frames = unavailable_frames("x");
-        assert_eq!(frames[0], 0x81);
-        assert!(tracked(&frames).close_seen);
     }
 }

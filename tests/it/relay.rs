@@ -297,6 +297,41 @@ fn relay_closes_1013_when_the_owner_is_killed() {
 }
 
 #[test]
+fn relay_passes_the_owners_own_close_through() {
+    let _w = Watchdog::new("relay_passes_the_owners_own_close_through", 60);
+    let owner = server(test_config());
+    let (entry, _router) = entry_node(owner.local_addr());
+    let (mut ws, _) = join(entry.local_addr(), "/ws/drained", r#"{"type":"hello"}"#);
+    // A drained owner closes its clients with 1001; relayed ones see exactly that.
+    owner.shutdown().expect("owner shuts down");
+    let (code, _) = recv_until_close(&mut ws);
+    assert_eq!(code, Some(CloseCode::Away));
+    assert_eq!(entry.metrics().relay().upstream_failures(), 0);
+    entry.shutdown().expect("entry shuts down");
+}
+
+#[test]
+fn relay_closes_1013_when_the_document_moves_to_another_owner() {
+    let _w = Watchdog::new("relay_closes_1013_when_the_document_moves", 60);
+    let (old, new) = (server(test_config()), server(test_config()));
+    let (entry, router) = entry_node(old.local_addr());
+    let a = entry.local_addr();
+    let (mut ws, _) = join(a, "/ws/moving", r#"{"type":"hello"}"#);
+    // The old owner says nothing (as if paused or cut off); the router names the new one.
+    router.set_default(Route::Relay(new.local_addr()));
+    let (code, _) = recv_until_close(&mut ws);
+    assert_eq!(code, Some(CloseCode::Again));
+    assert_eq!(entry.metrics().relay().owner_moves(), 1);
+    // Coming back, the client reaches the new owner.
+    let (_ws, ack) = join(a, "/ws/moving", r#"{"type":"hello"}"#);
+    assert_eq!(ack["head"], 0, "a fresh document on the new owner: {ack}");
+    drop(_ws);
+    entry.shutdown().expect("entry shuts down");
+    old.shutdown().expect("old owner shuts down");
+    new.shutdown().expect("new owner shuts down");
+}
+
+#[test]
 fn relay_to_an_unreachable_owner_answers_unavailable_1013() {
     let _w = Watchdog::new("relay_to_an_unreachable_owner", 60);
     // A port nobody listens on.
@@ -349,9 +384,15 @@ fn relay_waits_for_a_pending_route_and_then_serves() {
         (ws, ack)
     });
     let plain = std::thread::spawn(move || join(a, "/ws", r#"{"type":"hello","doc":"later"}"#));
-    // Both are waiting in the acceptor once it counts them as pending routes; the test router
-    // answers Pending until told otherwise, so there is no race with the answer below.
-    std::thread::sleep(Duration::from_millis(200));
+    // Both wait in the acceptor (it counts them) until the router answers.
+    while entry.metrics().relay().route_waits() < 2 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        entry.metrics().relay().started(),
+        0,
+        "nothing relayed before the answer"
+    );
     router.set_default(Route::Relay(owner.local_addr()));
     let (_doc_ws, ack) = doc.join().expect("doc client");
     assert_eq!(ack["doc"], "later");
@@ -363,7 +404,7 @@ fn relay_waits_for_a_pending_route_and_then_serves() {
     owner.shutdown().expect("owner shuts down");
 }
 
-/// A 4-byte secret file for both nodes' `--cluster-secret-file`.
+/// A secret file for both nodes' `--cluster-secret-file`.
 fn secret_file(tag: &str, text: &str) -> std::path::PathBuf {
     let path =
         std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("relay-secret-{tag}"));
@@ -425,6 +466,20 @@ fn relay_forwarded_for_is_trusted_only_when_signed_by_a_peer() {
     let (entry, _router) = entry_node_with(entry_config, Route::Relay(b));
     let relayed = crate::util::http_get(entry.local_addr(), &upgrade_head("/ws/ip", ""));
     assert!(relayed.starts_with("HTTP/1.1 429"), "{relayed}");
+    // A client that sends the header to a relaying node itself is not trusted and not relayed
+    // (a request that claims to come through a relay is never relayed again): it gets
+    // `unavailable` and 1013 from the relaying node.
+    let relayed_before = entry.metrics().relay().started();
+    let forged_line = format!("X-Collab-Forwarded-For: {}\r\n", forged[1]);
+    let mut ws = raw_upgrade(
+        entry.local_addr(),
+        upgrade_head("/ws/ip", &forged_line).as_bytes(),
+    )
+    .0;
+    let (code, seen) = recv_until_close(&mut ws);
+    assert_eq!(code, Some(CloseCode::Again));
+    assert_eq!(seen[0]["code"], "unavailable");
+    assert_eq!(entry.metrics().relay().started(), relayed_before);
     entry.shutdown().expect("entry shuts down");
     owner.shutdown().expect("owner shuts down");
 }
@@ -490,6 +545,169 @@ fn relay_buffers_stay_bounded_for_a_client_that_does_not_read() {
     owner.shutdown().expect("owner shuts down");
 }
 
+#[test]
+fn relay_dials_the_next_owner_when_the_first_is_unreachable() {
+    let _w = Watchdog::new("relay_dials_the_next_owner", 60);
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_addr = dead.local_addr().expect("addr");
+    drop(dead);
+    let owner = server(test_config());
+    let mut config = test_config();
+    config.handshake_timeout = Duration::from_secs(20);
+    init_logging();
+    let router = TestRouter::new(Route::Relay(dead_addr));
+    let options = RouterOptions {
+        router: router.clone(),
+        // Long enough for the test to change the route while both clients wait.
+        route_wait: Duration::from_secs(20),
+    };
+    let entry = start_routed(config, Some(options)).expect("entry node starts");
+    let a = entry.local_addr();
+    // The router names a dead owner; the relay keeps both clients and asks again.
+    let doc = std::thread::spawn(move || join(a, "/ws/moved", r#"{"type":"hello"}"#));
+    let plain = std::thread::spawn(move || join(a, "/ws", r#"{"type":"hello","doc":"moved"}"#));
+    while entry.metrics().relay().owner_retries() < 2 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The lease moved: the next answer names the live owner, and both are served there.
+    router.set_default(Route::Relay(owner.local_addr()));
+    let (doc_ws, ack) = doc.join().expect("doc client");
+    assert_eq!(ack["doc"], "moved");
+    let (plain_ws, ack) = plain.join().expect("plain client");
+    assert_eq!(ack["doc"], "moved");
+    assert_eq!(entry.metrics().relay().upstream_failures(), 0);
+    drop((doc_ws, plain_ws));
+    entry.shutdown().expect("entry shuts down");
+    owner.shutdown().expect("owner shuts down");
+}
+
+#[test]
+fn relay_serves_here_when_the_router_names_this_node() {
+    let _w = Watchdog::new("relay_serves_here_when_the_router_names_this_node", 60);
+    let (entry, router) = entry_node_with(test_config(), Route::Pending);
+    let a = entry.local_addr();
+    // A router that answers with this node's own address means "local", never a relay loop.
+    router.set_default(Route::Relay(a));
+    let (_ws, ack) = join(a, "/ws/self", r#"{"type":"hello"}"#);
+    assert_eq!(ack["doc"], "self");
+    assert_eq!(entry.metrics().relay().started(), 0);
+    drop(_ws);
+    entry.shutdown().expect("entry shuts down");
+}
+
+#[test]
+fn relay_to_an_owner_that_is_itself_a_cluster_node() {
+    let _w = Watchdog::new("relay_to_an_owner_that_is_itself_a_cluster_node", 60);
+    let path = secret_file("both", "a-secret-both-nodes-share");
+    let mut owner_config = test_config();
+    owner_config.cluster_secret_file = Some(path.clone());
+    // As in a real cluster: the owner routes too (every document is local to it).
+    let (owner, _owner_router) = entry_node_with(owner_config, Route::Local);
+    let mut entry_config = test_config();
+    entry_config.cluster_secret_file = Some(path);
+    let (entry, _router) = entry_node_with(entry_config, Route::Relay(owner.local_addr()));
+    let a = entry.local_addr();
+    let (mut doc_ws, ack) = join(a, "/ws/both", r#"{"type":"hello"}"#);
+    let replica = ack["replica"].as_u64().expect("replica");
+    let (mut plain_ws, _) = join(a, "/ws", r#"{"type":"hello","doc":"both"}"#);
+    send(&mut doc_ws, &ins(1, 1, replica, "null", "z"));
+    assert_eq!(recv_json(&mut doc_ws)["type"], "op_echo");
+    let seen = recv_json(&mut plain_ws);
+    assert_eq!(seen["type"], "op_echo", "{seen}");
+    assert_eq!(
+        owner.metrics().relay().started(),
+        0,
+        "the owner relays nothing on"
+    );
+    assert_eq!(entry.metrics().relay().started(), 2);
+    drop((doc_ws, plain_ws));
+    entry.shutdown().expect("entry shuts down");
+    owner.shutdown().expect("owner shuts down");
+}
+
+#[test]
+fn relay_carries_tokens_and_their_refusals() {
+    use collab_engine::auth::mint::{MintClaims, MintKey};
+    use collab_engine::auth::{now_unix as auth_now, Role};
+    let _w = Watchdog::new("relay_carries_tokens_and_their_refusals", 60);
+    let secret = b"an HS256 secret for the relay tests, 32+ bytes\n";
+    let key_file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("relay-hs.key");
+    std::fs::write(&key_file, secret).expect("write the key");
+    let key = MintKey::hs256(secret).expect("key");
+    let token = |doc: &str| {
+        key.sign(
+            &MintClaims::new("alice", doc, Role::Write, auth_now(), 3600),
+            None,
+        )
+        .expect("sign")
+    };
+    // Every node has the same keys; the owner decides, the relaying node only relays.
+    let mut owner_config = test_config();
+    owner_config.auth.key_files = vec![key_file.clone()];
+    let owner = server(owner_config);
+    let mut entry_config = test_config();
+    entry_config.auth.key_files = vec![key_file];
+    let (entry, _router) = entry_node_with(entry_config, Route::Relay(owner.local_addr()));
+    let a = entry.local_addr();
+    let (_q, ack) = join(
+        a,
+        &format!("/ws/tok?token={}", token("tok")),
+        r#"{"type":"hello"}"#,
+    );
+    assert_eq!(
+        (ack["role"].as_str(), ack["user"].as_str()),
+        (Some("write"), Some("alice"))
+    );
+    let hello = format!(
+        r#"{{"type":"hello","doc":"tok","token":"{}"}}"#,
+        token("tok")
+    );
+    let (_h, ack) = join(a, "/ws", &hello);
+    assert_eq!(ack["role"], "write", "{ack}");
+    // A token for another document: the owner's refusal reaches the client unchanged.
+    for path in [
+        format!("/ws/tok?token={}", token("other")),
+        "/ws".to_owned(),
+    ] {
+        let mut ws = connect(a, &path);
+        let hello = format!(
+            r#"{{"type":"hello","doc":"tok","token":"{}"}}"#,
+            token("other")
+        );
+        send(&mut ws, &hello);
+        let (code, seen) = recv_until_close(&mut ws);
+        assert_eq!(code, Some(CloseCode::Policy), "{path}");
+        assert_eq!(seen[0]["code"], "unauthorized", "{path}: {seen:?}");
+    }
+    assert_eq!(entry.metrics().totals().docs_loaded, 0);
+    drop((_q, _h));
+    entry.shutdown().expect("entry shuts down");
+    owner.shutdown().expect("owner shuts down");
+}
+
+#[test]
+fn relay_refuses_past_relay_conns_max() {
+    let _w = Watchdog::new("relay_refuses_past_relay_conns_max", 60);
+    let owner = server(test_config());
+    let mut config = test_config();
+    config.relay_conns_max = 1;
+    let (entry, _router) = entry_node_with(config, Route::Relay(owner.local_addr()));
+    let a = entry.local_addr();
+    let (_first, _) = join(a, "/ws/full", r#"{"type":"hello"}"#);
+    for path in ["/ws/full", "/ws"] {
+        let mut ws = connect(a, path);
+        send(&mut ws, r#"{"type":"hello","doc":"full"}"#);
+        let (code, seen) = recv_until_close(&mut ws);
+        assert_eq!(code, Some(CloseCode::Again), "{path}");
+        assert_eq!(seen[0]["code"], "unavailable", "{path}");
+    }
+    assert_eq!(entry.metrics().relay().refused_full(), 2);
+    assert_eq!(metric(a, "collab_relay_refused_total"), 2);
+    drop(_first);
+    entry.shutdown().expect("entry shuts down");
+    owner.shutdown().expect("owner shuts down");
+}
+
 /// An owner and an entry node that relays every document to it: what `relay_contract.rs` runs
 /// the contract's tests against.
 pub struct Pair {
@@ -518,4 +736,43 @@ pub fn contract_pair(config: Config) -> Pair {
     let owner = server(config);
     let (entry, _router) = entry_node_with(entry_config, Route::Relay(owner.local_addr()));
     Pair { entry, owner }
+}
+
+#[test]
+fn relay_carries_api_requests_and_ends_both_sides_on_a_half_close() {
+    let _w = Watchdog::new("relay_carries_api_requests", 60);
+    let owner = server(test_config());
+    let (entry, _router) = entry_node(owner.local_addr());
+    let a = entry.local_addr();
+    // An HTTP request naming a document under /api/docs goes to the owner and its answer comes
+    // back byte for byte (whatever the owner serves there).
+    let request = "GET /api/docs/some%2Fdoc HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n";
+    let direct = crate::util::http_get(owner.local_addr(), request);
+    let relayed = crate::util::http_get(a, request);
+    let status = |text: &str| text.lines().next().unwrap_or("").to_owned();
+    assert_eq!(status(&relayed), status(&direct), "{relayed}");
+    assert_eq!(entry.metrics().relay().started(), 1);
+    // Other HTTP is answered by the entry node itself.
+    let health = crate::util::http_get(a, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert_eq!(entry.metrics().relay().started(), 1);
+    // A client that half-closes a relayed session ends it on both sides.
+    let mut bytes = upgrade_head("/ws/half", "").into_bytes();
+    bytes.extend_from_slice(&client_text_frame(r#"{"type":"hello"}"#));
+    let (mut ws, head) = raw_upgrade(a, &bytes);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(recv_json(&mut ws)["type"], "hello_ack");
+    let MaybeTlsStream::Plain(stream) = ws.get_mut() else {
+        panic!("plain TCP");
+    };
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest); // EOF (or a reset) ends it; a hang fails the watchdog.
+    while entry.metrics().relay().active() > 0 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    entry.shutdown().expect("entry shuts down");
+    owner.shutdown().expect("owner shuts down");
 }
