@@ -283,3 +283,100 @@ impl ClusterRouter {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, port: u16, alive: bool, draining: bool) -> NodeView {
+        NodeView {
+            name: name.to_owned(),
+            incarnation: i64::from(port),
+            advertise: format!("127.0.0.1:{port}"),
+            addr: Some(SocketAddr::from(([127, 0, 0, 1], port))),
+            alive,
+            draining,
+            heartbeat_age_ms: 0,
+            documents: 0,
+            relayed: 0,
+        }
+    }
+
+    fn router(nodes: Vec<NodeView>) -> (ClusterRouter, crossbeam_channel::Receiver<DirectoryMsg>) {
+        let (requests, asked) = crossbeam_channel::unbounded();
+        let shared = Shared {
+            me: "a".to_owned(),
+            incarnation: Incarnation(1),
+            ttl: Duration::from_secs(2),
+            book: LeaseBook::new(),
+            state: Mutex::new(RouterState {
+                nodes: Arc::new(nodes),
+                serving: true,
+                ..RouterState::default()
+            }),
+            waker: Mutex::new(None),
+            requests,
+            relay: Default::default(),
+        };
+        (ClusterRouter(Arc::new(shared)), asked)
+    }
+
+    #[test]
+    fn routes_come_from_the_book_the_owners_and_lookups() {
+        let b = node("b", 2, true, false);
+        let b_addr = b.addr.expect("addr");
+        let (router, asked) = router(vec![
+            node("a", 1, true, false),
+            b,
+            node("c", 3, false, false),
+        ]);
+        router.0.book.insert("held", 4);
+        assert_eq!(router.route("held"), Route::Local);
+        // Unknown: one lookup, however often it is asked, until answered.
+        assert_eq!(router.route("new"), Route::Pending);
+        assert_eq!(router.route("new"), Route::Pending);
+        assert!(matches!(asked.try_recv(), Ok(DirectoryMsg::Lookup(doc)) if doc == "new"));
+        assert!(asked.try_recv().is_err());
+        {
+            let mut state = router.0.state.lock();
+            state.asked.remove("new");
+            state.cache.insert(
+                "new".to_owned(),
+                Cached {
+                    route: Route::Relay(b_addr),
+                    owner: Some(("b".to_owned(), 2)),
+                    until: Instant::now() + Duration::from_secs(60),
+                },
+            );
+            state.owners.insert("owned".to_owned(), ("b".to_owned(), 7));
+            state.owners.insert("dead".to_owned(), ("c".to_owned(), 7));
+        }
+        assert_eq!(router.route("new"), Route::Relay(b_addr));
+        assert_eq!(router.route("owned"), Route::Relay(b_addr));
+        // An owner that is not alive is looked up instead (its lease is taken over).
+        assert_eq!(router.route("dead"), Route::Pending);
+        let owner: serde_json::Value =
+            serde_json::from_str(&router.owner_json("owned")).expect("json");
+        assert_eq!(owner["owner"], "b");
+        assert_eq!(owner["fence"], 7);
+        let held: serde_json::Value =
+            serde_json::from_str(&router.owner_json("held")).expect("json");
+        assert_eq!(
+            (held["owner"].as_str(), held["fence"].as_i64()),
+            (Some("a"), Some(4))
+        );
+        // Draining: nothing is local any more; everything goes to the live others.
+        router.0.state.lock().draining = true;
+        assert_eq!(router.route("held"), Route::Relay(b_addr));
+        router.0.state.lock().draining = false;
+        router.0.state.lock().serving = false;
+        assert!(matches!(router.route("held"), Route::Unavailable(_)));
+    }
+
+    #[test]
+    fn a_draining_node_alone_has_nowhere_to_send() {
+        let (router, _asked) = router(vec![node("a", 1, true, true), node("b", 2, true, true)]);
+        router.0.state.lock().draining = true;
+        assert!(matches!(router.route("x"), Route::Unavailable(_)));
+    }
+}
