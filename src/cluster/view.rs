@@ -374,6 +374,17 @@ mod tests {
     }
 
     #[test]
+    fn metrics_parse_strictly() {
+        let (router, _asked) = router(Vec::new());
+        router.0.book.insert("d", 1);
+        let mut out = String::new();
+        router.render_prometheus(&mut out);
+        let families = crate::loadgen::prom::parse(&out).expect("valid exposition");
+        assert_eq!(families.len(), 4, "{out}");
+        assert!(out.contains("collab_cluster_leases_held 1"), "{out}");
+    }
+
+    #[test]
     fn a_draining_node_alone_has_nowhere_to_send() {
         let (router, _asked) = router(vec![node("a", 1, true, true), node("b", 2, true, true)]);
         router.0.state.lock().draining = true;
