@@ -311,6 +311,7 @@ impl Directory {
                         let _ = reply.send(());
                         return;
                     }
+                    DirectoryMsg::Stop => return,
                 }
             }
             let now = Instant::now();

@@ -53,6 +53,16 @@ pub struct Cluster {
     thread: Option<JoinHandle<()>>,
 }
 
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Not left (a start that failed half-way): the thread stops; the leases and the
+        // heartbeat simply expire.
+        if self.thread.take().is_some() {
+            let _ = self.shared.requests.send(DirectoryMsg::Stop);
+        }
+    }
+}
+
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cluster")

@@ -92,6 +92,8 @@ pub(crate) enum DirectoryMsg {
     Drain(Sender<()>),
     /// Release every lease at once and leave; answered when done, then the thread exits.
     Finish(Sender<()>),
+    /// Exit without releasing anything (the leases expire with the heartbeat).
+    Stop,
 }
 
 /// Everything the directory thread, the router and the status endpoints share.
