@@ -46,7 +46,8 @@ echo "== the demo bundle matches a fresh build (clients/demo/build.sh --check)"
 clients/demo/build.sh --check
 
 echo "== cargo test --test it on PostgreSQL (COLLAB_IT_POSTGRES=1)"
-COLLAB_IT_POSTGRES=1 cargo test --test it
+# The cluster tests always run on PostgreSQL; they ran in the first pass.
+COLLAB_IT_POSTGRES=1 cargo test --test it -- --skip cluster::
 
 if [ -x tests/browser/run.sh ] && [ "${SKIP_BROWSER_TESTS:-0}" != "1" ]; then
   echo "== JavaScript client and browser tests (tests/browser/run.sh)"

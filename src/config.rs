@@ -229,6 +229,26 @@ pub struct Config {
     /// The change feed: `--webhook-url`, `--webhook-secret-file` and their limits.
     #[command(flatten)]
     pub webhooks: crate::webhooks::WebhookConfig,
+
+    // Cluster (issue 11): membership, leases and fencing over --database-url (src/cluster/).
+    /// Cluster flags: `--cluster-node`, `--advertise`, `--lease-ttl`.
+    #[command(flatten)]
+    pub cluster: crate::cluster::ClusterConfig,
+
+    // Cluster relay (issue 11, any-node entry: src/cluster/relay.rs, src/cluster/forwarded.rs).
+    /// A file holding the secret (at least 16 bytes; surrounding whitespace is ignored) that
+    /// every node of a cluster shares: a relaying node signs the client's address with it in
+    /// `X-Collab-Forwarded-For`, and an owner trusts that header only with a valid signature.
+    /// Without it a node neither sends nor trusts the header, so the owner counts relayed
+    /// clients against the relaying node's address (docs/cluster.md).
+    #[arg(long, value_name = "FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+
+    /// Connections this node relays to their documents' owners at once; past it a new one gets
+    /// HTTP 503, or `unavailable` and close 1013. Safe default: each holds at most 32 KiB of
+    /// relay buffers, so 8,192 hold at most 256 MiB.
+    #[arg(long, value_name = "N", default_value_t = crate::cluster::relay::RELAY_CONNS_MAX_DEFAULT)]
+    pub relay_conns_max: usize,
 }
 
 impl Config {

@@ -14,6 +14,7 @@
 //! - [`auth`]: tokens (JWT), roles, keys and revocations; what a token grants, decided once.
 //! - [`acceptor`]: TCP accept, plain HTTP, WebSocket handshake, handoff to shards.
 //! - [`shard`]: per-core event loops owning connections and documents.
+//! - [`cluster`]: several nodes, one owner per document: routing and the relay to the owner.
 //! - [`server`]: starting and stopping it all in-process.
 //! - [`client`]: the Rust client (`Replica`, transport-free, and the blocking `Client`).
 //! - [`crdt`], [`room`], [`protocol`]: the RGA, one document's rules, the wire format.
@@ -27,6 +28,7 @@ pub mod acceptor;
 pub mod auth;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod copy;
 pub mod crdt;

@@ -356,6 +356,11 @@ pub struct MetricsRegistry {
     door: Arc<DoorCounters>,
     /// The webhook delivery figures, set once at start when webhooks are configured.
     webhooks: Arc<std::sync::OnceLock<Arc<crate::webhooks::WebhookCounters>>>,
+    /// Cluster mode: the node's router, for `/cluster` and the cluster's metrics (set once,
+    /// right after the server started).
+    cluster: Arc<std::sync::OnceLock<crate::cluster::ClusterRouter>>,
+    /// The relay's counters (`cluster::relay`), written by the relay thread.
+    relay: Arc<crate::cluster::relay::RelayCounters>,
 }
 
 impl MetricsRegistry {
@@ -367,6 +372,8 @@ impl MetricsRegistry {
                 .collect(),
             door: Arc::new(DoorCounters::default()),
             webhooks: Arc::new(std::sync::OnceLock::new()),
+            cluster: Arc::new(std::sync::OnceLock::new()),
+            relay: Arc::default(),
         }
     }
 
@@ -378,6 +385,12 @@ impl MetricsRegistry {
     /// The door's counters, for the acceptor to write.
     pub fn door(&self) -> Arc<DoorCounters> {
         self.door.clone()
+    }
+
+    /// The relay's counters: what this node relays to owners (`/cluster`'s `relayed` is
+    /// [`RelayCounters::active`](crate::cluster::relay::RelayCounters::active)).
+    pub fn relay(&self) -> Arc<crate::cluster::relay::RelayCounters> {
+        self.relay.clone()
     }
 
     /// The recorder for shard `shard_idx`, to be moved into that shard's thread.
@@ -420,9 +433,21 @@ impl MetricsRegistry {
         self.slots.len()
     }
 
+    /// Makes `/cluster`, `/cluster/owner` and the cluster's metrics answer from `router`
+    /// (once; later calls are ignored).
+    pub fn attach_cluster(&self, router: crate::cluster::ClusterRouter) {
+        let _ = self.cluster.set(router);
+    }
+
+    /// The cluster's router, in cluster mode.
+    pub fn cluster(&self) -> Option<&crate::cluster::ClusterRouter> {
+        self.cluster.get()
+    }
+
     /// Renders every figure in the Prometheus text exposition format (version 0.0.4): the
     /// shards' counters and histograms (label `shard`), the door's counters, the process's
-    /// figures from `/proc/self` (absent where `/proc` is not) and `collab_build_info`.
+    /// figures from `/proc/self` (absent where `/proc` is not) `collab_build_info`, and
+    /// the cluster's counters in cluster mode.
     pub fn render_prometheus(&self) -> String {
         let shards: Vec<ShardFigures> = self.slots.iter().map(|slot| slot.lock().clone()).collect();
         let shard_labels: Vec<String> = (0..shards.len()).map(|idx| idx.to_string()).collect();
@@ -541,6 +566,10 @@ impl MetricsRegistry {
         if let Some(webhooks) = self.webhooks.get() {
             webhooks.render(&mut out);
         }
+        if let Some(cluster) = self.cluster.get() {
+            cluster.render_prometheus(&mut out.out);
+        }
+        self.relay.render(&mut out);
         if let Some(process) = ProcessFigures::read() {
             process.render(&mut out);
         }

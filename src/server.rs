@@ -7,17 +7,22 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use log::{debug, info, warn};
 use tungstenite::protocol::WebSocketConfig;
 
 use crate::acceptor::admin::spawn_admin_worker;
+use crate::acceptor::routing::ClusterRouting;
 use crate::acceptor::{
     shard_channel, Acceptor, AcceptorOptions, AcceptorStop, DoorLimits, PlainWs, ShardInbox,
     ShardMsg,
 };
 use crate::auth::{Auth, KeySet};
+use crate::cluster::forwarded::ClusterSecret;
+use crate::cluster::relay::{spawn_relay, RelayThread};
+use crate::cluster::{Cluster, Router};
 use crate::config::{Config, FsyncMode, StorageKind};
 use crate::metrics::MetricsRegistry;
 use crate::room::RoomConfig;
@@ -55,6 +60,41 @@ pub struct ServerHandle {
     admin_worker: Option<JoinHandle<()>>,
     /// The webhook delivery threads, stopped after the shards (their last changes go in first).
     webhooks: Option<Webhooks>,
+    /// Cluster mode: this node's membership (drained and left on shutdown).
+    cluster: Option<Cluster>,
+    /// The relay thread of a cluster node (stopped after the acceptor, before the shards).
+    relay: Option<RelayThread>,
+}
+
+/// What makes a server a cluster node's entry point: the router that says where each
+/// document is served. `None` in the `start*` functions: a single node (every document local).
+#[derive(Clone)]
+pub struct RouterOptions {
+    /// Where each document is served; its `set_waker` is called once, before the first
+    /// connection, with the acceptor's waker.
+    pub router: Arc<dyn Router>,
+    /// How long a connection waits on `Route::Pending` before `unavailable` and close 1013:
+    /// the lease TTL plus 1 s (see [`RouterOptions::for_lease_ttl`]).
+    pub route_wait: Duration,
+}
+
+impl RouterOptions {
+    /// Routing by `router` with the wait the issue asks for: `lease_ttl` plus 1 s, enough for
+    /// a dead owner's lease to expire and a live node to take the document over.
+    pub fn for_lease_ttl(router: Arc<dyn Router>, lease_ttl: Duration) -> RouterOptions {
+        RouterOptions {
+            router,
+            route_wait: lease_ttl + Duration::from_secs(1),
+        }
+    }
+}
+
+impl std::fmt::Debug for RouterOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterOptions")
+            .field("route_wait", &self.route_wait)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServerHandle {
@@ -89,6 +129,11 @@ impl ServerHandle {
         &self.metrics
     }
 
+    /// Cluster mode: this node's membership.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.as_ref()
+    }
+
     /// Graceful shutdown: stop accepting, close every client with 1001, finish pending
     /// writes, join every thread.
     ///
@@ -100,12 +145,25 @@ impl ServerHandle {
 
     fn stop_and_join(&mut self) -> anyhow::Result<()> {
         let mut result = Ok(());
+        // A cluster node drains first: it takes no new document and the other nodes route
+        // around it, then its shards commit and close their clients with 1001, then every
+        // lease is released at once so the clients are served elsewhere without waiting for
+        // the TTL.
+        if let Some(cluster) = &self.cluster {
+            cluster.drain(cluster.lease_ttl());
+        }
         self.acceptor_stop.stop();
         if let Some(acceptor) = self.acceptor.take() {
             match acceptor.join() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => result = Err(anyhow!(e).context("acceptor failed")),
                 Err(_) => result = Err(anyhow!("acceptor panicked")),
+            }
+        }
+        // No more connections come to the relay: close the relayed ones (1001 where it can).
+        if let Some(mut relay) = self.relay.take() {
+            if let Err(e) = relay.shutdown() {
+                result = Err(anyhow!(e).context("relay failed"));
             }
         }
         // The acceptor dropped its job sender: the worker finishes its job and returns.
@@ -126,6 +184,10 @@ impl ServerHandle {
         }
         if let Some(webhooks) = self.webhooks.take() {
             webhooks.shutdown();
+        }
+        if let Some(cluster) = self.cluster.take() {
+            let ttl = cluster.lease_ttl();
+            cluster.leave(ttl);
         }
         debug!("server stopped");
         result
@@ -193,7 +255,19 @@ pub fn net_limits(config: &Config) -> NetLimits {
 /// # Errors
 /// When the backend cannot be opened.
 pub fn open_storage(config: &Config, shard_idx: usize) -> anyhow::Result<Box<dyn Storage>> {
-    let _ = shard_idx;
+    open_storage_in(config, shard_idx, None)
+}
+
+/// [`open_storage`] for a cluster node: PostgreSQL under `cluster`'s leases (every load
+/// acquires its document's lease, every commit checks its fence).
+///
+/// # Errors
+/// When the backend cannot be opened.
+pub fn open_storage_in(
+    config: &Config,
+    shard_idx: usize,
+    cluster: Option<&Cluster>,
+) -> anyhow::Result<Box<dyn Storage>> {
     if let Some(url) = &config.database_url {
         anyhow::ensure!(
             config.storage != StorageKind::Memory,
@@ -213,7 +287,13 @@ pub fn open_storage(config: &Config, shard_idx: usize) -> anyhow::Result<Box<dyn
         if shard_idx == 0 {
             info!("documents are kept in PostgreSQL at {}", storage.target());
         }
+        if let Some(cluster) = cluster {
+            storage = storage.with_leases(cluster.incarnation(), cluster.book());
+        }
         return Ok(Box::new(storage));
+    }
+    if cluster.is_some() {
+        anyhow::bail!("cluster mode needs --database-url");
     }
     match config.storage {
         StorageKind::Memory => Ok(Box::new(MemoryStorage::new())),
@@ -260,15 +340,47 @@ pub fn open_auth(config: &Config) -> anyhow::Result<Option<Arc<Auth>>> {
 /// # Errors
 /// When binding, storage or thread creation fails.
 pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
+    // With --cluster-node: a new incarnation joins the cluster, its storages serve documents
+    // under its leases, and its router sends every other document to its owner.
+    let cluster = Cluster::join(&config)?;
+    let router = cluster.as_ref().map(|cluster| {
+        RouterOptions::for_lease_ttl(Arc::new(cluster.router()), cluster.lease_ttl())
+    });
+    start_node(config, router, cluster)
+}
+
+/// [`start`] for a cluster node: documents are routed by `router` (`None`: a single node).
+///
+/// # Errors
+/// As [`start`].
+pub fn start_routed(config: Config, router: Option<RouterOptions>) -> anyhow::Result<ServerHandle> {
+    start_node(config, router, None)
+}
+
+fn start_node(
+    config: Config,
+    router: Option<RouterOptions>,
+    cluster: Option<Cluster>,
+) -> anyhow::Result<ServerHandle> {
     let n_shards = config.shard_count();
     let mut storages = Vec::with_capacity(n_shards);
     for shard_idx in 0..n_shards {
         storages.push(
-            open_storage(&config, shard_idx)
+            open_storage_in(&config, shard_idx, cluster.as_ref())
                 .with_context(|| format!("opening storage of shard {shard_idx}"))?,
         );
     }
-    start_with_storages(&config, storages)
+    let mut server = start_with_storages_routed(&config, storages, router)?;
+    if let Some(cluster) = cluster {
+        cluster.attach(
+            server.shard_inboxes.clone(),
+            server.auth.clone(),
+            server.metrics.relay(),
+        );
+        server.metrics.attach_cluster(cluster.router());
+        server.cluster = Some(cluster);
+    }
+    Ok(server)
 }
 
 /// Starts the collaboration server with one given storage per shard (tests use this to inject
@@ -281,16 +393,29 @@ pub fn start_with_storages(
     config: &Config,
     storages: Vec<Box<dyn Storage>>,
 ) -> anyhow::Result<ServerHandle> {
+    start_with_storages_routed(config, storages, None)
+}
+
+/// [`start_with_storages`] for a cluster node whose documents `router` routes.
+///
+/// # Errors
+/// As [`start_with_storages`].
+pub fn start_with_storages_routed(
+    config: &Config,
+    storages: Vec<Box<dyn Storage>>,
+    router: Option<RouterOptions>,
+) -> anyhow::Result<ServerHandle> {
     let auth = open_auth(config).context("access control")?;
     let webhooks = open_webhooks(config).context("webhooks")?;
     let sink = webhooks.sink();
     let n_shards = storages.len();
     let mut storages = storages.into_iter();
-    let mut handle = start_with_seats(
+    let mut handle = start_with_seats_routed(
         config,
         PlainWs::AwaitHello,
         n_shards,
         auth.clone(),
+        router,
         |seat| {
             let storage = storages
                 .next()
@@ -389,9 +514,30 @@ pub fn start_with_seats<H: Handler + Send + 'static>(
     plain_ws: PlainWs,
     n_shards: usize,
     auth: Option<Arc<Auth>>,
+    make: impl FnMut(ShardSeat) -> anyhow::Result<H>,
+) -> anyhow::Result<ServerHandle> {
+    start_with_seats_routed(config, plain_ws, n_shards, auth, None, make)
+}
+
+/// [`start_with_seats`] for a cluster node: with `router`, the acceptor routes each document
+/// (serves it here, relays it to its owner on the relay thread, or waits for the router) and
+/// `--cluster-secret-file` signs and checks the relayed clients' addresses.
+///
+/// # Errors
+/// As [`start_with_seats`], and when the cluster secret cannot be read.
+pub fn start_with_seats_routed<H: Handler + Send + 'static>(
+    config: &Config,
+    plain_ws: PlainWs,
+    n_shards: usize,
+    auth: Option<Arc<Auth>>,
+    router: Option<RouterOptions>,
     mut make: impl FnMut(ShardSeat) -> anyhow::Result<H>,
 ) -> anyhow::Result<ServerHandle> {
     anyhow::ensure!(n_shards > 0, "at least one shard");
+    let cluster_secret = match &config.cluster_secret_file {
+        Some(path) => Some(ClusterSecret::from_file(path).context("--cluster-secret-file")?),
+        None => None,
+    };
     tune_allocator();
     let metrics = MetricsRegistry::new(n_shards);
     let core_ids = if !config.no_pin_cores {
@@ -418,6 +564,28 @@ pub fn start_with_seats<H: Handler + Send + 'static>(
     }
     // Bind before spawning the shards (storage workers, already started, stop when their
     // handlers are dropped).
+    let (cluster, relay) = match &router {
+        Some(router) => {
+            if cluster_secret.is_none() {
+                warn!("no --cluster-secret-file: owners count the clients this node relays against its address");
+            }
+            let (sender, thread) = spawn_relay(
+                config.relay_conns_max.max(1),
+                metrics.relay(),
+                router.router.clone(),
+                router.route_wait,
+            )
+            .context("spawning the relay thread")?;
+            let routing = ClusterRouting {
+                router: router.router.clone(),
+                route_wait: router.route_wait,
+                relay: sender,
+                self_addr: None,
+            };
+            (Some(routing), Some(thread))
+        }
+        None => (None, None),
+    };
     let options = AcceptorOptions {
         handshake_timeout: config.handshake_timeout,
         ws_config: ws_config(config),
@@ -426,6 +594,8 @@ pub fn start_with_seats<H: Handler + Send + 'static>(
         auth: auth.clone(),
         metrics_public: config.auth.metrics_public,
         admin_listen: config.auth.admin_listen,
+        cluster,
+        cluster_secret,
     };
     let mut acceptor = Acceptor::bind(
         config.listen,
@@ -434,6 +604,9 @@ pub fn start_with_seats<H: Handler + Send + 'static>(
         options,
     )
     .with_context(|| format!("binding {}", config.listen))?;
+    if let Some(router) = &router {
+        router.router.set_waker(acceptor.waker());
+    }
     let admin_addr = acceptor.admin_addr();
     let admin_worker = match &auth {
         Some(auth) => {
@@ -493,5 +666,7 @@ pub fn start_with_seats<H: Handler + Send + 'static>(
         admin_addr,
         admin_worker,
         webhooks: None,
+        cluster: None,
+        relay,
     })
 }

@@ -60,6 +60,13 @@ pub enum ShardMsg {
     Door(DoorRelease),
     /// Stop: close every client with 1001, finish pending writes, return.
     Shutdown,
+    /// Cluster mode: this node no longer holds these documents' leases (`None`: any, because
+    /// renewal failed for too long): drop them from memory without acknowledging anything
+    /// still held, and close their clients with 1013 so they come back through the owner.
+    LeasesLost {
+        /// The documents, or `None` for every document of the shard.
+        docs: Option<Vec<String>>,
+    },
     /// A revocation is in force: close every live connection it matches with 1008 `revoked`,
     /// then send the number closed on `reply`.
     Revoke {

@@ -35,6 +35,8 @@ pub enum AdminPath {
     Metrics,
     /// `POST /admin/revoke`.
     Revoke,
+    /// `GET /cluster` or `GET /cluster/owner?doc=D` behind an admin token (cluster mode).
+    Cluster,
 }
 
 /// A request for the admin surface, to be authenticated by the acceptor.
@@ -46,6 +48,8 @@ pub struct AdminRequest {
     pub bearer: Option<String>,
     /// The body's length (`Content-Length`), at most [`ADMIN_BODY_BYTES_MAX`].
     pub body_bytes: usize,
+    /// The request target (path and query), for the endpoints that read it (`/cluster/*`).
+    pub target: String,
 }
 
 /// What this listener serves and guards.
@@ -172,7 +176,7 @@ fn route(
         return Route::Answer(text_response(400, "malformed request"));
     };
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let is_admin = path == "/metrics" || path.starts_with("/admin/");
+    let is_admin = path == "/metrics" || path.starts_with("/admin/") || is_cluster_path(path);
     if is_admin {
         return admin_route(request, method, path, metrics, gate);
     }
@@ -338,6 +342,7 @@ fn admin_route(
     }
     let (admin_path, allowed) = match path {
         "/metrics" => (AdminPath::Metrics, "GET"),
+        _ if is_cluster_path(path) && metrics.cluster().is_some() => (AdminPath::Cluster, "GET"),
         "/admin/revoke" if gate.guarded => (AdminPath::Revoke, "POST"),
         _ => return Route::Answer(text_response(404, "not found")),
     };
@@ -352,6 +357,9 @@ fn admin_route(
     }
     if admin_path == AdminPath::Metrics && (!gate.guarded || gate.metrics_public) {
         return Route::Answer(metrics_answer(metrics));
+    }
+    if admin_path == AdminPath::Cluster && !gate.guarded {
+        return Route::Answer(cluster_answer(metrics, request.path.unwrap_or(path)));
     }
     let bearer = match bearer(request) {
         Ok(bearer) => bearer,
@@ -375,7 +383,37 @@ fn admin_route(
         path: admin_path,
         bearer,
         body_bytes,
+        target: request.path.unwrap_or(path).to_owned(),
     })
+}
+
+/// Whether `path` is one of the cluster's status endpoints.
+fn is_cluster_path(path: &str) -> bool {
+    path == "/cluster" || path == "/cluster/owner"
+}
+
+/// `GET /cluster` and `GET /cluster/owner?doc=D` (target = path and query), from what the
+/// node's directory thread published (`crate::cluster::ClusterRouter`); 404 when the server
+/// is not a cluster node, 400 for `/cluster/owner` without a valid `doc`.
+pub fn cluster_answer(metrics: &MetricsRegistry, target: &str) -> Vec<u8> {
+    let Some(cluster) = metrics.cluster() else {
+        return text_response(404, "not found");
+    };
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let body = if path == "/cluster" {
+        cluster.nodes_json()
+    } else {
+        let doc = query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("doc="))
+            .and_then(percent_decode)
+            .filter(|doc| !doc.is_empty() && doc.len() <= 512);
+        match doc {
+            Some(doc) => cluster.owner_json(&doc),
+            None => return text_response(400, "/cluster/owner needs ?doc=NAME (1 to 512 bytes)"),
+        }
+    };
+    response(200, "application/json", body.as_bytes(), &[])
 }
 
 /// Whether the head asks for a WebSocket (version 13) upgrade with a key; tungstenite checks
@@ -712,6 +750,7 @@ mod tests {
                 path: AdminPath::Metrics,
                 bearer: Some("x".to_owned()),
                 body_bytes: 0,
+                target: "/metrics".to_owned(),
             })
         );
         assert_eq!(
@@ -723,6 +762,7 @@ mod tests {
                 path: AdminPath::Revoke,
                 bearer: None,
                 body_bytes: 12,
+                target: "/admin/revoke".to_owned(),
             })
         );
         let public = HttpGate {

@@ -19,20 +19,30 @@ use tungstenite::handshake::server::{NoCallback, ServerHandshake};
 use tungstenite::handshake::{HandshakeError, MidHandshake};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::frame::CloseFrame;
-use tungstenite::protocol::WebSocketConfig;
+use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
 use crate::auth::{now_unix, pick_token, AdminRefusal, Auth, AuthError, RevokeRequest};
+use crate::cluster::forwarded::{self, ClusterSecret};
+use crate::cluster::relay::{self, RelayJob, RelayKind};
 use crate::config::REFUSALS_BEFORE_CLOSE;
 use crate::ids::shard_for_doc;
 use crate::metrics::MetricsRegistry;
-use crate::protocol::{self, ClientMessage, ErrorCode, ProtocolError};
+use crate::protocol::{self, ClientMessage, ErrorCode, Hello, ProtocolError};
 
 use super::admin::{json_error, AdminDone, AdminJob, JobId};
 use super::door::{self, Door, DoorLimits, DoorRefusal, HeadRead};
 use super::handoff::{Admitted, Handoff, ShardInbox, ShardMsg};
 use super::http::{
-    self, AdminPath, AdminRequest, DoorTokens, HttpGate, Parsed, Route, REQUEST_HEAD_BYTES_MAX,
+    self, AdminPath, AdminRequest, DoorTokens, HttpGate, Parsed, Route, REQUEST_HEADERS_MAX,
+    REQUEST_HEAD_BYTES_MAX,
+};
+use super::routing::{self, ClusterRouting, Decision};
+
+mod cluster;
+use cluster::{
+    head_relayed, head_vouch, peeked_vouch, plain_hello, plain_ws_start, refuse_unavailable,
+    relay_request, upgrade_and_refuse, PlainHello,
 };
 
 /// Connections in the HTTP/handshake stage at once; past it new ones are dropped at once,
@@ -78,6 +88,12 @@ pub struct AcceptorOptions {
     pub metrics_public: bool,
     /// `--admin-listen`: `/metrics` and `/admin/*` move to this address.
     pub admin_listen: Option<SocketAddr>,
+    /// Cluster routing (any-node entry): `None` on a single node, where every document is
+    /// served here.
+    pub cluster: Option<ClusterRouting>,
+    /// `--cluster-secret-file`: signs the client address this node relays and checks the one a
+    /// peer relays here (`cluster::forwarded`).
+    pub cluster_secret: Option<ClusterSecret>,
 }
 
 impl AcceptorOptions {
@@ -133,6 +149,9 @@ enum Stage {
         ws: WebSocket<TcpStream>,
         n_refused: u32,
         tokens: DoorTokens,
+        /// Cluster node whose raw reader left this connection to tungstenite (a fragmented or
+        /// unusual first message): its `hello` is served only when the document is local.
+        check_route: bool,
     },
     /// An authenticated `POST /admin/revoke`: reading its body (the head is consumed).
     AdminBody {
@@ -150,6 +169,12 @@ enum Stage {
         stream: TcpStream,
         refusal: DoorRefusal,
     },
+    /// Cluster node: the router has no answer yet for the document the request head names
+    /// (`/ws/<doc>`, `/api/docs/<doc>`); the head is still in the socket, peeked, not consumed.
+    Routing(TcpStream),
+    /// Cluster node, plain `/ws`: the acceptor answered the handshake itself and reads the raw
+    /// frames up to the `hello`, keeping their bytes for the owner.
+    PlainHello(Box<PlainHello>),
 }
 
 struct Pending {
@@ -164,6 +189,10 @@ struct Pending {
     admin_port: bool,
     /// Unique per accepted connection (slab keys are reused): names its admin job.
     serial: u64,
+    /// Cluster node: the connection waits for its route; `deadline` is then the route's.
+    routing: bool,
+    /// The route's deadline passed: the next drive refuses it `unavailable`.
+    route_expired: bool,
 }
 
 /// What one step of a pending connection may use besides its stage.
@@ -174,6 +203,8 @@ struct Ctx<'a> {
     admin_port: bool,
     /// Where a revocation goes, with this connection's job id.
     admin_jobs: Option<(&'a crossbeam_channel::Sender<AdminJob>, JobId)>,
+    /// The connection's route wait is over (cluster nodes).
+    route_expired: bool,
 }
 
 /// What a pending connection does next.
@@ -188,6 +219,17 @@ enum Next {
     Again(Stage),
     Drop,
     HandOff(Box<Handoff>),
+    /// Wait for the router (cluster nodes); the first time, the route's deadline replaces the
+    /// handshake's.
+    Route(Stage),
+    /// Relay the connection to its document's owner.
+    Relay(Box<RelayJob>),
+    /// A peer vouched that the request comes from `client` (`cluster::forwarded`): count it
+    /// against that address instead of the peer's, then read the request again.
+    Reattribute {
+        stream: TcpStream,
+        client: SocketAddr,
+    },
 }
 
 /// The acceptor: a listener, its pending connections and the shards' inboxes.
@@ -260,6 +302,10 @@ impl Acceptor {
         let mut listener = TcpListener::bind(addr)?;
         raise_backlog(&listener)?;
         let local_addr = listener.local_addr()?;
+        let mut options = options;
+        if let Some(cluster) = options.cluster.as_mut() {
+            cluster.self_addr = Some(local_addr);
+        }
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
@@ -394,7 +440,10 @@ impl Acceptor {
                 match event.token() {
                     LISTENER => self.accept_all(false),
                     ADMIN_LISTENER => self.accept_all(true),
-                    WAKER => self.collect_admin_answers(),
+                    WAKER => {
+                        self.collect_admin_answers();
+                        self.reroute();
+                    }
                     Token(t) => self.drive(t - FIRST_CONN),
                 }
             }
@@ -407,6 +456,7 @@ impl Acceptor {
             if now >= next_scan {
                 next_scan = now + tick;
                 self.expire(now);
+                self.reroute();
                 self.door.on_tick(now);
                 if self.accept_retry {
                     self.accept_all(false);
@@ -479,6 +529,8 @@ impl Acceptor {
                         counted,
                         admin_port,
                         serial: self.next_serial,
+                        routing: false,
+                        route_expired: false,
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -502,9 +554,37 @@ impl Acceptor {
             .map(|(key, _)| key)
             .collect();
         for key in expired {
+            let Some(pending) = self.pending.get_mut(key) else {
+                continue;
+            };
+            if pending.routing && !pending.route_expired {
+                // No route in time: the client gets `unavailable` and 1013 (or a 503), with a
+                // handshake deadline to take it.
+                pending.route_expired = true;
+                pending.deadline = now + self.options.handshake_timeout;
+                self.drive(key);
+                continue;
+            }
             let pending = self.pending.remove(key);
             debug!("acceptor: {} missed the handshake deadline", pending.peer);
             self.forget(&pending);
+        }
+    }
+
+    /// Asks the router again for every connection that waits for a route (on the router's
+    /// wake-up and on every tick).
+    fn reroute(&mut self) {
+        if self.options.cluster.is_none() {
+            return;
+        }
+        let waiting: Vec<usize> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.routing && !p.route_expired)
+            .map(|(key, _)| key)
+            .collect();
+        for key in waiting {
+            self.drive(key);
         }
     }
 
@@ -521,6 +601,7 @@ impl Acceptor {
         };
         let peer = pending.peer;
         let (admin_port, serial) = (pending.admin_port, pending.serial);
+        let route_expired = pending.route_expired;
         let Some(stage) = pending.stage.take() else {
             return;
         };
@@ -541,8 +622,16 @@ impl Acceptor {
                 .admin
                 .as_ref()
                 .map(|(jobs, _)| (jobs, JobId { key, serial })),
+            route_expired,
         };
         let next = advance(stage, peer, &ctx);
+        if !matches!(next, Next::Route(_)) {
+            // Routed (or refused): back to a handshake's deadline, and no more re-asking.
+            if let Some(pending) = self.pending.get_mut(key).filter(|p| p.routing) {
+                pending.routing = false;
+                pending.deadline = Instant::now() + self.options.handshake_timeout;
+            }
+        }
         match next {
             Next::Stay(stage) => {
                 if let Some(pending) = self.pending.get_mut(key) {
@@ -559,6 +648,19 @@ impl Acceptor {
                 let pending = self.pending.remove(key);
                 self.forget(&pending);
             }
+            Next::Route(stage) => {
+                if let Some(pending) = self.pending.get_mut(key) {
+                    pending.stage = Some(stage);
+                    if !pending.routing {
+                        pending.routing = true;
+                        self.metrics.relay().route_wait_started();
+                        let wait = self.options.cluster.as_ref().map(|c| c.route_wait);
+                        pending.deadline = Instant::now() + wait.unwrap_or_default();
+                    }
+                }
+            }
+            Next::Reattribute { stream, client } => self.reattribute(key, stream, client),
+            Next::Relay(job) => self.relay(key, job),
             Next::HandOff(mut handoff) => {
                 let pending = self.pending.remove(key);
                 if let Err(e) = self.poll.registry().deregister(handoff.ws.get_mut()) {
@@ -581,6 +683,113 @@ impl Acceptor {
                     self.refuse_dead_shard(handoff);
                 }
             }
+        }
+    }
+
+    /// A peer vouched for the connection's real client: the door counts it against that
+    /// address (and may refuse it), then the request is read again.
+    fn reattribute(&mut self, key: usize, stream: TcpStream, client: SocketAddr) {
+        let Some(pending) = self.pending.get_mut(key) else {
+            return;
+        };
+        let (was_counted, relay_addr) = (pending.counted, pending.peer);
+        pending.peer = client;
+        if was_counted {
+            self.door.release(relay_addr);
+        }
+        let stage = match self.door.admit(client, Instant::now()) {
+            Ok(()) => {
+                debug!("acceptor: {relay_addr} relays {client}");
+                Stage::Request(stream)
+            }
+            Err(refusal) => {
+                debug!(
+                    "acceptor: {client} (relayed by {relay_addr}) refused at the door: {refusal:?}"
+                );
+                Stage::Deny { stream, refusal }
+            }
+        };
+        let counted = matches!(stage, Stage::Request(_)) && self.door.limits().counts_conns();
+        if let Some(pending) = self.pending.get_mut(key) {
+            pending.counted = counted;
+            pending.stage = Some(stage);
+            self.again.push(key);
+        }
+    }
+
+    /// Hands a connection to the relay thread; its door count travels with it.
+    // The job stays boxed: it came boxed in `Next` and goes on to the relay's channel.
+    #[allow(clippy::boxed_local)]
+    fn relay(&mut self, key: usize, mut job: Box<RelayJob>) {
+        let pending = self.pending.remove(key);
+        if let Err(e) = self.poll.registry().deregister(&mut job.client) {
+            warn!("acceptor: deregister {}: {e}", pending.peer);
+            self.forget(&pending);
+            return;
+        }
+        job.peer = pending.peer;
+        job.release = if pending.counted {
+            self.door.release_handle()
+        } else {
+            None
+        };
+        let Some(cluster) = &self.options.cluster else {
+            self.forget(&pending);
+            return;
+        };
+        debug!("acceptor: relaying {} to {}", job.peer, job.upstream);
+        if let Err(refused) = cluster.relay.submit(*job) {
+            self.refuse_relay(refused.into_job(), pending);
+        }
+    }
+
+    /// The relay is full (or gone): the client gets `unavailable` and 1013 (HTTP: 503) from the
+    /// acceptor, in a new pending entry that keeps the connection's door count.
+    // The job comes boxed from the relay's refusal.
+    #[allow(clippy::boxed_local)]
+    fn refuse_relay(&mut self, job: Box<RelayJob>, pending: Pending) {
+        let RelayJob {
+            mut client,
+            peer,
+            kind,
+            ..
+        } = *job;
+        debug!("acceptor: the relay refused {peer}");
+        let entry = self.pending.vacant_entry();
+        let token = Token(entry.key() + FIRST_CONN);
+        if let Err(e) = self.poll.registry().register(
+            &mut client,
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            warn!("acceptor: register {peer}: {e}");
+            self.forget(&pending);
+            return;
+        }
+        let next = match kind {
+            RelayKind::WsUpgrade { key } => upgrade_and_refuse(client, &key, &self.options),
+            RelayKind::WsUpgraded => refuse_unavailable(WebSocket::from_raw_socket(
+                client,
+                Role::Server,
+                Some(self.options.ws_config),
+            )),
+            RelayKind::Http => write_answer(client, routing::unavailable_http(), 0),
+        };
+        match next {
+            Next::Stay(stage) | Next::Again(stage) => {
+                self.next_serial += 1;
+                entry.insert(Pending {
+                    stage: Some(stage),
+                    peer,
+                    deadline: Instant::now() + self.options.handshake_timeout,
+                    counted: pending.counted,
+                    admin_port: false,
+                    serial: self.next_serial,
+                    routing: false,
+                    route_expired: false,
+                });
+            }
+            _ => self.forget(&pending),
         }
     }
 
@@ -628,6 +837,8 @@ impl Acceptor {
                     counted: self.door.limits().counts_conns(),
                     admin_port: false,
                     serial: self.next_serial,
+                    routing: false,
+                    route_expired: false,
                 });
             }
             _ => self.release_counted(peer),
@@ -652,21 +863,31 @@ fn advance(stage: Stage, peer: SocketAddr, ctx: &Ctx<'_>) -> Next {
             bytes,
             written,
         } => write_answer(stream, bytes, written),
-        Stage::Handshake { mid, doc, tokens } => handshake_resume(mid, doc, tokens, peer, options),
+        Stage::Handshake { mid, doc, tokens } => handshake_resume(mid, doc, tokens, peer, ctx),
         Stage::AwaitHello {
             ws,
             n_refused,
             tokens,
-        } => await_hello(ws, n_refused, tokens, peer, options),
+            check_route,
+        } => await_hello(ws, n_refused, tokens, check_route, peer, ctx),
         Stage::Refuse(ws) => refuse(ws),
         Stage::Deny {
             mut stream,
             refusal,
-        } => match door::consume_request_head(&mut stream) {
-            HeadRead::More => Next::Stay(Stage::Deny { stream, refusal }),
-            HeadRead::Complete => write_answer(stream, refusal.answer(), 0),
-            HeadRead::Gone => Next::Drop,
-        },
+        } => {
+            // A peer's relayed request counts against its real client, not the peer.
+            if let Some(client) = peeked_vouch(&stream, options).filter(|&c| c != peer) {
+                return Next::Reattribute { stream, client };
+            }
+            match door::consume_request_head(&mut stream) {
+                HeadRead::More => Next::Stay(Stage::Deny { stream, refusal }),
+                HeadRead::Complete => write_answer(stream, refusal.answer(), 0),
+                HeadRead::Gone => Next::Drop,
+            }
+        }
+        // Asked again on every wake-up and tick (and on the deadline, then refused).
+        Stage::Routing(stream) => read_request(stream, peer, ctx),
+        Stage::PlainHello(plain) => plain_hello(plain, peer, ctx),
         Stage::AdminBody {
             stream,
             body,
@@ -696,6 +917,11 @@ fn admin_start(stream: TcpStream, request: AdminRequest, ctx: &Ctx<'_>) -> Next 
     }
     match request.path {
         AdminPath::Metrics => write_answer(stream, http::metrics_answer(ctx.metrics), 0),
+        AdminPath::Cluster => write_answer(
+            stream,
+            http::cluster_answer(ctx.metrics, &request.target),
+            0,
+        ),
         AdminPath::Revoke => admin_body(
             stream,
             Vec::with_capacity(request.body_bytes),
@@ -799,7 +1025,8 @@ fn refuse_auth(ws: WebSocket<TcpStream>, e: AuthError, peer: SocketAddr) -> Next
 fn read_request(mut stream: TcpStream, peer: SocketAddr, ctx: &Ctx<'_>) -> Next {
     let (metrics, options) = (ctx.metrics, ctx.options);
     let mut buf = [0u8; REQUEST_HEAD_BYTES_MAX];
-    // Peek, so that an upgrade leaves the request in the socket for tungstenite's handshake.
+    // Peek, so that an upgrade leaves the request in the socket for tungstenite's handshake
+    // (or, on a cluster node, for the owner).
     let n = match stream.peek(&mut buf) {
         Ok(0) => return Next::Drop,
         Ok(n) => n,
@@ -808,45 +1035,113 @@ fn read_request(mut stream: TcpStream, peer: SocketAddr, ctx: &Ctx<'_>) -> Next 
         }
         Err(_) => return Next::Drop,
     };
-    match http::parse_request_gated(&buf[..n], metrics, ctx.health, options.gate(ctx.admin_port)) {
-        Parsed::Partial => Next::Stay(Stage::Request(stream)),
-        Parsed::Complete {
-            head_bytes,
-            route: Route::Answer(bytes),
-        } => {
+    let (head_bytes, route) = match http::parse_request_gated(
+        &buf[..n],
+        metrics,
+        ctx.health,
+        options.gate(ctx.admin_port),
+    ) {
+        Parsed::Partial => return Next::Stay(Stage::Request(stream)),
+        Parsed::Complete { head_bytes, route } => (head_bytes, route),
+    };
+    let head = &buf[..head_bytes];
+    // Cluster: a request a peer relayed counts against its real client, and is never relayed on.
+    let mut from_peer = options.cluster.is_some() && head_relayed(head);
+    if let Some(client) = options
+        .cluster_secret
+        .as_ref()
+        .and_then(|secret| head_vouch(head, secret))
+    {
+        if client != peer {
+            return Next::Reattribute { stream, client };
+        }
+        from_peer = true;
+    }
+    if let (Some(cluster), false) = (&options.cluster, matches!(route, Route::Upgrade { .. })) {
+        if let Some(doc) = routing::api_doc(head) {
+            match cluster.decide(&doc, from_peer, ctx.route_expired) {
+                Decision::Local => {}
+                Decision::Relay(owner) => {
+                    let kind = RelayKind::Http;
+                    return relay_request(stream, head, &doc, owner, kind, peer, options);
+                }
+                Decision::Wait => return Next::Route(Stage::Routing(stream)),
+                Decision::Unavailable => {
+                    if !consume_head(&mut stream, head_bytes) {
+                        return Next::Drop;
+                    }
+                    return write_answer(stream, routing::unavailable_http(), 0);
+                }
+            }
+        }
+    }
+    match route {
+        Route::Answer(bytes) => {
             // Consume the head so closing after the answer does not reset the connection.
-            if stream.read(&mut buf[..head_bytes]).is_err() {
+            if !consume_head(&mut stream, head_bytes) {
                 return Next::Drop;
             }
             write_answer(stream, bytes, 0)
         }
-        Parsed::Complete {
-            head_bytes,
-            route: Route::Admin(request),
-        } => {
-            if stream.read(&mut buf[..head_bytes]).is_err() {
+        Route::Admin(request) => {
+            if !consume_head(&mut stream, head_bytes) {
                 return Next::Drop;
             }
             admin_start(stream, request, ctx)
         }
-        Parsed::Complete {
-            head_bytes,
-            route: Route::Upgrade { doc, tokens },
-        } => {
-            if let Err(refusal) = options.door.check_origin(&buf[..head_bytes]) {
+        Route::Upgrade { doc, tokens } => {
+            if let Err(refusal) = options.door.check_origin(head) {
                 debug!("acceptor: {peer} refused at the door: {refusal:?}");
                 metrics.door().refused(refusal);
-                if stream.read(&mut buf[..head_bytes]).is_err() {
+                if !consume_head(&mut stream, head_bytes) {
                     return Next::Drop;
                 }
                 return write_answer(stream, refusal.answer(), 0);
             }
+            if let Some(cluster) = &options.cluster {
+                let Some(key) = routing::upgrade_key(head) else {
+                    return Next::Drop; // The router checked the key is there.
+                };
+                match &doc {
+                    None => return plain_ws_start(stream, head, key, tokens, from_peer, peer, ctx),
+                    Some(name) => match cluster.decide(name, from_peer, ctx.route_expired) {
+                        Decision::Local => {}
+                        Decision::Relay(owner) => {
+                            let kind = RelayKind::WsUpgrade { key };
+                            return relay_request(stream, head, name, owner, kind, peer, options);
+                        }
+                        Decision::Wait => return Next::Route(Stage::Routing(stream)),
+                        Decision::Unavailable => {
+                            if !consume_head(&mut stream, head_bytes) {
+                                return Next::Drop;
+                            }
+                            return upgrade_and_refuse(stream, &key, options);
+                        }
+                    },
+                }
+            }
             debug!("acceptor: {peer} upgrades for {doc:?}");
             let mid = ServerHandshake::start(stream, NoCallback, Some(options.ws_config));
             // Run the first round at once: the request is already in the socket.
-            handshake_resume(mid, doc, tokens, peer, options)
+            handshake_resume(mid, doc, tokens, peer, ctx)
         }
     }
+}
+
+/// Reads (consumes) the `n` bytes of a request head that were peeked.
+fn consume_head(stream: &mut TcpStream, n: usize) -> bool {
+    let mut scratch = [0u8; 1024];
+    let mut left = n;
+    while left > 0 {
+        let want = left.min(scratch.len());
+        match stream.read(&mut scratch[..want]) {
+            Ok(0) => return false,
+            Ok(got) => left -= got,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 fn write_answer(mut stream: TcpStream, bytes: Vec<u8>, mut written: usize) -> Next {
@@ -874,8 +1169,9 @@ fn handshake_resume(
     doc: Option<String>,
     tokens: DoorTokens,
     peer: SocketAddr,
-    options: &AcceptorOptions,
+    ctx: &Ctx<'_>,
 ) -> Next {
+    let options = ctx.options;
     match mid.handshake() {
         Ok(ws) => match doc {
             Some(doc) => admit_at_door(ws, doc, tokens, None, peer, options),
@@ -886,7 +1182,7 @@ fn handshake_resume(
                 peer,
                 admitted: None,
             })),
-            None => await_hello(ws, 0, tokens, peer, options),
+            None => await_hello(ws, 0, tokens, false, peer, ctx),
         },
         Err(HandshakeError::Interrupted(mid)) => Next::Stay(Stage::Handshake { mid, doc, tokens }),
         Err(HandshakeError::Failure(e)) => {
@@ -896,13 +1192,34 @@ fn handshake_resume(
     }
 }
 
+/// The `hello` a plain `/ws` connection must send first, or the refusal of what it sent (the
+/// same rules in the raw reader of a cluster node and in tungstenite's).
+fn hello_or_refusal(text: &str) -> Result<Hello, ProtocolError> {
+    match protocol::parse_client_message(text) {
+        Ok(ClientMessage::Hello(hello)) if hello.doc.is_some() => Ok(hello),
+        Ok(ClientMessage::Hello(_)) => {
+            Err(ProtocolError::bad("hello on plain /ws must name a doc"))
+        }
+        Ok(ClientMessage::Op(op)) => {
+            Err(ProtocolError::new(ErrorCode::NotJoined, "send hello first")
+                .with_client_seq(Some(op.client_seq)))
+        }
+        Ok(ClientMessage::Presence(_) | ClientMessage::Auth(_)) => {
+            Err(ProtocolError::new(ErrorCode::NotJoined, "send hello first"))
+        }
+        Err(err) => Err(err),
+    }
+}
+
 fn await_hello(
     mut ws: WebSocket<TcpStream>,
     mut n_refused: u32,
     tokens: DoorTokens,
+    check_route: bool,
     peer: SocketAddr,
-    options: &AcceptorOptions,
+    ctx: &Ctx<'_>,
 ) -> Next {
+    let options = ctx.options;
     // Push out earlier refusals (read() alone only flushes control replies); what does not
     // fit now stays in tungstenite's buffer for the next writable event, or the shard.
     if let Err(e) = ws.flush() {
@@ -912,20 +1229,20 @@ fn await_hello(
     }
     for _ in 0..FRAMES_PER_DRIVE_MAX {
         let refusal = match ws.read() {
-            Ok(Message::Text(text)) => match protocol::parse_client_message(&text) {
-                Ok(ClientMessage::Hello(hello)) if hello.doc.is_some() => {
+            Ok(Message::Text(text)) => match hello_or_refusal(&text) {
+                Ok(hello) => {
                     let doc = hello.doc.clone().unwrap_or_default();
+                    let local = match (&options.cluster, check_route) {
+                        (Some(cluster), true) => {
+                            cluster.decide(&doc, false, true) == Decision::Local
+                        }
+                        _ => true,
+                    };
+                    if !local {
+                        // The raw reader could not keep this hello's bytes for the owner.
+                        return refuse_unavailable(ws);
+                    }
                     return admit_at_door(ws, doc, tokens, Some(hello), peer, options);
-                }
-                Ok(ClientMessage::Hello(_)) => {
-                    ProtocolError::bad("hello on plain /ws must name a doc")
-                }
-                Ok(ClientMessage::Op(op)) => {
-                    ProtocolError::new(ErrorCode::NotJoined, "send hello first")
-                        .with_client_seq(Some(op.client_seq))
-                }
-                Ok(ClientMessage::Presence(_) | ClientMessage::Auth(_)) => {
-                    ProtocolError::new(ErrorCode::NotJoined, "send hello first")
                 }
                 Err(err) => err,
             },
@@ -937,6 +1254,7 @@ fn await_hello(
                     ws,
                     n_refused,
                     tokens,
+                    check_route,
                 });
             }
             Err(e) => {
@@ -964,6 +1282,7 @@ fn await_hello(
         ws,
         n_refused,
         tokens,
+        check_route,
     })
 }
 
@@ -984,11 +1303,21 @@ fn close_on_error(mut ws: WebSocket<TcpStream>, e: &tungstenite::Error) -> Next 
     Next::Drop
 }
 
-fn refuse_start(mut ws: WebSocket<TcpStream>, err: &ProtocolError, reason: &'static str) -> Next {
+fn refuse_start(ws: WebSocket<TcpStream>, err: &ProtocolError, reason: &'static str) -> Next {
+    refuse_with(ws, err, CloseCode::Policy, reason)
+}
+
+/// Sends `err`, then a close with `code` and `reason`, then waits for the client's close.
+fn refuse_with(
+    mut ws: WebSocket<TcpStream>,
+    err: &ProtocolError,
+    code: CloseCode,
+    reason: &'static str,
+) -> Next {
     // WouldBlock still queues the frame in tungstenite's buffer; refuse() flushes it.
     let _ = ws.write(Message::Text(protocol::encode_error(err)));
     let _ = ws.close(Some(CloseFrame {
-        code: CloseCode::Policy,
+        code,
         reason: reason.into(),
     }));
     refuse(ws)

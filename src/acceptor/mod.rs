@@ -9,6 +9,7 @@ pub mod door;
 pub mod handoff;
 pub mod http;
 pub mod listener;
+pub mod routing;
 pub mod static_pages;
 
 pub use door::{DoorLimits, DoorRelease};

@@ -297,6 +297,25 @@ impl Auth {
         *self.revocations.write() = Arc::new(next);
         Ok(rule)
     }
+
+    /// Puts a rule made elsewhere in force (a cluster node's revocation, `src/cluster/`),
+    /// saved like [`Auth::revoke`]'s; a rule already in force changes nothing (`Ok(false)`).
+    ///
+    /// # Errors
+    /// The list could not be saved or is full: nothing changed then.
+    pub fn adopt(&self, rule: Rule) -> Result<bool, RevocationError> {
+        let _serial = self.revoke_lock.lock();
+        let current = self.revocations();
+        if current.rules().contains(&rule) {
+            return Ok(false);
+        }
+        let next = current.with(rule)?;
+        if let Some(dir) = &self.revocations_dir {
+            next.save(dir)?;
+        }
+        *self.revocations.write() = Arc::new(next);
+        Ok(true)
+    }
 }
 
 #[cfg(test)]

@@ -61,6 +61,9 @@ pub trait Handler {
     fn on_revoke(&mut self, _net: &mut Net, _rule: &Rule) -> usize {
         0
     }
+    /// Cluster mode: the leases of `docs` (`None`: of every document) are lost; drop those
+    /// documents and close their clients with 1013.
+    fn on_leases_lost(&mut self, _net: &mut Net, _docs: Option<&[String]>) {}
     /// The server is shutting down: release what can still be released (the room host waits,
     /// a bounded time, for its storage worker's last answers); every connection is closed
     /// with 1001 right after.
@@ -218,6 +221,10 @@ pub fn run<H: Handler>(
                         }
                     }
                     Ok(ShardMsg::Door(release)) => net.set_door(release),
+                    Ok(ShardMsg::LeasesLost { docs }) => {
+                        handler.call(&mut net, |h, net| h.on_leases_lost(net, docs.as_deref()));
+                        tell_gone(handler, &mut net);
+                    }
                     Ok(ShardMsg::Revoke { rule, reply }) => {
                         let mut n_closed = 0;
                         handler.call(&mut net, |h, net| n_closed = h.on_revoke(net, &rule));

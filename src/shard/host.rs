@@ -164,6 +164,13 @@ enum Failure {
     Failed,
     /// The batch may or may not be durable: its ops' senders get no answer.
     OutcomeUnknown,
+    /// Cluster mode: the lease's fence refused the batch (nothing of the room's was written):
+    /// its ops' senders get `unavailable` with `client_seq`, as for `Failed`.
+    Fenced,
+    /// Cluster mode: the lease is lost or could not be renewed in time; what is in flight may
+    /// or may not commit (while the fence still holds): no per-op answer, as for
+    /// `OutcomeUnknown`.
+    LeaseLost,
 }
 
 /// The real shard handler: documents, sessions and the storage pipeline.
@@ -187,6 +194,9 @@ pub struct RoomHost {
     room_by_doc: HashMap<String, usize>,
     /// Documents whose load was sent to the worker, with the connections waiting for it.
     loading: HashMap<String, Vec<(ConnToken, Hello)>>,
+    /// Cluster mode: documents being loaded when their lease was lost (`on_leases_lost`);
+    /// their load is not used when it completes (a subset of `loading`'s keys).
+    lost_while_loading: std::collections::HashSet<String>,
     /// Batches sent and not yet reported, oldest first (completions come in this order).
     in_flight: VecDeque<InFlight>,
     /// The next batch's id.
@@ -235,6 +245,7 @@ impl RoomHost {
             rooms: Slab::new(),
             room_by_doc: HashMap::new(),
             loading: HashMap::new(),
+            lost_while_loading: Default::default(),
             in_flight: VecDeque::new(),
             next_batch: 1,
             next_generation: 1,
@@ -694,6 +705,19 @@ fn refuse_storage_unavailable(net: &mut Net, conn: ConnToken) {
     net.close(conn, 1013, "storage unavailable, try again later");
 }
 
+/// Cluster mode: a hello for a document whose lease this node does not hold (another node
+/// owns it, or this node is draining): `unavailable` and a close 1013 (the client reconnects,
+/// and the routing stage sends it to the owner).
+fn refuse_not_owner(net: &mut Net, conn: ConnToken) {
+    net.metrics.figures.counters.msgs_refused += 1;
+    let err = ProtocolError::new(
+        ErrorCode::Unavailable,
+        "another node serves this document; reconnect",
+    );
+    net.send(conn, protocol::encode_error(&err));
+    net.close(conn, 1013, "document served elsewhere, reconnect");
+}
+
 /// The storage worker exited while the shard still runs: a bug in a storage backend (it
 /// panicked). The shard dies with it (its handler panics), loudly, as any handler bug does.
 fn worker_gone() -> ! {
@@ -998,6 +1022,35 @@ impl Handler for RoomHost {
             window_bytes = self.shed_windows(window_bytes);
         }
         net.metrics.figures.counters.replay_window_bytes = window_bytes as u64;
+    }
+
+    fn on_leases_lost(&mut self, net: &mut Net, docs: Option<&[String]>) {
+        let lost: Vec<usize> = match docs {
+            Some(docs) => docs
+                .iter()
+                .filter_map(|doc| self.room_by_doc.get(doc).copied())
+                .collect(),
+            None => self.rooms.iter().map(|(idx, _)| idx).collect(),
+        };
+        // A load in flight may have acquired the lease just before it was lost: its result
+        // must not open a room.
+        match docs {
+            Some(docs) => self.lost_while_loading.extend(
+                docs.iter()
+                    .filter(|doc| self.loading.contains_key(*doc))
+                    .cloned(),
+            ),
+            None => self.lost_while_loading.extend(self.loading.keys().cloned()),
+        }
+        if !lost.is_empty() {
+            warn!(
+                "shard: lease lost for {} document(s); dropping them",
+                lost.len()
+            );
+        }
+        for room_idx in lost {
+            self.fail_room(net, room_idx, Failure::LeaseLost);
+        }
     }
 
     fn on_shutdown(&mut self, net: &mut Net) {

@@ -126,6 +126,14 @@ pub enum StorageError {
         /// What happened, for the log.
         reason: String,
     },
+    /// Cluster mode: this node does not hold the document's lease (another node took it over,
+    /// or it could not be acquired), so nothing of it was read or written. The shard drops the
+    /// document and closes its clients with 1013; they come back through the owner.
+    #[error("document fenced: {reason}")]
+    Fenced {
+        /// Why, for the log.
+        reason: String,
+    },
 }
 
 /// The op log and snapshots of the documents of one shard.
@@ -177,5 +185,13 @@ pub trait Storage: Send {
     /// `Unavailable` while it still cannot be reached.
     fn probe(&mut self) -> Result<(), StorageError> {
         Ok(())
+    }
+
+    /// The documents whose records the last [`Storage::sync`] refused by their lease's fence
+    /// (cluster mode): nothing of theirs in it was written, while the sync's other documents
+    /// were committed. The worker reports them before the sync's completion. Backends without
+    /// leases keep the default (none).
+    fn take_fenced(&mut self) -> Vec<String> {
+        Vec::new()
     }
 }

@@ -112,6 +112,13 @@ pub enum StorageCompletion {
         /// What storage holds for it.
         result: Result<Option<StoredDoc>, StorageError>,
     },
+    /// Cluster mode: the next `Synced` committed none of these documents' records (their
+    /// lease's fence refused them), whatever its result says for the others. Sent just before
+    /// that `Synced`; the worker fences the documents until their `Release`.
+    Fenced {
+        /// The documents refused.
+        docs: Vec<String>,
+    },
     /// The answer to [`StorageRequest::Snapshot`].
     SnapshotWritten {
         /// The document.
@@ -415,6 +422,17 @@ impl WorkerLoop {
             None => synced,
         };
         self.available.set(reached(&result));
+        let fenced = self.storage.take_fenced();
+        if !fenced.is_empty() {
+            warn!(
+                "storage worker: {} document(s) refused by their lease's fence",
+                fenced.len()
+            );
+            self.fenced.extend(fenced.iter().cloned());
+            let _ = self
+                .completions
+                .send(StorageCompletion::Fenced { docs: fenced });
+        }
         if let Err(e) = &result {
             warn!(
                 "storage worker: sync of batches {}..={} failed: {e}",

@@ -7,7 +7,10 @@ use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tungstenite::protocol::frame::Frame;
 use tungstenite::Message;
 
-use crate::util::{connect, recv_json, recv_until_close, send, server, test_config, Watchdog, Ws};
+use crate::util::{connect, recv_json, recv_until_close, send, test_config, Watchdog, Ws};
+// A single node (`util::server`), or, where `relay.rs` includes this file again, a node that owns
+// none of the documents and relays every connection to the owner.
+use super::contract_server as server;
 
 /// Reads the next frame and checks it is an `error` with `code` and `client_seq`.
 fn expect_error(ws: &mut Ws, code: &str, client_seq: Option<u64>, why: &str) {

@@ -134,13 +134,34 @@ fn server_text_of(addr: SocketAddr, doc: &str) -> (String, u64) {
 #[test]
 fn interop_python_websockets_and_node_ws_converge() {
     let _w = Watchdog::new("interop_python_websockets_and_node_ws_converge", 120);
+    let (server, addr) = spawn_server();
+    let _server = Reaper(server);
+    converge(addr);
+}
+
+/// The same clients, unchanged, connected to a node that owns none of the documents and relays
+/// them to the owner (the Python client on `/ws/<doc>`, the Node client on plain `/ws`).
+#[test]
+fn interop_clients_converge_through_a_relaying_node() {
+    let _w = Watchdog::new("interop_clients_converge_through_a_relaying_node", 120);
+    let (server, owner) = spawn_server();
+    let _server = Reaper(server);
+    let (entry, _router) = crate::relay::entry_node(owner);
+    converge(entry.local_addr());
+    assert!(
+        entry.metrics().relay().started() >= 2,
+        "the clients went through the relay"
+    );
+    entry.shutdown().expect("entry node shuts down");
+}
+
+/// Runs every available interop client against `addr` and checks they converge.
+fn converge(addr: SocketAddr) {
     let clients = available_clients();
     if clients.is_empty() {
         missing_tool("interop: neither interop client can run");
         return;
     }
-    let (server, addr) = spawn_server();
-    let _server = Reaper(server);
     let total = (OPS_PER_CLIENT * clients.len()).to_string();
     let n_ops = OPS_PER_CLIENT.to_string();
     let children: Vec<(&str, Reaper)> = clients

@@ -3,6 +3,7 @@
 mod auth;
 mod binary;
 mod client;
+mod cluster;
 mod contract;
 mod door;
 mod echo;
@@ -15,9 +16,14 @@ mod metrics;
 mod pg;
 mod pipeline;
 mod rate;
+mod relay;
+mod relay_contract;
 mod storage_failure;
 mod util;
 #[path = "../support/watchdog.rs"]
 mod watchdog;
 mod webhooks;
 mod ws;
+
+/// What `contract.rs` tests against here: one node.
+use util::server as contract_server;

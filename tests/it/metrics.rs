@@ -65,7 +65,11 @@ fn metrics_are_a_valid_aggregatable_exposition() {
 
     let shards: BTreeSet<&str> = ["0", "1"].into();
     for f in families.iter().filter(|f| f.name.starts_with("collab_")) {
-        if f.name.starts_with("collab_door_") || f.name == "collab_build_info" {
+        // Per-node families: the door's and the relay's (cluster::relay).
+        if f.name.starts_with("collab_door_")
+            || f.name.starts_with("collab_relay_")
+            || f.name == "collab_build_info"
+        {
             continue;
         }
         let seen: BTreeSet<&str> = f.samples.iter().filter_map(|s| s.label("shard")).collect();

@@ -21,8 +21,8 @@ use crate::storage::{StorageError, StoredDoc};
 use super::super::conn::Net;
 use super::super::event_loop::Handler;
 use super::{
-    frame_is, refuse_storage_unavailable, worker_gone, Failure, RoomHost, RoomSlot,
-    SPENT_VECS_KEPT_MAX, UNAVAILABLE_PREFIX,
+    frame_is, refuse_not_owner, refuse_storage_unavailable, worker_gone, Failure, RoomHost,
+    RoomSlot, SPENT_VECS_KEPT_MAX, UNAVAILABLE_PREFIX,
 };
 
 impl RoomHost {
@@ -37,10 +37,22 @@ impl RoomHost {
             warn!("shard: a load completed that was not asked for");
             return;
         };
+        let result = if self.lost_while_loading.remove(&doc) {
+            if result.is_ok() {
+                // Its lease went while it loaded: the storage releases what it acquired.
+                self.request(StorageRequest::Release { doc: doc.clone() });
+            }
+            Err(StorageError::Fenced {
+                reason: "the lease was lost while the document loaded".to_owned(),
+            })
+        } else {
+            result
+        };
         let unreachable = matches!(
             result,
             Err(StorageError::Unavailable { .. } | StorageError::OutcomeUnknown { .. })
         );
+        let fenced = matches!(result, Err(StorageError::Fenced { .. }));
         let room_idx = match result {
             Ok(stored) => match Room::open(doc.clone(), stored, self.room_config.clone()) {
                 Ok(room) => {
@@ -85,6 +97,7 @@ impl RoomHost {
             match room_idx {
                 Some(idx) => self.join(conn, idx, &hello),
                 None if unreachable => refuse_storage_unavailable(net, conn),
+                None if fenced => refuse_not_owner(net, conn),
                 None => {
                     let err =
                         ProtocolError::new(ErrorCode::Unavailable, "document could not be loaded");
@@ -151,6 +164,13 @@ impl RoomHost {
                     if self.spent_rooms.len() < SPENT_VECS_KEPT_MAX {
                         rooms.clear();
                         self.spent_rooms.push(rooms);
+                    }
+                }
+            }
+            StorageCompletion::Fenced { docs } => {
+                for doc in docs {
+                    if let Some(room_idx) = self.room_by_doc.get(&doc).copied() {
+                        self.fail_room(net, room_idx, Failure::Fenced);
                     }
                 }
             }
@@ -259,7 +279,7 @@ impl RoomHost {
             .collect();
         // This turn's effects, if any, go too: they follow the failed batch.
         dropped.push(slot.room.take_effects());
-        if failure == Failure::Failed {
+        if matches!(failure, Failure::Failed | Failure::Fenced) {
             for effects in dropped {
                 for (conn, client_seq) in effects.op_origins {
                     let err = ProtocolError::new(
@@ -283,6 +303,10 @@ impl RoomHost {
             Failure::OutcomeUnknown => (
                 "storage outcome unknown; reconnect with since",
                 "storage outcome unknown, reconnect",
+            ),
+            Failure::Fenced | Failure::LeaseLost => (
+                "this node no longer owns the document; reconnect with since",
+                "document moved, reconnect",
             ),
         };
         let err = protocol::encode_error(&ProtocolError::new(ErrorCode::Unavailable, message));

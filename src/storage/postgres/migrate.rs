@@ -21,6 +21,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0002_replica_owners.sql",
         include_str!("../../../migrations/0002_replica_owners.sql"),
     ),
+    (
+        3,
+        "0003_cluster.sql",
+        include_str!("../../../migrations/0003_cluster.sql"),
+    ),
 ];
 
 /// The schema version this binary writes.

@@ -27,6 +27,7 @@
 //! cancelled and the connection dropped) is [`StorageError::OutcomeUnknown`]: it may or may
 //! not have committed, and the documents it touched must be reloaded before they serve again.
 
+pub mod lease;
 mod migrate;
 pub mod tls;
 
@@ -39,6 +40,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::{Client, Statement};
 use tungstenite::Utf8Bytes;
 
+pub use lease::{Incarnation, LeaseBook, LeaseCounters};
 pub use migrate::{migrate, MigrateError, MIGRATIONS, SCHEMA_VERSION};
 pub use tls::{PgTls, TlsConfigError};
 
@@ -111,6 +113,9 @@ struct Conn {
     client: Client,
     driver: JoinHandle<()>,
     stmts: Statements,
+    /// Statements of [`PgStorage::query`], prepared on first use (the cluster's directory
+    /// runs the same few every round).
+    prepared: HashMap<&'static str, Statement>,
     /// The server process of this session.
     backend: Backend,
 }
@@ -186,6 +191,8 @@ pub struct PgStorage {
     /// `<data_dir>/LOCK` when the server keeps local files beside the database
     /// ([`PgStorage::keep_lock`]).
     _lock: Option<std::fs::File>,
+    /// Cluster mode ([`PgStorage::with_leases`]): documents are served under fenced leases.
+    leases: Option<lease::LeaseMode>,
 }
 
 impl PgStorage {
@@ -226,6 +233,7 @@ impl PgStorage {
             docs: HashMap::new(),
             touched: Vec::new(),
             _lock: None,
+            leases: None,
         };
         let conn = storage.try_connect()?;
         storage.conn = Some(conn);
@@ -237,6 +245,99 @@ impl PgStorage {
     /// directory still holds the server's local files and belongs to one process.
     pub fn keep_lock(&mut self, lock: std::fs::File) {
         self._lock = Some(lock);
+    }
+
+    /// Cluster mode: this storage serves a document only under its lease, held by incarnation
+    /// `holder` (acquired by `load`, valid while the node's heartbeat is), and every commit
+    /// and snapshot checks the lease's fence in its own transaction (`lease.rs`). Leases held
+    /// are recorded in `book`.
+    pub fn with_leases(mut self, holder: Incarnation, book: LeaseBook) -> PgStorage {
+        self.leases = Some(lease::LeaseMode {
+            holder,
+            book,
+            fences: HashMap::new(),
+            fenced: Vec::new(),
+        });
+        self
+    }
+
+    /// Runs one statement on this storage's connection, with its deadline, reconnecting when
+    /// the backoff allows (the cluster's directory thread uses a `PgStorage` of its own for
+    /// its connection).
+    ///
+    /// # Errors
+    /// `Unavailable` when the database cannot be reached or the answer did not come (the
+    /// statement may or may not have taken effect); `Io` when the server refused it.
+    pub fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, StorageError> {
+        self.conn()?;
+        let mut conn = self
+            .take_conn()
+            .map_err(|e| call_error("a cluster statement", e))?;
+        let result = self.rt.block_on(with_deadline(self.timeout, async {
+            let statement = match conn.prepared.get(sql) {
+                Some(statement) => statement.clone(),
+                None => {
+                    let statement = conn.client.prepare(sql).await?;
+                    conn.prepared.insert(sql, statement.clone());
+                    statement
+                }
+            };
+            conn.client.query(&statement, params).await
+        }));
+        self.settle(conn, result)
+            .map_err(|e| call_error("a cluster statement", e))
+    }
+
+    /// Takes (or finds held by us) `doc`'s lease; its fence.
+    fn acquire(&mut self, doc: &str) -> Result<i64, StorageError> {
+        let Some(mode) = &self.leases else {
+            return Ok(0);
+        };
+        if !mode.book.may_acquire() {
+            return Err(StorageError::Fenced {
+                reason: "this node cannot renew its leases; it takes no document".to_owned(),
+            });
+        }
+        let holder = mode.holder.0;
+        let name = doc.as_bytes();
+        let rows = self.query(lease::SQL_ACQUIRE, &[&name, &holder])?;
+        let Some(mode) = self.leases.as_mut() else {
+            return Ok(0);
+        };
+        match rows.first() {
+            Some(row) => {
+                let fence: i64 = row.get(0);
+                mode.fences.insert(doc.to_owned(), fence);
+                mode.book.insert(doc, fence);
+                LeaseBook::count(&mode.book.counters().acquisitions);
+                Ok(fence)
+            }
+            None => Err(StorageError::Fenced {
+                reason: "another node holds the document's lease (or this node is draining)"
+                    .to_owned(),
+            }),
+        }
+    }
+
+    /// Gives `doc`'s lease up, when this storage holds it (best effort: an unreleased lease
+    /// simply expires, since the directory renews only the leases in the book).
+    fn release_lease(&mut self, doc: &str) {
+        let Some(mode) = self.leases.as_mut() else {
+            return;
+        };
+        if mode.fences.remove(doc).is_none() {
+            return;
+        }
+        mode.book.remove(doc);
+        let holder = mode.holder.0;
+        let name = doc.as_bytes();
+        if let Err(e) = self.query(lease::SQL_RELEASE, &[&name, &holder]) {
+            log::warn!("releasing a document's lease failed (it expires by itself): {e}");
+        }
     }
 
     /// `host:port/db` of the database (never the password).
@@ -415,6 +516,7 @@ impl PgStorage {
             client,
             driver,
             stmts,
+            prepared: HashMap::new(),
             backend,
         })
     }
@@ -642,6 +744,9 @@ impl PgStorage {
 
     /// Sends every pending record as one autocommit statement.
     fn commit(&mut self) -> Result<(), StorageError> {
+        if self.leases.is_some() {
+            return self.commit_fenced();
+        }
         let conn = self
             .take_conn()
             .map_err(|_| unavailable("not connected".to_owned()))?;
@@ -742,6 +847,150 @@ impl PgStorage {
     }
 }
 
+impl PgStorage {
+    /// [`PgStorage::commit`] in cluster mode: the same statement with the fence check
+    /// (`lease::SQL_COMMIT_FENCED`); documents that fail it are written not at all and
+    /// listed for [`Storage::take_fenced`], the others are committed.
+    fn commit_fenced(&mut self) -> Result<(), StorageError> {
+        let conn = self
+            .take_conn()
+            .map_err(|_| unavailable("not connected".to_owned()))?;
+        let Some(mode) = self.leases.as_ref() else {
+            self.conn = Some(conn);
+            return Err(unavailable("not in cluster mode".to_owned()));
+        };
+        let holder = mode.holder.0;
+        let mut refused_now: Vec<String> = Vec::new();
+        let mut lease_names: Vec<&[u8]> = Vec::new();
+        let mut lease_fences: Vec<i64> = Vec::new();
+        let mut new_names: Vec<&[u8]> = Vec::new();
+        let mut new_epochs: Vec<&str> = Vec::new();
+        let mut new_reserved: Vec<i64> = Vec::new();
+        let mut op_ids: Vec<Option<i64>> = Vec::new();
+        let mut op_names: Vec<&[u8]> = Vec::new();
+        let mut op_seqs: Vec<i64> = Vec::new();
+        let mut op_crcs: Vec<i32> = Vec::new();
+        let mut op_echoes: Vec<&str> = Vec::new();
+        let mut res_ids: Vec<i64> = Vec::new();
+        let mut res_last: Vec<i64> = Vec::new();
+        let mut own_ids: Vec<Option<i64>> = Vec::new();
+        let mut own_names: Vec<&[u8]> = Vec::new();
+        let mut own_replicas: Vec<i64> = Vec::new();
+        let mut own_users: Vec<&str> = Vec::new();
+        for name in &self.touched {
+            let Some(state) = self.docs.get(name) else {
+                continue;
+            };
+            let Some(&fence) = mode.fences.get(name) else {
+                // Never loaded under a lease (or the lease is gone): nothing of it is written.
+                refused_now.push(name.clone());
+                continue;
+            };
+            lease_names.push(name.as_bytes());
+            lease_fences.push(fence);
+            match state.id {
+                Some(id) => {
+                    if let Some(last) = state.pending_reserved {
+                        res_ids.push(id);
+                        res_last.push(to_i64(last));
+                    }
+                }
+                None => {
+                    new_names.push(name.as_bytes());
+                    new_epochs.push(&state.epoch);
+                    new_reserved.push(to_i64(state.pending_reserved.unwrap_or(0)));
+                }
+            }
+            for (replica, user) in &state.pending_owners {
+                own_ids.push(state.id);
+                own_names.push(name.as_bytes());
+                own_replicas.push(to_i64(*replica));
+                own_users.push(user.as_str());
+            }
+            for (seq, echo) in &state.pending_ops {
+                op_ids.push(state.id);
+                op_names.push(name.as_bytes());
+                op_seqs.push(to_i64(*seq));
+                op_crcs.push(crc_op(*seq, echo));
+                op_echoes.push(echo.as_str());
+            }
+        }
+        let mut rows = Vec::new();
+        if lease_names.is_empty() {
+            self.conn = Some(conn);
+        } else {
+            let result = self.rt.block_on(with_deadline(
+                self.timeout,
+                conn.client.query(
+                    lease::SQL_COMMIT_FENCED,
+                    &[
+                        &new_names,
+                        &new_epochs,
+                        &new_reserved,
+                        &op_ids,
+                        &op_names,
+                        &op_seqs,
+                        &op_crcs,
+                        &op_echoes,
+                        &res_ids,
+                        &res_last,
+                        &own_ids,
+                        &own_names,
+                        &own_replicas,
+                        &own_users,
+                        &holder,
+                        &lease_names,
+                        &lease_fences,
+                    ],
+                ),
+            ));
+            rows = match self.settle(conn, result) {
+                Ok(rows) => rows,
+                Err(CallError::Refused(e)) => {
+                    return Err(StorageError::Io {
+                        context: format!("commit refused by the database: {}", describe(&e)),
+                        source: std::io::Error::other("commit refused"),
+                    });
+                }
+                Err(CallError::Lost(detail)) => {
+                    return Err(StorageError::OutcomeUnknown {
+                        reason: format!("database {}: COMMIT: {detail}", self.target),
+                    })
+                }
+            };
+        }
+        for row in rows {
+            let id: Option<i64> = row.get(0);
+            let name: Vec<u8> = row.get(1);
+            let written: bool = row.get(2);
+            let Ok(name) = String::from_utf8(name) else {
+                continue;
+            };
+            if written {
+                if let (Some(id), Some(state)) = (id, self.docs.get_mut(&name)) {
+                    state.id = Some(id);
+                }
+            } else {
+                refused_now.push(name);
+            }
+        }
+        if let Some(mode) = self.leases.as_mut() {
+            for name in refused_now {
+                log::warn!(
+                    "database {}: a commit was refused by its document's fence (another node \
+                     took the lease); nothing of it was written",
+                    self.target
+                );
+                LeaseBook::count(&mode.book.counters().fencing_refusals);
+                mode.fences.remove(&name);
+                mode.book.remove(&name);
+                mode.fenced.push(name);
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Storage for PgStorage {
     fn load(&mut self, doc: &str) -> Result<Option<StoredDoc>, StorageError> {
         if self.docs.remove(doc).is_some_and(|old| old.touched) {
@@ -750,9 +999,14 @@ impl Storage for PgStorage {
             log::warn!("dropping unsynced records of a document on reload");
             self.touched.retain(|name| name != doc);
         }
+        if self.leases.is_some() {
+            // Served only under its lease: acquired (or found ours) before anything is read.
+            self.acquire(doc)?;
+        }
         let loaded = self.load_inner(doc);
         if loaded.is_err() {
             self.docs.remove(doc);
+            self.release_lease(doc);
         }
         loaded
     }
@@ -802,9 +1056,17 @@ impl Storage for PgStorage {
             }
             if state.release_after_sync {
                 self.docs.remove(&name);
+                self.release_lease(&name);
             }
         }
         Ok(())
+    }
+
+    fn take_fenced(&mut self) -> Vec<String> {
+        match self.leases.as_mut() {
+            Some(mode) => std::mem::take(&mut mode.fenced),
+            None => Vec::new(),
+        }
     }
 
     fn write_snapshot(&mut self, doc: &str, snapshot: &StoredSnapshot) -> Result<(), StorageError> {
@@ -819,20 +1081,47 @@ impl Storage for PgStorage {
         let reserved = to_i64(snapshot.replicas_reserved);
         let runs = snapshot.runs_json.as_str();
         let crc = crc_snapshot(runs);
-        let conn = self
-            .take_conn()
-            .map_err(|e| call_error("writing a snapshot", e))?;
-        let result = self.rt.block_on(with_deadline(
-            self.timeout,
-            conn.client.query_one(
-                &conn.stmts.snapshot,
-                &[&name, &epoch, &head, &reserved, &runs, &crc],
-            ),
-        ));
-        let id: i64 = self
-            .settle(conn, result)
-            .map_err(|e| call_error("writing a snapshot", e))?
-            .get(0);
+        let id: i64 = if let Some(mode) = &self.leases {
+            let holder = mode.holder.0;
+            let Some(fence) = mode.fences.get(doc).copied() else {
+                return Err(StorageError::Fenced {
+                    reason: "snapshot of a document whose lease this node does not hold".to_owned(),
+                });
+            };
+            let rows = self.query(
+                lease::SQL_SNAPSHOT_FENCED,
+                &[
+                    &name, &epoch, &head, &reserved, &runs, &crc, &holder, &fence,
+                ],
+            )?;
+            match rows.first() {
+                Some(row) => row.get(0),
+                None => {
+                    if let Some(mode) = self.leases.as_mut() {
+                        LeaseBook::count(&mode.book.counters().fencing_refusals);
+                    }
+                    return Err(StorageError::Fenced {
+                        reason: "snapshot refused by the document's fence (another node took \
+                                 the lease); nothing written"
+                            .to_owned(),
+                    });
+                }
+            }
+        } else {
+            let conn = self
+                .take_conn()
+                .map_err(|e| call_error("writing a snapshot", e))?;
+            let result = self.rt.block_on(with_deadline(
+                self.timeout,
+                conn.client.query_one(
+                    &conn.stmts.snapshot,
+                    &[&name, &epoch, &head, &reserved, &runs, &crc],
+                ),
+            ));
+            self.settle(conn, result)
+                .map_err(|e| call_error("writing a snapshot", e))?
+                .get(0)
+        };
         let state = self.docs.entry(doc.to_owned()).or_default();
         state.id = Some(id);
         if !snapshot.owners.is_empty() {
@@ -873,8 +1162,9 @@ impl Storage for PgStorage {
             Some(state) if state.touched => state.release_after_sync = true,
             Some(_) => {
                 self.docs.remove(doc);
+                self.release_lease(doc);
             }
-            None => {}
+            None => self.release_lease(doc),
         }
     }
 }
