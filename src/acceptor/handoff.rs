@@ -60,6 +60,8 @@ pub enum ShardMsg {
     Door(DoorRelease),
     /// Stop: close every client with 1001, finish pending writes, return.
     Shutdown,
+    /// A document API request (`crate::api`), answered through its `reply`.
+    Api(Box<crate::api::ApiRequest>),
     /// A revocation is in force: close every live connection it matches with 1008 `revoked`,
     /// then send the number closed on `reply`.
     Revoke {

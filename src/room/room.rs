@@ -16,6 +16,10 @@ use crate::protocol::messages::{parse_op_echo, parse_snapshot_runs};
 use crate::protocol::{crdt_error, ErrorCode, Hello, OpMessage, PresenceUpdate, ProtocolError};
 use crate::storage::{LogRecord, StoredDoc, StoredSnapshot};
 
+mod api;
+
+pub use api::EditError;
+
 /// Replica ids reserved per `ReplicasReserved` record: one durable record serves this many
 /// assignments, and a restart skips at most this many ids.
 const REPLICAS_PER_RESERVATION: u64 = 16;
@@ -81,6 +85,8 @@ pub struct Effects {
     pub op_origins: Vec<(ConnToken, u64)>,
     /// A snapshot the room wants written, after this turn's records are durable.
     pub snapshot: Option<StoredSnapshot>,
+    /// Document API answers (and deletions) that must wait for this turn's records.
+    pub api: Vec<crate::api::ApiEffect>,
 }
 
 impl Effects {
@@ -91,6 +97,7 @@ impl Effects {
             && self.records.is_empty()
             && self.op_origins.is_empty()
             && self.snapshot.is_none()
+            && self.api.is_empty()
     }
 }
 
@@ -175,6 +182,9 @@ pub struct Room {
     /// The snapshot object `{"runs":[...]}` at `.0 == head`, shared by joiners until head moves.
     snapshot_cache: Option<(u64, Utf8Bytes)>,
     effects: Effects,
+    /// The document API's server-side replica of each user (`""` with access control off),
+    /// assigned like a client's on its first edit in this room's life.
+    api_replicas: HashMap<String, u64>,
 }
 
 /// A fresh random epoch: 32 hex digits from std's randomly keyed hasher (no clock, no crate).
@@ -235,6 +245,7 @@ impl Room {
             bytes_since_snapshot: 0,
             snapshot_cache: None,
             effects: Effects::default(),
+            api_replicas: HashMap::new(),
         };
         let Some(stored) = stored else {
             room.epoch = fresh_epoch();

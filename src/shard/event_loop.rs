@@ -57,6 +57,12 @@ pub trait Handler {
     fn end_turn(&mut self, net: &mut Net);
     /// Runs about every 250 ms.
     fn on_tick(&mut self, _net: &mut Net, _now: Instant) {}
+    /// A document API request (`crate::api`); the default answers 503 (a handler without
+    /// documents, the echo example).
+    fn on_api(&mut self, _net: &mut Net, request: Box<crate::api::ApiRequest>) {
+        let answer = crate::api::json_error(503, "this server has no document API");
+        request.reply.answer(answer);
+    }
     /// A revocation is in force: close the live connections it matches; returns how many.
     fn on_revoke(&mut self, _net: &mut Net, _rule: &Rule) -> usize {
         0
@@ -218,6 +224,12 @@ pub fn run<H: Handler>(
                         }
                     }
                     Ok(ShardMsg::Door(release)) => net.set_door(release),
+                    // Dropped unanswered after a panic or during shutdown: the reply says 503.
+                    Ok(ShardMsg::Api(request)) if shutdown_deadline.is_none() => {
+                        handler.call(&mut net, |h, net| h.on_api(net, request));
+                        tell_gone(handler, &mut net);
+                    }
+                    Ok(ShardMsg::Api(_)) => {}
                     Ok(ShardMsg::Revoke { rule, reply }) => {
                         let mut n_closed = 0;
                         handler.call(&mut net, |h, net| n_closed = h.on_revoke(net, &rule));

@@ -60,6 +60,7 @@ use super::event_loop::{Handler, OpenInfo};
 use super::log_limit::LogLimit;
 use super::rate_limit::{op_message_cost, RateLimit, TokenBucket};
 
+mod api;
 mod completions;
 
 /// Messages a connection may send between its `hello` and the end of its document's load;
@@ -209,6 +210,8 @@ pub struct RoomHost {
     expiries: BinaryHeap<Reverse<(u64, usize, u64)>>,
     /// The next session serial.
     next_serial: u64,
+    /// The document API's requests waiting for loads (`host/api.rs`).
+    api: api::ApiState,
 }
 
 impl RoomHost {
@@ -240,6 +243,7 @@ impl RoomHost {
             auth: None,
             expiries: BinaryHeap::new(),
             next_serial: 0,
+            api: api::ApiState::default(),
         }
     }
 
@@ -884,6 +888,10 @@ impl Handler for RoomHost {
         for (conn, code, reason) in std::mem::take(&mut self.closes_after_turn) {
             net.close(conn, code, reason);
         }
+    }
+
+    fn on_api(&mut self, net: &mut Net, request: Box<crate::api::ApiRequest>) {
+        self.api_request(net, *request);
     }
 
     fn on_revoke(&mut self, net: &mut Net, rule: &Rule) -> usize {

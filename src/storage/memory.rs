@@ -18,6 +18,22 @@ impl MemoryStorage {
 }
 
 impl Storage for MemoryStorage {
+    fn delete(&mut self, doc: &str) -> Result<bool, StorageError> {
+        Ok(self.docs.remove(doc).is_some())
+    }
+
+    fn list_names(
+        &mut self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<(Vec<String>, bool), StorageError> {
+        let mut names: Vec<String> = self.docs.keys().cloned().collect();
+        names.sort();
+        Ok(super::page_of_names(names, prefix, after, limit, keep))
+    }
+
     fn load(&mut self, doc: &str) -> Result<Option<StoredDoc>, StorageError> {
         Ok(self.docs.get(doc).cloned())
     }

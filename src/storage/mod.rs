@@ -178,4 +178,58 @@ pub trait Storage: Send {
     fn probe(&mut self) -> Result<(), StorageError> {
         Ok(())
     }
+
+    /// Removes everything stored for `doc` (log, snapshot, replica owners), durably: a later
+    /// [`Storage::load`] finds nothing, after a crash too. `Ok(false)` when nothing was
+    /// stored. Called only with nothing of `doc` pending (after a sync). Backends that cannot
+    /// delete keep the default, which refuses.
+    ///
+    /// # Errors
+    /// `Io` or `Unavailable`; the document may then still be there.
+    fn delete(&mut self, doc: &str) -> Result<bool, StorageError> {
+        let _ = doc;
+        Err(StorageError::Unavailable {
+            reason: "this storage cannot delete documents".to_owned(),
+        })
+    }
+
+    /// The stored documents' names in order, starting with `prefix`, after `after`, for which
+    /// `keep` holds (a shard keeps the ones it owns), at most `limit`; and whether more follow.
+    ///
+    /// # Errors
+    /// `Io`, `Corrupt` or `Unavailable` when the names cannot be read.
+    fn list_names(
+        &mut self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<(Vec<String>, bool), StorageError> {
+        let _ = (prefix, after, limit, keep);
+        Ok((Vec::new(), false))
+    }
+}
+
+/// [`Storage::list_names`] over every name in order: the page after `after`.
+pub(crate) fn page_of_names(
+    names: impl IntoIterator<Item = String>,
+    prefix: &str,
+    after: Option<&str>,
+    limit: usize,
+    keep: &dyn Fn(&str) -> bool,
+) -> (Vec<String>, bool) {
+    let mut page = Vec::new();
+    for name in names {
+        if !name.starts_with(prefix) || after.is_some_and(|after| name.as_str() <= after) {
+            continue;
+        }
+        if !keep(&name) {
+            continue;
+        }
+        if page.len() == limit {
+            return (page, true);
+        }
+        page.push(name);
+    }
+    (page, false)
 }

@@ -95,6 +95,7 @@ impl RoomHost {
                 self.on_message(net, conn, message);
             }
         }
+        self.api_loaded(net, &doc);
     }
 
     /// Every answer the worker has ready, in order.
@@ -235,10 +236,14 @@ impl RoomHost {
         for (conn, code, reason) in effects.closes.drain(..) {
             net.close(conn, code, reason);
         }
+        let api_effects = std::mem::take(&mut effects.api);
         // Everything is released: the room may keep the vectors for its next turn.
         if let Some(slot) = self.rooms.get_mut(room_idx) {
             slot.room.recycle_effects(effects);
             slot.busy_this_tick = true;
+        }
+        if !api_effects.is_empty() {
+            self.api_release(net, room_idx, api_effects);
         }
     }
 

@@ -868,6 +868,37 @@ impl Storage for PgStorage {
             .map_err(|e| call_error("probing the database", e))
     }
 
+    fn delete(&mut self, doc: &str) -> Result<bool, StorageError> {
+        self.conn()?;
+        self.docs.remove(doc);
+        let name = doc.as_bytes();
+        let conn = self
+            .take_conn()
+            .map_err(|e| call_error("deleting a document", e))?;
+        // One autocommit statement; the log, the owners (and any history) go with it
+        // through ON DELETE CASCADE.
+        let result = self.rt.block_on(with_deadline(
+            self.timeout,
+            conn.client
+                .execute("DELETE FROM collab_docs WHERE name = $1", &[&name]),
+        ));
+        let n = self
+            .settle(conn, result)
+            .map_err(|e| call_error("deleting a document", e))?;
+        Ok(n > 0)
+    }
+
+    fn list_names(
+        &mut self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<(Vec<String>, bool), StorageError> {
+        let names = self.list_docs()?;
+        Ok(super::page_of_names(names, prefix, after, limit, keep))
+    }
+
     fn release(&mut self, doc: &str) {
         match self.docs.get_mut(doc) {
             Some(state) if state.touched => state.release_after_sync = true,

@@ -1,0 +1,349 @@
+//! The document API's view of a room (`crate::api`): reads, blame, history from the replay
+//! window, and edits applied by a server-side replica as one op message.
+//!
+//! Pure like the rest of the room: answers are JSON text, edits become effects (records,
+//! echoes) exactly as a client's op message would.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+
+use crate::api::{ApiEffect, Edit};
+use crate::crdt::{Op, OpId, RunContent};
+use crate::protocol::codec::{encode_op_echo, write_json_str, write_ops};
+use crate::protocol::messages::parse_op_echo;
+use crate::storage::LogRecord;
+
+use super::{inserted_chars, Room};
+
+/// Why an edit request changed nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EditError {
+    /// A position out of range, or `base` ahead of head (400).
+    BadRequest(String),
+    /// `base` is older than the history this room retains; `oldest` is the oldest usable (409).
+    BaseGone {
+        /// The oldest `base` accepted now.
+        oldest: u64,
+    },
+    /// The document would exceed `--doc-chars-max` (413).
+    TooLarge,
+    /// No replica id is left in the document (503).
+    NoReplica,
+}
+
+impl Room {
+    /// Whether the document exists in storage (or will once this turn's records are
+    /// durable): any record at all was written for it.
+    pub fn exists(&self) -> bool {
+        self.head > 0 || self.replicas_reserved > 0 || !self.owners.is_empty()
+    }
+
+    /// The document's length in code points.
+    pub fn length(&self) -> usize {
+        self.crdt.len()
+    }
+
+    /// Queues a document API effect behind this turn's other effects.
+    pub fn push_api(&mut self, effect: ApiEffect) {
+        self.effects.api.push(effect);
+    }
+
+    /// `{"doc","epoch","head","length","text"}` at the head.
+    pub fn read_json(&self) -> String {
+        let text = self.crdt.text();
+        let mut out = String::with_capacity(text.len() + 128);
+        out.push_str("{\"doc\":");
+        write_json_str(&mut out, &self.doc_name);
+        out.push_str(",\"epoch\":");
+        write_json_str(&mut out, &self.epoch);
+        let _ = write!(
+            out,
+            ",\"head\":{},\"length\":{},\"text\":",
+            self.head,
+            self.crdt.len()
+        );
+        write_json_str(&mut out, &text);
+        out.push('}');
+        out
+    }
+
+    /// `{"epoch","head","runs":[...]}` at the head, in the contract's run format.
+    pub fn snapshot_answer_json(&mut self) -> String {
+        let runs = self.snapshot_json();
+        let mut out = String::with_capacity(runs.len() + 64);
+        out.push_str("{\"epoch\":");
+        write_json_str(&mut out, &self.epoch);
+        let _ = write!(out, ",\"head\":{},", self.head);
+        // `runs` is `{"runs":[...]}`: its members follow.
+        out.push_str(&runs.as_str()[1..]);
+        out
+    }
+
+    /// The user of replica `replica` (its owner binding), `None` when unbound.
+    fn user_of(&self, replica: u64) -> Option<&str> {
+        self.owners.get(&replica).map(String::as_str)
+    }
+
+    /// `{"head","runs":[{"text","user"}]}`: the visible text in spans of one user each
+    /// (`user` is null for replicas bound to no user: access control off, or older edits).
+    pub fn blame_json(&self) -> String {
+        let mut spans: Vec<(Option<&str>, String)> = Vec::new();
+        for run in self.crdt.snapshot() {
+            let RunContent::Text(text) = run.content else {
+                continue;
+            };
+            let user = self.user_of(run.id.replica);
+            match spans.last_mut() {
+                Some((last, buf)) if *last == user => buf.push_str(&text),
+                _ => spans.push((user, text)),
+            }
+        }
+        let mut out = String::new();
+        let _ = write!(out, "{{\"head\":{},\"runs\":[", self.head);
+        for (i, (user, text)) in spans.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str("{\"text\":");
+            write_json_str(&mut out, text);
+            out.push_str(",\"user\":");
+            match user {
+                Some(user) => write_json_str(&mut out, user),
+                None => out.push_str("null"),
+            }
+            out.push('}');
+        }
+        out.push_str("]}");
+        out
+    }
+
+    /// The oldest `server_seq` whose echo the replay window still holds (`head + 1` when
+    /// it holds none).
+    pub fn window_oldest(&self) -> u64 {
+        self.head + 1 - self.window.len() as u64
+    }
+
+    /// The echoes of `from..` (at most `limit`), from the replay window: `Err(oldest)` when
+    /// `from` is older than the window.
+    pub fn echoes_from(&self, from: u64, limit: usize) -> Result<Vec<&str>, u64> {
+        let oldest = self.window_oldest();
+        if from < oldest && from <= self.head {
+            return Err(oldest);
+        }
+        let skip = usize::try_from(from.saturating_sub(oldest)).unwrap_or(usize::MAX);
+        Ok(self
+            .window
+            .iter()
+            .skip(skip)
+            .take(limit)
+            .map(|echo| echo.as_str())
+            .collect())
+    }
+
+    /// One `/history` entry for an echo: `{"server_seq","replica","user","time","ops"}`.
+    pub fn history_entry(&self, echo: &str, time_ms: Option<u64>, out: &mut String) {
+        let Ok(parsed) = parse_op_echo(echo) else {
+            return;
+        };
+        let _ = write!(
+            out,
+            "{{\"server_seq\":{},\"replica\":{},\"user\":",
+            parsed.server_seq, parsed.replica
+        );
+        match self.user_of(parsed.replica) {
+            Some(user) => write_json_str(out, user),
+            None => out.push_str("null"),
+        }
+        match time_ms {
+            Some(ms) => {
+                let _ = write!(out, ",\"time\":{ms},\"ops\":");
+            }
+            None => out.push_str(",\"time\":null,\"ops\":"),
+        }
+        write_ops(out, &parsed.ops);
+        out.push('}');
+    }
+
+    /// The server-side replica of `user` in this room, assigned (and bound to `user` with
+    /// access control on) on first use.
+    fn api_replica(&mut self, user: Option<&str>) -> Option<u64> {
+        let key = user.unwrap_or_default();
+        if let Some(&replica) = self.api_replicas.get(key) {
+            return Some(replica);
+        }
+        let replica = self.assign_replica()?;
+        if let Some(user) = user {
+            self.owners.insert(replica, user.to_owned());
+            self.effects.records.push(LogRecord::ReplicaOwner {
+                replica,
+                user: user.to_owned(),
+            });
+        }
+        self.api_replicas.insert(key.to_owned(), replica);
+        Some(replica)
+    }
+
+    /// Applies `edits` (code-point positions, each against the result of the previous
+    /// ones, the first against version `base`, default the head) as one op message of the
+    /// server-side replica of `user`: echoed to every client and logged like a client's.
+    /// Returns the new head (the old one when nothing changed). Nothing changes on `Err`.
+    ///
+    /// # Errors
+    /// See [`EditError`].
+    pub fn apply_edits(
+        &mut self,
+        user: Option<&str>,
+        edits: &[Edit],
+        base: Option<u64>,
+    ) -> Result<u64, EditError> {
+        let base = base.unwrap_or(self.head);
+        if base > self.head {
+            return Err(EditError::BadRequest(format!(
+                "base {base} is ahead of head {}",
+                self.head
+            )));
+        }
+        let n_behind = usize::try_from(self.head - base).unwrap_or(usize::MAX);
+        if n_behind > self.window.len() {
+            return Err(EditError::BaseGone {
+                oldest: self.window_oldest() - 1,
+            });
+        }
+        // The view at `base`: visible ids then, in document order (only when behind).
+        let mut view = if n_behind > 0 {
+            Some(self.view_at(n_behind))
+        } else {
+            None
+        };
+        let mut len = view.as_ref().map_or(self.crdt.len(), Vec::len);
+        let mut n_inserted = 0usize;
+        for (i, edit) in edits.iter().enumerate() {
+            let pos = usize::try_from(edit.pos).map_err(|_| {
+                EditError::BadRequest(format!("edit {i}: pos {} is negative", edit.pos))
+            })?;
+            let delete = usize::try_from(edit.delete).unwrap_or(usize::MAX);
+            if pos > len || pos.checked_add(delete).map_or(true, |end| end > len) {
+                return Err(EditError::BadRequest(format!(
+                    "edit {i}: pos {pos} + delete {delete} is past the end ({len} code points)"
+                )));
+            }
+            let n = edit.insert.chars().count();
+            n_inserted += n;
+            len = len - delete + n;
+        }
+        if self.n_chars.saturating_add(n_inserted) > self.config.doc_chars_max {
+            return Err(EditError::TooLarge);
+        }
+        if edits
+            .iter()
+            .all(|edit| edit.delete == 0 && edit.insert.is_empty())
+        {
+            return Ok(self.head);
+        }
+        let replica = self.api_replica(user).ok_or(EditError::NoReplica)?;
+        let mut ops: Vec<Op> = Vec::new();
+        match view.as_mut() {
+            None => {
+                // At the head: local edits on the room's own replica of the document.
+                for edit in edits {
+                    let pos = edit.pos as usize;
+                    if edit.delete > 0 {
+                        ops.extend(self.crdt.delete_local(pos, edit.delete as usize));
+                    }
+                    if !edit.insert.is_empty() {
+                        ops.push(self.crdt.insert_local(replica, pos, &edit.insert));
+                    }
+                }
+            }
+            Some(view) => {
+                // Behind: the ops a replica at `base` would have sent, integrated as remote.
+                let mut lamport = self.crdt.max_lamport().map_or(0, |m| m + 1);
+                for edit in edits {
+                    let pos = edit.pos as usize;
+                    let end = pos + edit.delete as usize;
+                    for id in view.drain(pos..end) {
+                        match ops.last_mut() {
+                            Some(Op::Delete { id: first, len })
+                                if first.replica == id.replica
+                                    && first.lamport + *len == id.lamport =>
+                            {
+                                *len += 1
+                            }
+                            _ => ops.push(Op::Delete { id, len: 1 }),
+                        }
+                    }
+                    if !edit.insert.is_empty() {
+                        let after = pos.checked_sub(1).map(|p| view[p]);
+                        let id = OpId::new(lamport, replica);
+                        let n = edit.insert.chars().count() as u64;
+                        view.splice(pos..pos, (0..n).map(|k| OpId::new(lamport + k, replica)));
+                        lamport += n;
+                        ops.push(Op::Insert {
+                            id,
+                            after,
+                            text: edit.insert.clone(),
+                        });
+                    }
+                }
+                if let Err(e) = self.crdt.apply_remote(Some(replica), &ops) {
+                    return Err(EditError::BadRequest(format!("edits refused: {e}")));
+                }
+            }
+        }
+        let client_seq = self.head + 1;
+        let echo = encode_op_echo(self.head + 1, replica, client_seq, &ops);
+        self.n_chars += inserted_chars(&ops);
+        self.accepted(echo.clone());
+        for other in self.clients.keys() {
+            self.effects.frames.push((*other, echo.clone()));
+        }
+        self.effects.records.push(LogRecord::Ops {
+            server_seq: self.head,
+            echo,
+        });
+        self.maybe_snapshot();
+        Ok(self.head)
+    }
+
+    /// The ids visible `n_behind` op messages ago (all in the replay window), in document
+    /// order: items inserted since are left out, items deleted since are put back.
+    fn view_at(&self, n_behind: usize) -> Vec<OpId> {
+        let mut inserted: HashSet<OpId> = HashSet::new();
+        let mut deleted: HashSet<OpId> = HashSet::new();
+        for echo in self.window.range(self.window.len() - n_behind..) {
+            let Ok(parsed) = parse_op_echo(echo) else {
+                continue;
+            };
+            for op in parsed.ops {
+                match op {
+                    Op::Insert { id, text, .. } => {
+                        let n = text.chars().count() as u64;
+                        inserted.extend((0..n).map(|k| OpId::new(id.lamport + k, id.replica)));
+                    }
+                    Op::Delete { id, len } => {
+                        for k in 0..len {
+                            deleted.insert(OpId::new(id.lamport + k, id.replica));
+                        }
+                    }
+                }
+            }
+        }
+        let mut view = Vec::new();
+        for run in self.crdt.snapshot() {
+            let (n, visible) = match &run.content {
+                RunContent::Text(text) => (text.chars().count() as u64, true),
+                RunContent::Deleted(n) => (*n, false),
+            };
+            for k in 0..n {
+                let id = OpId::new(run.id.lamport + k, run.id.replica);
+                if inserted.contains(&id) {
+                    continue;
+                }
+                if visible || deleted.contains(&id) {
+                    view.push(id);
+                }
+            }
+        }
+        view
+    }
+}

@@ -1,0 +1,442 @@
+//! The HTTP document API (`docs/api.md`) over real sockets against the real server: reads,
+//! edits with and without `base` converging with WebSocket clients, deletion closing clients
+//! and resetting the epoch (memory or PostgreSQL, and the disk backend across a restart),
+//! listings with cursors, history and blame by two users with access control on, and every
+//! error status.
+
+use std::net::SocketAddr;
+
+use collab_engine::auth::mint::{MintClaims, MintKey};
+use collab_engine::auth::{now_unix, Role};
+use collab_engine::config::{Config, StorageKind};
+use serde_json::Value;
+use tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::util::*;
+
+const SECRET: &[u8] = b"an HS256 secret for the API tests, 32+ bytes\n";
+
+/// One request; returns the status and the body as JSON (`Null` for an empty body).
+fn api(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: &str,
+) -> (u16, Value) {
+    let auth = bearer.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let length = if method == "POST" || !body.is_empty() {
+        format!("Content-Length: {}\r\n", body.len())
+    } else {
+        String::new()
+    };
+    let response = http_get(
+        addr,
+        &format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}{length}\r\n{body}"),
+    );
+    let status: u16 = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {response:?}"));
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let json = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{body:?} is not JSON: {e}"))
+    };
+    (status, json)
+}
+
+fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
+    api(addr, "GET", path, None, "")
+}
+
+fn post(addr: SocketAddr, doc: &str, body: &str) -> (u16, Value) {
+    api(addr, "POST", &format!("/api/docs/{doc}/edits"), None, body)
+}
+
+#[test]
+fn read_edit_and_converge_with_websocket_clients() {
+    let _watchdog = Watchdog::new("api_read_edit", 60);
+    let server = server(test_config());
+    let addr = server.local_addr();
+    // Never created by a read.
+    assert_eq!(get(addr, "/api/docs/api%20one").0, 404);
+    assert_eq!(get(addr, "/api/docs/api%20one/snapshot").0, 404);
+    assert_eq!(get(addr, "/api/docs/api%20one").0, 404);
+    let (status, body) = post(
+        addr,
+        "api%20one",
+        r#"{"edits":[{"pos":0,"insert":"hello"}]}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, serde_json::json!({"server_seq": 1, "head": 1}));
+    let (status, doc) = get(addr, "/api/docs/api%20one");
+    assert_eq!(status, 200);
+    assert_eq!(doc["doc"], "api one");
+    assert_eq!(
+        (doc["head"].as_u64(), doc["length"].as_u64()),
+        (Some(1), Some(5))
+    );
+    assert_eq!(doc["text"], "hello");
+    let epoch = doc["epoch"].as_str().expect("epoch").to_owned();
+
+    // A WebSocket client sees HTTP edits as ordinary op_echo frames.
+    let mut editor = Editor::join(addr, "/ws/api%20one", r#"{"type":"hello"}"#);
+    assert_eq!(editor.doc.text(), "hello");
+    let (status, _) = post(
+        addr,
+        "api%20one",
+        r#"{"edits":[{"pos":5,"insert":" world"},{"pos":0,"delete":1,"insert":"H"}]}"#,
+    );
+    assert_eq!(status, 200);
+    editor.catch_up(2);
+    assert_eq!(editor.doc.text(), "Hello world");
+
+    // The client edits at head 3; an HTTP edit against base 2 still lands where it meant.
+    editor.edit(11, 0, "!");
+    editor.settle();
+    assert_eq!(editor.head, 3);
+    let (status, body) = post(
+        addr,
+        "api%20one",
+        r#"{"edits":[{"pos":5,"insert":","}],"base":2}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["server_seq"], 4);
+    editor.catch_up(4);
+    assert_eq!(editor.doc.text(), "Hello, world!");
+    let (_, doc) = get(addr, "/api/docs/api%20one");
+    assert_eq!(doc["text"], "Hello, world!");
+    assert_eq!(doc["epoch"], epoch.as_str());
+
+    // Concurrent edits from both sides converge.
+    for i in 0..10 {
+        editor.edit(0, 0, "w");
+        let body = format!(r#"{{"edits":[{{"pos":{i},"insert":"h"}}]}}"#);
+        assert_eq!(post(addr, "api%20one", &body).0, 200);
+    }
+    editor.settle();
+    let (_, doc) = get(addr, "/api/docs/api%20one");
+    editor.catch_up(doc["head"].as_u64().expect("head"));
+    assert_eq!(doc["text"].as_str(), Some(editor.doc.text().as_str()));
+    assert_eq!(doc["length"].as_u64(), Some(33));
+
+    // The snapshot is in the contract's run format and decodes to the same text.
+    let (status, snapshot) = get(addr, "/api/docs/api%20one/snapshot");
+    assert_eq!(status, 200);
+    assert_eq!(snapshot["head"], doc["head"]);
+    let runs = collab_engine::protocol::messages::parse_snapshot_runs(
+        &serde_json::json!({"runs": snapshot["runs"]}).to_string(),
+    )
+    .expect("runs parse");
+    let rebuilt = collab_engine::crdt::Doc::from_snapshot(&runs).expect("runs decode");
+    assert_eq!(rebuilt.text(), editor.doc.text());
+    // ?at= the head is the head; ahead of it is refused.
+    let head = doc["head"].as_u64().expect("head");
+    let (status, at) = get(addr, &format!("/api/docs/api%20one?at={head}"));
+    assert_eq!((status, at["text"].clone()), (200, doc["text"].clone()));
+    assert_eq!(
+        get(addr, &format!("/api/docs/api%20one?at={}", head + 1)).0,
+        400
+    );
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn bad_requests_change_nothing() {
+    let _watchdog = Watchdog::new("api_errors", 60);
+    let server = server(test_config());
+    let addr = server.local_addr();
+    assert_eq!(
+        post(addr, "errs", r#"{"edits":[{"pos":0,"insert":"abc"}]}"#).0,
+        200
+    );
+    let refused = [
+        r#"{"edits":[{"pos":-1,"insert":"x"}]}"#,
+        r#"{"edits":[{"pos":4,"insert":"x"}]}"#,
+        r#"{"edits":[{"pos":2,"delete":2}]}"#,
+        r#"{"edits":[{"pos":0,"insert":"xy"},{"pos":6,"insert":"z"}]}"#,
+        r#"{"edits":[{"pos":0,"insert":"x"}],"base":9}"#,
+        r#"{"edits":[{"pos":0,"oops":1}]}"#,
+        r#"{"edits":"no"}"#,
+        "not json",
+    ];
+    for body in refused {
+        let (status, answer) = post(addr, "errs", body);
+        assert_eq!(status, 400, "{body} -> {answer}");
+        assert!(answer["error"].is_string(), "{answer}");
+    }
+    let (_, doc) = get(addr, "/api/docs/errs");
+    assert_eq!(
+        (doc["head"].as_u64(), doc["text"].as_str()),
+        (Some(1), Some("abc"))
+    );
+    // Methods, paths, lengths, names.
+    assert_eq!(api(addr, "PUT", "/api/docs/errs", None, "").0, 405);
+    assert_eq!(api(addr, "GET", "/api/docs/errs/edits", None, "").0, 405);
+    assert_eq!(api(addr, "POST", "/api/docs", None, "{}").0, 405);
+    assert_eq!(get(addr, "/api/docs/errs/nothing").0, 404);
+    assert_eq!(get(addr, "/api/docs/%FF").0, 400);
+    assert_eq!(get(addr, "/api/docs/errs?at=x").0, 400);
+    let no_length = http_get(
+        addr,
+        "POST /api/docs/errs/edits HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(no_length.starts_with("HTTP/1.1 411 "), "{no_length}");
+    let too_big = http_get(
+        addr,
+        "POST /api/docs/errs/edits HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n",
+    );
+    assert!(too_big.starts_with("HTTP/1.1 413 "), "{too_big}");
+    // Nothing of them reached the document.
+    let (_, doc) = get(addr, "/api/docs/errs");
+    assert_eq!(
+        (doc["head"].as_u64(), doc["text"].as_str()),
+        (Some(1), Some("abc"))
+    );
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn delete_closes_clients_and_resets_the_epoch() {
+    let _watchdog = Watchdog::new("api_delete", 60);
+    let server = server(test_config());
+    let addr = server.local_addr();
+    assert_eq!(api(addr, "DELETE", "/api/docs/gone", None, "").0, 404);
+    assert_eq!(
+        post(addr, "gone", r#"{"edits":[{"pos":0,"insert":"abc"}]}"#).0,
+        200
+    );
+    let (_, before) = get(addr, "/api/docs/gone");
+    let mut ws = connect(addr, "/ws/gone");
+    send(&mut ws, r#"{"type":"hello"}"#);
+    assert_eq!(recv_json(&mut ws)["type"], "hello_ack");
+    let (status, body) = api(addr, "DELETE", "/api/docs/gone", None, "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["deleted"], "gone");
+    let frame = loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Close(frame)) => break frame,
+            Ok(_) => {}
+            Err(e) => panic!("expected a close: {e}"),
+        }
+    };
+    let frame = frame.expect("a close frame");
+    assert_eq!(
+        (frame.code, frame.reason.as_str()),
+        (CloseCode::Policy, "deleted")
+    );
+    assert_eq!(get(addr, "/api/docs/gone").0, 404);
+    assert_eq!(
+        post(addr, "gone", r#"{"edits":[{"pos":0,"insert":"new"}]}"#).0,
+        200
+    );
+    let (_, after) = get(addr, "/api/docs/gone");
+    assert_eq!(
+        (after["head"].as_u64(), after["text"].as_str()),
+        (Some(1), Some("new"))
+    );
+    assert_ne!(after["epoch"], before["epoch"], "a new incarnation");
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn delete_on_disk_survives_a_restart() {
+    let _watchdog = Watchdog::new("api_delete_disk", 60);
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("it-api-delete-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let config = || {
+        let mut config = Config::for_tests("127.0.0.1:0".parse().expect("addr"));
+        config.storage = StorageKind::Disk;
+        config.data_dir = dir.clone();
+        config
+    };
+    let server = crate::util::server(config());
+    let addr = server.local_addr();
+    for doc in ["keep", "drop"] {
+        assert_eq!(
+            post(addr, doc, r#"{"edits":[{"pos":0,"insert":"x"}]}"#).0,
+            200
+        );
+    }
+    assert_eq!(api(addr, "DELETE", "/api/docs/drop", None, "").0, 200);
+    server.shutdown().expect("clean shutdown");
+    let server = crate::util::server(config());
+    let addr = server.local_addr();
+    assert_eq!(get(addr, "/api/docs/drop").0, 404);
+    assert_eq!(get(addr, "/api/docs/keep").1["text"], "x");
+    let (_, list) = get(addr, "/api/docs");
+    assert_eq!(list["docs"].as_array().map(Vec::len), Some(1), "{list}");
+    server.shutdown().expect("clean shutdown");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn listing_pages_with_a_cursor() {
+    let _watchdog = Watchdog::new("api_list", 60);
+    let server = server(test_config());
+    let addr = server.local_addr();
+    let names = ["l%2F0", "l%2F1", "l%2F2", "l%2F3", "l%2F4", "m%2F0"];
+    for (i, doc) in names.iter().enumerate() {
+        let body = format!(
+            r#"{{"edits":[{{"pos":0,"insert":"{}"}}]}}"#,
+            "x".repeat(i + 1)
+        );
+        assert_eq!(post(addr, doc, &body).0, 200);
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let after = cursor.as_deref().map_or(String::new(), |c| {
+            format!("&after={}", c.replace('/', "%2F"))
+        });
+        let (status, page) = get(addr, &format!("/api/docs?prefix=l%2F&limit=2{after}"));
+        assert_eq!(status, 200, "{page}");
+        let docs = page["docs"].as_array().expect("docs").clone();
+        assert!(docs.len() <= 2);
+        for doc in &docs {
+            assert_eq!(doc["head"], 1);
+            seen.push((
+                doc["doc"].as_str().expect("name").to_owned(),
+                doc["length"].as_u64(),
+            ));
+        }
+        match page["next"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let expected: Vec<(String, Option<u64>)> = (0..5)
+        .map(|i| (format!("l/{i}"), Some(i as u64 + 1)))
+        .collect();
+    assert_eq!(seen, expected);
+    let (_, all) = get(addr, "/api/docs");
+    assert_eq!(all["docs"].as_array().map(Vec::len), Some(6));
+    assert_eq!(all["next"], Value::Null);
+    assert_eq!(get(addr, "/api/docs?limit=0").0, 400);
+    server.shutdown().expect("clean shutdown");
+}
+
+fn token(key: &MintKey, sub: &str, doc: &str, role: Role) -> String {
+    key.sign(&MintClaims::new(sub, doc, role, now_unix(), 3600), None)
+        .expect("sign")
+}
+
+#[test]
+fn tokens_history_and_blame_of_two_users() {
+    let _watchdog = Watchdog::new("api_auth", 60);
+    let dir = std::env::temp_dir().join(format!("collab-it-api-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("hs.key"), SECRET).expect("write");
+    let key = MintKey::hs256(SECRET).expect("key");
+    let mut config = test_config();
+    config.auth.key_files = vec![dir.join("hs.key")];
+    let server = server(config);
+    let addr = server.local_addr();
+    let alice = token(&key, "alice", "team/*", Role::Write);
+    let bob = token(&key, "bob", "team/notes", Role::Write);
+    let reader = token(&key, "carol", "team/*", Role::Read);
+    let admin = token(&key, "root", "*", Role::Admin);
+    let edits =
+        |t: &str, body: &str| api(addr, "POST", "/api/docs/team%2Fnotes/edits", Some(t), body);
+
+    // 401 without a valid token, 403 when it does not cover the doc or the role is too low.
+    assert_eq!(get(addr, "/api/docs/team%2Fnotes").0, 401);
+    assert_eq!(
+        api(addr, "GET", "/api/docs/team%2Fnotes", Some("nope"), "").0,
+        401
+    );
+    assert_eq!(api(addr, "GET", "/api/docs/other", Some(&alice), "").0, 403);
+    assert_eq!(
+        edits(&reader, r#"{"edits":[{"pos":0,"insert":"x"}]}"#).0,
+        403
+    );
+    assert_eq!(
+        api(addr, "DELETE", "/api/docs/team%2Fnotes", Some(&alice), "").0,
+        403
+    );
+    assert_eq!(
+        api(addr, "GET", "/api/docs?prefix=other", Some(&alice), "").0,
+        403
+    );
+    assert_eq!(api(addr, "GET", "/api/docs", Some(&bob), "").0, 403);
+
+    assert_eq!(
+        edits(&alice, r#"{"edits":[{"pos":0,"insert":"Hello "}]}"#).0,
+        200
+    );
+    assert_eq!(
+        edits(&bob, r#"{"edits":[{"pos":6,"insert":"world"}]}"#).0,
+        200
+    );
+    // A WebSocket client of bob's edits too; its replica is bound to bob.
+    let mut editor = Editor::join(
+        addr,
+        &format!("/ws/team%2Fnotes?token={bob}"),
+        r#"{"type":"hello"}"#,
+    );
+    editor.edit(11, 0, "!");
+    editor.settle();
+
+    let (status, blame) = api(
+        addr,
+        "GET",
+        "/api/docs/team%2Fnotes/blame",
+        Some(&reader),
+        "",
+    );
+    assert_eq!(status, 200, "{blame}");
+    assert_eq!(blame["head"], 3);
+    assert_eq!(
+        blame["runs"],
+        serde_json::json!([{"text": "Hello ", "user": "alice"}, {"text": "world!", "user": "bob"}])
+    );
+    let (status, history) = api(
+        addr,
+        "GET",
+        "/api/docs/team%2Fnotes/history?from=2&limit=5",
+        Some(&reader),
+        "",
+    );
+    assert_eq!(status, 200, "{history}");
+    let entries = history["entries"].as_array().expect("entries");
+    let seqs: Vec<u64> = entries
+        .iter()
+        .filter_map(|e| e["server_seq"].as_u64())
+        .collect();
+    assert_eq!(seqs, [2, 3]);
+    assert_eq!(
+        (entries[0]["user"].as_str(), entries[1]["user"].as_str()),
+        (Some("bob"), Some("bob"))
+    );
+    assert_eq!(entries[1]["replica"].as_u64(), Some(editor.replica));
+    assert!(entries[0]["ops"].is_array());
+    assert_eq!(history["next"], Value::Null);
+    let (_, first) = api(
+        addr,
+        "GET",
+        "/api/docs/team%2Fnotes/history?limit=1",
+        Some(&reader),
+        "",
+    );
+    assert_eq!(first["entries"][0]["user"], "alice");
+    assert_eq!(first["next"], 2);
+
+    // Listing within the token's prefix, and beyond it as an admin.
+    let (status, list) = api(addr, "GET", "/api/docs?prefix=team%2F", Some(&reader), "");
+    assert_eq!(
+        (status, list["docs"][0]["doc"].as_str()),
+        (200, Some("team/notes"))
+    );
+    assert_eq!(api(addr, "GET", "/api/docs", Some(&admin), "").0, 200);
+    let (status, body) = api(addr, "DELETE", "/api/docs/team%2Fnotes", Some(&admin), "");
+    assert_eq!(status, 200, "{body}");
+    let (code, _) = recv_until_close(&mut editor.ws);
+    assert_eq!(code, Some(CloseCode::Policy));
+    server.shutdown().expect("clean shutdown");
+    let _ = std::fs::remove_dir_all(&dir);
+}
