@@ -228,7 +228,8 @@ fn reserved(stored: &StoredDoc) -> u64 {
         .filter_map(|r| match r {
             crate::storage::LogRecord::ReplicasReserved { last } => Some(*last),
             crate::storage::LogRecord::Ops { .. }
-            | crate::storage::LogRecord::ReplicaOwner { .. } => None,
+            | crate::storage::LogRecord::ReplicaOwner { .. }
+            | crate::storage::LogRecord::Accepted { .. } => None,
         })
         .fold(in_snapshot, u64::max)
 }

@@ -722,7 +722,8 @@ impl Acceptor {
     /// connection waits for the answer at most [`API_WAIT_MAX`].
     fn send_api(&mut self, key: usize, serial: u64, stream: TcpStream, request: ApiPending) {
         let id = ApiId { key, serial };
-        let reply = || ApiReply::new(id, self.api_done.0.clone(), self.waker.clone());
+        let (done, waker) = (self.api_done.0.clone(), self.waker.clone());
+        let reply = || ApiReply::new(id, done.clone(), waker.clone());
         let ApiPending { doc, call, grant } = request;
         let stage = match (doc, call) {
             (None, ApiCall::List(mut list)) => {
@@ -739,6 +740,7 @@ impl Acceptor {
                         call: ApiCall::List(list.clone()),
                         grant: grant.clone(),
                         reply: reply(),
+                        stream: None,
                     })));
                 }
                 Stage::ApiGather {
@@ -754,11 +756,30 @@ impl Acceptor {
                     let answer = api::json_error(503, "internal error; try again later");
                     return self.answer_now(key, stream, answer);
                 }
+                if let ApiCall::Events { .. } = call {
+                    // An event stream: the shard keeps the socket (and answers on it).
+                    let mut stream = stream;
+                    let pending = self.pending.remove(key);
+                    self.forget(&pending);
+                    if let Err(e) = self.poll.registry().deregister(&mut stream) {
+                        warn!("acceptor: deregister {}: {e}", pending.peer);
+                        return;
+                    }
+                    let _ = self.shards[shard_idx].send(ShardMsg::Api(Box::new(ApiRequest {
+                        doc: Some(doc),
+                        call,
+                        grant,
+                        reply: reply(),
+                        stream: Some(stream),
+                    })));
+                    return;
+                }
                 let _ = self.shards[shard_idx].send(ShardMsg::Api(Box::new(ApiRequest {
                     doc: Some(doc),
                     call,
                     grant,
                     reply: reply(),
+                    stream: None,
                 })));
                 Stage::ApiWait(stream)
             }

@@ -53,6 +53,11 @@ pub enum ApiCall {
     },
     /// `GET /api/docs/{doc}/blame`.
     Blame,
+    /// `GET /api/docs/{doc}/events?since=SEQ`: Server-Sent Events.
+    Events {
+        /// Replay the echoes after this `server_seq` first; `None`: live events only.
+        since: Option<u64>,
+    },
     /// `GET /api/docs?prefix=P&after=CURSOR&limit=N`.
     List(ListQuery),
 }
@@ -233,6 +238,12 @@ pub fn parse_target(
         "blame" => {
             expect_method(method, "GET")?;
             ApiTarget::Call(ApiCall::Blame)
+        }
+        "events" => {
+            expect_method(method, "GET")?;
+            ApiTarget::Call(ApiCall::Events {
+                since: params.number("since")?,
+            })
         }
         _ => return Err(json_error(404, "not found")),
     };
@@ -447,6 +458,11 @@ pub enum ApiEffect {
     /// Delete the document (its clients closed 1008 `deleted`, its data removed durably),
     /// then answer.
     Delete(ApiReply),
+    /// An op message (`server_seq`, its echo) for the document's event streams.
+    Echo(u64, tungstenite::Utf8Bytes),
+    /// Start an event stream: the socket and what it gets first (the response head and the
+    /// replayed events).
+    Subscribe(mio::net::TcpStream, Vec<u8>),
 }
 
 /// A request on its way to the shard that owns its document.
@@ -460,6 +476,8 @@ pub struct ApiRequest {
     pub grant: Option<Grant>,
     /// Where the answer goes.
     pub reply: ApiReply,
+    /// The client's socket, for an event stream (`ApiCall::Events`), which the shard keeps.
+    pub stream: Option<mio::net::TcpStream>,
 }
 
 /// Merges the shards' listing parts into the answer `{"docs":[...],"next":...}`.

@@ -185,6 +185,13 @@ pub struct Room {
     /// The document API's server-side replica of each user (`""` with access control off),
     /// assigned like a client's on its first edit in this room's life.
     api_replicas: HashMap<String, u64>,
+    /// When each echo of `window` was accepted (unix ms; 0 unknown), in step with `window`.
+    window_times: VecDeque<u64>,
+    /// Op messages accepted since the last [`Room::stamp_accepted`] (not yet timed).
+    n_unstamped: usize,
+    /// The document has event streams: each accepted op message is also an
+    /// `ApiEffect::Echo`.
+    watched: bool,
 }
 
 /// A fresh random epoch: 32 hex digits from std's randomly keyed hasher (no clock, no crate).
@@ -246,6 +253,9 @@ impl Room {
             snapshot_cache: None,
             effects: Effects::default(),
             api_replicas: HashMap::new(),
+            window_times: VecDeque::new(),
+            n_unstamped: 0,
+            watched: false,
         };
         let Some(stored) = stored else {
             room.epoch = fresh_epoch();
@@ -274,6 +284,10 @@ impl Room {
                 LogRecord::ReplicaOwner { replica, user } => {
                     room.owners.entry(replica).or_insert(user);
                 }
+                LogRecord::Accepted {
+                    server_seq,
+                    time_ms,
+                } => room.set_accepted_time(server_seq, time_ms),
                 LogRecord::Ops { server_seq, echo } => {
                     if server_seq <= room.head {
                         continue;
@@ -295,6 +309,8 @@ impl Room {
             }
         }
         room.replica_next = room.replicas_reserved.saturating_add(1);
+        // Loaded ops were timed when they were accepted (or never, in older logs).
+        room.n_unstamped = 0;
         Ok(room)
     }
 
@@ -305,11 +321,14 @@ impl Room {
         self.bytes_since_snapshot += echo.len() as u64;
         self.window_bytes += echo.len();
         self.window.push_back(echo);
+        self.window_times.push_back(0);
+        self.n_unstamped += 1;
         while self.window.len() > self.config.replay_window_ops
             || (self.window_bytes > REPLAY_WINDOW_BYTES_MAX && self.window.len() > 1)
         {
             if let Some(old) = self.window.pop_front() {
                 self.window_bytes -= old.len();
+                self.window_times.pop_front();
             }
         }
     }
@@ -328,6 +347,7 @@ impl Room {
             let Some(old) = self.window.pop_front() else {
                 break;
             };
+            self.window_times.pop_front();
             self.window_bytes -= old.len();
         }
         before - self.window_bytes
@@ -615,6 +635,7 @@ impl Room {
                 let echo = encode_op_echo(self.head + 1, replica, msg.client_seq, &msg.ops);
                 self.n_chars += n_new;
                 self.accepted(echo.clone());
+                self.watched_echo(&echo);
                 for other in self.clients.keys() {
                     self.effects.frames.push((*other, echo.clone()));
                 }

@@ -35,6 +35,10 @@ use super::conn::{Net, NetLimits, ReadOutcome};
 /// The token of the shard's `mio::Waker` (connections use their slab keys).
 pub const WAKER_TOKEN: Token = Token(usize::MAX);
 
+/// Tokens at or above this belong to the handler's own sockets (the document API's event
+/// streams), not to the connection layer.
+pub const STREAM_TOKEN_BASE: usize = usize::MAX / 2;
+
 /// How often timers run (idle pings, close deadlines, document unloading).
 const TICK: Duration = Duration::from_millis(250);
 
@@ -63,6 +67,9 @@ pub trait Handler {
         let answer = crate::api::json_error(503, "this server has no document API");
         request.reply.answer(answer);
     }
+    /// A readiness event for one of the handler's own sockets (token at or above
+    /// [`STREAM_TOKEN_BASE`]).
+    fn on_stream(&mut self, _net: &mut Net, _token: Token) {}
     /// A revocation is in force: close the live connections it matches; returns how many.
     fn on_revoke(&mut self, _net: &mut Net, _rule: &Rule) -> usize {
         0
@@ -179,6 +186,9 @@ pub fn run<H: Handler>(
         for event in events.iter() {
             match event.token() {
                 WAKER_TOKEN => woken = true,
+                token @ Token(key) if key >= STREAM_TOKEN_BASE => {
+                    handler.call(&mut net, |h, net| h.on_stream(net, token));
+                }
                 Token(key) => net.on_event(key, event),
             }
         }

@@ -62,6 +62,7 @@ use super::rate_limit::{op_message_cost, RateLimit, TokenBucket};
 
 mod api;
 mod completions;
+mod events;
 
 /// Messages a connection may send between its `hello` and the end of its document's load;
 /// they are handled after the join, in order. One more closes it with 1013.
@@ -839,11 +840,13 @@ impl Handler for RoomHost {
         let mut batch_rooms = self.spent_rooms.pop().unwrap_or_default();
         let mut dirty = std::mem::take(&mut self.dirty_spare);
         std::mem::swap(&mut dirty, &mut self.dirty);
+        let mut turn_ms = None;
         for room_idx in dirty.drain(..) {
             let Some(slot) = self.rooms.get_mut(room_idx) else {
                 continue;
             };
             slot.in_dirty = false;
+            slot.room.stamp_accepted(api::turn_time_ms(&mut turn_ms));
             let mut effects = slot.room.take_effects();
             if effects.is_empty() {
                 continue;
@@ -892,6 +895,10 @@ impl Handler for RoomHost {
 
     fn on_api(&mut self, net: &mut Net, request: Box<crate::api::ApiRequest>) {
         self.api_request(net, *request);
+    }
+
+    fn on_stream(&mut self, net: &mut Net, token: mio::Token) {
+        self.api_stream_event(net, token);
     }
 
     fn on_revoke(&mut self, net: &mut Net, rule: &Rule) -> usize {

@@ -542,6 +542,18 @@ impl<F: Fs> DiskStorage<F> {
                             tail.push(LogRecord::ReplicaOwner { replica, user });
                         }
                     }
+                    Body::Log(LogRecord::Accepted {
+                        server_seq,
+                        time_ms,
+                    }) => {
+                        // Only meaningful with its op message, which the snapshot may cover.
+                        if server_seq > covered_head {
+                            tail.push(LogRecord::Accepted {
+                                server_seq,
+                                time_ms,
+                            });
+                        }
+                    }
                 }
                 offset = next;
             }
@@ -1080,6 +1092,7 @@ impl<F: Fs> DiskStorage<F> {
                 log.last_reserved = log.last_reserved.max(*last)
             }
             LogRecord::ReplicaOwner { .. } => log.n_owners += 1,
+            LogRecord::Accepted { .. } => {}
         }
         if !log.touched {
             log.touched = true;

@@ -66,7 +66,9 @@ impl Storage for MemoryStorage {
             });
         let head = snapshot.head;
         stored.tail.retain(|record| match record {
-            LogRecord::Ops { server_seq, .. } => *server_seq > head,
+            LogRecord::Ops { server_seq, .. } | LogRecord::Accepted { server_seq, .. } => {
+                *server_seq > head
+            }
             LogRecord::ReplicasReserved { last } => *last > snapshot.replicas_reserved,
             LogRecord::ReplicaOwner { replica, .. } => {
                 !snapshot.owners.iter().any(|(owned, _)| owned == replica)

@@ -57,6 +57,15 @@ pub enum LogRecord {
         /// The token's `sub`.
         user: String,
     },
+    /// The op message `server_seq` was accepted at `time_ms` (unix milliseconds, the
+    /// server's clock): the `time` of history entries. Written in the same batch as its
+    /// `Ops` record (after it); logs written before it existed simply have none.
+    Accepted {
+        /// The op message.
+        server_seq: u64,
+        /// When the server accepted it.
+        time_ms: u64,
+    },
 }
 
 /// A document's state at `head`, from which its log tail is replayed.

@@ -484,12 +484,20 @@ impl WorkerLoop {
                 replay_window_ops: 0,
                 doc_chars_max: usize::MAX,
             };
+            let updated_at = stored
+                .tail
+                .iter()
+                .filter_map(|record| match record {
+                    LogRecord::Accepted { time_ms, .. } => Some(*time_ms),
+                    _ => None,
+                })
+                .max();
             match crate::room::Room::open(name.clone(), Some(stored), config) {
                 Ok(room) => docs.push(crate::api::DocSummary {
                     doc: name,
                     head: room.head(),
                     length: room.length(),
-                    updated_at: None,
+                    updated_at,
                 }),
                 Err(e) => warn!("storage worker: listing skips a corrupt document: {e}"),
             }

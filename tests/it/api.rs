@@ -268,6 +268,12 @@ fn delete_on_disk_survives_a_restart() {
     let addr = server.local_addr();
     assert_eq!(get(addr, "/api/docs/drop").0, 404);
     assert_eq!(get(addr, "/api/docs/keep").1["text"], "x");
+    // The acceptance time is durable: it comes back from the log after the restart.
+    let (_, history) = get(addr, "/api/docs/keep/history");
+    assert!(
+        history["entries"][0]["time"].as_u64().is_some(),
+        "{history}"
+    );
     let (_, list) = get(addr, "/api/docs");
     assert_eq!(list["docs"].as_array().map(Vec::len), Some(1), "{list}");
     server.shutdown().expect("clean shutdown");
@@ -299,6 +305,12 @@ fn listing_pages_with_a_cursor() {
         assert!(docs.len() <= 2);
         for doc in &docs {
             assert_eq!(doc["head"], 1);
+            assert!(
+                doc["updated_at"]
+                    .as_u64()
+                    .is_some_and(|ms| ms > 1_600_000_000_000),
+                "{doc}"
+            );
             seen.push((
                 doc["doc"].as_str().expect("name").to_owned(),
                 doc["length"].as_u64(),
@@ -415,6 +427,15 @@ fn tokens_history_and_blame_of_two_users() {
     );
     assert_eq!(entries[1]["replica"].as_u64(), Some(editor.replica));
     assert!(entries[0]["ops"].is_array());
+    // The time the server accepted each op message (unix ms), in order.
+    let now_ms = now_unix() * 1000;
+    let times: Vec<u64> = entries.iter().filter_map(|e| e["time"].as_u64()).collect();
+    assert_eq!(times.len(), 2, "{history}");
+    assert!(
+        times[0] <= times[1] && times[1] <= now_ms + 1000,
+        "{times:?}"
+    );
+    assert!(times[0] + 600_000 > now_ms, "{times:?}");
     assert_eq!(history["next"], Value::Null);
     let (_, first) = api(
         addr,
@@ -439,4 +460,162 @@ fn tokens_history_and_blame_of_two_users() {
     assert_eq!(code, Some(CloseCode::Policy));
     server.shutdown().expect("clean shutdown");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An open event stream: the response head read, events read one at a time.
+struct Events {
+    reader: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl Events {
+    fn open(addr: SocketAddr, path: &str) -> Events {
+        use std::io::{BufRead, Write};
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+        let mut reader = std::io::BufReader::new(stream);
+        let mut status = String::new();
+        reader.read_line(&mut status).expect("status line");
+        assert!(status.starts_with("HTTP/1.1 200 "), "{status}");
+        let mut saw_type = false;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("header");
+            saw_type |= line.eq_ignore_ascii_case("content-type: text/event-stream\r\n");
+            if line == "\r\n" {
+                break;
+            }
+        }
+        assert!(saw_type, "an event stream");
+        Events { reader }
+    }
+
+    /// The next event as (event, id, data JSON); `None` at the end of the stream.
+    fn next(&mut self) -> Option<(String, Option<u64>, Value)> {
+        use std::io::BufRead;
+        let (mut event, mut id, mut data) = (String::new(), None, None);
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line).expect("read an event") == 0 {
+                return None;
+            }
+            let line = line.trim_end_matches('\n');
+            if line.is_empty() {
+                let data = data.expect("every event has data");
+                return Some((event, id, data));
+            }
+            if let Some(v) = line.strip_prefix("event: ") {
+                event = v.to_owned();
+            } else if let Some(v) = line.strip_prefix("id: ") {
+                id = v.parse().ok();
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                data = Some(serde_json::from_str(v).expect("data is JSON"));
+            }
+        }
+    }
+}
+
+#[test]
+fn events_replay_since_then_live_then_deleted() {
+    let _watchdog = Watchdog::new("api_events", 60);
+    let server = server(test_config());
+    let addr = server.local_addr();
+    assert_eq!(get(addr, "/api/docs/ev/events").0, 404);
+    for text in ["a", "b", "c"] {
+        let body = format!(r#"{{"edits":[{{"pos":0,"insert":"{text}"}}]}}"#);
+        assert_eq!(post(addr, "ev", &body).0, 200);
+    }
+    assert_eq!(get(addr, "/api/docs/ev/events?since=9").0, 400);
+    let mut events = Events::open(addr, "/api/docs/ev/events?since=1");
+    for seq in [2, 3] {
+        let (event, id, data) = events.next().expect("a replayed event");
+        assert_eq!((event.as_str(), id), ("op_echo", Some(seq)));
+        assert_eq!(
+            (data["type"].as_str(), data["server_seq"].as_u64()),
+            (Some("op_echo"), Some(seq))
+        );
+    }
+    let mut live = Events::open(addr, "/api/docs/ev/events");
+    // Live: an HTTP edit and a WebSocket client's op, in server_seq order, on both streams.
+    assert_eq!(
+        post(addr, "ev", r#"{"edits":[{"pos":0,"insert":"d"}]}"#).0,
+        200
+    );
+    let mut editor = Editor::join(addr, "/ws/ev", r#"{"type":"hello"}"#);
+    editor.edit(0, 1, "");
+    editor.settle();
+    for stream in [&mut events, &mut live] {
+        for seq in [4, 5] {
+            let (event, id, data) = stream.next().expect("a live event");
+            assert_eq!(
+                (event.as_str(), id, data["server_seq"].as_u64()),
+                ("op_echo", Some(seq), Some(seq))
+            );
+        }
+    }
+    assert_eq!(api(addr, "DELETE", "/api/docs/ev", None, "").0, 200);
+    for stream in [&mut events, &mut live] {
+        let (event, _, data) = stream.next().expect("the deleted event");
+        assert_eq!(
+            (event.as_str(), data["doc"].as_str()),
+            ("deleted", Some("ev"))
+        );
+        assert!(stream.next().is_none(), "the stream ends after deleted");
+    }
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn a_slow_event_reader_is_closed_and_the_document_goes_on() {
+    use std::io::{Read, Write};
+    let _watchdog = Watchdog::new("api_events_slow", 90);
+    let mut config = test_config();
+    config.outbound_bytes_max = 64 << 10;
+    // One connection per request: the per-address connect rate is not what this tests.
+    config.connects_per_ip_per_second = 0;
+    config.connects_per_ip_burst = 0;
+    let server = server(config);
+    let addr = server.local_addr();
+    assert_eq!(
+        post(addr, "slow", r#"{"edits":[{"pos":0,"insert":"x"}]}"#).0,
+        200
+    );
+    let mut slow = tcp_with_small_rcvbuf(addr);
+    write!(
+        slow,
+        "GET /api/docs/slow/events HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    .expect("write");
+    let mut fast = Events::open(addr, "/api/docs/slow/events");
+    // Far more than the limit plus every socket buffer on the way, never read by `slow`.
+    let chunk = "y".repeat(128 << 10);
+    let n_edits = 80u64;
+    for _ in 0..n_edits {
+        let body = format!(r#"{{"edits":[{{"pos":0,"insert":"{chunk}"}}]}}"#);
+        assert_eq!(post(addr, "slow", &body).0, 200);
+        // The fast reader keeps up and gets everything.
+        let (event, _, _) = fast.next().expect("a live event");
+        assert_eq!(event, "op_echo");
+    }
+    // The slow one was closed: reading what was buffered ends well before every event.
+    let mut received = Vec::new();
+    slow.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    match slow.read_to_end(&mut received) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the slow stream was not closed: {e}"),
+    }
+    let n_events = String::from_utf8_lossy(&received)
+        .matches("event: op_echo")
+        .count() as u64;
+    assert!(
+        n_events < n_edits,
+        "{n_events} events of {n_edits} reached the slow reader"
+    );
+    let (_, doc) = get(addr, "/api/docs/slow");
+    assert_eq!(doc["head"].as_u64(), Some(n_edits + 1));
+    server.shutdown().expect("clean shutdown");
 }

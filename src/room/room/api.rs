@@ -38,6 +38,21 @@ impl Room {
         self.head > 0 || self.replicas_reserved > 0 || !self.owners.is_empty()
     }
 
+    /// Whether each accepted op message is also an [`ApiEffect::Echo`] (the document has
+    /// event streams).
+    pub fn set_watched(&mut self, watched: bool) {
+        self.watched = watched;
+    }
+
+    /// The echo of the op message just accepted, for event streams when watched.
+    pub(super) fn watched_echo(&mut self, echo: &tungstenite::Utf8Bytes) {
+        if self.watched {
+            self.effects
+                .api
+                .push(ApiEffect::Echo(self.head, echo.clone()));
+        }
+    }
+
     /// The document's length in code points.
     pub fn length(&self) -> usize {
         self.crdt.len()
@@ -162,6 +177,45 @@ impl Room {
         }
         write_ops(out, &parsed.ops);
         out.push('}');
+    }
+
+    /// Records when the op messages accepted since the last call were accepted: their
+    /// `Accepted` records go with this turn's records (the host calls it once per turn with
+    /// the turn's clock, before taking the effects).
+    pub fn stamp_accepted(&mut self, time_ms: u64) {
+        let n = std::mem::take(&mut self.n_unstamped);
+        if n == 0 {
+            return;
+        }
+        for k in (0..n as u64).rev() {
+            let server_seq = self.head - k;
+            self.effects.records.push(LogRecord::Accepted {
+                server_seq,
+                time_ms,
+            });
+        }
+        let len = self.window_times.len();
+        for time in self.window_times.range_mut(len.saturating_sub(n)..) {
+            *time = time_ms;
+        }
+    }
+
+    /// A loaded `Accepted` record: the time of echo `server_seq` if the window holds it.
+    pub(super) fn set_accepted_time(&mut self, server_seq: u64, time_ms: u64) {
+        let oldest = self.window_oldest();
+        if server_seq < oldest || server_seq > self.head {
+            return;
+        }
+        if let Some(time) = self.window_times.get_mut((server_seq - oldest) as usize) {
+            *time = time_ms;
+        }
+    }
+
+    /// When echo `server_seq` of the window was accepted, if known.
+    pub fn accepted_time(&self, server_seq: u64) -> Option<u64> {
+        let oldest = self.window_oldest();
+        let idx = usize::try_from(server_seq.checked_sub(oldest)?).ok()?;
+        self.window_times.get(idx).copied().filter(|&t| t > 0)
     }
 
     /// The server-side replica of `user` in this room, assigned (and bound to `user` with
@@ -294,6 +348,7 @@ impl Room {
         let echo = encode_op_echo(self.head + 1, replica, client_seq, &ops);
         self.n_chars += inserted_chars(&ops);
         self.accepted(echo.clone());
+        self.watched_echo(&echo);
         for other in self.clients.keys() {
             self.effects.frames.push((*other, echo.clone()));
         }

@@ -12,18 +12,20 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use crate::api::{json_answer, json_error, ApiCall, ApiEffect, ApiReply, ApiRequest};
-use crate::auth::Grant;
 use crate::ids::ConnToken;
 use crate::room::EditError;
 use crate::storage::worker::StorageRequest;
 
 use super::super::conn::Net;
-use super::RoomHost;
+use super::{events, RoomHost};
 
-/// API requests waiting for their document's load, by document.
+/// The document API's state on a shard.
 #[derive(Debug, Default)]
 pub(super) struct ApiState {
+    /// Requests waiting for their document's load, by document.
     waiting: HashMap<String, Vec<ApiRequest>>,
+    /// The event streams (`GET /events`).
+    streams: events::EventStreams,
 }
 
 impl RoomHost {
@@ -42,10 +44,7 @@ impl RoomHost {
             return;
         };
         if let Some(&idx) = self.room_by_doc.get(&doc) {
-            let ApiRequest {
-                call, grant, reply, ..
-            } = request;
-            return self.api_on_room(net, idx, call, grant, reply);
+            return self.api_on_room(net, idx, request);
         }
         if self.loading.contains_key(&doc) {
             self.api.waiting.entry(doc).or_default().push(request);
@@ -53,14 +52,14 @@ impl RoomHost {
         }
         if !self.worker.available() {
             let answer = json_error(503, "storage unavailable; try again later");
-            return request.reply.answer(answer);
+            return answer_request(request, answer);
         }
         if self.rooms.len() + self.loading.len() >= self.docs_max && !self.unload_one_empty(net) {
             let answer = json_error(
                 503,
                 "too many documents open on this server; try again later",
             );
-            return request.reply.answer(answer);
+            return answer_request(request, answer);
         }
         self.request(StorageRequest::Load { doc: doc.clone() });
         self.loading.insert(doc.clone(), Vec::new());
@@ -72,39 +71,45 @@ impl RoomHost {
         let Some(waiting) = self.api.waiting.remove(doc) else {
             return;
         };
+        let idx = self.room_by_doc.get(doc).copied();
+        if let Some(idx) = idx {
+            // Event streams outlive the room's stays in memory.
+            if self.api.streams.watching(doc) {
+                self.rooms[idx].room.set_watched(true);
+            }
+        }
         for request in waiting {
-            match self.room_by_doc.get(doc).copied() {
-                Some(idx) => {
-                    let ApiRequest {
-                        call, grant, reply, ..
-                    } = request;
-                    self.api_on_room(net, idx, call, grant, reply);
-                }
+            match idx {
+                Some(idx) => self.api_on_room(net, idx, request),
                 None => {
                     let answer = json_error(503, "the document could not be loaded");
-                    request.reply.answer(answer);
+                    answer_request(request, answer);
                 }
             }
         }
     }
 
     /// Serves one request against the loaded room `idx`.
-    fn api_on_room(
-        &mut self,
-        net: &mut Net,
-        idx: usize,
-        call: ApiCall,
-        grant: Option<Grant>,
-        reply: ApiReply,
-    ) {
+    fn api_on_room(&mut self, net: &mut Net, idx: usize, request: ApiRequest) {
         let storage_available = self.worker.available();
         let Some(slot) = self.rooms.get_mut(idx) else {
-            return reply.answer(json_error(503, "the document left memory; retry"));
+            return answer_request(request, json_error(503, "the document left memory; retry"));
         };
+        let ApiRequest {
+            call,
+            grant,
+            reply,
+            stream,
+            ..
+        } = request;
         let room = &mut slot.room;
         let missing = !room.exists() && !matches!(call, ApiCall::Edits(_));
         if missing {
-            reply.answer(json_error(404, "no such document"));
+            let answer = json_error(404, "no such document");
+            match stream {
+                Some(stream) => answer_stream(stream, &answer),
+                None => reply.answer(answer),
+            }
             if slot.is_unloadable() {
                 // Loaded only to find it does not exist: never kept, never created.
                 self.unload(net, idx);
@@ -142,7 +147,8 @@ impl RoomHost {
                     if i > 0 {
                         body.push(',');
                     }
-                    room.history_entry(echo, None, &mut body);
+                    let time = room.accepted_time(from + i as u64);
+                    room.history_entry(echo, time, &mut body);
                 }
                 let next = from + echoes.len() as u64;
                 if echoes.len() == limit && next <= room.head() {
@@ -179,18 +185,82 @@ impl RoomHost {
                 }
             }
             ApiCall::Delete => ApiEffect::Delete(reply),
+            ApiCall::Events { since } => {
+                let Some(stream) = stream else {
+                    return reply.answer(json_error(500, "event stream without its socket"));
+                };
+                let mut head = events::stream_head();
+                if let Some(since) = since {
+                    if since > room.head() {
+                        let why = format!("since {since} is ahead of head {}", room.head());
+                        return answer_stream(stream, &json_error(400, &why));
+                    }
+                    match room.echoes_from(since + 1, usize::MAX) {
+                        Ok(echoes) => {
+                            for (i, echo) in echoes.iter().enumerate() {
+                                head.extend_from_slice(&events::echo_event(
+                                    since + 1 + i as u64,
+                                    echo,
+                                ));
+                            }
+                        }
+                        Err(oldest) => {
+                            let answer = gone("history before this is not retained", oldest - 1);
+                            return answer_stream(stream, &answer);
+                        }
+                    }
+                }
+                // From now on every op message of the room is also an event (in order,
+                // after this stream starts with the replay up to the current head).
+                room.set_watched(true);
+                ApiEffect::Subscribe(stream, head)
+            }
             ApiCall::List(_) => return reply.answer(json_error(404, "not found")),
         };
         room.push_api(effect);
         self.mark_dirty(idx);
     }
 
+    /// A readiness event of an event stream.
+    pub(super) fn api_stream_event(&mut self, net: &mut Net, token: mio::Token) {
+        let limit = net.limits().outbound_bytes_max;
+        self.api.streams.on_event(net.registry(), token, limit);
+    }
+
     /// Carries out a room's released API effects (their records are durable).
     pub(super) fn api_release(&mut self, net: &mut Net, room_idx: usize, effects: Vec<ApiEffect>) {
+        let limit = net.limits().outbound_bytes_max;
         for effect in effects {
             match effect {
                 ApiEffect::Answer(reply, bytes) => reply.answer(bytes),
                 ApiEffect::Delete(reply) => self.api_delete(net, room_idx, reply),
+                ApiEffect::Echo(server_seq, echo) => {
+                    let Some(slot) = self.rooms.get_mut(room_idx) else {
+                        continue;
+                    };
+                    let doc = slot.room.doc_name();
+                    if !self.api.streams.watching(doc) {
+                        slot.room.set_watched(false);
+                        continue;
+                    }
+                    let event = events::echo_event(server_seq, &echo);
+                    self.api
+                        .streams
+                        .broadcast(net.registry(), doc, &event, limit);
+                }
+                ApiEffect::Subscribe(stream, head) => {
+                    let Some(slot) = self.rooms.get(room_idx) else {
+                        continue;
+                    };
+                    let doc = slot.room.doc_name();
+                    if !self
+                        .api
+                        .streams
+                        .open(net.registry(), stream, doc, head, limit)
+                    {
+                        log::warn!("shard: an event stream could not be registered");
+                    }
+                }
             }
         }
     }
@@ -215,9 +285,21 @@ impl RoomHost {
             .collect();
         later.extend(slot.room.take_effects().api);
         for effect in later {
-            let (ApiEffect::Answer(reply, _) | ApiEffect::Delete(reply)) = effect;
-            reply.answer(json_error(409, "the document was deleted meanwhile"));
+            match effect {
+                ApiEffect::Answer(reply, _) | ApiEffect::Delete(reply) => {
+                    reply.answer(json_error(409, "the document was deleted meanwhile"))
+                }
+                ApiEffect::Echo(..) => {}
+                ApiEffect::Subscribe(stream, _) => {
+                    answer_stream(stream, &json_error(404, "the document was deleted"));
+                }
+            }
         }
+        let mut deleted = String::from("event: deleted\ndata: {\"doc\":");
+        crate::protocol::codec::write_json_str(&mut deleted, &doc);
+        deleted.push_str("}\n\n");
+        let deleted: std::sync::Arc<[u8]> = std::sync::Arc::from(deleted.into_bytes());
+        self.api.streams.finish_doc(net.registry(), &doc, &deleted);
         for (key, session) in self.sessions.iter_mut().enumerate() {
             let Some(session) = session else { continue };
             if session.room_idx == Some(room_idx) {
@@ -229,6 +311,31 @@ impl RoomHost {
         self.request(StorageRequest::Release { doc: doc.clone() });
         self.request(StorageRequest::Delete { doc, epoch, reply });
     }
+}
+
+/// Answers `request` with `answer`: on its socket for an event stream, else to the acceptor.
+fn answer_request(request: ApiRequest, answer: Vec<u8>) {
+    match request.stream {
+        Some(stream) => answer_stream(stream, &answer),
+        None => request.reply.answer(answer),
+    }
+}
+
+/// Writes `answer` on a fresh socket the shard owns (an event stream refused before it
+/// started) and closes it; a socket that cannot take a short answer at once is just closed.
+fn answer_stream(mut stream: mio::net::TcpStream, answer: &[u8]) {
+    use std::io::Write as _;
+    let _ = stream.write_all(answer);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+}
+
+/// The wall clock in unix milliseconds, read at most once per turn (`cache`).
+pub(super) fn turn_time_ms(cache: &mut Option<u64>) -> u64 {
+    *cache.get_or_insert_with(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    })
 }
 
 /// 410 with the oldest version still available.
