@@ -816,6 +816,51 @@ impl Doc {
         self.find(id).map(|loc| self.tree.position(loc) as usize)
     }
 
+    /// Whether the item `id` is visible (`Some(false)`: a tombstone, `None`: unknown).
+    pub fn is_visible(&self, id: OpId) -> Option<bool> {
+        self.find(id)
+            .map(|loc| !self.tree.span(loc.leaf, loc.idx).deleted())
+    }
+
+    /// Appends to `out` the visible items among `id .. id+len` (one replica, consecutive
+    /// lamports) as `(first, count)` ranges, one lookup per span; stops at the first unknown
+    /// id (such a delete is refused anyway).
+    pub fn visible_ranges(&self, id: OpId, len: u64, out: &mut Vec<(OpId, u64)>) {
+        let mut done = 0u64;
+        while done < len {
+            let first = OpId::new(id.lamport + done, id.replica);
+            let Some(loc) = self.find(first) else {
+                return;
+            };
+            let s = self.tree.span(loc.leaf, loc.idx);
+            let k = u64::from(s.len() - loc.off).min(len - done);
+            if !s.deleted() {
+                out.push((first, k));
+            }
+            done += k;
+        }
+    }
+
+    /// The text of the items, visible or not, for which `keep(id, visible)` holds, in
+    /// document order: a past version of the document (the HTTP API's `?at=`). The caller
+    /// keeps only tombstones deleted in this `Doc`'s life (their text is still in the
+    /// arena); a tombstone read as one from a snapshot has no text, and what this returns
+    /// for it is meaningless.
+    pub fn text_where(&self, mut keep: impl FnMut(OpId, bool) -> bool) -> String {
+        let mut out = String::new();
+        for (_, _, s) in self.spans() {
+            let replica = self.tree.replicas[s.replica as usize];
+            let visible = !s.deleted();
+            for k in 0..s.len() {
+                let id = OpId::new(s.lamport + k as u64, replica);
+                if keep(id, visible) {
+                    out.push(self.arena.get(s.arena as usize + k as usize));
+                }
+            }
+        }
+        out
+    }
+
     /// Highest lamport of any known item, `None` for an empty history.
     pub fn max_lamport(&self) -> Option<u64> {
         self.max_lamport

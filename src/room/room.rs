@@ -192,6 +192,11 @@ pub struct Room {
     /// The document has event streams: each accepted op message is also an
     /// `ApiEffect::Echo`.
     watched: bool,
+    /// The items each echo of `window` deleted that were visible before it, in step with
+    /// `window`: the document as of any `server_seq` in the window is exact from them.
+    window_deleted: VecDeque<Box<[(crate::crdt::OpId, u64)]>>,
+    /// The next accepted op message's entry of `window_deleted` (filled before it applies).
+    pending_deleted: Vec<(crate::crdt::OpId, u64)>,
 }
 
 /// A fresh random epoch: 32 hex digits from std's randomly keyed hasher (no clock, no crate).
@@ -256,6 +261,8 @@ impl Room {
             window_times: VecDeque::new(),
             n_unstamped: 0,
             watched: false,
+            window_deleted: VecDeque::new(),
+            pending_deleted: Vec::new(),
         };
         let Some(stored) = stored else {
             room.epoch = fresh_epoch();
@@ -300,6 +307,7 @@ impl Room {
                     if parsed.server_seq != server_seq {
                         return Err(RoomError::Corrupt("op log record server_seq"));
                     }
+                    room.note_deletes(&parsed.ops);
                     room.crdt
                         .apply_remote(None, &parsed.ops)
                         .map_err(|_| RoomError::Corrupt("op log record ops"))?;
@@ -322,6 +330,8 @@ impl Room {
         self.window_bytes += echo.len();
         self.window.push_back(echo);
         self.window_times.push_back(0);
+        self.window_deleted
+            .push_back(std::mem::take(&mut self.pending_deleted).into_boxed_slice());
         self.n_unstamped += 1;
         while self.window.len() > self.config.replay_window_ops
             || (self.window_bytes > REPLAY_WINDOW_BYTES_MAX && self.window.len() > 1)
@@ -329,6 +339,7 @@ impl Room {
             if let Some(old) = self.window.pop_front() {
                 self.window_bytes -= old.len();
                 self.window_times.pop_front();
+                self.window_deleted.pop_front();
             }
         }
     }
@@ -348,6 +359,7 @@ impl Room {
                 break;
             };
             self.window_times.pop_front();
+            self.window_deleted.pop_front();
             self.window_bytes -= old.len();
         }
         before - self.window_bytes
@@ -630,6 +642,7 @@ impl Room {
         }
         // A resend of inserts the room only knows from a snapshot is still `Unchanged`: the CRDT
         // derives each run's `after` from document order (tested in the restart test below).
+        self.note_deletes(&msg.ops);
         match self.crdt.apply_remote(Some(replica), &msg.ops) {
             Ok(Applied::Changed) => {
                 let echo = encode_op_echo(self.head + 1, replica, msg.client_seq, &msg.ops);

@@ -111,6 +111,38 @@ fn read_edit_and_converge_with_websocket_clients() {
     assert_eq!(doc["text"], "Hello, world!");
     assert_eq!(doc["epoch"], epoch.as_str());
 
+    // Every version so far, deletions included, is readable with ?at=.
+    let mut versions = vec![
+        (0, String::new()),
+        (1, "hello".to_owned()),
+        (2, "Hello world".to_owned()),
+        (3, "Hello world!".to_owned()),
+        (4, "Hello, world!".to_owned()),
+    ];
+    editor.edit(0, 7, "");
+    editor.settle();
+    versions.push((5, "world!".to_owned()));
+    assert_eq!(
+        post(
+            addr,
+            "api%20one",
+            r#"{"edits":[{"pos":0,"insert":"Hello, "}]}"#
+        )
+        .0,
+        200
+    );
+    editor.catch_up(6);
+    versions.push((6, "Hello, world!".to_owned()));
+    for (at, text) in &versions {
+        let (status, doc) = get(addr, &format!("/api/docs/api%20one?at={at}"));
+        assert_eq!(status, 200, "{doc}");
+        assert_eq!(
+            (doc["head"].as_u64(), doc["text"].as_str()),
+            (Some(*at), Some(text.as_str()))
+        );
+        assert_eq!(doc["length"].as_u64(), Some(text.chars().count() as u64));
+    }
+
     // Concurrent edits from both sides converge.
     for i in 0..10 {
         editor.edit(0, 0, "w");
@@ -122,6 +154,9 @@ fn read_edit_and_converge_with_websocket_clients() {
     editor.catch_up(doc["head"].as_u64().expect("head"));
     assert_eq!(doc["text"].as_str(), Some(editor.doc.text().as_str()));
     assert_eq!(doc["length"].as_u64(), Some(33));
+    // Old versions are still exact after the interleaving.
+    let (_, old) = get(addr, "/api/docs/api%20one?at=5");
+    assert_eq!(old["text"], "world!");
 
     // The snapshot is in the contract's run format and decodes to the same text.
     let (status, snapshot) = get(addr, "/api/docs/api%20one/snapshot");
@@ -147,7 +182,9 @@ fn read_edit_and_converge_with_websocket_clients() {
 #[test]
 fn bad_requests_change_nothing() {
     let _watchdog = Watchdog::new("api_errors", 60);
-    let server = server(test_config());
+    let mut config = test_config();
+    config.replay_window_ops = 4;
+    let server = server(config);
     let addr = server.local_addr();
     assert_eq!(
         post(addr, "errs", r#"{"edits":[{"pos":0,"insert":"abc"}]}"#).0,
@@ -196,6 +233,26 @@ fn bad_requests_change_nothing() {
         (doc["head"].as_u64(), doc["text"].as_str()),
         (Some(1), Some("abc"))
     );
+    // Versions and bases older than the retained history (a window of 4 op messages).
+    for _ in 0..6 {
+        assert_eq!(
+            post(addr, "errs", r#"{"edits":[{"pos":0,"insert":"z"}]}"#).0,
+            200
+        );
+    }
+    let (status, gone) = get(addr, "/api/docs/errs?at=1");
+    assert_eq!((status, gone["oldest"].as_u64()), (410, Some(3)), "{gone}");
+    assert_eq!(get(addr, "/api/docs/errs?at=3").1["text"], "zzabc");
+    let (status, old) = post(
+        addr,
+        "errs",
+        r#"{"edits":[{"pos":0,"insert":"q"}],"base":2}"#,
+    );
+    assert_eq!((status, old["oldest"].as_u64()), (409, Some(3)), "{old}");
+    let (status, old) = get(addr, "/api/docs/errs/history?from=1");
+    assert_eq!((status, old["oldest"].as_u64()), (410, Some(4)), "{old}");
+    assert_eq!(get(addr, "/api/docs/errs/events?since=1").0, 410);
+    assert_eq!(get(addr, "/api/docs/errs").1["head"], 7);
     server.shutdown().expect("clean shutdown");
 }
 

@@ -38,6 +38,80 @@ impl Room {
         self.head > 0 || self.replicas_reserved > 0 || !self.owners.is_empty()
     }
 
+    /// Notes which items `ops` delete that are visible now, before they are applied: the
+    /// entry the next accepted op message gets in the window's deletions (one lookup per
+    /// span, and only for ops that delete).
+    pub(super) fn note_deletes(&mut self, ops: &[Op]) {
+        self.pending_deleted.clear();
+        for op in ops {
+            if let Op::Delete { id, len } = op {
+                self.crdt
+                    .visible_ranges(*id, *len, &mut self.pending_deleted);
+            }
+        }
+    }
+
+    /// The items inserted and the items deleted (that were visible) by the last
+    /// `n_behind` op messages, all in the window.
+    fn changes_since(&self, n_behind: usize) -> (HashSet<OpId>, HashSet<OpId>) {
+        let mut inserted: HashSet<OpId> = HashSet::new();
+        let mut deleted: HashSet<OpId> = HashSet::new();
+        let from = self.window.len() - n_behind;
+        for echo in self.window.range(from..) {
+            let Ok(parsed) = parse_op_echo(echo) else {
+                continue;
+            };
+            for op in parsed.ops {
+                if let Op::Insert { id, text, .. } = op {
+                    let n = text.chars().count() as u64;
+                    inserted.extend((0..n).map(|k| OpId::new(id.lamport + k, id.replica)));
+                }
+            }
+        }
+        for ranges in self.window_deleted.range(from..) {
+            for &(first, n) in ranges.iter() {
+                deleted.extend((0..n).map(|k| OpId::new(first.lamport + k, first.replica)));
+            }
+        }
+        (inserted, deleted)
+    }
+
+    /// `{"doc","epoch","head","length","text"}` as of `at` (right after that op message):
+    /// `Err(oldest)` when `at` is older than the window (or ahead of the head: `Err` with
+    /// the head).
+    pub fn read_at_json(&self, at: u64) -> Result<String, u64> {
+        if at >= self.head {
+            return if at == self.head {
+                Ok(self.read_json())
+            } else {
+                Err(self.head)
+            };
+        }
+        let n_behind = usize::try_from(self.head - at).unwrap_or(usize::MAX);
+        if n_behind > self.window.len() {
+            return Err(self.window_oldest() - 1);
+        }
+        let (inserted, deleted) = self.changes_since(n_behind);
+        // Items deleted since `at` were visible when the room deleted them: their text is
+        // in the CRDT's arena.
+        let text = self.crdt.text_where(|id, visible| {
+            !inserted.contains(&id) && (visible || deleted.contains(&id))
+        });
+        let mut out = String::with_capacity(text.len() + 128);
+        out.push_str("{\"doc\":");
+        write_json_str(&mut out, &self.doc_name);
+        out.push_str(",\"epoch\":");
+        write_json_str(&mut out, &self.epoch);
+        let _ = write!(
+            out,
+            ",\"head\":{at},\"length\":{},\"text\":",
+            text.chars().count()
+        );
+        write_json_str(&mut out, &text);
+        out.push('}');
+        Ok(out)
+    }
+
     /// Whether each accepted op message is also an [`ApiEffect::Echo`] (the document has
     /// event streams).
     pub fn set_watched(&mut self, watched: bool) {
@@ -299,10 +373,18 @@ impl Room {
         match view.as_mut() {
             None => {
                 // At the head: local edits on the room's own replica of the document.
+                self.pending_deleted.clear();
                 for edit in edits {
                     let pos = edit.pos as usize;
                     if edit.delete > 0 {
-                        ops.extend(self.crdt.delete_local(pos, edit.delete as usize));
+                        let deletes = self.crdt.delete_local(pos, edit.delete as usize);
+                        // Every item a local delete hides was visible.
+                        for op in &deletes {
+                            if let Op::Delete { id, len } = op {
+                                self.pending_deleted.push((*id, *len));
+                            }
+                        }
+                        ops.extend(deletes);
                     }
                     if !edit.insert.is_empty() {
                         ops.push(self.crdt.insert_local(replica, pos, &edit.insert));
@@ -339,6 +421,7 @@ impl Room {
                         });
                     }
                 }
+                self.note_deletes(&ops);
                 if let Err(e) = self.crdt.apply_remote(Some(replica), &ops) {
                     return Err(EditError::BadRequest(format!("edits refused: {e}")));
                 }
@@ -363,26 +446,7 @@ impl Room {
     /// The ids visible `n_behind` op messages ago (all in the replay window), in document
     /// order: items inserted since are left out, items deleted since are put back.
     fn view_at(&self, n_behind: usize) -> Vec<OpId> {
-        let mut inserted: HashSet<OpId> = HashSet::new();
-        let mut deleted: HashSet<OpId> = HashSet::new();
-        for echo in self.window.range(self.window.len() - n_behind..) {
-            let Ok(parsed) = parse_op_echo(echo) else {
-                continue;
-            };
-            for op in parsed.ops {
-                match op {
-                    Op::Insert { id, text, .. } => {
-                        let n = text.chars().count() as u64;
-                        inserted.extend((0..n).map(|k| OpId::new(id.lamport + k, id.replica)));
-                    }
-                    Op::Delete { id, len } => {
-                        for k in 0..len {
-                            deleted.insert(OpId::new(id.lamport + k, id.replica));
-                        }
-                    }
-                }
-            }
-        }
+        let (inserted, deleted) = self.changes_since(n_behind);
         let mut view = Vec::new();
         for run in self.crdt.snapshot() {
             let (n, visible) = match &run.content {

@@ -117,19 +117,19 @@ impl RoomHost {
             return;
         }
         let effect = match call {
-            ApiCall::Read { at } => match at {
-                Some(at) if at > room.head() => {
+            ApiCall::Read { at: Some(at) } => match room.read_at_json(at) {
+                Ok(json) => ApiEffect::Answer(reply, json_answer(200, &json)),
+                Err(_) if at > room.head() => {
                     let why = format!("at {at} is ahead of head {}", room.head());
                     return reply.answer(json_error(400, &why));
                 }
-                Some(at) if at < room.head() => {
-                    return reply.answer(gone(
-                        "no version older than the head is retained",
-                        room.head(),
-                    ));
+                Err(oldest) => {
+                    return reply.answer(gone("that version is no longer retained", oldest))
                 }
-                _ => ApiEffect::Answer(reply, json_answer(200, &room.read_json())),
             },
+            ApiCall::Read { at: None } => {
+                ApiEffect::Answer(reply, json_answer(200, &room.read_json()))
+            }
             ApiCall::Snapshot => {
                 ApiEffect::Answer(reply, json_answer(200, &room.snapshot_answer_json()))
             }
