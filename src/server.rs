@@ -20,7 +20,7 @@ use crate::acceptor::{
 use crate::auth::{Auth, KeySet};
 use crate::config::{Config, FsyncMode, StorageKind};
 use crate::metrics::MetricsRegistry;
-use crate::room::RoomConfig;
+use crate::room::{Retention, RoomConfig};
 use crate::shard::rate_limit::RateLimit;
 use crate::shard::{self, Handler, NetLimits, RoomHost, WAKER_TOKEN};
 use crate::storage::worker::{StorageAvailable, StorageWorker};
@@ -302,7 +302,11 @@ pub fn start_with_storages(
                         config.msgs_per_second_max,
                         config.msgs_burst_max,
                     ))
-                    .with_auth(auth.clone()),
+                    .with_auth(auth.clone())
+                    .with_history_retention(Retention {
+                        ops: config.history_retain_ops,
+                        ms: u64::try_from(config.history_retain.as_millis()).unwrap_or(u64::MAX),
+                    }),
             )
         },
     )

@@ -841,6 +841,54 @@ impl Doc {
         }
     }
 
+    /// The document as it was at an earlier point, as snapshot runs in document order:
+    /// `state(id, visible_now)` says whether the item was there then (`None`: not yet
+    /// inserted) and visible (`Some(true)`) or a tombstone (`Some(false)`). Items visible then
+    /// must have their text in the arena (visible now, or deleted in this `Doc`'s life).
+    pub fn snapshot_where(&self, mut state: impl FnMut(OpId, bool) -> Option<bool>) -> Vec<Run> {
+        let mut runs: Vec<Run> = Vec::new();
+        // Items in the last run, and whether it is visible text.
+        let mut last: Option<(u64, bool)> = None;
+        for (_, _, s) in self.spans() {
+            let replica = self.tree.replicas[s.replica as usize];
+            let visible_now = !s.deleted();
+            for k in 0..s.len() {
+                let id = OpId::new(s.lamport + k as u64, replica);
+                let Some(visible) = state(id, visible_now) else {
+                    continue;
+                };
+                let extends = match (runs.last(), last) {
+                    (Some(run), Some((n, text))) => {
+                        text == visible
+                            && run.id.replica == id.replica
+                            && run.id.lamport + n == id.lamport
+                    }
+                    _ => false,
+                };
+                let ch = || self.arena.get(s.arena as usize + k as usize);
+                match (extends, runs.last_mut(), last.as_mut()) {
+                    (true, Some(run), Some((n, _))) => {
+                        *n += 1;
+                        match &mut run.content {
+                            RunContent::Text(t) => t.push(ch()),
+                            RunContent::Deleted(d) => *d += 1,
+                        }
+                    }
+                    _ => {
+                        let content = if visible {
+                            RunContent::Text(ch().to_string())
+                        } else {
+                            RunContent::Deleted(1)
+                        };
+                        runs.push(Run { id, content });
+                        last = Some((1, visible));
+                    }
+                }
+            }
+        }
+        runs
+    }
+
     /// The text of the items, visible or not, for which `keep(id, visible)` holds, in
     /// document order: a past version of the document (the HTTP API's `?at=`). The caller
     /// keeps only tombstones deleted in this `Doc`'s life (their text is still in the

@@ -10,5 +10,6 @@
 mod room;
 
 pub use room::{
-    EditError, Effects, JoinAuth, Room, RoomConfig, RoomError, EFFECTS_RECYCLE_CAPACITY_MAX,
+    EditError, Effects, JoinAuth, Retention, Room, RoomConfig, RoomError,
+    EFFECTS_RECYCLE_CAPACITY_MAX,
 };

@@ -18,7 +18,7 @@ use crate::storage::{LogRecord, StoredDoc, StoredSnapshot};
 
 mod api;
 
-pub use api::EditError;
+pub use api::{EditError, Retention};
 
 /// Replica ids reserved per `ReplicasReserved` record: one durable record serves this many
 /// assignments, and a restart skips at most this many ids.
@@ -197,6 +197,11 @@ pub struct Room {
     window_deleted: VecDeque<Box<[(crate::crdt::OpId, u64)]>>,
     /// The next accepted op message's entry of `window_deleted` (filled before it applies).
     pending_deleted: Vec<(crate::crdt::OpId, u64)>,
+    /// How far behind the head snapshots are written (`--history-retain-ops`,
+    /// `--history-retain`): the log after them is kept.
+    retention: api::Retention,
+    /// `head` of the newest snapshot in storage (or sent to it): later ones never go back.
+    stored_head: u64,
 }
 
 /// A fresh random epoch: 32 hex digits from std's randomly keyed hasher (no clock, no crate).
@@ -263,6 +268,8 @@ impl Room {
             watched: false,
             window_deleted: VecDeque::new(),
             pending_deleted: Vec::new(),
+            retention: api::Retention::default(),
+            stored_head: 0,
         };
         let Some(stored) = stored else {
             room.epoch = fresh_epoch();
@@ -279,6 +286,7 @@ impl Room {
                 Doc::from_snapshot(&runs).map_err(|_| RoomError::Corrupt("snapshot runs"))?;
             room.n_chars = runs.iter().map(run_len).sum();
             room.head = snapshot.head;
+            room.stored_head = snapshot.head;
             room.replicas_reserved = snapshot.replicas_reserved;
             room.owners.extend(snapshot.owners);
             room.snapshot_cache = Some((snapshot.head, snapshot.runs_json));
@@ -680,9 +688,23 @@ impl Room {
         self.n_chars = runs.iter().map(run_len).sum();
         let runs_json = Utf8Bytes::from(encode_snapshot_runs(&runs));
         self.snapshot_cache = Some((self.head, runs_json.clone()));
+        self.ops_since_snapshot = 0;
+        self.bytes_since_snapshot = 0;
+        // The stored snapshot lags behind the head by the history retention, so the log
+        // after it is kept (and replayed into the window by a load).
+        let head = self.snapshot_point();
+        if head <= self.stored_head && head < self.head {
+            return; // Nothing older than what storage has may be reclaimed yet.
+        }
+        let runs_json = if head == self.head {
+            runs_json
+        } else {
+            Utf8Bytes::from(encode_snapshot_runs(&self.runs_at(head)))
+        };
+        self.stored_head = head;
         self.effects.snapshot = Some(StoredSnapshot {
             epoch: self.epoch.clone(),
-            head: self.head,
+            head,
             replicas_reserved: self.replicas_reserved,
             owners: {
                 let mut owners: Vec<(u64, String)> = self
@@ -695,8 +717,6 @@ impl Room {
             },
             runs_json,
         });
-        self.ops_since_snapshot = 0;
-        self.bytes_since_snapshot = 0;
     }
 
     /// A presence update: relayed to the others (not the sender); remembered for `hello_ack` lists.

@@ -676,3 +676,95 @@ fn a_slow_event_reader_is_closed_and_the_document_goes_on() {
     assert_eq!(doc["head"].as_u64(), Some(n_edits + 1));
     server.shutdown().expect("clean shutdown");
 }
+
+/// A configuration whose documents survive a restart: PostgreSQL when the suite runs on it,
+/// else a fresh data directory.
+fn durable_config(tag: &str) -> Config {
+    let mut config = test_config();
+    if !on_postgres() {
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("it-api-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        config.storage = StorageKind::Disk;
+        config.data_dir = dir;
+    }
+    config
+}
+
+#[test]
+fn history_retention_survives_compaction_and_restarts() {
+    let _watchdog = Watchdog::new("api_retention", 90);
+    let mut config = durable_config("retention");
+    config.snapshot_every_ops = 5;
+    config.history_retain_ops = 20;
+    let edits = |addr, n: usize| {
+        for _ in 0..n {
+            assert_eq!(
+                post(addr, "kept", r#"{"edits":[{"pos":0,"insert":"k"}]}"#).0,
+                200
+            );
+        }
+    };
+    let server = crate::util::server(config.clone());
+    edits(server.local_addr(), 50);
+    server.shutdown().expect("clean shutdown");
+    // After a restart (snapshots were written every 5 ops), the last 20 versions are there.
+    let server = crate::util::server(config.clone());
+    let addr = server.local_addr();
+    let (_, doc) = get(addr, "/api/docs/kept");
+    assert_eq!(doc["head"], 50);
+    let (status, old) = get(addr, "/api/docs/kept?at=30");
+    assert_eq!(
+        (status, old["text"].as_str().map(str::len)),
+        (200, Some(30)),
+        "{old}"
+    );
+    let (status, gone) = get(addr, "/api/docs/kept?at=5");
+    assert_eq!(status, 410, "{gone}");
+    let oldest = gone["oldest"].as_u64().expect("oldest");
+    assert!((25..=30).contains(&oldest), "{gone}");
+    let (_, history) = get(addr, "/api/docs/kept/history?from=31&limit=5");
+    assert_eq!(history["entries"][0]["server_seq"], 31);
+    assert!(
+        history["entries"][0]["time"].as_u64().is_some(),
+        "{history}"
+    );
+    // An edit against a retained base after the restart.
+    let (status, body) = post(
+        addr,
+        "kept",
+        r#"{"edits":[{"pos":30,"insert":"!"}],"base":30}"#,
+    );
+    assert_eq!((status, body["head"].as_u64()), (200, Some(51)), "{body}");
+    let (_, doc) = get(addr, "/api/docs/kept");
+    assert!(
+        doc["text"].as_str().is_some_and(|t| t.ends_with("!")),
+        "{doc}"
+    );
+    server.shutdown().expect("clean shutdown");
+
+    // Without retention, a restart keeps only what the last snapshot left.
+    let mut config = durable_config("no-retention");
+    config.snapshot_every_ops = 5;
+    config.history_retain_ops = 0;
+    let server = crate::util::server(config.clone());
+    edits(server.local_addr(), 10);
+    server.shutdown().expect("clean shutdown");
+    let server = crate::util::server(config.clone());
+    let (status, gone) = get(server.local_addr(), "/api/docs/kept?at=9");
+    assert_eq!((status, gone["oldest"].as_u64()), (410, Some(10)), "{gone}");
+    server.shutdown().expect("clean shutdown");
+
+    // --history-retain: every op accepted within the last hour is kept.
+    let mut config = durable_config("retain-time");
+    config.snapshot_every_ops = 5;
+    config.history_retain_ops = 0;
+    config.history_retain = std::time::Duration::from_secs(3600);
+    let server = crate::util::server(config.clone());
+    edits(server.local_addr(), 12);
+    server.shutdown().expect("clean shutdown");
+    let server = crate::util::server(config);
+    let (status, old) = get(server.local_addr(), "/api/docs/kept?at=1");
+    assert_eq!((status, old["text"].as_str()), (200, Some("k")), "{old}");
+    server.shutdown().expect("clean shutdown");
+}

@@ -15,6 +15,15 @@ use crate::storage::LogRecord;
 
 use super::{inserted_chars, Room};
 
+/// How far behind its head a room writes its snapshots (the history it keeps).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Op messages kept behind the head.
+    pub ops: u64,
+    /// Also keep those accepted within this many milliseconds of the newest one.
+    pub ms: u64,
+}
+
 /// Why an edit request changed nothing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EditError {
@@ -125,6 +134,43 @@ impl Room {
                 .api
                 .push(ApiEffect::Echo(self.head, echo.clone()));
         }
+    }
+
+    /// Keeps `retention` of history behind the head (see [`Retention`]); the default
+    /// keeps none (snapshots at the head).
+    pub fn set_retention(&mut self, retention: Retention) {
+        self.retention = retention;
+    }
+
+    /// Where the next stored snapshot goes: `retention` behind the head, never before the
+    /// oldest version the window can rebuild.
+    pub(super) fn snapshot_point(&self) -> u64 {
+        let mut at = self.head.saturating_sub(self.retention.ops);
+        if self.retention.ms > 0 {
+            // An op not timed yet (accepted this turn) or from an older log counts as new.
+            let newest = self.window_times.iter().copied().max().unwrap_or(0);
+            let oldest = self.window_oldest();
+            let young = self
+                .window_times
+                .iter()
+                .position(|&t| t == 0 || t.saturating_add(self.retention.ms) > newest)
+                .map_or(self.head, |idx| oldest + idx as u64 - 1);
+            at = at.min(young);
+        }
+        at.max(self.window_oldest() - 1)
+    }
+
+    /// The snapshot runs of the version right after `at` (in the window).
+    pub(super) fn runs_at(&self, at: u64) -> Vec<crate::crdt::Run> {
+        let n_behind = usize::try_from(self.head - at).unwrap_or(usize::MAX);
+        let (inserted, deleted) = self.changes_since(n_behind);
+        self.crdt.snapshot_where(|id, visible| {
+            if inserted.contains(&id) {
+                None
+            } else {
+                Some(visible || deleted.contains(&id))
+            }
+        })
     }
 
     /// The document's length in code points.

@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 
 use crate::api::{json_answer, json_error, ApiCall, ApiEffect, ApiReply, ApiRequest};
 use crate::ids::ConnToken;
-use crate::room::EditError;
+use crate::room::{EditError, Retention};
 use crate::storage::worker::StorageRequest;
 
 use super::super::conn::Net;
@@ -26,9 +26,23 @@ pub(super) struct ApiState {
     waiting: HashMap<String, Vec<ApiRequest>>,
     /// The event streams (`GET /events`).
     streams: events::EventStreams,
+    /// The history every room keeps (`--history-retain-ops`, `--history-retain`).
+    retention: Retention,
 }
 
 impl RoomHost {
+    /// Keeps `retention` of history in every document (none by default: snapshots at the
+    /// head, as without the document API).
+    pub fn with_history_retention(mut self, retention: Retention) -> RoomHost {
+        self.api.retention = retention;
+        self
+    }
+
+    /// The history every room keeps.
+    pub(super) fn api_retention(&self) -> Retention {
+        self.api.retention
+    }
+
     /// A request from the acceptor: served at once, or after its document's load.
     pub(super) fn api_request(&mut self, net: &mut Net, request: ApiRequest) {
         let Some(doc) = request.doc.clone() else {

@@ -43,7 +43,8 @@ impl RoomHost {
         );
         let room_idx = match result {
             Ok(stored) => match Room::open(doc.clone(), stored, self.room_config.clone()) {
-                Ok(room) => {
+                Ok(mut room) => {
+                    room.set_retention(self.api_retention());
                     let generation = self.next_generation;
                     self.next_generation += 1;
                     let idx = self.rooms.insert(RoomSlot {
