@@ -512,3 +512,119 @@ impl Room {
         view
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::ConnToken;
+    use crate::protocol::{parse_client_message, ClientMessage};
+    use crate::room::RoomConfig;
+
+    fn room(window: usize) -> Room {
+        let config = RoomConfig {
+            snapshot_every_ops: 3,
+            snapshot_every_bytes: 1 << 30,
+            replay_window_ops: window,
+            doc_chars_max: 1_000,
+        };
+        Room::open("doc".into(), None, config).expect("new room")
+    }
+
+    fn send(room: &mut Room, conn: usize, text: &str) {
+        match parse_client_message(text) {
+            Ok(ClientMessage::Hello(hello)) => room.join(ConnToken(conn), &hello),
+            Ok(ClientMessage::Op(op)) => room.handle_op(ConnToken(conn), op),
+            other => panic!("not a hello or op: {other:?}"),
+        }
+        room.stamp_accepted(1_000 + room.head());
+    }
+
+    fn text_at(room: &Room, at: u64) -> String {
+        let json: serde_json::Value =
+            serde_json::from_str(&room.read_at_json(at).expect("retained")).expect("JSON");
+        json["text"].as_str().expect("text").to_owned()
+    }
+
+    fn edit(pos: i64, delete: u64, insert: &str) -> Edit {
+        Edit {
+            pos,
+            delete,
+            insert: insert.to_owned(),
+        }
+    }
+
+    #[test]
+    fn every_version_in_the_window_is_exact_even_after_a_repeated_delete() {
+        let mut room = room(100);
+        send(&mut room, 1, r#"{"type":"hello","replica":1}"#);
+        send(&mut room, 2, r#"{"type":"hello","replica":2}"#);
+        // 1: "abc" by replica 1.
+        send(
+            &mut room,
+            1,
+            r#"{"type":"op","client_seq":1,"ops":[{"kind":"ins","id":[1,1],"after":null,"text":"abc"}]}"#,
+        );
+        // 2: replica 1 deletes "b".
+        send(
+            &mut room,
+            1,
+            r#"{"type":"op","client_seq":2,"ops":[{"kind":"del","id":[2,1],"len":1}]}"#,
+        );
+        // 3: replica 2 deletes "b" too (a tombstone already) and inserts "X" after "c".
+        send(
+            &mut room,
+            2,
+            r#"{"type":"op","client_seq":1,"ops":[{"kind":"del","id":[2,1],"len":1},{"kind":"ins","id":[4,2],"after":[3,1],"text":"X"}]}"#,
+        );
+        assert_eq!(room.head(), 3);
+        let expected = ["", "abc", "ac", "acX"];
+        for (at, text) in expected.iter().enumerate() {
+            assert_eq!(text_at(&room, at as u64), *text, "at {at}");
+        }
+        // The server-side replica edits against version 1 ("abc"): "Y" goes after "b".
+        let head = room
+            .apply_edits(Some("api"), &[edit(2, 0, "Y")], Some(1))
+            .expect("applies");
+        assert_eq!((head, room.text().as_str()), (4, "aYcX"));
+        assert_eq!(text_at(&room, 3), "acX");
+        // The lagging snapshot rebuilds exactly the version it names.
+        let runs = room.runs_at(2);
+        let doc = crate::crdt::Doc::from_snapshot(&runs).expect("a valid snapshot");
+        assert_eq!(doc.text(), "ac");
+    }
+
+    #[test]
+    fn edits_are_validated_before_anything_changes() {
+        let mut room = room(2);
+        assert_eq!(room.apply_edits(None, &[edit(0, 0, "hello")], None), Ok(1));
+        let refused = [
+            vec![edit(-1, 0, "x")],
+            vec![edit(6, 0, "x")],
+            vec![edit(3, 3, "")],
+            vec![edit(0, 0, "x"), edit(7, 0, "y")],
+        ];
+        for edits in refused {
+            assert!(matches!(
+                room.apply_edits(None, &edits, None),
+                Err(EditError::BadRequest(_))
+            ));
+        }
+        assert_eq!(
+            room.apply_edits(None, &[edit(0, 0, "x")], Some(2))
+                .map_err(|_| ()),
+            Err(())
+        );
+        assert_eq!((room.head(), room.text().as_str()), (1, "hello"));
+        // Nothing to do: no op message.
+        assert_eq!(room.apply_edits(None, &[edit(1, 0, "")], None), Ok(1));
+        for _ in 0..3 {
+            room.apply_edits(None, &[edit(0, 0, "z")], None)
+                .expect("applies");
+        }
+        assert_eq!(
+            room.apply_edits(None, &[edit(0, 0, "q")], Some(1)),
+            Err(EditError::BaseGone { oldest: 2 })
+        );
+        assert_eq!(room.read_at_json(1), Err(2));
+    }
+}
