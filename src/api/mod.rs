@@ -460,9 +460,9 @@ pub enum ApiEffect {
     Delete(ApiReply),
     /// An op message (`server_seq`, its echo) for the document's event streams.
     Echo(u64, tungstenite::Utf8Bytes),
-    /// Start an event stream: the socket and what it gets first (the response head and the
-    /// replayed events).
-    Subscribe(mio::net::TcpStream, Vec<u8>),
+    /// Start an event stream: the socket, what it gets first (the response head and the
+    /// replayed events), and the token it was admitted with (access control on).
+    Subscribe(mio::net::TcpStream, Vec<u8>, Option<Box<Grant>>),
 }
 
 /// A request on its way to the shard that owns its document.

@@ -930,7 +930,7 @@ impl Handler for RoomHost {
                 session.can_write = false;
             }
         }
-        matched.len()
+        matched.len() + self.api_close_denied(net, Some(rule))
     }
 
     fn on_tick(&mut self, net: &mut Net, now: Instant) {
@@ -958,6 +958,7 @@ impl Handler for RoomHost {
                 }
             }
         }
+        self.api_close_denied(net, None);
         let mut idle = Vec::new();
         let mut window_bytes = 0;
         for (idx, slot) in self.rooms.iter_mut() {

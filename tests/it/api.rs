@@ -515,6 +515,32 @@ fn tokens_history_and_blame_of_two_users() {
     assert_eq!(status, 200, "{body}");
     let (code, _) = recv_until_close(&mut editor.ws);
     assert_eq!(code, Some(CloseCode::Policy));
+
+    // Event streams end when their token expires or is revoked, like WebSocket clients.
+    assert_eq!(
+        edits(&alice, r#"{"edits":[{"pos":0,"insert":"x"}]}"#).0,
+        200
+    );
+    let path = "/api/docs/team%2Fnotes/events";
+    assert_eq!(api(addr, "GET", path, None, "").0, 401);
+    let short = key
+        .sign(
+            &MintClaims::new("dave", "team/*", Role::Read, now_unix(), 2),
+            None,
+        )
+        .expect("sign");
+    let mut expiring = Events::open_with(addr, path, Some(&short));
+    let mut revoked = Events::open_with(addr, path, Some(&reader));
+    let (status, body) = api(
+        addr,
+        "POST",
+        "/admin/revoke",
+        Some(&admin),
+        r#"{"sub":"carol"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(revoked.next().is_none(), "a revoked stream ends");
+    assert!(expiring.next().is_none(), "an expired stream ends");
     server.shutdown().expect("clean shutdown");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -526,12 +552,17 @@ struct Events {
 
 impl Events {
     fn open(addr: SocketAddr, path: &str) -> Events {
+        Events::open_with(addr, path, None)
+    }
+
+    fn open_with(addr: SocketAddr, path: &str, bearer: Option<&str>) -> Events {
         use std::io::{BufRead, Write};
         let mut stream = std::net::TcpStream::connect(addr).expect("connect");
         stream
             .set_read_timeout(Some(std::time::Duration::from_secs(10)))
             .expect("timeout");
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+        let auth = bearer.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}\r\n").expect("write");
         let mut reader = std::io::BufReader::new(stream);
         let mut status = String::new();
         reader.read_line(&mut status).expect("status line");

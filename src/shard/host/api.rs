@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use crate::api::{json_answer, json_error, ApiCall, ApiEffect, ApiReply, ApiRequest};
+use crate::auth::Rule;
 use crate::ids::ConnToken;
 use crate::room::{EditError, Retention};
 use crate::storage::worker::StorageRequest;
@@ -227,12 +228,19 @@ impl RoomHost {
                 // From now on every op message of the room is also an event (in order,
                 // after this stream starts with the replay up to the current head).
                 room.set_watched(true);
-                ApiEffect::Subscribe(stream, head)
+                ApiEffect::Subscribe(stream, head, grant.map(Box::new))
             }
             ApiCall::List(_) => return reply.answer(json_error(404, "not found")),
         };
         room.push_api(effect);
         self.mark_dirty(idx);
+    }
+
+    /// Ends the event streams whose token expired (every tick) or that `revoked` matches;
+    /// returns how many.
+    pub(super) fn api_close_denied(&mut self, net: &mut Net, revoked: Option<&Rule>) -> usize {
+        let now = crate::auth::now_unix();
+        self.api.streams.close_denied(net.registry(), now, revoked)
     }
 
     /// A readiness event of an event stream.
@@ -262,15 +270,16 @@ impl RoomHost {
                         .streams
                         .broadcast(net.registry(), doc, &event, limit);
                 }
-                ApiEffect::Subscribe(stream, head) => {
+                ApiEffect::Subscribe(stream, head, grant) => {
                     let Some(slot) = self.rooms.get(room_idx) else {
                         continue;
                     };
                     let doc = slot.room.doc_name();
+                    let grant = grant.map(|g| *g);
                     if !self
                         .api
                         .streams
-                        .open(net.registry(), stream, doc, head, limit)
+                        .open(net.registry(), stream, doc, head, grant, limit)
                     {
                         log::warn!("shard: an event stream could not be registered");
                     }
@@ -304,7 +313,7 @@ impl RoomHost {
                     reply.answer(json_error(409, "the document was deleted meanwhile"))
                 }
                 ApiEffect::Echo(..) => {}
-                ApiEffect::Subscribe(stream, _) => {
+                ApiEffect::Subscribe(stream, ..) => {
                     answer_stream(stream, &json_error(404, "the document was deleted"));
                 }
             }

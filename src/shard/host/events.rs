@@ -17,6 +17,8 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use slab::Slab;
 
+use crate::auth::{Grant, Rule};
+
 use super::super::event_loop::STREAM_TOKEN_BASE;
 
 /// One event stream.
@@ -29,6 +31,9 @@ struct Stream {
     queued_bytes: usize,
     /// Close once the queue is written (after `deleted`).
     closing: bool,
+    /// The token it was opened with (access control on): the stream ends when it expires
+    /// or is revoked, like a WebSocket connection.
+    grant: Option<Grant>,
 }
 
 /// Every event stream of a shard.
@@ -68,6 +73,7 @@ impl EventStreams {
         mut stream: TcpStream,
         doc: &str,
         head: Vec<u8>,
+        grant: Option<Grant>,
         limit: usize,
     ) -> bool {
         let entry = self.streams.vacant_entry();
@@ -90,6 +96,7 @@ impl EventStreams {
             offset: 0,
             queued_bytes,
             closing: false,
+            grant,
         });
         self.by_doc.entry(doc.to_owned()).or_default().push(key);
         self.flush(registry, key, limit);
@@ -129,6 +136,30 @@ impl EventStreams {
             }
             self.flush(registry, key, usize::MAX);
         }
+    }
+
+    /// Ends the streams whose token expired by `now` (unix seconds) or that `revoked`
+    /// matches; returns how many.
+    pub(super) fn close_denied(
+        &mut self,
+        registry: &Registry,
+        now: u64,
+        revoked: Option<&Rule>,
+    ) -> usize {
+        let denied: Vec<usize> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| {
+                s.grant.as_ref().is_some_and(|grant| {
+                    grant.exp <= now || revoked.is_some_and(|rule| rule.closes(grant, &s.doc))
+                })
+            })
+            .map(|(key, _)| key)
+            .collect();
+        for &key in &denied {
+            self.remove(registry, key);
+        }
+        denied.len()
     }
 
     /// A readiness event for `token`: a hang-up ends the stream, writable resumes writing.
