@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Document API latency under the s2 load of benches/scenarios.sh (100 rooms x 10 clients, an
 # edit every 100 ms each): RUNS runs (default 3) of N GET and N POST requests (default 300)
-# by benches/api_latency.py, one at a time, against the release binary on the disk backend.
+# by benches/api_latency.py, one at a time, against the release binary on the disk backend,
+# while collab-load runs (LOAD_DURATION, default 60s, must outlast the measurement).
 # Prints one line per run (docs/benchmarks.md has the figures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,13 +32,18 @@ for run in $(seq "$RUNS"); do
     sleep 0.1
   done
   target/release/collab-load --url "ws://127.0.0.1:$PORT" --rooms 100 --clients-per-room 10 \
-    --edit-interval 100ms --duration 600s >"$DATA_DIR/load.log" 2>&1 &
+    --edit-interval 100ms --duration "${LOAD_DURATION:-60s}" >"$DATA_DIR/load.log" 2>&1 &
   LOAD_PID=$!
   sleep 5 # every client joined and editing
   echo "run $run: $(python3 benches/api_latency.py "127.0.0.1:$PORT" "$N")"
-  kill "$LOAD_PID" 2>/dev/null || true
-  wait "$LOAD_PID" 2>/dev/null || true
+  # The load must still be running, and clean, when the measurement ends.
+  if ! kill -0 "$LOAD_PID" 2>/dev/null; then
+    echo "run $run: the load ended before the measurement did; raise LOAD_DURATION" >&2
+    exit 1
+  fi
+  wait "$LOAD_PID" || { echo "run $run: collab-load failed:" >&2; tail -n 20 "$DATA_DIR/load.log" >&2; exit 1; }
   LOAD_PID=
+  echo "run $run load: $(grep -E '^(errors|convergence)' "$DATA_DIR/load.log" | tr '\n' ' ' | cut -c1-160)"
   kill -TERM "$SERVER_PID"
   wait "$SERVER_PID" 2>/dev/null || true
   SERVER_PID=
