@@ -121,6 +121,18 @@ impl Room {
         Ok(out)
     }
 
+    /// Takes the event streams this turn was about to start (their room is failing).
+    pub fn take_api_subscribes(&mut self) -> Vec<mio::net::TcpStream> {
+        let mut streams = Vec::new();
+        for effect in std::mem::take(&mut self.effects.api) {
+            match effect {
+                ApiEffect::Subscribe(stream, ..) => streams.push(stream),
+                other => self.effects.api.push(other),
+            }
+        }
+        streams
+    }
+
     /// Whether each accepted op message is also an [`ApiEffect::Echo`] (the document has
     /// event streams).
     pub fn set_watched(&mut self, watched: bool) {

@@ -243,6 +243,31 @@ impl RoomHost {
         self.api.streams.close_denied(net.registry(), now, revoked)
     }
 
+    /// Storage failed for room `room_idx` (`fail_room`): its event streams end (their
+    /// readers reconnect with `since`, as WebSocket clients do after their 1013), since the
+    /// op messages they would have missed may or may not be durable.
+    /// Streams that were about to start get 503.
+    pub(super) fn api_room_failed(&mut self, net: &mut Net, room_idx: usize) {
+        let Some(slot) = self.rooms.get_mut(room_idx) else {
+            return;
+        };
+        let doc = slot.room.doc_name().to_owned();
+        self.api.streams.end_doc(net.registry(), &doc);
+        let mut starting = slot.room.take_api_subscribes();
+        for held in &mut slot.held {
+            for effect in std::mem::take(&mut held.effects.api) {
+                match effect {
+                    ApiEffect::Subscribe(stream, ..) => starting.push(stream),
+                    other => held.effects.api.push(other),
+                }
+            }
+        }
+        let answer = json_error(503, "storage failed; reconnect with since");
+        for stream in starting {
+            answer_stream(stream, &answer);
+        }
+    }
+
     /// A readiness event of an event stream.
     pub(super) fn api_stream_event(&mut self, net: &mut Net, token: mio::Token) {
         let limit = net.limits().outbound_bytes_max;

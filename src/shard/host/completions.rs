@@ -253,6 +253,7 @@ impl RoomHost {
     /// written); every client gets `unavailable` and a close 1013, and the room leaves memory
     /// without its state being used again (storage is the truth; the next hello reloads it).
     pub(super) fn fail_room(&mut self, net: &mut Net, room_idx: usize, failure: Failure) {
+        self.api_room_failed(net, room_idx);
         let Some(slot) = self.rooms.get_mut(room_idx) else {
             return;
         };

@@ -162,6 +162,13 @@ impl EventStreams {
         denied.len()
     }
 
+    /// Ends every stream of `doc` at once, without a last event.
+    pub(super) fn end_doc(&mut self, registry: &Registry, doc: &str) {
+        for key in self.by_doc.get(doc).cloned().unwrap_or_default() {
+            self.remove(registry, key);
+        }
+    }
+
     /// A readiness event for `token`: a hang-up ends the stream, writable resumes writing.
     pub(super) fn on_event(&mut self, registry: &Registry, token: Token, limit: usize) {
         let Some(key) = token.0.checked_sub(STREAM_TOKEN_BASE) else {
