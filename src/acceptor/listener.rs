@@ -760,11 +760,17 @@ impl Acceptor {
                     // An event stream: the shard keeps the socket (and answers on it).
                     let mut stream = stream;
                     let pending = self.pending.remove(key);
-                    self.forget(&pending);
                     if let Err(e) = self.poll.registry().deregister(&mut stream) {
                         warn!("acceptor: deregister {}: {e}", pending.peer);
+                        self.forget(&pending);
                         return;
                     }
+                    // The door's count travels with the socket, released when it is dropped.
+                    let release = match self.door.release_handle() {
+                        Some(door) if pending.counted => Some((door, pending.peer)),
+                        _ => None,
+                    };
+                    let stream = api::CountedStream::new(stream, release);
                     let _ = self.shards[shard_idx].send(ShardMsg::Api(Box::new(ApiRequest {
                         doc: Some(doc),
                         call,

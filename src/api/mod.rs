@@ -462,7 +462,35 @@ pub enum ApiEffect {
     Echo(u64, tungstenite::Utf8Bytes),
     /// Start an event stream: the socket, what it gets first (the response head and the
     /// replayed events), and the token it was admitted with (access control on).
-    Subscribe(mio::net::TcpStream, Vec<u8>, Option<Box<Grant>>),
+    Subscribe(CountedStream, Vec<u8>, Option<Box<Grant>>),
+}
+
+/// An event stream's socket on its way to (or kept by) the shard: it still counts against its
+/// client's address in the acceptor's door, until it is dropped, however that happens.
+#[derive(Debug)]
+pub struct CountedStream {
+    /// The socket (deregistered from the acceptor's `Poll`).
+    pub stream: mio::net::TcpStream,
+    /// Where the end is reported, when the door counts connections.
+    release: Option<(crate::acceptor::door::DoorRelease, std::net::SocketAddr)>,
+}
+
+impl CountedStream {
+    /// `stream` from `peer`, released through `release` when dropped (`None`: not counted).
+    pub fn new(
+        stream: mio::net::TcpStream,
+        release: Option<(crate::acceptor::door::DoorRelease, std::net::SocketAddr)>,
+    ) -> CountedStream {
+        CountedStream { stream, release }
+    }
+}
+
+impl Drop for CountedStream {
+    fn drop(&mut self) {
+        if let Some((door, peer)) = self.release.take() {
+            door.release(peer);
+        }
+    }
 }
 
 /// A request on its way to the shard that owns its document.
@@ -477,7 +505,7 @@ pub struct ApiRequest {
     /// Where the answer goes.
     pub reply: ApiReply,
     /// The client's socket, for an event stream (`ApiCall::Events`), which the shard keeps.
-    pub stream: Option<mio::net::TcpStream>,
+    pub stream: Option<CountedStream>,
 }
 
 /// Merges the shards' listing parts into the answer `{"docs":[...],"next":...}`.

@@ -799,3 +799,37 @@ fn history_retention_survives_compaction_and_restarts() {
     assert_eq!((status, old["text"].as_str()), (200, Some("k")), "{old}");
     server.shutdown().expect("clean shutdown");
 }
+
+#[test]
+fn event_streams_count_against_their_address() {
+    let _watchdog = Watchdog::new("api_events_door", 60);
+    let mut config = test_config();
+    config.conns_per_ip_max = 2;
+    let server = server(config);
+    let addr = server.local_addr();
+    assert_eq!(
+        post(addr, "door", r#"{"edits":[{"pos":0,"insert":"d"}]}"#).0,
+        200
+    );
+    let first = Events::open(addr, "/api/docs/door/events");
+    let _second = Events::open(addr, "/api/docs/door/events");
+    // Both streams are held by the shard and still count: a third connection is refused.
+    let refused = http_get(addr, "GET /api/docs/door HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(refused.starts_with("HTTP/1.1 429 "), "{refused}");
+    // A stream that ends gives its place back (once the shard noticed and the acceptor heard).
+    drop(first);
+    let watchdog_deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let answer = http_get(addr, "GET /api/docs/door HTTP/1.1\r\nHost: x\r\n\r\n");
+        if answer.starts_with("HTTP/1.1 200 ") {
+            break;
+        }
+        assert!(answer.starts_with("HTTP/1.1 429 "), "{answer}");
+        assert!(
+            std::time::Instant::now() < watchdog_deadline,
+            "never released"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    server.shutdown().expect("clean shutdown");
+}

@@ -122,7 +122,7 @@ impl Room {
     }
 
     /// Takes the event streams this turn was about to start (their room is failing).
-    pub fn take_api_subscribes(&mut self) -> Vec<mio::net::TcpStream> {
+    pub fn take_api_subscribes(&mut self) -> Vec<crate::api::CountedStream> {
         let mut streams = Vec::new();
         for effect in std::mem::take(&mut self.effects.api) {
             match effect {

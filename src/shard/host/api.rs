@@ -371,10 +371,10 @@ fn answer_request(request: ApiRequest, answer: Vec<u8>) {
 
 /// Writes `answer` on a fresh socket the shard owns (an event stream refused before it
 /// started) and closes it; a socket that cannot take a short answer at once is just closed.
-fn answer_stream(mut stream: mio::net::TcpStream, answer: &[u8]) {
+fn answer_stream(mut stream: crate::api::CountedStream, answer: &[u8]) {
     use std::io::Write as _;
-    let _ = stream.write_all(answer);
-    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.stream.write_all(answer);
+    let _ = stream.stream.shutdown(std::net::Shutdown::Write);
 }
 
 /// The wall clock in unix milliseconds, read at most once per turn (`cache`).

@@ -13,17 +13,17 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::sync::Arc;
 
-use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use slab::Slab;
 
+use crate::api::CountedStream;
 use crate::auth::{Grant, Rule};
 
 use super::super::event_loop::STREAM_TOKEN_BASE;
 
 /// One event stream.
 struct Stream {
-    stream: TcpStream,
+    stream: CountedStream,
     doc: String,
     /// Chunks not yet written; the first is written from `offset`.
     queue: VecDeque<Arc<[u8]>>,
@@ -70,7 +70,7 @@ impl EventStreams {
     pub(super) fn open(
         &mut self,
         registry: &Registry,
-        mut stream: TcpStream,
+        mut stream: CountedStream,
         doc: &str,
         head: Vec<u8>,
         grant: Option<Grant>,
@@ -80,7 +80,7 @@ impl EventStreams {
         let key = entry.key();
         if registry
             .register(
-                &mut stream,
+                &mut stream.stream,
                 Token(STREAM_TOKEN_BASE + key),
                 Interest::READABLE | Interest::WRITABLE,
             )
@@ -180,7 +180,7 @@ impl EventStreams {
         // The client sends nothing on an event stream; reading tells a hang-up apart.
         let mut buf = [0u8; 512];
         loop {
-            match s.stream.read(&mut buf) {
+            match s.stream.stream.read(&mut buf) {
                 Ok(0) => return self.remove(registry, key),
                 Ok(_) => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -214,8 +214,8 @@ impl EventStreams {
         let Some(mut s) = self.streams.try_remove(key) else {
             return;
         };
-        let _ = registry.deregister(&mut s.stream);
-        let _ = s.stream.shutdown(Shutdown::Both);
+        let _ = registry.deregister(&mut s.stream.stream);
+        let _ = s.stream.stream.shutdown(Shutdown::Both);
         if let Some(keys) = self.by_doc.get_mut(&s.doc) {
             keys.retain(|&k| k != key);
             if keys.is_empty() {
@@ -227,7 +227,7 @@ impl EventStreams {
 
 fn write_queue(s: &mut Stream) -> Flushed {
     while let Some(chunk) = s.queue.front() {
-        match s.stream.write(&chunk[s.offset..]) {
+        match s.stream.stream.write(&chunk[s.offset..]) {
             Ok(0) => return Flushed::Done,
             Ok(n) => {
                 s.offset += n;
