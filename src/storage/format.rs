@@ -465,6 +465,10 @@ mod tests {
             replica: 9,
             user: "alice@example.com".to_owned(),
         });
+        check(LogRecord::Accepted {
+            server_seq: 7,
+            time_ms: 1_764_880_000_123,
+        });
     }
 
     #[test]
