@@ -287,9 +287,11 @@ impl Room {
             .collect())
     }
 
-    /// One `/history` entry for an echo: `{"server_seq","replica","user","time","ops"}`.
+    /// One `/history` entry for an echo: `{"server_seq","replica","user","time","ops"}`
+    /// (`null` for an echo that does not parse, which the room never produces).
     pub fn history_entry(&self, echo: &str, time_ms: Option<u64>, out: &mut String) {
         let Ok(parsed) = parse_op_echo(echo) else {
+            out.push_str("null");
             return;
         };
         let _ = write!(
