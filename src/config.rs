@@ -249,6 +249,21 @@ pub struct Config {
     /// relay buffers, so 8,192 hold at most 256 MiB.
     #[arg(long, value_name = "N", default_value_t = crate::cluster::relay::RELAY_CONNS_MAX_DEFAULT)]
     pub relay_conns_max: usize,
+
+    // Document API history (docs/api.md): how far back `?at=`, `base`, `/history` and
+    // `/events?since` reach.
+    /// Op messages each document keeps behind its head, in its log and in memory: snapshots
+    /// are written this far behind the head, so compaction keeps the log after them (and a
+    /// load replays it). At most --replay-window-ops. Safe default: a few minutes of busy
+    /// editing, and a log at most this many op messages (plus one snapshot cadence) long.
+    #[arg(long, value_name = "N", default_value_t = 1_000)]
+    pub history_retain_ops: u64,
+
+    /// Also keep every op message accepted within this time of the document's newest one
+    /// (`0s`: off, the default, which bounds the log by --history-retain-ops alone; a long
+    /// time on a busy document keeps that many more ops, within --replay-window-ops).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    pub history_retain: Duration,
 }
 
 impl Config {

@@ -13,6 +13,7 @@
 //! - [`metrics`]: per-shard counters and histograms, rendered as Prometheus text on scrape.
 //! - [`auth`]: tokens (JWT), roles, keys and revocations; what a token grants, decided once.
 //! - [`acceptor`]: TCP accept, plain HTTP, WebSocket handshake, handoff to shards.
+//! - [`api`]: the HTTP document API's requests and answers (`docs/api.md`).
 //! - [`shard`]: per-core event loops owning connections and documents.
 //! - [`cluster`]: several nodes, one owner per document: routing and the relay to the owner.
 //! - [`server`]: starting and stopping it all in-process.
@@ -25,6 +26,7 @@
 #![warn(missing_docs)]
 
 pub mod acceptor;
+pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod client;

@@ -177,7 +177,9 @@ pub fn reserved(stored: &StoredDoc) -> u64 {
         .iter()
         .filter_map(|r| match r {
             LogRecord::ReplicasReserved { last } => Some(*last),
-            LogRecord::Ops { .. } | LogRecord::ReplicaOwner { .. } => None,
+            LogRecord::Ops { .. } | LogRecord::ReplicaOwner { .. } | LogRecord::Accepted { .. } => {
+                None
+            }
         })
         .fold(in_snapshot, u64::max)
 }

@@ -25,7 +25,7 @@ use crate::cluster::relay::{spawn_relay, RelayThread};
 use crate::cluster::{Cluster, Router};
 use crate::config::{Config, FsyncMode, StorageKind};
 use crate::metrics::MetricsRegistry;
-use crate::room::RoomConfig;
+use crate::room::{Retention, RoomConfig};
 use crate::shard::rate_limit::RateLimit;
 use crate::shard::{self, Handler, NetLimits, RoomHost, WAKER_TOKEN};
 use crate::storage::worker::{StorageAvailable, StorageWorker};
@@ -436,7 +436,11 @@ pub fn start_with_storages_routed(
                         config.msgs_burst_max,
                     ))
                     .with_auth(auth.clone())
-                    .with_webhooks(sink.clone()),
+                    .with_webhooks(sink.clone())
+                    .with_history_retention(Retention {
+                        ops: config.history_retain_ops,
+                        ms: u64::try_from(config.history_retain.as_millis()).unwrap_or(u64::MAX),
+                    }),
             )
         },
     )?;

@@ -62,7 +62,9 @@ fn seqs(doc: &StoredDoc) -> Vec<u64> {
         .iter()
         .filter_map(|r| match r {
             LogRecord::Ops { server_seq, .. } => Some(*server_seq),
-            LogRecord::ReplicasReserved { .. } | LogRecord::ReplicaOwner { .. } => None,
+            LogRecord::ReplicasReserved { .. }
+            | LogRecord::ReplicaOwner { .. }
+            | LogRecord::Accepted { .. } => None,
         })
         .collect()
 }
@@ -899,7 +901,9 @@ impl Backend {
             Backend::Disk { .. } => {
                 let echo_bytes = match ops(1) {
                     LogRecord::Ops { echo, .. } => echo.len() as u64,
-                    LogRecord::ReplicasReserved { .. } | LogRecord::ReplicaOwner { .. } => 0,
+                    LogRecord::ReplicasReserved { .. }
+                    | LogRecord::ReplicaOwner { .. }
+                    | LogRecord::Accepted { .. } => 0,
                 };
                 n * (echo_bytes + 40)
             }
@@ -1533,7 +1537,9 @@ fn essence(doc: &StoredDoc) -> (String, Option<StoredSnapshot>, Vec<u64>, u64) {
         .iter()
         .filter_map(|r| match r {
             LogRecord::ReplicasReserved { last } => Some(*last),
-            LogRecord::Ops { .. } | LogRecord::ReplicaOwner { .. } => None,
+            LogRecord::Ops { .. } | LogRecord::ReplicaOwner { .. } | LogRecord::Accepted { .. } => {
+                None
+            }
         })
         .fold(
             doc.snapshot.as_ref().map_or(0, |s| s.replicas_reserved),

@@ -67,6 +67,8 @@ pub enum ShardMsg {
         /// The documents, or `None` for every document of the shard.
         docs: Option<Vec<String>>,
     },
+    /// A document API request (`crate::api`), answered through its `reply`.
+    Api(Box<crate::api::ApiRequest>),
     /// A revocation is in force: close every live connection it matches with 1008 `revoked`,
     /// then send the number closed on `reply`.
     Revoke {

@@ -92,6 +92,9 @@ pub enum Route {
     /// An admin request the acceptor must authenticate (and, for a revocation, read the body
     /// of) before answering.
     Admin(AdminRequest),
+    /// A document API request (`/api/docs...`, `crate::api`): its token is checked and its
+    /// body read by the acceptor, then it goes to the document's shard.
+    Api(crate::api::ApiHead),
 }
 
 /// Result of looking at the bytes received so far.
@@ -182,6 +185,9 @@ fn route(
     }
     if !gate.clients_here && path != "/health" {
         return Route::Answer(text_response(404, "not found"));
+    }
+    if path == "/api/docs" || path.starts_with("/api/") {
+        return api_route(request, method, path, query);
     }
     let is_ws = path == "/ws" || path.starts_with("/ws/");
     if method != "GET" {
@@ -303,7 +309,7 @@ fn door_tokens(
 }
 
 /// Percent-decodes a query value (`+` is a space, as in forms); `None` when invalid.
-fn percent_decode(raw: &str) -> Option<String> {
+pub(crate) fn percent_decode(raw: &str) -> Option<String> {
     let bytes = raw.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -416,6 +422,41 @@ pub fn cluster_answer(metrics: &MetricsRegistry, target: &str) -> Vec<u8> {
     response(200, "application/json", body.as_bytes(), &[])
 }
 
+/// `/api/docs...`: the target parsed, the bearer token and the body length taken.
+fn api_route(request: &httparse::Request<'_, '_>, method: &str, path: &str, query: &str) -> Route {
+    use crate::api::{json_error, parse_target, ApiHead};
+    let (doc, target) = match parse_target(method, path, query) {
+        Ok(parsed) => parsed,
+        Err(answer) => return Route::Answer(answer),
+    };
+    let bearer = match bearer(request) {
+        Ok(bearer) => bearer,
+        Err(why) => return Route::Answer(json_error(400, why)),
+    };
+    if header(request, "transfer-encoding").is_some() {
+        return Route::Answer(json_error(411, "send the body with Content-Length"));
+    }
+    let body_bytes = match header(request, "content-length") {
+        None if method == "POST" => {
+            return Route::Answer(json_error(411, "Content-Length required"))
+        }
+        None => 0,
+        Some(value) => match std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+        {
+            Some(n) => n,
+            None => return Route::Answer(json_error(400, "bad Content-Length")),
+        },
+    };
+    Route::Api(ApiHead {
+        doc,
+        target,
+        bearer,
+        body_bytes,
+    })
+}
+
 /// Whether the head asks for a WebSocket (version 13) upgrade with a key; tungstenite checks
 /// the details again, this only decides between an upgrade and a 400.
 fn is_upgrade(request: &httparse::Request<'_, '_>) -> bool {
@@ -492,11 +533,15 @@ pub fn response(status: u16, content_type: &str, body: &[u8], extra_headers: &[&
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        409 => "Conflict",
+        410 => "Gone",
         429 => "Too Many Requests",
         411 => "Length Required",
         413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
         503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         _ => "Error",
     };
     let mut head = format!(
@@ -534,9 +579,9 @@ mod tests {
                 );
             }
             Parsed::Complete {
-                route: Route::Admin(_),
+                route: Route::Admin(_) | Route::Api(_),
                 ..
-            } => panic!("admin route without a gate: {request:?}"),
+            } => panic!("admin or API route: {request:?}"),
             Parsed::Complete {
                 route: Route::Upgrade { doc, .. },
                 ..

@@ -30,6 +30,10 @@ use crate::ids::shard_for_doc;
 use crate::metrics::MetricsRegistry;
 use crate::protocol::{self, ClientMessage, ErrorCode, Hello, ProtocolError};
 
+use crate::api::{
+    self, ApiAnswer, ApiCall, ApiDone, ApiHead, ApiId, ApiReply, ApiRequest, ApiTarget,
+};
+
 use super::admin::{json_error, AdminDone, AdminJob, JobId};
 use super::door::{self, Door, DoorLimits, DoorRefusal, HeadRead};
 use super::handoff::{Admitted, Handoff, ShardInbox, ShardMsg};
@@ -161,6 +165,21 @@ enum Stage {
     },
     /// Waiting for the admin worker's answer (`AdminDone`), then `Answer`.
     AdminWait(TcpStream),
+    /// An admitted `/api/...` request: reading its body (the head is consumed).
+    ApiBody {
+        stream: TcpStream,
+        call: ApiCallParts,
+        body: Vec<u8>,
+    },
+    /// Waiting for the shard's answer (`ApiDone`), then `Answer`.
+    ApiWait(TcpStream),
+    /// A listing: waiting for every shard's part, then `Answer`.
+    ApiGather {
+        stream: TcpStream,
+        parts: Vec<crate::api::ListPart>,
+        expected: usize,
+        limit: usize,
+    },
     /// Refused after the upgrade: flushing an error and a close frame, then waiting for the
     /// client's close (or the deadline).
     Refuse(WebSocket<TcpStream>),
@@ -230,7 +249,26 @@ enum Next {
         stream: TcpStream,
         client: SocketAddr,
     },
+    /// An API request for the shards; the connection waits for the answer.
+    Api(TcpStream, Box<ApiPending>),
 }
+
+/// What an admitted API request carries until its body is read.
+struct ApiCallParts {
+    head: ApiHead,
+    grant: Option<crate::auth::Grant>,
+}
+
+/// An API request ready for its shard (or, a listing, for every shard).
+struct ApiPending {
+    doc: Option<String>,
+    call: ApiCall,
+    grant: Option<crate::auth::Grant>,
+}
+
+/// Longest an API request waits for its shard's answer (a write waits for its sync) before
+/// the acceptor answers 504.
+const API_WAIT_MAX: Duration = Duration::from_secs(30);
 
 /// The acceptor: a listener, its pending connections and the shards' inboxes.
 pub struct Acceptor {
@@ -266,6 +304,11 @@ pub struct Acceptor {
     /// Pending connections that spent their frame budget ([`Next::Again`]): driven again right
     /// after this loop iteration's events, and the poll does not sleep while any is listed.
     again: Vec<usize>,
+    /// Answers of the shards (and their storage workers) to API requests.
+    api_done: (
+        crossbeam_channel::Sender<ApiDone>,
+        crossbeam_channel::Receiver<ApiDone>,
+    ),
 }
 
 /// Connections the kernel may queue before `accept`. mio (like std) listens with 128, which a
@@ -347,6 +390,7 @@ impl Acceptor {
             admin: None,
             next_serial: 0,
             again: Vec::new(),
+            api_done: crossbeam_channel::unbounded(),
         })
     }
 
@@ -391,6 +435,71 @@ impl Acceptor {
                 Next::Stay(stage) => pending.stage = Some(stage),
                 _ => {
                     self.pending.remove(id.key);
+                }
+            }
+        }
+    }
+
+    /// Hands each API answer to its connection (a listing waits for every shard's part).
+    fn collect_api_answers(&mut self) {
+        let answers: Vec<ApiDone> = self.api_done.1.try_iter().collect();
+        for ApiDone { id, answer } in answers {
+            let Some(pending) = self.pending.get_mut(id.key) else {
+                continue; // Gone (deadline, peer closed).
+            };
+            if pending.serial != id.serial {
+                continue;
+            }
+            let stage = pending.stage.take();
+            let next = match (stage, answer) {
+                (Some(Stage::ApiWait(stream)), ApiAnswer::Bytes(bytes)) => {
+                    write_answer(stream, bytes, 0)
+                }
+                (
+                    Some(Stage::ApiGather {
+                        stream,
+                        mut parts,
+                        expected,
+                        limit,
+                    }),
+                    ApiAnswer::List(part),
+                ) => match part {
+                    Err(why) => {
+                        let answer = api::json_error(503, &format!("listing failed: {why}"));
+                        write_answer(stream, answer, 0)
+                    }
+                    Ok(part) => {
+                        parts.push(part);
+                        if parts.len() == expected {
+                            write_answer(stream, api::merge_list(parts, limit), 0)
+                        } else {
+                            Next::Stay(Stage::ApiGather {
+                                stream,
+                                parts,
+                                expected,
+                                limit,
+                            })
+                        }
+                    }
+                },
+                // A shard that could not list (its reply was dropped: 503): the answer.
+                (Some(Stage::ApiGather { stream, .. }), ApiAnswer::Bytes(bytes)) => {
+                    write_answer(stream, bytes, 0)
+                }
+                (stage, _) => {
+                    pending.stage = stage;
+                    continue;
+                }
+            };
+            match next {
+                Next::Stay(stage) => {
+                    if let Some(pending) = self.pending.get_mut(id.key) {
+                        pending.stage = Some(stage);
+                    }
+                }
+                _ => {
+                    let pending = self.pending.remove(id.key);
+                    self.forget(&pending);
                 }
             }
         }
@@ -443,6 +552,7 @@ impl Acceptor {
                     WAKER => {
                         self.collect_admin_answers();
                         self.reroute();
+                        self.collect_api_answers();
                     }
                     Token(t) => self.drive(t - FIRST_CONN),
                 }
@@ -565,6 +675,27 @@ impl Acceptor {
                 self.drive(key);
                 continue;
             }
+            let waiting = self
+                .pending
+                .get_mut(key)
+                .and_then(|p| match p.stage.take() {
+                    Some(Stage::ApiWait(stream) | Stage::ApiGather { stream, .. }) => Some(stream),
+                    other => {
+                        p.stage = other;
+                        None
+                    }
+                });
+            if let Some(stream) = waiting {
+                debug!("acceptor: an API request got no answer within {API_WAIT_MAX:?}");
+                let answer = api::json_error(504, "no answer from the document's shard in time");
+                if let Next::Stay(stage) = write_answer(stream, answer, 0) {
+                    if let Some(pending) = self.pending.get_mut(key) {
+                        pending.stage = Some(stage);
+                        pending.deadline = now + self.options.handshake_timeout;
+                        continue;
+                    }
+                }
+            }
             let pending = self.pending.remove(key);
             debug!("acceptor: {} missed the handshake deadline", pending.peer);
             self.forget(&pending);
@@ -661,6 +792,7 @@ impl Acceptor {
             }
             Next::Reattribute { stream, client } => self.reattribute(key, stream, client),
             Next::Relay(job) => self.relay(key, job),
+            Next::Api(stream, request) => self.send_api(key, serial, stream, *request),
             Next::HandOff(mut handoff) => {
                 let pending = self.pending.remove(key);
                 if let Err(e) = self.poll.registry().deregister(handoff.ws.get_mut()) {
@@ -793,6 +925,100 @@ impl Acceptor {
         }
     }
 
+    /// Sends an API request to its document's shard (a listing to every shard); the
+    /// connection waits for the answer at most [`API_WAIT_MAX`].
+    fn send_api(&mut self, key: usize, serial: u64, stream: TcpStream, request: ApiPending) {
+        let id = ApiId { key, serial };
+        let (done, waker) = (self.api_done.0.clone(), self.waker.clone());
+        let reply = || ApiReply::new(id, done.clone(), waker.clone());
+        let ApiPending { doc, call, grant } = request;
+        let stage = match (doc, call) {
+            (None, ApiCall::List(mut list)) => {
+                list.n_shards = self.shards.len();
+                if self.shards.iter().any(|s| !s.is_alive()) {
+                    let answer = api::json_error(503, "a shard is down; listing unavailable");
+                    return self.answer_now(key, stream, answer);
+                }
+                let limit = list.limit;
+                for shard in &self.shards {
+                    // A refused send drops the request, whose reply then answers 503.
+                    let _ = shard.send(ShardMsg::Api(Box::new(ApiRequest {
+                        doc: None,
+                        call: ApiCall::List(list.clone()),
+                        grant: grant.clone(),
+                        reply: reply(),
+                        stream: None,
+                    })));
+                }
+                Stage::ApiGather {
+                    stream,
+                    parts: Vec::new(),
+                    expected: self.shards.len(),
+                    limit,
+                }
+            }
+            (Some(doc), call) => {
+                let shard_idx = shard_for_doc(&doc, self.shards.len()).0;
+                if !self.shards[shard_idx].is_alive() {
+                    let answer = api::json_error(503, "internal error; try again later");
+                    return self.answer_now(key, stream, answer);
+                }
+                if let ApiCall::Events { .. } = call {
+                    // An event stream: the shard keeps the socket (and answers on it).
+                    let mut stream = stream;
+                    let pending = self.pending.remove(key);
+                    if let Err(e) = self.poll.registry().deregister(&mut stream) {
+                        warn!("acceptor: deregister {}: {e}", pending.peer);
+                        self.forget(&pending);
+                        return;
+                    }
+                    // The door's count travels with the socket, released when it is dropped.
+                    let release = match self.door.release_handle() {
+                        Some(door) if pending.counted => Some((door, pending.peer)),
+                        _ => None,
+                    };
+                    let stream = api::CountedStream::new(stream, release);
+                    let _ = self.shards[shard_idx].send(ShardMsg::Api(Box::new(ApiRequest {
+                        doc: Some(doc),
+                        call,
+                        grant,
+                        reply: reply(),
+                        stream: Some(stream),
+                    })));
+                    return;
+                }
+                let _ = self.shards[shard_idx].send(ShardMsg::Api(Box::new(ApiRequest {
+                    doc: Some(doc),
+                    call,
+                    grant,
+                    reply: reply(),
+                    stream: None,
+                })));
+                Stage::ApiWait(stream)
+            }
+            (None, _) => return self.answer_now(key, stream, api::json_error(404, "not found")),
+        };
+        if let Some(pending) = self.pending.get_mut(key) {
+            pending.stage = Some(stage);
+            pending.deadline = Instant::now() + API_WAIT_MAX;
+        }
+    }
+
+    /// Answers pending connection `key` at once.
+    fn answer_now(&mut self, key: usize, stream: TcpStream, answer: Vec<u8>) {
+        match write_answer(stream, answer, 0) {
+            Next::Stay(stage) => {
+                if let Some(pending) = self.pending.get_mut(key) {
+                    pending.stage = Some(stage);
+                }
+            }
+            _ => {
+                let pending = self.pending.remove(key);
+                self.forget(&pending);
+            }
+        }
+    }
+
     /// The next live shard in round-robin order, if any is alive.
     fn next_alive_shard(&mut self) -> Option<usize> {
         for _ in 0..self.shards.len() {
@@ -895,6 +1121,9 @@ fn advance(stage: Stage, peer: SocketAddr, ctx: &Ctx<'_>) -> Next {
         } => admin_body(stream, body, body_bytes, ctx),
         // Only the admin worker's answer moves it on (`Acceptor::collect_admin_answers`).
         Stage::AdminWait(stream) => Next::Stay(Stage::AdminWait(stream)),
+        Stage::ApiBody { stream, call, body } => api_body(stream, call, body),
+        // Only the shards' answers move these on (`Acceptor::collect_api_answers`).
+        stage @ (Stage::ApiWait(_) | Stage::ApiGather { .. }) => Next::Stay(stage),
     }
 }
 
@@ -1083,6 +1312,12 @@ fn read_request(mut stream: TcpStream, peer: SocketAddr, ctx: &Ctx<'_>) -> Next 
             }
             write_answer(stream, bytes, 0)
         }
+        Route::Api(api_head) => {
+            if !consume_head(&mut stream, head_bytes) {
+                return Next::Drop;
+            }
+            api_start(stream, api_head, options)
+        }
         Route::Admin(request) => {
             if !consume_head(&mut stream, head_bytes) {
                 return Next::Drop;
@@ -1142,6 +1377,107 @@ fn consume_head(stream: &mut TcpStream, n: usize) -> bool {
         }
     }
     true
+}
+
+/// An `/api/...` request whose head is consumed: its body size and token are checked (401
+/// without a valid token, 403 when it does not cover the document or its role is too low),
+/// then its body is read or it goes to the shards.
+fn api_start(stream: TcpStream, head: ApiHead, options: &AcceptorOptions) -> Next {
+    let body_max = options.ws_config.max_message_size.unwrap_or(usize::MAX);
+    if head.body_bytes > body_max {
+        let why = format!("request body over {body_max} bytes (--message-bytes-max)");
+        return write_answer(stream, api::json_error(413, &why), 0);
+    }
+    let grant = match &options.auth {
+        None => None,
+        Some(auth) => match api_grant(auth, &head) {
+            Ok(grant) => Some(grant),
+            Err(answer) => return write_answer(stream, answer, 0),
+        },
+    };
+    let call = ApiCallParts { head, grant };
+    api_body(stream, call, Vec::new())
+}
+
+/// The grant of an API request's bearer token, or the 401/403 answer.
+fn api_grant(auth: &Auth, head: &ApiHead) -> Result<crate::auth::Grant, Vec<u8>> {
+    let now = now_unix();
+    let unauthorized = |e: AuthError| api::json_error(401, e.message());
+    let token = head
+        .bearer
+        .as_deref()
+        .ok_or_else(|| unauthorized(AuthError::Missing))?;
+    let grant = auth.verify(token, now).map_err(unauthorized)?;
+    match (&head.doc, &head.target) {
+        (None, ApiTarget::Call(ApiCall::List(list))) => {
+            if auth.revocations().check(&grant, &list.prefix).is_err() {
+                return Err(unauthorized(AuthError::Revoked));
+            }
+            if !api::list_allowed(&grant, &list.prefix) && !grant.is_server_admin() {
+                return Err(api::json_error(
+                    403,
+                    "listing beyond the token's prefix needs an admin token covering *",
+                ));
+            }
+        }
+        (Some(doc), target) => {
+            match auth.recheck(&grant, doc, now) {
+                Ok(()) => {}
+                Err(AuthError::WrongDoc) => {
+                    return Err(api::json_error(403, AuthError::WrongDoc.message()))
+                }
+                Err(e) => return Err(unauthorized(e)),
+            }
+            let need = match target {
+                ApiTarget::Edits => api::Need::Write,
+                ApiTarget::Call(call) => call.needs(),
+            };
+            if !api::role_allows(&grant, need) {
+                let why = match need {
+                    api::Need::Admin => "deleting a document needs role admin",
+                    _ => "editing a document needs role write",
+                };
+                return Err(api::json_error(403, why));
+            }
+        }
+        (None, _) => return Err(api::json_error(404, "not found")),
+    }
+    Ok(grant)
+}
+
+/// Reads an API request's body (`POST /edits`; any other body is read and ignored), then
+/// hands it on.
+fn api_body(mut stream: TcpStream, call: ApiCallParts, mut body: Vec<u8>) -> Next {
+    let body_bytes = call.head.body_bytes;
+    let mut buf = [0u8; 4096];
+    while body.len() < body_bytes {
+        let want = (body_bytes - body.len()).min(buf.len());
+        match stream.read(&mut buf[..want]) {
+            Ok(0) => return Next::Drop,
+            Ok(n) => body.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Next::Stay(Stage::ApiBody { stream, call, body })
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Next::Drop,
+        }
+    }
+    let ApiCallParts { head, grant } = call;
+    let call = match head.target {
+        ApiTarget::Call(call) => call,
+        ApiTarget::Edits => match api::parse_edits(&body) {
+            Ok(edits) => ApiCall::Edits(edits),
+            Err(answer) => return write_answer(stream, answer, 0),
+        },
+    };
+    Next::Api(
+        stream,
+        Box::new(ApiPending {
+            doc: head.doc,
+            call,
+            grant,
+        }),
+    )
 }
 
 fn write_answer(mut stream: TcpStream, bytes: Vec<u8>, mut written: usize) -> Next {

@@ -8,7 +8,7 @@ use super::buf::OpBuf;
 use super::error::{CrdtError, InvalidOpReason};
 use super::id::{Applied, Op, OpId, Run, RunContent, MAX_ID_COMPONENT};
 use super::text::TextArena;
-use super::tree::{Loc, Span, Tree, NONE, SPAN_MAX, TOMB_MAX};
+use super::tree::{Loc, Span, Tree, NONE, NO_TEXT, SPAN_MAX};
 
 /// The replicated document: an RGA sequence of characters with tombstones.
 #[derive(Clone, Default)]
@@ -825,6 +825,107 @@ impl Doc {
         self.find(id).map(|loc| self.tree.position(loc) as usize)
     }
 
+    /// Whether the item `id` is visible (`Some(false)`: a tombstone, `None`: unknown).
+    pub fn is_visible(&self, id: OpId) -> Option<bool> {
+        self.find(id)
+            .map(|loc| !self.tree.span(loc.leaf, loc.idx).deleted())
+    }
+
+    /// Appends to `out` the visible items among `id .. id+len` (one replica, consecutive
+    /// lamports) as `(first, count)` ranges, one lookup per span; stops at the first unknown
+    /// id (such a delete is refused anyway).
+    pub fn visible_ranges(&self, id: OpId, len: u64, out: &mut Vec<(OpId, u64)>) {
+        let mut done = 0u64;
+        while done < len {
+            let first = OpId::new(id.lamport + done, id.replica);
+            let Some(loc) = self.find(first) else {
+                return;
+            };
+            let s = self.tree.span(loc.leaf, loc.idx);
+            let k = u64::from(s.len() - loc.off).min(len - done);
+            if !s.deleted() {
+                out.push((first, k));
+            }
+            done += k;
+        }
+    }
+
+    /// The document as it was at an earlier point, as snapshot runs in document order:
+    /// `state(id, visible_now)` says whether the item was there then (`None`: not yet
+    /// inserted) and visible (`Some(true)`) or a tombstone (`Some(false)`). Items visible then
+    /// must have their text in the arena (visible now, or deleted in this `Doc`'s life).
+    pub fn snapshot_where(&self, mut state: impl FnMut(OpId, bool) -> Option<bool>) -> Vec<Run> {
+        let mut runs: Vec<Run> = Vec::new();
+        // Items in the last run, and whether it is visible text.
+        let mut last: Option<(u64, bool)> = None;
+        for (_, _, s) in self.spans() {
+            let replica = self.tree.replicas[s.replica as usize];
+            let visible_now = !s.deleted();
+            for k in 0..s.len() {
+                let id = OpId::new(s.lamport() + k as u64, replica);
+                let Some(visible) = state(id, visible_now) else {
+                    continue;
+                };
+                let extends = match (runs.last(), last) {
+                    (Some(run), Some((n, text))) => {
+                        text == visible
+                            && run.id.replica == id.replica
+                            && run.id.lamport + n == id.lamport
+                    }
+                    _ => false,
+                };
+                let ch = || self.char_of(&s, k);
+                match (extends, runs.last_mut(), last.as_mut()) {
+                    (true, Some(run), Some((n, _))) => {
+                        *n += 1;
+                        match &mut run.content {
+                            RunContent::Text(t) => t.push(ch()),
+                            RunContent::Deleted(d) => *d += 1,
+                        }
+                    }
+                    _ => {
+                        let content = if visible {
+                            RunContent::Text(ch().to_string())
+                        } else {
+                            RunContent::Deleted(1)
+                        };
+                        runs.push(Run { id, content });
+                        last = Some((1, visible));
+                    }
+                }
+            }
+        }
+        runs
+    }
+
+    /// The text of the items, visible or not, for which `keep(id, visible)` holds, in
+    /// document order: a past version of the document (the HTTP API's `?at=`). The caller
+    /// keeps only tombstones deleted in this `Doc`'s life (their text is still in the
+    /// arena); a tombstone read as one from a snapshot has no text, and what this returns
+    /// for it is meaningless.
+    pub fn text_where(&self, mut keep: impl FnMut(OpId, bool) -> bool) -> String {
+        let mut out = String::new();
+        for (_, _, s) in self.spans() {
+            let replica = self.tree.replicas[s.replica as usize];
+            let visible = !s.deleted();
+            for k in 0..s.len() {
+                let id = OpId::new(s.lamport() + k as u64, replica);
+                if keep(id, visible) {
+                    out.push(self.char_of(&s, k));
+                }
+            }
+        }
+        out
+    }
+
+    /// Char `k` of span `s`: from the arena, or U+FFFD for a tombstone that came without text.
+    fn char_of(&self, s: &Span, k: u32) -> char {
+        match s.arena() {
+            NO_TEXT => char::REPLACEMENT_CHARACTER,
+            a => self.arena.get(a as usize + k as usize),
+        }
+    }
+
     /// Highest lamport of any known item, `None` for an empty history.
     pub fn max_lamport(&self) -> Option<u64> {
         self.max_lamport
@@ -855,14 +956,13 @@ impl Doc {
     }
 }
 
-/// Appends items `lamport .. lamport+n` at the end of the document, as spans of at most `SPAN_MAX` (`TOMB_MAX` for
-/// tombstones, `arena` = `None`).
+/// Appends items `lamport .. lamport+n` at the end of the document, as spans of at most `SPAN_MAX` (tombstones
+/// without text: `arena` = `None`).
 fn push_spans(tree: &mut Tree, lamport: u64, r: u32, n: u64, arena: Option<u32>) {
-    let max = if arena.is_some() { SPAN_MAX } else { TOMB_MAX };
     let mut done = 0u64;
     while done < n {
-        let k = (n - done).min(max as u64) as u32;
-        let a = arena.map_or(0, |a| a + done as u32);
+        let k = (n - done).min(SPAN_MAX as u64) as u32;
+        let a = arena.map_or(NO_TEXT, |a| a + done as u32);
         tree.push_back(Span::new(lamport + done, r, k, a, arena.is_none()));
         done += k as u64;
     }

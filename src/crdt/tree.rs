@@ -15,13 +15,18 @@ pub(crate) const NODE_CAP: usize = 16;
 const N_HINTS: usize = 4;
 /// "No node" in `parent`, `prev`, `next`.
 pub(crate) const NONE: u32 = u32::MAX;
-/// Bits of `Span::word` below the visible length: the lamport (at most 2^53 - 1, the contract's limit).
+/// Bits of `Span::word` for the lamport (at most 2^53 - 1, the contract's limit); above them the tombstone bit
+/// and the length.
 const LAMPORT_BITS: u32 = 53;
 const LAMPORT_MASK: u64 = (1 << LAMPORT_BITS) - 1;
-/// Longest visible span (the length shares a word with the lamport); longer runs are stored as several spans.
-pub(crate) const SPAN_MAX: u32 = (1 << (64 - LAMPORT_BITS)) - 1;
-/// Longest tombstone span (its length takes the place of the arena offset).
-pub(crate) const TOMB_MAX: u32 = (1 << 31) - 1;
+/// Set in `Span::word` for a tombstone.
+const DEL_BIT: u64 = 1 << LAMPORT_BITS;
+/// Where the length starts in `Span::word`.
+const LEN_SHIFT: u32 = LAMPORT_BITS + 1;
+/// Longest span (the length shares a word with the lamport); longer runs are stored as several spans.
+pub(crate) const SPAN_MAX: u32 = (1 << (64 - LEN_SHIFT)) - 1;
+/// The arena offset of a tombstone whose text this `Doc` never had (it came deleted, from a snapshot).
+pub(crate) const NO_TEXT: u32 = u32::MAX;
 
 const _: () = assert!(LEAF_CAP >= 4 && LEAF_CAP + 2 <= u8::MAX as usize);
 const _: () = assert!(NODE_CAP >= 4);
@@ -29,18 +34,18 @@ const _: () = assert!(super::id::MAX_ID_COMPONENT == LAMPORT_MASK);
 const _: () = assert!(std::mem::size_of::<Span>() == 16);
 
 /// Items `lamport .. lamport+len` of one replica, adjacent in the document, all visible or all deleted.
-/// Packed to 16 bytes, since spans are most of the memory of a document: the lamport and a visible span's length
-/// share a word (53 + 11 bits, so a visible span holds at most `SPAN_MAX` items), and a tombstone, which has no text,
-/// keeps its length where a visible span keeps its arena offset.
+/// Packed to 16 bytes, since spans are most of the memory of a document: the lamport, the tombstone bit and the
+/// length share a word (53 + 1 + 10 bits, so a span holds at most `SPAN_MAX` items). A tombstone keeps the arena
+/// offset of its text (the HTTP API reads the text of recent deletions for `?at=`), or `NO_TEXT`.
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
 #[repr(C, packed(4))]
 pub(crate) struct Span {
-    /// Lamport of the first item (low 53 bits) and the length of a visible span (high 11 bits; 0 for a tombstone).
+    /// Lamport of the first item (low 53 bits), the tombstone bit, the length (high 10 bits).
     word: u64,
     /// Index into `Doc::replicas`.
     pub replica: u32,
-    /// Visible: arena offset of the first char. Tombstone: the length.
-    arena_or_len: u32,
+    /// Arena offset of the first char (`NO_TEXT` for a tombstone without text).
+    arena: u32,
 }
 
 impl std::fmt::Debug for Span {
@@ -58,20 +63,12 @@ impl std::fmt::Debug for Span {
 impl Span {
     pub(crate) fn new(lamport: u64, replica: u32, len: u32, arena: u32, deleted: bool) -> Span {
         debug_assert!(lamport <= LAMPORT_MASK);
-        if deleted {
-            debug_assert!((1..=TOMB_MAX).contains(&len));
-            Span {
-                word: lamport,
-                replica,
-                arena_or_len: len,
-            }
-        } else {
-            debug_assert!((1..=SPAN_MAX).contains(&len));
-            Span {
-                word: lamport | (len as u64) << LAMPORT_BITS,
-                replica,
-                arena_or_len: arena,
-            }
+        debug_assert!((1..=SPAN_MAX).contains(&len));
+        debug_assert!(deleted || arena != NO_TEXT);
+        Span {
+            word: lamport | if deleted { DEL_BIT } else { 0 } | (len as u64) << LEN_SHIFT,
+            replica,
+            arena,
         }
     }
     /// Lamport of the first item.
@@ -80,37 +77,25 @@ impl Span {
         self.word & LAMPORT_MASK
     }
     #[inline]
-    fn visible_bits(&self) -> u32 {
-        (self.word >> LAMPORT_BITS) as u32
-    }
-    #[inline]
     pub(crate) fn len(&self) -> u32 {
-        match self.visible_bits() {
-            0 => self.arena_or_len,
-            n => n,
-        }
+        (self.word >> LEN_SHIFT) as u32
     }
     #[inline]
     pub(crate) fn deleted(&self) -> bool {
-        self.visible_bits() == 0
+        self.word & DEL_BIT != 0
     }
     #[inline]
     pub(crate) fn visible_len(&self) -> u32 {
-        self.visible_bits()
+        if self.deleted() {
+            0
+        } else {
+            self.len()
+        }
     }
-    /// Arena offset of the first char (meaningless for tombstones).
+    /// Arena offset of the first char (`NO_TEXT` for a tombstone that came without text).
     #[inline]
     pub(crate) fn arena(&self) -> u32 {
-        self.arena_or_len
-    }
-    /// Longest span of this one's kind.
-    #[inline]
-    fn max_len(&self) -> u32 {
-        if self.deleted() {
-            TOMB_MAX
-        } else {
-            SPAN_MAX
-        }
+        self.arena
     }
     /// Lamport one past the last item.
     #[inline]
@@ -123,46 +108,47 @@ impl Span {
     }
     #[inline]
     fn set_len(&mut self, len: u32) {
-        debug_assert!((1..=self.max_len()).contains(&len));
-        if self.deleted() {
-            self.arena_or_len = len;
-        } else {
-            self.word = self.lamport() | (len as u64) << LAMPORT_BITS;
-        }
+        debug_assert!((1..=SPAN_MAX).contains(&len));
+        self.word = (self.word & (LAMPORT_MASK | DEL_BIT)) | (len as u64) << LEN_SHIFT;
     }
     #[inline]
     fn set_deleted(&mut self) {
-        self.arena_or_len = self.len();
-        self.word = self.lamport();
+        self.word |= DEL_BIT;
     }
     /// Keeps items `0..at` and returns the rest.
     #[inline]
     fn split_off(&mut self, at: u32) -> Span {
         let len = self.len();
         debug_assert!(at > 0 && at < len);
-        let lamport = self.lamport() + at as u64;
-        let right = if self.deleted() {
-            Span::new(lamport, self.replica, len - at, 0, true)
+        let arena = if self.arena == NO_TEXT {
+            NO_TEXT
         } else {
-            Span::new(
-                lamport,
-                self.replica,
-                len - at,
-                self.arena_or_len.wrapping_add(at),
-                false,
-            )
+            self.arena.wrapping_add(at)
         };
+        let right = Span::new(
+            self.lamport() + at as u64,
+            self.replica,
+            len - at,
+            arena,
+            self.deleted(),
+        );
         self.set_len(at);
         right
     }
-    /// Whether `next` continues this span: same replica, next lamport, same state, and for text the next arena slot.
+    /// Whether `next` continues this span: same replica, next lamport, same state, the next arena slot (or both
+    /// tombstones without text), and room for both.
     #[inline]
     fn can_append(&self, next: &Span) -> bool {
+        let text_continues = match (self.arena, next.arena) {
+            (NO_TEXT, NO_TEXT) => true,
+            (NO_TEXT, _) | (_, NO_TEXT) => false,
+            (a, b) => a.wrapping_add(self.len()) == b,
+        };
         self.replica == next.replica
             && self.end() == next.lamport()
             && self.deleted() == next.deleted()
-            && (self.deleted() || self.arena().wrapping_add(self.len()) == next.arena())
-            && self.len() as u64 + next.len() as u64 <= self.max_len() as u64
+            && text_continues
+            && self.len() + next.len() <= SPAN_MAX
     }
 }
 

@@ -9,4 +9,7 @@
 #[allow(clippy::module_inception)]
 mod room;
 
-pub use room::{Effects, JoinAuth, Room, RoomConfig, RoomError, EFFECTS_RECYCLE_CAPACITY_MAX};
+pub use room::{
+    EditError, Effects, JoinAuth, Retention, Room, RoomConfig, RoomError,
+    EFFECTS_RECYCLE_CAPACITY_MAX,
+};

@@ -16,6 +16,10 @@ use crate::protocol::messages::{parse_op_echo, parse_snapshot_runs};
 use crate::protocol::{crdt_error, ErrorCode, Hello, OpMessage, PresenceUpdate, ProtocolError};
 use crate::storage::{LogRecord, StoredDoc, StoredSnapshot};
 
+mod api;
+
+pub use api::{EditError, Retention};
+
 /// Replica ids reserved per `ReplicasReserved` record: one durable record serves this many
 /// assignments, and a restart skips at most this many ids.
 const REPLICAS_PER_RESERVATION: u64 = 16;
@@ -81,6 +85,8 @@ pub struct Effects {
     pub op_origins: Vec<(ConnToken, u64)>,
     /// A snapshot the room wants written, after this turn's records are durable.
     pub snapshot: Option<StoredSnapshot>,
+    /// Document API answers (and deletions) that must wait for this turn's records.
+    pub api: Vec<crate::api::ApiEffect>,
 }
 
 impl Effects {
@@ -91,6 +97,7 @@ impl Effects {
             && self.records.is_empty()
             && self.op_origins.is_empty()
             && self.snapshot.is_none()
+            && self.api.is_empty()
     }
 }
 
@@ -175,6 +182,26 @@ pub struct Room {
     /// The snapshot object `{"runs":[...]}` at `.0 == head`, shared by joiners until head moves.
     snapshot_cache: Option<(u64, Utf8Bytes)>,
     effects: Effects,
+    /// The document API's server-side replica of each user (`""` with access control off),
+    /// assigned like a client's on its first edit in this room's life.
+    api_replicas: HashMap<String, u64>,
+    /// When each echo of `window` was accepted (unix ms; 0 unknown), in step with `window`.
+    window_times: VecDeque<u64>,
+    /// Op messages accepted since the last [`Room::stamp_accepted`] (not yet timed).
+    n_unstamped: usize,
+    /// The document has event streams: each accepted op message is also an
+    /// `ApiEffect::Echo`.
+    watched: bool,
+    /// The items each echo of `window` deleted that were visible before it, in step with
+    /// `window`: the document as of any `server_seq` in the window is exact from them.
+    window_deleted: VecDeque<Box<[(crate::crdt::OpId, u64)]>>,
+    /// The next accepted op message's entry of `window_deleted` (filled before it applies).
+    pending_deleted: Vec<(crate::crdt::OpId, u64)>,
+    /// How far behind the head snapshots are written (`--history-retain-ops`,
+    /// `--history-retain`): the log after them is kept.
+    retention: api::Retention,
+    /// `head` of the newest snapshot in storage (or sent to it): later ones never go back.
+    stored_head: u64,
 }
 
 /// A fresh random epoch: 32 hex digits from std's randomly keyed hasher (no clock, no crate).
@@ -235,6 +262,14 @@ impl Room {
             bytes_since_snapshot: 0,
             snapshot_cache: None,
             effects: Effects::default(),
+            api_replicas: HashMap::new(),
+            window_times: VecDeque::new(),
+            n_unstamped: 0,
+            watched: false,
+            window_deleted: VecDeque::new(),
+            pending_deleted: Vec::new(),
+            retention: api::Retention::default(),
+            stored_head: 0,
         };
         let Some(stored) = stored else {
             room.epoch = fresh_epoch();
@@ -251,6 +286,7 @@ impl Room {
                 Doc::from_snapshot(&runs).map_err(|_| RoomError::Corrupt("snapshot runs"))?;
             room.n_chars = runs.iter().map(run_len).sum();
             room.head = snapshot.head;
+            room.stored_head = snapshot.head;
             room.replicas_reserved = snapshot.replicas_reserved;
             room.owners.extend(snapshot.owners);
             room.snapshot_cache = Some((snapshot.head, snapshot.runs_json));
@@ -263,6 +299,10 @@ impl Room {
                 LogRecord::ReplicaOwner { replica, user } => {
                     room.owners.entry(replica).or_insert(user);
                 }
+                LogRecord::Accepted {
+                    server_seq,
+                    time_ms,
+                } => room.set_accepted_time(server_seq, time_ms),
                 LogRecord::Ops { server_seq, echo } => {
                     if server_seq <= room.head {
                         continue;
@@ -275,6 +315,7 @@ impl Room {
                     if parsed.server_seq != server_seq {
                         return Err(RoomError::Corrupt("op log record server_seq"));
                     }
+                    room.note_deletes(&parsed.ops);
                     room.crdt
                         .apply_remote(None, &parsed.ops)
                         .map_err(|_| RoomError::Corrupt("op log record ops"))?;
@@ -284,6 +325,8 @@ impl Room {
             }
         }
         room.replica_next = room.replicas_reserved.saturating_add(1);
+        // Loaded ops were timed when they were accepted (or never, in older logs).
+        room.n_unstamped = 0;
         Ok(room)
     }
 
@@ -294,11 +337,17 @@ impl Room {
         self.bytes_since_snapshot += echo.len() as u64;
         self.window_bytes += echo.len();
         self.window.push_back(echo);
+        self.window_times.push_back(0);
+        self.window_deleted
+            .push_back(std::mem::take(&mut self.pending_deleted).into_boxed_slice());
+        self.n_unstamped += 1;
         while self.window.len() > self.config.replay_window_ops
             || (self.window_bytes > REPLAY_WINDOW_BYTES_MAX && self.window.len() > 1)
         {
             if let Some(old) = self.window.pop_front() {
                 self.window_bytes -= old.len();
+                self.window_times.pop_front();
+                self.window_deleted.pop_front();
             }
         }
     }
@@ -317,6 +366,8 @@ impl Room {
             let Some(old) = self.window.pop_front() else {
                 break;
             };
+            self.window_times.pop_front();
+            self.window_deleted.pop_front();
             self.window_bytes -= old.len();
         }
         before - self.window_bytes
@@ -599,11 +650,13 @@ impl Room {
         }
         // A resend of inserts the room only knows from a snapshot is still `Unchanged`: the CRDT
         // derives each run's `after` from document order (tested in the restart test below).
+        self.note_deletes(&msg.ops);
         match self.crdt.apply_remote(Some(replica), &msg.ops) {
             Ok(Applied::Changed) => {
                 let echo = encode_op_echo(self.head + 1, replica, msg.client_seq, &msg.ops);
                 self.n_chars += n_new;
                 self.accepted(echo.clone());
+                self.watched_echo(&echo);
                 for other in self.clients.keys() {
                     self.effects.frames.push((*other, echo.clone()));
                 }
@@ -635,9 +688,23 @@ impl Room {
         self.n_chars = runs.iter().map(run_len).sum();
         let runs_json = Utf8Bytes::from(encode_snapshot_runs(&runs));
         self.snapshot_cache = Some((self.head, runs_json.clone()));
+        self.ops_since_snapshot = 0;
+        self.bytes_since_snapshot = 0;
+        // The stored snapshot lags behind the head by the history retention, so the log
+        // after it is kept (and replayed into the window by a load).
+        let head = self.snapshot_point();
+        if head <= self.stored_head && head < self.head {
+            return; // Nothing older than what storage has may be reclaimed yet.
+        }
+        let runs_json = if head == self.head {
+            runs_json
+        } else {
+            Utf8Bytes::from(encode_snapshot_runs(&self.runs_at(head)))
+        };
+        self.stored_head = head;
         self.effects.snapshot = Some(StoredSnapshot {
             epoch: self.epoch.clone(),
-            head: self.head,
+            head,
             replicas_reserved: self.replicas_reserved,
             owners: {
                 let mut owners: Vec<(u64, String)> = self
@@ -650,8 +717,6 @@ impl Room {
             },
             runs_json,
         });
-        self.ops_since_snapshot = 0;
-        self.bytes_since_snapshot = 0;
     }
 
     /// A presence update: relayed to the others (not the sender); remembered for `hello_ack` lists.

@@ -230,6 +230,11 @@ impl Net {
         &self.limits
     }
 
+    /// The shard's `Poll` registry, for sockets the handler keeps itself (event streams).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Connections held, open or closing.
     pub fn len(&self) -> usize {
         self.conns.len()

@@ -35,6 +35,10 @@ use super::conn::{Net, NetLimits, ReadOutcome};
 /// The token of the shard's `mio::Waker` (connections use their slab keys).
 pub const WAKER_TOKEN: Token = Token(usize::MAX);
 
+/// Tokens at or above this belong to the handler's own sockets (the document API's event
+/// streams), not to the connection layer.
+pub const STREAM_TOKEN_BASE: usize = usize::MAX / 2;
+
 /// How often timers run (idle pings, close deadlines, document unloading).
 const TICK: Duration = Duration::from_millis(250);
 
@@ -57,6 +61,15 @@ pub trait Handler {
     fn end_turn(&mut self, net: &mut Net);
     /// Runs about every 250 ms.
     fn on_tick(&mut self, _net: &mut Net, _now: Instant) {}
+    /// A document API request (`crate::api`); the default answers 503 (a handler without
+    /// documents, the echo example).
+    fn on_api(&mut self, _net: &mut Net, request: Box<crate::api::ApiRequest>) {
+        let answer = crate::api::json_error(503, "this server has no document API");
+        request.reply.answer(answer);
+    }
+    /// A readiness event for one of the handler's own sockets (token at or above
+    /// [`STREAM_TOKEN_BASE`]).
+    fn on_stream(&mut self, _net: &mut Net, _token: Token) {}
     /// A revocation is in force: close the live connections it matches; returns how many.
     fn on_revoke(&mut self, _net: &mut Net, _rule: &Rule) -> usize {
         0
@@ -176,6 +189,9 @@ pub fn run<H: Handler>(
         for event in events.iter() {
             match event.token() {
                 WAKER_TOKEN => woken = true,
+                token @ Token(key) if key >= STREAM_TOKEN_BASE => {
+                    handler.call(&mut net, |h, net| h.on_stream(net, token));
+                }
                 Token(key) => net.on_event(key, event),
             }
         }
@@ -225,6 +241,12 @@ pub fn run<H: Handler>(
                         handler.call(&mut net, |h, net| h.on_leases_lost(net, docs.as_deref()));
                         tell_gone(handler, &mut net);
                     }
+                    // Dropped unanswered after a panic or during shutdown: the reply says 503.
+                    Ok(ShardMsg::Api(request)) if shutdown_deadline.is_none() => {
+                        handler.call(&mut net, |h, net| h.on_api(net, request));
+                        tell_gone(handler, &mut net);
+                    }
+                    Ok(ShardMsg::Api(_)) => {}
                     Ok(ShardMsg::Revoke { rule, reply }) => {
                         let mut n_closed = 0;
                         handler.call(&mut net, |h, net| n_closed = h.on_revoke(net, &rule));

@@ -63,7 +63,9 @@ use super::event_loop::{Handler, OpenInfo};
 use super::log_limit::LogLimit;
 use super::rate_limit::{op_message_cost, RateLimit, TokenBucket};
 
+mod api;
 mod completions;
+mod events;
 
 /// Messages a connection may send between its `hello` and the end of its document's load;
 /// they are handled after the join, in order. One more closes it with 1013.
@@ -227,6 +229,8 @@ pub struct RoomHost {
     next_serial: u64,
     /// The change feed (webhooks): told each document's durable head, flushed once per turn.
     feed: ShardFeed,
+    /// The document API's requests waiting for loads (`host/api.rs`).
+    api: api::ApiState,
 }
 
 impl RoomHost {
@@ -260,6 +264,7 @@ impl RoomHost {
             expiries: BinaryHeap::new(),
             next_serial: 0,
             feed: ShardFeed::default(),
+            api: api::ApiState::default(),
         }
     }
 
@@ -671,7 +676,9 @@ fn last_server_seq(records: &[LogRecord]) -> u64 {
         .rev()
         .find_map(|record| match record {
             LogRecord::Ops { server_seq, .. } => Some(*server_seq),
-            LogRecord::ReplicasReserved { .. } | LogRecord::ReplicaOwner { .. } => None,
+            LogRecord::ReplicasReserved { .. }
+            | LogRecord::ReplicaOwner { .. }
+            | LogRecord::Accepted { .. } => None,
         })
         .unwrap_or(0)
 }
@@ -887,11 +894,13 @@ impl Handler for RoomHost {
         let mut batch_rooms = self.spent_rooms.pop().unwrap_or_default();
         let mut dirty = std::mem::take(&mut self.dirty_spare);
         std::mem::swap(&mut dirty, &mut self.dirty);
+        let mut turn_ms = None;
         for room_idx in dirty.drain(..) {
             let Some(slot) = self.rooms.get_mut(room_idx) else {
                 continue;
             };
             slot.in_dirty = false;
+            slot.room.stamp_accepted(api::turn_time_ms(&mut turn_ms));
             let mut effects = slot.room.take_effects();
             if effects.is_empty() {
                 continue;
@@ -941,6 +950,14 @@ impl Handler for RoomHost {
         }
     }
 
+    fn on_api(&mut self, net: &mut Net, request: Box<crate::api::ApiRequest>) {
+        self.api_request(net, *request);
+    }
+
+    fn on_stream(&mut self, net: &mut Net, token: mio::Token) {
+        self.api_stream_event(net, token);
+    }
+
     fn on_revoke(&mut self, net: &mut Net, rule: &Rule) -> usize {
         let mut matched = Vec::new();
         for (key, session) in self.sessions.iter().enumerate() {
@@ -970,7 +987,7 @@ impl Handler for RoomHost {
                 session.can_write = false;
             }
         }
-        matched.len()
+        matched.len() + self.api_close_denied(net, Some(rule))
     }
 
     fn on_tick(&mut self, net: &mut Net, now: Instant) {
@@ -998,6 +1015,7 @@ impl Handler for RoomHost {
                 }
             }
         }
+        self.api_close_denied(net, None);
         let mut idle = Vec::new();
         let mut window_bytes = 0;
         for (idx, slot) in self.rooms.iter_mut() {

@@ -107,6 +107,9 @@ impl<H> DocLog<H> {
     }
 }
 
+/// Where deleted documents' directories go (under the data directory, outside `docs/`).
+const TRASH_DIR: &str = "trash";
+
 /// The durable op log and snapshots, one value per shard, all sharing one data directory.
 ///
 /// Write path: [`Storage::append`] only frames the record into the document's pending buffer;
@@ -539,6 +542,18 @@ impl<F: Fs> DiskStorage<F> {
                             tail.push(LogRecord::ReplicaOwner { replica, user });
                         }
                     }
+                    Body::Log(LogRecord::Accepted {
+                        server_seq,
+                        time_ms,
+                    }) => {
+                        // Only meaningful with its op message, which the snapshot may cover.
+                        if server_seq > covered_head {
+                            tail.push(LogRecord::Accepted {
+                                server_seq,
+                                time_ms,
+                            });
+                        }
+                    }
                 }
                 offset = next;
             }
@@ -878,6 +893,62 @@ impl<F: Fs> Storage for DiskStorage<F> {
         Ok(())
     }
 
+    fn delete(&mut self, doc: &str) -> Result<bool, StorageError> {
+        // Journal entries of the document must not be redone after a crash: make the
+        // segments durable and empty the journal first.
+        self.checkpoint_inner()?;
+        self.forget(doc);
+        let log = DocLog::<F::File>::new(doc);
+        let dir = self.root.join(&log.rel_dir);
+        let Some(files) = self
+            .fs
+            .list_dir(&dir)
+            .map_err(|e| io_error(format!("listing {}", log.rel_dir), e))?
+        else {
+            return Ok(false);
+        };
+        // One rename takes the directory out of `docs/` atomically; the files are removed
+        // from the trash afterwards (what a crash leaves there is never read).
+        let trash = self.root.join(TRASH_DIR);
+        self.fs
+            .create_dir_all(&trash)
+            .map_err(|e| io_error(format!("creating {TRASH_DIR}"), e))?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let hex = log.rel_dir.rsplit('/').next().unwrap_or_default();
+        let gone = trash.join(format!("{hex}-{nanos}"));
+        self.fs
+            .rename(&dir, &gone)
+            .map_err(|e| io_error(format!("moving {} to {TRASH_DIR}", log.rel_dir), e))?;
+        if self.fsync_on() {
+            let parent = dir.parent().unwrap_or(&self.root).to_path_buf();
+            self.fs
+                .sync_dir(&parent)
+                .map_err(|e| io_error(format!("syncing the parent of {}", log.rel_dir), e))?;
+        }
+        for file in files {
+            if let Err(e) = self.fs.remove_file(&gone.join(&file)) {
+                log::warn!("could not remove {TRASH_DIR}/{hex}-{nanos}/{file}: {e}");
+            }
+        }
+        if let Err(e) = self.fs.remove_dir(&gone) {
+            log::warn!("could not remove {TRASH_DIR}/{hex}-{nanos}: {e}");
+        }
+        Ok(true)
+    }
+
+    fn list_names(
+        &mut self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<(Vec<String>, bool), StorageError> {
+        let names = self.list_docs()?;
+        Ok(super::page_of_names(names, prefix, after, limit, keep))
+    }
+
     fn write_snapshot(&mut self, doc: &str, snapshot: &StoredSnapshot) -> Result<(), StorageError> {
         if self.docs.get(doc).is_some_and(|log| log.touched) {
             // A snapshot must never cover records that could still be rolled back.
@@ -1021,6 +1092,7 @@ impl<F: Fs> DiskStorage<F> {
                 log.last_reserved = log.last_reserved.max(*last)
             }
             LogRecord::ReplicaOwner { .. } => log.n_owners += 1,
+            LogRecord::Accepted { .. } => {}
         }
         if !log.touched {
             log.touched = true;

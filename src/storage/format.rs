@@ -20,6 +20,8 @@ const KIND_REPLICAS: u8 = 3;
 const KIND_SNAPSHOT: u8 = 4;
 const KIND_JOURNAL: u8 = 5;
 const KIND_OWNER: u8 = 6;
+/// `LogRecord::Accepted`: an op message's acceptance time (older logs have none).
+const KIND_ACCEPTED: u8 = 8;
 /// A snapshot with its replica owners (format 2); format 1 (`KIND_SNAPSHOT`) is still read,
 /// with no owners.
 const KIND_SNAPSHOT_OWNERS: u8 = 7;
@@ -107,6 +109,7 @@ pub(crate) fn encode_log(out: &mut Vec<u8>, doc: &str, record: &LogRecord) {
             LogRecord::Ops { .. } => KIND_OPS,
             LogRecord::ReplicasReserved { .. } => KIND_REPLICAS,
             LogRecord::ReplicaOwner { .. } => KIND_OWNER,
+            LogRecord::Accepted { .. } => KIND_ACCEPTED,
         },
     );
     match record {
@@ -118,6 +121,13 @@ pub(crate) fn encode_log(out: &mut Vec<u8>, doc: &str, record: &LogRecord) {
         LogRecord::ReplicaOwner { replica, user } => {
             out.extend_from_slice(&replica.to_le_bytes());
             out.extend_from_slice(user.as_bytes());
+        }
+        LogRecord::Accepted {
+            server_seq,
+            time_ms,
+        } => {
+            out.extend_from_slice(&server_seq.to_le_bytes());
+            out.extend_from_slice(&time_ms.to_le_bytes());
         }
     }
     finish(out, start);
@@ -332,6 +342,15 @@ pub(crate) fn decode_body(body: &[u8], doc: &str) -> Result<Body, String> {
             let user = reader.rest_str()?;
             Ok(Body::Log(LogRecord::ReplicaOwner { replica, user }))
         }
+        KIND_ACCEPTED => {
+            let server_seq = reader.u64()?;
+            let time_ms = reader.u64()?;
+            reader.end()?;
+            Ok(Body::Log(LogRecord::Accepted {
+                server_seq,
+                time_ms,
+            }))
+        }
         KIND_SNAPSHOT | KIND_SNAPSHOT_OWNERS => {
             let seg_floor = reader.u64()?;
             let head = reader.u64()?;
@@ -445,6 +464,10 @@ mod tests {
         check(LogRecord::ReplicaOwner {
             replica: 9,
             user: "alice@example.com".to_owned(),
+        });
+        check(LogRecord::Accepted {
+            server_seq: 7,
+            time_ms: 1_764_880_000_123,
         });
     }
 

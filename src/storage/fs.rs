@@ -70,6 +70,11 @@ pub trait Fs: Send + Sync + 'static {
     /// # Errors
     /// The operating system's error.
     fn list_dir(&self, path: &Path) -> io::Result<Option<Vec<String>>>;
+
+    /// Removes the empty directory `path`.
+    fn remove_dir(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_dir(path)
+    }
     /// Makes the data of the file at `path` durable (fdatasync through a fresh handle); a
     /// missing file is not an error (compaction removed it). The provided version does it
     /// with `std::fs`.

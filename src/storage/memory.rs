@@ -18,6 +18,22 @@ impl MemoryStorage {
 }
 
 impl Storage for MemoryStorage {
+    fn delete(&mut self, doc: &str) -> Result<bool, StorageError> {
+        Ok(self.docs.remove(doc).is_some())
+    }
+
+    fn list_names(
+        &mut self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<(Vec<String>, bool), StorageError> {
+        let mut names: Vec<String> = self.docs.keys().cloned().collect();
+        names.sort();
+        Ok(super::page_of_names(names, prefix, after, limit, keep))
+    }
+
     fn load(&mut self, doc: &str) -> Result<Option<StoredDoc>, StorageError> {
         Ok(self.docs.get(doc).cloned())
     }
@@ -50,7 +66,9 @@ impl Storage for MemoryStorage {
             });
         let head = snapshot.head;
         stored.tail.retain(|record| match record {
-            LogRecord::Ops { server_seq, .. } => *server_seq > head,
+            LogRecord::Ops { server_seq, .. } | LogRecord::Accepted { server_seq, .. } => {
+                *server_seq > head
+            }
             LogRecord::ReplicasReserved { last } => *last > snapshot.replicas_reserved,
             LogRecord::ReplicaOwner { replica, .. } => {
                 !snapshot.owners.iter().any(|(owned, _)| owned == replica)

@@ -57,6 +57,15 @@ pub enum LogRecord {
         /// The token's `sub`.
         user: String,
     },
+    /// The op message `server_seq` was accepted at `time_ms` (unix milliseconds, the
+    /// server's clock): the `time` of history entries. Written in the same batch as its
+    /// `Ops` record (after it); logs written before it existed simply have none.
+    Accepted {
+        /// The op message.
+        server_seq: u64,
+        /// When the server accepted it.
+        time_ms: u64,
+    },
 }
 
 /// A document's state at `head`, from which its log tail is replayed.
@@ -194,4 +203,58 @@ pub trait Storage: Send {
     fn take_fenced(&mut self) -> Vec<String> {
         Vec::new()
     }
+
+    /// Removes everything stored for `doc` (log, snapshot, replica owners), durably: a later
+    /// [`Storage::load`] finds nothing, after a crash too. `Ok(false)` when nothing was
+    /// stored. Called only with nothing of `doc` pending (after a sync). Backends that cannot
+    /// delete keep the default, which refuses.
+    ///
+    /// # Errors
+    /// `Io` or `Unavailable`; the document may then still be there.
+    fn delete(&mut self, doc: &str) -> Result<bool, StorageError> {
+        let _ = doc;
+        Err(StorageError::Unavailable {
+            reason: "this storage cannot delete documents".to_owned(),
+        })
+    }
+
+    /// The stored documents' names in order, starting with `prefix`, after `after`, for which
+    /// `keep` holds (a shard keeps the ones it owns), at most `limit`; and whether more follow.
+    ///
+    /// # Errors
+    /// `Io`, `Corrupt` or `Unavailable` when the names cannot be read.
+    fn list_names(
+        &mut self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<(Vec<String>, bool), StorageError> {
+        let _ = (prefix, after, limit, keep);
+        Ok((Vec::new(), false))
+    }
+}
+
+/// [`Storage::list_names`] over every name in order: the page after `after`.
+pub(crate) fn page_of_names(
+    names: impl IntoIterator<Item = String>,
+    prefix: &str,
+    after: Option<&str>,
+    limit: usize,
+    keep: &dyn Fn(&str) -> bool,
+) -> (Vec<String>, bool) {
+    let mut page = Vec::new();
+    for name in names {
+        if !name.starts_with(prefix) || after.is_some_and(|after| name.as_str() <= after) {
+            continue;
+        }
+        if !keep(&name) {
+            continue;
+        }
+        if page.len() == limit {
+            return (page, true);
+        }
+        page.push(name);
+    }
+    (page, false)
 }

@@ -84,6 +84,29 @@ pub enum StorageRequest {
         /// The document.
         doc: String,
     },
+    /// Delete the document durably (`DELETE /api/docs/{doc}`), then answer `reply` directly
+    /// (not through the shard). Sent after the document left the shard's memory, so every
+    /// record of it the shard sent before is written first and deleted with it.
+    Delete {
+        /// The document.
+        doc: String,
+        /// Its epoch (for the change feed).
+        epoch: String,
+        /// Where the HTTP answer goes.
+        reply: crate::api::ApiReply,
+        /// Told `deleted` once the deletion is durable (the change feed).
+        webhooks: crate::webhooks::WebhookSink,
+    },
+    /// One shard's part of `GET /api/docs`: the first documents it owns after the cursor,
+    /// with their durable head and length, answered directly through `reply`.
+    List {
+        /// The listing.
+        query: crate::api::ListQuery,
+        /// This shard's index (it lists the documents `shard_for_doc` gives it).
+        shard_idx: usize,
+        /// Where the part goes.
+        reply: crate::api::ApiReply,
+    },
 }
 
 /// What the worker reports back, in the order of the requests.
@@ -202,6 +225,7 @@ impl StorageWorker {
             fenced: HashSet::new(),
             queue: Vec::new(),
             docs_spare: Vec::new(),
+            loaded: HashSet::new(),
         };
         let thread = std::thread::Builder::new()
             .name(name)
@@ -307,6 +331,9 @@ struct WorkerLoop {
     queue: Vec<StorageRequest>,
     /// A group's document list, reused from one sync to the next.
     docs_spare: Vec<Arc<str>>,
+    /// Documents the shard loaded and has not released: a listing's loads leave their
+    /// storage state alone.
+    loaded: HashSet<String>,
 }
 
 /// A group of consecutive commits being gathered for one sync.
@@ -452,6 +479,52 @@ impl WorkerLoop {
         });
     }
 
+    /// This shard's documents of a listing, each loaded for its durable head and length.
+    fn list(
+        &mut self,
+        query: &crate::api::ListQuery,
+        shard_idx: usize,
+    ) -> Result<crate::api::ListPart, StorageError> {
+        let n_shards = query.n_shards.max(1);
+        let keep = |name: &str| crate::ids::shard_for_doc(name, n_shards).0 == shard_idx;
+        let (names, more) =
+            self.storage
+                .list_names(&query.prefix, query.after.as_deref(), query.limit, &keep)?;
+        let mut docs = Vec::with_capacity(names.len());
+        for name in names {
+            let Some(stored) = self.storage.load(&name)? else {
+                continue; // Deleted since it was listed.
+            };
+            if !self.loaded.contains(&name) {
+                self.storage.release(&name);
+            }
+            let config = crate::room::RoomConfig {
+                snapshot_every_ops: u64::MAX,
+                snapshot_every_bytes: u64::MAX,
+                replay_window_ops: 0,
+                doc_chars_max: usize::MAX,
+            };
+            let updated_at = stored
+                .tail
+                .iter()
+                .filter_map(|record| match record {
+                    LogRecord::Accepted { time_ms, .. } => Some(*time_ms),
+                    _ => None,
+                })
+                .max();
+            match crate::room::Room::open(name.clone(), Some(stored), config) {
+                Ok(room) => docs.push(crate::api::DocSummary {
+                    doc: name,
+                    head: room.head(),
+                    length: room.length(),
+                    updated_at,
+                }),
+                Err(e) => warn!("storage worker: listing skips a corrupt document: {e}"),
+            }
+        }
+        Ok(crate::api::ListPart { docs, more })
+    }
+
     fn serve(&mut self, request: StorageRequest) {
         let completion = match request {
             StorageRequest::Commit { .. } => unreachable!("commits are grouped by the caller"),
@@ -462,6 +535,7 @@ impl WorkerLoop {
                 );
                 let result = self.storage.load(&doc);
                 self.available.set(reached(&result));
+                self.loaded.insert(doc.clone());
                 StorageCompletion::Loaded { doc, result }
             }
             StorageRequest::Snapshot { doc, snapshot } => {
@@ -471,7 +545,44 @@ impl WorkerLoop {
             }
             StorageRequest::Release { doc } => {
                 self.fenced.remove(&doc);
+                self.loaded.remove(&doc);
                 self.storage.release(&doc);
+                return;
+            }
+            StorageRequest::Delete {
+                doc,
+                epoch,
+                reply,
+                webhooks,
+            } => {
+                let result = self.storage.delete(&doc);
+                self.available.set(reached(&result));
+                let answer = match result {
+                    Ok(_) => {
+                        webhooks.deleted(&doc, &epoch);
+                        let mut body = String::from("{\"deleted\":");
+                        crate::protocol::codec::write_json_str(&mut body, &doc);
+                        body.push('}');
+                        crate::api::json_answer(200, &body)
+                    }
+                    Err(e) => {
+                        warn!("storage worker: deleting a document failed: {e}");
+                        crate::api::json_error(503, &format!("deleting failed: {e}"))
+                    }
+                };
+                reply.answer(answer);
+                return;
+            }
+            StorageRequest::List {
+                query,
+                shard_idx,
+                reply,
+            } => {
+                let part = self.list(&query, shard_idx);
+                if let Err(e) = &part {
+                    warn!("storage worker: listing documents failed: {e}");
+                }
+                reply.list(part.map_err(|e| e.to_string()));
                 return;
             }
         };

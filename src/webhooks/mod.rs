@@ -382,6 +382,16 @@ impl ShardFeed {
         self.changed.insert(doc.clone(), (epoch.clone(), head));
     }
 
+    /// `doc` is about to be deleted off the shard thread (by the storage worker): its change
+    /// not flushed yet goes now, and the returned sink reports the `deleted` once the deletion
+    /// is durable, so a receiver never sees a change of a deleted epoch after its `deleted`.
+    pub fn before_delete(&mut self, doc: &str) -> WebhookSink {
+        if let Some((old_epoch, head)) = self.changed.remove(doc) {
+            self.sink.changed(doc, &old_epoch, head);
+        }
+        self.sink.clone()
+    }
+
     /// `doc` (of `epoch`) was deleted: its change not flushed yet goes first, then the delete
     /// (so a receiver never sees a change of a deleted epoch after its `deleted`).
     pub fn deleted(&mut self, doc: &str, epoch: &str) {

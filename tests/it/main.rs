@@ -1,5 +1,6 @@
 //! Integration tests: real servers on 127.0.0.1:0, real WebSocket clients, a watchdog per test.
 
+mod api;
 mod auth;
 mod binary;
 mod client;

@@ -117,3 +117,66 @@ fn storage_failure_answers_unavailable_and_closes_the_room() {
     assert_eq!(late.doc.text(), "durable!");
     server.shutdown().expect("clean shutdown");
 }
+
+/// The HTTP document API on the failure path: an edit whose sync fails is answered 503 (never
+/// 200), and the document's event streams end without its echo.
+#[test]
+fn storage_failure_fails_api_edits_and_ends_event_streams() {
+    use std::io::{Read, Write};
+    let _w = Watchdog::new("storage_failure_api", 60);
+    let fail = Arc::new(AtomicBool::new(false));
+    let mut config = test_config();
+    config.shards = 1;
+    let storage: Box<dyn Storage> = Box::new(Flaky {
+        inner: MemoryStorage::new(),
+        fail: fail.clone(),
+    });
+    let server = start_with_storages(&config, vec![storage]).expect("server");
+    let addr = server.local_addr();
+    let post = |body: &str| {
+        crate::util::http_get(
+            addr,
+            &format!(
+                "POST /api/docs/shaky/edits HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+    };
+    let durable = post(r#"{"edits":[{"pos":0,"insert":"kept"}]}"#);
+    assert!(durable.starts_with("HTTP/1.1 200 "), "{durable}");
+    let mut events = std::net::TcpStream::connect(addr).expect("connect");
+    events
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        events,
+        "GET /api/docs/shaky/events HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    .expect("write");
+    // The stream has started (its head came) before the failure.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        events.read_exact(&mut byte).expect("the stream's head");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200 "), "{head:?}");
+
+    fail.store(true, Ordering::SeqCst);
+    let failed = post(r#"{"edits":[{"pos":4,"insert":" lost"}]}"#);
+    assert!(failed.starts_with("HTTP/1.1 503 "), "{failed}");
+    let mut seen = Vec::new();
+    events.read_to_end(&mut seen).expect("the stream ends");
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(!seen.contains("event: op_echo"), "{seen}");
+
+    // The document is read again from storage (which, like a disk whose fsync failed after
+    // the write, may or may not hold the failed edit: it was never acknowledged either way).
+    fail.store(false, Ordering::SeqCst);
+    let read = crate::util::http_get(addr, "GET /api/docs/shaky HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        read.starts_with("HTTP/1.1 200 ") && read.contains(r#""text":"kept"#),
+        "{read}"
+    );
+    server.shutdown().expect("clean shutdown");
+}

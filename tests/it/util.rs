@@ -126,6 +126,16 @@ pub fn connect(addr: SocketAddr, path: &str) -> Ws {
 /// Like [`connect`], with a 4 KiB receive buffer set before connecting, so that the server's
 /// writes to this client stop on `WouldBlock` long before loopback's megabytes of buffering.
 pub fn connect_with_small_rcvbuf(addr: SocketAddr, path: &str) -> Ws {
+    let stream = tcp_with_small_rcvbuf(addr);
+    let url = format!("ws://{addr}{path}");
+    let (ws, _response) =
+        tungstenite::client::client(url, MaybeTlsStream::Plain(stream)).expect("handshake");
+    ws
+}
+
+/// A TCP connection to `addr` with a 4 KiB receive buffer set before connecting (and the
+/// read timeout of the tests).
+pub fn tcp_with_small_rcvbuf(addr: SocketAddr) -> TcpStream {
     use std::os::fd::FromRawFd;
     let SocketAddr::V4(v4) = addr else {
         panic!("tests listen on IPv4 loopback");
@@ -163,10 +173,7 @@ pub fn connect_with_small_rcvbuf(addr: SocketAddr, path: &str) -> Ws {
     stream
         .set_read_timeout(Some(READ_TIMEOUT))
         .expect("timeout");
-    let url = format!("ws://{addr}{path}");
-    let (ws, _response) =
-        tungstenite::client::client(url, MaybeTlsStream::Plain(stream)).expect("handshake");
-    ws
+    stream
 }
 
 /// Sends one text frame.

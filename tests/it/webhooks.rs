@@ -507,6 +507,41 @@ fn the_sink_delivers_deleted_events() {
 }
 
 #[test]
+fn an_http_delete_is_delivered_after_the_documents_last_change() {
+    let _watchdog = Watchdog::new("webhooks_http_delete", 60);
+    let dir = temp_dir("http-delete");
+    let receiver = Receiver::start(0, 200);
+    let server = server(hooked_config(&receiver.url(), &dir, Duration::from_secs(1)));
+    let addr = server.local_addr();
+    let mut editor = Editor::join(addr, "/ws/doomed", r#"{"type":"hello"}"#);
+    editor.edit(0, 0, "bye");
+    editor.settle();
+    let epoch = editor.epoch.clone();
+    let (status, body) = crate::api::api(addr, "DELETE", "/api/docs/doomed", None, "");
+    assert_eq!(status, 200, "{body}");
+    // Every event of the document, in order: its changes, then exactly one `deleted`.
+    let mut events = Vec::new();
+    loop {
+        let got = receiver.next();
+        got.assert_signed();
+        let json = got.json();
+        assert_eq!(json["doc"], "doomed");
+        assert_eq!(json["epoch"], epoch.as_str());
+        let done = json["event"] == "deleted";
+        events.push(json["event"].as_str().unwrap_or_default().to_owned());
+        if done {
+            break;
+        }
+    }
+    assert_eq!(events.last().map(String::as_str), Some("deleted"));
+    assert!(
+        events[..events.len() - 1].iter().all(|e| e == "changed"),
+        "{events:?}"
+    );
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
 fn bad_webhook_flags_stop_the_server_at_startup() {
     let _watchdog = Watchdog::new("webhooks_bad_flags", 60);
     let dir = temp_dir("flags");

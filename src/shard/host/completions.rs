@@ -55,7 +55,8 @@ impl RoomHost {
         let fenced = matches!(result, Err(StorageError::Fenced { .. }));
         let room_idx = match result {
             Ok(stored) => match Room::open(doc.clone(), stored, self.room_config.clone()) {
-                Ok(room) => {
+                Ok(mut room) => {
+                    room.set_retention(self.api_retention());
                     let generation = self.next_generation;
                     self.next_generation += 1;
                     let idx = self.rooms.insert(RoomSlot {
@@ -108,6 +109,7 @@ impl RoomHost {
                 self.on_message(net, conn, message);
             }
         }
+        self.api_loaded(net, &doc);
     }
 
     /// Every answer the worker has ready, in order.
@@ -258,10 +260,14 @@ impl RoomHost {
         for (conn, code, reason) in effects.closes.drain(..) {
             net.close(conn, code, reason);
         }
+        let api_effects = std::mem::take(&mut effects.api);
         // Everything is released: the room may keep the vectors for its next turn.
         if let Some(slot) = self.rooms.get_mut(room_idx) {
             slot.room.recycle_effects(effects);
             slot.busy_this_tick = true;
+        }
+        if !api_effects.is_empty() {
+            self.api_release(net, room_idx, api_effects);
         }
     }
 
@@ -270,6 +276,7 @@ impl RoomHost {
     /// written); every client gets `unavailable` and a close 1013, and the room leaves memory
     /// without its state being used again (storage is the truth; the next hello reloads it).
     pub(super) fn fail_room(&mut self, net: &mut Net, room_idx: usize, failure: Failure) {
+        self.api_room_failed(net, room_idx);
         let Some(slot) = self.rooms.get_mut(room_idx) else {
             return;
         };

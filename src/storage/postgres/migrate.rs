@@ -8,8 +8,10 @@
 
 use tokio_postgres::Client;
 
-/// Every migration, in order: `(version, file name, SQL)`. Versions are 1, 2, 3, ... without
-/// gaps; a new schema change is a new file and a new entry, never an edit of a shipped one.
+/// Every migration, in order: `(version, file name, SQL)`. Versions increase; a new schema
+/// change is a new file and a new entry, never an edit of a shipped one. Each migration is
+/// independent of the others, and every one not yet recorded is applied (not only those above
+/// the highest recorded), so features merged in any order all reach every database.
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (
         1,
@@ -25,6 +27,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         3,
         "0003_cluster.sql",
         include_str!("../../../migrations/0003_cluster.sql"),
+    ),
+    (
+        4,
+        "0004_history.sql",
+        include_str!("../../../migrations/0004_history.sql"),
     ),
 ];
 
@@ -70,13 +77,13 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
          )",
     )
     .await?;
-    let found: i32 = tx
-        .query_one(
-            "SELECT coalesce(max(version), 0) FROM collab_schema_version",
-            &[],
-        )
+    let recorded: Vec<i32> = tx
+        .query("SELECT version FROM collab_schema_version", &[])
         .await?
-        .get(0);
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let found = recorded.iter().copied().max().unwrap_or(0);
     if found > SCHEMA_VERSION {
         return Err(MigrateError::TooNew {
             found,
@@ -84,7 +91,7 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
         });
     }
     let mut applied = Vec::new();
-    for &(version, name, sql) in MIGRATIONS.iter().filter(|(v, _, _)| *v > found) {
+    for &(version, name, sql) in MIGRATIONS.iter().filter(|(v, _, _)| !recorded.contains(v)) {
         tx.batch_execute(sql).await?;
         tx.execute(
             "INSERT INTO collab_schema_version (version, name) VALUES ($1, $2)",
@@ -102,9 +109,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn versions_are_consecutive_and_named_after_their_file() {
-        for (idx, (version, name, sql)) in MIGRATIONS.iter().enumerate() {
-            assert_eq!(*version, idx as i32 + 1);
+    fn versions_increase_and_are_named_after_their_file() {
+        let mut last = 0;
+        for (version, name, sql) in MIGRATIONS {
+            assert!(*version > last, "{name}");
+            last = *version;
             assert!(name.starts_with(&format!("{version:04}_")), "{name}");
             assert!(!sql.trim().is_empty());
         }

@@ -148,6 +148,8 @@ struct DocState {
     pending_reserved: Option<u64>,
     /// Replica owners (`LogRecord::ReplicaOwner`) appended since the last sync.
     pending_owners: Vec<(u64, String)>,
+    /// Acceptance times (`LogRecord::Accepted`) of pending ops, by `server_seq`.
+    pending_times: Vec<(u64, u64)>,
     /// Listed in `PgStorage::touched`.
     touched: bool,
     /// `release` came while records were pending: drop after the next sync.
@@ -722,10 +724,17 @@ impl PgStorage {
                 return Err(corrupt(&ops_file, seq, "op record fails its checksum"));
             }
             last_seq = seq;
+            let accepted_ms: Option<i64> = row.get(3);
             tail.push(LogRecord::Ops {
                 server_seq: seq,
                 echo: Utf8Bytes::from(echo),
             });
+            if let Some(ms) = accepted_ms {
+                tail.push(LogRecord::Accepted {
+                    server_seq: seq,
+                    time_ms: non_negative(ms, &ops_file, "accepted_ms")?,
+                });
+            }
         }
         self.docs.insert(
             doc.to_owned(),
@@ -759,6 +768,7 @@ impl PgStorage {
         let mut op_seqs: Vec<i64> = Vec::new();
         let mut op_crcs: Vec<i32> = Vec::new();
         let mut op_echoes: Vec<&str> = Vec::new();
+        let mut op_times: Vec<Option<i64>> = Vec::new();
         let mut res_ids: Vec<i64> = Vec::new();
         let mut res_last: Vec<i64> = Vec::new();
         let mut own_ids: Vec<Option<i64>> = Vec::new();
@@ -794,6 +804,8 @@ impl PgStorage {
                 op_seqs.push(to_i64(*seq));
                 op_crcs.push(crc_op(*seq, echo));
                 op_echoes.push(echo.as_str());
+                let time = state.pending_times.iter().find(|(s, _)| s == seq);
+                op_times.push(time.map(|(_, ms)| to_i64(*ms)));
             }
         }
         let result = self.rt.block_on(with_deadline(
@@ -815,6 +827,7 @@ impl PgStorage {
                     &own_names,
                     &own_replicas,
                     &own_users,
+                    &op_times,
                 ],
             ),
         ));
@@ -1023,6 +1036,10 @@ impl Storage for PgStorage {
             LogRecord::ReplicasReserved { last } => {
                 state.pending_reserved = Some(state.pending_reserved.unwrap_or(0).max(*last));
             }
+            LogRecord::Accepted {
+                server_seq,
+                time_ms,
+            } => state.pending_times.push((*server_seq, *time_ms)),
             LogRecord::ReplicaOwner { replica, user } => {
                 state.pending_owners.push((*replica, user.clone()));
             }
@@ -1157,6 +1174,37 @@ impl Storage for PgStorage {
             .map_err(|e| call_error("probing the database", e))
     }
 
+    fn delete(&mut self, doc: &str) -> Result<bool, StorageError> {
+        self.conn()?;
+        self.docs.remove(doc);
+        let name = doc.as_bytes();
+        let conn = self
+            .take_conn()
+            .map_err(|e| call_error("deleting a document", e))?;
+        // One autocommit statement; the log, the owners (and any history) go with it
+        // through ON DELETE CASCADE.
+        let result = self.rt.block_on(with_deadline(
+            self.timeout,
+            conn.client
+                .execute("DELETE FROM collab_docs WHERE name = $1", &[&name]),
+        ));
+        let n = self
+            .settle(conn, result)
+            .map_err(|e| call_error("deleting a document", e))?;
+        Ok(n > 0)
+    }
+
+    fn list_names(
+        &mut self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<(Vec<String>, bool), StorageError> {
+        let names = self.list_docs()?;
+        Ok(super::page_of_names(names, prefix, after, limit, keep))
+    }
+
     fn release(&mut self, doc: &str) {
         match self.docs.get_mut(doc) {
             Some(state) if state.touched => state.release_after_sync = true,
@@ -1184,7 +1232,7 @@ SELECT $1, r.replica, r.owner FROM unnest($2::bigint[], $3::text[]) AS r (replic
 ON CONFLICT (doc_id, replica) DO NOTHING";
 
 /// A document's log after its snapshot.
-const SQL_LOAD_OPS: &str = "SELECT server_seq, crc, echo FROM collab_ops \
+const SQL_LOAD_OPS: &str = "SELECT server_seq, crc, echo, accepted_ms FROM collab_ops \
      WHERE doc_id = $1 AND server_seq > $2 ORDER BY server_seq";
 
 /// The group commit: new documents (created, or found when they exist), every op of the
@@ -1199,10 +1247,11 @@ WITH new_docs AS (
         GREATEST(collab_docs.replicas_reserved, EXCLUDED.replicas_reserved)
     RETURNING id, name
 ), new_ops AS (
-    INSERT INTO collab_ops (doc_id, server_seq, crc, echo)
-    SELECT coalesce(o.doc_id, n.id), o.server_seq, o.crc, o.echo
-    FROM unnest($4::bigint[], $5::bytea[], $6::bigint[], $7::integer[], $8::text[])
-        AS o (doc_id, name, server_seq, crc, echo)
+    INSERT INTO collab_ops (doc_id, server_seq, crc, echo, accepted_ms)
+    SELECT coalesce(o.doc_id, n.id), o.server_seq, o.crc, o.echo, o.accepted_ms
+    FROM unnest($4::bigint[], $5::bytea[], $6::bigint[], $7::integer[], $8::text[],
+                $15::bigint[])
+        AS o (doc_id, name, server_seq, crc, echo, accepted_ms)
     LEFT JOIN new_docs n ON n.name = o.name
 ), reservations AS (
     UPDATE collab_docs d SET replicas_reserved = GREATEST(d.replicas_reserved, r.last)
