@@ -32,5 +32,6 @@ pub mod protocol;
 pub mod room;
 pub mod server;
 pub mod shard;
+pub mod sim;
 pub mod storage;
 pub mod units;

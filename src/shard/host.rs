@@ -172,9 +172,9 @@ pub struct RoomHost {
     window_bytes_max: usize,
     /// Every connection's budget of `op` and `presence` messages.
     rate_limit: RateLimit,
-    /// The shard's clock for this turn: read once, at the first message of a turn that needs
-    /// it, and forgotten at the end of the turn (no clock read per message).
-    turn_now: Option<Instant>,
+    /// The time of this turn, [`Net::now`], taken at every entry from the event loop (no
+    /// clock read per message, and the simulator's clock drives it).
+    turn_now: Instant,
     /// Warnings for hellos refused at `docs_max`: one line a second.
     docs_full_log: LogLimit,
     rooms: Slab<RoomSlot>,
@@ -222,7 +222,7 @@ impl RoomHost {
             docs_max: DOCS_PER_SHARD_MAX_DEFAULT,
             window_bytes_max: REPLAY_WINDOW_SHARD_BYTES_DEFAULT,
             rate_limit: RateLimit::disabled(),
-            turn_now: None,
+            turn_now: Instant::now(),
             docs_full_log: LogLimit::per_second(),
             rooms: Slab::new(),
             room_by_doc: HashMap::new(),
@@ -423,9 +423,9 @@ impl RoomHost {
         self.end_turn(net);
     }
 
-    /// The time of this turn (read at most once per turn).
-    fn turn_now(&mut self) -> Instant {
-        *self.turn_now.get_or_insert_with(Instant::now)
+    /// The time of this turn.
+    fn turn_now(&self) -> Instant {
+        self.turn_now
     }
 
     /// Takes `cost` tokens from `conn`'s bucket; `false` means the message is over the budget
@@ -578,7 +578,7 @@ impl RoomHost {
                 self.docs_max,
                 net.peer(conn)
             );
-            if let Some(n) = self.docs_full_log.hit(Instant::now()) {
+            if let Some(n) = self.docs_full_log.hit(self.turn_now) {
                 warn!(
                     "shard: {} documents loaded, all with clients; refused {n} hello(s) for another one with overloaded",
                     self.docs_max
@@ -675,6 +675,7 @@ fn worker_gone() -> ! {
 
 impl Handler for RoomHost {
     fn on_open(&mut self, net: &mut Net, conn: ConnToken, info: OpenInfo) {
+        self.turn_now = net.now();
         if self.sessions.len() <= conn.0 {
             self.sessions.resize_with(conn.0 + 1, || None);
         }
@@ -704,6 +705,7 @@ impl Handler for RoomHost {
     }
 
     fn on_message(&mut self, net: &mut Net, conn: ConnToken, message: Message) {
+        self.turn_now = net.now();
         let Some(session) = self.session_mut(conn) else {
             return;
         };
@@ -795,7 +797,8 @@ impl Handler for RoomHost {
         }
     }
 
-    fn on_closed(&mut self, _net: &mut Net, conn: ConnToken) {
+    fn on_closed(&mut self, net: &mut Net, conn: ConnToken) {
+        self.turn_now = net.now();
         let Some(session) = self.sessions.get_mut(conn.0).and_then(Option::take) else {
             return;
         };
@@ -816,7 +819,7 @@ impl Handler for RoomHost {
                 }
                 slot.room.leave(conn);
                 if slot.room.n_clients() == 0 {
-                    slot.empty_since = Some(Instant::now());
+                    slot.empty_since = Some(self.turn_now);
                 }
                 self.mark_dirty(idx);
             }
@@ -824,7 +827,7 @@ impl Handler for RoomHost {
     }
 
     fn end_turn(&mut self, net: &mut Net) {
-        self.turn_now = None;
+        self.turn_now = net.now();
         self.take_completions(net);
         net.metrics.figures.counters.storage_batches_in_flight = self.in_flight.len() as u64;
         if self.dirty.is_empty() && self.closes_after_turn.is_empty() {
@@ -919,6 +922,7 @@ impl Handler for RoomHost {
     }
 
     fn on_tick(&mut self, net: &mut Net, now: Instant) {
+        self.turn_now = now;
         if !self.expiries.is_empty() {
             let now_secs = now_unix();
             while let Some(&Reverse((exp, key, serial))) = self.expiries.peek() {
