@@ -2,5 +2,6 @@
 //!
 //! - [`rng`]: the seeded generator every random choice comes from.
 //! - [`socket`]: simulated sockets and a simulated shard's readiness queue.
+pub mod disk;
 pub mod rng;
 pub mod socket;
