@@ -698,6 +698,15 @@ impl Room {
         }
     }
 
+    /// The connection is gone for good and its token may be reused by the shard: drops every
+    /// frame, close and op origin still queued for it in this turn's effects (a later
+    /// connection with the same token must never get them). Call before [`Room::leave`].
+    pub fn forget(&mut self, conn: ConnToken) {
+        self.effects.frames.retain(|(to, _)| *to != conn);
+        self.effects.closes.retain(|(to, _, _)| *to != conn);
+        self.effects.op_origins.retain(|(from, _)| *from != conn);
+    }
+
     /// Answers an accepted `auth` refresh, in order with the connection's other frames.
     pub fn auth_ack(&mut self, conn: ConnToken, exp: u64, role: &str) {
         self.effects.frames.push((conn, encode_auth_ack(exp, role)));

@@ -269,6 +269,14 @@ impl Net {
         self.conns.get(conn.0).map(|c| c.peer)
     }
 
+    /// Bytes queued for `conn` behind the frame it is receiving: what
+    /// [`NetLimits::outbound_bytes_max`] bounds after every flush. `None` when it is not open.
+    pub fn backlog_bytes(&self, conn: ConnToken) -> Option<usize> {
+        let c = self.conns.get(conn.0).filter(|c| c.phase == Phase::Open)?;
+        let front_bytes = c.out.front().map_or(0, OutFrame::len);
+        Some(c.out_bytes.saturating_sub(front_bytes))
+    }
+
     /// Whether some connection has unread input left over from its budget.
     pub fn has_pending_reads(&self) -> bool {
         !self.read_list.is_empty()

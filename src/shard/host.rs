@@ -817,6 +817,8 @@ impl Handler for RoomHost {
                     held.effects.closes.retain(|(to, _, _)| *to != conn);
                     held.effects.op_origins.retain(|(from, _)| *from != conn);
                 }
+                // Nor what the room queued for it earlier in this turn (not drained yet).
+                slot.room.forget(conn);
                 slot.room.leave(conn);
                 if slot.room.n_clients() == 0 {
                     slot.empty_since = Some(self.turn_now);

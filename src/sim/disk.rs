@@ -43,6 +43,10 @@ struct State {
     rng: SimRng,
     /// fsyncs (files, directories, file systems) so far.
     n_syncs: u64,
+    /// Calls left before the process dies in the middle of its work ([`SimDisk::die_after`]).
+    calls_left: Option<u64>,
+    /// The process died that way (cleared by the next restart).
+    died: bool,
 }
 
 /// A handle on the simulated disk for one process incarnation (cheap to clone).
@@ -80,6 +84,8 @@ impl SimDisk {
                 durable_files: BTreeMap::new(),
                 rng: SimRng::new(seed),
                 n_syncs: 0,
+                calls_left: None,
+                died: false,
             })),
             incarnation: 0,
         }
@@ -90,6 +96,8 @@ impl SimDisk {
     pub fn restart(&self) -> SimDisk {
         let mut state = lock(&self.state);
         state.incarnation += 1;
+        state.calls_left = None;
+        state.died = false;
         SimDisk {
             state: self.state.clone(),
             incarnation: state.incarnation,
@@ -134,10 +142,31 @@ impl SimDisk {
         lock(&self.state).n_syncs
     }
 
+    /// The process dies after `n_calls` more file system calls (the one that would be the
+    /// next fails, and every later one): a crash in the middle of a sync or a checkpoint. The
+    /// caller then restarts the disk, with or without a power cut.
+    pub fn die_after(&self, n_calls: u64) {
+        lock(&self.state).calls_left = Some(n_calls);
+    }
+
+    /// Whether the process died through [`SimDisk::die_after`].
+    pub fn died(&self) -> bool {
+        lock(&self.state).died
+    }
+
     fn state(&self) -> io::Result<MutexGuard<'_, State>> {
-        let state = lock(&self.state);
+        let mut state = lock(&self.state);
         if state.incarnation != self.incarnation {
             return Err(eio());
+        }
+        if let Some(left) = state.calls_left {
+            if left == 0 {
+                state.calls_left = None;
+                state.died = true;
+                state.incarnation += 1;
+                return Err(eio());
+            }
+            state.calls_left = Some(left - 1);
         }
         Ok(state)
     }
