@@ -12,6 +12,7 @@
 //! - [`auth`]: tokens (JWT), roles, keys and revocations; what a token grants, decided once.
 //! - [`acceptor`]: TCP accept, plain HTTP, WebSocket handshake, handoff to shards.
 //! - [`shard`]: per-core event loops owning connections and documents.
+//! - [`sim`]: the deterministic simulator of a whole shard (docs/simulation.md).
 //! - [`server`]: starting and stopping it all in-process.
 //! - [`client`]: the Rust client (`Replica`, transport-free, and the blocking `Client`).
 //! - [`crdt`], [`room`], [`protocol`]: the RGA, one document's rules, the wire format.

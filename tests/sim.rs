@@ -1,8 +1,9 @@
 //! The deterministic simulator of whole shards (`collab_engine::sim`, docs/simulation.md) over
-//! many seeds. `SIM_SEED=N` replays one seed; `SIM_SEEDS=N` runs N seeds (default 200) from
-//! `SIM_SEED_BASE` (default 1).
+//! many seeds, on the disk backend and on the simulated database. `SIM_SEED=N` replays one
+//! seed (on both); `SIM_SEEDS=N` runs N seeds on the disk (default 200) and N/4 on the
+//! database (default 60), from `SIM_SEED_BASE` (default 1).
 
-use collab_engine::sim;
+use collab_engine::sim::{self, Counts, Violation};
 
 fn env_u64(name: &str) -> Option<u64> {
     let value = std::env::var(name).ok()?;
@@ -12,19 +13,24 @@ fn env_u64(name: &str) -> Option<u64> {
     }
 }
 
-#[test]
-fn simulated_shards_keep_the_contract() {
+/// Runs `run` over the seeds the environment asks for (`n_default` of them by default) and
+/// returns the summed counts; panics with the first violation, which names its seed.
+fn run_seeds(
+    run: fn(u64) -> Result<Counts, Violation>,
+    n_default: u64,
+    share: u64,
+) -> (u64, Counts) {
     let seeds: Vec<u64> = match env_u64("SIM_SEED") {
         Some(seed) => vec![seed],
         None => {
             let base = env_u64("SIM_SEED_BASE").unwrap_or(1);
-            let n = env_u64("SIM_SEEDS").unwrap_or(200);
+            let n = env_u64("SIM_SEEDS").map_or(n_default, |n| (n / share).max(1));
             (base..base + n).collect()
         }
     };
-    let mut totals = sim::Counts::default();
+    let mut totals = Counts::default();
     for &seed in &seeds {
-        match sim::run_seed(seed) {
+        match run(seed) {
             Ok(counts) => {
                 totals.acked += counts.acked;
                 totals.crashes += counts.crashes;
@@ -38,12 +44,31 @@ fn simulated_shards_keep_the_contract() {
         }
     }
     eprintln!("{} seeds: {totals:?}", seeds.len());
+    (seeds.len() as u64, totals)
+}
+
+#[test]
+fn simulated_shards_keep_the_contract() {
+    let (n, totals) = run_seeds(sim::run_seed, 200, 1);
     // The scenarios must exercise what they claim to (a simulator that does nothing passes).
-    if seeds.len() >= 100 {
+    if n >= 100 {
         assert!(totals.acked > 1_000, "{totals:?}");
         assert!(totals.crashes > 0 && totals.power_cuts > 0, "{totals:?}");
         assert!(
             totals.storage_faults > 0 && totals.closes_1013 > 0,
+            "{totals:?}"
+        );
+        assert!(totals.garbage > 0, "{totals:?}");
+    }
+}
+
+#[test]
+fn simulated_shards_on_a_database_with_lost_commits_keep_the_contract() {
+    let (n, totals) = run_seeds(sim::run_seed_on_db, 60, 4);
+    if n >= 30 {
+        assert!(totals.acked > 300, "{totals:?}");
+        assert!(
+            totals.storage_faults > 0 && totals.crashes > 0,
             "{totals:?}"
         );
     }

@@ -707,6 +707,12 @@ impl Room {
         self.effects.op_origins.retain(|(from, _)| *from != conn);
     }
 
+    /// Closes `conn` with `code` after every frame queued for it so far (a close the shard
+    /// decides, in order with the room's frames).
+    pub fn close_after_frames(&mut self, conn: ConnToken, code: u16, reason: &'static str) {
+        self.effects.closes.push((conn, code, reason));
+    }
+
     /// Answers an accepted `auth` refresh, in order with the connection's other frames.
     pub fn auth_ack(&mut self, conn: ConnToken, exp: u64, role: &str) {
         self.effects.frames.push((conn, encode_auth_ack(exp, role)));

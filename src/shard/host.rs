@@ -94,6 +94,10 @@ struct Session {
     can_write: bool,
     /// Its token, with access control on (boxed: 8 bytes per connection when off).
     access: Option<Box<Access>>,
+    /// An op of it was refused because storage was unreachable, and the connection is being
+    /// closed with 1013: nothing it sends after is applied (a later op may depend on the
+    /// refused one), the client resends all of it, in order, after reconnecting.
+    resync: bool,
 }
 
 /// A connection's token with access control on.
@@ -698,6 +702,7 @@ impl Handler for RoomHost {
             bucket,
             can_write: true,
             access,
+            resync: false,
         });
         if let Some(hello) = info.hello {
             self.hello(net, conn, hello);
@@ -709,6 +714,10 @@ impl Handler for RoomHost {
         let Some(session) = self.session_mut(conn) else {
             return;
         };
+        if session.resync {
+            // Closing for a resend (see `Session::resync`): not applied, not answered.
+            return;
+        }
         if session.awaiting_load.is_some() {
             // Its hello is not answered yet: keep the order, handle it after the join.
             if session.deferred.len() < DEFERRED_MESSAGES_MAX {
@@ -745,14 +754,25 @@ impl Handler for RoomHost {
                 .with_client_seq(Some(op.client_seq));
                 self.refuse(net, conn, &err);
             }
-            (Ok(ClientMessage::Op(op)), Some(_)) if !self.worker.available() => {
-                // Before anything is applied: nothing of it reaches the room or the log.
+            (Ok(ClientMessage::Op(op)), Some(idx)) if !self.worker.available() => {
+                // Before anything is applied: nothing of it reaches the room or the log. The
+                // connection is closed with 1013 after the error, and nothing it sends after
+                // is applied: its next ops may build on this one (they would be refused with
+                // `unknown_id`, and a client that drops them diverges), and clients resend
+                // what is pending after a reconnect, in order (found by the simulator).
                 let err = ProtocolError::new(
                     ErrorCode::Unavailable,
-                    "storage unavailable; resend this op later",
+                    "storage unavailable; reconnect and resend this op",
                 )
                 .with_client_seq(Some(op.client_seq));
                 self.refuse(net, conn, &err);
+                if let Some(session) = self.session_mut(conn) {
+                    session.resync = true;
+                }
+                if let Some(slot) = self.rooms.get_mut(idx) {
+                    slot.room
+                        .close_after_frames(conn, 1013, "storage unavailable, reconnect");
+                }
             }
             (Ok(ClientMessage::Op(op)), Some(_))
                 if !self.within_rate(conn, op_message_cost(&op.ops)) =>

@@ -12,10 +12,11 @@
 //! - [`rng`]: the seeded generator every random choice comes from.
 //! - [`socket`]: simulated sockets and a simulated shard's readiness queue.
 //! - [`disk`]: the in-memory file system with power cuts.
+//! - [`db`]: a simulated database with lost commit answers and outages.
 //! - `world`: one run: the scenario, the checks.
 //!
 //! Extension points: a [`Backend`] is the storage a shard runs over and what a crash does to
-//! it ([`DiskBackend`] here; a simulated database with lost commits implements the same trait);
+//! it ([`DiskBackend`], and [`db::DbBackend`], a simulated database with lost commits);
 //! a [`Lease`] decides when the shard loses its documents (a cluster's lease expiry: the world
 //! then stops the shard and starts a new one from storage).
 
@@ -27,6 +28,7 @@ use crate::config::FsyncMode;
 use crate::storage::fs::FaultyFs;
 use crate::storage::{DiskStorage, Storage};
 
+pub mod db;
 pub mod disk;
 pub mod rng;
 pub mod socket;
@@ -211,6 +213,20 @@ pub fn run_seed(seed: u64) -> Result<Counts, Violation> {
         trace: Vec::new(),
     })?;
     run_with(seed, Box::new(backend), Box::new(SingleNode))
+}
+
+/// Runs the simulation of `seed` over the simulated database ([`db::DbBackend`]), with a
+/// lease that expires now and then ([`FlakyLease`]).
+///
+/// # Errors
+/// The first invariant that did not hold.
+pub fn run_seed_on_db(seed: u64) -> Result<Counts, Violation> {
+    let backend = db::DbBackend::new(seed ^ 0xdb);
+    run_with(
+        seed,
+        Box::new(backend),
+        Box::new(FlakyLease { per_mille: 3 }),
+    )
 }
 
 /// Runs the simulation of `seed` over `backend` with `lease`.

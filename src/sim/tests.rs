@@ -15,9 +15,12 @@ use crate::protocol::messages::{parse_server_message, ServerMessage};
 use crate::room::RoomConfig;
 use crate::shard::{Net, NetLimits, OpenInfo, RoomHost, Shard};
 use crate::storage::worker::{StorageAvailable, StorageWorker, WorkerSteps};
-use crate::storage::MemoryStorage;
+use crate::storage::{MemoryStorage, Storage};
 
+use super::db::DbBackend;
+use super::rng::SimRng;
 use super::socket::{LinkShape, SimPoll, SimSocket};
+use super::Backend;
 
 /// One shard over memory storage, driven turn by turn.
 struct Harness {
@@ -35,8 +38,11 @@ const SHAPE: LinkShape = LinkShape {
 
 impl Harness {
     fn new() -> Harness {
-        let (worker, steps) =
-            StorageWorker::stepped(Box::new(MemoryStorage::new()), StorageAvailable::new());
+        Harness::over(Box::new(MemoryStorage::new()))
+    }
+
+    fn over(storage: Box<dyn Storage>) -> Harness {
+        let (worker, steps) = StorageWorker::stepped(storage, StorageAvailable::new());
         let room = RoomConfig {
             snapshot_every_ops: 1_000,
             snapshot_every_bytes: 1 << 30,
@@ -115,15 +121,25 @@ impl Harness {
 
 /// Every text frame waiting for `ws`.
 fn frames(ws: &mut WebSocket<SimSocket>) -> Vec<ServerMessage> {
+    let (got, close) = frames_and_close(ws);
+    assert_eq!(close, None, "the connection was closed after {got:?}");
+    got
+}
+
+/// Every text frame waiting for `ws`, and the close code if the shard closed it.
+fn frames_and_close(ws: &mut WebSocket<SimSocket>) -> (Vec<ServerMessage>, Option<u16>) {
     let mut got = Vec::new();
     loop {
         match ws.read() {
             Ok(Message::Text(text)) => {
                 got.push(parse_server_message(&text).expect("a server frame"));
             }
+            Ok(Message::Close(frame)) => {
+                return (got, Some(frame.map_or(1005, |f| u16::from(f.code))));
+            }
             Ok(_) => {}
             Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                return got
+                return (got, None)
             }
             Err(e) => panic!("the connection ended: {e}"),
         }
@@ -177,4 +193,77 @@ fn frames_for_a_closed_connection_never_reach_the_next_one_on_its_key() {
         c.handle_message(frame).expect("a valid frame");
     }
     assert_eq!(c.text(), "x");
+}
+
+/// Found by the simulator on the database backend (seed 8 of its first version): while storage
+/// was unreachable, an op of a connected client was refused with `unavailable` and the
+/// connection stayed open; the client's next op, built on the refused one, was refused with
+/// `unknown_id`, which a client drops while keeping the edit: the client diverged for good
+/// (and the refused op waited for a reconnect that never came). Now the refusal closes the
+/// connection with 1013 and nothing it sent after is applied; the client resends both, in
+/// order, after reconnecting.
+#[test]
+fn an_op_refused_while_storage_is_down_closes_its_connection_and_nothing_after_it_applies() {
+    let mut backend = DbBackend::new(1);
+    let storage = backend.open(&mut SimRng::new(1)).expect("a connection");
+    let mut h = Harness::over(storage);
+    let (_, mut a_ws) = h.connect("d");
+    let (_, mut b_ws) = h.connect("e");
+    let mut a = Replica::new("d", None, None);
+    let mut b = Replica::new("e", None, None);
+    join(&mut h, &mut a, &mut a_ws);
+    join(&mut h, &mut b, &mut b_ws);
+    // Another document's commit finds the database down: storage is unreachable.
+    backend.go_down_at_next_commit();
+    let op = b.insert(0, "e").expect("an insert");
+    b_ws.send(Message::text(op)).expect("op");
+    h.turn();
+    h.sync();
+    // Two ops of a, the second after the first's text, in one turn.
+    let first = a.insert(0, "1").expect("an insert");
+    let second = a.insert(1, "2").expect("an insert");
+    a_ws.send(Message::text(first)).expect("op");
+    a_ws.send(Message::text(second)).expect("op");
+    h.turn();
+    h.turn();
+    let (got, close) = frames_and_close(&mut a_ws);
+    assert_eq!(close, Some(1013), "{got:?}");
+    assert!(
+        matches!(
+            got.as_slice(),
+            [ServerMessage::Error { code, client_seq: Some(1), .. }] if code == "unavailable"
+        ),
+        "one refusal, for the first op only: {got:?}"
+    );
+    for frame in got {
+        a.handle_message(frame).expect("a valid frame");
+    }
+    assert_eq!(a.n_pending(), 2, "both stay pending");
+    drop(a_ws);
+    // The database answers again; a reconnects and resends both, in order.
+    for _ in 0..4 {
+        h.sync();
+        h.turn();
+    }
+    let (_, mut a_ws) = h.connect("d");
+    a_ws.send(Message::text(a.hello())).expect("hello");
+    h.settle();
+    for frame in frames(&mut a_ws) {
+        if let crate::client::Event::Joined { resend, .. } =
+            a.handle_message(frame).expect("a valid frame")
+        {
+            for message in resend {
+                a_ws.send(Message::text(message)).expect("resend");
+            }
+        }
+    }
+    h.settle();
+    for frame in frames(&mut a_ws) {
+        a.handle_message(frame).expect("a valid frame");
+    }
+    assert_eq!((a.text().as_str(), a.n_pending()), ("12", 0));
+    let (_, mut c_ws) = h.connect("d");
+    let mut c = Replica::new("d", None, None);
+    join(&mut h, &mut c, &mut c_ws);
+    assert_eq!(c.text(), "12", "the shard applied both");
 }

@@ -104,6 +104,8 @@ struct ClientConn {
     expect_seq: Option<u64>,
     /// Raw garbage was written: the stream is broken, only read until it closes.
     poisoned: bool,
+    /// The document's epoch, from its `hello_ack`.
+    epoch: Option<String>,
 }
 
 /// One client: a replica, its connection, its habits.
@@ -111,6 +113,9 @@ struct Client {
     doc: usize,
     replica: Replica,
     conn: Option<ClientConn>,
+    /// Earlier connections taken over by a newer one of the same replica: read (and checked)
+    /// until the shard closes them.
+    zombies: Vec<ClientConn>,
     behavior: Behavior,
     /// Do not reconnect before this step.
     offline_until: usize,
@@ -220,11 +225,17 @@ pub(super) struct World {
     lease: Box<dyn Lease>,
     /// The last events, for the failure report.
     trace: Vec<String>,
+    trace_kept: usize,
     pub(super) counts: Counts,
 }
 
-/// Events kept for a failure report.
-const TRACE_KEPT: usize = 40;
+/// Events kept for a failure report (`SIM_TRACE=N` keeps N).
+fn trace_kept() -> usize {
+    std::env::var("SIM_TRACE")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(40)
+}
 
 impl World {
     pub(super) fn new(
@@ -245,6 +256,7 @@ impl World {
                 doc: i % shape.n_docs,
                 replica: Replica::new(&format!("doc-{}", i % shape.n_docs), None, None),
                 conn: None,
+                zombies: Vec::new(),
                 behavior: Behavior::Normal,
                 offline_until: 0,
                 acked: BTreeMap::new(),
@@ -264,6 +276,7 @@ impl World {
             docs,
             lease,
             trace: Vec::new(),
+            trace_kept: trace_kept(),
             counts: Counts::default(),
         };
         world.start_server()?;
@@ -275,7 +288,7 @@ impl World {
     }
 
     fn note(&mut self, event: impl FnOnce() -> String) {
-        if self.trace.len() == TRACE_KEPT {
+        if self.trace.len() >= self.trace_kept {
             self.trace.remove(0);
         }
         let line = format!("step {} +{:?}: {}", self.step, self.elapsed, event());
@@ -516,6 +529,7 @@ impl World {
         self.server = None;
         for client in &mut self.clients {
             client.conn = None;
+            client.zombies.clear();
         }
         self.restart_at = self.step + self.rng.range(0, 5) as usize;
         if self.restart_at == self.step {
@@ -540,6 +554,7 @@ impl World {
                 self.client_edit(i)?;
             }
         }
+        self.read_zombies(i)?;
         let (reads, budget) = match self.clients[i].behavior {
             Behavior::Normal => (true, 256),
             Behavior::Slow => (self.rng.chance(150), 3),
@@ -590,6 +605,18 @@ impl World {
             }
             self.clients[i].offline_until = self.step + self.rng.range(0, 8) as usize;
             return Ok(());
+        }
+        let joined = self.clients[i]
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.expect_seq.is_some());
+        if joined && !self.conn_poisoned(i) && self.rng.chance(self.shape.disconnect_rate / 3) {
+            // The same replica connects again while its connection is open: a takeover.
+            if let Some(old) = self.clients[i].conn.take() {
+                self.clients[i].zombies.push(old);
+            }
+            self.note(|| format!("client {i} connects again without closing (takeover)"));
+            return self.connect(i);
         }
         if self.rng.chance(self.shape.garbage_rate) && !self.conn_poisoned(i) {
             self.counts.garbage += 1;
@@ -709,6 +736,7 @@ impl World {
             token,
             expect_seq: None,
             poisoned: false,
+            epoch: None,
         });
         self.counts.connects += 1;
         self.note(|| format!("client {i} connects as {token:?} ({shape:?})"));
@@ -755,15 +783,67 @@ impl World {
         Ok(())
     }
 
-    /// One text frame for client `i`: checked against every client's view, then handed to its
-    /// replica.
-    fn on_frame(&mut self, i: usize, text: &str) -> Result<(), Violation> {
-        let message = parse_server_message(text).map_err(|e| {
-            self.violation(format!("client {i}: unparseable frame {text:?}: {e:?}"))
-        })?;
+    /// Reads what the shard still sends to client `i`'s taken-over connections, checking it.
+    fn read_zombies(&mut self, i: usize) -> Result<(), Violation> {
+        let mut z = 0;
+        while z < self.clients[i].zombies.len() {
+            let mut ended = false;
+            for _ in 0..64 {
+                let zombie = &mut self.clients[i].zombies[z];
+                match zombie.ws.read() {
+                    Ok(Message::Text(text)) => {
+                        let message = parse_server_message(&text).map_err(|e| {
+                            self.violation(format!("client {i}: unparseable frame {text:?}: {e:?}"))
+                        })?;
+                        self.check_frame(i, Some(z), &message, &text)?;
+                    }
+                    Ok(Message::Close(frame)) => {
+                        self.note(|| format!("client {i}: old connection closed {frame:?}"));
+                    }
+                    Ok(_) => {}
+                    Err(tungstenite::Error::Io(e))
+                        if e.kind() == std::io::ErrorKind::WouldBlock =>
+                    {
+                        let _ = zombie.ws.flush();
+                        break;
+                    }
+                    Err(_) => {
+                        ended = true;
+                        break;
+                    }
+                }
+            }
+            if ended {
+                self.clients[i].zombies.remove(z);
+            } else {
+                z += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn conn_mut(&mut self, i: usize, zombie: Option<usize>) -> Option<&mut ClientConn> {
+        match zombie {
+            Some(z) => self.clients[i].zombies.get_mut(z),
+            None => self.clients[i].conn.as_mut(),
+        }
+    }
+
+    /// The checks of one frame on one of client `i`'s connections (`zombie`: a taken-over
+    /// one, else the current one).
+    fn check_frame(
+        &mut self,
+        i: usize,
+        zombie: Option<usize>,
+        message: &ServerMessage,
+        text: &str,
+    ) -> Result<(), Violation> {
         let d = self.clients[i].doc;
-        let expect = self.clients[i].conn.as_ref().and_then(|c| c.expect_seq);
-        match &message {
+        let (expect, epoch) = match self.conn_mut(i, zombie) {
+            Some(conn) => (conn.expect_seq, conn.epoch.clone()),
+            None => return Ok(()),
+        };
+        match message {
             ServerMessage::HelloAck(ack) => {
                 if expect.is_some() {
                     return Err(self.violation(format!("client {i}: a second hello_ack")));
@@ -796,12 +876,6 @@ impl World {
                         self.check(seen)?;
                     }
                 }
-                if ack.head < self.docs[d].max_seen()
-                    && self.docs[d].epoch.as_deref() == Some(&ack.epoch)
-                {
-                    // Allowed only if this hello_ack is a cached snapshot followed by catch-up
-                    // echoes; the gap check below holds it to that.
-                }
                 if self.docs[d].max_seen() > 0
                     && self.docs[d].epoch.as_deref() != Some(ack.epoch.as_str())
                 {
@@ -812,8 +886,9 @@ impl World {
                         self.docs[d].epoch
                     )));
                 }
-                if let Some(conn) = &mut self.clients[i].conn {
+                if let Some(conn) = self.conn_mut(i, zombie) {
                     conn.expect_seq = Some(ack.head + 1);
+                    conn.epoch = Some(ack.epoch.clone());
                 }
             }
             ServerMessage::OpEcho(echo) => {
@@ -829,15 +904,11 @@ impl World {
                         echo.server_seq
                     )));
                 }
-                let epoch = self.clients[i]
-                    .replica
-                    .epoch()
-                    .unwrap_or_default()
-                    .to_owned();
+                let epoch = epoch.unwrap_or_default();
                 let seen =
                     self.docs[d].see(echo.server_seq, (echo.replica, echo.client_seq), &epoch);
                 self.check(seen)?;
-                if let Some(conn) = &mut self.clients[i].conn {
+                if let Some(conn) = self.conn_mut(i, zombie) {
                     conn.expect_seq = Some(expect + 1);
                 }
             }
@@ -848,6 +919,16 @@ impl World {
             }
             ServerMessage::Error { .. } => {}
         }
+        Ok(())
+    }
+
+    /// One text frame for client `i`'s current connection: checked against every client's
+    /// view, then handed to its replica.
+    fn on_frame(&mut self, i: usize, text: &str) -> Result<(), Violation> {
+        let message = parse_server_message(text).map_err(|e| {
+            self.violation(format!("client {i}: unparseable frame {text:?}: {e:?}"))
+        })?;
+        self.check_frame(i, None, &message, text)?;
         let event = self.clients[i]
             .replica
             .handle_message(message)
@@ -958,6 +1039,7 @@ impl World {
                 doc: d,
                 replica: Replica::new(&name, None, None),
                 conn: None,
+                zombies: Vec::new(),
                 behavior: Behavior::Normal,
                 offline_until: 0,
                 acked: BTreeMap::new(),
@@ -1011,6 +1093,7 @@ impl World {
         }
         self.clients.iter().all(|c| {
             c.replica.is_joined()
+                && c.zombies.is_empty()
                 && c.replica.n_pending() == 0
                 && c.conn.as_ref().is_some_and(|conn| {
                     !conn.poisoned
