@@ -1000,3 +1000,13 @@ impl Handler for RoomHost {
         self.wait_for_storage(net, SHUTDOWN_STORAGE_WAIT);
     }
 }
+
+#[cfg(test)]
+impl RoomHost {
+    /// FOR TESTS: the text and head of `doc`, when it is loaded.
+    pub(crate) fn doc_state(&self, doc: &str) -> Option<(String, u64)> {
+        let idx = *self.room_by_doc.get(doc)?;
+        let room = &self.rooms.get(idx)?.room;
+        Some((room.text(), room.head()))
+    }
+}

@@ -35,6 +35,8 @@ pub mod socket;
 mod world;
 
 #[cfg(test)]
+pub(crate) mod harness;
+#[cfg(test)]
 mod tests;
 
 pub use world::Counts;
