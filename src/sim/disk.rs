@@ -109,32 +109,45 @@ impl SimDisk {
     pub fn power_cut(&self) -> SimDisk {
         {
             let mut state = lock(&self.state);
-            let durable: Vec<(PathBuf, NodeRef)> = state
-                .durable_files
-                .iter()
-                .map(|(path, node)| (path.clone(), node.clone()))
-                .collect();
-            let mut files = BTreeMap::new();
-            for (path, node) in durable {
-                let node = lock(&node);
-                let mut data = node.durable.clone();
-                if node.data.len() > data.len() && node.data.starts_with(&data) {
-                    // A torn append: some of the unsynced bytes made it.
-                    let extra = node.data.len() - data.len();
-                    let kept = state.rng.below(extra as u64 + 1) as usize;
-                    let kept = if state.rng.chance(500) { 0 } else { kept };
-                    data.extend_from_slice(&node.data[node.durable.len()..][..kept]);
-                }
-                let fresh = Arc::new(Mutex::new(Node {
-                    durable: data.clone(),
-                    data,
-                }));
-                files.insert(path, fresh);
-            }
+            let files = state.after_power_cut();
             state.durable_files = files.clone();
             state.files = files;
         }
         self.restart()
+    }
+
+    /// A separate disk holding what a power cut would leave now (this one is untouched), with
+    /// every path under `from` moved under `to`: the simulator opens a storage on it, in
+    /// another directory, to check what is durable at any moment.
+    pub fn durable_copy(&self, from: &Path, to: &Path) -> SimDisk {
+        let mut state = lock(&self.state);
+        let rebase = |path: &Path| match path.strip_prefix(from) {
+            Ok(rest) => to.join(rest),
+            Err(_) => path.to_path_buf(),
+        };
+        let files: BTreeMap<PathBuf, NodeRef> = state
+            .after_power_cut()
+            .into_iter()
+            .map(|(path, node)| (rebase(&path), node))
+            .collect();
+        let mut dirs: BTreeSet<PathBuf> = state.dirs.iter().map(|d| rebase(d)).collect();
+        for dir in to.ancestors() {
+            dirs.insert(dir.to_path_buf());
+        }
+        let seed = state.rng.next_u64();
+        SimDisk {
+            state: Arc::new(Mutex::new(State {
+                incarnation: 0,
+                dirs,
+                durable_files: files.clone(),
+                files,
+                rng: SimRng::new(seed),
+                n_syncs: 0,
+                calls_left: None,
+                died: false,
+            })),
+            incarnation: 0,
+        }
     }
 
     /// fsyncs so far (for the simulator's report).
@@ -180,6 +193,33 @@ impl SimDisk {
 }
 
 impl State {
+    /// The namespace and the bytes a power cut leaves, as fresh nodes (see the module docs).
+    fn after_power_cut(&mut self) -> BTreeMap<PathBuf, NodeRef> {
+        let durable: Vec<(PathBuf, NodeRef)> = self
+            .durable_files
+            .iter()
+            .map(|(path, node)| (path.clone(), node.clone()))
+            .collect();
+        let mut files = BTreeMap::new();
+        for (path, node) in durable {
+            let node = lock(&node);
+            let mut data = node.durable.clone();
+            if node.data.len() > data.len() && node.data.starts_with(&data) {
+                // A torn append: some of the unsynced bytes made it.
+                let extra = node.data.len() - data.len();
+                let kept = self.rng.below(extra as u64 + 1) as usize;
+                let kept = if self.rng.chance(500) { 0 } else { kept };
+                data.extend_from_slice(&node.data[node.durable.len()..][..kept]);
+            }
+            let fresh = Arc::new(Mutex::new(Node {
+                durable: data.clone(),
+                data,
+            }));
+            files.insert(path, fresh);
+        }
+        files
+    }
+
     /// Makes the entries of `dir` durable as they are.
     fn sync_entries(&mut self, dir: &Path) {
         self.durable_files

@@ -94,6 +94,14 @@ pub trait Backend {
     fn died(&self) -> bool {
         false
     }
+    /// A storage over what would survive if the power failed now, leaving the running one
+    /// untouched; `None` when the backend cannot tell.
+    ///
+    /// # Errors
+    /// Why it does not open (a violation: the storage must always recover).
+    fn durable_view(&mut self, _rng: &mut SimRng) -> Option<Result<Box<dyn Storage>, String>> {
+        None
+    }
 }
 
 /// The real `DiskStorage` (fsync on) over [`FaultyFs`] over a [`SimDisk`].
@@ -163,6 +171,82 @@ impl Backend for DiskBackend {
 
     fn died(&self) -> bool {
         self.disk.died()
+    }
+
+    fn durable_view(&mut self, rng: &mut SimRng) -> Option<Result<Box<dyn Storage>, String>> {
+        let dir = std::env::temp_dir().join(format!(
+            "collab-sim-view-{}-{:x}",
+            std::process::id(),
+            rng.next_u64()
+        ));
+        let copy = self.disk.durable_copy(&self.dir, &dir);
+        Some(open_view(copy, dir).map(|view| Box::new(view) as Box<dyn Storage>))
+    }
+}
+
+/// A storage over a [`SimDisk::durable_copy`], in its own lock directory (removed on drop).
+struct DurableView {
+    storage: DiskStorage<FaultyFs<SimDisk>>,
+    dir: PathBuf,
+}
+
+fn open_view(disk: SimDisk, dir: PathBuf) -> Result<DurableView, String> {
+    use crate::storage::fs::Fs;
+    let journal = dir.join("journal");
+    std::fs::create_dir_all(&journal).map_err(|e| e.to_string())?;
+    // The journals' liveness locks are real files: dead ones (unlocked) for every journal
+    // the copy holds, so that the view redoes them as a restart would.
+    let names = disk
+        .list_dir(&dir.join("journal"))
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    for name in names {
+        std::fs::write(journal.join(name), b"").map_err(|e| e.to_string())?;
+    }
+    let storage = DiskStorage::with_fs(&dir, FsyncMode::Always, FaultyFs::over(disk));
+    match storage {
+        Ok(storage) => Ok(DurableView { storage, dir }),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(e.to_string())
+        }
+    }
+}
+
+impl Drop for DurableView {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Storage for DurableView {
+    fn load(
+        &mut self,
+        doc: &str,
+    ) -> Result<Option<crate::storage::StoredDoc>, crate::storage::StorageError> {
+        self.storage.load(doc)
+    }
+    fn append(
+        &mut self,
+        doc: &str,
+        epoch: &str,
+        record: &crate::storage::LogRecord,
+    ) -> Result<(), crate::storage::StorageError> {
+        self.storage.append(doc, epoch, record)
+    }
+    fn sync(&mut self) -> Result<(), crate::storage::StorageError> {
+        self.storage.sync()
+    }
+    fn write_snapshot(
+        &mut self,
+        doc: &str,
+        snapshot: &crate::storage::StoredSnapshot,
+    ) -> Result<(), crate::storage::StorageError> {
+        self.storage.write_snapshot(doc, snapshot)
+    }
+    fn release(&mut self, doc: &str) {
+        self.storage.release(doc);
     }
 }
 

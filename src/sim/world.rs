@@ -1006,6 +1006,18 @@ impl World {
         if let Some(what) = over {
             return Err(self.violation(what));
         }
+        if chaos && self.rng.chance(30) {
+            // What a power cut now would leave must hold everything a client saw.
+            if let Some(view) = self.backend.durable_view(&mut self.rng) {
+                let mut view = view
+                    .map_err(|e| self.violation(format!("the durable state does not open: {e}")))?;
+                for d in 0..self.docs.len() {
+                    if let Err(what) = self.check_stored(&mut *view, d) {
+                        return Err(self.violation(format!("if the power failed now: {what}")));
+                    }
+                }
+            }
+        }
         if self.backend.died() {
             let power_cut = self.rng.chance(500);
             self.note(|| "the storage's process died mid-call".into());
