@@ -220,6 +220,8 @@ pub(super) struct World {
     server: Option<Server>,
     /// The step at which a crashed shard comes back.
     restart_at: usize,
+    /// A step at which the clock jumps by up to a minute.
+    jump_at: Option<usize>,
     clients: Vec<Client>,
     docs: Vec<DocTruth>,
     lease: Box<dyn Lease>,
@@ -272,6 +274,7 @@ impl World {
             backend,
             server: None,
             restart_at: 0,
+            jump_at: None,
             clients,
             docs,
             lease,
@@ -334,6 +337,10 @@ impl World {
             Duration::from_millis(self.rng.range(0, 40))
         };
         self.elapsed += dt;
+        if self.jump_at == Some(self.step) {
+            self.jump_at = None;
+            self.elapsed += Duration::from_millis(self.rng.range(0, 60_000));
+        }
         if self.server.is_none() && self.step >= self.restart_at {
             self.start_server()?;
         }
@@ -371,6 +378,20 @@ impl World {
         }
         if self.rng.chance(self.shape.crash_rate) {
             return self.crash(false);
+        }
+        if self.rng.chance(self.shape.disconnect_rate / 4) {
+            // Every client of a document leaves for a while: the document goes idle, and may be
+            // unloaded (and loaded again when they are back).
+            let d = self.rng.below(self.docs.len() as u64) as usize;
+            let back = self.step + self.rng.range(5, 30) as usize;
+            for client in self.clients.iter_mut().filter(|c| c.doc == d) {
+                client.conn = None;
+                client.zombies.clear();
+                client.offline_until = back;
+            }
+            // Time passes once the shard has seen them go.
+            self.jump_at = Some(self.step + 2);
+            self.note(|| format!("every client of doc {d} leaves until step {back}"));
         }
         if self.rng.chance(self.shape.death_rate) {
             if let Some(what) = self.backend.arm_death(&mut self.rng) {
