@@ -119,11 +119,7 @@ impl DiskBackend {
     /// # Errors
     /// When the lock directory cannot be created.
     pub fn new(seed: u64) -> std::io::Result<DiskBackend> {
-        let dir = std::env::temp_dir().join(format!(
-            "collab-sim-{}-{seed}-{:x}",
-            std::process::id(),
-            SimRng::new(seed).next_u64()
-        ));
+        let dir = unique_dir(&format!("collab-sim-{seed}"));
         std::fs::create_dir_all(dir.join("journal"))?;
         let disk = SimDisk::new(seed);
         Ok(DiskBackend {
@@ -173,15 +169,20 @@ impl Backend for DiskBackend {
         self.disk.died()
     }
 
-    fn durable_view(&mut self, rng: &mut SimRng) -> Option<Result<Box<dyn Storage>, String>> {
-        let dir = std::env::temp_dir().join(format!(
-            "collab-sim-view-{}-{:x}",
-            std::process::id(),
-            rng.next_u64()
-        ));
+    fn durable_view(&mut self, _rng: &mut SimRng) -> Option<Result<Box<dyn Storage>, String>> {
+        let dir = unique_dir("collab-sim-view");
         let copy = self.disk.durable_copy(&self.dir, &dir);
         Some(open_view(copy, dir).map(|view| Box::new(view) as Box<dyn Storage>))
     }
+}
+
+/// A directory name under the system's temporary directory that no other run of this process
+/// uses (two runs of one seed may run side by side).
+fn unique_dir(prefix: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()))
 }
 
 /// A storage over a [`SimDisk::durable_copy`], in its own lock directory (removed on drop).
