@@ -16,6 +16,7 @@
 //! - [`api`]: the HTTP document API's requests and answers (`docs/api.md`).
 //! - [`shard`]: per-core event loops owning connections and documents.
 //! - [`cluster`]: several nodes, one owner per document: routing and the relay to the owner.
+//! - [`sim`]: the deterministic simulator of a whole shard (docs/simulation.md).
 //! - [`server`]: starting and stopping it all in-process.
 //! - [`client`]: the Rust client (`Replica`, transport-free, and the blocking `Client`).
 //! - [`crdt`], [`room`], [`protocol`]: the RGA, one document's rules, the wire format.
@@ -43,6 +44,7 @@ pub mod protocol;
 pub mod room;
 pub mod server;
 pub mod shard;
+pub mod sim;
 pub mod storage;
 pub mod tls;
 pub mod trace;

@@ -525,48 +525,30 @@ impl Replica {
     }
 }
 
-/// FOR TESTS: hands one client frame to a room as the shard would (the client sends only
-/// valid messages); shared by the unit tests and the simulation below.
-#[cfg(test)]
-fn deliver_to_room(room: &mut crate::room::Room, conn: crate::ids::ConnToken, text: &str) {
-    use crate::protocol::{parse_client_message, ClientMessage};
-    match parse_client_message(text).expect("the client sends valid messages") {
-        ClientMessage::Hello(hello) => room.join(conn, &hello),
-        ClientMessage::Op(msg) => room.handle_op(conn, msg),
-        ClientMessage::Presence(update) => room.handle_presence(conn, update),
-        ClientMessage::Auth(_) => {}
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::ids::ConnToken;
-    use crate::room::{Room, RoomConfig};
+    use tungstenite::{Message, WebSocket};
 
-    /// An in-process server: one room, frames routed to replicas by connection.
+    use super::*;
+    use crate::sim::harness::{frames, Harness};
+    use crate::sim::socket::SimSocket;
+
+    /// One real shard (`crate::sim::harness`: the real `Net` and `RoomHost` over simulated
+    /// sockets and memory storage) and replicas of its document "d", each with its connection.
     struct Net {
-        room: Room,
+        h: Harness,
         replicas: Vec<Replica>,
         /// Each replica's current connection, `None` while disconnected.
-        conns: Vec<Option<ConnToken>>,
-        next_conn: usize,
+        conns: Vec<Option<WebSocket<SimSocket>>>,
         events: Vec<(usize, Event)>,
     }
 
     impl Net {
         fn new(n: usize) -> Net {
-            let config = RoomConfig {
-                snapshot_every_ops: 1_000,
-                snapshot_every_bytes: 1 << 30,
-                replay_window_ops: 100,
-                doc_chars_max: 1_000_000,
-            };
             let mut net = Net {
-                room: Room::open("d".into(), None, config).expect("room"),
+                h: Harness::new(),
                 replicas: (0..n).map(|_| Replica::new("d", None, None)).collect(),
-                conns: vec![None; n],
-                next_conn: 0,
+                conns: (0..n).map(|_| None).collect(),
                 events: Vec::new(),
             };
             for i in 0..n {
@@ -577,59 +559,74 @@ mod tests {
 
         /// Client `i` sends `text` to the server.
         fn send(&mut self, i: usize, text: &str) {
-            let Some(conn) = self.conns[i] else { return };
-            deliver_to_room(&mut self.room, conn, text);
+            if let Some(ws) = &mut self.conns[i] {
+                ws.send(Message::text(text)).expect("the socket takes it");
+            }
         }
 
-        /// Delivers every frame the room produced; resends answer `Joined` events at once.
+        /// Runs the shard and the storage until nothing moves, delivering every frame; resends
+        /// answer `Joined` events at once.
         fn deliver(&mut self) {
             loop {
-                let effects = self.room.take_effects();
-                if effects.frames.is_empty() {
-                    return;
-                }
-                for (conn, frame) in effects.frames {
-                    let Some(i) = self.conns.iter().position(|c| *c == Some(conn)) else {
+                self.h.settle();
+                let mut any = false;
+                for i in 0..self.replicas.len() {
+                    let Some(ws) = &mut self.conns[i] else {
                         continue;
                     };
-                    let event = self.replicas[i].handle_frame(&frame).expect("valid frame");
-                    if let Event::Joined { resend, .. } = &event {
-                        for text in resend.clone() {
-                            self.send(i, &text);
+                    for frame in frames(ws) {
+                        any = true;
+                        let event = self.replicas[i].handle_message(frame).expect("valid frame");
+                        if let Event::Joined { resend, .. } = &event {
+                            for text in resend.clone() {
+                                self.send(i, &text);
+                            }
                         }
+                        self.events.push((i, event));
                     }
-                    self.events.push((i, event));
+                }
+                if !any {
+                    return;
                 }
             }
         }
 
-        /// Delivers the room's pending frames to everyone but client `i` (its connection dropped).
+        /// Client `i`'s connection drops right after what it sent: the shard handles that, but
+        /// nothing more reaches the client.
         fn lose_frames_to(&mut self, i: usize) {
-            let lost = self.conns[i];
-            let effects = self.room.take_effects();
-            for (conn, frame) in effects.frames {
-                if Some(conn) == lost {
-                    continue;
-                }
-                if let Some(j) = self.conns.iter().position(|c| *c == Some(conn)) {
-                    let event = self.replicas[j].handle_frame(&frame).expect("valid frame");
-                    self.events.push((j, event));
-                }
-            }
+            self.conns[i] = None;
+            self.deliver();
         }
 
         fn connect(&mut self, i: usize) {
-            self.next_conn += 1;
-            self.conns[i] = Some(ConnToken(self.next_conn));
-            let hello = self.replicas[i].hello();
-            self.send(i, &hello);
+            let (_, mut ws) = self.h.connect("d");
+            ws.send(Message::text(self.replicas[i].hello()))
+                .expect("hello");
+            self.conns[i] = Some(ws);
             self.deliver();
         }
 
         fn disconnect(&mut self, i: usize) {
-            if let Some(conn) = self.conns[i].take() {
-                self.room.leave(conn);
+            self.conns[i] = None;
+            self.deliver();
+        }
+
+        /// The server loses the document: a new shard over empty storage (every connection
+        /// breaks).
+        fn lose_document(&mut self) {
+            for conn in &mut self.conns {
+                *conn = None;
             }
+            self.h = Harness::new();
+        }
+
+        /// The server's text and head of the document.
+        fn room(&self) -> (String, u64) {
+            self.h
+                .shard
+                .handler()
+                .doc_state("d")
+                .expect("the document is loaded")
         }
 
         fn insert(&mut self, i: usize, pos: usize, text: &str) {
@@ -734,7 +731,7 @@ mod tests {
         let texts = net.texts();
         assert_eq!(texts[0], ">> ello world");
         assert!(texts.iter().all(|t| *t == texts[0]), "{texts:?}");
-        assert_eq!(net.room.text(), texts[0]);
+        assert_eq!(net.room().0, texts[0]);
         assert!(net
             .replicas
             .iter()
@@ -768,7 +765,7 @@ mod tests {
         net.send(0, &msg);
         net.deliver();
         assert_eq!(net.texts(), ["bc", "bc"]);
-        assert_eq!(net.room.head(), 1);
+        assert_eq!(net.room().1, 1);
     }
 
     #[test]
@@ -803,11 +800,11 @@ mod tests {
         net.deliver();
         let texts = net.texts();
         assert_eq!(texts[0], texts[1]);
-        assert_eq!(net.room.text(), texts[0]);
+        assert_eq!(net.room().0, texts[0]);
         assert_eq!(texts[0].matches('d').count(), 1, "{texts:?}");
         assert_eq!(texts[0].matches('Y').count(), 1, "{texts:?}");
         assert_eq!(net.replicas[0].n_pending(), 0);
-        assert_eq!(net.room.head(), 4);
+        assert_eq!(net.room().1, 4);
         // "d" (client_seq 2) was acknowledged inside the replay; "Y" by its own echo.
         assert!(net.events.contains(&(
             0,
@@ -838,7 +835,7 @@ mod tests {
                 server_seq: 2
             }
         )));
-        assert_eq!((net.room.head(), net.replicas[0].n_pending()), (2, 0));
+        assert_eq!((net.room().1, net.replicas[0].n_pending()), (2, 0));
     }
 
     #[test]
@@ -864,7 +861,7 @@ mod tests {
         assert_eq!(net.replicas[0].n_pending(), 0);
         // The server loses the document: a new room with a new epoch.
         net.disconnect(0);
-        net.room = Room::open("d".into(), None, net.room_config()).expect("room");
+        net.lose_document();
         net.connect(0);
         let lost = net.events.iter().any(|(_, e)| {
             matches!(
@@ -877,7 +874,7 @@ mod tests {
         });
         assert!(lost);
         net.deliver();
-        assert_eq!(net.room.text(), "abc");
+        assert_eq!(net.room().0, "abc");
         assert_eq!(net.replicas[0].text(), "abc");
         assert_eq!(net.replicas[0].n_pending(), 0);
     }
@@ -897,7 +894,7 @@ mod tests {
         // The server loses the document; client 1 comes back first.
         net.disconnect(0);
         net.disconnect(1);
-        net.room = Room::open("d".into(), None, net.room_config()).expect("room");
+        net.lose_document();
         net.connect(1);
         // Only "0" is resent: the whole message would be refused (unknown_id for "beta").
         let resent = net.events.iter().rev().find_map(|(i, e)| match (i, e) {
@@ -912,31 +909,17 @@ mod tests {
             ])
         );
         net.deliver();
-        assert_eq!(
-            (net.room.text(), net.texts()[1].as_str()),
-            ("0".to_owned(), "0")
-        );
+        assert_eq!((net.room().0.as_str(), net.texts()[1].as_str()), ("0", "0"));
         net.connect(0);
         net.deliver();
         let texts = net.texts();
         assert_eq!(texts[0], texts[1]);
-        assert_eq!(net.room.text(), texts[0]);
+        assert_eq!(net.room().0, texts[0]);
         assert_eq!(texts[0], "0alpha ");
         assert_eq!(
             (net.replicas[0].n_pending(), net.replicas[1].n_pending()),
             (0, 0)
         );
-    }
-
-    impl Net {
-        fn room_config(&self) -> RoomConfig {
-            RoomConfig {
-                snapshot_every_ops: 1_000,
-                snapshot_every_bytes: 1 << 30,
-                replay_window_ops: 100,
-                doc_chars_max: 1_000_000,
-            }
-        }
     }
 
     #[test]
@@ -1018,266 +1001,5 @@ mod tests {
             hello.contains(r#""replica":1,"since":0,"epoch":""#),
             "{hello}"
         );
-    }
-}
-
-/// Seeded simulation: replicas and a room over `MemoryStorage`, with frames in flight, dropped
-/// connections, takeovers and server restarts; everyone must converge with every edit applied
-/// exactly once. A failure prints the proptest seed and the minimal action list.
-#[cfg(test)]
-mod sim {
-    use std::collections::VecDeque;
-
-    use proptest::prelude::*;
-    use tungstenite::Utf8Bytes;
-
-    use super::*;
-    use crate::ids::ConnToken;
-    use crate::room::{Room, RoomConfig};
-    use crate::storage::{MemoryStorage, Storage};
-
-    #[derive(Clone, Debug)]
-    enum Action {
-        Insert {
-            client: usize,
-            pos_seed: usize,
-        },
-        Delete {
-            client: usize,
-            pos_seed: usize,
-            len: usize,
-        },
-        Deliver {
-            n: usize,
-        },
-        Drop {
-            client: usize,
-        },
-        Reconnect {
-            client: usize,
-        },
-        Takeover {
-            client: usize,
-        },
-        Restart,
-    }
-
-    fn action(n_clients: usize, deletes: bool) -> impl Strategy<Value = Action> {
-        let client = 0..n_clients;
-        prop_oneof![
-            6 => (client.clone(), any::<usize>()).prop_map(|(client, pos_seed)| Action::Insert { client, pos_seed }),
-            (if deletes { 3 } else { 0 }) => (client.clone(), any::<usize>(), 1usize..4)
-                .prop_map(|(client, pos_seed, len)| Action::Delete { client, pos_seed, len }),
-            5 => (1usize..8).prop_map(|n| Action::Deliver { n }),
-            1 => client.clone().prop_map(|client| Action::Drop { client }),
-            2 => client.clone().prop_map(|client| Action::Reconnect { client }),
-            1 => client.prop_map(|client| Action::Takeover { client }),
-            1 => Just(Action::Restart),
-        ]
-    }
-
-    struct Sim {
-        storage: MemoryStorage,
-        config: RoomConfig,
-        room: Room,
-        replicas: Vec<Replica>,
-        conns: Vec<Option<ConnToken>>,
-        next_conn: usize,
-        /// Frames released by the room (durable) and not yet delivered.
-        in_flight: VecDeque<(ConnToken, Utf8Bytes)>,
-        n_inserted: u32,
-    }
-
-    impl Sim {
-        fn new(n_clients: usize) -> Sim {
-            let config = RoomConfig {
-                snapshot_every_ops: 3,
-                snapshot_every_bytes: 1 << 30,
-                replay_window_ops: 4,
-                doc_chars_max: 1 << 20,
-            };
-            let mut sim = Sim {
-                storage: MemoryStorage::new(),
-                room: Room::open("d".into(), None, config.clone()).expect("room"),
-                config,
-                replicas: (0..n_clients)
-                    .map(|_| Replica::new("d", None, None))
-                    .collect(),
-                conns: vec![None; n_clients],
-                next_conn: 0,
-                in_flight: VecDeque::new(),
-                n_inserted: 0,
-            };
-            for i in 0..n_clients {
-                sim.connect(i);
-            }
-            sim
-        }
-
-        fn send(&mut self, i: usize, text: &str) {
-            let Some(conn) = self.conns[i] else { return };
-            deliver_to_room(&mut self.room, conn, text);
-            self.turn();
-        }
-
-        /// The shard's end of turn: persist, release frames, close.
-        fn turn(&mut self) {
-            let effects = self.room.take_effects();
-            for record in &effects.records {
-                self.storage
-                    .append("d", self.room.epoch(), record)
-                    .expect("append");
-            }
-            self.storage.sync().expect("sync");
-            if let Some(snapshot) = &effects.snapshot {
-                self.storage
-                    .write_snapshot("d", snapshot)
-                    .expect("snapshot");
-            }
-            self.in_flight.extend(effects.frames);
-            for (conn, _, _) in effects.closes {
-                self.room.leave(conn);
-                for slot in &mut self.conns {
-                    if *slot == Some(conn) {
-                        *slot = None;
-                    }
-                }
-            }
-        }
-
-        fn deliver(&mut self, n: usize) {
-            for _ in 0..n {
-                let Some((conn, frame)) = self.in_flight.pop_front() else {
-                    return;
-                };
-                let Some(i) = self.conns.iter().position(|c| *c == Some(conn)) else {
-                    continue;
-                };
-                let event = self.replicas[i]
-                    .handle_frame(&frame)
-                    .expect("frames integrate");
-                if let Event::Joined { resend, .. } = event {
-                    for text in resend {
-                        self.send(i, &text);
-                    }
-                }
-            }
-        }
-
-        fn connect(&mut self, i: usize) {
-            self.next_conn += 1;
-            self.conns[i] = Some(ConnToken(self.next_conn));
-            let hello = self.replicas[i].hello();
-            self.send(i, &hello);
-        }
-
-        fn drop_conn(&mut self, i: usize) {
-            if let Some(conn) = self.conns[i].take() {
-                self.room.leave(conn);
-                self.turn();
-            }
-        }
-
-        fn apply(&mut self, action: &Action) {
-            match *action {
-                Action::Insert { client, pos_seed } => {
-                    let r = &mut self.replicas[client];
-                    let pos = pos_seed % (r.len() + 1);
-                    let ch = char::from_u32(0x4e00 + self.n_inserted).expect("CJK range");
-                    if let Ok(msg) = r.insert(pos, &ch.to_string()) {
-                        self.n_inserted += 1;
-                        self.send(client, &msg);
-                    }
-                }
-                Action::Delete {
-                    client,
-                    pos_seed,
-                    len,
-                } => {
-                    let r = &mut self.replicas[client];
-                    if r.len() >= len {
-                        let pos = pos_seed % (r.len() - len + 1);
-                        if let Ok(Some(msg)) = r.delete(pos, len) {
-                            self.send(client, &msg);
-                        }
-                    }
-                }
-                Action::Deliver { n } => self.deliver(n),
-                Action::Drop { client } => self.drop_conn(client),
-                Action::Reconnect { client } => {
-                    if self.conns[client].is_none() {
-                        self.connect(client);
-                    }
-                }
-                Action::Takeover { client } => {
-                    if self.replicas[client].replica().is_some() {
-                        // A new connection of the same replica while the old one is still open.
-                        self.connect(client);
-                    }
-                }
-                Action::Restart => {
-                    self.turn();
-                    self.in_flight.clear();
-                    let stored = self.storage.load("d").expect("load");
-                    self.room =
-                        Room::open("d".into(), stored, self.config.clone()).expect("reopen");
-                    self.conns.iter_mut().for_each(|c| *c = None);
-                }
-            }
-        }
-
-        /// Everyone reconnects and all frames are delivered.
-        fn settle(&mut self) {
-            for _ in 0..10 {
-                for i in 0..self.replicas.len() {
-                    if self.conns[i].is_none() {
-                        self.connect(i);
-                    }
-                }
-                while !self.in_flight.is_empty() {
-                    self.deliver(usize::MAX);
-                }
-                if self.conns.iter().all(Option::is_some) {
-                    return;
-                }
-            }
-        }
-
-        fn check(&self, exactly_once: bool) -> Result<(), TestCaseError> {
-            let text = self.room.text();
-            for (i, r) in self.replicas.iter().enumerate() {
-                prop_assert_eq!(r.text(), text.clone(), "replica {} diverged", i);
-                prop_assert_eq!(r.n_pending(), 0, "replica {} has unacknowledged ops", i);
-                prop_assert_eq!(r.head(), self.room.head());
-            }
-            if exactly_once {
-                prop_assert_eq!(text.chars().count(), self.n_inserted as usize, "{}", text);
-            }
-            Ok(())
-        }
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
-
-        #[test]
-        fn inserts_apply_exactly_once(actions in prop::collection::vec(action(3, false), 1..60)) {
-            let mut sim = Sim::new(3);
-            for action in &actions {
-                sim.apply(action);
-            }
-            sim.settle();
-            sim.check(true)?;
-        }
-
-        #[test]
-        fn edits_converge(actions in prop::collection::vec(action(3, true), 1..60)) {
-            let mut sim = Sim::new(3);
-            for action in &actions {
-                sim.apply(action);
-            }
-            sim.settle();
-            sim.check(false)?;
-        }
     }
 }

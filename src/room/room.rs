@@ -763,6 +763,21 @@ impl Room {
         }
     }
 
+    /// The connection is gone for good and its token may be reused by the shard: drops every
+    /// frame, close and op origin still queued for it in this turn's effects (a later
+    /// connection with the same token must never get them). Call before [`Room::leave`].
+    pub fn forget(&mut self, conn: ConnToken) {
+        self.effects.frames.retain(|(to, _)| *to != conn);
+        self.effects.closes.retain(|(to, _, _)| *to != conn);
+        self.effects.op_origins.retain(|(from, _)| *from != conn);
+    }
+
+    /// Closes `conn` with `code` after every frame queued for it so far (a close the shard
+    /// decides, in order with the room's frames).
+    pub fn close_after_frames(&mut self, conn: ConnToken, code: u16, reason: &'static str) {
+        self.effects.closes.push((conn, code, reason));
+    }
+
     /// Answers an accepted `auth` refresh, in order with the connection's other frames.
     pub fn auth_ack(&mut self, conn: ConnToken, exp: u64, role: &str) {
         self.effects.frames.push((conn, encode_auth_ack(exp, role)));

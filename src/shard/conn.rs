@@ -25,8 +25,8 @@
 //! - a client's Close is answered with a Close.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::io::{self, IoSlice, Write};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
@@ -40,8 +40,10 @@ use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 use crate::acceptor::DoorRelease;
 use crate::ids::ConnToken;
 use crate::metrics::ShardMetrics;
+use crate::sim::socket::SimSocket;
 
 use super::log_limit::LogLimit;
+use super::transport::ShardWs;
 
 /// Limits of the connection layer, from `Config`.
 #[derive(Clone, Copy, Debug)]
@@ -76,7 +78,7 @@ enum Phase {
 
 /// One WebSocket connection of a shard.
 struct Conn {
-    ws: WebSocket<TcpStream>,
+    ws: ShardWs,
     peer: SocketAddr,
     /// Data frames not yet fully written: filled by [`Net::send`] and [`Net::send_binary`],
     /// drained by the flush. They share their bytes with every other recipient. Released after
@@ -176,6 +178,9 @@ pub struct Net {
     door: Option<DoorRelease>,
     /// The shard's metrics, shared with the handler.
     pub metrics: ShardMetrics,
+    /// The time of this turn, set by the loop from its clock ([`Net::set_now`]); every
+    /// deadline and timestamp of the connection layer (and of the handler) is taken from it.
+    now: Instant,
 }
 
 impl Drop for Net {
@@ -209,7 +214,19 @@ impl Net {
             slow_log: LogLimit::per_second(),
             door: None,
             metrics,
+            now: Instant::now(),
         }
+    }
+
+    /// The time of this turn (see [`Net::set_now`]).
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    /// Sets the time of this turn: the loop reads its clock once per turn (the simulator sets
+    /// its own), and nothing in the shard reads the system clock for a decision.
+    pub fn set_now(&mut self, now: Instant) {
+        self.now = now;
     }
 
     /// Reports every connection inserted from now on to the acceptor's door when it ends.
@@ -257,6 +274,14 @@ impl Net {
         self.conns.get(conn.0).map(|c| c.peer)
     }
 
+    /// Bytes queued for `conn` behind the frame it is receiving: what
+    /// [`NetLimits::outbound_bytes_max`] bounds after every flush. `None` when it is not open.
+    pub fn backlog_bytes(&self, conn: ConnToken) -> Option<usize> {
+        let c = self.conns.get(conn.0).filter(|c| c.phase == Phase::Open)?;
+        let front_bytes = c.out.front().map_or(0, OutFrame::len);
+        Some(c.out_bytes.saturating_sub(front_bytes))
+    }
+
     /// Whether some connection has unread input left over from its budget.
     pub fn has_pending_reads(&self) -> bool {
         !self.read_list.is_empty()
@@ -266,16 +291,27 @@ impl Net {
     /// `None` is returned.
     pub fn insert(
         &mut self,
-        mut ws: WebSocket<TcpStream>,
+        ws: WebSocket<TcpStream>,
         peer: SocketAddr,
         now: Instant,
     ) -> Option<ConnToken> {
+        self.insert_ws(ShardWs::Tcp(ws), peer, now)
+    }
+
+    /// Like [`Net::insert`], for a simulated connection ([`crate::sim`]).
+    pub fn insert_sim(
+        &mut self,
+        ws: WebSocket<SimSocket>,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> Option<ConnToken> {
+        self.insert_ws(ShardWs::Sim(ws), peer, now)
+    }
+
+    fn insert_ws(&mut self, mut ws: ShardWs, peer: SocketAddr, now: Instant) -> Option<ConnToken> {
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        if let Err(e) = self
-            .registry
-            .register(ws.get_mut(), Token(key), Interest::READABLE)
-        {
+        if let Err(e) = ws.register(&self.registry, Token(key), Interest::READABLE) {
             warn!("shard: register {peer}: {e}");
             self.release_unserved(peer);
             return None;
@@ -371,7 +407,7 @@ impl Net {
             c.peer, c.out_bytes
         );
         // Many readers can fall behind at once (a fan-out storm): one line a second.
-        if let Some(n) = self.slow_log.hit(Instant::now()) {
+        if let Some(n) = self.slow_log.hit(self.now) {
             warn!(
                 "shard: closed {n} slow consumer(s) with 1013 (over {} bytes queued), the last {} with {} bytes",
                 self.limits.outbound_bytes_max, c.peer, c.out_bytes
@@ -392,7 +428,7 @@ impl Net {
     fn close_quietly(&mut self, conn: ConnToken, code: u16, reason: &'static str) {
         if let Some(c) = self.conns.get_mut(conn.0) {
             c.phase = Phase::Closing {
-                deadline: Instant::now() + self.limits.close_linger,
+                deadline: self.now + self.limits.close_linger,
                 broken: false,
             };
             c.pending_close = Some(CloseFrame {
@@ -412,7 +448,7 @@ impl Net {
         }
         debug!("shard: closing {} with {code} ({reason})", c.peer);
         c.phase = Phase::Closing {
-            deadline: Instant::now() + self.limits.close_linger,
+            deadline: self.now + self.limits.close_linger,
             broken,
         };
         c.pending_close = Some(CloseFrame {
@@ -438,7 +474,7 @@ impl Net {
 
     fn drop_conn(&mut self, key: usize) {
         if let Some(mut c) = self.conns.try_remove(key) {
-            let _ = self.registry.deregister(c.ws.get_mut());
+            c.ws.deregister(&self.registry);
             if c.phase == Phase::Open {
                 self.gone.push(ConnToken(key));
             }
@@ -469,10 +505,21 @@ impl Net {
 
     /// Records a readiness event for the connection with slab key `key`.
     pub fn on_event(&mut self, key: usize, event: &mio::event::Event) {
-        if event.is_readable() || event.is_read_closed() || event.is_error() {
+        self.on_ready(
+            key,
+            event.is_readable() || event.is_read_closed() || event.is_error(),
+            event.is_writable() || event.is_write_closed() || event.is_error(),
+        );
+    }
+
+    /// Records readiness for the connection with slab key `key`: `readable` (input, end of
+    /// input or an error) lists it for reading, `writable` for flushing. The simulator reports
+    /// its sockets' readiness through this.
+    pub fn on_ready(&mut self, key: usize, readable: bool, writable: bool) {
+        if readable {
             self.push_read(key);
         }
-        if event.is_writable() || event.is_write_closed() || event.is_error() {
+        if writable {
             self.push_flush(key);
         }
     }
@@ -536,7 +583,7 @@ impl Net {
             n_unseen += 1;
             match c.ws.read() {
                 Ok(message @ (Message::Text(_) | Message::Binary(_))) => {
-                    c.last_heard = Instant::now();
+                    c.last_heard = self.now;
                     if c.phase == Phase::Open {
                         self.metrics.figures.counters.bytes_in += message.len() as u64;
                         return ReadOutcome::Message(message);
@@ -544,11 +591,11 @@ impl Net {
                 }
                 Ok(Message::Ping(_)) => {
                     // tungstenite queued the pong; make sure it goes out this turn.
-                    c.last_heard = Instant::now();
+                    c.last_heard = self.now;
                     self.push_flush(key);
                 }
                 Ok(Message::Pong(_)) => {
-                    c.last_heard = Instant::now();
+                    c.last_heard = self.now;
                     c.ping_outstanding = false;
                 }
                 Ok(Message::Close(_)) => {
@@ -557,7 +604,7 @@ impl Net {
                     let conn = ConnToken(key);
                     if c.phase == Phase::Open {
                         c.phase = Phase::Closing {
-                            deadline: Instant::now() + self.limits.close_linger,
+                            deadline: self.now + self.limits.close_linger,
                             broken: false,
                         };
                         c.drop_queue();
@@ -606,7 +653,7 @@ impl Net {
         }
         let mut scratch = [0u8; 4096];
         for _ in 0..self.limits.reads_per_turn_max {
-            match c.ws.get_mut().read(&mut scratch) {
+            match c.ws.read_raw(&mut scratch) {
                 Ok(0) => {
                     self.drop_conn(key);
                     return ReadOutcome::Done;
@@ -667,10 +714,7 @@ impl Net {
             } else {
                 Interest::READABLE
             };
-            if let Err(e) = self
-                .registry
-                .reregister(c.ws.get_mut(), Token(key), interest)
-            {
+            if let Err(e) = c.ws.reregister(&self.registry, Token(key), interest) {
                 warn!("shard: reregister {}: {e}", c.peer);
                 self.drop_conn(key);
                 return;
@@ -679,7 +723,7 @@ impl Net {
         if !blocked {
             if let Phase::Closing { broken: true, .. } = c.phase {
                 if c.close_sent {
-                    let _ = c.ws.get_mut().shutdown(Shutdown::Write);
+                    c.ws.shutdown_write();
                     self.push_read(key);
                     return;
                 }
@@ -790,7 +834,7 @@ impl Conn {
     /// Writes the queued data frames straight to the socket; see [`write_data_frames`].
     fn write_frames(&mut self) -> io::Result<bool> {
         write_data_frames(
-            &mut NoSigPipe(self.ws.get_ref()),
+            &mut self.ws.raw(),
             &mut self.out,
             &mut self.front_sent,
             &mut self.out_bytes,
@@ -811,35 +855,6 @@ impl Conn {
             self.out_bytes = frame.len();
             self.out.push_front(frame);
         }
-    }
-}
-
-/// A TCP socket written with `sendmsg(MSG_NOSIGNAL)`: a peer gone mid-write is an `EPIPE`
-/// error, never a SIGPIPE, whatever the process's signal disposition (std's `write_vectored`
-/// is a plain `writev`, safe only because Rust binaries ignore SIGPIPE by default).
-struct NoSigPipe<'a>(&'a TcpStream);
-
-impl Write for NoSigPipe<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.write_vectored(&[IoSlice::new(buf)])
-    }
-
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: `msghdr` is plain data and all-zero is a valid value (no address, no
-        // control data).
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        // `IoSlice` is guaranteed ABI-compatible with `iovec` on Unix; sendmsg only reads it.
-        msg.msg_iov = bufs.as_ptr().cast_mut().cast::<libc::iovec>();
-        msg.msg_iovlen = bufs.len() as _;
-        // SAFETY: the fd is the connection's open socket, and `msg` points at `bufs.len()`
-        // valid iovecs that outlive the call.
-        let n = unsafe { libc::sendmsg(self.0.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-        usize::try_from(n).map_err(|_| io::Error::last_os_error())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 
@@ -951,7 +966,10 @@ impl Net {
             .conns
             .get_mut(conn.0)
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
-        let fd = c.ws.get_ref().as_raw_fd();
+        let fd =
+            c.ws.tcp()
+                .ok_or_else(|| io::Error::from(io::ErrorKind::Unsupported))?
+                .as_raw_fd();
         let value = libc::c_int::try_from(bytes)
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: `fd` is an open socket owned by this connection; the option value is a

@@ -9,6 +9,11 @@
 //! every turn, so a completion is acted on in the turn it wakes.
 //! The loop never blocks on a socket and takes no lock.
 //!
+//! The phases are methods of [`Shard`], which [`run`] drives from a mio `Poll` and the system
+//! [`Clock`], and the simulator ([`crate::sim`]) from simulated sockets and a simulated clock:
+//! the same code either way. Every phase ends by telling the handler which connections stopped
+//! being open in it, so a connection's slab key is never reused before the handler forgot it.
+//!
 //! A panic in the handler is a bug, but it must not take the shard's clients down silently:
 //! every handler call runs under `catch_unwind`; after a panic the handler is never called
 //! again (its state may be half-updated, and the frames it still holds for the turn are never
@@ -85,6 +90,31 @@ pub trait Handler {
     }
 }
 
+/// A borrowed handler is a handler ([`run`] borrows the caller's).
+impl<H: Handler + ?Sized> Handler for &mut H {
+    fn on_open(&mut self, net: &mut Net, conn: ConnToken, handoff: OpenInfo) {
+        (**self).on_open(net, conn, handoff);
+    }
+    fn on_message(&mut self, net: &mut Net, conn: ConnToken, message: Message) {
+        (**self).on_message(net, conn, message);
+    }
+    fn on_closed(&mut self, net: &mut Net, conn: ConnToken) {
+        (**self).on_closed(net, conn);
+    }
+    fn end_turn(&mut self, net: &mut Net) {
+        (**self).end_turn(net);
+    }
+    fn on_tick(&mut self, net: &mut Net, now: Instant) {
+        (**self).on_tick(net, now);
+    }
+    fn on_revoke(&mut self, net: &mut Net, rule: &Rule) -> usize {
+        (**self).on_revoke(net, rule)
+    }
+    fn on_shutdown(&mut self, net: &mut Net) {
+        (**self).on_shutdown(net);
+    }
+}
+
 /// What the acceptor learned about a connection besides its socket.
 #[derive(Debug)]
 pub struct OpenInfo {
@@ -100,21 +130,21 @@ pub struct OpenInfo {
 const PANIC_CLOSE: (u16, &str) = (1011, "internal error");
 
 /// The handler behind `catch_unwind`: after its first panic it is never called again.
-struct Guarded<'h, H> {
-    handler: &'h mut H,
+struct Guarded<H> {
+    handler: H,
     alive: ShardAlive,
     /// The message of the panic, once there was one.
     panic: Option<String>,
 }
 
-impl<H: Handler> Guarded<'_, H> {
+impl<H: Handler> Guarded<H> {
     /// Runs one handler call. On a panic: logs it, marks the shard dead (the acceptor stops
     /// routing to it) and closes every connection with 1011 after what is already queued.
     fn call(&mut self, net: &mut Net, f: impl FnOnce(&mut H, &mut Net)) {
         if self.panic.is_some() {
             return;
         }
-        let handler = &mut *self.handler;
+        let handler = &mut self.handler;
         let Err(payload) = panic::catch_unwind(AssertUnwindSafe(|| f(handler, &mut *net))) else {
             return;
         };
@@ -144,6 +174,258 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// Where a clock-driven caller gets the time of each turn: the system clock for the server,
+/// a simulated one for [`crate::sim`]. The shard reads it once per turn ([`Net::set_now`]).
+pub trait Clock {
+    /// The current instant.
+    fn now(&self) -> Instant;
+}
+
+/// The system's monotonic clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// One shard between two polls: its connections, its handler behind `catch_unwind`, and its
+/// timers. A turn is a fixed sequence of named phases, each ending with the handler told of
+/// every connection that stopped being open in it (so no slab key is reused before the
+/// handler forgot it): [`Shard::begin_turn`] (the turn's time), [`Shard::inbox_phase`] (new
+/// connections and messages of the acceptor; or [`Shard::open`] for one connection),
+/// [`Shard::read_phase`], [`Shard::end_turn_phase`], [`Shard::flush_phase`] and
+/// [`Shard::timer_phase`]. [`run`] drives it from a mio `Poll` and the system clock; the
+/// simulator drives the same phases from simulated sockets and a simulated clock.
+pub struct Shard<H> {
+    net: Net,
+    handler: Guarded<H>,
+    next_tick: Instant,
+    read_list: Vec<usize>,
+    /// Set once a shutdown started (or the handler panicked): the shard exits at this instant
+    /// or once its connections are gone.
+    shutdown_deadline: Option<Instant>,
+}
+
+impl<H: Handler> Shard<H> {
+    /// A shard serving `net`'s connections with `handler`; `alive` is cleared if it panics.
+    /// `now` starts the timers.
+    pub fn new(mut net: Net, handler: H, alive: ShardAlive, now: Instant) -> Shard<H> {
+        net.set_now(now);
+        Shard {
+            net,
+            handler: Guarded {
+                handler,
+                alive,
+                panic: None,
+            },
+            next_tick: now + TICK,
+            read_list: Vec::new(),
+            shutdown_deadline: None,
+        }
+    }
+
+    /// The connection layer.
+    pub fn net(&self) -> &Net {
+        &self.net
+    }
+
+    /// The connection layer, to insert connections and report readiness.
+    pub fn net_mut(&mut self) -> &mut Net {
+        &mut self.net
+    }
+
+    /// The handler.
+    pub fn handler(&self) -> &H {
+        &self.handler.handler
+    }
+
+    /// The message of the handler's panic, once it panicked.
+    pub fn panic_message(&self) -> Option<&str> {
+        self.handler.panic.as_deref()
+    }
+
+    /// When the next timer phase is due.
+    pub fn next_tick(&self) -> Instant {
+        self.next_tick
+    }
+
+    /// Phase 0: the turn's time, for every deadline and timestamp of the turn.
+    pub fn begin_turn(&mut self, now: Instant) {
+        self.net.set_now(now);
+    }
+
+    /// Tells the handler about a connection just inserted into the net.
+    pub fn open(&mut self, conn: ConnToken, info: OpenInfo) {
+        self.handler
+            .call(&mut self.net, |h, net| h.on_open(net, conn, info));
+        // Before the next insert can reuse a slab key.
+        self.tell_gone();
+    }
+
+    /// Phase 1 (when woken): every message of the acceptor queued in `inbox`.
+    pub fn inbox_phase(&mut self, inbox: &Receiver<ShardMsg>) {
+        self.tell_gone();
+        let turn_start = self.net.now();
+        loop {
+            match inbox.try_recv() {
+                Ok(ShardMsg::Conn(handoff)) => {
+                    let Handoff {
+                        ws,
+                        doc,
+                        hello,
+                        peer,
+                        admitted,
+                    } = *handoff;
+                    if self.handler.panicked() {
+                        // Routed here before the acceptor saw the shard die.
+                        if let Some(conn) = self.net.insert(ws, peer, turn_start) {
+                            self.net.close(conn, PANIC_CLOSE.0, PANIC_CLOSE.1);
+                            self.tell_gone();
+                        }
+                        continue;
+                    }
+                    if self.shutdown_deadline.is_some() {
+                        self.net.release_unserved(peer);
+                        continue; // Dropped: the server is going away.
+                    }
+                    if let Some(conn) = self.net.insert(ws, peer, turn_start) {
+                        debug!("shard: {peer} joins as {conn:?} for {doc:?}");
+                        self.open(
+                            conn,
+                            OpenInfo {
+                                doc,
+                                hello,
+                                admitted,
+                            },
+                        );
+                    }
+                }
+                Ok(ShardMsg::Door(release)) => self.net.set_door(release),
+                Ok(ShardMsg::LeasesLost { docs }) => {
+                    self.handler.call(&mut self.net, |h, net| {
+                        h.on_leases_lost(net, docs.as_deref())
+                    });
+                    self.tell_gone();
+                }
+                // Dropped unanswered after a panic or during shutdown: the reply says 503.
+                Ok(ShardMsg::Api(request)) if self.shutdown_deadline.is_none() => {
+                    self.handler
+                        .call(&mut self.net, |h, net| h.on_api(net, request));
+                    self.tell_gone();
+                }
+                Ok(ShardMsg::Api(_)) => {}
+                Ok(ShardMsg::Revoke { rule, reply }) => {
+                    let mut n_closed = 0;
+                    self.handler
+                        .call(&mut self.net, |h, net| n_closed = h.on_revoke(net, &rule));
+                    self.tell_gone();
+                    // The admin worker may have given up waiting; nothing to do then.
+                    let _ = reply.send(n_closed);
+                }
+                Ok(ShardMsg::Shutdown) | Err(TryRecvError::Disconnected) => {
+                    self.shutdown(turn_start + SHUTDOWN_LINGER);
+                    break;
+                }
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+    }
+
+    /// Starts a shutdown (once): the handler releases what the last turns produced, then every
+    /// connection is closed with 1001; the shard exits at `deadline` or once they are gone.
+    pub fn shutdown(&mut self, deadline: Instant) {
+        if self.shutdown_deadline.is_none() {
+            debug!("shard: shutting down with {} connections", self.net.len());
+            self.shutdown_deadline = Some(deadline);
+            self.handler
+                .call(&mut self.net, |h, net| h.on_shutdown(net));
+            self.net.close_all(1001, "server shutting down");
+            self.tell_gone();
+        }
+    }
+
+    /// Phase 2: reads each listed connection within its budget, handing messages to the
+    /// handler; a connection whose budget ran out stays listed for the next turn.
+    pub fn read_phase(&mut self) {
+        self.net.take_read_list(&mut self.read_list);
+        let budget = self.net.limits().reads_per_turn_max;
+        let mut list = std::mem::take(&mut self.read_list);
+        for key in list.drain(..) {
+            let mut n_read = 0;
+            loop {
+                if n_read == budget {
+                    self.net.requeue_read(key);
+                    break;
+                }
+                match self.net.read_one(key) {
+                    ReadOutcome::Message(message) => {
+                        n_read += 1;
+                        self.handler.call(&mut self.net, |h, net| {
+                            h.on_message(net, ConnToken(key), message)
+                        });
+                    }
+                    ReadOutcome::Done => break,
+                }
+            }
+        }
+        self.read_list = list;
+        self.tell_gone();
+    }
+
+    /// Phase 3: the handler's end of turn (completions, group commit, releases).
+    pub fn end_turn_phase(&mut self) {
+        self.handler.call(&mut self.net, |h, net| h.end_turn(net));
+        self.tell_gone();
+    }
+
+    /// Phase 4: one write and flush per connection with output.
+    pub fn flush_phase(&mut self) {
+        self.net.flush_all();
+        self.tell_gone();
+    }
+
+    /// Phase 5: when a tick is due, idle pings, close deadlines and the handler's timers, then
+    /// a flush of what they queued. Returns whether a tick ran.
+    pub fn timer_phase(&mut self) -> bool {
+        let now = self.net.now();
+        if now < self.next_tick {
+            return false;
+        }
+        self.next_tick = now + TICK;
+        self.net.check_timers(now);
+        self.handler
+            .call(&mut self.net, |h, net| h.on_tick(net, now));
+        self.tell_gone();
+        self.flush_phase();
+        true
+    }
+
+    /// Phases 2 to 5, the part of a turn after the inbox.
+    pub fn turn(&mut self) {
+        self.read_phase();
+        self.end_turn_phase();
+        self.flush_phase();
+        self.timer_phase();
+    }
+
+    /// Tells the handler about every connection that stopped being open.
+    fn tell_gone(&mut self) {
+        loop {
+            let gone = self.net.take_gone();
+            if gone.is_empty() {
+                return;
+            }
+            for conn in gone {
+                self.handler
+                    .call(&mut self.net, |h, net| h.on_closed(net, conn));
+            }
+        }
+    }
+}
+
 /// Runs a shard until a [`ShardMsg::Shutdown`] arrives and every client closed (or
 /// [`SHUTDOWN_LINGER`] passed). `alive` is cleared if the handler panics.
 ///
@@ -158,196 +440,83 @@ pub fn run<H: Handler>(
     limits: NetLimits,
     metrics: ShardMetrics,
 ) -> io::Result<()> {
-    let mut handler = Guarded {
-        handler,
-        alive,
-        panic: None,
-    };
-    let handler = &mut handler;
-    let mut net = Net::new(poll.registry().try_clone()?, limits, metrics);
+    let clock = SystemClock;
+    let net = Net::new(poll.registry().try_clone()?, limits, metrics);
+    let mut shard = Shard::new(net, handler, alive, clock.now());
     let mut events = Events::with_capacity(1024);
-    let mut next_tick = Instant::now() + TICK;
-    let mut shutdown_deadline: Option<Instant> = None;
-    let mut slow_turn_warned_at = Instant::now()
+    let mut slow_turn_warned_at = clock
+        .now()
         .checked_sub(Duration::from_secs(1))
-        .unwrap_or_else(Instant::now);
+        .unwrap_or_else(|| clock.now());
     let mut n_slow_turns = 0u64;
-    let mut read_list = Vec::new();
     loop {
-        let timeout = if net.has_pending_reads() {
+        let timeout = if shard.net.has_pending_reads() {
             Duration::ZERO
         } else {
-            next_tick.saturating_duration_since(Instant::now())
+            shard.next_tick.saturating_duration_since(clock.now())
         };
         match poll.poll(&mut events, Some(timeout)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
-        let turn_start = Instant::now();
+        let turn_start = clock.now();
+        shard.begin_turn(turn_start);
         let mut woken = false;
         for event in events.iter() {
             match event.token() {
                 WAKER_TOKEN => woken = true,
                 token @ Token(key) if key >= STREAM_TOKEN_BASE => {
-                    handler.call(&mut net, |h, net| h.on_stream(net, token));
+                    shard
+                        .handler
+                        .call(&mut shard.net, |h, net| h.on_stream(net, token));
                 }
-                Token(key) => net.on_event(key, event),
+                Token(key) => shard.net.on_event(key, event),
             }
         }
         if woken {
-            tell_gone(handler, &mut net);
-            loop {
-                match inbox.try_recv() {
-                    Ok(ShardMsg::Conn(handoff)) => {
-                        let Handoff {
-                            ws,
-                            doc,
-                            hello,
-                            peer,
-                            admitted,
-                        } = *handoff;
-                        if handler.panicked() {
-                            // Routed here before the acceptor saw the shard die.
-                            if let Some(conn) = net.insert(ws, peer, turn_start) {
-                                net.close(conn, PANIC_CLOSE.0, PANIC_CLOSE.1);
-                                tell_gone(handler, &mut net);
-                            }
-                            continue;
-                        }
-                        if shutdown_deadline.is_some() {
-                            net.release_unserved(peer);
-                            continue; // Dropped: the server is going away.
-                        }
-                        if let Some(conn) = net.insert(ws, peer, turn_start) {
-                            debug!("shard: {peer} joins as {conn:?} for {doc:?}");
-                            handler.call(&mut net, |h, net| {
-                                h.on_open(
-                                    net,
-                                    conn,
-                                    OpenInfo {
-                                        doc,
-                                        hello,
-                                        admitted,
-                                    },
-                                )
-                            });
-                            // Before the next insert can reuse a slab key.
-                            tell_gone(handler, &mut net);
-                        }
-                    }
-                    Ok(ShardMsg::Door(release)) => net.set_door(release),
-                    Ok(ShardMsg::LeasesLost { docs }) => {
-                        handler.call(&mut net, |h, net| h.on_leases_lost(net, docs.as_deref()));
-                        tell_gone(handler, &mut net);
-                    }
-                    // Dropped unanswered after a panic or during shutdown: the reply says 503.
-                    Ok(ShardMsg::Api(request)) if shutdown_deadline.is_none() => {
-                        handler.call(&mut net, |h, net| h.on_api(net, request));
-                        tell_gone(handler, &mut net);
-                    }
-                    Ok(ShardMsg::Api(_)) => {}
-                    Ok(ShardMsg::Revoke { rule, reply }) => {
-                        let mut n_closed = 0;
-                        handler.call(&mut net, |h, net| n_closed = h.on_revoke(net, &rule));
-                        tell_gone(handler, &mut net);
-                        // The admin worker may have given up waiting; nothing to do then.
-                        let _ = reply.send(n_closed);
-                    }
-                    Ok(ShardMsg::Shutdown) | Err(TryRecvError::Disconnected) => {
-                        if shutdown_deadline.is_none() {
-                            debug!("shard: shutting down with {} connections", net.len());
-                            shutdown_deadline = Some(turn_start + SHUTDOWN_LINGER);
-                            // Release what the last turns produced, then say goodbye.
-                            handler.call(&mut net, |h, net| h.on_shutdown(net));
-                            net.close_all(1001, "server shutting down");
-                        }
-                        break;
-                    }
-                    Err(TryRecvError::Empty) => break,
-                }
-            }
+            shard.inbox_phase(&inbox);
         }
-        net.take_read_list(&mut read_list);
-        let budget = net.limits().reads_per_turn_max;
-        for key in read_list.drain(..) {
-            let mut n_read = 0;
-            loop {
-                if n_read == budget {
-                    net.requeue_read(key);
-                    break;
-                }
-                match net.read_one(key) {
-                    ReadOutcome::Message(message) => {
-                        n_read += 1;
-                        handler.call(&mut net, |h, net| {
-                            h.on_message(net, ConnToken(key), message)
-                        });
-                    }
-                    ReadOutcome::Done => break,
-                }
-            }
-        }
-        tell_gone(handler, &mut net);
-        handler.call(&mut net, |h, net| h.end_turn(net));
-        tell_gone(handler, &mut net);
-        net.flush_all();
-        tell_gone(handler, &mut net);
-        let now = Instant::now();
-        if now >= next_tick {
-            next_tick = now + TICK;
-            net.check_timers(now);
-            handler.call(&mut net, |h, net| h.on_tick(net, now));
-            tell_gone(handler, &mut net);
-            net.flush_all();
-            tell_gone(handler, &mut net);
-        }
+        shard.read_phase();
+        shard.end_turn_phase();
+        shard.flush_phase();
+        let now = clock.now();
+        shard.begin_turn(now);
+        shard.timer_phase();
         let elapsed = now.saturating_duration_since(turn_start);
-        ShardMetrics::record(&mut net.metrics.figures.histograms.turn_us, elapsed);
+        ShardMetrics::record(&mut shard.net.metrics.figures.histograms.turn_us, elapsed);
         if elapsed > TURN_BUDGET {
             n_slow_turns += 1;
             // At most one line a second, however overloaded the machine is.
             if now.saturating_duration_since(slow_turn_warned_at) >= Duration::from_secs(1) {
-                let shard_idx = net.metrics.shard_idx();
+                let shard_idx = shard.net.metrics.shard_idx();
                 let turns = if n_slow_turns == 1 { "turn" } else { "turns" };
                 warn!("shard {shard_idx}: {n_slow_turns} loop {turns} over {TURN_BUDGET:?}, the last took {elapsed:?}");
                 slow_turn_warned_at = now;
                 n_slow_turns = 0;
             }
         }
-        if handler.panicked() && shutdown_deadline.is_none() {
+        if shard.handler.panicked() && shard.shutdown_deadline.is_none() {
             // Linger for the 1011 close handshakes, then exit; new handoffs get 1011 meanwhile.
-            shutdown_deadline = Some(now + SHUTDOWN_LINGER);
+            shard.shutdown_deadline = Some(now + SHUTDOWN_LINGER);
         }
-        if let Some(deadline) = shutdown_deadline {
-            if net.is_empty() || now >= deadline {
+        if let Some(deadline) = shard.shutdown_deadline {
+            if shard.net.is_empty() || now >= deadline {
                 // Connections handed over after the last look at the inbox are never served;
                 // the acceptor's door must not count them forever.
                 while let Ok(msg) = inbox.try_recv() {
                     if let ShardMsg::Conn(handoff) = msg {
-                        net.release_unserved(handoff.peer);
+                        shard.net.release_unserved(handoff.peer);
                     }
                 }
-                net.metrics.maybe_publish(now, true);
-                debug!("shard: stopped ({} connections left)", net.len());
-                if let Some(message) = handler.panic.take() {
+                shard.net.metrics.maybe_publish(now, true);
+                debug!("shard: stopped ({} connections left)", shard.net.len());
+                if let Some(message) = shard.handler.panic.take() {
                     return Err(io::Error::other(format!("the handler panicked: {message}")));
                 }
                 return Ok(());
             }
         }
-        net.metrics.maybe_publish(now, false);
-    }
-}
-
-fn tell_gone<H: Handler>(handler: &mut Guarded<'_, H>, net: &mut Net) {
-    loop {
-        let gone = net.take_gone();
-        if gone.is_empty() {
-            return;
-        }
-        for conn in gone {
-            handler.call(net, |h, net| h.on_closed(net, conn));
-        }
+        shard.net.metrics.maybe_publish(now, false);
     }
 }

@@ -99,6 +99,10 @@ struct Session {
     can_write: bool,
     /// Its token, with access control on (boxed: 8 bytes per connection when off).
     access: Option<Box<Access>>,
+    /// An op of it was refused because storage was unreachable, and the connection is being
+    /// closed with 1013: nothing it sends after is applied (a later op may depend on the
+    /// refused one), the client resends all of it, in order, after reconnecting.
+    resync: bool,
 }
 
 /// A connection's token with access control on.
@@ -187,9 +191,9 @@ pub struct RoomHost {
     window_bytes_max: usize,
     /// Every connection's budget of `op` and `presence` messages.
     rate_limit: RateLimit,
-    /// The shard's clock for this turn: read once, at the first message of a turn that needs
-    /// it, and forgotten at the end of the turn (no clock read per message).
-    turn_now: Option<Instant>,
+    /// The time of this turn, [`Net::now`], taken at every entry from the event loop (no
+    /// clock read per message, and the simulator's clock drives it).
+    turn_now: Instant,
     /// Warnings for hellos refused at `docs_max`: one line a second.
     docs_full_log: LogLimit,
     rooms: Slab<RoomSlot>,
@@ -244,7 +248,7 @@ impl RoomHost {
             docs_max: DOCS_PER_SHARD_MAX_DEFAULT,
             window_bytes_max: REPLAY_WINDOW_SHARD_BYTES_DEFAULT,
             rate_limit: RateLimit::disabled(),
-            turn_now: None,
+            turn_now: Instant::now(),
             docs_full_log: LogLimit::per_second(),
             rooms: Slab::new(),
             room_by_doc: HashMap::new(),
@@ -454,9 +458,9 @@ impl RoomHost {
         self.end_turn(net);
     }
 
-    /// The time of this turn (read at most once per turn).
-    fn turn_now(&mut self) -> Instant {
-        *self.turn_now.get_or_insert_with(Instant::now)
+    /// The time of this turn.
+    fn turn_now(&self) -> Instant {
+        self.turn_now
     }
 
     /// Takes `cost` tokens from `conn`'s bucket; `false` means the message is over the budget
@@ -609,7 +613,7 @@ impl RoomHost {
                 self.docs_max,
                 net.peer(conn)
             );
-            if let Some(n) = self.docs_full_log.hit(Instant::now()) {
+            if let Some(n) = self.docs_full_log.hit(self.turn_now) {
                 warn!(
                     "shard: {} documents loaded, all with clients; refused {n} hello(s) for another one with overloaded",
                     self.docs_max
@@ -733,6 +737,7 @@ fn worker_gone() -> ! {
 
 impl Handler for RoomHost {
     fn on_open(&mut self, net: &mut Net, conn: ConnToken, info: OpenInfo) {
+        self.turn_now = net.now();
         if self.sessions.len() <= conn.0 {
             self.sessions.resize_with(conn.0 + 1, || None);
         }
@@ -755,6 +760,7 @@ impl Handler for RoomHost {
             bucket,
             can_write: true,
             access,
+            resync: false,
         });
         if let Some(hello) = info.hello {
             self.hello(net, conn, hello);
@@ -762,9 +768,14 @@ impl Handler for RoomHost {
     }
 
     fn on_message(&mut self, net: &mut Net, conn: ConnToken, message: Message) {
+        self.turn_now = net.now();
         let Some(session) = self.session_mut(conn) else {
             return;
         };
+        if session.resync {
+            // Closing for a resend (see `Session::resync`): not applied, not answered.
+            return;
+        }
         if session.awaiting_load.is_some() {
             // Its hello is not answered yet: keep the order, handle it after the join.
             if session.deferred.len() < DEFERRED_MESSAGES_MAX {
@@ -801,14 +812,25 @@ impl Handler for RoomHost {
                 .with_client_seq(Some(op.client_seq));
                 self.refuse(net, conn, &err);
             }
-            (Ok(ClientMessage::Op(op)), Some(_)) if !self.worker.available() => {
-                // Before anything is applied: nothing of it reaches the room or the log.
+            (Ok(ClientMessage::Op(op)), Some(idx)) if !self.worker.available() => {
+                // Before anything is applied: nothing of it reaches the room or the log. The
+                // connection is closed with 1013 after the error, and nothing it sends after
+                // is applied: its next ops may build on this one (they would be refused with
+                // `unknown_id`, and a client that drops them diverges), and clients resend
+                // what is pending after a reconnect, in order (found by the simulator).
                 let err = ProtocolError::new(
                     ErrorCode::Unavailable,
-                    "storage unavailable; resend this op later",
+                    "storage unavailable; reconnect and resend this op",
                 )
                 .with_client_seq(Some(op.client_seq));
                 self.refuse(net, conn, &err);
+                if let Some(session) = self.session_mut(conn) {
+                    session.resync = true;
+                }
+                if let Some(slot) = self.rooms.get_mut(idx) {
+                    slot.room
+                        .close_after_frames(conn, 1013, "storage unavailable, reconnect");
+                }
             }
             (Ok(ClientMessage::Op(op)), Some(_))
                 if !self.within_rate(conn, op_message_cost(&op.ops)) =>
@@ -853,7 +875,8 @@ impl Handler for RoomHost {
         }
     }
 
-    fn on_closed(&mut self, _net: &mut Net, conn: ConnToken) {
+    fn on_closed(&mut self, net: &mut Net, conn: ConnToken) {
+        self.turn_now = net.now();
         let Some(session) = self.sessions.get_mut(conn.0).and_then(Option::take) else {
             return;
         };
@@ -872,9 +895,11 @@ impl Handler for RoomHost {
                     held.effects.closes.retain(|(to, _, _)| *to != conn);
                     held.effects.op_origins.retain(|(from, _)| *from != conn);
                 }
+                // Nor what the room queued for it earlier in this turn (not drained yet).
+                slot.room.forget(conn);
                 slot.room.leave(conn);
                 if slot.room.n_clients() == 0 {
-                    slot.empty_since = Some(Instant::now());
+                    slot.empty_since = Some(self.turn_now);
                 }
                 self.mark_dirty(idx);
             }
@@ -882,7 +907,7 @@ impl Handler for RoomHost {
     }
 
     fn end_turn(&mut self, net: &mut Net) {
-        self.turn_now = None;
+        self.turn_now = net.now();
         self.take_completions(net);
         self.feed.flush();
         net.metrics.figures.counters.storage_batches_in_flight = self.in_flight.len() as u64;
@@ -991,6 +1016,7 @@ impl Handler for RoomHost {
     }
 
     fn on_tick(&mut self, net: &mut Net, now: Instant) {
+        self.turn_now = now;
         if !self.expiries.is_empty() {
             let now_secs = now_unix();
             while let Some(&Reverse((exp, key, serial))) = self.expiries.peek() {
@@ -1074,5 +1100,15 @@ impl Handler for RoomHost {
     fn on_shutdown(&mut self, net: &mut Net) {
         self.end_turn(net);
         self.wait_for_storage(net, SHUTDOWN_STORAGE_WAIT);
+    }
+}
+
+#[cfg(test)]
+impl RoomHost {
+    /// FOR TESTS: the text and head of `doc`, when it is loaded.
+    pub(crate) fn doc_state(&self, doc: &str) -> Option<(String, u64)> {
+        let idx = *self.room_by_doc.get(doc)?;
+        let room = &self.rooms.get(idx)?.room;
+        Some((room.text(), room.head()))
     }
 }

@@ -191,19 +191,35 @@ struct Faults {
     syncs: AtomicU32,
 }
 
-/// FOR TESTS: the real file system, except that the next `n` appends/whole-file writes fail
-/// with ENOSPC (after writing half their bytes) or the next `n` fsyncs fail with EIO, on
-/// command. Clones share their fault switches, so a test keeps one to steer a storage it
-/// handed another to.
+/// FOR TESTS: the real file system (or another [`Fs`], such as the simulator's in-memory
+/// disk), except that the next `n` appends/whole-file writes fail with ENOSPC (after writing
+/// half their bytes) or the next `n` fsyncs fail with EIO, on command. Clones share their
+/// fault switches, so a test keeps one to steer a storage it handed another to.
 #[derive(Clone, Debug, Default)]
-pub struct FaultyFs {
+pub struct FaultyFs<F: Fs = OsFs> {
     faults: Arc<Faults>,
+    inner: F,
 }
 
 impl FaultyFs {
-    /// A file system with no fault armed.
+    /// The real file system with no fault armed.
     pub fn new() -> FaultyFs {
         FaultyFs::default()
+    }
+}
+
+impl<F: Fs> FaultyFs<F> {
+    /// `inner` with no fault armed.
+    pub fn over(inner: F) -> FaultyFs<F> {
+        FaultyFs {
+            faults: Arc::default(),
+            inner,
+        }
+    }
+
+    /// The file system under the faults.
+    pub fn inner(&self) -> &F {
+        &self.inner
     }
 
     /// The next `n` data writes fail with ENOSPC after writing half of their bytes.
@@ -223,11 +239,11 @@ impl FaultyFs {
     }
 
     fn write_fault(&self) -> bool {
-        FaultyFs::take(&self.faults.writes)
+        Self::take(&self.faults.writes)
     }
 
     fn sync_fault(&self) -> io::Result<()> {
-        if FaultyFs::take(&self.faults.syncs) {
+        if Self::take(&self.faults.syncs) {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         Ok(())
@@ -238,73 +254,74 @@ fn enospc() -> io::Error {
     io::Error::from_raw_os_error(libc::ENOSPC)
 }
 
-impl Fs for FaultyFs {
-    type File = File;
+impl<F: Fs> Fs for FaultyFs<F> {
+    type File = F::File;
 
-    fn open_append(&self, path: &Path) -> io::Result<File> {
-        OsFs.open_append(path)
+    fn open_append(&self, path: &Path) -> io::Result<F::File> {
+        self.inner.open_append(path)
     }
 
-    fn append(&self, file: &mut File, bytes: &[u8]) -> io::Result<()> {
+    fn append(&self, file: &mut F::File, bytes: &[u8]) -> io::Result<()> {
         if self.write_fault() {
-            OsFs.append(file, &bytes[..bytes.len() / 2])?;
+            self.inner.append(file, &bytes[..bytes.len() / 2])?;
             return Err(enospc());
         }
-        OsFs.append(file, bytes)
+        self.inner.append(file, bytes)
     }
 
-    fn sync(&self, file: &mut File) -> io::Result<()> {
+    fn sync(&self, file: &mut F::File) -> io::Result<()> {
         self.sync_fault()?;
-        OsFs.sync(file)
+        self.inner.sync(file)
     }
 
-    fn truncate(&self, file: &mut File, len: u64) -> io::Result<()> {
-        OsFs.truncate(file, len)
+    fn truncate(&self, file: &mut F::File, len: u64) -> io::Result<()> {
+        self.inner.truncate(file, len)
     }
 
     fn write_file(&self, path: &Path, bytes: &[u8], fsync: bool) -> io::Result<()> {
         if self.write_fault() {
-            OsFs.write_file(path, &bytes[..bytes.len() / 2], false)?;
+            self.inner
+                .write_file(path, &bytes[..bytes.len() / 2], false)?;
             return Err(enospc());
         }
         if fsync {
             self.sync_fault()?;
         }
-        OsFs.write_file(path, bytes, fsync)
+        self.inner.write_file(path, bytes, fsync)
     }
 
     fn read_file(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
-        OsFs.read_file(path)
+        self.inner.read_file(path)
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        OsFs.rename(from, to)
+        self.inner.rename(from, to)
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
-        OsFs.remove_file(path)
+        self.inner.remove_file(path)
     }
 
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
-        OsFs.create_dir_all(path)
+        self.inner.create_dir_all(path)
     }
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         self.sync_fault()?;
-        OsFs.sync_dir(path)
+        self.inner.sync_dir(path)
     }
 
     fn list_dir(&self, path: &Path) -> io::Result<Option<Vec<String>>> {
-        OsFs.list_dir(path)
+        self.inner.list_dir(path)
     }
 
     fn sync_path(&self, path: &Path) -> io::Result<()> {
         self.sync_fault()?;
-        OsFs.sync_path(path)
+        self.inner.sync_path(path)
     }
 
     fn sync_fs(&self, path: &Path) -> io::Result<()> {
         self.sync_fault()?;
-        OsFs.sync_fs(path)
+        self.inner.sync_fs(path)
     }
 }

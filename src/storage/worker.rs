@@ -214,6 +214,30 @@ impl StorageWorker {
         waker: Arc<mio::Waker>,
         available: StorageAvailable,
     ) -> std::io::Result<StorageWorker> {
+        let (mut worker, state) = StorageWorker::unstarted(storage, Some(waker), available);
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || state.run())?;
+        worker.thread = Some(thread);
+        Ok(worker)
+    }
+
+    /// A worker without a thread: the caller runs its requests, in the calling thread, with
+    /// [`WorkerSteps::step`] (the simulator, which decides when each sync happens and which
+    /// turns it groups). The same code serves the requests as on the worker thread.
+    pub fn stepped(
+        storage: Box<dyn Storage>,
+        available: StorageAvailable,
+    ) -> (StorageWorker, WorkerSteps) {
+        let (worker, state) = StorageWorker::unstarted(storage, None, available);
+        (worker, WorkerSteps { state })
+    }
+
+    fn unstarted(
+        storage: Box<dyn Storage>,
+        waker: Option<Arc<mio::Waker>>,
+        available: StorageAvailable,
+    ) -> (StorageWorker, WorkerLoop) {
         let (request_tx, request_rx) = crossbeam_channel::unbounded();
         let (completion_tx, completion_rx) = crossbeam_channel::unbounded();
         let state = WorkerLoop {
@@ -227,15 +251,13 @@ impl StorageWorker {
             docs_spare: Vec::new(),
             loaded: HashSet::new(),
         };
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || state.run())?;
-        Ok(StorageWorker {
+        let worker = StorageWorker {
             requests: Some(request_tx),
             completions: completion_rx,
             available,
-            thread: Some(thread),
-        })
+            thread: None,
+        };
+        (worker, state)
     }
 
     /// Queues a request.
@@ -317,12 +339,53 @@ impl Drop for StorageWorker {
     }
 }
 
+/// The worker's side of a [`StorageWorker::stepped`] pipeline, run by its caller.
+pub struct WorkerSteps {
+    state: WorkerLoop,
+}
+
+impl WorkerSteps {
+    /// Requests sent and not served yet.
+    pub fn queued(&self) -> usize {
+        self.state.requests.len()
+    }
+
+    /// Serves at most `max_requests` of the queued requests, in order, as one wake-up of the
+    /// worker thread would (consecutive commits grouped into one sync); with none queued and
+    /// the storage unavailable, probes it. Returns how many requests were served.
+    pub fn step(&mut self, max_requests: usize) -> usize {
+        let mut queue = std::mem::take(&mut self.state.queue);
+        while queue.len() < max_requests {
+            match self.state.requests.try_recv() {
+                Ok(request) => queue.push(request),
+                Err(_) => break,
+            }
+        }
+        let n = queue.len();
+        if n == 0 {
+            self.state.queue = queue;
+            if !self.state.available.get() {
+                self.state.probe();
+            }
+            return 0;
+        }
+        self.state.serve_all(queue);
+        n
+    }
+
+    /// The storage, for inspection between steps.
+    pub fn storage(&self) -> &dyn Storage {
+        &*self.state.storage
+    }
+}
+
 /// The worker thread's state.
 struct WorkerLoop {
     storage: Box<dyn Storage>,
     requests: Receiver<StorageRequest>,
     completions: Sender<StorageCompletion>,
-    waker: Arc<mio::Waker>,
+    /// Woken after each burst of completions (`None` for a stepped worker: its caller knows).
+    waker: Option<Arc<mio::Waker>>,
     available: StorageAvailable,
     /// Documents whose records must not be written: an earlier sync holding some of their
     /// records failed. Lifted by their `Release`.
@@ -366,11 +429,7 @@ impl WorkerLoop {
                     let parked = Instant::now();
                     std::thread::park_timeout(PROBE_INTERVAL);
                     if parked.elapsed() >= PROBE_INTERVAL && self.requests.is_empty() {
-                        let probed = self.storage.probe();
-                        if let Err(e) = &probed {
-                            debug!("storage worker: still unavailable: {e}");
-                        }
-                        self.available.set(probed.is_ok());
+                        self.probe();
                     }
                     continue;
                 }
@@ -380,39 +439,56 @@ impl WorkerLoop {
             while let Ok(request) = self.requests.try_recv() {
                 queue.push(request);
             }
-            let mut group: Option<Group> = None;
-            for request in queue.drain(..) {
-                match request {
-                    StorageRequest::Commit { batch, appends } => {
-                        let group = group.get_or_insert_with(|| Group {
-                            first: batch,
-                            last: batch,
-                            docs: std::mem::take(&mut self.docs_spare),
-                            append_error: None,
-                            spent: Vec::new(),
-                            started: Instant::now(),
-                        });
-                        debug_assert!(batch >= group.last, "batches in order");
-                        group.last = batch;
-                        self.append(group, appends);
-                    }
-                    other => {
-                        if let Some(group) = group.take() {
-                            self.sync(group);
-                        }
-                        self.serve(other);
-                    }
-                }
-            }
-            if let Some(group) = group.take() {
-                self.sync(group);
-            }
-            self.queue = queue;
-            // One wake-up for the whole burst; a failed wake means the shard's Poll is gone.
-            let _ = self.waker.wake();
+            self.serve_all(queue);
         }
         debug!("storage worker: stopped");
         // Dropping the storage here (DiskStorage checkpoints on drop), off the shard thread.
+    }
+
+    /// Asks an unavailable storage whether it is back.
+    fn probe(&mut self) {
+        let probed = self.storage.probe();
+        if let Err(e) = &probed {
+            debug!("storage worker: still unavailable: {e}");
+        }
+        self.available.set(probed.is_ok());
+    }
+
+    /// Serves the requests of one wake-up in order: consecutive commits are appended together
+    /// and synced once. Keeps `queue`'s allocation for the next wake-up.
+    fn serve_all(&mut self, mut queue: Vec<StorageRequest>) {
+        let mut group: Option<Group> = None;
+        for request in queue.drain(..) {
+            match request {
+                StorageRequest::Commit { batch, appends } => {
+                    let group = group.get_or_insert_with(|| Group {
+                        first: batch,
+                        last: batch,
+                        docs: std::mem::take(&mut self.docs_spare),
+                        append_error: None,
+                        spent: Vec::new(),
+                        started: Instant::now(),
+                    });
+                    debug_assert!(batch >= group.last, "batches in order");
+                    group.last = batch;
+                    self.append(group, appends);
+                }
+                other => {
+                    if let Some(group) = group.take() {
+                        self.sync(group);
+                    }
+                    self.serve(other);
+                }
+            }
+        }
+        if let Some(group) = group.take() {
+            self.sync(group);
+        }
+        self.queue = queue;
+        // One wake-up for the whole burst; a failed wake means the shard's Poll is gone.
+        if let Some(waker) = &self.waker {
+            let _ = waker.wake();
+        }
     }
 
     fn append(&mut self, group: &mut Group, mut appends: Vec<DocAppend>) {

@@ -475,9 +475,10 @@ fn outcome_unknown_closes_1013_and_reload_serves_the_committed_state() {
     server.shutdown().expect("clean shutdown");
 }
 
-/// (e) Storage unreachable: the batch in flight fails; then ops of a connected client are
-/// refused with `unavailable` and their `client_seq` before anything is applied (its
-/// connection stays open), a hello for a document not in memory gets `unavailable` and 1013,
+/// (e) Storage unreachable: the batch in flight fails; then an op of a connected client is
+/// refused with `unavailable` and its `client_seq` before anything is applied, and its
+/// connection is closed with 1013 (nothing it sent after is applied: a later op may depend on
+/// the refused one); a hello for a document not in memory gets `unavailable` and 1013,
 /// `/health` answers 503 degraded; once storage answers again everything works.
 #[test]
 fn unavailable_storage_refuses_ops_and_hellos_until_it_answers() {
@@ -514,7 +515,30 @@ fn unavailable_storage_refuses_ops_and_hellos_until_it_answers() {
         }],
     );
     send(&mut b.ws, &text);
-    let refused = recv_json(&mut b.ws);
+    // An op right behind it, which builds on it: never applied either.
+    let behind = encode_op(
+        b.next_client_seq + 1,
+        &[collab_engine::crdt::Op::Insert {
+            id: collab_engine::crdt::OpId {
+                lamport: 57,
+                replica: b.replica,
+            },
+            after: Some(collab_engine::crdt::OpId {
+                lamport: 56,
+                replica: b.replica,
+            }),
+            text: "behind".into(),
+        }],
+    );
+    send(&mut b.ws, &behind);
+    let (code, seen) = recv_until_close(&mut b.ws);
+    assert_eq!(code, Some(CloseCode::Again), "{seen:?}");
+    assert_eq!(
+        seen.len(),
+        1,
+        "one refusal, nothing for the op behind it: {seen:?}"
+    );
+    let refused = &seen[0];
     assert_eq!(refused["type"], "error", "{refused}");
     assert_eq!(refused["code"], "unavailable", "{refused}");
     assert_eq!(refused["client_seq"], b.next_client_seq, "{refused}");
@@ -540,7 +564,9 @@ fn unavailable_storage_refuses_ops_and_hellos_until_it_answers() {
     // Storage answers again: the worker's probe notices it.
     gate.with(|s| s.down = false);
     wait_healthy(addr);
-    b.next_client_seq += 1; // The refused message is not resent; the next one is new.
+    // The refused messages are not resent here; a new connection edits on.
+    let mut b = Editor::join(addr, "/ws/down-b", &hello("down-b"));
+    assert_eq!(b.doc.text(), "b", "nothing of the refused ops was applied");
     b.edit(1, 0, "!");
     b.settle();
     assert_eq!(b.doc.text(), "b!");
