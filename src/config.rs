@@ -254,9 +254,11 @@ pub struct Config {
     // `/events?since` reach.
     /// Op messages each document keeps behind its head, in its log and in memory: snapshots
     /// are written this far behind the head, so compaction keeps the log after them (and a
-    /// load replays it). At most --replay-window-ops. Safe default: a few minutes of busy
-    /// editing, and a log at most this many op messages (plus one snapshot cadence) long.
-    #[arg(long, value_name = "N", default_value_t = 1_000)]
+    /// load replays it). At most --replay-window-ops. Default 0: snapshots at the head, and
+    /// history only within the in-memory replay window; a retained snapshot is rebuilt item by
+    /// item from the document in memory, which a shard pays for at every snapshot of a large
+    /// document (docs/api.md), so it is something to opt into.
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub history_retain_ops: u64,
 
     /// Also keep every op message accepted within this time of the document's newest one

@@ -113,6 +113,15 @@ impl<H: Handler + ?Sized> Handler for &mut H {
     fn on_shutdown(&mut self, net: &mut Net) {
         (**self).on_shutdown(net);
     }
+    fn on_api(&mut self, net: &mut Net, request: Box<crate::api::ApiRequest>) {
+        (**self).on_api(net, request);
+    }
+    fn on_stream(&mut self, net: &mut Net, token: Token) {
+        (**self).on_stream(net, token);
+    }
+    fn on_leases_lost(&mut self, net: &mut Net, docs: Option<&[String]>) {
+        (**self).on_leases_lost(net, docs);
+    }
 }
 
 /// What the acceptor learned about a connection besides its socket.

@@ -52,6 +52,8 @@ fn disk_config(data_dir: &Path) -> Config {
     config.data_dir = data_dir.to_path_buf();
     // A snapshot every few ops: the export then has a snapshot and a log after it.
     config.snapshot_every_ops = 7;
+    // ...taken at the head, not a retained history behind it (--history-retain-ops).
+    config.history_retain_ops = 0;
     config
 }
 
