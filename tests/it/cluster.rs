@@ -853,6 +853,38 @@ fn a_stale_fence_commit_is_refused_and_changes_nothing() {
 }
 
 #[test]
+fn a_fenced_commit_keeps_the_ops_acceptance_times() {
+    let _watchdog = Watchdog::new("cluster_fence_times", 60);
+    let db = pg::fresh_database("cluster_fence_times");
+    drop(
+        PgStorage::open(&PgOptions {
+            url: db.clone(),
+            timeout: Duration::from_secs(5),
+            synchronous_commit: true,
+            ca_file: None,
+        })
+        .expect("open"),
+    );
+    let node = register(&db, "a");
+    let book = LeaseBook::new();
+    let mut storage = fenced_storage(&db, node, &book);
+    assert_eq!(storage.load("d").expect("load"), None);
+    let accepted = LogRecord::Accepted {
+        server_seq: 1,
+        time_ms: 1_234,
+    };
+    storage.append("d", "e1", &op(1, "timed")).expect("append");
+    storage.append("d", "e1", &accepted).expect("append");
+    storage.sync().expect("sync");
+    assert!(storage.take_fenced().is_empty());
+    drop(storage);
+    let mut reader = fenced_storage(&db, node, &LeaseBook::new());
+    let stored = reader.load("d").expect("load").expect("stored");
+    assert!(stored.tail.contains(&op(1, "timed")), "{:?}", stored.tail);
+    assert!(stored.tail.contains(&accepted), "{:?}", stored.tail);
+}
+
+#[test]
 fn a_revocation_on_one_node_closes_connections_on_another() {
     use collab_engine::auth::mint::{MintClaims, MintKey};
     use collab_engine::auth::{now_unix, Role};

@@ -155,7 +155,7 @@ pub(super) const SQL_RELEASE: &str = "UPDATE collab_leases SET holder = NULL, ex
 
 /// The group commit of [`super::SQL_COMMIT`] with the fence check: `held` locks the lease rows
 /// of the documents (`$16` names, `$17` fences) that incarnation `$15` still holds with those
-/// fences (FOR SHARE: a takeover waits for this transaction, and one that committed first
+/// fences (`$18`: the ops' acceptance times, as `$15` of the plain commit) (FOR SHARE: a takeover waits for this transaction, and one that committed first
 /// makes the row fail the check); every write is limited to those documents. Returns the ids
 /// of new documents (`true`) and the names of the documents refused (`false`, id NULL).
 /// `$5` carries every op's document name (not only new documents').
@@ -173,10 +173,11 @@ WITH held AS MATERIALIZED (
         GREATEST(collab_docs.replicas_reserved, EXCLUDED.replicas_reserved)
     RETURNING id, name
 ), new_ops AS (
-    INSERT INTO collab_ops (doc_id, server_seq, crc, echo)
-    SELECT coalesce(o.doc_id, n.id), o.server_seq, o.crc, o.echo
-    FROM unnest($4::bigint[], $5::bytea[], $6::bigint[], $7::integer[], $8::text[])
-        AS o (doc_id, name, server_seq, crc, echo)
+    INSERT INTO collab_ops (doc_id, server_seq, crc, echo, accepted_ms)
+    SELECT coalesce(o.doc_id, n.id), o.server_seq, o.crc, o.echo, o.accepted_ms
+    FROM unnest($4::bigint[], $5::bytea[], $6::bigint[], $7::integer[], $8::text[],
+                $18::bigint[])
+        AS o (doc_id, name, server_seq, crc, echo, accepted_ms)
     LEFT JOIN new_docs n ON n.name = o.name
     WHERE o.name IN (SELECT name FROM held)
 ), reservations AS (

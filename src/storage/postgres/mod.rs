@@ -804,8 +804,7 @@ impl PgStorage {
                 op_seqs.push(to_i64(*seq));
                 op_crcs.push(crc_op(*seq, echo));
                 op_echoes.push(echo.as_str());
-                let time = state.pending_times.iter().find(|(s, _)| s == seq);
-                op_times.push(time.map(|(_, ms)| to_i64(*ms)));
+                op_times.push(pending_time(state, *seq));
             }
         }
         let result = self.rt.block_on(with_deadline(
@@ -860,6 +859,15 @@ impl PgStorage {
     }
 }
 
+/// The acceptance time (`LogRecord::Accepted`) pending for op `seq` of `state`, if any.
+fn pending_time(state: &DocState, seq: u64) -> Option<i64> {
+    state
+        .pending_times
+        .iter()
+        .find(|(s, _)| *s == seq)
+        .map(|(_, ms)| to_i64(*ms))
+}
+
 impl PgStorage {
     /// [`PgStorage::commit`] in cluster mode: the same statement with the fence check
     /// (`lease::SQL_COMMIT_FENCED`); documents that fail it are written not at all and
@@ -884,6 +892,7 @@ impl PgStorage {
         let mut op_seqs: Vec<i64> = Vec::new();
         let mut op_crcs: Vec<i32> = Vec::new();
         let mut op_echoes: Vec<&str> = Vec::new();
+        let mut op_times: Vec<Option<i64>> = Vec::new();
         let mut res_ids: Vec<i64> = Vec::new();
         let mut res_last: Vec<i64> = Vec::new();
         let mut own_ids: Vec<Option<i64>> = Vec::new();
@@ -926,6 +935,7 @@ impl PgStorage {
                 op_seqs.push(to_i64(*seq));
                 op_crcs.push(crc_op(*seq, echo));
                 op_echoes.push(echo.as_str());
+                op_times.push(pending_time(state, *seq));
             }
         }
         let mut rows = Vec::new();
@@ -954,6 +964,7 @@ impl PgStorage {
                         &holder,
                         &lease_names,
                         &lease_fences,
+                        &op_times,
                     ],
                 ),
             ));
