@@ -1162,22 +1162,16 @@ fn admin_start(stream: TcpStream, request: AdminRequest, ctx: &Ctx<'_>) -> Next 
 
 /// Reads the body of `POST /admin/revoke`, then hands the revocation to the admin worker.
 fn admin_body(mut stream: TcpStream, mut body: Vec<u8>, body_bytes: usize, ctx: &Ctx<'_>) -> Next {
-    let mut buf = [0u8; 1024];
-    while body.len() < body_bytes {
-        let want = (body_bytes - body.len()).min(buf.len());
-        match stream.read(&mut buf[..want]) {
-            Ok(0) => return Next::Drop,
-            Ok(n) => body.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Next::Stay(Stage::AdminBody {
-                    stream,
-                    body,
-                    body_bytes,
-                })
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return Next::Drop,
+    match read_body(&mut stream, &mut body, body_bytes) {
+        BodyRead::Complete => {}
+        BodyRead::More => {
+            return Next::Stay(Stage::AdminBody {
+                stream,
+                body,
+                body_bytes,
+            })
         }
+        BodyRead::Gone => return Next::Drop,
     }
     let request: RevokeRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
@@ -1448,19 +1442,10 @@ fn api_grant(auth: &Auth, head: &ApiHead) -> Result<crate::auth::Grant, Vec<u8>>
 /// Reads an API request's body (`POST /edits`; any other body is read and ignored), then
 /// hands it on.
 fn api_body(mut stream: TcpStream, call: ApiCallParts, mut body: Vec<u8>) -> Next {
-    let body_bytes = call.head.body_bytes;
-    let mut buf = [0u8; 4096];
-    while body.len() < body_bytes {
-        let want = (body_bytes - body.len()).min(buf.len());
-        match stream.read(&mut buf[..want]) {
-            Ok(0) => return Next::Drop,
-            Ok(n) => body.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Next::Stay(Stage::ApiBody { stream, call, body })
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return Next::Drop,
-        }
+    match read_body(&mut stream, &mut body, call.head.body_bytes) {
+        BodyRead::Complete => {}
+        BodyRead::More => return Next::Stay(Stage::ApiBody { stream, call, body }),
+        BodyRead::Gone => return Next::Drop,
     }
     let ApiCallParts { head, grant } = call;
     let call = match head.target {
@@ -1478,6 +1463,33 @@ fn api_body(mut stream: TcpStream, call: ApiCallParts, mut body: Vec<u8>) -> Nex
             grant,
         }),
     )
+}
+
+/// Where reading a request body stands.
+enum BodyRead {
+    /// `body` holds all `body_bytes`.
+    Complete,
+    /// The socket has no more for now: read on at the next readiness event.
+    More,
+    /// The client closed or the socket failed.
+    Gone,
+}
+
+/// Reads what the socket has of a request body of `body_bytes` into `body` (the admin
+/// revocation and the document API's edits).
+fn read_body(stream: &mut TcpStream, body: &mut Vec<u8>, body_bytes: usize) -> BodyRead {
+    let mut buf = [0u8; 4096];
+    while body.len() < body_bytes {
+        let want = (body_bytes - body.len()).min(buf.len());
+        match stream.read(&mut buf[..want]) {
+            Ok(0) => return BodyRead::Gone,
+            Ok(n) => body.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return BodyRead::More,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return BodyRead::Gone,
+        }
+    }
+    BodyRead::Complete
 }
 
 fn write_answer(mut stream: TcpStream, bytes: Vec<u8>, mut written: usize) -> Next {
